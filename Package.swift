@@ -1,0 +1,72 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "Clearhouse",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "clearhouse", targets: ["clearhouse"]),
+        .executable(name: "clearhouse-bench", targets: ["ClearhouseBench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+        .package(url: "https://github.com/apple/swift-crypto", "3.12.3"..<"5.0.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        // Pure domain: ids, points, money, events, FIFO lots, limits. Foundation only.
+        .target(name: "ClearingDomain", swiftSettings: strict),
+        // Partner and coalition configuration (TOML), validated into domain types.
+        .target(
+            name: "ClearingConfig",
+            dependencies: [
+                "ClearingDomain",
+                .product(name: "TOMLKit", package: "TOMLKit"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            swiftSettings: strict),
+        // A seeded generator of realistic coalition days, for the demo, benchmarks and tests.
+        .target(name: "ClearingSimulation", dependencies: ["ClearingDomain"], swiftSettings: strict),
+        // GRDB databases: journal, ledgers, lots, the single writer with group commit, verify.
+        .target(
+            name: "ClearingStore",
+            dependencies: [
+                "ClearingDomain",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        // The verbs of the command line, as a library so tests can drive them.
+        .target(
+            name: "ClearhouseCLI",
+            dependencies: [
+                "ClearingDomain", "ClearingConfig", "ClearingStore", "ClearingSimulation",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(name: "clearhouse", dependencies: ["ClearhouseCLI"], swiftSettings: strict),
+        .executableTarget(
+            name: "ClearhouseBench",
+            dependencies: [
+                "ClearingDomain", "ClearingStore", "ClearingSimulation",
+                .product(name: "GRDB", package: "GRDB.swift"),
+            ],
+            swiftSettings: strict),
+
+        .testTarget(name: "ClearingDomainTests", dependencies: ["ClearingDomain"]),
+        .testTarget(name: "ClearingConfigTests", dependencies: ["ClearingConfig"]),
+        .testTarget(
+            name: "ClearingStoreTests",
+            dependencies: ["ClearingStore", "ClearingDomain", "ClearingSimulation", .product(name: "GRDB", package: "GRDB.swift")]),
+        .testTarget(name: "ClearhouseCLITests", dependencies: ["ClearhouseCLI", "clearhouse"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

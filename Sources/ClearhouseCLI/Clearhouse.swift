@@ -1,0 +1,228 @@
+import ArgumentParser
+import ClearingConfig
+import ClearingDomain
+import ClearingStore
+import Foundation
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `clearhouse <verb>` (CONTRACT §10).
+public struct Clearhouse: AsyncParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "clearhouse",
+        abstract: "Clearhouse: the clearing house of a coalition loyalty program.",
+        discussion: """
+            Partners' earns, redemptions and reversals land in per-partner, hash-chained SQLite
+            ledgers, exactly once. Every verb takes --data (default ./data) and --partners
+            (default ./partners).
+            """,
+        subcommands: [Partners.self, Post.self, Balance.self, Verify.self, Simulate.self])
+
+    public init() {}
+}
+
+/// `--data` and `--partners`, shared by every verb.
+struct Locations: ParsableArguments {
+    @Option(help: "The data directory: coalition.sqlite and ledgers/.")
+    var data: String = "./data"
+
+    @Option(help: "The partners directory: coalition.toml and <id>.toml files.")
+    var partners: String = "./partners"
+
+    var dataURL: URL { URL(fileURLWithPath: data) }
+    var partnersURL: URL { URL(fileURLWithPath: partners) }
+
+    /// Loads the configuration or stops with one line naming the file, the key and the reason.
+    func loadConfiguration() throws -> ClearingConfiguration {
+        do {
+            return try ConfigurationLoader(directory: partnersURL).load()
+        } catch {
+            printError("clearhouse: configuration refused: \(error)")
+            throw ExitCode(2)
+        }
+    }
+
+    /// Opens the store (running recovery). `CLEARHOUSE_CRASH_AT=<fault point>` makes the
+    /// process die at that write boundary, as a kill would, for crash tests.
+    func openStore(_ configuration: ClearingConfiguration) throws -> Store {
+        do {
+            return try Store(
+                dataDirectory: dataURL, configuration: configuration, faults: Locations.crashFromEnvironment(),
+                logger: CLILog.logger("clearhouse.store"))
+        } catch {
+            printError("clearhouse: cannot open the data directory \(data): \(error)")
+            throw ExitCode(2)
+        }
+    }
+
+    static func crashFromEnvironment() -> FaultInjector? {
+        guard let name = ProcessInfo.processInfo.environment["CLEARHOUSE_CRASH_AT"],
+            let point = FaultPoint(rawValue: name)
+        else { return nil }
+        return { p in
+            if p == point { _exit(86) }
+            return false
+        }
+    }
+}
+
+func printError(_ line: String) {
+    FileHandle.standardError.write(Data((line + "\n").utf8))
+}
+
+enum CLILog {
+    static func logger(_ label: String) -> Logger {
+        var l = Logger(label: label)
+        l.logLevel = .warning
+        return l
+    }
+}
+
+// MARK: - partners
+
+struct Partners: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Partner configuration.", subcommands: [Check.self])
+
+    struct Check: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Validate coalition.toml and every partner file; print a summary or the first error.")
+
+        @OptionGroup var locations: Locations
+
+        func run() async throws {
+            let c = try locations.loadConfiguration()
+            let expiry = c.coalition.pointsExpireAfterDays == 0 ? "never" : "after \(c.coalition.pointsExpireAfterDays) days"
+            print("coalition: currency \(c.coalition.currency), points expire \(expiry)")
+            for id in c.partnerIDs {
+                let p = c.partners[id]!
+                let mtls = p.clientCertSHA256 == nil ? "signatures" : "signatures + mutual TLS"
+                print(
+                    "partner \(id): \(p.name); pays \(p.issuePricePer1000) per 1000 issued, credited \(p.redeemCreditPer1000) per 1000 redeemed; \(p.webhookSecrets.count) webhook secret(s); \(mtls)"
+                )
+            }
+            print("ok: \(c.partners.count) partners")
+        }
+    }
+}
+
+// MARK: - post
+
+struct Post: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Post one event body (read on standard input) exactly as the HTTP route would.",
+        discussion: """
+            Prints the success body or the problem document as JSON; exits 0 on success, 1 on a
+            problem. Without --webhook-id, a fresh id is made (the reference still makes a
+            repeat idempotent).
+            """)
+
+    @OptionGroup var locations: Locations
+
+    @Option(help: "The partner posting the event.")
+    var partner: String
+
+    @Option(name: .customLong("webhook-id"), help: "The Standard Webhooks message id.")
+    var webhookID: String?
+
+    func run() async throws {
+        let configuration = try locations.loadConfiguration()
+        let body = readStandardInput(limit: Limits.eventBodyBytesMax + 1)
+        let outcome = await post(body, configuration)
+        print(outcome.bodyJSON)
+        if case .rejected = outcome { throw ExitCode(1) }
+    }
+
+    private func post(_ body: [UInt8], _ configuration: ClearingConfiguration) async -> PostingOutcome {
+        guard let p = PartnerID(partner), configuration.partners[p] != nil else {
+            return .rejected(Problem(.unknownPartner, "no partner \(JSONWriter.quote(partner)) in this coalition"))
+        }
+        let event: Event
+        do { event = try EventParser.parse(body) } catch { return .rejected(error) }
+        let idText = webhookID ?? "cli_\(UUID().uuidString.lowercased())"
+        guard let wid = WebhookID(idText) else {
+            return .rejected(Problem(.malformed, "webhook-id: must be 1-128 characters of [A-Za-z0-9._:-]"))
+        }
+        do {
+            let store = try locations.openStore(configuration)
+            defer { try? store.close() }
+            return store.post([Submission(partner: p, webhookID: wid, event: event)])[0]
+        } catch {
+            return .rejected(Problem(.unavailable, "cannot open the data directory"))
+        }
+    }
+}
+
+func readStandardInput(limit: Int) -> [UInt8] {
+    var out: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65_536)
+    while out.count < limit {
+        let n = read(0, &buffer, buffer.count)
+        if n <= 0 { break }
+        out += buffer[0..<n]
+    }
+    return Array(out.prefix(limit))
+}
+
+// MARK: - balance
+
+struct Balance: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print a member's spendable balance as JSON.")
+
+    @OptionGroup var locations: Locations
+
+    @Argument(help: "The member id (coalition card or account number).")
+    var member: String
+
+    @Option(help: "The instant (RFC 3339) to compute the balance at; default now.")
+    var at: String?
+
+    func run() async throws {
+        let configuration = try locations.loadConfiguration()
+        guard let m = MemberID(member) else {
+            printError("clearhouse balance: member \(JSONWriter.quote(member)) must match ^[A-Za-z0-9._-]{1,64}$")
+            throw ExitCode(1)
+        }
+        var instant: Instant?
+        if let at {
+            guard let i = Instant(rfc3339: at) else {
+                printError("clearhouse balance: --at \(JSONWriter.quote(at)) is not an RFC 3339 instant")
+                throw ExitCode(1)
+            }
+            instant = i
+        }
+        let store = try locations.openStore(configuration)
+        defer { try? store.close() }
+        let b = try store.balance(of: m, at: instant)
+        var w = JSONWriter()
+        w.string("member", m.rawValue)
+        w.int("balance", b.value)
+        print(w.finish())
+    }
+}
+
+// MARK: - verify
+
+struct Verify: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check every invariant from the files on disk; exit 1 on any breach.",
+        discussion: """
+            Replays the journal from nothing, recomputes every hash of every chain, compares the
+            lots, balances and flows with the replay, and every partner ledger entry by entry
+            with the journal. Read-only: may run while serve runs.
+            """)
+
+    @OptionGroup var locations: Locations
+
+    func run() async throws {
+        let configuration = try locations.loadConfiguration()
+        let report = try Verifier.verify(dataDirectory: locations.dataURL, terms: configuration.coalition)
+        for c in report.checks { print("checked  \(c)") }
+        for b in report.breaches { print("BREACH   \(b)") }
+        print(report.ok ? "verify: ok, \(report.checks.count) checks, no breach" : "verify: \(report.breaches.count) breach(es)")
+        if !report.ok { throw ExitCode(1) }
+    }
+}

@@ -1,0 +1,260 @@
+import ClearingDomain
+import Crypto
+import Foundation
+import TOMLKit
+
+/// A configuration file that cannot be used: which file, which key, and why. Its description
+/// is the one line printed when start-up is refused.
+public struct ConfigurationError: Error, Equatable, CustomStringConvertible {
+    public let file: String
+    public let key: String?
+    public let reason: String
+
+    public init(file: String, key: String?, reason: String) {
+        self.file = file
+        self.key = key
+        self.reason = reason
+    }
+
+    public var description: String {
+        key.map { "\(file): \($0): \(reason)" } ?? "\(file): \(reason)"
+    }
+}
+
+/// Reads `coalition.toml` and every `<id>.toml` of a partners directory (CONTRACT §2).
+/// Keys not in the contract (nor among the documented optional ones) are refused, so that a
+/// misspelt optional key cannot silently change behaviour.
+public struct ConfigurationLoader {
+    public let directory: URL
+    /// Looks up `env:NAME` secrets; injectable for tests.
+    public let environment: [String: String]
+
+    public init(directory: URL, environment: [String: String] = ProcessInfo.processInfo.environment) {
+        self.directory = directory
+        self.environment = environment
+    }
+
+    public func load() throws(ConfigurationError) -> ClearingConfiguration {
+        let coalitionFile = directory.appendingPathComponent("coalition.toml")
+        let coalition = try loadCoalition(coalitionFile)
+        let names: [String]
+        do {
+            names = try FileManager.default.contentsOfDirectory(atPath: directory.path)
+                .filter { $0.hasSuffix(".toml") && $0 != "coalition.toml" }.sorted()
+        } catch {
+            throw ConfigurationError(file: directory.path, key: nil, reason: "cannot list the partners directory")
+        }
+        guard names.count <= Limits.partnersMax else {
+            throw ConfigurationError(file: directory.path, key: nil, reason: "more than \(Limits.partnersMax) partner files")
+        }
+        var partners: [PartnerID: PartnerTerms] = [:]
+        for name in names {
+            let terms = try loadPartner(directory.appendingPathComponent(name))
+            partners[terms.id] = terms
+        }
+        return ClearingConfiguration(coalition: coalition, partners: partners)
+    }
+
+    func loadCoalition(_ url: URL) throws(ConfigurationError) -> CoalitionTerms {
+        let t = try Table(url: url, allowed: ["currency", "points_expire_after_days", "notice_allow_private_networks"])
+        let currency = try t.string("currency")
+        guard currency.utf8.count == 3, currency.utf8.allSatisfy({ $0 >= 0x41 && $0 <= 0x5A }) else {
+            throw t.error("currency", "must be an ISO 4217 code of three capital letters (got \(JSONWriter.quote(currency)))")
+        }
+        let days = try t.int("points_expire_after_days", 0...Limits.pointsExpireAfterDaysMax)
+        let allowPrivate = try t.optionalBool("notice_allow_private_networks") ?? false
+        return CoalitionTerms(currency: currency, pointsExpireAfterDays: days, noticeAllowPrivateNetworks: allowPrivate)
+    }
+
+    func loadPartner(_ url: URL) throws(ConfigurationError) -> PartnerTerms {
+        let t = try Table(url: url, allowed: [
+            "id", "name", "issue_price_per_1000", "redeem_credit_per_1000", "webhook_secrets", "api_token_sha256",
+            "notice_url", "notice_secret", "client_cert_sha256", "notice_ca_file", "rate_per_second",
+        ])
+        let stem = url.deletingPathExtension().lastPathComponent
+        let idText = try t.string("id")
+        guard let id = PartnerID(idText) else {
+            throw t.error("id", "must match ^[a-z0-9][a-z0-9-]{1,31}$ and not be \"coalition\" (got \(JSONWriter.quote(idText)))")
+        }
+        guard idText == stem else { throw t.error("id", "must equal the file name \(JSONWriter.quote(stem))") }
+        let name = try t.string("name")
+        guard !name.isEmpty, name.count <= 200 else { throw t.error("name", "must be 1-200 characters") }
+        let issue = try t.int("issue_price_per_1000", 0...Limits.pricePer1000MinorMax)
+        let credit = try t.int("redeem_credit_per_1000", 0...Limits.pricePer1000MinorMax)
+        let secretTexts = try t.stringArray("webhook_secrets")
+        guard !secretTexts.isEmpty, secretTexts.count <= Limits.webhookSecretsPerPartnerMax else {
+            throw t.error("webhook_secrets", "must list 1-\(Limits.webhookSecretsPerPartnerMax) secrets")
+        }
+        var secrets: [SecretBytes] = []
+        for (i, text) in secretTexts.enumerated() {
+            secrets.append(try webhookSecret(resolve(text, t, "webhook_secrets[\(i)]"), t, "webhook_secrets[\(i)]"))
+        }
+        let token = try hex32(t.string("api_token_sha256"), t, "api_token_sha256")
+        let noticeURL = try t.string("notice_url")
+        guard let u = URLComponents(string: noticeURL), u.scheme == "https", let host = u.host, !host.isEmpty else {
+            throw t.error("notice_url", "must be an https:// URL with a host")
+        }
+        let noticeSecret = try webhookSecret(resolve(t.string("notice_secret"), t, "notice_secret"), t, "notice_secret")
+        let cert = try t.optionalString("client_cert_sha256").map { (s: String) throws(ConfigurationError) in
+            try hex32(s, t, "client_cert_sha256")
+        }
+        var caFile: String?
+        if let ca = try t.optionalString("notice_ca_file") {
+            let path = ca.hasPrefix("/") ? ca : directory.appendingPathComponent(ca).path
+            guard FileManager.default.isReadableFile(atPath: path) else {
+                throw t.error("notice_ca_file", "cannot read \(path)")
+            }
+            caFile = path
+        }
+        let rate = try t.optionalInt("rate_per_second", 1...1_000_000)
+        return PartnerTerms(
+            id: id, name: name, issuePricePer1000: MoneyMinor(issue), redeemCreditPer1000: MoneyMinor(credit),
+            webhookSecrets: secrets, apiTokenSHA256: token, noticeURL: noticeURL, noticeSecret: noticeSecret,
+            clientCertSHA256: cert, noticeCAFile: caFile, ratePerSecond: rate)
+    }
+
+    /// A secret given literally, as `env:NAME`, or as `file:PATH` (relative to the partners directory).
+    func resolve(_ value: String, _ t: Table, _ key: String) throws(ConfigurationError) -> String {
+        if value.hasPrefix("env:") {
+            let name = String(value.dropFirst(4))
+            guard let v = environment[name], !v.isEmpty else {
+                throw t.error(key, "environment variable \(name) is not set")
+            }
+            return v
+        }
+        if value.hasPrefix("file:") {
+            let p = String(value.dropFirst(5))
+            let path = p.hasPrefix("/") ? p : directory.appendingPathComponent(p).path
+            guard let data = FileManager.default.contents(atPath: path), data.count <= 4096,
+                let s = String(data: data, encoding: .utf8)
+            else { throw t.error(key, "cannot read secret file \(path)") }
+            return s.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        return value
+    }
+
+    func webhookSecret(_ text: String, _ t: Table, _ key: String) throws(ConfigurationError) -> SecretBytes {
+        guard text.hasPrefix("whsec_"), let bytes = Data(base64Encoded: String(text.dropFirst(6))) else {
+            throw t.error(key, "must be whsec_ followed by base64")
+        }
+        guard bytes.count >= Limits.secretBytesMin, bytes.count <= Limits.secretBytesMax else {
+            throw t.error(key, "must decode to \(Limits.secretBytesMin)-\(Limits.secretBytesMax) bytes (got \(bytes.count))")
+        }
+        return SecretBytes(Array(bytes))
+    }
+
+    func hex32(_ s: String, _ t: Table, _ key: String) throws(ConfigurationError) -> [UInt8] {
+        guard let bytes = Hex.decode(s), bytes.count == 32 else {
+            throw t.error(key, "must be 64 hexadecimal characters (a SHA-256)")
+        }
+        return bytes
+    }
+}
+
+public enum Hex {
+    public static func encode(_ bytes: some Sequence<UInt8>) -> String {
+        let digits = Array("0123456789abcdef".utf8)
+        var out: [UInt8] = []
+        for b in bytes {
+            out.append(digits[Int(b >> 4)])
+            out.append(digits[Int(b & 0xF)])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    public static func decode(_ s: String) -> [UInt8]? {
+        let u = Array(s.lowercased().utf8)
+        guard u.count % 2 == 0 else { return nil }
+        func v(_ c: UInt8) -> UInt8? {
+            switch c {
+            case 0x30...0x39: c - 0x30
+            case 0x61...0x66: c - 0x61 + 10
+            default: nil
+            }
+        }
+        var out: [UInt8] = []
+        out.reserveCapacity(u.count / 2)
+        var i = 0
+        while i < u.count {
+            guard let hi = v(u[i]), let lo = v(u[i + 1]) else { return nil }
+            out.append(hi << 4 | lo)
+            i += 2
+        }
+        return out
+    }
+
+    /// The SHA-256 of a token, as stored in `api_token_sha256`.
+    public static func sha256(_ text: String) -> String { encode(SHA256.hash(data: Array(text.utf8))) }
+}
+
+/// One parsed TOML file with typed, error-naming accessors.
+struct Table {
+    let file: String
+    let table: TOMLTable
+
+    init(url: URL, allowed: Set<String>) throws(ConfigurationError) {
+        file = url.path
+        guard let data = FileManager.default.contents(atPath: url.path) else {
+            throw ConfigurationError(file: file, key: nil, reason: "cannot read the file")
+        }
+        guard data.count <= Limits.configFileBytesMax, let text = String(data: data, encoding: .utf8) else {
+            throw ConfigurationError(file: file, key: nil, reason: "not UTF-8 text of at most \(Limits.configFileBytesMax) bytes")
+        }
+        do {
+            table = try TOMLTable(string: text)
+        } catch let e as TOMLParseError {
+            throw ConfigurationError(
+                file: file, key: nil,
+                reason: "not valid TOML: \(e.description) at line \(e.source.begin.line), column \(e.source.begin.column)")
+        } catch {
+            throw ConfigurationError(file: file, key: nil, reason: "not valid TOML")
+        }
+        for key in table.keys.sorted() where !allowed.contains(key) {
+            throw ConfigurationError(file: file, key: key, reason: "unknown key")
+        }
+    }
+
+    func error(_ key: String, _ reason: String) -> ConfigurationError {
+        ConfigurationError(file: file, key: key, reason: reason)
+    }
+
+    func string(_ key: String) throws(ConfigurationError) -> String {
+        guard let v = table[key] else { throw error(key, "missing") }
+        guard let s = v.string else { throw error(key, "must be a string") }
+        return s
+    }
+
+    func optionalString(_ key: String) throws(ConfigurationError) -> String? {
+        table[key] == nil ? nil : try string(key)
+    }
+
+    func int(_ key: String, _ range: ClosedRange<Int64>) throws(ConfigurationError) -> Int64 {
+        guard let v = table[key] else { throw error(key, "missing") }
+        guard let i = v.int else { throw error(key, "must be an integer") }
+        guard range.contains(Int64(i)) else {
+            throw error(key, "must be between \(range.lowerBound) and \(range.upperBound) (got \(i))")
+        }
+        return Int64(i)
+    }
+
+    func optionalInt(_ key: String, _ range: ClosedRange<Int64>) throws(ConfigurationError) -> Int64? {
+        table[key] == nil ? nil : try int(key, range)
+    }
+
+    func optionalBool(_ key: String) throws(ConfigurationError) -> Bool? {
+        guard let v = table[key] else { return nil }
+        guard let b = v.bool else { throw error(key, "must be true or false") }
+        return b
+    }
+
+    func stringArray(_ key: String) throws(ConfigurationError) -> [String] {
+        guard let v = table[key] else { throw error(key, "missing") }
+        guard let a = v.array else { throw error(key, "must be an array of strings") }
+        var out: [String] = []
+        for item in a {
+            guard let s = item.string else { throw error(key, "must be an array of strings") }
+            out.append(s)
+        }
+        return out
+    }
+}

@@ -1,0 +1,188 @@
+import Foundation
+
+/// The four transactions a partner submits (CONTRACT §3).
+public enum EventKind: Int, Sendable, CaseIterable {
+    case earned = 1
+    case redeemed = 2
+    case earnReversed = 3
+    case redemptionReversed = 4
+
+    public var typeName: String {
+        switch self {
+        case .earned: "points.earned"
+        case .redeemed: "points.redeemed"
+        case .earnReversed: "points.earn_reversed"
+        case .redemptionReversed: "points.redemption_reversed"
+        }
+    }
+
+    public init?(typeName: String) {
+        guard let k = EventKind.allCases.first(where: { $0.typeName == typeName }) else { return nil }
+        self = k
+    }
+
+    public var isReversal: Bool { self == .earnReversed || self == .redemptionReversed }
+
+    /// The kind a reversal's original must have.
+    public var originalKind: EventKind? {
+        switch self {
+        case .earnReversed: .earned
+        case .redemptionReversed: .redeemed
+        case .earned, .redeemed: nil
+        }
+    }
+}
+
+/// One validated event body. Equality is the contract's "same content".
+public struct Event: Equatable, Sendable {
+    public var kind: EventKind
+    public var member: MemberID
+    public var points: Points
+    public var reference: Reference
+    public var originalReference: Reference?
+    public var occurredAt: Instant?
+    public var amountMinor: MoneyMinor?
+
+    public init(
+        kind: EventKind, member: MemberID, points: Points, reference: Reference,
+        originalReference: Reference? = nil, occurredAt: Instant? = nil, amountMinor: MoneyMinor? = nil
+    ) {
+        precondition(kind.isReversal == (originalReference != nil), "a reversal, and only a reversal, names its original")
+        precondition(points.value >= Limits.pointsPerEventMin && points.value <= Limits.pointsPerEventMax)
+        self.kind = kind
+        self.member = member
+        self.points = points
+        self.reference = reference
+        self.originalReference = originalReference
+        self.occurredAt = occurredAt
+        self.amountMinor = amountMinor
+    }
+
+    /// The event as a JSON body, in the contract's wire format.
+    public var jsonBody: String {
+        var data = JSONWriter()
+        data.string("member", member.rawValue)
+        data.int("points", points.value)
+        data.string("reference", reference.rawValue)
+        if let o = originalReference { data.string("original_reference", o.rawValue) }
+        if let t = occurredAt { data.string("occurred_at", t.rfc3339) }
+        if let a = amountMinor { data.int("amount_minor", a.value) }
+        var top = JSONWriter()
+        top.string("type", kind.typeName)
+        top.raw("data", data.finish())
+        return top.finish()
+    }
+}
+
+// MARK: - Strict parsing
+
+/// Parses an event body strictly: a JSON object with exactly `type` and `data`; `data` with
+/// exactly the keys its type allows; every id, number and instant validated. Every failure is
+/// a `malformed` problem whose detail names the field and the reason.
+public enum EventParser {
+    private struct Key: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init(_ s: String) { stringValue = s }
+        init?(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+
+    private struct Body: Decodable {
+        let event: Event
+
+        init(from decoder: any Decoder) throws {
+            let top = try decoder.container(keyedBy: Key.self)
+            try EventParser.onlyKeys(top, ["type", "data"], at: "")
+            let typeName = try EventParser.string(top, "type", at: "")
+            guard let kind = EventKind(typeName: typeName) else {
+                throw Problem(.malformed, "type: unknown event type \(JSONWriter.quote(typeName))")
+            }
+            guard top.contains(Key("data")) else { throw Problem(.malformed, "data: missing") }
+            let data: KeyedDecodingContainer<Key>
+            do { data = try top.nestedContainer(keyedBy: Key.self, forKey: Key("data")) } catch {
+                throw Problem(.malformed, "data: expected an object")
+            }
+            var allowed: Set<String> = ["member", "points", "reference", "occurred_at", "amount_minor"]
+            if kind.isReversal { allowed.insert("original_reference") }
+            try EventParser.onlyKeys(data, allowed, at: "data.")
+
+            let memberText = try EventParser.string(data, "member", at: "data.")
+            guard let member = MemberID(memberText) else {
+                throw Problem(.malformed, "data.member: must match ^[A-Za-z0-9._-]{1,64}$")
+            }
+            let points = try EventParser.int(
+                data, "points", at: "data.", range: Limits.pointsPerEventMin...Limits.pointsPerEventMax)
+            let refText = try EventParser.string(data, "reference", at: "data.")
+            guard let reference = Reference(refText) else {
+                throw Problem(.malformed, "data.reference: must be 1-128 characters of [A-Za-z0-9._:/-]")
+            }
+            var original: Reference?
+            if kind.isReversal {
+                let o = try EventParser.string(data, "original_reference", at: "data.")
+                guard let r = Reference(o) else {
+                    throw Problem(.malformed, "data.original_reference: must be 1-128 characters of [A-Za-z0-9._:/-]")
+                }
+                original = r
+            }
+            var occurredAt: Instant?
+            if data.contains(Key("occurred_at")) {
+                let t = try EventParser.string(data, "occurred_at", at: "data.")
+                guard let i = Instant(rfc3339: t) else {
+                    throw Problem(.malformed, "data.occurred_at: must be an RFC 3339 date-time")
+                }
+                occurredAt = i
+            }
+            var amount: MoneyMinor?
+            if data.contains(Key("amount_minor")) {
+                amount = MoneyMinor(try EventParser.int(data, "amount_minor", at: "data.", range: 0...Limits.amountMinorMax))
+            }
+            event = Event(
+                kind: kind, member: member, points: Points(points), reference: reference,
+                originalReference: original, occurredAt: occurredAt, amountMinor: amount)
+        }
+    }
+
+    private static func onlyKeys(_ c: KeyedDecodingContainer<Key>, _ allowed: Set<String>, at path: String) throws {
+        for k in c.allKeys where !allowed.contains(k.stringValue) {
+            throw Problem(.malformed, "\(path)\(k.stringValue): unknown key")
+        }
+    }
+
+    private static func string(_ c: KeyedDecodingContainer<Key>, _ key: String, at path: String) throws -> String {
+        guard c.contains(Key(key)) else { throw Problem(.malformed, "\(path)\(key): missing") }
+        do { return try c.decode(String.self, forKey: Key(key)) } catch {
+            throw Problem(.malformed, "\(path)\(key): expected a string")
+        }
+    }
+
+    private static func int(
+        _ c: KeyedDecodingContainer<Key>, _ key: String, at path: String, range: ClosedRange<Int64>
+    ) throws -> Int64 {
+        guard c.contains(Key(key)) else { throw Problem(.malformed, "\(path)\(key): missing") }
+        let v: Int64
+        do { v = try c.decode(Int64.self, forKey: Key(key)) } catch {
+            throw Problem(.malformed, "\(path)\(key): expected an integer between \(range.lowerBound) and \(range.upperBound)")
+        }
+        guard range.contains(v) else {
+            throw Problem(.malformed, "\(path)\(key): \(v) is outside \(range.lowerBound)...\(range.upperBound)")
+        }
+        return v
+    }
+
+    /// Parses a raw body. Throws `Problem` (`malformed` or `too-large`) and nothing else.
+    public static func parse(_ body: some Collection<UInt8>) throws(Problem) -> Event {
+        guard body.count <= Limits.eventBodyBytesMax else {
+            throw Problem(.tooLarge, "body is \(body.count) bytes; at most \(Limits.eventBodyBytesMax) are accepted")
+        }
+        do {
+            return try JSONDecoder().decode(Body.self, from: Data(body)).event
+        } catch let p as Problem {
+            throw p
+        } catch DecodingError.dataCorrupted {
+            throw Problem(.malformed, "body: not valid JSON")
+        } catch {
+            throw Problem(.malformed, "body: expected a JSON object with \"type\" and \"data\"")
+        }
+    }
+}

@@ -1,0 +1,142 @@
+/// An instant in UTC, in whole milliseconds since the Unix epoch. RFC 3339 in and out,
+/// done by hand so that parsing is strict and formatting is fixed: `2026-11-22T10:00:01.123Z`.
+public struct Instant: Hashable, Comparable, Sendable, CustomStringConvertible {
+    public let millisecondsSinceEpoch: Int64
+
+    public init(millisecondsSinceEpoch: Int64) { self.millisecondsSinceEpoch = millisecondsSinceEpoch }
+
+    public static func < (a: Instant, b: Instant) -> Bool { a.millisecondsSinceEpoch < b.millisecondsSinceEpoch }
+
+    public var description: String { rfc3339 }
+
+    public func adding(days: Int64) throws(ArithmeticOverflow) -> Instant {
+        let (ms, o1) = days.multipliedReportingOverflow(by: 86_400_000)
+        let (sum, o2) = millisecondsSinceEpoch.addingReportingOverflow(ms)
+        if o1 || o2 { throw ArithmeticOverflow("instant + \(days) days") }
+        return Instant(millisecondsSinceEpoch: sum)
+    }
+
+    // MARK: Formatting
+
+    /// `YYYY-MM-DDTHH:MM:SS.mmmZ`, always with milliseconds and `Z`.
+    public var rfc3339: String {
+        let ms = millisecondsSinceEpoch
+        var days = ms / 86_400_000
+        var rem = ms % 86_400_000
+        if rem < 0 { rem += 86_400_000; days -= 1 }
+        let (y, m, d) = Instant.civil(fromDays: days)
+        let h = rem / 3_600_000, mi = (rem / 60_000) % 60, s = (rem / 1000) % 60, milli = rem % 1000
+        return "\(pad(y, 4))-\(pad(m, 2))-\(pad(d, 2))T\(pad(h, 2)):\(pad(mi, 2)):\(pad(s, 2)).\(pad(milli, 3))Z"
+    }
+
+    // MARK: Parsing
+
+    /// Parses an RFC 3339 date-time: `YYYY-MM-DD(T|t| )HH:MM:SS(.fraction)?(Z|z|±HH:MM)`.
+    /// Fractions beyond milliseconds are truncated. Returns nil for anything else.
+    public init?(rfc3339 text: String) {
+        let b = Array(text.utf8)
+        guard b.count >= 20, b.count <= 40 else { return nil }
+        func num(_ from: Int, _ len: Int) -> Int64? {
+            var v: Int64 = 0
+            for i in from..<(from + len) {
+                let c = b[i]
+                guard c >= 0x30, c <= 0x39 else { return nil }
+                v = v * 10 + Int64(c - 0x30)
+            }
+            return v
+        }
+        guard let year = num(0, 4), b[4] == 0x2D, let month = num(5, 2), b[7] == 0x2D, let day = num(8, 2),
+            b[10] == 0x54 || b[10] == 0x74 || b[10] == 0x20,
+            let hour = num(11, 2), b[13] == 0x3A, let minute = num(14, 2), b[16] == 0x3A, let second = num(17, 2)
+        else { return nil }
+        guard (1...12).contains(month), day >= 1, day <= Instant.daysIn(month: month, year: year),
+            hour <= 23, minute <= 59, second <= 59  // leap seconds are not accepted
+        else { return nil }
+        var i = 19
+        var milli: Int64 = 0
+        if b[i] == 0x2E {
+            i += 1
+            let start = i
+            while i < b.count, b[i] >= 0x30, b[i] <= 0x39 {
+                if i - start < 3 { milli = milli * 10 + Int64(b[i] - 0x30) }
+                i += 1
+            }
+            let digits = i - start
+            guard digits >= 1 else { return nil }
+            for _ in digits..<3 where digits < 3 { milli *= 10 }
+        }
+        guard i < b.count else { return nil }
+        var offsetMinutes: Int64 = 0
+        if b[i] == 0x5A || b[i] == 0x7A {
+            i += 1
+        } else if b[i] == 0x2B || b[i] == 0x2D {
+            guard i + 6 == b.count, let oh = num(i + 1, 2), b[i + 3] == 0x3A, let om = num(i + 4, 2), oh <= 23, om <= 59
+            else { return nil }
+            offsetMinutes = (oh * 60 + om) * (b[i] == 0x2D ? -1 : 1)
+            i += 6
+        } else {
+            return nil
+        }
+        guard i == b.count else { return nil }
+        let days = Instant.days(fromCivil: year, month, day)
+        let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offsetMinutes * 60
+        millisecondsSinceEpoch = secs * 1000 + milli
+    }
+
+    // MARK: Civil calendar (Howard Hinnant's algorithms)
+
+    static func days(fromCivil y0: Int64, _ m: Int64, _ d: Int64) -> Int64 {
+        let y = m <= 2 ? y0 - 1 : y0
+        let era = (y >= 0 ? y : y - 399) / 400
+        let yoe = y - era * 400
+        let doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
+        return era * 146_097 + doe - 719_468
+    }
+
+    static func civil(fromDays z0: Int64) -> (Int64, Int64, Int64) {
+        let z = z0 + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let d = doy - (153 * mp + 2) / 5 + 1
+        let m = mp < 10 ? mp + 3 : mp - 9
+        return (yoe + era * 400 + (m <= 2 ? 1 : 0), m, d)
+    }
+
+    static func daysIn(month: Int64, year: Int64) -> Int64 {
+        switch month {
+        case 2: return (year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)) ? 29 : 28
+        case 4, 6, 9, 11: return 30
+        default: return 31
+        }
+    }
+}
+
+private func pad(_ v: Int64, _ width: Int) -> String {
+    let s = String(v)
+    return s.count >= width ? s : String(repeating: "0", count: width - s.count) + s
+}
+
+/// The source of "now". Live code reads the system clock; tests inject a fixed or stepping one.
+public protocol WallClock: Sendable {
+    func now() -> Instant
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The system's real-time clock, read in whole milliseconds.
+public struct SystemClock: WallClock {
+    public init() {}
+    public func now() -> Instant {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Instant(millisecondsSinceEpoch: Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000)
+    }
+}

@@ -1,0 +1,43 @@
+/// Every limit of Clearhouse, in one place (TIGER_STYLE: put a limit on everything).
+/// Names carry their unit last.
+public enum Limits {
+    // MARK: Identifiers (CONTRACT §1, §3)
+    public static let partnerIDBytesMin = 2
+    public static let partnerIDBytesMax = 32
+    public static let memberIDBytesMax = 64
+    public static let referenceBytesMax = 128
+    public static let webhookIDBytesMax = 128
+
+    // MARK: Quantities (CONTRACT §1)
+    public static let pointsPerEventMin: Int64 = 1
+    public static let pointsPerEventMax: Int64 = 1_000_000_000
+    /// Largest purchase amount accepted in `amount_minor` (ten trillion minor units).
+    public static let amountMinorMax: Int64 = 10_000_000_000_000
+    /// Largest price per 1000 points a partner's terms may name (minor units).
+    public static let pricePer1000MinorMax: Int64 = 1_000_000_000
+    /// Longest configurable point lifetime: 100 years.
+    public static let pointsExpireAfterDaysMax: Int64 = 36_500
+
+    // MARK: Intake (CONTRACT §3)
+    public static let eventBodyBytesMax = 64 * 1024
+    public static let signatureToleranceSecondsMax: Int64 = 300
+
+    // MARK: Posting writer (group commit)
+    /// Most postings decided in one coalition transaction (one fsync of the journal).
+    public static let postingBatchMax = 4096
+    /// Most postings waiting for the writer; past this, callers get `unavailable`.
+    public static let postingQueueMax = 65_536
+    /// How long a writer waits for another process's lock on the coalition database.
+    public static let databaseBusyTimeoutSecondsMax = 10
+
+    // MARK: Configuration
+    public static let partnersMax = 1_000
+    public static let webhookSecretsPerPartnerMax = 8
+    public static let configFileBytesMax = 256 * 1024
+    public static let secretBytesMin = 24
+    public static let secretBytesMax = 64
+
+    // MARK: Command line and simulation
+    public static let simulatedEventsMax = 100_000_000
+    public static let simulatedMembersMax = 100_000_000
+}

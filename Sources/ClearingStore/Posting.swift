@@ -1,0 +1,223 @@
+import ClearingDomain
+import Foundation
+import GRDB
+
+/// One event to post, as it arrived: whose, under which webhook id, and what.
+public struct Submission: Sendable, Equatable {
+    public var partner: PartnerID
+    public var webhookID: WebhookID
+    public var event: Event
+
+    public init(partner: PartnerID, webhookID: WebhookID, event: Event) {
+        self.partner = partner
+        self.webhookID = webhookID
+        self.event = event
+    }
+}
+
+extension Store {
+    /// Decides and writes a batch of postings: the single writer's one step (group commit).
+    ///
+    /// 1. One IMMEDIATE transaction on `coalition.sqlite` decides every posting in order,
+    ///    against the state the earlier ones left, and writes the accepted ones to the journal
+    ///    with their lots, takes, moves and flows. COMMIT = one fsync: the batch is decided.
+    /// 2. Each touched partner ledger gets its new entries in one transaction (one fsync each).
+    /// 3. Only then are outcomes returned, so a 2xx is never sent for an entry not on disk.
+    ///
+    /// A refused posting writes nothing. If the journal cannot commit, every posting of the
+    /// batch gets `unavailable` and nothing is written. If a ledger cannot be written, its
+    /// postings get `unavailable` (they are decided and will be copied by catch-up; a retry
+    /// then answers 200 with the original body).
+    public func post(_ batch: [Submission]) -> [PostingOutcome] {
+        precondition(batch.count <= Limits.postingBatchMax, "batch larger than postingBatchMax")
+        let started = writerState.withLock { state -> String? in
+            if state.crashed { return "the writer stopped at a fault point; reopen the store" }
+            return nil
+        }
+        if let reason = started { return batch.map { _ in .rejected(Problem(.unavailable, reason, retryAfterSeconds: 1)) } }
+        if batch.isEmpty { return [] }
+        if writerState.withLock({ $0.ledgersLagging }) {
+            do { try recover() } catch {
+                logger.error("ledger catch-up failed", metadata: ["error": "\(error)"])
+                return batch.map { _ in .rejected(Problem(.unavailable, "ledger storage is failing; retry later", retryAfterSeconds: 5)) }
+            }
+        }
+
+        var decided: [PostingOutcome] = []
+        var fresh: [PartnerID: [ChainedEntry]] = [:]
+        do {
+            try coalition.writeWithoutTransaction { db in
+                try db.inTransaction(.immediate) {
+                    var batchState = try BatchState(db)
+                    for s in batch {
+                        decided.append(decideIsolated(db, s, &batchState, &fresh))
+                    }
+                    try batchState.saveHeads(db)
+                    if crashes(at: .beforeJournalCommit) { throw SimulatedCrash() }
+                    return .commit
+                }
+            }
+            commitCounter.add(1, ordering: .relaxed)
+        } catch is SimulatedCrash {
+            return batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) }
+        } catch {
+            logger.error("journal commit failed", metadata: ["error": "\(error)"])
+            return batch.map { _ in .rejected(Problem(.unavailable, "storage is failing; retry later", retryAfterSeconds: 5)) }
+        }
+        if crashes(at: .afterJournalCommit) {
+            return batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) }
+        }
+
+        var failedPartners: Set<PartnerID> = []
+        for partner in fresh.keys.sorted() {
+            do {
+                try appendToLedger(ledger(partner), fresh[partner]!)
+            } catch {
+                logger.error("ledger commit failed", metadata: ["partner": "\(partner)", "error": "\(error)"])
+                failedPartners.insert(partner)
+                writerState.withLock { $0.ledgersLagging = true }
+            }
+            if crashes(at: .afterLedgerCommit) {
+                return batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) }
+            }
+        }
+        if failedPartners.isEmpty { return decided }
+        return zip(batch, decided).map { s, outcome in
+            if case .created = outcome, failedPartners.contains(s.partner) {
+                return .rejected(Problem(.unavailable, "accepted but not yet in the partner ledger; retry for the result", retryAfterSeconds: 5))
+            }
+            return outcome
+        }
+    }
+
+    private func crashes(at point: FaultPoint) -> Bool {
+        guard let faults, faults(point) else { return false }
+        writerState.withLock { $0.crashed = true }
+        logger.warning("fault injected", metadata: ["point": "\(point.rawValue)"])
+        return true
+    }
+
+    /// Decides one posting inside its own savepoint, so that an unexpected storage error
+    /// costs that posting alone (`unavailable`, nothing of it written), not the whole batch.
+    private func decideIsolated(
+        _ db: Database, _ s: Submission, _ state: inout BatchState, _ fresh: inout [PartnerID: [ChainedEntry]]
+    ) -> PostingOutcome {
+        var outcome = PostingOutcome.rejected(Problem(.unavailable, "storage is failing; retry later", retryAfterSeconds: 5))
+        var local = state
+        var localFresh: ChainedEntry?
+        do {
+            try db.inSavepoint {
+                outcome = try decide(db, s, &local, &localFresh)
+                return .commit
+            }
+            state = local
+            if let c = localFresh { fresh[s.partner, default: []].append(c) }
+        } catch {
+            logger.error("posting failed in storage", metadata: ["partner": "\(s.partner)", "error": "\(error)"])
+        }
+        return outcome
+    }
+
+    /// Decides one posting inside the batch transaction. Every check happens before any write
+    /// for this posting, so a refusal leaves nothing behind.
+    private func decide(
+        _ db: Database, _ s: Submission, _ state: inout BatchState, _ fresh: inout ChainedEntry?
+    ) throws -> PostingOutcome {
+        guard configuration.partners[s.partner] != nil else {
+            return .rejected(Problem(.unknownPartner, "no partner \(JSONWriter.quote(s.partner.rawValue)) in this coalition"))
+        }
+        if let earlier = try Lookup.byWebhookID(db, s.partner, s.webhookID) {
+            if earlier.event == s.event { return .replayed(earlier) }
+            return .rejected(Problem(.conflict,
+                "webhook-id \(s.webhookID) was already used for different content (sequence \(earlier.sequence))"))
+        }
+        if let earlier = try Lookup.byReference(db, s.partner, s.event.reference) {
+            if earlier.event == s.event { return .replayed(earlier) }
+            return .rejected(Problem(.conflict,
+                "reference \(s.event.reference) was already used for different content (sequence \(earlier.sequence))"))
+        }
+        let now = state.nextAcceptedAt(clock.now())
+        let journalID = state.nextJournalID
+        let effects: Effects
+        switch s.event.kind {
+        case .earned: effects = try Rules.earn(db, s, journalID: journalID, now: now, terms: configuration.coalition)
+        case .redeemed: effects = try Rules.redeem(db, s, now: now)
+        case .earnReversed: effects = try Rules.reverseEarn(db, s, now: now)
+        case .redemptionReversed: effects = try Rules.reverseRedemption(db, s, now: now)
+        }
+        if case .refused(let problem) = effects { return .rejected(problem) }
+        guard case .apply(let balanceAfter, let write) = effects else { preconditionFailure() }
+
+        let head = try state.head(db, s.partner)
+        let entry = Entry(
+            journalID: journalID, partner: s.partner, sequence: head.sequence + 1, webhookID: s.webhookID,
+            acceptedAt: now, event: s.event, memberBalance: balanceAfter)
+        let hash = Store.chainHash(previous: head.hash, entry: entry)
+        try Lookup.insertJournal(db, entry, hash: hash)
+        try write(db, journalID)
+        state.advance(s.partner, sequence: entry.sequence, hash: hash, journalID: journalID)
+        fresh = ChainedEntry(entry: entry, previousHash: head.hash, hash: hash)
+        let check = try Store.spendableBalance(db, member: s.event.member, at: now)
+        precondition(check == balanceAfter, "balance after posting disagrees with the lots")
+        return .created(entry)
+    }
+}
+
+struct SimulatedCrash: Error {}
+
+/// The writer's view of the coalition during one batch: next journal id, last acceptance
+/// time, and the partners' chain heads. Loaded inside the batch's IMMEDIATE transaction, so it
+/// is current even when another process wrote since the last batch.
+struct BatchState {
+    struct Head {
+        var sequence: Int64
+        var hash: [UInt8]
+        var dirty = false
+    }
+
+    private var lastJournalID: Int64
+    private var lastAcceptedAt: Instant
+    private var heads: [PartnerID: Head] = [:]
+
+    init(_ db: Database) throws {
+        let row = try Row.fetchOne(db, sql: "SELECT id, accepted_at_ms FROM journal ORDER BY id DESC LIMIT 1")
+        lastJournalID = row?[0] ?? 0
+        lastAcceptedAt = Instant(millisecondsSinceEpoch: row?[1] ?? Int64.min)
+    }
+
+    /// Acceptance times never go backwards, so acceptance order = journal order = time order.
+    mutating func nextAcceptedAt(_ now: Instant) -> Instant {
+        lastAcceptedAt = max(now, lastAcceptedAt)
+        return lastAcceptedAt
+    }
+
+    /// The id the next accepted entry gets; taken by `advance`.
+    var nextJournalID: Int64 { lastJournalID + 1 }
+
+    mutating func head(_ db: Database, _ partner: PartnerID) throws -> Head {
+        if let h = heads[partner] { return h }
+        let row = try Row.fetchOne(
+            db, sql: "SELECT last_sequence, last_hash FROM partner_head WHERE partner = ?", arguments: [partner.rawValue])
+        let h = row.map { Head(sequence: $0[0], hash: Array($0[1] as Data)) }
+            ?? Head(sequence: 0, hash: Store.genesisHash(partner))
+        heads[partner] = h
+        return h
+    }
+
+    mutating func advance(_ partner: PartnerID, sequence: Int64, hash: [UInt8], journalID: Int64) {
+        precondition(journalID == lastJournalID + 1)
+        lastJournalID = journalID
+        heads[partner] = Head(sequence: sequence, hash: hash, dirty: true)
+    }
+
+    func saveHeads(_ db: Database) throws {
+        for (partner, h) in heads where h.dirty {
+            try db.execute(
+                sql: """
+                    INSERT INTO partner_head (partner, last_sequence, last_hash) VALUES (?, ?, ?)
+                    ON CONFLICT (partner) DO UPDATE SET last_sequence = excluded.last_sequence, last_hash = excluded.last_hash
+                    """,
+                arguments: [partner.rawValue, h.sequence, Data(h.hash)])
+        }
+    }
+}

@@ -1,0 +1,115 @@
+import ClearingDomain
+import Foundation
+
+/// The single writer with group commit. Callers from any task enqueue a submission and
+/// suspend; one dedicated thread takes everything queued (up to `postingBatchMax`), decides
+/// and commits it as one batch (one journal fsync, one per touched ledger), then resumes each
+/// caller with its outcome. While a batch is on disk, the next one gathers, so the number of
+/// fsyncs per posting falls as load rises.
+///
+/// The queue is bounded (`postingQueueMax`): when full, or once shutdown began, callers get
+/// `unavailable` at once. `shutdown()` finishes everything already queued.
+public final class PostingWriter: @unchecked Sendable {
+    // @unchecked: `queue`, `closing` and `finished` are only touched under `condition`.
+    private let store: Store
+    private let condition = NSCondition()
+    private var queue: [(Submission, @Sendable (PostingOutcome) -> Void)] = []
+    private var closing = false
+    private var finished = false
+    private let batchSizes = BatchSizeStats()
+
+    public init(store: Store) {
+        self.store = store
+        let thread = Thread { [self] in self.run() }
+        thread.name = "clearhouse-writer"
+        thread.start()
+    }
+
+    /// Posts one event; returns once its outcome is durable (or refused).
+    public func post(_ submission: Submission) async -> PostingOutcome {
+        await withCheckedContinuation { continuation in
+            enqueue(submission) { continuation.resume(returning: $0) }
+        }
+    }
+
+    /// Queues one event and calls `completion` with its outcome once durable (or refused),
+    /// on the writer's thread. Postings queued by one thread are decided in the order queued.
+    public func enqueue(_ submission: Submission, completion: @escaping @Sendable (PostingOutcome) -> Void) {
+        condition.lock()
+        if closing {
+            condition.unlock()
+            completion(.rejected(Problem(.unavailable, "shutting down", retryAfterSeconds: 5)))
+            return
+        }
+        if queue.count >= Limits.postingQueueMax {
+            condition.unlock()
+            completion(.rejected(Problem(.unavailable, "the writer's queue is full", retryAfterSeconds: 1)))
+            return
+        }
+        queue.append((submission, completion))
+        condition.signal()
+        condition.unlock()
+    }
+
+    /// Postings waiting for the writer right now.
+    public var queueDepth: Int {
+        condition.lock()
+        defer { condition.unlock() }
+        return queue.count
+    }
+
+    /// How many batches were committed and how many postings they held.
+    public var batchStatistics: (batches: Int, postings: Int, largest: Int) { batchSizes.snapshot() }
+
+    /// Stops taking new postings, finishes every queued one, and returns when the writer
+    /// thread has ended.
+    public func shutdown() {
+        condition.lock()
+        closing = true
+        condition.broadcast()
+        while !finished { condition.wait() }
+        condition.unlock()
+    }
+
+    private func run() {
+        while true {
+            condition.lock()
+            while queue.isEmpty && !closing { condition.wait() }
+            if queue.isEmpty && closing {
+                finished = true
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
+            let n = min(queue.count, Limits.postingBatchMax)
+            let batch = Array(queue.prefix(n))
+            queue.removeFirst(n)
+            condition.unlock()
+
+            let outcomes = store.post(batch.map(\.0))
+            batchSizes.record(batch.count)
+            for (item, outcome) in zip(batch, outcomes) { item.1(outcome) }
+        }
+    }
+}
+
+final class BatchSizeStats: @unchecked Sendable {
+    private let lock = NSLock()
+    private var batches = 0
+    private var postings = 0
+    private var largest = 0
+
+    func record(_ n: Int) {
+        lock.lock()
+        batches += 1
+        postings += n
+        largest = max(largest, n)
+        lock.unlock()
+    }
+
+    func snapshot() -> (batches: Int, postings: Int, largest: Int) {
+        lock.lock()
+        defer { lock.unlock() }
+        return (batches, postings, largest)
+    }
+}

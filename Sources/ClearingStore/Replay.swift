@@ -1,0 +1,94 @@
+import ClearingDomain
+
+/// An in-memory replay of the journal: applies each entry's rule again, from nothing, with
+/// the same pure FIFO functions, and says where an entry could not have been accepted. `verify`
+/// compares what the database holds with what this replay derives.
+struct ReplayBook {
+    struct Lot {
+        var member: MemberID
+        var issuer: PartnerID
+        var points: Int64
+        var remaining: Int64
+        var reversed: Int64
+        var expiresAt: Instant?
+    }
+
+    struct FlowKey: Hashable {
+        var issuer: PartnerID
+        var redeemer: PartnerID
+    }
+
+    private(set) var lots: [Int64: Lot] = [:]
+    private var lotsOfMember: [MemberID: [Int64]] = [:]
+    private(set) var takes: [Int64: [LotTake]] = [:]
+    private(set) var flows: [FlowKey: Int64] = [:]
+    private var originals: [PartnerID: [Reference: (id: Int64, kind: EventKind, member: MemberID)]] = [:]
+    /// Σ over entries of earned − earn_reversed, and of redeemed − redemption_reversed.
+    private(set) var issuedPoints: Int64 = 0
+    private(set) var redeemedPoints: Int64 = 0
+
+    func openLots(of member: MemberID) -> [OpenLot] {
+        (lotsOfMember[member] ?? []).compactMap { id in
+            guard let l = lots[id], l.remaining > 0 else { return nil }
+            return OpenLot(id: id, issuer: l.issuer, remaining: Points(l.remaining), expiresAt: l.expiresAt)
+        }
+    }
+
+    func openPoints(of member: MemberID) -> Int64 {
+        (lotsOfMember[member] ?? []).reduce(0) { $0 + (lots[$1]?.remaining ?? 0) }
+    }
+
+    var members: [MemberID] { Array(lotsOfMember.keys) }
+
+    /// Applies one entry. Returns why it could not have been accepted, or nil.
+    mutating func apply(_ e: Entry, terms: CoalitionTerms) -> String? {
+        let n = e.event.points.value
+        let member = e.event.member
+        if originals[e.partner]?[e.event.reference] != nil { return "reference \(e.event.reference) appears twice" }
+        switch e.event.kind {
+        case .earned:
+            guard let expiry = try? terms.lotExpiry(acceptedAt: e.acceptedAt) else { return "expiry overflows" }
+            lots[e.journalID] = Lot(member: member, issuer: e.partner, points: n, remaining: n, reversed: 0, expiresAt: expiry)
+            lotsOfMember[member, default: []].append(e.journalID)
+            issuedPoints += n
+        case .redeemed:
+            guard let taken = FIFO.take(e.event.points, from: openLots(of: member), at: e.acceptedAt) else {
+                return "redemption of \(n) exceeds the member's balance"
+            }
+            for t in taken {
+                lots[t.lotID]!.remaining -= t.points.value
+                flows[FlowKey(issuer: t.issuer, redeemer: e.partner), default: 0] += t.points.value
+            }
+            takes[e.journalID] = taken
+            redeemedPoints += n
+        case .earnReversed, .redemptionReversed:
+            guard let ref = e.event.originalReference, let o = originals[e.partner]?[ref], o.kind == e.event.kind.originalKind
+            else { return "original_reference is not an earlier event of the matching kind" }
+            guard o.member == member else { return "reversal names another member than its original" }
+            if e.event.kind == .earnReversed {
+                let lot = lots[o.id]!
+                let left = (lot.expiresAt.map { $0 > e.acceptedAt } ?? true) ? lot.remaining : 0
+                guard n <= left else { return "earn reversal exceeds what is left of the lot" }
+                lots[o.id]!.remaining -= n
+                lots[o.id]!.reversed += n
+                issuedPoints -= n
+            } else {
+                guard let back = FIFO.giveBack(e.event.points, to: takes[o.id] ?? []) else {
+                    return "redemption reversal exceeds what is left to reverse"
+                }
+                for r in back {
+                    takes[o.id]![r.takeIndex].returned = Points(takes[o.id]![r.takeIndex].returned.value + r.points.value)
+                    lots[r.lotID]!.remaining += r.points.value
+                    flows[FlowKey(issuer: r.issuer, redeemer: e.partner), default: 0] -= r.points.value
+                }
+                redeemedPoints -= n
+            }
+        }
+        originals[e.partner, default: [:]][e.event.reference] = (e.journalID, e.event.kind, member)
+        let balance = FIFO.balance(openLots(of: member), at: e.acceptedAt).value
+        if balance != e.memberBalance.value {
+            return "member_balance \(e.memberBalance) but the lots give \(balance)"
+        }
+        return nil
+    }
+}

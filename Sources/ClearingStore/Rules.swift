@@ -1,0 +1,207 @@
+import ClearingDomain
+import Foundation
+import GRDB
+
+/// What deciding one posting came to: refused, or its balance and the writes that apply it.
+enum Effects {
+    case refused(Problem)
+    /// `write(db, journalID)` runs after the journal row is inserted.
+    case apply(balanceAfter: Points, write: (Database, Int64) throws -> Void)
+}
+
+/// The business rules of CONTRACT §5, over the coalition database. Each function reads what
+/// it needs, checks everything, and only returns writes when the posting is accepted.
+enum Rules {
+    static func earn(_ db: Database, _ s: Submission, journalID: Int64, now: Instant, terms: CoalitionTerms) throws -> Effects {
+        let n = s.event.points
+        let expires = try terms.lotExpiry(acceptedAt: now)
+        let before = try Store.spendableBalance(db, member: s.event.member, at: now)
+        let after = try before.adding(n)
+        return .apply(balanceAfter: after) { db, id in
+            try db.cachedStatement(
+                sql: "INSERT INTO lot (id, member, issuer, points, remaining, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)"
+            ).execute(arguments: [id, s.event.member.rawValue, s.partner.rawValue, n.value, n.value, expires?.millisecondsSinceEpoch])
+            try db.cachedStatement(
+                sql: """
+                    INSERT INTO member (member, first_journal_id, open_points) VALUES (?, ?, ?)
+                    ON CONFLICT (member) DO UPDATE SET open_points = open_points + excluded.open_points
+                    """
+            ).execute(arguments: [s.event.member.rawValue, id, n.value])
+        }
+    }
+
+    static func redeem(_ db: Database, _ s: Submission, now: Instant) throws -> Effects {
+        let n = s.event.points
+        let lots = try Lookup.openLots(db, s.event.member)
+        let before = FIFO.balance(lots, at: now)
+        guard let takes = FIFO.take(n, from: lots, at: now) else {
+            return .refused(Problem(.insufficientPoints,
+                "member \(s.event.member) has \(before) spendable points; \(n) were asked for"))
+        }
+        return .apply(balanceAfter: try before.subtracting(n)) { db, id in
+            for (i, t) in takes.enumerated() {
+                try db.cachedStatement(sql: "UPDATE lot SET remaining = remaining - ? WHERE id = ?")
+                    .execute(arguments: [t.points.value, t.lotID])
+                try db.cachedStatement(
+                    sql: "INSERT INTO lot_take (redemption_id, position, lot_id, issuer, points) VALUES (?, ?, ?, ?, ?)"
+                ).execute(arguments: [id, i, t.lotID, t.issuer.rawValue, t.points.value])
+                try move(db, entry: id, position: i, lot: t.lotID, issuer: t.issuer, redeemer: s.partner, points: t.points.value)
+            }
+            try changeMember(db, s.event.member, by: -n.value)
+        }
+    }
+
+    static func reverseEarn(_ db: Database, _ s: Submission, now: Instant) throws -> Effects {
+        let n = s.event.points
+        let original: Entry
+        switch try Lookup.original(db, s) {
+        case .failure(let p): return .refused(p)
+        case .success(let e): original = e
+        }
+        guard let lot = try Row.fetchOne(
+            db.cachedStatement(sql: "SELECT remaining, expires_at_ms FROM lot WHERE id = ?"), arguments: [original.journalID])
+        else { throw StoreError("earn \(original.partner) #\(original.sequence) has no lot") }
+        let remaining: Int64 = lot[0]
+        let expires: Int64? = lot[1]
+        let left = (expires.map { $0 > now.millisecondsSinceEpoch } ?? true) ? remaining : 0
+        guard n.value <= left else {
+            return .refused(Problem(.reversalExceedsOriginal,
+                "only \(left) points of \(original.event.reference)'s lot are left to reverse; \(n) were asked for"))
+        }
+        let before = try Store.spendableBalance(db, member: s.event.member, at: now)
+        return .apply(balanceAfter: try before.subtracting(n)) { db, _ in
+            try db.cachedStatement(sql: "UPDATE lot SET remaining = remaining - ?, reversed = reversed + ? WHERE id = ?")
+                .execute(arguments: [n.value, n.value, original.journalID])
+            try changeMember(db, s.event.member, by: -n.value)
+        }
+    }
+
+    static func reverseRedemption(_ db: Database, _ s: Submission, now: Instant) throws -> Effects {
+        let n = s.event.points
+        let original: Entry
+        switch try Lookup.original(db, s) {
+        case .failure(let p): return .refused(p)
+        case .success(let e): original = e
+        }
+        let takes = try Lookup.takes(db, redemption: original.journalID)
+        guard let returns = FIFO.giveBack(n, to: takes) else {
+            return .refused(Problem(.reversalExceedsOriginal,
+                "only \(FIFO.reversible(takes)) points of \(original.event.reference) are left to reverse; \(n) were asked for"))
+        }
+        let before = try Store.spendableBalance(db, member: s.event.member, at: now)
+        var gain = Points.zero
+        for r in returns {
+            let expires = try Int64?.fetchOne(
+                db.cachedStatement(sql: "SELECT expires_at_ms FROM lot WHERE id = ?"), arguments: [r.lotID]) ?? nil
+            if expires.map({ $0 > now.millisecondsSinceEpoch }) ?? true { gain = try gain.adding(r.points) }
+        }
+        return .apply(balanceAfter: try before.adding(gain)) { db, id in
+            for (j, r) in returns.enumerated() {
+                try db.cachedStatement(sql: "UPDATE lot_take SET returned = returned + ? WHERE redemption_id = ? AND position = ?")
+                    .execute(arguments: [r.points.value, original.journalID, r.takeIndex])
+                try db.cachedStatement(sql: "UPDATE lot SET remaining = remaining + ? WHERE id = ?")
+                    .execute(arguments: [r.points.value, r.lotID])
+                try move(db, entry: id, position: j, lot: r.lotID, issuer: r.issuer, redeemer: s.partner, points: -r.points.value)
+            }
+            try changeMember(db, s.event.member, by: n.value)
+        }
+    }
+
+    private static func move(
+        _ db: Database, entry: Int64, position: Int, lot: Int64, issuer: PartnerID, redeemer: PartnerID, points: Int64
+    ) throws {
+        try db.cachedStatement(
+            sql: "INSERT INTO lot_move (entry_id, position, lot_id, issuer, redeemer, points) VALUES (?, ?, ?, ?, ?, ?)"
+        ).execute(arguments: [entry, position, lot, issuer.rawValue, redeemer.rawValue, points])
+        if points > 0 {
+            try db.cachedStatement(
+                sql: """
+                    INSERT INTO flow (issuer, redeemer, points) VALUES (?, ?, ?)
+                    ON CONFLICT (issuer, redeemer) DO UPDATE SET points = points + excluded.points
+                    """
+            ).execute(arguments: [issuer.rawValue, redeemer.rawValue, points])
+        } else {
+            // A return: the flow exists, made by the redemption being reversed.
+            try db.cachedStatement(sql: "UPDATE flow SET points = points + ? WHERE issuer = ? AND redeemer = ?")
+                .execute(arguments: [points, issuer.rawValue, redeemer.rawValue])
+            precondition(db.changesCount == 1, "flow \(issuer) -> \(redeemer) missing for a return")
+        }
+    }
+
+    private static func changeMember(_ db: Database, _ member: MemberID, by delta: Int64) throws {
+        try db.cachedStatement(sql: "UPDATE member SET open_points = open_points + ? WHERE member = ?")
+            .execute(arguments: [delta, member.rawValue])
+        precondition(db.changesCount == 1, "member \(member) has no row")
+    }
+}
+
+/// Index lookups in the journal and the lot tables.
+enum Lookup {
+    static func byWebhookID(_ db: Database, _ partner: PartnerID, _ id: WebhookID) throws -> Entry? {
+        try Row.fetchOne(
+            db.cachedStatement(sql: "SELECT \(JournalRow.columns) FROM journal WHERE partner = ? AND webhook_id = ?"),
+            arguments: [partner.rawValue, id.rawValue]
+        ).map { try JournalRow.journalEntry($0).0 }
+    }
+
+    static func byReference(_ db: Database, _ partner: PartnerID, _ reference: Reference) throws -> Entry? {
+        try Row.fetchOne(
+            db.cachedStatement(sql: "SELECT \(JournalRow.columns) FROM journal WHERE partner = ? AND reference = ?"),
+            arguments: [partner.rawValue, reference.rawValue]
+        ).map { try JournalRow.journalEntry($0).0 }
+    }
+
+    /// The original of a reversal: an earlier event of the same partner, of the matching
+    /// kind, naming the same member.
+    static func original(_ db: Database, _ s: Submission) throws -> Result<Entry, Problem> {
+        guard let ref = s.event.originalReference, let wanted = s.event.kind.originalKind else {
+            preconditionFailure("original() of a non-reversal")
+        }
+        guard let e = try byReference(db, s.partner, ref), e.event.kind == wanted else {
+            return .failure(Problem(.unknownOriginal,
+                "original_reference \(ref) is not an earlier \(wanted.typeName) of partner \(s.partner)"))
+        }
+        guard e.event.member == s.event.member else {
+            return .failure(Problem(.memberMismatch,
+                "\(ref) belongs to member \(e.event.member), not \(s.event.member)"))
+        }
+        return .success(e)
+    }
+
+    static func openLots(_ db: Database, _ member: MemberID) throws -> [OpenLot] {
+        try Row.fetchAll(
+            db.cachedStatement(
+                sql: "SELECT id, issuer, remaining, expires_at_ms FROM lot WHERE member = ? AND remaining > 0 ORDER BY id"),
+            arguments: [member.rawValue]
+        ).map { row in
+            guard let issuer = PartnerID(row[1] as String) else { throw StoreError("lot \(row[0] as Int64) has an invalid issuer") }
+            let expires: Int64? = row[3]
+            return OpenLot(id: row[0], issuer: issuer, remaining: Points(row[2]), expiresAt: expires.map { Instant(millisecondsSinceEpoch: $0) })
+        }
+    }
+
+    static func takes(_ db: Database, redemption: Int64) throws -> [LotTake] {
+        try Row.fetchAll(
+            db.cachedStatement(sql: "SELECT lot_id, issuer, points, returned FROM lot_take WHERE redemption_id = ? ORDER BY position"),
+            arguments: [redemption]
+        ).map { row in
+            guard let issuer = PartnerID(row[1] as String) else { throw StoreError("take of lot \(row[0] as Int64) has an invalid issuer") }
+            return LotTake(lotID: row[0], issuer: issuer, points: Points(row[2]), returned: Points(row[3]))
+        }
+    }
+
+    static func insertJournal(_ db: Database, _ e: Entry, hash: [UInt8]) throws {
+        try db.cachedStatement(
+            sql: """
+                INSERT INTO journal (id, partner, sequence, webhook_id, accepted_at_ms, kind, member, points, reference,
+                  original_reference, occurred_at_ms, amount_minor, member_balance, hash)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """
+        ).execute(arguments: [
+            e.journalID, e.partner.rawValue, e.sequence, e.webhookID.rawValue, e.acceptedAt.millisecondsSinceEpoch,
+            e.event.kind.rawValue, e.event.member.rawValue, e.event.points.value, e.event.reference.rawValue,
+            e.event.originalReference?.rawValue, e.event.occurredAt?.millisecondsSinceEpoch, e.event.amountMinor?.value,
+            e.memberBalance.value, Data(hash),
+        ])
+    }
+}

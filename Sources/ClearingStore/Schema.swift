@@ -1,0 +1,143 @@
+import GRDB
+
+/// The schemas, as named migrations that are never edited once landed (GRDB's way).
+/// SQLite enforces the shape: NOT NULL, UNIQUE, CHECK, and triggers that keep ledgers
+/// append-only, gapless and chained.
+enum Schema {
+    /// `coalition.sqlite`: the journal (the truth: every accepted entry of every partner, in
+    /// global acceptance order) and what is derived from it in the same transaction.
+    static var coalition: DatabaseMigrator {
+        var m = DatabaseMigrator()
+        m.registerMigration("v1-journal-lots-flows") { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE partner_head (
+                      partner TEXT PRIMARY KEY NOT NULL,
+                      last_sequence INTEGER NOT NULL CHECK (last_sequence >= 0),
+                      last_hash BLOB NOT NULL CHECK (length(last_hash) = 32)
+                    ) WITHOUT ROWID;
+
+                    CREATE TABLE journal (
+                      id INTEGER PRIMARY KEY NOT NULL CHECK (id >= 1),
+                      partner TEXT NOT NULL,
+                      sequence INTEGER NOT NULL CHECK (sequence >= 1),
+                      webhook_id TEXT NOT NULL CHECK (length(webhook_id) BETWEEN 1 AND 128),
+                      accepted_at_ms INTEGER NOT NULL,
+                      kind INTEGER NOT NULL CHECK (kind BETWEEN 1 AND 4),
+                      member TEXT NOT NULL CHECK (length(member) BETWEEN 1 AND 64),
+                      points INTEGER NOT NULL CHECK (points BETWEEN 1 AND 1000000000),
+                      reference TEXT NOT NULL CHECK (length(reference) BETWEEN 1 AND 128),
+                      original_reference TEXT CHECK ((kind >= 3) = (original_reference IS NOT NULL)),
+                      occurred_at_ms INTEGER,
+                      amount_minor INTEGER CHECK (amount_minor IS NULL OR amount_minor >= 0),
+                      member_balance INTEGER NOT NULL CHECK (member_balance >= 0),
+                      hash BLOB NOT NULL CHECK (length(hash) = 32),
+                      UNIQUE (partner, sequence),
+                      UNIQUE (partner, webhook_id),
+                      UNIQUE (partner, reference)
+                    );
+                    CREATE TRIGGER journal_no_update BEFORE UPDATE ON journal
+                      BEGIN SELECT RAISE(ABORT, 'journal entries never change'); END;
+                    CREATE TRIGGER journal_no_delete BEFORE DELETE ON journal
+                      BEGIN SELECT RAISE(ABORT, 'journal entries are never deleted'); END;
+
+                    CREATE TABLE member (
+                      member TEXT PRIMARY KEY NOT NULL,
+                      first_journal_id INTEGER NOT NULL REFERENCES journal(id),
+                      open_points INTEGER NOT NULL CHECK (open_points >= 0)
+                    ) WITHOUT ROWID;
+
+                    -- A lot's id is the journal id of its earn, so ids are in acceptance order.
+                    CREATE TABLE lot (
+                      id INTEGER PRIMARY KEY NOT NULL REFERENCES journal(id),
+                      member TEXT NOT NULL,
+                      issuer TEXT NOT NULL,
+                      points INTEGER NOT NULL CHECK (points BETWEEN 1 AND 1000000000),
+                      remaining INTEGER NOT NULL CHECK (remaining >= 0 AND remaining <= points),
+                      reversed INTEGER NOT NULL DEFAULT 0 CHECK (reversed >= 0 AND reversed <= points),
+                      expired INTEGER NOT NULL DEFAULT 0 CHECK (expired >= 0),
+                      expires_at_ms INTEGER
+                    );
+                    CREATE INDEX lot_open_by_member ON lot(member, id) WHERE remaining > 0;
+
+                    -- What each redemption took, lot by lot, in the order taken.
+                    CREATE TABLE lot_take (
+                      redemption_id INTEGER NOT NULL REFERENCES journal(id),
+                      position INTEGER NOT NULL CHECK (position >= 0),
+                      lot_id INTEGER NOT NULL REFERENCES lot(id),
+                      issuer TEXT NOT NULL,
+                      points INTEGER NOT NULL CHECK (points > 0),
+                      returned INTEGER NOT NULL DEFAULT 0 CHECK (returned >= 0 AND returned <= points),
+                      PRIMARY KEY (redemption_id, position)
+                    ) WITHOUT ROWID;
+
+                    -- Every change to a flow issuer -> redeemer, tied to the entry that made it
+                    -- (+k for a redemption's take, -k for a reversal's return). A run's flows are
+                    -- the sums over its entries.
+                    CREATE TABLE lot_move (
+                      entry_id INTEGER NOT NULL REFERENCES journal(id),
+                      position INTEGER NOT NULL CHECK (position >= 0),
+                      lot_id INTEGER NOT NULL REFERENCES lot(id),
+                      issuer TEXT NOT NULL,
+                      redeemer TEXT NOT NULL,
+                      points INTEGER NOT NULL CHECK (points <> 0),
+                      PRIMARY KEY (entry_id, position)
+                    ) WITHOUT ROWID;
+
+                    -- All-time flows, kept current with every posting.
+                    CREATE TABLE flow (
+                      issuer TEXT NOT NULL,
+                      redeemer TEXT NOT NULL,
+                      points INTEGER NOT NULL CHECK (points >= 0),
+                      PRIMARY KEY (issuer, redeemer)
+                    ) WITHOUT ROWID;
+                    """)
+        }
+        return m
+    }
+
+    /// `ledgers/<partner>.sqlite`: the partner's own append-only, hash-chained copy of its
+    /// entries. The triggers refuse any update, delete, gap or broken link.
+    static var ledger: DatabaseMigrator {
+        var m = DatabaseMigrator()
+        m.registerMigration("v1-entries") { db in
+            try db.execute(
+                sql: """
+                    -- One row: whose ledger this is, and the hash the chain starts from.
+                    CREATE TABLE ledger_info (
+                      id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+                      partner TEXT NOT NULL,
+                      genesis_hash BLOB NOT NULL CHECK (length(genesis_hash) = 32)
+                    );
+
+                    CREATE TABLE entry (
+                      sequence INTEGER PRIMARY KEY NOT NULL CHECK (sequence >= 1),
+                      journal_id INTEGER NOT NULL,
+                      webhook_id TEXT NOT NULL,
+                      accepted_at_ms INTEGER NOT NULL,
+                      kind INTEGER NOT NULL CHECK (kind BETWEEN 1 AND 4),
+                      member TEXT NOT NULL,
+                      points INTEGER NOT NULL CHECK (points BETWEEN 1 AND 1000000000),
+                      reference TEXT NOT NULL,
+                      original_reference TEXT,
+                      occurred_at_ms INTEGER,
+                      amount_minor INTEGER,
+                      member_balance INTEGER NOT NULL CHECK (member_balance >= 0),
+                      prev_hash BLOB NOT NULL CHECK (length(prev_hash) = 32),
+                      hash BLOB NOT NULL CHECK (length(hash) = 32)
+                    );
+                    CREATE TRIGGER entry_append_only_update BEFORE UPDATE ON entry
+                      BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
+                    CREATE TRIGGER entry_append_only_delete BEFORE DELETE ON entry
+                      BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
+                    CREATE TRIGGER entry_gapless_chained BEFORE INSERT ON entry
+                      WHEN NEW.sequence <> COALESCE((SELECT MAX(sequence) FROM entry), 0) + 1
+                        OR NEW.prev_hash IS NOT (CASE WHEN NEW.sequence = 1
+                             THEN (SELECT genesis_hash FROM ledger_info WHERE id = 1)
+                             ELSE (SELECT hash FROM entry WHERE sequence = NEW.sequence - 1) END)
+                      BEGIN SELECT RAISE(ABORT, 'ledger entries must be gapless and chained'); END;
+                    """)
+        }
+        return m
+    }
+}

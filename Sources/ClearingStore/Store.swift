@@ -1,0 +1,235 @@
+import ClearingDomain
+import Crypto
+import Foundation
+import GRDB
+import Logging
+import Synchronization
+
+/// A boundary between two durable writes of a posting batch. Tests (and `CLEARHOUSE_CRASH_AT`
+/// in the command line) stop the writer at each one to prove that recovery restores every
+/// invariant (docs/DURABILITY.md).
+public enum FaultPoint: String, Sendable, CaseIterable {
+    /// Inside the journal transaction, after every write, before COMMIT.
+    case beforeJournalCommit = "before-journal-commit"
+    /// The journal is durable; no ledger has been written.
+    case afterJournalCommit = "after-journal-commit"
+    /// One partner ledger has committed; others of the batch may not have.
+    case afterLedgerCommit = "after-ledger-commit"
+}
+
+/// Decides, at a fault point, whether the writer "crashes" there. Returning true stops the
+/// batch at once, as a killed process would; the store is then unusable and must be reopened.
+public typealias FaultInjector = @Sendable (FaultPoint) -> Bool
+
+public struct StoreError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// The databases of one data directory: `coalition.sqlite` (the journal, the truth) and one
+/// ledger per partner. One instance per process; it is the single writer (group commit) and
+/// serves reads from any thread.
+public final class Store: Sendable {
+    public let dataDirectory: URL
+    public let configuration: ClearingConfiguration
+    let coalition: DatabasePool
+    let ledgers: Mutex<[PartnerID: DatabasePool]>
+    let clock: any WallClock
+    let faults: FaultInjector?
+    let logger: Logger
+    let writerState = Mutex(WriterState())
+    let commitCounter = Atomic<Int>(0)
+
+    struct WriterState {
+        /// Set when a fault point stopped the writer: nothing more may be written.
+        var crashed = false
+        /// Set when a ledger could not be written after its journal commit; cleared by catch-up.
+        var ledgersLagging = false
+    }
+
+    /// Opens (creating if needed) the data directory, migrates, and recovers: any journal
+    /// entry missing from its partner's ledger is copied there before anything else happens.
+    public init(
+        dataDirectory: URL, configuration: ClearingConfiguration, clock: any WallClock = SystemClock(),
+        faults: FaultInjector? = nil, logger: Logger = Logger(label: "clearhouse.store")
+    ) throws {
+        self.dataDirectory = dataDirectory
+        self.configuration = configuration
+        self.clock = clock
+        self.faults = faults
+        self.logger = logger
+        let fm = FileManager.default
+        try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
+        coalition = try DatabasePool(
+            path: dataDirectory.appendingPathComponent("coalition.sqlite").path, configuration: Store.databaseConfiguration())
+        try Schema.coalition.migrate(coalition)
+        ledgers = Mutex([:])
+        try recover()
+    }
+
+    static func databaseConfiguration(readonly: Bool = false) -> GRDB.Configuration {
+        var c = GRDB.Configuration()
+        c.busyMode = .timeout(TimeInterval(Limits.databaseBusyTimeoutSecondsMax))
+        c.readonly = readonly
+        c.prepareDatabase { db in
+            // WAL with a full fsync at every commit: a commit that returned is on disk.
+            if !db.configuration.readonly {
+                try db.execute(sql: "PRAGMA synchronous = FULL")
+            }
+        }
+        return c
+    }
+
+    /// Commits (journal and ledgers) since open: each is one fsync of a WAL file.
+    public var commitCount: Int { commitCounter.load(ordering: .relaxed) }
+
+    // MARK: Ledgers
+
+    public func ledgerURL(_ partner: PartnerID) -> URL {
+        dataDirectory.appendingPathComponent("ledgers").appendingPathComponent("\(partner.rawValue).sqlite")
+    }
+
+    /// The ledger of a partner, opened (and created) on first use.
+    func ledger(_ partner: PartnerID) throws -> DatabasePool {
+        try ledgers.withLock { open in
+            if let db = open[partner] { return db }
+            let db = try DatabasePool(path: ledgerURL(partner).path, configuration: Store.databaseConfiguration())
+            try Schema.ledger.migrate(db)
+            try db.write { db in
+                try db.execute(
+                    sql: "INSERT OR IGNORE INTO ledger_info (id, partner, genesis_hash) VALUES (1, ?, ?)",
+                    arguments: [partner.rawValue, Data(Store.genesisHash(partner))])
+                let owner = try String.fetchOne(db, sql: "SELECT partner FROM ledger_info WHERE id = 1")
+                guard owner == partner.rawValue else {
+                    throw StoreError("\(ledgerURL(partner).path) is the ledger of \(owner ?? "nobody"), not \(partner)")
+                }
+            }
+            open[partner] = db
+            return db
+        }
+    }
+
+    /// The hash a partner's chain starts from.
+    public static func genesisHash(_ partner: PartnerID) -> [UInt8] {
+        Array(SHA256.hash(data: Array("clearhouse.ledger.v1:\(partner.rawValue)".utf8)))
+    }
+
+    /// `SHA-256(previous hash ‖ canonical bytes of the entry)`.
+    public static func chainHash(previous: [UInt8], entry: Entry) -> [UInt8] {
+        var h = SHA256()
+        h.update(data: previous)
+        h.update(data: entry.canonicalBytes)
+        return Array(h.finalize())
+    }
+
+    // MARK: Recovery
+
+    /// Copies every journal entry that its partner's ledger lacks into that ledger, in
+    /// sequence order. Refuses to go on when a ledger holds more than the journal (that is not
+    /// a crash; it is damage, and an operator must restore).
+    public func recover() throws {
+        let heads = try coalition.read { db in
+            try Row.fetchAll(db, sql: "SELECT partner, last_sequence FROM partner_head").map {
+                (PartnerID($0[0] as String), $0[1] as Int64)
+            }
+        }
+        for (maybePartner, last) in heads {
+            guard let partner = maybePartner else { throw StoreError("coalition.sqlite names an invalid partner id") }
+            let copied = try catchUpLedger(partner, through: last)
+            if copied > 0 {
+                logger.notice("recovered ledger entries", metadata: ["partner": "\(partner)", "entries": "\(copied)"])
+            }
+        }
+        writerState.withLock { $0.ledgersLagging = false }
+    }
+
+    /// Brings one ledger up to `through` from the journal. Returns how many entries it copied.
+    @discardableResult
+    func catchUpLedger(_ partner: PartnerID, through last: Int64) throws -> Int {
+        let ledger = try ledger(partner)
+        var copied = 0
+        while true {
+            let have = try ledger.read { db in try Int64.fetchOne(db, sql: "SELECT MAX(sequence) FROM entry") ?? 0 }
+            if have > last {
+                throw StoreError("ledger \(partner) holds sequence \(have) but the journal ends at \(last): restore from backup")
+            }
+            if have == last { return copied }
+            let rows = try coalition.read { db in
+                try JournalRow.fetchChained(db, partner: partner, after: have, limit: Limits.postingBatchMax)
+            }
+            guard !rows.isEmpty else {
+                throw StoreError("journal of \(partner) ends before sequence \(last)")
+            }
+            try appendToLedger(ledger, rows)
+            copied += rows.count
+        }
+    }
+
+    /// Appends chained entries to a ledger in one transaction. Each carries the previous
+    /// hash as the journal knows it; the ledger's trigger refuses it unless that equals the
+    /// ledger's own last hash, so journal and ledger cannot silently diverge. Entries already
+    /// there (another process copied them) are skipped.
+    func appendToLedger(_ ledger: DatabasePool, _ entries: [ChainedEntry]) throws {
+        try ledger.writeWithoutTransaction { db in
+            try db.inTransaction(.immediate) {
+                let have = try Int64.fetchOne(db, sql: "SELECT MAX(sequence) FROM entry") ?? 0
+                let insert = try db.cachedStatement(
+                    sql: """
+                        INSERT INTO entry (sequence, journal_id, webhook_id, accepted_at_ms, kind, member, points,
+                          reference, original_reference, occurred_at_ms, amount_minor, member_balance, prev_hash, hash)
+                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                        """)
+                for c in entries where c.entry.sequence > have {
+                    let e = c.entry
+                    try insert.execute(arguments: [
+                        e.sequence, e.journalID, e.webhookID.rawValue, e.acceptedAt.millisecondsSinceEpoch,
+                        e.event.kind.rawValue, e.event.member.rawValue, e.event.points.value, e.event.reference.rawValue,
+                        e.event.originalReference?.rawValue, e.event.occurredAt?.millisecondsSinceEpoch,
+                        e.event.amountMinor?.value, e.memberBalance.value, Data(c.previousHash), Data(c.hash),
+                    ])
+                }
+                return .commit
+            }
+        }
+        commitCounter.add(1, ordering: .relaxed)
+    }
+
+    // MARK: Reads
+
+    /// A member's spendable balance at `at` (default: now): the sum of its unexpired lots.
+    /// A well-formed member that never earned has balance 0.
+    public func balance(of member: MemberID, at: Instant? = nil) throws -> Points {
+        let t = at ?? clock.now()
+        return try coalition.read { db in try Store.spendableBalance(db, member: member, at: t) }
+    }
+
+    static func spendableBalance(_ db: Database, member: MemberID, at t: Instant) throws -> Points {
+        let sum = try Int64.fetchOne(
+            db.cachedStatement(
+                sql: """
+                    SELECT COALESCE(SUM(remaining), 0) FROM lot
+                    WHERE member = ? AND remaining > 0 AND (expires_at_ms IS NULL OR expires_at_ms > ?)
+                    """),
+            arguments: [member.rawValue, t.millisecondsSinceEpoch])
+        return Points(sum ?? 0)
+    }
+
+    /// Every entry of a partner's ledger, in sequence order (for tests and tools; statements
+    /// stream instead).
+    public func ledgerEntries(_ partner: PartnerID) throws -> [Entry] {
+        try ledger(partner).read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM entry ORDER BY sequence").map {
+                try JournalRow.entry(from: $0, partner: partner, journalID: $0["journal_id"])
+            }
+        }
+    }
+
+    /// Closes every database. A clean close checkpoints the WAL files.
+    public func close() throws {
+        try ledgers.withLock { open in
+            for db in open.values { try db.close() }
+            open.removeAll()
+        }
+        try coalition.close()
+    }
+}

@@ -1,0 +1,236 @@
+import ClearingDomain
+import Foundation
+import GRDB
+
+/// What `verify` found: every check it made and every breach, each naming where.
+public struct VerifyReport: Sendable {
+    public var checks: [String] = []
+    public var breaches: [String] = []
+    public var ok: Bool { breaches.isEmpty }
+
+    mutating func breach(_ s: String) {
+        if breaches.count < 1000 { breaches.append(s) } else if breaches.count == 1000 { breaches.append("(more breaches not listed)") }
+    }
+}
+
+/// Recomputes the invariants of CONTRACT §9 (1–3) from the files on disk, never from cached
+/// totals: it reads the journal, replays every entry from nothing, recomputes every hash, and
+/// compares the result with the derived tables and with every partner ledger. Read-only: it
+/// may run while `serve` writes.
+public enum Verifier {
+    public static func verify(dataDirectory: URL, terms: CoalitionTerms) throws -> VerifyReport {
+        var report = VerifyReport()
+        let coalitionPath = dataDirectory.appendingPathComponent("coalition.sqlite").path
+        guard FileManager.default.fileExists(atPath: coalitionPath) else {
+            report.checks.append("no coalition.sqlite in \(dataDirectory.path): nothing to verify")
+            return report
+        }
+        let coalition = try DatabasePool(path: coalitionPath, configuration: Store.databaseConfiguration(readonly: true))
+        defer { try? coalition.close() }
+        // One snapshot of the coalition database for everything below.
+        let heads = try coalition.read { db in try verifyJournal(db, terms: terms, &report) }
+        try verifyLedgers(dataDirectory: dataDirectory, heads: heads, coalition: coalition, &report)
+        return report
+    }
+
+    struct Head {
+        var sequence: Int64 = 0
+        var hash: [UInt8]
+        var journalIDs: [Int64: Int64] = [:]  // sequence -> journal id (for ledger comparison)
+        var hashes: [Int64: [UInt8]] = [:]
+    }
+
+    /// Invariants 1 and 2, and the journal half of 3. Returns each partner's chain as the
+    /// journal has it.
+    static func verifyJournal(_ db: Database, terms: CoalitionTerms, _ report: inout VerifyReport) throws -> [PartnerID: Head] {
+        var book = ReplayBook()
+        var heads: [PartnerID: Head] = [:]
+        var entries = 0
+        var lastID: Int64 = 0
+        var lastAccepted = Int64.min
+        let cursor = try Row.fetchCursor(db, sql: "SELECT \(JournalRow.columns) FROM journal ORDER BY id")
+        while let row = try cursor.next() {
+            entries += 1
+            let id: Int64 = row["id"]
+            let (e, hash): (Entry, [UInt8])
+            do { (e, hash) = try JournalRow.journalEntry(row) } catch {
+                report.breach("journal id \(id): \(error)")
+                continue
+            }
+            let at = "journal \(e.partner) sequence \(e.sequence)"
+            if id != lastID + 1 { report.breach("\(at): journal id \(id) follows \(lastID) (gap)") }
+            lastID = id
+            if e.acceptedAt.millisecondsSinceEpoch < lastAccepted { report.breach("\(at): accepted_at goes backwards") }
+            lastAccepted = e.acceptedAt.millisecondsSinceEpoch
+            var head = heads[e.partner] ?? Head(hash: Store.genesisHash(e.partner))
+            if e.sequence != head.sequence + 1 { report.breach("\(at): follows sequence \(head.sequence) (gap)") }
+            let expected = Store.chainHash(previous: head.hash, entry: e)
+            if expected != hash { report.breach("\(at): hash does not match its contents and chain") }
+            head.sequence = e.sequence
+            head.hash = hash
+            head.journalIDs[e.sequence] = id
+            head.hashes[e.sequence] = hash
+            heads[e.partner] = head
+            if let why = book.apply(e, terms: terms) { report.breach("\(at): \(why)") }
+        }
+        report.checks.append("journal: \(entries) entries replayed from nothing; ids gapless, times ordered, rules re-applied")
+
+        for row in try Row.fetchAll(db, sql: "SELECT partner, last_sequence, last_hash FROM partner_head") {
+            guard let p = PartnerID(row[0] as String) else { report.breach("partner_head: invalid partner"); continue }
+            let h = heads[p]
+            if h?.sequence ?? 0 != row[1] as Int64 || (h?.hash ?? []) != Array(row[2] as Data) {
+                report.breach("partner_head \(p): does not match the end of its journal chain")
+            }
+        }
+        for p in heads.keys where try Int.fetchOne(db, sql: "SELECT 1 FROM partner_head WHERE partner = ?", arguments: [p.rawValue]) == nil {
+            report.breach("partner_head \(p): missing")
+        }
+        report.checks.append("journal: hash chains of \(heads.count) partners recomputed; heads agree")
+
+        try compareDerived(db, book, &report)
+        return heads
+    }
+
+    /// The derived tables must equal the replay; invariant 1 and 2 from the tables themselves.
+    static func compareDerived(_ db: Database, _ book: ReplayBook, _ report: inout VerifyReport) throws {
+        var lotRows = 0
+        var remainingSum: Int64 = 0
+        var expiredSum: Int64 = 0
+        var openByMember: [String: Int64] = [:]
+        let lots = try Row.fetchCursor(db, sql: "SELECT id, member, issuer, points, remaining, reversed, expired, expires_at_ms FROM lot")
+        while let row = try lots.next() {
+            lotRows += 1
+            let id: Int64 = row[0]
+            let remaining: Int64 = row[4]
+            remainingSum += remaining
+            expiredSum += row[6] as Int64
+            openByMember[row[1] as String, default: 0] += remaining
+            guard let r = book.lots[id] else { report.breach("lot \(id): no earn in the journal made it"); continue }
+            let expires: Int64? = row[7]
+            if r.member.rawValue != row[1] as String || r.issuer.rawValue != row[2] as String || r.points != row[3] as Int64
+                || r.remaining != remaining || r.reversed != row[5] as Int64
+                || r.expiresAt?.millisecondsSinceEpoch != expires
+            {
+                report.breach("lot \(id): holds \(remaining) of \(row[3] as Int64) but the journal gives \(r.remaining) of \(r.points)")
+            }
+        }
+        if lotRows != book.lots.count { report.breach("lots: \(lotRows) rows but the journal makes \(book.lots.count)") }
+
+        var memberRows = 0
+        for row in try Row.fetchAll(db, sql: "SELECT member, open_points FROM member") {
+            memberRows += 1
+            let m: String = row[0]
+            let stored: Int64 = row[1]
+            let fromLots = openByMember[m] ?? 0
+            if stored < 0 { report.breach("member \(m): balance \(stored) is below 0") }
+            if stored != fromLots { report.breach("member \(m): balance \(stored) but its lots hold \(fromLots)") }
+            if let id = MemberID(m), book.openPoints(of: id) != stored {
+                report.breach("member \(m): balance \(stored) but the journal gives \(book.openPoints(of: id))")
+            }
+        }
+        if memberRows != book.members.count { report.breach("members: \(memberRows) rows but the journal makes \(book.members.count)") }
+        report.checks.append("invariant 1: \(memberRows) member balances equal the sums of their \(lotRows) lots, none below 0, all equal to the replay")
+
+        let lhs = book.issuedPoints - book.redeemedPoints - expiredSum
+        if lhs != remainingSum {
+            report.breach("invariant 2: issued \(book.issuedPoints) − redeemed \(book.redeemedPoints) − expired \(expiredSum) = \(lhs), but the lots hold \(remainingSum)")
+        }
+        report.checks.append("invariant 2: issued \(book.issuedPoints) − redeemed \(book.redeemedPoints) − expired \(expiredSum) = remaining \(remainingSum)")
+
+        var storedFlows: [ReplayBook.FlowKey: Int64] = [:]
+        for row in try Row.fetchAll(db, sql: "SELECT issuer, redeemer, points FROM flow") {
+            guard let i = PartnerID(row[0] as String), let r = PartnerID(row[1] as String) else { report.breach("flow: invalid partner"); continue }
+            storedFlows[ReplayBook.FlowKey(issuer: i, redeemer: r)] = row[2]
+        }
+        let replayed = book.flows.filter { $0.value != 0 }
+        if storedFlows.filter({ $0.value != 0 }) != replayed { report.breach("flows: the flow table differs from the journal's lot takes") }
+        var takeRows = 0
+        for row in try Row.fetchAll(db, sql: "SELECT redemption_id, position, lot_id, points, returned FROM lot_take") {
+            takeRows += 1
+            let t = book.takes[row[0] as Int64]
+            let pos: Int = row[1]
+            guard let t, pos < t.count, t[pos].lotID == row[2] as Int64, t[pos].points.value == row[3] as Int64,
+                t[pos].returned.value == row[4] as Int64
+            else { report.breach("lot_take \(row[0] as Int64)/\(pos): differs from the journal"); continue }
+        }
+        if takeRows != book.takes.values.reduce(0, { $0 + $1.count }) { report.breach("lot_take: row count differs from the journal") }
+        report.checks.append("flows: \(replayed.count) issuer→redeemer flows and \(takeRows) lot takes equal the replay")
+    }
+
+    /// The ledger half of invariant 3: each ledger gapless, chained, every hash recomputed,
+    /// and entry for entry the same as the journal.
+    static func verifyLedgers(
+        dataDirectory: URL, heads: [PartnerID: Head], coalition: DatabasePool, _ report: inout VerifyReport
+    ) throws {
+        let dir = dataDirectory.appendingPathComponent("ledgers")
+        let files = (try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? []
+        var partners = Set(heads.keys)
+        for f in files where f.hasSuffix(".sqlite") {
+            if let p = PartnerID(String(f.dropLast(7))) { partners.insert(p) } else { report.breach("ledgers/\(f): not a partner's ledger") }
+        }
+        var total = 0
+        for p in partners.sorted() {
+            let url = dir.appendingPathComponent("\(p.rawValue).sqlite")
+            let head = heads[p] ?? Head(hash: Store.genesisHash(p))
+            guard FileManager.default.fileExists(atPath: url.path) else {
+                if head.sequence > 0 { report.breach("ledger \(p): file missing, journal has \(head.sequence) entries") }
+                continue
+            }
+            // A batch may sit between its journal commit and its ledger commit: wait briefly.
+            var seen = 0
+            for attempt in 0..<20 {
+                var r = VerifyReport()
+                seen = try verifyLedger(url, p, head, &r)
+                if seen >= head.sequence || attempt == 19 {
+                    report.breaches += r.breaches
+                    break
+                }
+                Thread.sleep(forTimeInterval: 0.1)
+            }
+            if seen < head.sequence { report.breach("ledger \(p): ends at sequence \(seen) but the journal has \(head.sequence)") }
+            total += min(seen, Int(head.sequence))
+        }
+        report.checks.append("invariant 3: \(partners.count) ledgers, \(total) entries: gapless, chained, hashes recomputed, each equal to its journal entry")
+    }
+
+    static func verifyLedger(_ url: URL, _ p: PartnerID, _ head: Head, _ report: inout VerifyReport) throws -> Int {
+        let db: DatabasePool
+        do { db = try DatabasePool(path: url.path, configuration: Store.databaseConfiguration(readonly: true)) } catch {
+            report.breach("ledger \(p): cannot open: \(error)")
+            return 0
+        }
+        defer { try? db.close() }
+        return try db.read { db in
+            let owner = try String.fetchOne(db, sql: "SELECT partner FROM ledger_info WHERE id = 1")
+            if owner != p.rawValue { report.breach("ledger \(p): belongs to \(owner ?? "nobody")") }
+            var previous = Store.genesisHash(p)
+            var last: Int64 = 0
+            var references = Set<String>(), webhooks = Set<String>()
+            let cursor = try Row.fetchCursor(db, sql: "SELECT * FROM entry ORDER BY sequence")
+            while let row = try cursor.next() {
+                let seq: Int64 = row["sequence"]
+                let at = "ledger \(p) sequence \(seq)"
+                if seq != last + 1 { report.breach("\(at): follows sequence \(last) (gap)") }
+                last = seq
+                if seq > head.sequence { break }  // written after the journal snapshot
+                let stored = Array(row["hash"] as Data)
+                if Array(row["prev_hash"] as Data) != previous { report.breach("\(at): prev_hash does not link to the entry before") }
+                do {
+                    let e = try JournalRow.entry(from: row, partner: p, journalID: row["journal_id"])
+                    if Store.chainHash(previous: previous, entry: e) != stored {
+                        report.breach("\(at): hash does not match its contents (the entry was altered)")
+                    }
+                } catch {
+                    report.breach("\(at): does not decode (\(error))")
+                }
+                if head.hashes[seq] != stored || head.journalIDs[seq] != row["journal_id"] as Int64 {
+                    report.breach("\(at): differs from the journal")
+                }
+                if !references.insert(row["reference"]).inserted { report.breach("\(at): reference appears twice") }
+                if !webhooks.insert(row["webhook_id"]).inserted { report.breach("\(at): webhook-id appears twice") }
+                previous = stored
+            }
+            return Int(min(last, head.sequence))
+        }
+    }
+}
