@@ -61,12 +61,15 @@ let package = Package(
             ],
             swiftSettings: strict),
 
-        .testTarget(name: "ClearingDomainTests", dependencies: ["ClearingDomain"]),
-        .testTarget(name: "ClearingConfigTests", dependencies: ["ClearingConfig"]),
+        // Fakes, fixtures and the independent reference model, for tests only.
+        .target(name: "ClearhouseTestSupport", dependencies: ["ClearingDomain"]),
+
+        .testTarget(name: "ClearingDomainTests", dependencies: ["ClearingDomain", "ClearhouseTestSupport"]),
+        .testTarget(name: "ClearingConfigTests", dependencies: ["ClearingConfig", "ClearingDomain"]),
         .testTarget(
             name: "ClearingStoreTests",
-            dependencies: ["ClearingStore", "ClearingDomain", "ClearingSimulation", .product(name: "GRDB", package: "GRDB.swift")]),
-        .testTarget(name: "ClearhouseCLITests", dependencies: ["ClearhouseCLI", "clearhouse"]),
+            dependencies: ["ClearingStore", "ClearingDomain", "ClearingSimulation", "ClearhouseTestSupport", .product(name: "GRDB", package: "GRDB.swift")]),
+        .testTarget(name: "ClearhouseCLITests", dependencies: ["ClearhouseCLI", "clearhouse", "ClearingConfig", "ClearhouseTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

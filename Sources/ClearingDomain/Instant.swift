@@ -63,7 +63,7 @@ public struct Instant: Hashable, Comparable, Sendable, CustomStringConvertible {
             }
             let digits = i - start
             guard digits >= 1 else { return nil }
-            for _ in digits..<3 where digits < 3 { milli *= 10 }
+            if digits < 3 { for _ in digits..<3 { milli *= 10 } }
         }
         guard i < b.count else { return nil }
         var offsetMinutes: Int64 = 0

@@ -1,0 +1,69 @@
+import ClearingDomain
+import Foundation
+import Synchronization
+
+/// A clock the test sets and advances by hand.
+public final class ManualClock: WallClock {
+    private let current: Mutex<Instant>
+
+    public init(_ start: Instant = Instant(rfc3339: "2026-11-22T09:00:00Z")!) { current = Mutex(start) }
+
+    public func now() -> Instant { current.withLock { $0 } }
+
+    public func set(_ t: Instant) { current.withLock { $0 = t } }
+
+    public func advance(milliseconds: Int64) {
+        current.withLock { $0 = Instant(millisecondsSinceEpoch: $0.millisecondsSinceEpoch + milliseconds) }
+    }
+}
+
+/// A fresh temporary directory, removed by `remove()`.
+public struct TemporaryDirectory: Sendable {
+    public let url: URL
+
+    public init(_ label: String = "clearhouse-test") {
+        url = FileManager.default.temporaryDirectory.appendingPathComponent("\(label)-\(UUID().uuidString)")
+        try! FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+    }
+
+    public func remove() { try? FileManager.default.removeItem(at: url) }
+}
+
+public enum Fixtures {
+    public static let grocer = PartnerID("grocer")!
+    public static let fuel = PartnerID("fuel")!
+    public static let cinema = PartnerID("cinema")!
+
+    /// Three partners with simple terms and throwaway secrets.
+    public static func configuration(expireAfterDays: Int64 = 1095) -> ClearingConfiguration {
+        var partners: [PartnerID: PartnerTerms] = [:]
+        for (i, id) in [grocer, fuel, cinema].enumerated() {
+            partners[id] = PartnerTerms(
+                id: id, name: id.rawValue.capitalized, issuePricePer1000: MoneyMinor(1000 + Int64(i) * 100),
+                redeemCreditPer1000: MoneyMinor(900 + Int64(i) * 100),
+                webhookSecrets: [SecretBytes(Array(repeating: UInt8(i + 1), count: 32))],
+                apiTokenSHA256: Array(repeating: 0, count: 32), noticeURL: "https://127.0.0.1/\(id)",
+                noticeSecret: SecretBytes(Array(repeating: UInt8(i + 10), count: 32)))
+        }
+        return ClearingConfiguration(
+            coalition: CoalitionTerms(currency: "EUR", pointsExpireAfterDays: expireAfterDays), partners: partners)
+    }
+
+    public static func earn(_ member: String, _ points: Int64, _ ref: String) -> Event {
+        Event(kind: .earned, member: MemberID(member)!, points: Points(points), reference: Reference(ref)!)
+    }
+
+    public static func redeem(_ member: String, _ points: Int64, _ ref: String) -> Event {
+        Event(kind: .redeemed, member: MemberID(member)!, points: Points(points), reference: Reference(ref)!)
+    }
+
+    public static func reverseEarn(_ member: String, _ points: Int64, _ ref: String, of original: String) -> Event {
+        Event(kind: .earnReversed, member: MemberID(member)!, points: Points(points), reference: Reference(ref)!,
+              originalReference: Reference(original)!)
+    }
+
+    public static func reverseRedemption(_ member: String, _ points: Int64, _ ref: String, of original: String) -> Event {
+        Event(kind: .redemptionReversed, member: MemberID(member)!, points: Points(points), reference: Reference(ref)!,
+              originalReference: Reference(original)!)
+    }
+}

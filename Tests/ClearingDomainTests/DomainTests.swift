@@ -1,0 +1,215 @@
+import ClearingDomain
+import Foundation
+import Testing
+
+@Suite struct IdentifierTests {
+    @Test func partnerIDs() {
+        #expect(PartnerID("fuelco") != nil)
+        #expect(PartnerID("a1") != nil)
+        #expect(PartnerID("9-lives") != nil)
+        #expect(PartnerID("a") == nil, "one character is too short")
+        #expect(PartnerID("-fuel") == nil)
+        #expect(PartnerID("Fuel") == nil)
+        #expect(PartnerID("coalition") == nil, "reserved")
+        #expect(PartnerID(String(repeating: "a", count: 32)) != nil)
+        #expect(PartnerID(String(repeating: "a", count: 33)) == nil)
+        #expect(PartnerID("../etc") == nil)
+    }
+
+    @Test func memberReferenceWebhookIDs() {
+        #expect(MemberID("M1.a_b-c") != nil)
+        #expect(MemberID("") == nil)
+        #expect(MemberID(String(repeating: "x", count: 64)) != nil)
+        #expect(MemberID(String(repeating: "x", count: 65)) == nil)
+        #expect(MemberID("M 1") == nil)
+        #expect(MemberID("M/1") == nil)
+        #expect(MemberID("Mé") == nil)
+        #expect(Reference("R-1:2/3.4_5") != nil)
+        #expect(Reference(String(repeating: "r", count: 128)) != nil)
+        #expect(Reference(String(repeating: "r", count: 129)) == nil)
+        #expect(Reference("R 1") == nil)
+        #expect(WebhookID("msg_2a:b.c-d") != nil)
+        #expect(WebhookID("msg/1") == nil, "slash is not in the webhook-id alphabet")
+        #expect(WebhookID("") == nil)
+    }
+}
+
+@Suite struct RoundingTests {
+    func price(_ points: Int64, _ per1000: Int64) throws -> Int64 {
+        try Rounding.priceOf(Points(points), per1000: MoneyMinor(per1000)).value
+    }
+
+    @Test func tiesGoToEven() throws {
+        #expect(try price(1, 500) == 0)  // 0.5 -> 0
+        #expect(try price(3, 500) == 2)  // 1.5 -> 2
+        #expect(try price(5, 500) == 2)  // 2.5 -> 2
+        #expect(try price(7, 500) == 4)  // 3.5 -> 4
+        #expect(try price(-1, 500) == 0)  // -0.5 -> 0
+        #expect(try price(-3, 500) == -2)  // -1.5 -> -2
+        #expect(try price(-5, 500) == -2)  // -2.5 -> -2
+    }
+
+    @Test func nonTiesGoToNearest() throws {
+        #expect(try price(1, 499) == 0)  // 0.499
+        #expect(try price(1, 501) == 1)  // 0.501
+        #expect(try price(-1, 501) == -1)
+        #expect(try price(1234, 900) == 1111)  // 1110.6
+        #expect(try price(1_000_000_000, 1000) == 1_000_000_000)
+        #expect(try price(0, 1000) == 0)
+    }
+
+    @Test func overflowIsAnError() {
+        #expect(throws: ArithmeticOverflow.self) { try price(Int64.max / 2, 1000) }
+        #expect(throws: ArithmeticOverflow.self) { try Points(Int64.max).adding(Points(1)) }
+        #expect(throws: ArithmeticOverflow.self) { try MoneyMinor(Int64.min).negated() }
+    }
+
+    @Test func divisionMatchesExactRationalRounding() {
+        // Against a brute-force definition over a range that includes every tie.
+        for n in Int64(-5000)...5000 {
+            let q = Rounding.divideRoundingHalfEven(n, by: 1000)
+            let diff = n - q * 1000  // must be within [-500, 500], and ±500 only when q is even
+            #expect(abs(diff) <= 500)
+            if abs(diff) == 500 { #expect(q % 2 == 0) }
+        }
+    }
+}
+
+@Suite struct InstantTests {
+    @Test func formatsWithMillisecondsAndZ() {
+        let t = Instant(rfc3339: "2026-11-22T10:00:01.123Z")!
+        #expect(t.rfc3339 == "2026-11-22T10:00:01.123Z")
+        #expect(Instant(millisecondsSinceEpoch: 0).rfc3339 == "1970-01-01T00:00:00.000Z")
+        #expect(Instant(millisecondsSinceEpoch: -1).rfc3339 == "1969-12-31T23:59:59.999Z")
+    }
+
+    @Test func parsesOffsetsAndFractions() {
+        #expect(Instant(rfc3339: "2026-11-22T11:00:00+01:00") == Instant(rfc3339: "2026-11-22T10:00:00Z"))
+        #expect(Instant(rfc3339: "2026-11-22T10:00:00.5Z")!.millisecondsSinceEpoch % 1000 == 500)
+        #expect(Instant(rfc3339: "2026-11-22T10:00:00.123456789Z")!.millisecondsSinceEpoch % 1000 == 123)
+        #expect(Instant(rfc3339: "2024-02-29T00:00:00Z") != nil)
+    }
+
+    @Test func refusesWhatIsNotRFC3339() {
+        for bad in ["2026-11-22", "2026-11-22T10:00:00", "2025-02-29T00:00:00Z", "2026-13-01T00:00:00Z",
+                    "2026-11-22T24:00:00Z", "2026-11-22T10:00:00.Z", "2026-11-22T10:00:00+0100", "2026-11-22T10:00:00Zjunk",
+                    "yesterday"] {
+            #expect(Instant(rfc3339: bad) == nil, "\(bad)")
+        }
+    }
+}
+
+@Suite struct EventParserTests {
+    func parse(_ s: String) throws -> Event { try EventParser.parse(Array(s.utf8)) }
+
+    func slugAndDetail(_ s: String) -> (String, String)? {
+        do { _ = try parse(s); return nil } catch let p as Problem { return (p.kind.rawValue, p.detail) } catch { return nil }
+    }
+
+    @Test func parsesTheFourKinds() throws {
+        let e = try parse(#"{"type":"points.earned","data":{"member":"M1","points":100,"reference":"R-1","occurred_at":"2026-11-22T10:00:00Z","amount_minor":2599}}"#)
+        #expect(e.kind == .earned && e.points.value == 100 && e.amountMinor?.value == 2599)
+        #expect(e.occurredAt == Instant(rfc3339: "2026-11-22T10:00:00Z"))
+        #expect(try parse(#"{"type":"points.redeemed","data":{"member":"M1","points":40,"reference":"R-2"}}"#).kind == .redeemed)
+        let r = try parse(#"{"type":"points.earn_reversed","data":{"member":"M1","points":30,"reference":"R-3","original_reference":"R-1"}}"#)
+        #expect(r.originalReference?.rawValue == "R-1")
+        #expect(try parse(#"{"data":{"original_reference":"R-2","member":"M1","points":40,"reference":"R-4"},"type":"points.redemption_reversed"}"#).kind == .redemptionReversed)
+    }
+
+    @Test func roundTripsItsOwnBody() throws {
+        let e = try parse(#"{"type":"points.earn_reversed","data":{"member":"M1","points":30,"reference":"R-3","original_reference":"R-1","occurred_at":"2026-11-22T10:00:00.250Z"}}"#)
+        #expect(try parse(e.jsonBody) == e)
+    }
+
+    @Test(arguments: [
+        (#"not json"#, "body"),
+        (#"[1,2]"#, "body"),
+        (#"{"type":"points.earned"}"#, "data"),
+        (#"{"type":"points.gifted","data":{}}"#, "type"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":100,"reference":"R-1"},"extra":1}"#, "extra"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":100,"reference":"R-1","colour":"red"}}"#, "data.colour"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":100,"reference":"R-1","original_reference":"R-0"}}"#, "data.original_reference"),
+        (#"{"type":"points.earned","data":{"points":100,"reference":"R-1"}}"#, "data.member"),
+        (#"{"type":"points.earned","data":{"member":"M 1","points":100,"reference":"R-1"}}"#, "data.member"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":"100","reference":"R-1"}}"#, "data.points"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":true,"reference":"R-1"}}"#, "data.points"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":100.5,"reference":"R-1"}}"#, "data.points"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":0,"reference":"R-1"}}"#, "data.points"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":1000000001,"reference":"R-1"}}"#, "data.points"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":99999999999999999999999,"reference":"R-1"}}"#, "data.points"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":-5,"reference":"R-1"}}"#, "data.points"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R 1"}}"#, "data.reference"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","occurred_at":"monday"}}"#, "data.occurred_at"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","amount_minor":-1}}"#, "data.amount_minor"),
+        (#"{"type":"points.earn_reversed","data":{"member":"M1","points":5,"reference":"R-2"}}"#, "data.original_reference"),
+        (#"{"type":"points.earned","data":[]}"#, "data"),
+        (#"{"type":5,"data":{}}"#, "type"),
+    ])
+    func refusesMalformedBodiesNamingTheField(body: String, field: String) {
+        let r = slugAndDetail(body)
+        #expect(r?.0 == "malformed", "\(body)")
+        #expect(r?.1.hasPrefix(field) == true, "\(body): \(r?.1 ?? "accepted")")
+    }
+
+    @Test func refusesBodiesOver64KiB() {
+        let big = #"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","pad":""# + String(repeating: "x", count: 70_000) + "\"}}"
+        do {
+            _ = try EventParser.parse(Array(big.utf8))
+            Issue.record("accepted an oversize body")
+        } catch {
+            #expect(error.kind == .tooLarge)
+        }
+    }
+}
+
+@Suite struct FIFOTests {
+    let a = PartnerID("aa")!, b = PartnerID("bb")!
+    let now = Instant(rfc3339: "2026-11-22T10:00:00Z")!
+
+    @Test func takesOldestUnexpiredFirst() {
+        let lots = [
+            OpenLot(id: 3, issuer: b, remaining: Points(50), expiresAt: nil),
+            OpenLot(id: 1, issuer: a, remaining: Points(30), expiresAt: Instant(rfc3339: "2026-11-22T10:00:00Z")),  // expired at now
+            OpenLot(id: 2, issuer: a, remaining: Points(20), expiresAt: Instant(rfc3339: "2026-11-22T10:00:00.001Z")),
+        ]
+        #expect(FIFO.balance(lots, at: now) == Points(70))
+        let t = FIFO.take(Points(60), from: lots, at: now)!
+        #expect(t == [LotTake(lotID: 2, issuer: a, points: Points(20)), LotTake(lotID: 3, issuer: b, points: Points(40))])
+        #expect(FIFO.take(Points(71), from: lots, at: now) == nil)
+    }
+
+    @Test func givesBackLastTakenFirst() {
+        var takes = [LotTake(lotID: 1, issuer: a, points: Points(30)), LotTake(lotID: 2, issuer: b, points: Points(10))]
+        let r = FIFO.giveBack(Points(15), to: takes)!
+        #expect(r.map(\.lotID) == [2, 1] && r.map(\.points) == [Points(10), Points(5)])
+        takes[1].returned = Points(10)
+        takes[0].returned = Points(5)
+        #expect(FIFO.reversible(takes) == Points(25))
+        #expect(FIFO.giveBack(Points(26), to: takes) == nil)
+        #expect(FIFO.giveBack(Points(25), to: takes)!.map(\.lotID) == [1])
+    }
+}
+
+@Suite struct ProblemTests {
+    @Test func documentHasTheContractShape() throws {
+        let p = Problem(.insufficientPoints, "member M1 has 5")
+        let obj = try JSONSerialization.jsonObject(with: Data(p.json.utf8)) as! [String: Any]
+        #expect(obj["type"] as? String == "urn:clearhouse:problem:insufficient-points")
+        #expect(obj["status"] as? Int == 422)
+        #expect(obj["title"] as? String == "Insufficient points")
+        #expect(obj["detail"] as? String == "member M1 has 5")
+    }
+
+    @Test func statusesFollowTheContractTable() {
+        let expected: [Problem.Kind: Int] = [
+            .malformed: 400, .badSignature: 401, .staleTimestamp: 401, .wrongPartner: 403, .unknownPartner: 404,
+            .conflict: 409, .tooLarge: 413, .unsupportedMediaType: 415, .insufficientPoints: 422, .unknownOriginal: 422,
+            .reversalExceedsOriginal: 422, .memberMismatch: 422, .rateLimited: 429, .unavailable: 503,
+        ]
+        for (k, s) in expected { #expect(k.status == s, "\(k)") }
+    }
+
+    @Test func jsonStringsAreEscaped() {
+        #expect(JSONWriter.quote("a\"b\\c\n\u{01}") == #""a\"b\\c\n\u0001""#)
+    }
+}

@@ -1,0 +1,219 @@
+import ClearhouseTestSupport
+import ClearingDomain
+import ClearingStore
+import Foundation
+import Testing
+
+/// A store on a temporary directory with a hand-driven clock.
+final class Harness {
+    let dir = TemporaryDirectory()
+    let clock = ManualClock()
+    let configuration: ClearingConfiguration
+    var store: Store!
+
+    init(expireAfterDays: Int64 = 1095, faults: FaultInjector? = nil) throws {
+        configuration = Fixtures.configuration(expireAfterDays: expireAfterDays)
+        store = try Store(dataDirectory: dir.url, configuration: configuration, clock: clock, faults: faults)
+    }
+
+    deinit {
+        try? store?.close()
+        dir.remove()
+    }
+
+    func post(_ partner: PartnerID, _ webhookID: String, _ event: Event) -> PostingOutcome {
+        store.post([Submission(partner: partner, webhookID: WebhookID(webhookID)!, event: event)])[0]
+    }
+
+    /// Drops the store as a crash would (no clean-up) and opens it again, running recovery.
+    func reopen(faults: FaultInjector? = nil) throws {
+        try? store.close()
+        store = try Store(dataDirectory: dir.url, configuration: configuration, clock: clock, faults: faults)
+    }
+
+    func verify() throws -> VerifyReport {
+        try Verifier.verify(dataDirectory: dir.url, terms: configuration.coalition)
+    }
+
+    func balance(_ m: String) throws -> Int64 { try store.balance(of: MemberID(m)!).value }
+}
+
+func slug(_ o: PostingOutcome) -> String {
+    switch o {
+    case .created: "created"
+    case .replayed: "replayed"
+    case .rejected(let p): p.kind.rawValue
+    }
+}
+
+func entry(_ o: PostingOutcome) -> Entry? {
+    switch o {
+    case .created(let e), .replayed(let e): e
+    case .rejected: nil
+    }
+}
+
+let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
+
+@Suite struct PostingRulesTests {
+    @Test func earnCreatesALotAndAnswersTheContractBody() throws {
+        let h = try Harness()
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:01.123Z")!)
+        let o = h.post(F, "w1", Fixtures.earn("M1", 100, "R-1"))
+        #expect(o.httpStatus == 201)
+        #expect(o.bodyJSON == #"{"partner":"fuel","sequence":1,"type":"points.earned","member":"M1","points":100,"reference":"R-1","accepted_at":"2026-11-22T10:00:01.123Z","member_balance":100}"#)
+        #expect(try h.balance("M1") == 100)
+        #expect(try h.balance("NEVER-EARNED") == 0)
+    }
+
+    @Test func replayByWebhookIDReturnsTheOriginalBodyUnchanged() throws {
+        let h = try Harness()
+        let first = h.post(F, "w1", Fixtures.earn("M1", 100, "R-1"))
+        h.clock.advance(milliseconds: 5_000)
+        _ = h.post(F, "w2", Fixtures.earn("M1", 50, "R-2"))  // balance moves on
+        let again = h.post(F, "w1", Fixtures.earn("M1", 100, "R-1"))
+        #expect(again.httpStatus == 200)
+        #expect(again.bodyJSON == first.bodyJSON)
+        #expect(try h.store.ledgerEntries(F).count == 2)
+    }
+
+    @Test func replayByReferenceUnderAnotherWebhookID() throws {
+        let h = try Harness()
+        let first = h.post(F, "w1", Fixtures.earn("M1", 100, "R-1"))
+        let again = h.post(F, "w-other", Fixtures.earn("M1", 100, "R-1"))
+        #expect(again.httpStatus == 200 && again.bodyJSON == first.bodyJSON)
+    }
+
+    @Test func conflicts() throws {
+        let h = try Harness()
+        _ = h.post(F, "w1", Fixtures.earn("M1", 100, "R-1"))
+        #expect(slug(h.post(F, "w1", Fixtures.earn("M1", 101, "R-1"))) == "conflict", "same webhook id, other content")
+        #expect(slug(h.post(F, "w1", Fixtures.earn("M1", 100, "R-9"))) == "conflict", "same webhook id, other reference")
+        #expect(slug(h.post(F, "w2", Fixtures.earn("M1", 99, "R-1"))) == "conflict", "same reference, other content")
+        #expect(slug(h.post(F, "w3", Fixtures.redeem("M1", 100, "R-1"))) == "conflict", "references are unique across event types")
+        // The same reference at another partner is another transaction.
+        #expect(slug(h.post(G, "w1", Fixtures.earn("M1", 7, "R-1"))) == "created")
+        #expect(try h.balance("M1") == 107)
+        #expect(try h.verify().ok)
+    }
+
+    @Test func unknownPartner() throws {
+        let h = try Harness()
+        let o = h.post(PartnerID("nobody")!, "w1", Fixtures.earn("M1", 1, "R-1"))
+        #expect(o.httpStatus == 404 && slug(o) == "unknown-partner")
+    }
+
+    @Test func redemptionsNeedTheBalanceAndTakeFIFOAcrossIssuers() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 30, "G-1"))
+        h.clock.advance(milliseconds: 1)
+        _ = h.post(F, "f1", Fixtures.earn("M1", 50, "F-1"))
+        let refused = h.post(C, "c0", Fixtures.redeem("M1", 81, "C-0"))
+        #expect(refused.httpStatus == 422 && slug(refused) == "insufficient-points")
+        let r = h.post(C, "c1", Fixtures.redeem("M1", 40, "C-1"))
+        #expect(entry(r)?.memberBalance == Points(40))
+        // 30 from the grocer's lot (oldest), then 10 from fuel's.
+        #expect(try h.verify().ok)
+        // A redemption reversal gives back last-taken first: 10 to fuel, then 5 to grocer.
+        let rr = h.post(C, "c2", Fixtures.reverseRedemption("M1", 15, "C-2", of: "C-1"))
+        #expect(entry(rr)?.memberBalance == Points(55))
+        let next = h.post(C, "c3", Fixtures.redeem("M1", 5, "C-3"))
+        #expect(slug(next) == "created")
+        #expect(try h.verify().ok)
+        #expect(slug(h.post(C, "c4", Fixtures.reverseRedemption("M1", 26, "C-4", of: "C-1"))) == "reversal-exceeds-original")
+        #expect(slug(h.post(C, "c5", Fixtures.reverseRedemption("M1", 25, "C-5", of: "C-1"))) == "created")
+        #expect(slug(h.post(C, "c6", Fixtures.reverseRedemption("M1", 1, "C-6", of: "C-1"))) == "reversal-exceeds-original")
+    }
+
+    @Test func earnReversalOnlyOfWhatIsLeftInTheLot() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 70, "C-1"))
+        let tooMuch = h.post(G, "g2", Fixtures.reverseEarn("M1", 31, "G-2", of: "G-1"))
+        #expect(slug(tooMuch) == "reversal-exceeds-original", "points already spent cannot be reversed")
+        let ok = h.post(G, "g3", Fixtures.reverseEarn("M1", 30, "G-3", of: "G-1"))
+        #expect(entry(ok)?.memberBalance == Points(0))
+        #expect(slug(h.post(G, "g4", Fixtures.reverseEarn("M1", 1, "G-4", of: "G-1"))) == "reversal-exceeds-original")
+        #expect(try h.verify().ok)
+    }
+
+    @Test func unknownOriginalAndMemberMismatch() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(G, "g2", Fixtures.redeem("M1", 10, "G-2"))
+        #expect(slug(h.post(G, "a", Fixtures.reverseEarn("M1", 1, "X-1", of: "NOPE"))) == "unknown-original")
+        #expect(slug(h.post(G, "b", Fixtures.reverseEarn("M1", 1, "X-2", of: "G-2"))) == "unknown-original", "a redemption is not an earn")
+        #expect(slug(h.post(G, "c", Fixtures.reverseRedemption("M1", 1, "X-3", of: "G-1"))) == "unknown-original", "an earn is not a redemption")
+        #expect(slug(h.post(F, "d", Fixtures.reverseEarn("M1", 1, "X-4", of: "G-1"))) == "unknown-original", "another partner's reference")
+        #expect(slug(h.post(G, "e", Fixtures.reverseEarn("M1", 1, "X-5", of: "X-5"))) == "unknown-original", "itself")
+        let mm = h.post(G, "f", Fixtures.reverseEarn("M2", 1, "X-6", of: "G-1"))
+        #expect(mm.httpStatus == 422 && slug(mm) == "member-mismatch")
+        #expect(slug(h.post(G, "g", Fixtures.reverseRedemption("M2", 1, "X-7", of: "G-2"))) == "member-mismatch")
+        // Nothing was written by any refusal.
+        #expect(try h.store.ledgerEntries(G).count == 2)
+        #expect(try h.verify().ok)
+    }
+
+    @Test func expiredLotsLeaveTheBalanceAndCannotBeReversedOrSpent() throws {
+        let h = try Harness(expireAfterDays: 1)
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        h.clock.set(Instant(rfc3339: "2026-11-22T20:00:00Z")!)
+        _ = h.post(F, "f1", Fixtures.earn("M1", 10, "F-1"))
+        #expect(try h.balance("M1") == 110)
+        // Exactly at expiry the lot no longer counts ("expiry at or before").
+        h.clock.set(Instant(rfc3339: "2026-11-23T10:00:00Z")!)
+        #expect(try h.balance("M1") == 10)
+        #expect(slug(h.post(C, "c1", Fixtures.redeem("M1", 11, "C-1"))) == "insufficient-points")
+        #expect(slug(h.post(G, "g2", Fixtures.reverseEarn("M1", 1, "G-2", of: "G-1"))) == "reversal-exceeds-original")
+        let r = h.post(C, "c2", Fixtures.redeem("M1", 10, "C-2"))
+        #expect(entry(r)?.memberBalance == Points(0))
+        #expect(try h.verify().ok)
+    }
+
+    @Test func acceptanceTimesNeverGoBackwards() throws {
+        let h = try Harness()
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        let a = entry(h.post(G, "g1", Fixtures.earn("M1", 1, "G-1")))!
+        h.clock.set(Instant(rfc3339: "2026-11-22T09:00:00Z")!)  // the wall clock stepped back
+        let b = entry(h.post(G, "g2", Fixtures.earn("M1", 1, "G-2")))!
+        #expect(b.acceptedAt >= a.acceptedAt)
+        #expect(try h.verify().ok)
+    }
+
+    @Test func groupCommitSharesCommitsAmongConcurrentPostings() async throws {
+        let h = try Harness()
+        let writer = PostingWriter(store: h.store)
+        let before = h.store.commitCount
+        let n = 3_000
+        let outcomes = await withTaskGroup(of: PostingOutcome.self) { group in
+            for i in 0..<n {
+                group.addTask {
+                    await writer.post(Submission(
+                        partner: [G, F, C][i % 3], webhookID: WebhookID("w\(i)")!, event: Fixtures.earn("M\(i % 97)", 10, "R-\(i)")))
+                }
+            }
+            var all: [PostingOutcome] = []
+            for await o in group { all.append(o) }
+            return all
+        }
+        writer.shutdown()
+        #expect(outcomes.allSatisfy { $0.httpStatus == 201 })
+        let stats = writer.batchStatistics
+        #expect(stats.postings == n)
+        #expect(stats.batches < n / 5, "postings must share batches: \(stats)")
+        // One journal commit per batch plus one per touched ledger (at most 3).
+        #expect(h.store.commitCount - before <= stats.batches * 4)
+        #expect(try h.verify().ok)
+        let total = try (0..<97).reduce(Int64(0)) { $0 + (try h.balance("M\($1)")) }
+        #expect(total == Int64(n) * 10)
+    }
+
+    @Test func writerRefusesAfterShutdown() async throws {
+        let h = try Harness()
+        let writer = PostingWriter(store: h.store)
+        writer.shutdown()
+        let o = await writer.post(Submission(partner: G, webhookID: WebhookID("w")!, event: Fixtures.earn("M1", 1, "R")))
+        #expect(o.httpStatus == 503)
+    }
+}
