@@ -148,7 +148,7 @@ struct Post: AsyncParsableCommand {
         }
         do {
             let store = try locations.openStore(configuration)
-            defer { try? store.close() }
+            defer { do { try store.close() } catch { printError("close: \(error)") } }
             return store.post([Submission(partner: p, webhookID: wid, event: event)])[0]
         } catch {
             return .rejected(Problem(.unavailable, "cannot open the data directory"))

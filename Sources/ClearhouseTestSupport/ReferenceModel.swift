@@ -41,6 +41,9 @@ public struct ReferenceModel {
         self.partners = Set(partners.map(\.rawValue))
     }
 
+    /// How many entries the model accepted for a partner.
+    public func entries(of partner: String) -> Int64 { sequences[partner] ?? 0 }
+
     func spendable(_ member: String, at now: Int64) -> Int64 {
         (lots[member] ?? []).filter { $0.remaining > 0 && ($0.expires == nil || $0.expires! > now) }.reduce(0) { $0 + $1.remaining }
     }

@@ -32,6 +32,7 @@ extension Store {
         precondition(batch.count <= Limits.postingBatchMax, "batch larger than postingBatchMax")
         let started = writerState.withLock { state -> String? in
             if state.crashed { return "the writer stopped at a fault point; reopen the store" }
+            if state.closed { return "the store is closed" }
             return nil
         }
         if let reason = started { return batch.map { _ in .rejected(Problem(.unavailable, reason, retryAfterSeconds: 1)) } }

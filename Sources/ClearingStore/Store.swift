@@ -45,6 +45,8 @@ public final class Store: Sendable {
         var crashed = false
         /// Set when a ledger could not be written after its journal commit; cleared by catch-up.
         var ledgersLagging = false
+        /// Set by `close()`; a closed store refuses every write.
+        var closed = false
     }
 
     /// Opens (creating if needed) the data directory, migrates, and recovers: any journal
@@ -226,10 +228,21 @@ public final class Store: Sendable {
 
     /// Closes every database. A clean close checkpoints the WAL files.
     public func close() throws {
+        let already = writerState.withLock { state in
+            defer { state.closed = true }
+            return state.closed
+        }
+        if already { return }
+        // Checkpoint explicitly, so that a cleanly closed data directory is self-contained
+        // files (no -wal to carry along in a copy).
         try ledgers.withLock { open in
-            for db in open.values { try db.close() }
+            for db in open.values {
+                try db.writeWithoutTransaction { try $0.checkpoint(.truncate) }
+                try db.close()
+            }
             open.removeAll()
         }
+        try coalition.writeWithoutTransaction { try $0.checkpoint(.truncate) }
         try coalition.close()
     }
 }

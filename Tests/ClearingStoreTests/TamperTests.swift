@@ -1,0 +1,70 @@
+import ClearhouseTestSupport
+import ClearingDomain
+import ClearingStore
+import Foundation
+import Testing
+
+/// Replaces the first occurrence of `find` in a file with `replace` (same length).
+func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
+    precondition(find.utf8.count == replace.utf8.count)
+    var data = try Data(contentsOf: url)
+    guard let r = data.range(of: Data(find.utf8)) else { return false }
+    data.replaceSubrange(r, with: Data(replace.utf8))
+    try data.write(to: url)
+    return true
+}
+
+@Suite struct TamperTests {
+    func populated() throws -> Harness {
+        let h = try Harness()
+        for i in 1...20 {
+            _ = h.post(G, "g\(i)", Fixtures.earn(i == 7 ? "MEMBER-7777" : "M\(i % 4)", Int64(10 * i), "G-\(i)"))
+            _ = h.post(C, "c\(i)", Fixtures.redeem("M\(i % 4)", 5, "C-\(i)"))
+        }
+        try h.store.close()  // checkpoints the WAL into the file
+        return h
+    }
+
+    @Test func oneChangedByteInALedgerIsFoundAndNamed() throws {
+        let h = try populated()
+        #expect(try h.verify().ok)
+        #expect(try patchFile(h.store.ledgerURL(G), find: "MEMBER-7777", replace: "MEMBER-7778"))
+        let r = try h.verify()
+        #expect(!r.ok)
+        #expect(r.breaches.contains { $0.contains("ledger grocer sequence 7") && $0.contains("altered") }, "\(r.breaches)")
+    }
+
+    @Test func oneChangedByteInTheJournalIsFound() throws {
+        let h = try populated()
+        #expect(try patchFile(h.dir.url.appendingPathComponent("coalition.sqlite"), find: "MEMBER-7777", replace: "MEMBER-7770"))
+        let r = try h.verify()
+        #expect(!r.ok, "a changed member in the journal or lots must be found")
+        #expect(r.breaches.contains { $0.contains("grocer") || $0.contains("MEMBER-7770") }, "\(r.breaches)")
+    }
+
+    @Test func aMissingLedgerIsABreach() throws {
+        let h = try populated()
+        try FileManager.default.removeItem(at: h.store.ledgerURL(C))
+        let r = try h.verify()
+        #expect(r.breaches.contains { $0.contains("ledger cinema") }, "\(r.breaches)")
+    }
+
+    @Test func ledgersRefuseUpdatesDeletesAndGapsThemselves() throws {
+        let h = try populated()
+        try h.reopen()
+        // Even a tool with write access to the file cannot edit history through SQLite.
+        let ledger = h.store.ledgerURL(G).path
+        for sql in ["UPDATE entry SET points = 1 WHERE sequence = 3", "DELETE FROM entry WHERE sequence = 20"] {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/sqlite3")
+            p.arguments = [ledger, sql]
+            let err = Pipe()
+            p.standardError = err
+            try p.run()
+            p.waitUntilExit()
+            let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            #expect(p.terminationStatus != 0 && text.contains("append-only"), "\(sql): \(text)")
+        }
+        #expect(try h.verify().ok)
+    }
+}
