@@ -1,0 +1,183 @@
+import ClearhouseTestSupport
+import Foundation
+import Testing
+
+let packageRoot = URL(fileURLWithPath: #filePath)
+    .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+/// Runs the built `clearhouse` binary, as a user would.
+struct CLI {
+    let data: URL
+    let partners: URL
+
+    static var binary: URL {
+        // The test bundle sits in the same products directory as the executable.
+        let dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        let beside = dir.appendingPathComponent("clearhouse")
+        if FileManager.default.isExecutableFile(atPath: beside.path) { return beside }
+        return packageRoot.appendingPathComponent(".build/debug/clearhouse")
+    }
+
+    struct Result {
+        var status: Int32
+        var out: String
+        var err: String
+    }
+
+    @discardableResult
+    func run(_ args: [String], stdin: String = "", env: [String: String] = [:]) throws -> Result {
+        let p = Process()
+        p.executableURL = CLI.binary
+        p.arguments = args + ["--data", data.path, "--partners", partners.path]
+        p.environment = ProcessInfo.processInfo.environment.merging(env) { $1 }
+        let input = Pipe(), output = Pipe(), error = Pipe()
+        p.standardInput = input
+        p.standardOutput = output
+        p.standardError = error
+        try p.run()
+        input.fileHandleForWriting.write(Data(stdin.utf8))
+        try input.fileHandleForWriting.close()
+        let out = output.fileHandleForReading.readDataToEndOfFile()
+        let err = error.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return Result(status: p.terminationStatus, out: String(decoding: out, as: UTF8.self), err: String(decoding: err, as: UTF8.self))
+    }
+
+    func json(_ r: Result) throws -> [String: Any] {
+        try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as! [String: Any]
+    }
+}
+
+func withCLI(_ body: (CLI) throws -> Void) throws {
+    let dir = TemporaryDirectory("clearhouse-cli")
+    defer { dir.remove() }
+    try body(CLI(data: dir.url.appendingPathComponent("data"), partners: packageRoot.appendingPathComponent("partners")))
+}
+
+let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"reference":"R-1","occurred_at":"2026-11-22T10:00:00Z","amount_minor":2599}}"#
+
+@Suite(.serialized) struct CLITests {
+    @Test func postPrintsTheSuccessBodyAndReplaysIt() throws {
+        try withCLI { cli in
+            let first = try cli.run(["post", "--partner", "fuelco", "--webhook-id", "msg_1"], stdin: earnM1)
+            #expect(first.status == 0, "\(first.err)")
+            let body = try cli.json(first)
+            #expect(body["partner"] as? String == "fuelco" && body["sequence"] as? Int == 1 && body["member_balance"] as? Int == 100)
+            #expect(body["type"] as? String == "points.earned" && body["reference"] as? String == "R-1")
+            let again = try cli.run(["post", "--partner", "fuelco", "--webhook-id", "msg_1"], stdin: earnM1)
+            #expect(again.status == 0 && again.out == first.out, "the original body, unchanged")
+            let byRef = try cli.run(["post", "--partner", "fuelco"], stdin: earnM1)
+            #expect(byRef.status == 0 && byRef.out == first.out)
+            let balance = try cli.run(["balance", "M1"])
+            #expect(balance.out.trimmingCharacters(in: .newlines) == #"{"member":"M1","balance":100}"#)
+        }
+    }
+
+    @Test func postPrintsProblemsAndExits1() throws {
+        try withCLI { cli in
+            _ = try cli.run(["post", "--partner", "fuelco", "--webhook-id", "msg_1"], stdin: earnM1)
+            let cases: [([String], String, String)] = [
+                (["--partner", "fuelco", "--webhook-id", "msg_1"], earnM1.replacingOccurrences(of: "100", with: "101"), "conflict"),
+                (["--partner", "fuelco"], earnM1.replacingOccurrences(of: "100", with: "101"), "conflict"),
+                (["--partner", "nobody"], earnM1, "unknown-partner"),
+                (["--partner", "fuelco"], "{", "malformed"),
+                (["--partner", "fuelco", "--webhook-id", "bad id"], earnM1, "malformed"),
+                (["--partner", "cinestar"], #"{"type":"points.redeemed","data":{"member":"M1","points":101,"reference":"C-1"}}"#, "insufficient-points"),
+                (["--partner", "fuelco"], #"{"type":"points.earn_reversed","data":{"member":"M1","points":1,"reference":"F-2","original_reference":"X"}}"#, "unknown-original"),
+                (["--partner", "fuelco"], #"{"type":"points.earn_reversed","data":{"member":"M2","points":1,"reference":"F-3","original_reference":"R-1"}}"#, "member-mismatch"),
+                (["--partner", "fuelco"], #"{"type":"points.earn_reversed","data":{"member":"M1","points":101,"reference":"F-4","original_reference":"R-1"}}"#, "reversal-exceeds-original"),
+                (["--partner", "fuelco"], String(repeating: " ", count: 70_000) + earnM1, "too-large"),
+            ]
+            for (args, body, slug) in cases {
+                let r = try cli.run(["post"] + args, stdin: body)
+                #expect(r.status == 1, "\(slug): \(r.out) \(r.err)")
+                let doc = try cli.json(r)
+                #expect(doc["type"] as? String == "urn:clearhouse:problem:\(slug)", "\(r.out)")
+                #expect(doc["status"] is Int && doc["title"] is String && doc["detail"] is String)
+            }
+            let v = try cli.run(["verify"])
+            #expect(v.status == 0 && v.out.contains("journal: 1 entries"), "nothing was written by a refusal: \(v.out)")
+        }
+    }
+
+    @Test func verifyNamesTheTamperedPartnerAndSequence() throws {
+        try withCLI { cli in
+            for i in 1...5 {
+                let body = earnM1.replacingOccurrences(of: "R-1", with: "R-\(i)").replacingOccurrences(of: "\"M1\"", with: i == 4 ? "\"CARD-4444\"" : "\"M1\"")
+                #expect(try cli.run(["post", "--partner", "medipharm"], stdin: body).status == 0)
+            }
+            #expect(try cli.run(["verify"]).status == 0)
+            let file = cli.data.appendingPathComponent("ledgers/medipharm.sqlite")
+            var bytes = try Data(contentsOf: file)
+            let r = bytes.range(of: Data("CARD-4444".utf8))!
+            bytes[r.lowerBound] = UInt8(ascii: "K")  // one byte: CARD -> KARD
+            try bytes.write(to: file)
+            let v = try cli.run(["verify"])
+            #expect(v.status == 1)
+            #expect(v.out.contains("BREACH") && v.out.contains("ledger medipharm sequence 4"), "\(v.out)")
+        }
+    }
+
+    @Test(arguments: ["before-journal-commit", "after-journal-commit", "after-ledger-commit"])
+    func aKilledPostIsRecoveredAtTheNextStart(point: String) throws {
+        try withCLI { cli in
+            #expect(try cli.run(["post", "--partner", "fuelco"], stdin: earnM1).status == 0)
+            let body = #"{"type":"points.redeemed","data":{"member":"M1","points":30,"reference":"C-9"}}"#
+            let crashed = try cli.run(["post", "--partner", "cinestar", "--webhook-id", "msg_9"], stdin: body, env: ["CLEARHOUSE_CRASH_AT": point])
+            #expect(crashed.status == 86 && crashed.out.isEmpty, "the process died without answering")
+            let v = try cli.run(["verify"])
+            // verify is read-only: a batch that committed its journal but not its ledger is
+            // reported until a writer starts and recovers it.
+            if point == "after-journal-commit" { #expect(v.status == 1 && v.out.contains("ledger cinestar")) } else { #expect(v.status == 0, "\(v.out)") }
+            let balance = try cli.run(["balance", "M1"])  // opening the store recovers
+            #expect(balance.out.contains(point == "before-journal-commit" ? #""balance":100"# : #""balance":70"#), "\(balance.out)")
+            #expect(try cli.run(["verify"]).status == 0)
+            let retry = try cli.run(["post", "--partner", "cinestar", "--webhook-id", "msg_9"], stdin: body)
+            #expect(retry.status == 0)
+            #expect(try cli.json(retry)["member_balance"] as? Int == 70)
+        }
+    }
+
+    @Test func aBadPartnerFileStopsStartUpWithOneLine() throws {
+        let dir = TemporaryDirectory("clearhouse-cli-cfg")
+        defer { dir.remove() }
+        let partners = dir.url.appendingPathComponent("partners")
+        try FileManager.default.copyItem(at: packageRoot.appendingPathComponent("partners"), to: partners)
+        let f = partners.appendingPathComponent("cinestar.toml")
+        try String(contentsOf: f, encoding: .utf8).replacingOccurrences(of: "redeem_credit_per_1000 = 1050", with: "redeem_credit_per_1000 = \"lots\"")
+            .write(to: f, atomically: true, encoding: .utf8)
+        let cli = CLI(data: dir.url.appendingPathComponent("data"), partners: partners)
+        for verb in [["partners", "check"], ["verify"], ["balance", "M1"], ["post", "--partner", "fuelco"]] {
+            let r = try cli.run(verb, stdin: earnM1)
+            #expect(r.status == 2)
+            let lines = r.err.split(separator: "\n")
+            #expect(lines.count == 1 && lines[0].contains("cinestar.toml: redeem_credit_per_1000: must be an integer"), "\(r.err)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: dir.url.appendingPathComponent("data").path), "nothing written")
+    }
+
+    @Test func helpOnEveryVerb() throws {
+        try withCLI { cli in
+            for verb in [[], ["partners"], ["partners", "check"], ["post"], ["balance"], ["verify"], ["simulate"]] {
+                let p = Process()
+                p.executableURL = CLI.binary
+                p.arguments = verb + ["--help"]
+                let out = Pipe()
+                p.standardOutput = out
+                try p.run()
+                let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+                p.waitUntilExit()
+                #expect(p.terminationStatus == 0 && text.contains("USAGE"), "\(verb)")
+            }
+        }
+    }
+
+    @Test func simulateThenVerify() throws {
+        try withCLI { cli in
+            let s = try cli.run(["simulate", "--members", "300", "--events", "3000", "--seed", "5"])
+            #expect(s.status == 0, "\(s.out)\(s.err)")
+            #expect(s.out.contains("accepted:") && s.out.contains("insufficient-points"))
+            #expect(try cli.run(["verify"]).status == 0)
+        }
+    }
+}

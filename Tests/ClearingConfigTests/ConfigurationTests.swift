@@ -1,0 +1,103 @@
+import ClearingConfig
+import ClearingDomain
+import Foundation
+import Testing
+
+let repositoryPartners = URL(fileURLWithPath: #filePath)
+    .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    .appendingPathComponent("partners")
+
+/// A partners directory made from the shipped sample, with one file changed.
+struct ConfigDir {
+    let url = FileManager.default.temporaryDirectory.appendingPathComponent("cfg-\(UUID().uuidString)")
+
+    init() throws {
+        try FileManager.default.copyItem(at: repositoryPartners, to: url)
+    }
+
+    func write(_ name: String, _ text: String) throws {
+        try text.write(to: url.appendingPathComponent(name), atomically: true, encoding: .utf8)
+    }
+
+    func read(_ name: String) throws -> String { try String(contentsOf: url.appendingPathComponent(name), encoding: .utf8) }
+
+    func edit(_ name: String, _ change: (String) -> String) throws { try write(name, change(read(name))) }
+
+    func load(_ env: [String: String] = [:]) throws(ConfigurationError) -> ClearingConfiguration {
+        try ConfigurationLoader(directory: url, environment: env).load()
+    }
+
+    func error(_ env: [String: String] = [:]) -> ConfigurationError? {
+        do { _ = try load(env); return nil } catch { return error }
+    }
+}
+
+@Suite struct ConfigurationTests {
+    @Test func theShippedSampleLoads() throws {
+        let c = try ConfigurationLoader(directory: repositoryPartners).load()
+        #expect(c.coalition.currency == "EUR")
+        #expect(c.coalition.pointsExpireAfterDays == 1095)
+        #expect(c.partnerIDs.map(\.rawValue) == ["cinestar", "freshmart", "fuelco", "medipharm"])
+        let fuel = c.partners[PartnerID("fuelco")!]!
+        #expect(fuel.issuePricePer1000 == MoneyMinor(1100) && fuel.redeemCreditPer1000 == MoneyMinor(950))
+        #expect(fuel.webhookSecrets.count == 1 && fuel.webhookSecrets[0].bytes.count == 32)
+        #expect(Hex.encode(fuel.apiTokenSHA256) == Hex.sha256("dev-token-fuelco"))
+        #expect("\(fuel.noticeSecret)".contains("secret") && !"\(fuel.noticeSecret)".contains("whsec"), "secrets never print")
+    }
+
+    @Test func secretsFromEnvironmentAndFiles() throws {
+        let d = try ConfigDir()
+        let secret = "whsec_" + Data(repeating: 7, count: 32).base64EncodedString()
+        try (secret + "\n").write(to: d.url.appendingPathComponent("fuel.secret"), atomically: true, encoding: .utf8)
+        try d.edit("fuelco.toml") {
+            $0.replacingOccurrences(of: #"webhook_secrets = ["#, with: #"webhook_secrets = ["env:FUEL_NEW_SECRET", "file:fuel.secret", "#)
+        }
+        let c = try d.load(["FUEL_NEW_SECRET": "whsec_" + Data(repeating: 9, count: 32).base64EncodedString()])
+        let s = c.partners[PartnerID("fuelco")!]!.webhookSecrets
+        #expect(s.count == 3 && s[0].bytes == Array(repeating: 9, count: 32) && s[1].bytes == Array(repeating: 7, count: 32))
+        let e = d.error([:])
+        #expect(e?.key == "webhook_secrets[0]" && e?.reason.contains("FUEL_NEW_SECRET") == true)
+    }
+
+    @Test(arguments: [
+        ("fuelco.toml", #"id = "fuelco""#, #"id = "fuel""#, "id", "file name"),
+        ("fuelco.toml", #"name = "FuelCo Stations""#, "", "name", "missing"),
+        ("fuelco.toml", "issue_price_per_1000 = 1100", #"issue_price_per_1000 = "1100""#, "issue_price_per_1000", "integer"),
+        ("fuelco.toml", "issue_price_per_1000 = 1100", "issue_price_per_1000 = -1", "issue_price_per_1000", "between"),
+        ("fuelco.toml", "issue_price_per_1000 = 1100", "issue_price_per_1000 = 11.5", "issue_price_per_1000", "integer"),
+        ("fuelco.toml", "rate_per_second = 2000", "rate_per_secnod = 2000", "rate_per_secnod", "unknown key"),
+        ("fuelco.toml", "https://127.0.0.1:9443", "http://127.0.0.1:9443", "notice_url", "https"),
+        ("fuelco.toml", #"webhook_secrets = ["whsec_"#, #"webhook_secrets = ["wh_"#, "webhook_secrets[0]", "whsec_"),
+        ("fuelco.toml", #"api_token_sha256 = "6"#, #"api_token_sha256 = "z"#, "api_token_sha256", "hexadecimal"),
+        ("coalition.toml", #"currency = "EUR""#, #"currency = "euro""#, "currency", "ISO 4217"),
+        ("coalition.toml", "points_expire_after_days = 1095", "", "points_expire_after_days", "missing"),
+        ("coalition.toml", "notice_allow_private_networks = true", "notice_allow_private_networks = 1", "notice_allow_private_networks", "true or false"),
+    ])
+    func badFilesAreRefusedNamingFileKeyAndReason(file: String, find: String, replace: String, key: String, reason: String) throws {
+        let d = try ConfigDir()
+        try d.edit(file) {
+            precondition($0.contains(find), "fixture drifted: \(find)")
+            return $0.replacingOccurrences(of: find, with: replace)
+        }
+        let e = d.error()
+        #expect(e?.file.hasSuffix(file) == true, "\(String(describing: e))")
+        #expect(e?.key == key, "\(String(describing: e))")
+        #expect(e?.reason.contains(reason) == true, "\(String(describing: e))")
+        #expect(e.map { "\($0)" }?.contains("\(file): \(key): ") == true, "one line: file, key, reason")
+    }
+
+    @Test func invalidTOMLNamesTheLine() throws {
+        let d = try ConfigDir()
+        try d.write("cinestar.toml", "id = \"cinestar\"\nname = \n")
+        let e = d.error()
+        #expect(e?.file.hasSuffix("cinestar.toml") == true && e?.reason.contains("line 2") == true, "\(String(describing: e))")
+    }
+
+    @Test func reservedAndInvalidPartnerIDs() throws {
+        let d = try ConfigDir()
+        let text = try d.read("cinestar.toml")
+        try FileManager.default.removeItem(at: d.url.appendingPathComponent("cinestar.toml"))
+        try d.write("coalition-x.toml", text.replacingOccurrences(of: #"id = "cinestar""#, with: #"id = "Coalition-X""#))
+        #expect(d.error()?.key == "id")
+    }
+}
