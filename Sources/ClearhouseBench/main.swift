@@ -1,1 +1,197 @@
-print("b")
+import ClearingDomain
+import ClearingSimulation
+import ClearingStore
+import Foundation
+import GRDB
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// clearhouse-bench ledger [--events N] [--partners N] [--members N] [--in-flight N] [--dir D]
+//
+// Posts a generated workload through the real posting API (group commit, durable) and then,
+// in the same run, measures the ceiling: raw batched SQLite inserts of the same rows.
+
+func option(_ name: String, _ fallback: Int) -> Int {
+    let a = CommandLine.arguments
+    if let i = a.firstIndex(of: name), i + 1 < a.count, let v = Int(a[i + 1]) { return v }
+    return fallback
+}
+
+func stringOption(_ name: String, _ fallback: String) -> String {
+    let a = CommandLine.arguments
+    if let i = a.firstIndex(of: name), i + 1 < a.count { return a[i + 1] }
+    return fallback
+}
+
+func peakRSSMiB() -> Int {
+    var u = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &u)
+    return Int(u.ru_maxrss) / 1024
+}
+
+func currentRSSMiB() -> Int {
+    guard let s = try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8) else { return 0 }
+    let pages = Int(s.split(separator: " ")[1]) ?? 0
+    return pages * Int(sysconf(Int32(_SC_PAGESIZE))) / (1024 * 1024)
+}
+
+func seconds(since start: DispatchTime) -> Double {
+    Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e9
+}
+
+let events = option("--events", 1_000_000)
+let partnerCount = option("--partners", 20)
+let members = option("--members", 100_000)
+let inFlight = option("--in-flight", 8_192)
+let seed = UInt64(option("--seed", 42))
+let dir = URL(fileURLWithPath: stringOption("--dir", NSTemporaryDirectory() + "clearhouse-bench-\(getpid())"))
+try? FileManager.default.removeItem(at: dir)
+try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+
+var partners: [PartnerID: PartnerTerms] = [:]
+for i in 1...partnerCount {
+    let id = PartnerID(String(format: "partner-%02d", i))!
+    partners[id] = PartnerTerms(
+        id: id, name: "Partner \(i)", issuePricePer1000: MoneyMinor(1000), redeemCreditPer1000: MoneyMinor(900),
+        webhookSecrets: [SecretBytes(Array(repeating: UInt8(i), count: 32))], apiTokenSHA256: Array(repeating: 0, count: 32),
+        noticeURL: "https://127.0.0.1/\(i)", noticeSecret: SecretBytes(Array(repeating: UInt8(i), count: 32)))
+}
+let configuration = ClearingConfiguration(
+    coalition: CoalitionTerms(currency: "EUR", pointsExpireAfterDays: 1095), partners: partners)
+let start = SystemClock().now()
+
+print("workload: \(events) postings, \(partnerCount) partners, \(members) members, \(inFlight) in flight")
+
+// MARK: The posting API
+
+let store = try Store(dataDirectory: dir.appendingPathComponent("store"), configuration: configuration)
+let writer = PostingWriter(store: store)
+let window = DispatchSemaphore(value: inFlight)
+final class Counts: @unchecked Sendable {
+    let lock = NSLock()
+    var created = 0, replayed = 0, refused = 0, unavailable = 0
+}
+let counts = Counts()
+var rssSamples: [(Int, Int)] = []
+let t0 = DispatchTime.now()
+var n = 0
+for p in IteratorSequence(DaySimulator(partners: configuration.partnerIDs, members: members, events: events, seed: seed, start: start)) {
+    window.wait()
+    writer.enqueue(Submission(partner: p.partner, webhookID: p.webhookID, event: p.event)) { o in
+        counts.lock.lock()
+        switch o {
+        case .created: counts.created += 1
+        case .replayed: counts.replayed += 1
+        case .rejected(let problem): if problem.kind == .unavailable { counts.unavailable += 1 } else { counts.refused += 1 }
+        }
+        counts.lock.unlock()
+        window.signal()
+    }
+    n += 1
+    if n % (events / 4) == 0 { rssSamples.append((n, currentRSSMiB())) }
+}
+writer.shutdown()
+let postingSeconds = seconds(since: t0)
+let stats = writer.batchStatistics
+let commits = store.commitCount
+try store.close()
+let postingRate = Double(events) / postingSeconds
+print(String(format: "posting API: %d postings in %.2f s = %.0f durable postings/s", events, postingSeconds, postingRate))
+print("  outcomes: \(counts.created) created, \(counts.replayed) replayed, \(counts.refused) refused, \(counts.unavailable) unavailable")
+print(String(format: "  group commits: %d batches, %.0f postings per batch, largest %d", stats.batches, Double(stats.postings) / Double(stats.batches), stats.largest))
+print(String(format: "  commits (one WAL fsync each): %d = %.2f per 1,000 postings", commits, Double(commits) * 1000 / Double(events)))
+print("  RSS while posting (postings: MiB): " + rssSamples.map { "\($0.0): \($0.1)" }.joined(separator: ", "))
+print("  peak RSS: \(peakRSSMiB()) MiB")
+
+// MARK: The ceiling: the same rows, raw batched inserts, same durability settings
+
+let rawPath = dir.appendingPathComponent("raw.sqlite").path
+var config = GRDB.Configuration()
+config.prepareDatabase { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
+let raw = try DatabasePool(path: rawPath, configuration: config)
+try raw.write { db in
+    try db.execute(sql: """
+        CREATE TABLE entry (id INTEGER PRIMARY KEY, partner TEXT NOT NULL, webhook_id TEXT NOT NULL, accepted_at_ms INTEGER NOT NULL,
+          kind INTEGER NOT NULL, member TEXT NOT NULL, points INTEGER NOT NULL, reference TEXT NOT NULL,
+          original_reference TEXT, occurred_at_ms INTEGER, amount_minor INTEGER, member_balance INTEGER NOT NULL, hash BLOB NOT NULL)
+        """)
+}
+let batchSize = max(1, stats.postings / max(stats.batches, 1))
+let t1 = DispatchTime.now()
+var rawRows = 0
+var pending: [SimulatedPosting] = []
+let hash = Data(repeating: 0xAB, count: 32)
+func flush(_ rows: [SimulatedPosting]) throws {
+    try raw.write { db in
+        let s = try db.cachedStatement(sql: "INSERT INTO entry VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        for p in rows {
+            try s.execute(arguments: [
+                p.partner.rawValue, p.webhookID.rawValue, start.millisecondsSinceEpoch, p.event.kind.rawValue, p.event.member.rawValue,
+                p.event.points.value, p.event.reference.rawValue, p.event.originalReference?.rawValue,
+                p.event.occurredAt?.millisecondsSinceEpoch, p.event.amountMinor?.value, 0, hash,
+            ])
+        }
+    }
+}
+for p in IteratorSequence(DaySimulator(partners: configuration.partnerIDs, members: members, events: events, seed: seed, start: start)) {
+    pending.append(p)
+    if pending.count == batchSize {
+        try flush(pending)
+        rawRows += pending.count
+        pending.removeAll(keepingCapacity: true)
+    }
+}
+try flush(pending)
+rawRows += pending.count
+let rawSeconds = seconds(since: t1)
+try raw.close()
+let rawRate = Double(rawRows) / rawSeconds
+print(String(format: "ceiling: %d raw rows in batches of %d in %.2f s = %.0f rows/s", rawRows, batchSize, rawSeconds, rawRate))
+print(String(format: "ratio: posting API / ceiling = %.2f", postingRate / rawRate))
+
+// A second reference point: the same rows into a table with the journal's unique indexes,
+// each preceded by the idempotency lookup a posting must make. This is the least a posting
+// costs in SQLite before any lot, member or ledger work.
+let indexed = try DatabasePool(path: dir.appendingPathComponent("indexed.sqlite").path, configuration: config)
+try indexed.write { db in
+    try db.execute(sql: """
+        CREATE TABLE entry (id INTEGER PRIMARY KEY, partner TEXT NOT NULL, webhook_id TEXT NOT NULL, accepted_at_ms INTEGER NOT NULL,
+          kind INTEGER NOT NULL, member TEXT NOT NULL, points INTEGER NOT NULL, reference TEXT NOT NULL,
+          original_reference TEXT, occurred_at_ms INTEGER, amount_minor INTEGER, member_balance INTEGER NOT NULL, hash BLOB NOT NULL,
+          UNIQUE (partner, webhook_id), UNIQUE (partner, reference));
+        PRAGMA cache_size = -32768;
+        """)
+}
+let t2 = DispatchTime.now()
+var indexedRows = 0
+pending.removeAll()
+func flushIndexed(_ rows: [SimulatedPosting]) throws {
+    try indexed.write { db in
+        let look = try db.cachedStatement(sql: "SELECT id FROM entry WHERE partner = ? AND (webhook_id = ? OR reference = ?)")
+        let s = try db.cachedStatement(sql: "INSERT OR IGNORE INTO entry VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        for p in rows {
+            _ = try Int64.fetchOne(look, arguments: [p.partner.rawValue, p.webhookID.rawValue, p.event.reference.rawValue])
+            try s.execute(arguments: [
+                p.partner.rawValue, p.webhookID.rawValue, start.millisecondsSinceEpoch, p.event.kind.rawValue, p.event.member.rawValue,
+                p.event.points.value, p.event.reference.rawValue, p.event.originalReference?.rawValue,
+                p.event.occurredAt?.millisecondsSinceEpoch, p.event.amountMinor?.value, 0, hash,
+            ])
+        }
+    }
+}
+for p in IteratorSequence(DaySimulator(partners: configuration.partnerIDs, members: members, events: events, seed: seed, start: start)) {
+    pending.append(p)
+    if pending.count == batchSize {
+        try flushIndexed(pending)
+        indexedRows += pending.count
+        pending.removeAll(keepingCapacity: true)
+    }
+}
+try flushIndexed(pending)
+indexedRows += pending.count
+let indexedRate = Double(indexedRows) / seconds(since: t2)
+try indexed.close()
+print(String(format: "reference: lookup + insert with the journal's unique indexes = %.0f rows/s (posting API / this = %.2f)", indexedRate, postingRate / indexedRate))
+try? FileManager.default.removeItem(at: dir)

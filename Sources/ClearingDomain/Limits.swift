@@ -27,6 +27,8 @@ public enum Limits {
     public static let postingBatchMax = 4096
     /// Most postings waiting for the writer; past this, callers get `unavailable`.
     public static let postingQueueMax = 65_536
+    /// SQLite page cache per connection (KiB), so a whole batch stays in memory until COMMIT.
+    public static let databaseCacheKiBMax = 32 * 1024
     /// How long a writer waits for another process's lock on the coalition database.
     public static let databaseBusyTimeoutSecondsMax = 10
 

@@ -137,6 +137,23 @@ enum Rules {
 
 /// Index lookups in the journal and the lot tables.
 enum Lookup {
+    /// The earlier entries of a partner under this webhook id and under this reference, in
+    /// one query (SQLite answers it from the two unique indexes).
+    static func earlier(_ db: Database, _ partner: PartnerID, _ id: WebhookID, _ reference: Reference) throws -> (Entry?, Entry?) {
+        let rows = try Row.fetchAll(
+            db.cachedStatement(
+                sql: "SELECT \(JournalRow.columns) FROM journal WHERE partner = ? AND (webhook_id = ? OR reference = ?)"),
+            arguments: [partner.rawValue, id.rawValue, reference.rawValue])
+        if rows.isEmpty { return (nil, nil) }
+        var byID: Entry?, byRef: Entry?
+        for row in rows {
+            let e = try JournalRow.journalEntry(row).0
+            if e.webhookID == id { byID = e }
+            if e.event.reference == reference { byRef = e }
+        }
+        return (byID, byRef)
+    }
+
     static func byWebhookID(_ db: Database, _ partner: PartnerID, _ id: WebhookID) throws -> Entry? {
         try Row.fetchOne(
             db.cachedStatement(sql: "SELECT \(JournalRow.columns) FROM journal WHERE partner = ? AND webhook_id = ?"),

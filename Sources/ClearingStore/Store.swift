@@ -78,6 +78,13 @@ public final class Store: Sendable {
             if !db.configuration.readonly {
                 try db.execute(sql: "PRAGMA synchronous = FULL")
             }
+            // A batch dirties many pages (journal, indexes, lots, members). With SQLite's
+            // default 2 MiB cache they spill to the WAL mid-transaction, page by page; a
+            // larger cache keeps a batch in memory until its single COMMIT.
+            try db.execute(sql: "PRAGMA cache_size = -\(Limits.databaseCacheKiBMax)")
+            // Each posting runs in a savepoint; its statement journal (the pages to restore
+            // on a rollback to the savepoint) stays in memory instead of a temporary file.
+            try db.execute(sql: "PRAGMA temp_store = MEMORY")
         }
         return c
     }

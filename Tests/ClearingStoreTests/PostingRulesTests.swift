@@ -2,6 +2,7 @@ import ClearhouseTestSupport
 import ClearingDomain
 import ClearingStore
 import Foundation
+import GRDB
 import Testing
 
 /// A store on a temporary directory with a hand-driven clock.
@@ -215,5 +216,28 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         writer.shutdown()
         let o = await writer.post(Submission(partner: G, webhookID: WebhookID("w")!, event: Fixtures.earn("M1", 1, "R")))
         #expect(o.httpStatus == 503)
+    }
+}
+
+@Suite struct PoisonedPostingTests {
+    /// A posting that fails in storage (here: a trigger planted in the coalition database)
+    /// costs only itself: the batch is decided again posting by posting.
+    @Test func oneStorageFailureDoesNotSinkItsBatch() throws {
+        let h = try Harness()
+        _ = h.post(G, "g0", Fixtures.earn("M1", 5, "G-0"))  // creates the schema and files
+        let raw = try GRDB.DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path)
+        try raw.write { db in
+            try db.execute(sql: "CREATE TRIGGER poison BEFORE INSERT ON lot WHEN NEW.member = 'POISON' BEGIN SELECT RAISE(ABORT, 'poison'); END")
+        }
+        try raw.close()
+        let outcomes = h.store.post([
+            Submission(partner: G, webhookID: WebhookID("g1")!, event: Fixtures.earn("M1", 10, "G-1")),
+            Submission(partner: F, webhookID: WebhookID("f1")!, event: Fixtures.earn("POISON", 10, "F-1")),
+            Submission(partner: C, webhookID: WebhookID("c1")!, event: Fixtures.redeem("M1", 15, "C-1")),
+        ])
+        #expect(outcomes.map(\.httpStatus) == [201, 503, 201])
+        #expect(try h.store.ledgerEntries(F).isEmpty, "nothing of the failed posting was written")
+        #expect(try h.balance("M1") == 0)
+        #expect(try h.verify().ok)
     }
 }
