@@ -27,8 +27,12 @@ public enum Limits {
     public static let postingBatchMax = 4096
     /// Most postings waiting for the writer; past this, callers get `unavailable`.
     public static let postingQueueMax = 65_536
-    /// SQLite page cache per connection (KiB), so a whole batch stays in memory until COMMIT.
-    public static let databaseCacheKiBMax = 32 * 1024
+    /// SQLite page cache of each coalition connection (KiB): a whole batch's pages stay in
+    /// memory until its COMMIT, and the hot parts of the journal's indexes stay cached.
+    public static let coalitionCacheKiBMax = 64 * 1024
+    /// SQLite page cache of each ledger connection (KiB): ledgers are appended to, so little
+    /// is needed, and there is one per partner.
+    public static let ledgerCacheKiBMax = 2 * 1024
     /// How long a writer waits for another process's lock on the coalition database.
     public static let databaseBusyTimeoutSecondsMax = 10
 

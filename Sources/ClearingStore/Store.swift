@@ -63,13 +63,16 @@ public final class Store: Sendable {
         let fm = FileManager.default
         try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         coalition = try DatabasePool(
-            path: dataDirectory.appendingPathComponent("coalition.sqlite").path, configuration: Store.databaseConfiguration())
+            path: dataDirectory.appendingPathComponent("coalition.sqlite").path,
+            configuration: Store.databaseConfiguration(cacheKiB: Limits.coalitionCacheKiBMax))
         try Schema.coalition.migrate(coalition)
         ledgers = Mutex([:])
         try recover()
     }
 
-    static func databaseConfiguration(readonly: Bool = false) -> GRDB.Configuration {
+    /// - Parameter cacheKiB: the page cache of each connection. Memory is bounded by it: it
+    ///   must not be large for the many ledger connections.
+    static func databaseConfiguration(readonly: Bool = false, cacheKiB: Int = Limits.ledgerCacheKiBMax) -> GRDB.Configuration {
         var c = GRDB.Configuration()
         c.busyMode = .timeout(TimeInterval(Limits.databaseBusyTimeoutSecondsMax))
         c.readonly = readonly
@@ -81,7 +84,7 @@ public final class Store: Sendable {
             // A batch dirties many pages (journal, indexes, lots, members). With SQLite's
             // default 2 MiB cache they spill to the WAL mid-transaction, page by page; a
             // larger cache keeps a batch in memory until its single COMMIT.
-            try db.execute(sql: "PRAGMA cache_size = -\(Limits.databaseCacheKiBMax)")
+            try db.execute(sql: "PRAGMA cache_size = -\(cacheKiB)")
             // Each posting runs in a savepoint; its statement journal (the pages to restore
             // on a rollback to the savepoint) stays in memory instead of a temporary file.
             try db.execute(sql: "PRAGMA temp_store = MEMORY")
