@@ -58,6 +58,7 @@ let package = Package(
             dependencies: [
                 "ClearingDomain", "ClearingStore", "ClearingSimulation",
                 .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "GRDBSQLite", package: "GRDB.swift"),
             ],
             swiftSettings: strict),
 

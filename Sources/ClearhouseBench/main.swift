@@ -3,6 +3,7 @@ import ClearingSimulation
 import ClearingStore
 import Foundation
 import GRDB
+import GRDBSQLite
 
 #if canImport(Glibc)
 import Glibc
@@ -194,4 +195,53 @@ indexedRows += pending.count
 let indexedRate = Double(indexedRows) / seconds(since: t2)
 try indexed.close()
 print(String(format: "reference: lookup + insert with the journal's unique indexes = %.0f rows/s (posting API / this = %.2f)", indexedRate, postingRate / indexedRate))
+
+// The same through SQLite's C API directly (binding without GRDB's generic arguments).
+nonisolated(unsafe) let SQLITE_TRANSIENT = unsafeBitCast(-1, to: sqlite3_destructor_type.self)
+let direct = try DatabasePool(path: dir.appendingPathComponent("direct.sqlite").path, configuration: config)
+try direct.write { db in
+    try db.execute(sql: """
+        CREATE TABLE entry (id INTEGER PRIMARY KEY, partner TEXT NOT NULL, webhook_id TEXT NOT NULL, accepted_at_ms INTEGER NOT NULL,
+          kind INTEGER NOT NULL, member TEXT NOT NULL, points INTEGER NOT NULL, reference TEXT NOT NULL,
+          original_reference TEXT, occurred_at_ms INTEGER, amount_minor INTEGER, member_balance INTEGER NOT NULL, hash BLOB NOT NULL,
+          UNIQUE (partner, webhook_id), UNIQUE (partner, reference));
+        PRAGMA cache_size = -32768;
+        """)
+}
+let t3 = DispatchTime.now()
+var directRows = 0
+pending.removeAll()
+func bindText(_ s: OpaquePointer?, _ i: Int32, _ v: String?) {
+    if let v { sqlite3_bind_text(s, i, v, -1, SQLITE_TRANSIENT) } else { sqlite3_bind_null(s, i) }
+}
+func flushDirect(_ rows: [SimulatedPosting]) throws {
+    try direct.write { db in
+        let look = try db.cachedStatement(sql: "SELECT id FROM entry WHERE partner = ? AND (webhook_id = ? OR reference = ?)").sqliteStatement
+        let ins = try db.cachedStatement(sql: "INSERT OR IGNORE INTO entry VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)").sqliteStatement
+        for p in rows {
+            sqlite3_reset(look)
+            bindText(look, 1, p.partner.rawValue); bindText(look, 2, p.webhookID.rawValue); bindText(look, 3, p.event.reference.rawValue)
+            while sqlite3_step(look) == SQLITE_ROW {}
+            sqlite3_reset(ins)
+            bindText(ins, 1, p.partner.rawValue); bindText(ins, 2, p.webhookID.rawValue)
+            sqlite3_bind_int64(ins, 3, start.millisecondsSinceEpoch); sqlite3_bind_int64(ins, 4, Int64(p.event.kind.rawValue))
+            bindText(ins, 5, p.event.member.rawValue); sqlite3_bind_int64(ins, 6, p.event.points.value)
+            bindText(ins, 7, p.event.reference.rawValue); bindText(ins, 8, p.event.originalReference?.rawValue)
+            sqlite3_bind_null(ins, 9); sqlite3_bind_null(ins, 10); sqlite3_bind_int64(ins, 11, 0)
+            _ = hash.withUnsafeBytes { sqlite3_bind_blob(ins, 12, $0.baseAddress, 32, SQLITE_TRANSIENT) }
+            guard sqlite3_step(ins) == SQLITE_DONE else { fatalError("insert failed") }
+        }
+    }
+}
+for p in IteratorSequence(DaySimulator(partners: configuration.partnerIDs, members: members, events: events, seed: seed, start: start)) {
+    pending.append(p)
+    if pending.count == batchSize {
+        try flushDirect(pending)
+        directRows += pending.count
+        pending.removeAll(keepingCapacity: true)
+    }
+}
+try flushDirect(pending)
+directRows += pending.count
+print(String(format: "reference, C API: %.0f rows/s", Double(directRows) / seconds(since: t3)))
 try? FileManager.default.removeItem(at: dir)
