@@ -106,142 +106,96 @@ print(String(format: "  commits (one WAL fsync each): %d = %.2f per 1,000 postin
 print("  RSS while posting (postings: MiB): " + rssSamples.map { "\($0.0): \($0.1)" }.joined(separator: ", "))
 print("  peak RSS: \(peakRSSMiB()) MiB")
 
-// MARK: The ceiling: the same rows, raw batched inserts, same durability settings
+// MARK: Reference points: the same rows, in batches of the same size, same durability settings
 
-let rawPath = dir.appendingPathComponent("raw.sqlite").path
-var config = GRDB.Configuration()
-config.prepareDatabase { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
-let raw = try DatabasePool(path: rawPath, configuration: config)
-try raw.write { db in
-    try db.execute(sql: """
-        CREATE TABLE entry (id INTEGER PRIMARY KEY, partner TEXT NOT NULL, webhook_id TEXT NOT NULL, accepted_at_ms INTEGER NOT NULL,
-          kind INTEGER NOT NULL, member TEXT NOT NULL, points INTEGER NOT NULL, reference TEXT NOT NULL,
-          original_reference TEXT, occurred_at_ms INTEGER, amount_minor INTEGER, member_balance INTEGER NOT NULL, hash BLOB NOT NULL)
-        """)
-}
 let batchSize = max(1, stats.postings / max(stats.batches, 1))
-let t1 = DispatchTime.now()
-var rawRows = 0
-var pending: [SimulatedPosting] = []
 let hash = Data(repeating: 0xAB, count: 32)
-func flush(_ rows: [SimulatedPosting]) throws {
-    try raw.write { db in
-        let s = try db.cachedStatement(sql: "INSERT INTO entry VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-        for p in rows {
-            try s.execute(arguments: [
-                p.partner.rawValue, p.webhookID.rawValue, start.millisecondsSinceEpoch, p.event.kind.rawValue, p.event.member.rawValue,
-                p.event.points.value, p.event.reference.rawValue, p.event.originalReference?.rawValue,
-                p.event.occurredAt?.millisecondsSinceEpoch, p.event.amountMinor?.value, 0, hash,
-            ])
-        }
+let config: GRDB.Configuration = {
+    var c = GRDB.Configuration()
+    c.prepareDatabase { db in
+        try db.execute(sql: "PRAGMA synchronous = FULL")
+        try db.execute(sql: "PRAGMA cache_size = -\(Limits.coalitionCacheKiBMax)")
     }
+    return c
+}()
+
+func entryTable(uniqueIndexes: Bool) -> String {
+    """
+    CREATE TABLE entry (id INTEGER PRIMARY KEY, partner TEXT NOT NULL, webhook_id TEXT NOT NULL, accepted_at_ms INTEGER NOT NULL,
+      kind INTEGER NOT NULL, member TEXT NOT NULL, points INTEGER NOT NULL, reference TEXT NOT NULL,
+      original_reference TEXT, occurred_at_ms INTEGER, amount_minor INTEGER, member_balance INTEGER NOT NULL, hash BLOB NOT NULL
+      \(uniqueIndexes ? ", UNIQUE (partner, webhook_id), UNIQUE (partner, reference)" : ""))
+    """
 }
-for p in IteratorSequence(DaySimulator(partners: configuration.partnerIDs, members: members, events: events, seed: seed, start: start)) {
-    pending.append(p)
-    if pending.count == batchSize {
-        try flush(pending)
-        rawRows += pending.count
+
+/// Regenerates the same workload and writes it with `insert`, one transaction per batch;
+/// returns rows per second.
+func measure(_ name: String, uniqueIndexes: Bool, _ insert: @escaping (Database, SimulatedPosting) throws -> Void) throws -> Double {
+    let pool = try DatabasePool(path: dir.appendingPathComponent("\(name).sqlite").path, configuration: config)
+    defer { try? pool.close() }
+    try pool.write { db in try db.execute(sql: entryTable(uniqueIndexes: uniqueIndexes)) }
+    let t = DispatchTime.now()
+    var rows = 0
+    var pending: [SimulatedPosting] = []
+    func flush() throws {
+        try pool.write { db in for p in pending { try insert(db, p) } }
+        rows += pending.count
         pending.removeAll(keepingCapacity: true)
     }
+    for p in IteratorSequence(DaySimulator(partners: configuration.partnerIDs, members: members, events: events, seed: seed, start: start)) {
+        pending.append(p)
+        if pending.count == batchSize { try flush() }
+    }
+    try flush()
+    return Double(rows) / seconds(since: t)
 }
-try flush(pending)
-rawRows += pending.count
-let rawSeconds = seconds(since: t1)
-try raw.close()
-let rawRate = Double(rawRows) / rawSeconds
-print(String(format: "ceiling: %d raw rows in batches of %d in %.2f s = %.0f rows/s", rawRows, batchSize, rawSeconds, rawRate))
+
+func arguments(_ p: SimulatedPosting) -> StatementArguments {
+    [
+        p.partner.rawValue, p.webhookID.rawValue, start.millisecondsSinceEpoch, p.event.kind.rawValue, p.event.member.rawValue,
+        p.event.points.value, p.event.reference.rawValue, p.event.originalReference?.rawValue,
+        p.event.occurredAt?.millisecondsSinceEpoch, p.event.amountMinor?.value, 0, hash,
+    ]
+}
+
+let insertSQL = "INSERT OR IGNORE INTO entry VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+let lookupSQL = "SELECT id FROM entry WHERE partner = ? AND (webhook_id = ? OR reference = ?)"
+
+// The ceiling: raw batched inserts of the same rows.
+let rawRate = try measure("raw", uniqueIndexes: false) { db, p in
+    try db.cachedStatement(sql: insertSQL).execute(arguments: arguments(p))
+}
+print(String(format: "ceiling: raw inserts of the same rows in batches of %d = %.0f rows/s", batchSize, rawRate))
 print(String(format: "ratio: posting API / ceiling = %.2f", postingRate / rawRate))
 
-// A second reference point: the same rows into a table with the journal's unique indexes,
-// each preceded by the idempotency lookup a posting must make. This is the least a posting
-// costs in SQLite before any lot, member or ledger work.
-let indexed = try DatabasePool(path: dir.appendingPathComponent("indexed.sqlite").path, configuration: config)
-try indexed.write { db in
-    try db.execute(sql: """
-        CREATE TABLE entry (id INTEGER PRIMARY KEY, partner TEXT NOT NULL, webhook_id TEXT NOT NULL, accepted_at_ms INTEGER NOT NULL,
-          kind INTEGER NOT NULL, member TEXT NOT NULL, points INTEGER NOT NULL, reference TEXT NOT NULL,
-          original_reference TEXT, occurred_at_ms INTEGER, amount_minor INTEGER, member_balance INTEGER NOT NULL, hash BLOB NOT NULL,
-          UNIQUE (partner, webhook_id), UNIQUE (partner, reference));
-        PRAGMA cache_size = -32768;
-        """)
+// Between the two: each row preceded by the idempotency lookup a posting must make, into a
+// table with the journal's unique indexes: the least a posting costs before any lot, member
+// or ledger work.
+let indexedRate = try measure("indexed", uniqueIndexes: true) { db, p in
+    _ = try Int64.fetchOne(db.cachedStatement(sql: lookupSQL), arguments: [p.partner.rawValue, p.webhookID.rawValue, p.event.reference.rawValue])
+    try db.cachedStatement(sql: insertSQL).execute(arguments: arguments(p))
 }
-let t2 = DispatchTime.now()
-var indexedRows = 0
-pending.removeAll()
-func flushIndexed(_ rows: [SimulatedPosting]) throws {
-    try indexed.write { db in
-        let look = try db.cachedStatement(sql: "SELECT id FROM entry WHERE partner = ? AND (webhook_id = ? OR reference = ?)")
-        let s = try db.cachedStatement(sql: "INSERT OR IGNORE INTO entry VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-        for p in rows {
-            _ = try Int64.fetchOne(look, arguments: [p.partner.rawValue, p.webhookID.rawValue, p.event.reference.rawValue])
-            try s.execute(arguments: [
-                p.partner.rawValue, p.webhookID.rawValue, start.millisecondsSinceEpoch, p.event.kind.rawValue, p.event.member.rawValue,
-                p.event.points.value, p.event.reference.rawValue, p.event.originalReference?.rawValue,
-                p.event.occurredAt?.millisecondsSinceEpoch, p.event.amountMinor?.value, 0, hash,
-            ])
-        }
-    }
-}
-for p in IteratorSequence(DaySimulator(partners: configuration.partnerIDs, members: members, events: events, seed: seed, start: start)) {
-    pending.append(p)
-    if pending.count == batchSize {
-        try flushIndexed(pending)
-        indexedRows += pending.count
-        pending.removeAll(keepingCapacity: true)
-    }
-}
-try flushIndexed(pending)
-indexedRows += pending.count
-let indexedRate = Double(indexedRows) / seconds(since: t2)
-try indexed.close()
 print(String(format: "reference: lookup + insert with the journal's unique indexes = %.0f rows/s (posting API / this = %.2f)", indexedRate, postingRate / indexedRate))
 
-// The same through SQLite's C API directly (binding without GRDB's generic arguments).
-nonisolated(unsafe) let SQLITE_TRANSIENT = unsafeBitCast(-1, to: sqlite3_destructor_type.self)
-let direct = try DatabasePool(path: dir.appendingPathComponent("direct.sqlite").path, configuration: config)
-try direct.write { db in
-    try db.execute(sql: """
-        CREATE TABLE entry (id INTEGER PRIMARY KEY, partner TEXT NOT NULL, webhook_id TEXT NOT NULL, accepted_at_ms INTEGER NOT NULL,
-          kind INTEGER NOT NULL, member TEXT NOT NULL, points INTEGER NOT NULL, reference TEXT NOT NULL,
-          original_reference TEXT, occurred_at_ms INTEGER, amount_minor INTEGER, member_balance INTEGER NOT NULL, hash BLOB NOT NULL,
-          UNIQUE (partner, webhook_id), UNIQUE (partner, reference));
-        PRAGMA cache_size = -32768;
-        """)
-}
-let t3 = DispatchTime.now()
-var directRows = 0
-pending.removeAll()
+// The same through SQLite's C API, binding without GRDB's generic arguments.
+nonisolated(unsafe) let transient = unsafeBitCast(-1, to: sqlite3_destructor_type.self)
 func bindText(_ s: OpaquePointer?, _ i: Int32, _ v: String?) {
-    if let v { sqlite3_bind_text(s, i, v, -1, SQLITE_TRANSIENT) } else { sqlite3_bind_null(s, i) }
+    if let v { sqlite3_bind_text(s, i, v, -1, transient) } else { sqlite3_bind_null(s, i) }
 }
-func flushDirect(_ rows: [SimulatedPosting]) throws {
-    try direct.write { db in
-        let look = try db.cachedStatement(sql: "SELECT id FROM entry WHERE partner = ? AND (webhook_id = ? OR reference = ?)").sqliteStatement
-        let ins = try db.cachedStatement(sql: "INSERT OR IGNORE INTO entry VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)").sqliteStatement
-        for p in rows {
-            sqlite3_reset(look)
-            bindText(look, 1, p.partner.rawValue); bindText(look, 2, p.webhookID.rawValue); bindText(look, 3, p.event.reference.rawValue)
-            while sqlite3_step(look) == SQLITE_ROW {}
-            sqlite3_reset(ins)
-            bindText(ins, 1, p.partner.rawValue); bindText(ins, 2, p.webhookID.rawValue)
-            sqlite3_bind_int64(ins, 3, start.millisecondsSinceEpoch); sqlite3_bind_int64(ins, 4, Int64(p.event.kind.rawValue))
-            bindText(ins, 5, p.event.member.rawValue); sqlite3_bind_int64(ins, 6, p.event.points.value)
-            bindText(ins, 7, p.event.reference.rawValue); bindText(ins, 8, p.event.originalReference?.rawValue)
-            sqlite3_bind_null(ins, 9); sqlite3_bind_null(ins, 10); sqlite3_bind_int64(ins, 11, 0)
-            _ = hash.withUnsafeBytes { sqlite3_bind_blob(ins, 12, $0.baseAddress, 32, SQLITE_TRANSIENT) }
-            guard sqlite3_step(ins) == SQLITE_DONE else { fatalError("insert failed") }
-        }
-    }
+let directRate = try measure("direct", uniqueIndexes: true) { db, p in
+    let look = try db.cachedStatement(sql: lookupSQL).sqliteStatement
+    sqlite3_reset(look)
+    bindText(look, 1, p.partner.rawValue); bindText(look, 2, p.webhookID.rawValue); bindText(look, 3, p.event.reference.rawValue)
+    while sqlite3_step(look) == SQLITE_ROW {}
+    let ins = try db.cachedStatement(sql: insertSQL).sqliteStatement
+    sqlite3_reset(ins)
+    bindText(ins, 1, p.partner.rawValue); bindText(ins, 2, p.webhookID.rawValue)
+    sqlite3_bind_int64(ins, 3, start.millisecondsSinceEpoch); sqlite3_bind_int64(ins, 4, Int64(p.event.kind.rawValue))
+    bindText(ins, 5, p.event.member.rawValue); sqlite3_bind_int64(ins, 6, p.event.points.value)
+    bindText(ins, 7, p.event.reference.rawValue); bindText(ins, 8, p.event.originalReference?.rawValue)
+    sqlite3_bind_null(ins, 9); sqlite3_bind_null(ins, 10); sqlite3_bind_int64(ins, 11, 0)
+    _ = hash.withUnsafeBytes { sqlite3_bind_blob(ins, 12, $0.baseAddress, 32, transient) }
+    guard sqlite3_step(ins) == SQLITE_DONE else { throw StoreError("insert failed") }
 }
-for p in IteratorSequence(DaySimulator(partners: configuration.partnerIDs, members: members, events: events, seed: seed, start: start)) {
-    pending.append(p)
-    if pending.count == batchSize {
-        try flushDirect(pending)
-        directRows += pending.count
-        pending.removeAll(keepingCapacity: true)
-    }
-}
-try flushDirect(pending)
-directRows += pending.count
-print(String(format: "reference, C API: %.0f rows/s", Double(directRows) / seconds(since: t3)))
+print(String(format: "reference through the C API: %.0f rows/s", directRate))
 try? FileManager.default.removeItem(at: dir)
