@@ -18,6 +18,12 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", "3.12.3"..<"5.0.0"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // Pure domain: ids, points, money, events, FIFO lots, limits. Foundation only.
@@ -43,12 +49,32 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
+        // The HTTPS intake: Hummingbird router, webhook verification, problem details, TLS.
+        .target(
+            name: "ClearingHTTP",
+            dependencies: [
+                "ClearingDomain", "ClearingStore",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdTLS", package: "hummingbird"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strict),
         // The verbs of the command line, as a library so tests can drive them.
         .target(
             name: "ClearhouseCLI",
             dependencies: [
-                "ClearingDomain", "ClearingConfig", "ClearingStore", "ClearingSimulation",
+                "ClearingDomain", "ClearingConfig", "ClearingStore", "ClearingSimulation", "ClearingHTTP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdTLS", package: "hummingbird"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
@@ -70,6 +96,13 @@ let package = Package(
         .testTarget(
             name: "ClearingStoreTests",
             dependencies: ["ClearingStore", "ClearingDomain", "ClearingSimulation", "ClearhouseTestSupport", .product(name: "GRDB", package: "GRDB.swift")]),
+        .testTarget(
+            name: "ClearingHTTPTests",
+            dependencies: [
+                "ClearingHTTP", "ClearingDomain", "ClearingStore", "ClearhouseTestSupport",
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]),
         .testTarget(name: "ClearhouseCLITests", dependencies: ["ClearhouseCLI", "clearhouse", "ClearingConfig", "ClearhouseTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

@@ -22,6 +22,15 @@ public enum Limits {
     public static let eventBodyBytesMax = 64 * 1024
     public static let signatureToleranceSecondsMax: Int64 = 300
 
+    /// A partner's token bucket holds this many seconds of its rate.
+    public static let rateBurstSeconds: Int64 = 2
+    /// Longest a request's headers may be, in bytes, all together.
+    public static let requestHeaderBytesMax = 16 * 1024
+    /// Seconds a client is told to wait in `retry-after` when the server sheds load.
+    public static let overloadRetryAfterSeconds = 1
+    /// Longest the server waits for in-flight requests when shutting down.
+    public static let shutdownGraceSecondsMax: Int64 = 30
+
     // MARK: Posting writer (group commit)
     /// Most postings decided in one coalition transaction (one fsync of the journal).
     public static let postingBatchMax = 4096

@@ -51,6 +51,13 @@ public final class PostingWriter: @unchecked Sendable {
         condition.unlock()
     }
 
+    /// False once shutdown began.
+    public var isAccepting: Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        return !closing
+    }
+
     /// Postings waiting for the writer right now.
     public var queueDepth: Int {
         condition.lock()

@@ -1,0 +1,58 @@
+import ArgumentParser
+import ClearingDomain
+import ClearingHTTP
+import ClearingStore
+import Foundation
+import Hummingbird
+import HummingbirdTLS
+import Logging
+import ServiceLifecycle
+
+/// `clearhouse serve`: the HTTPS intake (CONTRACT §3, §4, §10).
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Serve the partner API over HTTPS until SIGTERM or SIGINT.",
+        discussion: "Needs server.crt and server.key in --certs (and ca.crt when a partner uses mutual TLS); ops/certs makes development ones. On SIGTERM it stops accepting, finishes what it has accepted, closes the databases and exits 0.")
+
+    @OptionGroup var locations: Locations
+    @Option(help: "Address to listen on.") var host: String = "127.0.0.1"
+    @Option(help: "Port to listen on (0: any free port; the chosen one is printed).") var port: Int = 8443
+    @Option(help: "Directory with server.crt, server.key and ca.crt.") var certs: String = "./certs"
+
+    func run() async throws {
+        let configuration = try locations.loadConfiguration()
+        let mutualTLS = configuration.partners.values.contains { $0.clientCertSHA256 != nil }
+        let tls: NIOSSL.TLSConfiguration
+        do {
+            tls = try ServerTLS.configuration(directory: URL(fileURLWithPath: certs), mutualTLS: mutualTLS)
+        } catch {
+            printError("clearhouse serve: \(error)")
+            throw ExitCode(2)
+        }
+        var logger = Logger(label: "clearhouse")
+        logger.logLevel = ProcessInfo.processInfo.environment["CLEARHOUSE_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
+        let store = try locations.openStore(configuration)
+        let writer = PostingWriter(store: store)
+        let intake = Intake(configuration: configuration, store: store, writer: writer)
+        let app = Application(
+            router: intake.router(),
+            server: try .tls(.http1(), tlsConfiguration: tls),
+            configuration: .init(address: .hostname(host, port: port), serverName: nil),
+            onServerRunning: { channel in
+                let port = channel.localAddress?.port ?? 0
+                // Written straight to the file descriptor, unbuffered, so a parent waiting for
+                // it (ops/demo, tests) sees it at once.
+                FileHandle.standardOutput.write(Data("clearhouse: listening on https://\(host):\(port)\n".utf8))
+            },
+            logger: logger)
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [app], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger))
+        try await group.run()
+        // The server has drained its in-flight requests; finish anything still queued, then
+        // close the databases cleanly (checkpointed).
+        writer.shutdown()
+        try store.close()
+        print("clearhouse: stopped")
+    }
+}

@@ -1,0 +1,167 @@
+import ClearingDomain
+import ClearingStore
+import Crypto
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+import NIOCore
+
+/// The routes of CONTRACT §3 and §4 over the posting API, and the operational ones.
+public struct Intake: Sendable {
+    let configuration: ClearingConfiguration
+    let store: Store
+    let writer: PostingWriter
+    let limiter: RateLimiter
+    let clock: any WallClock
+    /// SHA-256 of each partner's bearer token -> the partner.
+    let tokenOwners: [[UInt8]: PartnerID]
+    /// SHA-256 of each partner's client certificate -> the partner.
+    let certificateOwners: [[UInt8]: PartnerID]
+
+    public init(configuration: ClearingConfiguration, store: Store, writer: PostingWriter, clock: any WallClock = SystemClock()) {
+        self.configuration = configuration
+        self.store = store
+        self.writer = writer
+        self.clock = clock
+        limiter = RateLimiter(configuration: configuration)
+        var tokens: [[UInt8]: PartnerID] = [:]
+        var certs: [[UInt8]: PartnerID] = [:]
+        for (id, p) in configuration.partners {
+            tokens[p.apiTokenSHA256] = id
+            if let c = p.clientCertSHA256 { certs[c] = id }
+        }
+        tokenOwners = tokens
+        certificateOwners = certs
+    }
+
+    public func router() -> Router<ClearhouseContext> {
+        let router = Router(context: ClearhouseContext.self)
+        router.add(middleware: RequestLogMiddleware())  // outermost: sees every final status
+        router.add(middleware: ProblemMiddleware())
+        router.post("/v1/partners/:partner/events") { request, context in
+            try await postEvent(request, context)
+        }
+        router.get("/v1/partners/:partner/members/:member/balance") { request, context in
+            try await balance(request, context)
+        }
+        router.get("/healthz") { _, _ in Responses.json(200, #"{"status":"ok"}"#) }
+        router.get("/readyz") { _, _ in
+            writer.isAccepting ? Responses.json(200, #"{"status":"ready"}"#) : Responses.problem(Problem(.unavailable, "shutting down"))
+        }
+        return router
+    }
+
+    func partner(_ context: ClearhouseContext) throws(Problem) -> PartnerTerms {
+        let text = context.parameters.get("partner") ?? ""
+        guard let id = PartnerID(text), let terms = configuration.partners[id] else {
+            throw Problem(.unknownPartner, "no partner \(JSONWriter.quote(text)) in this coalition")
+        }
+        return terms
+    }
+
+    // MARK: POST /v1/partners/{partner}/events
+
+    func postEvent(_ request: Request, _ context: ClearhouseContext) async throws -> Response {
+        let terms = try partner(context)
+        if let required = terms.clientCertSHA256 {
+            guard let presented = await context.clientCertificateSHA256() else {
+                throw Problem(.wrongPartner, "partner \(terms.id) must use mutual TLS with its client certificate")
+            }
+            guard constantTimeEqual(presented, required) else {
+                throw Problem(.wrongPartner, "the client certificate is not partner \(terms.id)'s")
+            }
+        }
+        if let wait = limiter.admit(terms.id, now: clock.now()) {
+            throw Problem(.rateLimited, "partner \(terms.id) is over its rate of \(terms.ratePerSecond ?? 0) requests/s", retryAfterSeconds: wait)
+        }
+        try requireJSON(request)
+        if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > Limits.eventBodyBytesMax {
+            throw Problem(.tooLarge, "the body is \(length) bytes; at most \(Limits.eventBodyBytesMax) are accepted")
+        }
+        var request = request
+        let body = try await request.collectBody(upTo: Limits.eventBodyBytesMax)
+        let bytes = body.readableBytesView
+        let id = request.headers[.webhookID]
+        if let problem = WebhookSignature.verify(
+            id: id, timestamp: request.headers[.webhookTimestamp], signatures: request.headers[.webhookSignature],
+            body: bytes, secrets: terms.webhookSecrets, now: clock.now())
+        {
+            throw problem
+        }
+        guard let webhookID = id.flatMap(WebhookID.init) else {
+            throw Problem(.malformed, "webhook-id: must be 1-128 characters of [A-Za-z0-9._:-]")
+        }
+        let event = try EventParser.parse(bytes)
+        let outcome = await writer.post(Submission(partner: terms.id, webhookID: webhookID, event: event))
+        return Responses.outcome(outcome)
+    }
+
+    func requireJSON(_ request: Request) throws(Problem) {
+        let type = request.headers[.contentType]?.lowercased() ?? ""
+        let essence = type.split(separator: ";", maxSplits: 1).first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
+        guard essence == "application/json" else {
+            throw Problem(.unsupportedMediaType, "content-type must be application/json (got \(JSONWriter.quote(type)))")
+        }
+    }
+
+    // MARK: Reads (CONTRACT §4)
+
+    /// The partner a read is for, once its credentials are checked: a bearer token whose
+    /// SHA-256 is the partner's `api_token_sha256`, or the partner's client certificate.
+    /// Another partner's credentials: 403; none or unknown: 401.
+    func authorizeRead(_ request: Request, _ context: ClearhouseContext, for terms: PartnerTerms) async throws(Problem) {
+        if let header = request.headers[.authorization] {
+            let parts = header.split(separator: " ", maxSplits: 1)
+            guard parts.count == 2, parts[0].lowercased() == "bearer", !parts[1].isEmpty, parts[1].utf8.count <= 512 else {
+                throw Problem(.unauthorized, "authorization must be \"Bearer <token>\"")
+            }
+            let digest = Array(SHA256.hash(data: Array(parts[1].utf8)))
+            if constantTimeEqual(digest, terms.apiTokenSHA256) { return }
+            if tokenOwners[digest] != nil { throw Problem(.wrongPartner, "this token belongs to another partner") }
+            throw Problem(.unauthorized, "the bearer token is not valid")
+        }
+        if let presented = await context.clientCertificateSHA256() {
+            if let required = terms.clientCertSHA256, constantTimeEqual(presented, required) { return }
+            if certificateOwners[presented] != nil { throw Problem(.wrongPartner, "this client certificate belongs to another partner") }
+        }
+        throw Problem(.unauthorized, "a bearer token or the partner's client certificate is required")
+    }
+
+    func balance(_ request: Request, _ context: ClearhouseContext) async throws -> Response {
+        let terms = try partner(context)
+        try await authorizeRead(request, context, for: terms)
+        let text = context.parameters.get("member") ?? ""
+        guard let member = MemberID(text) else { throw Problem(.malformed, "member: must match ^[A-Za-z0-9._-]{1,64}$") }
+        let points = try store.balance(of: member)
+        var w = JSONWriter()
+        w.string("member", member.rawValue)
+        w.int("balance", points.value)
+        return Responses.json(200, w.finish())
+    }
+}
+
+/// Compares two digests without an early exit.
+func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+    guard a.count == b.count else { return false }
+    var diff: UInt8 = 0
+    for i in 0..<a.count { diff |= a[i] ^ b[i] }
+    return diff == 0
+}
+
+/// One structured log line per request: method, path, status, duration. Never headers or
+/// bodies, so no signature, token or secret is ever logged.
+struct RequestLogMiddleware<Context: RequestContext>: RouterMiddleware {
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        let start = ContinuousClock.now
+        let response = try await next(request, context)
+        let elapsed = ContinuousClock.now - start
+        context.logger.info(
+            "request",
+            metadata: [
+                "method": "\(request.method)", "path": "\(request.uri.path)", "status": "\(response.status.code)",
+                "ms": "\(elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000)",
+            ])
+        return response
+    }
+}

@@ -1,0 +1,64 @@
+import ClearingDomain
+import Hummingbird
+import HTTPTypes
+import NIOCore
+
+extension HTTPField.Name {
+    static let webhookID = HTTPField.Name("webhook-id")!
+    static let webhookTimestamp = HTTPField.Name("webhook-timestamp")!
+    static let webhookSignature = HTTPField.Name("webhook-signature")!
+}
+
+enum Responses {
+    /// A JSON body with a status.
+    static func json(_ status: Int, _ body: String) -> Response {
+        Response(
+            status: HTTPResponse.Status(code: status),
+            headers: [.contentType: "application/json", .cacheControl: "no-store"],
+            body: .init(byteBuffer: ByteBuffer(string: body)))
+    }
+
+    /// An RFC 9457 problem document, with `retry-after` where the problem has one.
+    static func problem(_ p: Problem) -> Response {
+        var headers: HTTPFields = [.contentType: "application/problem+json", .cacheControl: "no-store"]
+        if let s = p.retryAfterSeconds ?? (p.kind == .rateLimited || p.kind == .unavailable ? Limits.overloadRetryAfterSeconds : nil) {
+            headers[.retryAfter] = String(s)
+        }
+        if p.kind == .unauthorized { headers[.wwwAuthenticate] = "Bearer" }
+        return Response(status: HTTPResponse.Status(code: p.status), headers: headers, body: .init(byteBuffer: ByteBuffer(string: p.json)))
+    }
+
+    static func outcome(_ o: PostingOutcome) -> Response {
+        switch o {
+        case .created, .replayed: json(o.httpStatus, o.bodyJSON)
+        case .rejected(let p): problem(p)
+        }
+    }
+}
+
+/// Turns anything a route or Hummingbird throws into a problem document, so every failure
+/// on the wire is `application/problem+json` (unknown routes and methods included).
+struct ProblemMiddleware<Context: RequestContext>: RouterMiddleware {
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        do {
+            return try await next(request, context)
+        } catch let p as Problem {
+            return Responses.problem(p)
+        } catch is NIOTooManyBytesError {
+            return Responses.problem(Problem(.tooLarge, "the body is larger than \(Limits.eventBodyBytesMax) bytes"))
+        } catch let e as any HTTPResponseError {
+            switch e.status.code {
+            case 404: return Responses.problem(Problem(.notFound, "no such resource: \(request.uri.path)"))
+            case 405: return Responses.problem(Problem(.notFound, "\(request.method) is not served at \(request.uri.path)"))
+            case 413: return Responses.problem(Problem(.tooLarge, "the body is larger than \(Limits.eventBodyBytesMax) bytes"))
+            case 400..<500: return Responses.problem(Problem(.malformed, "the request could not be read"))
+            default:
+                context.logger.error("request failed", metadata: ["status": "\(e.status.code)"])
+                return Responses.problem(Problem(.unavailable, "the request could not be served; retry later"))
+            }
+        } catch {
+            context.logger.error("request failed", metadata: ["error": "\(type(of: error))"])
+            return Responses.problem(Problem(.unavailable, "the request could not be served; retry later"))
+        }
+    }
+}

@@ -1,0 +1,69 @@
+import ClearingDomain
+import Crypto
+import Foundation
+
+/// Standard Webhooks, version 1 (CONTRACT §3): HMAC-SHA256 over
+/// `{webhook-id}.{webhook-timestamp}.{raw body}`, keyed with the secret's bytes, base64 in
+/// `webhook-signature` as space-separated `v1,<base64>` entries.
+public enum WebhookSignature {
+    /// Most `webhook-signature` entries looked at; more is refused as malformed.
+    public static let entriesMax = 16
+    public static let headerBytesMax = 4096
+
+    /// The signed content.
+    static func content(id: String, timestamp: String, body: some Collection<UInt8>) -> [UInt8] {
+        var c: [UInt8] = []
+        c.reserveCapacity(id.utf8.count + timestamp.utf8.count + body.count + 2)
+        c += id.utf8
+        c.append(0x2E)
+        c += timestamp.utf8
+        c.append(0x2E)
+        c += body
+        return c
+    }
+
+    /// `v1,<base64>` for one secret.
+    public static func sign(id: String, timestamp: Int64, body: some Collection<UInt8>, secret: SecretBytes) -> String {
+        let mac = HMAC<SHA256>.authenticationCode(
+            for: content(id: id, timestamp: String(timestamp), body: body), using: SymmetricKey(data: secret.bytes))
+        return "v1," + Data(mac).base64EncodedString()
+    }
+
+    /// Checks the three headers against the body and the partner's secrets. Returns nil when
+    /// authentic and fresh, else the problem: `bad-signature` for missing or unmatched
+    /// signatures, `stale-timestamp` for an authentic message more than 300 s from `now`.
+    /// Every candidate is compared in constant time (`isValidAuthenticationCode`).
+    public static func verify(
+        id: String?, timestamp: String?, signatures: String?, body: some Collection<UInt8>,
+        secrets: [SecretBytes], now: Instant
+    ) -> Problem? {
+        guard let id, let timestamp, let signatures, !id.isEmpty, !timestamp.isEmpty, !signatures.isEmpty else {
+            return Problem(.badSignature, "webhook-id, webhook-timestamp and webhook-signature are all required")
+        }
+        guard signatures.utf8.count <= headerBytesMax, id.utf8.count <= headerBytesMax else {
+            return Problem(.badSignature, "webhook-signature is too long")
+        }
+        guard timestamp.utf8.count <= 12, timestamp.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let seconds = Int64(timestamp) else {
+            return Problem(.badSignature, "webhook-timestamp must be Unix seconds")
+        }
+        var candidates: [Data] = []
+        for entry in signatures.split(separator: " ", omittingEmptySubsequences: true).prefix(entriesMax) {
+            guard entry.hasPrefix("v1,"), let mac = Data(base64Encoded: String(entry.dropFirst(3))), mac.count == 32 else { continue }
+            candidates.append(mac)
+        }
+        let signed = content(id: id, timestamp: timestamp, body: body)
+        var matched = false
+        for secret in secrets {
+            let key = SymmetricKey(data: secret.bytes)
+            for mac in candidates where HMAC<SHA256>.isValidAuthenticationCode(mac, authenticating: signed, using: key) {
+                matched = true
+            }
+        }
+        guard matched else { return Problem(.badSignature, "no webhook-signature matches this partner's secrets") }
+        let skew = now.millisecondsSinceEpoch / 1000 - seconds
+        guard abs(skew) <= Limits.signatureToleranceSecondsMax else {
+            return Problem(.staleTimestamp, "webhook-timestamp is \(abs(skew)) s \(skew > 0 ? "behind" : "ahead of") the server clock; at most \(Limits.signatureToleranceSecondsMax) s are accepted")
+        }
+        return nil
+    }
+}

@@ -1,0 +1,222 @@
+import ClearhouseTestSupport
+import ClearingDomain
+import ClearingHTTP
+import ClearingStore
+import Crypto
+import Foundation
+import HTTPTypes
+import Hummingbird
+import HummingbirdTesting
+import NIOCore
+import Testing
+
+let fuel = PartnerID("fuel")!, cinema = PartnerID("cinema")!, slow = PartnerID("slow")!, secure = PartnerID("secure")!
+let secretA = SecretBytes(Array(repeating: 1, count: 32)), secretB = SecretBytes(Array(repeating: 2, count: 32))
+
+func sha(_ s: String) -> [UInt8] { Array(SHA256.hash(data: Array(s.utf8))) }
+
+func httpConfiguration() -> ClearingConfiguration {
+    func terms(_ id: PartnerID, secrets: [SecretBytes], rate: Int64? = nil, cert: [UInt8]? = nil) -> PartnerTerms {
+        PartnerTerms(
+            id: id, name: id.rawValue, issuePricePer1000: MoneyMinor(1000), redeemCreditPer1000: MoneyMinor(900),
+            webhookSecrets: secrets, apiTokenSHA256: sha("token-\(id)"), noticeURL: "https://127.0.0.1/\(id)",
+            noticeSecret: secretA, clientCertSHA256: cert, ratePerSecond: rate)
+    }
+    return ClearingConfiguration(
+        coalition: CoalitionTerms(currency: "EUR", pointsExpireAfterDays: 1095),
+        partners: [
+            fuel: terms(fuel, secrets: [secretA, secretB]),  // rotating: two secrets
+            cinema: terms(cinema, secrets: [secretB]),
+            slow: terms(slow, secrets: [secretA], rate: 1),
+            secure: terms(secure, secrets: [secretA], cert: sha("a certificate")),
+        ])
+}
+
+/// The intake over a real store, served in-process.
+final class Server: @unchecked Sendable {
+    let dir = TemporaryDirectory("clearhouse-http")
+    let clock = ManualClock(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+    let store: Store
+    let writer: PostingWriter
+    let intake: Intake
+
+    init() throws {
+        store = try Store(dataDirectory: dir.url, configuration: httpConfiguration(), clock: clock)
+        writer = PostingWriter(store: store)
+        intake = Intake(configuration: httpConfiguration(), store: store, writer: writer, clock: clock)
+    }
+
+    deinit {
+        writer.shutdown()
+        try? store.close()
+        dir.remove()
+    }
+
+    var nowSeconds: Int64 { clock.now().millisecondsSinceEpoch / 1000 }
+
+    func headers(id: String, body: String, secret: SecretBytes = secretA, timestamp: Int64? = nil, contentType: String = "application/json") -> HTTPFields {
+        let ts = timestamp ?? nowSeconds
+        var h = HTTPFields()
+        h[.contentType] = contentType
+        h[HTTPField.Name("webhook-id")!] = id
+        h[HTTPField.Name("webhook-timestamp")!] = String(ts)
+        h[HTTPField.Name("webhook-signature")!] = WebhookSignature.sign(id: id, timestamp: ts, body: Array(body.utf8), secret: secret)
+        return h
+    }
+
+    func test(_ body: @escaping @Sendable (any TestClientProtocol) async throws -> Void) async throws {
+        let app = Application(router: intake.router())
+        try await app.test(.router, body)
+    }
+}
+
+let earn = #"{"type":"points.earned","data":{"member":"M1","points":100,"reference":"R-1"}}"#
+
+func problemType(_ r: TestResponse) -> String? {
+    (try? JSONSerialization.jsonObject(with: Data(buffer: r.body)) as? [String: Any])?["type"] as? String
+}
+
+@Suite struct IntakeTests {
+    @Test func signedEventIsCreatedThenReplayed() async throws {
+        let s = try Server()
+        try await s.test { client in
+            let first = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "msg_1", body: earn), body: ByteBuffer(string: earn))
+            #expect(first.status == .created)
+            #expect(first.headers[.contentType] == "application/json")
+            let body = String(buffer: first.body)
+            #expect(body.contains(#""sequence":1"#) && body.contains(#""member_balance":100"#))
+            let again = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "msg_1", body: earn), body: ByteBuffer(string: earn))
+            #expect(again.status == .ok && String(buffer: again.body) == body)
+            let byRef = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "msg_2", body: earn), body: ByteBuffer(string: earn))
+            #expect(byRef.status == .ok && String(buffer: byRef.body) == body)
+        }
+        #expect(try s.store.ledgerEntries(fuel).count == 1)
+    }
+
+    @Test func everyProblemOfTheTable() async throws {
+        let s = try Server()
+        try await s.test { client in
+            func post(_ partner: String, _ id: String, _ body: String, _ headers: HTTPFields? = nil) async throws -> TestResponse {
+                try await client.execute(uri: "/v1/partners/\(partner)/events", method: .post, headers: headers ?? s.headers(id: id, body: body), body: ByteBuffer(string: body))
+            }
+            _ = try await post("fuel", "ok", earn)
+            var noSig = s.headers(id: "x", body: earn)
+            noSig[HTTPField.Name("webhook-signature")!] = nil
+            let tampered = earn.replacingOccurrences(of: "100", with: "900")
+            let redeem101 = #"{"type":"points.redeemed","data":{"member":"M1","points":101,"reference":"C-1"}}"#
+            let cases: [(TestResponse, Int, String)] = [
+                (try await post("fuel", "m1", "{not json"), 400, "malformed"),
+                (try await post("fuel", "m2", #"{"type":"points.earned","data":{"member":"M1","points":0,"reference":"R-9"}}"#), 400, "malformed"),
+                (try await post("fuel", "bad id!", earn.replacingOccurrences(of: "R-1", with: "R-8")), 400, "malformed"),
+                (try await post("fuel", "s1", tampered, s.headers(id: "s1", body: earn)), 401, "bad-signature"),
+                (try await post("fuel", "s2", earn, noSig), 401, "bad-signature"),
+                (try await post("cinema", "s3", earn, s.headers(id: "s3", body: earn, secret: secretA)), 401, "bad-signature"),
+                (try await post("fuel", "t1", earn, s.headers(id: "t1", body: earn, timestamp: s.nowSeconds - 301)), 401, "stale-timestamp"),
+                (try await post("fuel", "t2", earn, s.headers(id: "t2", body: earn, timestamp: s.nowSeconds + 301)), 401, "stale-timestamp"),
+                (try await post("secure", "w1", earn), 403, "wrong-partner"),
+                (try await post("nobody", "u1", earn), 404, "unknown-partner"),
+                (try await post("fuel", "c1", earn.replacingOccurrences(of: "100", with: "101")), 409, "conflict"),
+                (try await post("fuel", "ok", earn.replacingOccurrences(of: "R-1", with: "R-7")), 409, "conflict"),
+                (try await post("fuel", "ct", earn, s.headers(id: "ct", body: earn, contentType: "text/plain")), 415, "unsupported-media-type"),
+                (try await post("cinema", "r1", redeem101, s.headers(id: "r1", body: redeem101, secret: secretB)), 422, "insufficient-points"),
+                (try await post("fuel", "o1", #"{"type":"points.earn_reversed","data":{"member":"M1","points":1,"reference":"F-1","original_reference":"NONE"}}"#), 422, "unknown-original"),
+                (try await post("fuel", "o2", #"{"type":"points.earn_reversed","data":{"member":"M1","points":101,"reference":"F-2","original_reference":"R-1"}}"#), 422, "reversal-exceeds-original"),
+                (try await post("fuel", "o3", #"{"type":"points.earn_reversed","data":{"member":"M2","points":1,"reference":"F-3","original_reference":"R-1"}}"#), 422, "member-mismatch"),
+            ]
+            for (r, status, slug) in cases {
+                #expect(Int(r.status.code) == status, "\(slug): \(String(buffer: r.body))")
+                #expect(r.headers[.contentType] == "application/problem+json", "\(slug)")
+                #expect(problemType(r) == "urn:clearhouse:problem:\(slug)", "\(String(buffer: r.body))")
+            }
+        }
+        // Nothing of any refused request was written.
+        #expect(try s.store.ledgerEntries(fuel).count == 1)
+        #expect(try s.store.ledgerEntries(cinema).isEmpty)
+    }
+
+    @Test func bodiesJustUnderAndOver64KiB() async throws {
+        let s = try Server()
+        try await s.test { client in
+            let prefix = #"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-2"}}"#
+            let under = prefix + String(repeating: " ", count: Limits.eventBodyBytesMax - prefix.utf8.count)
+            #expect(under.utf8.count == Limits.eventBodyBytesMax)
+            let ok = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "big1", body: under), body: ByteBuffer(string: under))
+            #expect(ok.status == .created, "\(String(buffer: ok.body))")
+            let over = under + " "
+            let refused = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "big2", body: over), body: ByteBuffer(string: over))
+            #expect(refused.status.code == 413 && problemType(refused) == "urn:clearhouse:problem:too-large")
+        }
+    }
+
+    @Test func secretRotationAndSeveralSignatures() async throws {
+        let s = try Server()
+        try await s.test { client in
+            let b = earn
+            let withNew = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "rot1", body: b, secret: secretB), body: ByteBuffer(string: b))
+            #expect(withNew.status == .created)
+            var h = s.headers(id: "rot2", body: b.replacingOccurrences(of: "R-1", with: "R-2"), secret: secretA)
+            let good = h[HTTPField.Name("webhook-signature")!]!
+            h[HTTPField.Name("webhook-signature")!] = "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA= v2,zzz " + good
+            let several = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: h, body: ByteBuffer(string: b.replacingOccurrences(of: "R-1", with: "R-2")))
+            #expect(several.status == .created)
+            let edge = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "rot3", body: b.replacingOccurrences(of: "R-1", with: "R-3"), timestamp: s.nowSeconds - 300), body: ByteBuffer(string: b.replacingOccurrences(of: "R-1", with: "R-3")))
+            #expect(edge.status == .created, "300 s is still within the tolerance")
+        }
+    }
+
+    @Test func rateLimitedPartnerGets429WithRetryAfter() async throws {
+        let s = try Server()
+        try await s.test { client in
+            var statuses: [Int] = []
+            var retryAfter: String?
+            for i in 0..<4 {
+                let b = earn.replacingOccurrences(of: "R-1", with: "S-\(i)")
+                let r = try await client.execute(uri: "/v1/partners/slow/events", method: .post, headers: s.headers(id: "sl\(i)", body: b), body: ByteBuffer(string: b))
+                statuses.append(Int(r.status.code))
+                if r.status.code == 429 { retryAfter = r.headers[.retryAfter] }
+            }
+            #expect(statuses == [201, 201, 429, 429], "burst of 2 s at 1/s")
+            #expect(retryAfter == "1")
+            s.clock.advance(milliseconds: 1000)
+            let b = earn.replacingOccurrences(of: "R-1", with: "S-9")
+            let later = try await client.execute(uri: "/v1/partners/slow/events", method: .post, headers: s.headers(id: "sl9", body: b), body: ByteBuffer(string: b))
+            #expect(later.status == .created)
+        }
+    }
+
+    @Test func balanceReadsNeedThePartnersCredentials() async throws {
+        let s = try Server()
+        try await s.test { client in
+            _ = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "m", body: earn), body: ByteBuffer(string: earn))
+            func get(_ path: String, _ token: String?) async throws -> TestResponse {
+                var h = HTTPFields()
+                if let token { h[.authorization] = "Bearer \(token)" }
+                return try await client.execute(uri: path, method: .get, headers: h)
+            }
+            let ok = try await get("/v1/partners/fuel/members/M1/balance", "token-fuel")
+            #expect(ok.status == .ok && String(buffer: ok.body) == #"{"member":"M1","balance":100}"#)
+            let never = try await get("/v1/partners/fuel/members/NEVER/balance", "token-fuel")
+            #expect(String(buffer: never.body) == #"{"member":"NEVER","balance":0}"#)
+            #expect(try await get("/v1/partners/fuel/members/M1/balance", "token-cinema").status.code == 403)
+            #expect(try await get("/v1/partners/fuel/members/M1/balance", "token-wrong").status.code == 401)
+            let none = try await get("/v1/partners/fuel/members/M1/balance", nil)
+            #expect(none.status.code == 401 && problemType(none) == "urn:clearhouse:problem:unauthorized")
+            #expect(try await get("/v1/partners/fuel/members/M%201/balance", "token-fuel").status.code == 400)
+            #expect(try await get("/v1/partners/nobody/members/M1/balance", "token-fuel").status.code == 404)
+        }
+    }
+
+    @Test func operationalRoutesAndUnknownPaths() async throws {
+        let s = try Server()
+        try await s.test { client in
+            #expect(try await client.execute(uri: "/healthz", method: .get).status == .ok)
+            #expect(try await client.execute(uri: "/readyz", method: .get).status == .ok)
+            let missing = try await client.execute(uri: "/v1/nothing", method: .get)
+            #expect(missing.status.code == 404 && missing.headers[.contentType] == "application/problem+json")
+            s.writer.shutdown()
+            #expect(try await client.execute(uri: "/readyz", method: .get).status.code == 503)
+            let late = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "late", body: earn), body: ByteBuffer(string: earn))
+            #expect(late.status.code == 503 && late.headers[.retryAfter] != nil)
+        }
+    }
+}
