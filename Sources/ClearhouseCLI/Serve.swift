@@ -32,8 +32,9 @@ struct Serve: AsyncParsableCommand {
         var logger = Logger(label: "clearhouse")
         logger.logLevel = ProcessInfo.processInfo.environment["CLEARHOUSE_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
         let store = try locations.openStore(configuration)
-        let writer = PostingWriter(store: store)
-        let intake = Intake(configuration: configuration, store: store, writer: writer)
+        let metrics = IntakeMetrics()
+        let writer = PostingWriter(store: store, batchObserver: { metrics.groupCommit(postings: $0) })
+        let intake = Intake(configuration: configuration, store: store, writer: writer, metrics: metrics)
         let app = Application(
             router: intake.router(),
             server: try .tls(.http1(), tlsConfiguration: tls),

@@ -18,8 +18,13 @@ public struct Intake: Sendable {
     let tokenOwners: [[UInt8]: PartnerID]
     /// SHA-256 of each partner's client certificate -> the partner.
     let certificateOwners: [[UInt8]: PartnerID]
+    public let metrics: IntakeMetrics
 
-    public init(configuration: ClearingConfiguration, store: Store, writer: PostingWriter, clock: any WallClock = SystemClock()) {
+    public init(
+        configuration: ClearingConfiguration, store: Store, writer: PostingWriter, clock: any WallClock = SystemClock(),
+        metrics: IntakeMetrics = IntakeMetrics()
+    ) {
+        self.metrics = metrics
         self.configuration = configuration
         self.store = store
         self.writer = writer
@@ -37,7 +42,7 @@ public struct Intake: Sendable {
 
     public func router() -> Router<ClearhouseContext> {
         let router = Router(context: ClearhouseContext.self)
-        router.add(middleware: RequestLogMiddleware())  // outermost: sees every final status
+        router.add(middleware: RequestLogMiddleware(metrics: metrics))  // outermost: sees every final status
         router.add(middleware: ProblemMiddleware())
         router.post("/v1/partners/:partner/events") { request, context in
             try await postEvent(request, context)
@@ -46,6 +51,12 @@ public struct Intake: Sendable {
             try await balance(request, context)
         }
         router.get("/healthz") { _, _ in Responses.json(200, #"{"status":"ok"}"#) }
+        router.get("/metrics") { _, _ in
+            metrics.queueDepth(writer.queueDepth)
+            return Response(
+                status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                body: .init(byteBuffer: ByteBuffer(bytes: metrics.render())))
+        }
         router.get("/readyz") { _, _ in
             writer.isAccepting ? Responses.json(200, #"{"status":"ready"}"#) : Responses.problem(Problem(.unavailable, "shutting down"))
         }
@@ -94,6 +105,7 @@ public struct Intake: Sendable {
         }
         let event = try EventParser.parse(bytes)
         let outcome = await writer.post(Submission(partner: terms.id, webhookID: webhookID, event: event))
+        metrics.posting(outcome)
         return Responses.outcome(outcome)
     }
 
@@ -149,13 +161,17 @@ func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
     return diff == 0
 }
 
-/// One structured log line per request: method, path, status, duration. Never headers or
-/// bodies, so no signature, token or secret is ever logged.
+/// One structured log line and one metric sample per request: method, path, status,
+/// duration. Never headers or bodies, so no signature, token or secret is ever logged.
 struct RequestLogMiddleware<Context: RequestContext>: RouterMiddleware {
+    let metrics: IntakeMetrics
+
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         let start = ContinuousClock.now
         let response = try await next(request, context)
         let elapsed = ContinuousClock.now - start
+        let nanos = elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000
+        metrics.request(route: context.endpointPath ?? "unmatched", status: Int(response.status.code), nanoseconds: nanos)
         context.logger.info(
             "request",
             metadata: [

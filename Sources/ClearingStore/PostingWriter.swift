@@ -18,8 +18,12 @@ public final class PostingWriter: @unchecked Sendable {
     private var finished = false
     private let batchSizes = BatchSizeStats()
 
-    public init(store: Store) {
+    /// Called on the writer's thread with the size of each committed batch (for metrics).
+    private let batchObserver: (@Sendable (Int) -> Void)?
+
+    public init(store: Store, batchObserver: (@Sendable (Int) -> Void)? = nil) {
         self.store = store
+        self.batchObserver = batchObserver
         let thread = Thread { [self] in self.run() }
         thread.name = "clearhouse-writer"
         thread.start()
@@ -95,6 +99,7 @@ public final class PostingWriter: @unchecked Sendable {
 
             let outcomes = store.post(batch.map(\.0))
             batchSizes.record(batch.count)
+            batchObserver?(batch.count)
             for (item, outcome) in zip(batch, outcomes) { item.1(outcome) }
         }
     }

@@ -206,6 +206,23 @@ func problemType(_ r: TestResponse) -> String? {
         }
     }
 
+    @Test func metricsInPrometheusTextFormat() async throws {
+        let s = try Server()
+        try await s.test { client in
+            _ = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "m1", body: earn), body: ByteBuffer(string: earn))
+            _ = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "m1", body: earn), body: ByteBuffer(string: earn))
+            let m = try await client.execute(uri: "/metrics", method: .get)
+            #expect(m.status == .ok && m.headers[.contentType]?.hasPrefix("text/plain") == true)
+            let text = String(buffer: m.body)
+            #expect(text.contains(#"clearhouse_postings_total{outcome="created"} 1"#), "\(text)")
+            #expect(text.contains(#"clearhouse_postings_total{outcome="replayed"} 1"#))
+            #expect(text.contains(#"clearhouse_http_requests_total{route="/v1/partners/{partner}/events",status="201"} 1"#) || text.contains("status=\"201\""), "\(text)")
+            #expect(text.contains("clearhouse_http_request_duration_seconds_bucket"))
+            #expect(text.contains("clearhouse_writer_queue_depth"))
+            #expect(!text.contains("whsec_") && !text.contains("v1,"), "no secret or signature in metrics")
+        }
+    }
+
     @Test func operationalRoutesAndUnknownPaths() async throws {
         let s = try Server()
         try await s.test { client in

@@ -1,0 +1,55 @@
+import ClearingDomain
+import CoreMetrics
+import Metrics
+import Prometheus
+
+/// The intake's metrics (swift-metrics, exported in the Prometheus text format by
+/// swift-prometheus at `/metrics`). A registry of its own, passed in, so that tests and
+/// several servers in one process never share global state.
+public final class IntakeMetrics: Sendable {
+    public let registry: PrometheusCollectorRegistry
+    let factory: PrometheusMetricsFactory
+
+    public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
+        self.registry = registry
+        var f = PrometheusMetricsFactory(registry: registry)
+        f.defaultDurationHistogramBuckets = [
+            .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25),
+            .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(5),
+        ]
+        f.defaultValueHistogramBuckets = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+        factory = f
+    }
+
+    /// One request: by route template and status; its latency by route.
+    func request(route: String, status: Int, nanoseconds: Int64) {
+        Counter(label: "clearhouse_http_requests_total", dimensions: [("route", route), ("status", String(status))], factory: factory)
+            .increment()
+        Timer(label: "clearhouse_http_request_duration_seconds", dimensions: [("route", route)], factory: factory)
+            .recordNanoseconds(nanoseconds)
+    }
+
+    /// One posting decided: `created`, `replayed` or the problem's slug.
+    func posting(_ outcome: PostingOutcome) {
+        let label: String
+        switch outcome {
+        case .created: label = "created"
+        case .replayed: label = "replayed"
+        case .rejected(let p): label = p.kind.rawValue
+        }
+        Counter(label: "clearhouse_postings_total", dimensions: [("outcome", label)], factory: factory).increment()
+    }
+
+    /// The size of one group commit (postings per journal transaction).
+    public func groupCommit(postings: Int) {
+        Recorder(label: "clearhouse_group_commit_postings", dimensions: [], aggregate: true, factory: factory)
+            .record(postings)
+    }
+
+    func queueDepth(_ n: Int) {
+        Gauge(label: "clearhouse_writer_queue_depth", dimensions: [], factory: factory).record(n)
+    }
+
+    /// The Prometheus text exposition.
+    func render() -> [UInt8] { registry.emitToBuffer() }
+}
