@@ -40,25 +40,42 @@ public struct Intake: Sendable {
         certificateOwners = certs
     }
 
+    /// Every route the server answers; `docs/openapi.yaml` must describe exactly these (a test
+    /// compares them), and `router()` registers exactly these.
+    public static let routes: [(method: String, path: String)] = [
+        ("POST", "/v1/partners/:partner/events"),
+        ("GET", "/v1/partners/:partner/members/:member/balance"),
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/metrics"),
+    ]
+
+    func handler(_ path: String) -> @Sendable (Request, ClearhouseContext) async throws -> Response {
+        switch path {
+        case "/v1/partners/:partner/events": return { try await postEvent($0, $1) }
+        case "/v1/partners/:partner/members/:member/balance": return { try await balance($0, $1) }
+        case "/healthz": return { _, _ in Responses.json(200, #"{"status":"ok"}"#) }
+        case "/readyz":
+            return { _, _ in
+                writer.isAccepting ? Responses.json(200, #"{"status":"ready"}"#) : Responses.problem(Problem(.unavailable, "shutting down"))
+            }
+        case "/metrics":
+            return { _, _ in
+                metrics.queueDepth(writer.queueDepth)
+                return Response(
+                    status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                    body: .init(byteBuffer: ByteBuffer(bytes: metrics.render())))
+            }
+        default: preconditionFailure("no handler for \(path)")
+        }
+    }
+
     public func router() -> Router<ClearhouseContext> {
         let router = Router(context: ClearhouseContext.self)
         router.add(middleware: RequestLogMiddleware(metrics: metrics))  // outermost: sees every final status
         router.add(middleware: ProblemMiddleware())
-        router.post("/v1/partners/:partner/events") { request, context in
-            try await postEvent(request, context)
-        }
-        router.get("/v1/partners/:partner/members/:member/balance") { request, context in
-            try await balance(request, context)
-        }
-        router.get("/healthz") { _, _ in Responses.json(200, #"{"status":"ok"}"#) }
-        router.get("/metrics") { _, _ in
-            metrics.queueDepth(writer.queueDepth)
-            return Response(
-                status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
-                body: .init(byteBuffer: ByteBuffer(bytes: metrics.render())))
-        }
-        router.get("/readyz") { _, _ in
-            writer.isAccepting ? Responses.json(200, #"{"status":"ready"}"#) : Responses.problem(Problem(.unavailable, "shutting down"))
+        for route in Intake.routes {
+            router.on(RouterPath(route.path), method: HTTPRequest.Method(route.method)!, use: handler(route.path))
         }
         return router
     }

@@ -237,3 +237,31 @@ func problemType(_ r: TestResponse) -> String? {
         }
     }
 }
+
+@Suite struct OpenAPITests {
+    /// The document describes exactly the routes the server registers.
+    @Test func documentAndRoutesAgree() throws {
+        let url = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("docs/openapi.yaml")
+        let lines = try String(contentsOf: url, encoding: .utf8).split(separator: "\n", omittingEmptySubsequences: false)
+        var documented: Set<String> = []
+        var inPaths = false
+        var path: String?
+        for line in lines {
+            if line == "paths:" { inPaths = true; continue }
+            if inPaths, !line.isEmpty, !line.hasPrefix(" ") { break }
+            guard inPaths else { continue }
+            if line.hasPrefix("  /"), line.hasSuffix(":"), !line.hasPrefix("   ") {
+                path = String(line.dropFirst(2).dropLast())
+                    .replacingOccurrences(of: "{", with: ":").replacingOccurrences(of: "}", with: "")
+            } else if let p = path, line.hasPrefix("    "), !line.hasPrefix("     "),
+                let m = ["get", "post", "put", "delete", "patch"].first(where: { line == "    \($0):" })
+            {
+                documented.insert("\(m.uppercased()) \(p)")
+            }
+        }
+        let served = Set(Intake.routes.map { "\($0.method) \($0.path)" })
+        #expect(documented == served, "documented only: \(documented.subtracting(served)); served only: \(served.subtracting(documented))")
+        #expect(served.count == 5)
+    }
+}

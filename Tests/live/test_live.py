@@ -161,3 +161,19 @@ def test_sslyze_mozilla_intermediate(server):
                          capture_output=True, text=True, timeout=300)
     # sslyze exits 0 even when it could not connect: read the verdict.
     assert "OK - Compliant" in out.stdout, out.stdout[-3000:]
+
+
+def test_openapi_document_is_valid_and_every_route_answers(server):
+    import yaml
+    from openapi_spec_validator import validate
+    with open(os.path.join(ROOT, "docs", "openapi.yaml")) as f:
+        spec = yaml.safe_load(f)
+    validate(spec)
+    s = session(server)
+    for path, item in spec["paths"].items():
+        for method in item:
+            url = f"https://localhost:{server['port']}" + path.replace("{partner}", "fuelco").replace("{member}", "M1")
+            r = s.request(method.upper(), url, timeout=10)
+            assert str(r.status_code) in item[method]["responses"], f"{method} {path}: {r.status_code} not documented"
+            if r.status_code == 404:
+                assert r.json()["type"] != "urn:clearhouse:problem:not-found", f"{method} {path} is documented but not served"
