@@ -20,6 +20,7 @@ struct Simulate: AsyncParsableCommand {
     @Option(help: "How many postings.") var events: Int = 30_000
     @Option(help: "Seed of the generator.") var seed: UInt64 = 20_261_122
     @Option(help: "Postings in flight at once.") var inFlight: Int = 1_024
+    @Flag(help: "Print the day as JSON lines (partner, webhook_id, body, intent) instead of posting it.") var emit = false
 
     func validate() throws {
         guard (1...Limits.simulatedMembersMax).contains(members) else { throw ValidationError("--members must be 1...\(Limits.simulatedMembersMax)") }
@@ -29,6 +30,25 @@ struct Simulate: AsyncParsableCommand {
 
     func run() async throws {
         let configuration = try locations.loadConfiguration()
+        if emit {
+            let sim = DaySimulator(
+                partners: configuration.partnerIDs, members: members, events: events, seed: seed, start: SystemClock().now())
+            var out = ""
+            for p in IteratorSequence(sim) {
+                var w = JSONWriter()
+                w.string("partner", p.partner.rawValue)
+                w.string("webhook_id", p.webhookID.rawValue)
+                w.string("body", p.event.jsonBody)
+                if let intent = p.intent { w.string("intent", intent) } else { w.null("intent") }
+                out += w.finish() + "\n"
+                if out.utf8.count > 1 << 20 {
+                    FileHandle.standardOutput.write(Data(out.utf8))
+                    out = ""
+                }
+            }
+            FileHandle.standardOutput.write(Data(out.utf8))
+            return
+        }
         let store = try locations.openStore(configuration)
         let writer = PostingWriter(store: store)
         let sim = DaySimulator(

@@ -158,7 +158,7 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
 
     @Test func helpOnEveryVerb() throws {
         try withCLI { cli in
-            for verb in [[], ["partners"], ["partners", "check"], ["post"], ["balance"], ["verify"], ["simulate"]] {
+            for verb in [[], ["partners"], ["partners", "check"], ["serve"], ["post"], ["balance"], ["verify"], ["simulate"]] {
                 let p = Process()
                 p.executableURL = CLI.binary
                 p.arguments = verb + ["--help"]
