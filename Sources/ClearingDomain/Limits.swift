@@ -22,6 +22,11 @@ public enum Limits {
     public static let eventBodyBytesMax = 64 * 1024
     public static let signatureToleranceSecondsMax: Int64 = 300
 
+    /// How long the server may keep reading a body it refused unread before it closes the
+    /// connection.
+    public static let refusedBodyDrainMillisecondsMax = 20
+    /// How long a closing TLS connection waits for the peer's close_notify.
+    public static let tlsShutdownTimeoutMillisecondsMax = 100
     /// A partner's token bucket holds this many seconds of its rate.
     public static let rateBurstSeconds: Int64 = 2
     /// Longest a request's headers may be, in bytes, all together.

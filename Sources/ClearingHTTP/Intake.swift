@@ -91,6 +91,34 @@ public struct Intake: Sendable {
     // MARK: POST /v1/partners/{partner}/events
 
     func postEvent(_ request: Request, _ context: ClearhouseContext) async throws -> Response {
+        let terms: PartnerTerms
+        let body: ByteBuffer
+        do {
+            (terms, body) = try await admitAndRead(request, context)
+        } catch {
+            context.closeConnectionSoon()  // refused before the body was read: do not drain it
+            throw error
+        }
+        let bytes = body.readableBytesView
+        let id = request.headers[.webhookID]
+        if let problem = WebhookSignature.verify(
+            id: id, timestamp: request.headers[.webhookTimestamp], signatures: request.headers[.webhookSignature],
+            body: bytes, secrets: terms.webhookSecrets, now: clock.now())
+        {
+            throw problem
+        }
+        guard let webhookID = id.flatMap(WebhookID.init) else {
+            throw Problem(.malformed, "webhook-id: must be 1-128 characters of [A-Za-z0-9._:-]")
+        }
+        let event = try EventParser.parse(bytes)
+        let outcome = await writer.post(Submission(partner: terms.id, webhookID: webhookID, event: event))
+        metrics.posting(outcome)
+        return Responses.outcome(outcome)
+    }
+
+    /// Everything that can refuse a posting before its body is read, then the body itself,
+    /// read up to the limit and no further.
+    func admitAndRead(_ request: Request, _ context: ClearhouseContext) async throws -> (PartnerTerms, ByteBuffer) {
         let terms = try partner(context)
         if let required = terms.clientCertSHA256 {
             guard let presented = await context.clientCertificateSHA256() else {
@@ -108,22 +136,7 @@ public struct Intake: Sendable {
             throw Problem(.tooLarge, "the body is \(length) bytes; at most \(Limits.eventBodyBytesMax) are accepted")
         }
         var request = request
-        let body = try await request.collectBody(upTo: Limits.eventBodyBytesMax)
-        let bytes = body.readableBytesView
-        let id = request.headers[.webhookID]
-        if let problem = WebhookSignature.verify(
-            id: id, timestamp: request.headers[.webhookTimestamp], signatures: request.headers[.webhookSignature],
-            body: bytes, secrets: terms.webhookSecrets, now: clock.now())
-        {
-            throw problem
-        }
-        guard let webhookID = id.flatMap(WebhookID.init) else {
-            throw Problem(.malformed, "webhook-id: must be 1-128 characters of [A-Za-z0-9._:-]")
-        }
-        let event = try EventParser.parse(bytes)
-        let outcome = await writer.post(Submission(partner: terms.id, webhookID: webhookID, event: event))
-        metrics.posting(outcome)
-        return Responses.outcome(outcome)
+        return (terms, try await request.collectBody(upTo: Limits.eventBodyBytesMax))
     }
 
     func requireJSON(_ request: Request) throws(Problem) {

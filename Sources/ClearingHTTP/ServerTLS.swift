@@ -36,6 +36,9 @@ public enum ServerTLS {
         tls.maximumTLSVersion = .tlsv13
         tls.cipherSuites = cipherSuites
         tls.curves = [.x25519, .secp256r1, .secp384r1]
+        // On close the TLS layer waits for the peer's close_notify, reading (and discarding)
+        // whatever still arrives; keep that short so a refused stream is really cut off.
+        tls.shutdownTimeout = .milliseconds(Int64(Limits.tlsShutdownTimeoutMillisecondsMax))
         if mutualTLS {
             tls.trustRoots = .file(ca)
             tls.certificateVerification = .optionalVerification

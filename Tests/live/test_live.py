@@ -177,3 +177,36 @@ def test_openapi_document_is_valid_and_every_route_answers(server):
             assert str(r.status_code) in item[method]["responses"], f"{method} {path}: {r.status_code} not documented"
             if r.status_code == 404:
                 assert r.json()["type"] != "urn:clearhouse:problem:not-found", f"{method} {path} is documented but not served"
+
+
+def test_a_streamed_oversize_body_is_cut_off_early(server):
+    """A client streaming a huge chunked body is refused and cut off long before it has sent
+    it all: the limit is enforced while reading, and the connection is closed rather than
+    drained. A raw TLS socket counts what was really written."""
+    import socket
+    ctx = ssl.create_default_context(cafile=os.path.join(server["certs"], "ca.crt"))
+    head = (f"POST /v1/partners/fuelco/events HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+            f"transfer-encoding: chunked\r\nwebhook-id: msg_stream\r\nwebhook-timestamp: 1\r\nwebhook-signature: v1,AAAA\r\n\r\n")
+    chunk = f"{1 << 20:x}\r\n".encode() + b" " * (1 << 20) + b"\r\n"
+    sent_mib = 0
+    with socket.create_connection(("localhost", server["port"]), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(head.encode())
+            try:
+                while sent_mib < 1024:  # 1 GiB if the server kept reading
+                    s.sendall(chunk)
+                    sent_mib += 1
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError, socket.timeout, OSError):
+                pass
+    # The server stops reading within Limits.refusedBodyDrainMillisecondsMax plus the TLS
+    # shutdown timeout (~120 ms); on loopback that is still some tens of MiB.
+    assert sent_mib < 256, f"the server kept reading: {sent_mib} MiB went through"
+
+
+def test_oversize_headers_are_refused(server):
+    r = None
+    try:
+        r = session(server).get(f"https://localhost:{server['port']}/healthz", headers={"x-junk": "a" * 200_000}, timeout=10)
+    except requests.exceptions.ConnectionError:
+        return
+    assert r.status_code >= 400
