@@ -21,7 +21,12 @@ public final class PostingWriter: @unchecked Sendable {
     /// Called on the writer's thread with the size of each committed batch (for metrics).
     private let batchObserver: (@Sendable (Int) -> Void)?
 
-    public init(store: Store, batchObserver: (@Sendable (Int) -> Void)? = nil) {
+    /// Most postings that may wait; past this, callers get `unavailable` at once.
+    private let queueMax: Int
+
+    public init(store: Store, queueMax: Int = Limits.postingQueueMax, batchObserver: (@Sendable (Int) -> Void)? = nil) {
+        precondition(queueMax >= 1 && queueMax <= Limits.postingQueueMax)
+        self.queueMax = queueMax
         self.store = store
         self.batchObserver = batchObserver
         let thread = Thread { [self] in self.run() }
@@ -45,7 +50,7 @@ public final class PostingWriter: @unchecked Sendable {
             completion(.rejected(Problem(.unavailable, "shutting down", retryAfterSeconds: 5)))
             return
         }
-        if queue.count >= Limits.postingQueueMax {
+        if queue.count >= queueMax {
             condition.unlock()
             completion(.rejected(Problem(.unavailable, "the writer's queue is full", retryAfterSeconds: 1)))
             return

@@ -156,6 +156,16 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
         #expect(!FileManager.default.fileExists(atPath: dir.url.appendingPathComponent("data").path), "nothing written")
     }
 
+    @Test func serveRefusesToStartWithoutACertificateAndSaysHowToMakeOne() throws {
+        try withCLI { cli in
+            let empty = cli.data.deletingLastPathComponent().appendingPathComponent("no-certs")
+            try FileManager.default.createDirectory(at: empty, withIntermediateDirectories: true)
+            let r = try cli.run(["serve", "--port", "0", "--certs", empty.path])
+            #expect(r.status == 2)
+            #expect(r.err.contains("server.crt") && r.err.contains("ops/certs"), "\(r.err)")
+        }
+    }
+
     @Test func helpOnEveryVerb() throws {
         try withCLI { cli in
             for verb in [[], ["partners"], ["partners", "check"], ["serve"], ["post"], ["balance"], ["verify"], ["simulate"]] {

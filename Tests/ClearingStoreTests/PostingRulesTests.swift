@@ -3,6 +3,7 @@ import ClearingDomain
 import ClearingStore
 import Foundation
 import GRDB
+import Synchronization
 import Testing
 
 /// A store on a temporary directory with a hand-driven clock.
@@ -208,6 +209,27 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         #expect(try h.verify().ok)
         let total = try (0..<97).reduce(Int64(0)) { $0 + (try h.balance("M\($1)")) }
         #expect(total == Int64(n) * 10)
+    }
+
+    @Test func aFullQueueAnswersUnavailableAtOnce() async throws {
+        let h = try Harness()
+        let writer = PostingWriter(store: h.store, queueMax: 4)
+        // Enqueue far more than the queue holds from one thread, faster than one batch commits.
+        let refused = Mutex(0)
+        let done = DispatchGroup()
+        for i in 0..<400 {
+            done.enter()
+            writer.enqueue(Submission(partner: G, webhookID: WebhookID("q\(i)")!, event: Fixtures.earn("M1", 1, "Q-\(i)"))) { o in
+                if case .rejected(let p) = o, p.kind == .unavailable, p.retryAfterSeconds != nil { refused.withLock { $0 += 1 } }
+                done.leave()
+            }
+        }
+        done.wait()
+        writer.shutdown()
+        let n = refused.withLock { $0 }
+        #expect(n > 0, "a bounded queue must shed load")
+        #expect(try h.store.ledgerEntries(G).count == 400 - n, "every posting not refused was written")
+        #expect(try h.verify().ok)
     }
 
     @Test func writerRefusesAfterShutdown() async throws {

@@ -40,7 +40,7 @@ def server():
         f.write(f'client_cert_sha256 = "{der_sha256(os.path.join(certs, "client-medipharm.crt"))}"\n')
     proc = subprocess.Popen(
         [BIN, "serve", "--port", "0", "--data", os.path.join(tmp, "data"), "--partners", partners, "--certs", certs],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        stdout=subprocess.PIPE, stderr=open(os.path.join(tmp, "serve.log"), "w"), text=True)
     line = proc.stdout.readline()
     assert "listening on https://" in line, line
     port = int(line.strip().rsplit(":", 1)[1])
@@ -52,6 +52,11 @@ def server():
            "fuel_secret": fuel["webhook_secrets"][0], "medi_secret": medi["webhook_secrets"][0]}
     proc.terminate()
     assert proc.wait(timeout=30) == 0, "serve exits 0 on SIGTERM"
+    with open(os.path.join(tmp, "serve.log")) as f:
+        log = f.read()
+    assert "status=201" in log, "one structured line per request"
+    for secret in ("whsec_", "v1,", "dev-token-", "Bearer", fuel["webhook_secrets"][0][6:20]):
+        assert secret not in log, f"the server log contains {secret!r}"
     shutil.rmtree(tmp, ignore_errors=True)
 
 
