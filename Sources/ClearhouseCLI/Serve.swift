@@ -46,9 +46,12 @@ struct Serve: AsyncParsableCommand {
                 FileHandle.standardOutput.write(Data("clearhouse: listening on https://\(host):\(port)\n".utf8))
             },
             logger: logger)
-        let group = ServiceGroup(
-            configuration: .init(
-                services: [app], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger))
+        var groupConfiguration = ServiceGroupConfiguration(
+            services: [app], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
+        // In-flight requests get this long to finish; then they are cancelled. Anything the
+        // writer already took is still decided and committed below.
+        groupConfiguration.maximumGracefulShutdownDuration = .seconds(Limits.shutdownGraceSecondsMax)
+        let group = ServiceGroup(configuration: groupConfiguration)
         try await group.run()
         // The server has drained its in-flight requests; finish anything still queued, then
         // close the databases cleanly (checkpointed).

@@ -74,6 +74,7 @@ public struct Intake: Sendable {
         let router = Router(context: ClearhouseContext.self)
         router.add(middleware: RequestLogMiddleware(metrics: metrics))  // outermost: sees every final status
         router.add(middleware: ProblemMiddleware())
+        router.add(middleware: HeaderLimitMiddleware())
         for route in Intake.routes {
             router.on(RouterPath(route.path), method: HTTPRequest.Method(route.method)!, use: handler(route.path))
         }

@@ -36,6 +36,19 @@ enum Responses {
     }
 }
 
+/// Refuses requests whose header fields add up to more than `Limits.requestHeaderBytesMax`
+/// (the HTTP parser's own, larger limit closes the connection before this runs).
+struct HeaderLimitMiddleware<Context: RequestContext>: RouterMiddleware {
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        var bytes = 0
+        for field in request.headers { bytes += field.name.rawName.utf8.count + field.value.utf8.count + 4 }
+        guard bytes <= Limits.requestHeaderBytesMax else {
+            throw Problem(.malformed, "the request's headers are \(bytes) bytes; at most \(Limits.requestHeaderBytesMax) are accepted")
+        }
+        return try await next(request, context)
+    }
+}
+
 /// Turns anything a route or Hummingbird throws into a problem document, so every failure
 /// on the wire is `application/problem+json` (unknown routes and methods included).
 struct ProblemMiddleware<Context: RequestContext>: RouterMiddleware {

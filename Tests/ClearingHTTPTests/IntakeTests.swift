@@ -206,6 +206,17 @@ func problemType(_ r: TestResponse) -> String? {
         }
     }
 
+    @Test func headersOverTheLimitAreRefused() async throws {
+        let s = try Server()
+        try await s.test { client in
+            var h = s.headers(id: "hl", body: earn)
+            h[HTTPField.Name("x-padding")!] = String(repeating: "p", count: Limits.requestHeaderBytesMax)
+            let r = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: h, body: ByteBuffer(string: earn))
+            #expect(r.status.code == 400 && problemType(r) == "urn:clearhouse:problem:malformed")
+        }
+        #expect(try s.store.ledgerEntries(fuel).isEmpty)
+    }
+
     @Test func metricsInPrometheusTextFormat() async throws {
         let s = try Server()
         try await s.test { client in
