@@ -175,6 +175,7 @@ public enum EventParser {
         guard body.count <= Limits.eventBodyBytesMax else {
             throw Problem(.tooLarge, "body is \(body.count) bytes; at most \(Limits.eventBodyBytesMax) are accepted")
         }
+        try JSONShape.check(body)
         do {
             return try JSONDecoder().decode(Body.self, from: Data(body)).event
         } catch let p as Problem {

@@ -20,6 +20,8 @@ public enum Limits {
 
     // MARK: Intake (CONTRACT §3)
     public static let eventBodyBytesMax = 64 * 1024
+    /// Deepest nesting of objects and arrays accepted in a body (an event needs 2).
+    public static let jsonDepthMax = 8
     public static let signatureToleranceSecondsMax: Int64 = 300
 
     /// How long the server may keep reading a body it refused unread before it closes the

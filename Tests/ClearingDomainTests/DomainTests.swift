@@ -133,7 +133,7 @@ import Testing
         (#"{"type":"points.earned","data":{"member":"M 1","points":100,"reference":"R-1"}}"#, "data.member"),
         (#"{"type":"points.earned","data":{"member":"M1","points":"100","reference":"R-1"}}"#, "data.points"),
         (#"{"type":"points.earned","data":{"member":"M1","points":true,"reference":"R-1"}}"#, "data.points"),
-        (#"{"type":"points.earned","data":{"member":"M1","points":100.5,"reference":"R-1"}}"#, "data.points"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":100.5,"reference":"R-1"}}"#, "body"),
         (#"{"type":"points.earned","data":{"member":"M1","points":0,"reference":"R-1"}}"#, "data.points"),
         (#"{"type":"points.earned","data":{"member":"M1","points":1000000001,"reference":"R-1"}}"#, "data.points"),
         (#"{"type":"points.earned","data":{"member":"M1","points":99999999999999999999999,"reference":"R-1"}}"#, "data.points"),
@@ -144,6 +144,12 @@ import Testing
         (#"{"type":"points.earn_reversed","data":{"member":"M1","points":5,"reference":"R-2"}}"#, "data.original_reference"),
         (#"{"type":"points.earned","data":[]}"#, "data"),
         (#"{"type":5,"data":{}}"#, "type"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":100.0,"reference":"R-1"}}"#, "body"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":1e2,"reference":"R-1"}}"#, "body"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":5,"points":500,"reference":"R-1"}}"#, "points"),
+        (#"{"type":"points.earned","type":"points.redeemed","data":{"member":"M1","points":5,"reference":"R-1"}}"#, "type"),
+        (#"{"type":"points.earned","data":{"member":"M1","\u0070oints":5,"reference":"R-1"}}"#, "body"),
+        (String(repeating: "[", count: 30_000) + String(repeating: "]", count: 30_000), "body"),
     ])
     func refusesMalformedBodiesNamingTheField(body: String, field: String) {
         let r = slugAndDetail(body)

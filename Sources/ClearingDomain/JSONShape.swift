@@ -1,0 +1,64 @@
+/// A strict, iterative pre-check of an event body, before Foundation's decoder sees it:
+/// nesting at most `Limits.jsonDepthMax` deep (the decoder is recursive), no key twice in one
+/// object (the decoder would silently keep one), no escapes in keys (so `"\u0070oints"` cannot
+/// pose as a second `points`), and every number an integer literal (the decoder would turn
+/// `100.0` or `1e2` into 100). Grammar errors are left to the decoder.
+enum JSONShape {
+    private enum Frame {
+        case object(keys: Set<[UInt8]>, expectingKey: Bool)
+        case array
+    }
+
+    static func check(_ body: some Collection<UInt8>) throws(Problem) {
+        let b = Array(body)
+        var stack: [Frame] = []
+        var i = 0
+        while i < b.count {
+            let c = b[i]
+            switch c {
+            case 0x7B:  // {
+                guard stack.count < Limits.jsonDepthMax else { throw Problem(.malformed, "body: nested deeper than \(Limits.jsonDepthMax)") }
+                stack.append(.object(keys: [], expectingKey: true))
+                i += 1
+            case 0x5B:  // [
+                guard stack.count < Limits.jsonDepthMax else { throw Problem(.malformed, "body: nested deeper than \(Limits.jsonDepthMax)") }
+                stack.append(.array)
+                i += 1
+            case 0x7D, 0x5D:  // } ]
+                if !stack.isEmpty { stack.removeLast() }
+                i += 1
+            case 0x2C:  // ,
+                if case .object(let keys, _) = stack.last { stack[stack.count - 1] = .object(keys: keys, expectingKey: true) }
+                i += 1
+            case 0x22:  // "
+                let start = i + 1
+                var j = start
+                var escaped = false
+                while j < b.count, b[j] != 0x22 {
+                    if b[j] == 0x5C { escaped = true; j += 1 }
+                    j += 1
+                }
+                if case .object(var keys, true) = stack.last {
+                    guard !escaped else { throw Problem(.malformed, "body: object keys may not contain escapes") }
+                    let key = Array(b[start..<min(j, b.count)])
+                    guard keys.insert(key).inserted else {
+                        throw Problem(.malformed, "\(String(decoding: key, as: UTF8.self)): the key appears twice")
+                    }
+                    stack[stack.count - 1] = .object(keys: keys, expectingKey: false)
+                }
+                i = j + 1
+            case 0x2D, 0x30...0x39:  // a number
+                var j = i
+                while j < b.count, (b[j] >= 0x30 && b[j] <= 0x39) || b[j] == 0x2D || b[j] == 0x2B || b[j] == 0x2E || b[j] == 0x65 || b[j] == 0x45 {
+                    if b[j] == 0x2E || b[j] == 0x65 || b[j] == 0x45 {
+                        throw Problem(.malformed, "body: numbers must be integers without a fraction or exponent")
+                    }
+                    j += 1
+                }
+                i = j
+            default:
+                i += 1
+            }
+        }
+    }
+}
