@@ -48,8 +48,20 @@ public struct ConfigurationLoader {
             throw ConfigurationError(file: directory.path, key: nil, reason: "more than \(Limits.partnersMax) partner files")
         }
         var partners: [PartnerID: PartnerTerms] = [:]
+        var owners: [String: PartnerID] = [:]  // "key:value" -> partner, to refuse shared credentials
         for name in names {
-            let terms = try loadPartner(directory.appendingPathComponent(name))
+            let url = directory.appendingPathComponent(name)
+            let terms = try loadPartner(url)
+            var credentials: [(String, [UInt8])] = terms.webhookSecrets.map { ("webhook_secrets", $0.bytes) }
+            credentials += [("notice_secret", terms.noticeSecret.bytes), ("api_token_sha256", terms.apiTokenSHA256)]
+            if let c = terms.clientCertSHA256 { credentials.append(("client_cert_sha256", c)) }
+            for (key, value) in credentials {
+                let k = "\(key == "notice_secret" ? "notice" : key == "webhook_secrets" ? "webhook" : key):\(Hex.encode(value))"
+                if let other = owners[k], other != terms.id {
+                    throw ConfigurationError(file: url.path, key: key, reason: "the same credential is configured for partner \(other); each partner needs its own")
+                }
+                owners[k] = terms.id
+            }
             partners[terms.id] = terms
         }
         return ClearingConfiguration(coalition: coalition, partners: partners)

@@ -97,7 +97,10 @@ public struct Intake: Sendable {
         do {
             (terms, body) = try await admitAndRead(request, context)
         } catch {
-            context.closeConnectionSoon()  // refused before the body was read: do not drain it
+            // Refused before the body was read. Hummingbird would drain it to reuse the
+            // connection; when it may be large (no length, or over the limit), close instead.
+            let length = request.headers[.contentLength].flatMap { Int($0) }
+            if length == nil || length! > Limits.eventBodyBytesMax { context.closeConnectionSoon() }
             throw error
         }
         let bytes = body.readableBytesView
@@ -107,6 +110,10 @@ public struct Intake: Sendable {
             body: bytes, secrets: terms.webhookSecrets, now: clock.now())
         {
             throw problem
+        }
+        // Charged only for authentic requests, so nobody can spend a partner's rate for it.
+        if let wait = limiter.admit(terms.id, now: clock.now()) {
+            throw Problem(.rateLimited, "partner \(terms.id) is over its rate of \(terms.ratePerSecond ?? 0) requests/s", retryAfterSeconds: wait)
         }
         guard let webhookID = id.flatMap(WebhookID.init) else {
             throw Problem(.malformed, "webhook-id: must be 1-128 characters of [A-Za-z0-9._:-]")
@@ -121,23 +128,30 @@ public struct Intake: Sendable {
     /// read up to the limit and no further.
     func admitAndRead(_ request: Request, _ context: ClearhouseContext) async throws -> (PartnerTerms, ByteBuffer) {
         let terms = try partner(context)
-        if let required = terms.clientCertSHA256 {
-            guard let presented = await context.clientCertificateSHA256() else {
-                throw Problem(.wrongPartner, "partner \(terms.id) must use mutual TLS with its client certificate")
-            }
-            guard constantTimeEqual(presented, required) else {
-                throw Problem(.wrongPartner, "the client certificate is not partner \(terms.id)'s")
-            }
-        }
-        if let wait = limiter.admit(terms.id, now: clock.now()) {
-            throw Problem(.rateLimited, "partner \(terms.id) is over its rate of \(terms.ratePerSecond ?? 0) requests/s", retryAfterSeconds: wait)
-        }
+        try await requireCertificateRules(context, terms)
         try requireJSON(request)
         if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > Limits.eventBodyBytesMax {
             throw Problem(.tooLarge, "the body is \(length) bytes; at most \(Limits.eventBodyBytesMax) are accepted")
         }
         var request = request
         return (terms, try await request.collectBody(upTo: Limits.eventBodyBytesMax))
+    }
+
+    /// A partner that names `client_cert_sha256` must present that certificate; a connection
+    /// presenting another partner's certificate is refused for any partner (403).
+    func requireCertificateRules(_ context: ClearhouseContext, _ terms: PartnerTerms) async throws(Problem) {
+        let presented = await context.clientCertificateSHA256()
+        if let presented, let owner = certificateOwners[presented], owner != terms.id {
+            throw Problem(.wrongPartner, "this client certificate belongs to another partner")
+        }
+        if let required = terms.clientCertSHA256 {
+            guard let presented else {
+                throw Problem(.wrongPartner, "partner \(terms.id) must use mutual TLS with its client certificate")
+            }
+            guard constantTimeEqual(presented, required) else {
+                throw Problem(.wrongPartner, "the client certificate is not partner \(terms.id)'s")
+            }
+        }
     }
 
     func requireJSON(_ request: Request) throws(Problem) {
@@ -154,6 +168,8 @@ public struct Intake: Sendable {
     /// SHA-256 is the partner's `api_token_sha256`, or the partner's client certificate.
     /// Another partner's credentials: 403; none or unknown: 401.
     func authorizeRead(_ request: Request, _ context: ClearhouseContext, for terms: PartnerTerms) async throws(Problem) {
+        try await requireCertificateRules(context, terms)
+        if terms.clientCertSHA256 != nil { return }  // its certificate was required and matched
         if let header = request.headers[.authorization] {
             let parts = header.split(separator: " ", maxSplits: 1)
             guard parts.count == 2, parts[0].lowercased() == "bearer", !parts[1].isEmpty, parts[1].utf8.count <= 512 else {
@@ -163,10 +179,6 @@ public struct Intake: Sendable {
             if constantTimeEqual(digest, terms.apiTokenSHA256) { return }
             if tokenOwners[digest] != nil { throw Problem(.wrongPartner, "this token belongs to another partner") }
             throw Problem(.unauthorized, "the bearer token is not valid")
-        }
-        if let presented = await context.clientCertificateSHA256() {
-            if let required = terms.clientCertSHA256, constantTimeEqual(presented, required) { return }
-            if certificateOwners[presented] != nil { throw Problem(.wrongPartner, "this client certificate belongs to another partner") }
         }
         throw Problem(.unauthorized, "a bearer token or the partner's client certificate is required")
     }

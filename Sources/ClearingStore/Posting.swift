@@ -81,10 +81,16 @@ extension Store {
         }
         if failedPartners.isEmpty { return decided }
         return zip(batch, decided).map { s, outcome in
-            if case .created = outcome, failedPartners.contains(s.partner) {
-                return .rejected(Problem(.unavailable, "accepted but not yet in the partner ledger; retry for the result", retryAfterSeconds: 5))
+            switch outcome {
+            case .created, .replayed:
+                // Created in this batch, or a replay of an entry created in it: not yet in
+                // the partner's ledger, so not yet acknowledged.
+                if failedPartners.contains(s.partner) {
+                    return .rejected(Problem(.unavailable, "accepted but not yet in the partner ledger; retry for the result", retryAfterSeconds: 5))
+                }
+                return outcome
+            case .rejected: return outcome
             }
-            return outcome
         }
     }
 

@@ -185,6 +185,15 @@ public final class Store: Sendable {
         try ledger.writeWithoutTransaction { db in
             try db.inTransaction(.immediate) {
                 let have = try Int64.fetchOne(db, sql: "SELECT MAX(sequence) FROM entry") ?? 0
+                var entries = entries
+                if let first = entries.first, first.entry.sequence > have + 1 {
+                    // Another process decided entries before ours and has not copied them yet
+                    // (or died before it could): copy them from the journal first.
+                    let missing = try coalition.read { c in
+                        try JournalRow.fetchChained(c, partner: first.entry.partner, after: have, limit: Int(first.entry.sequence - have - 1))
+                    }
+                    entries = missing + entries
+                }
                 let insert = try db.cachedStatement(
                     sql: """
                         INSERT INTO entry (sequence, journal_id, webhook_id, accepted_at_ms, kind, member, points,

@@ -86,6 +86,18 @@ struct ConfigDir {
         #expect(e.map { "\($0)" }?.contains("\(file): \(key): ") == true, "one line: file, key, reason")
     }
 
+    @Test func credentialsSharedBetweenPartnersAreRefused() throws {
+        let d = try ConfigDir()
+        let fuel = try d.read("fuelco.toml")
+        let token = fuel.split(separator: "\n").first { $0.hasPrefix("api_token_sha256") }!
+        try d.edit("medipharm.toml") { text in
+            text.split(separator: "\n", omittingEmptySubsequences: false)
+                .map { $0.hasPrefix("api_token_sha256") ? String(token) : String($0) }.joined(separator: "\n")
+        }
+        let e = d.error()
+        #expect(e?.key == "api_token_sha256" && e?.reason.contains("fuelco") == true, "\(String(describing: e))")
+    }
+
     @Test func invalidTOMLNamesTheLine() throws {
         let d = try ConfigDir()
         try d.write("cinestar.toml", "id = \"cinestar\"\nname = \n")

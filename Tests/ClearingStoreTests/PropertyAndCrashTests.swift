@@ -237,3 +237,21 @@ func requireVerified(_ h: Harness, _ context: String) throws {
         try requireVerified(h, "recovered twice")
     }
 }
+
+@Suite struct TwoProcessTests {
+    /// Two writers on one data directory (say `serve` and `clearhouse post`): when one died
+    /// between its journal and ledger commits, the other copies the missing entries first
+    /// and still answers 201 for its own.
+    @Test func aSecondWriterCompletesTheLedgerOfOneThatDied() throws {
+        let crash = CrashAt(.afterJournalCommit, occurrence: 1)
+        let a = try Harness(faults: crash.injector)
+        let b = try Store(dataDirectory: a.dir.url, configuration: a.configuration, clock: a.clock)
+        defer { try? b.close() }
+        _ = a.post(G, "a1", Fixtures.earn("M1", 10, "A-1"))
+        #expect(crash.fired)
+        let o = b.post([Submission(partner: G, webhookID: WebhookID("b1")!, event: Fixtures.earn("M1", 5, "B-1"))])[0]
+        #expect(o.httpStatus == 201, "\(o)")
+        #expect(try b.ledgerEntries(G).map(\.event.reference.rawValue) == ["A-1", "B-1"])
+        #expect(try a.verify().ok)
+    }
+}

@@ -125,6 +125,14 @@ def test_mutual_tls_right_wrong_and_no_certificate(server):
     assert wrong.status_code == 403 and slug(wrong) == "wrong-partner"
     none = signed_post(server, "medipharm", earn("LIVE-5", 10, "LIVE-R7"), server["medi_secret"])
     assert none.status_code == 403 and slug(none) == "wrong-partner"
+    # Another partner's certificate is refused even where no certificate is required.
+    other = signed_post(server, "fuelco", earn("LIVE-5", 10, "LIVE-R7b"), server["fuel_secret"], cert="medipharm")
+    assert other.status_code == 403 and slug(other) == "wrong-partner"
+    # Reads for a mutual-TLS partner need its certificate; its bearer token alone is not enough.
+    url = f"https://localhost:{server['port']}/v1/partners/medipharm/members/LIVE-5/balance"
+    assert session(server, "medipharm").get(url, timeout=10).json() == {"member": "LIVE-5", "balance": 10}
+    bearer_only = session(server).get(url, headers={"authorization": "Bearer dev-token-medipharm"}, timeout=10)
+    assert bearer_only.status_code == 403
 
 
 def test_body_just_under_and_over_64_kib(server):
