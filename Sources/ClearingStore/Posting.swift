@@ -105,7 +105,7 @@ extension Store {
         var fresh: [PartnerID: [ChainedEntry]] = [:]
         try coalition.writeWithoutTransaction { db in
             try db.inTransaction(.immediate) {
-                var batchState = try BatchState(db)
+                var batchState = try BatchState(db, terms: configuration.coalition)
                 for s in batch {
                     if isolated {
                         decided.append(decideIsolated(db, s, &batchState, &fresh))
@@ -233,10 +233,17 @@ struct BatchState {
     private var lastAcceptedAt: Instant
     private var heads: [PartnerID: Head] = [:]
 
-    init(_ db: Database) throws {
+    init(_ db: Database, terms: CoalitionTerms) throws {
         let row = try Row.fetchOne(db, sql: "SELECT id, accepted_at_ms FROM journal ORDER BY id DESC LIMIT 1")
         lastJournalID = row?[0] ?? 0
         lastAcceptedAt = Instant(millisecondsSinceEpoch: row?[1] ?? Int64.min)
+        let recorded = try Int64.fetchOne(
+            db, sql: "SELECT points_expire_after_days FROM expiry_terms ORDER BY from_journal_id DESC LIMIT 1")
+        if recorded != terms.pointsExpireAfterDays {
+            try db.execute(
+                sql: "INSERT OR REPLACE INTO expiry_terms (from_journal_id, points_expire_after_days) VALUES (?, ?)",
+                arguments: [lastJournalID + 1, terms.pointsExpireAfterDays])
+        }
     }
 
     /// Acceptance times never go backwards, so acceptance order = journal order = time order.

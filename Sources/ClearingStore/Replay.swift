@@ -40,14 +40,23 @@ struct ReplayBook {
 
     var members: [MemberID] { Array(lotsOfMember.keys) }
 
+    /// `points_expire_after_days` in force from each journal id on (from `expiry_terms`).
+    var expiryTerms: [(fromJournalID: Int64, days: Int64)] = []
+
+    func expiryDays(at journalID: Int64) -> Int64? {
+        expiryTerms.last { $0.fromJournalID <= journalID }?.days
+    }
+
     /// Applies one entry. Returns why it could not have been accepted, or nil.
-    mutating func apply(_ e: Entry, terms: CoalitionTerms) -> String? {
+    mutating func apply(_ e: Entry) -> String? {
         let n = e.event.points.value
         let member = e.event.member
         if originals[e.partner]?[e.event.reference] != nil { return "reference \(e.event.reference) appears twice" }
         switch e.event.kind {
         case .earned:
-            guard let expiry = try? terms.lotExpiry(acceptedAt: e.acceptedAt) else { return "expiry overflows" }
+            guard let days = expiryDays(at: e.journalID) else { return "no expiry terms recorded for this earn" }
+            guard let expiry = try? CoalitionTerms(currency: "XXX", pointsExpireAfterDays: days).lotExpiry(acceptedAt: e.acceptedAt)
+            else { return "expiry overflows" }
             lots[e.journalID] = Lot(member: member, issuer: e.partner, points: n, remaining: n, reversed: 0, expiresAt: expiry)
             lotsOfMember[member, default: []].append(e.journalID)
             issuedPoints += n

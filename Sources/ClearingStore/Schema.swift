@@ -93,6 +93,18 @@ enum Schema {
                     ) WITHOUT ROWID;
                     """)
         }
+        m.registerMigration("v2-expiry-terms") { db in
+            // Which points_expire_after_days applied from which journal id on, recorded by the
+            // writer whenever the configured value changes, so that verify recomputes each
+            // lot's expiry with the terms in force when it was earned.
+            try db.execute(
+                sql: """
+                    CREATE TABLE expiry_terms (
+                      from_journal_id INTEGER PRIMARY KEY NOT NULL CHECK (from_journal_id >= 1),
+                      points_expire_after_days INTEGER NOT NULL CHECK (points_expire_after_days >= 0)
+                    );
+                    """)
+        }
         return m
     }
 

@@ -263,3 +263,22 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         #expect(try h.verify().ok)
     }
 }
+
+@Suite struct ExpiryTermsTests {
+    /// Changing points_expire_after_days applies to lots earned from then on; verify checks
+    /// every lot against the terms in force when it was earned, so the change is no breach.
+    @Test func changingTheExpiryTermsKeepsVerifyGreen() throws {
+        let h = try Harness(expireAfterDays: 1095)
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        try h.store.close()
+        let shorter = Fixtures.configuration(expireAfterDays: 1)
+        let store = try Store(dataDirectory: h.dir.url, configuration: shorter, clock: h.clock)
+        defer { try? store.close() }
+        _ = store.post([Submission(partner: G, webhookID: WebhookID("g2")!, event: Fixtures.earn("M1", 10, "G-2"))])
+        h.clock.set(Instant(rfc3339: "2026-11-23T10:00:00Z")!)
+        #expect(try store.balance(of: MemberID("M1")!).value == 100, "the second lot expired after 1 day, the first did not")
+        let r = try Verifier.verify(dataDirectory: h.dir.url, terms: shorter.coalition)
+        #expect(r.ok, "\(r.breaches)")
+    }
+}
