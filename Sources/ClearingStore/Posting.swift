@@ -236,7 +236,9 @@ struct BatchState {
     init(_ db: Database, terms: CoalitionTerms) throws {
         let row = try Row.fetchOne(db, sql: "SELECT id, accepted_at_ms FROM journal ORDER BY id DESC LIMIT 1")
         lastJournalID = row?[0] ?? 0
-        lastAcceptedAt = Instant(millisecondsSinceEpoch: row?[1] ?? Int64.min)
+        // Every new entry falls after the last run's cutoff, even if the clock stepped back.
+        let lastCutoff = try Int64.fetchOne(db, sql: "SELECT MAX(cutoff_ms) FROM run")
+        lastAcceptedAt = Instant(millisecondsSinceEpoch: max(row?[1] ?? Int64.min, lastCutoff.map { $0 + 1 } ?? Int64.min))
         let recorded = try Int64.fetchOne(
             db, sql: "SELECT points_expire_after_days FROM expiry_terms ORDER BY from_journal_id DESC LIMIT 1")
         if recorded != terms.pointsExpireAfterDays {

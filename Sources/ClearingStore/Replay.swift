@@ -10,8 +10,35 @@ struct ReplayBook {
         var points: Int64
         var remaining: Int64
         var reversed: Int64
+        var expired: Int64 = 0
         var expiresAt: Instant?
     }
+
+    /// What the entries since the last run boundary add up to (for recomputing run figures).
+    struct RunAccumulator {
+        var issued: [PartnerID: Int64] = [:]
+        var redeemed: [PartnerID: Int64] = [:]
+        var flows: [FlowKey: Int64] = [:]
+        var entries: Int64 = 0
+    }
+
+    private(set) var current = RunAccumulator()
+
+    /// Expires every lot whose expiry is at or before `cutoff`, as a run does; returns the
+    /// points expired per issuer, and starts a new run accumulator.
+    mutating func closeRun(cutoff: Instant) -> (RunAccumulator, [PartnerID: Int64]) {
+        var expired: [PartnerID: Int64] = [:]
+        for (id, lot) in lots where lot.remaining > 0 && (lot.expiresAt.map { $0 <= cutoff } ?? false) {
+            expired[lot.issuer, default: 0] += lot.remaining
+            lots[id]!.expired += lot.remaining
+            lots[id]!.remaining = 0
+        }
+        expiredPoints += expired.values.reduce(0, +)
+        defer { current = RunAccumulator() }
+        return (current, expired)
+    }
+
+    private(set) var expiredPoints: Int64 = 0
 
     struct FlowKey: Hashable {
         var issuer: PartnerID
@@ -60,6 +87,7 @@ struct ReplayBook {
             lots[e.journalID] = Lot(member: member, issuer: e.partner, points: n, remaining: n, reversed: 0, expiresAt: expiry)
             lotsOfMember[member, default: []].append(e.journalID)
             issuedPoints += n
+            current.issued[e.partner, default: 0] += n
         case .redeemed:
             guard let taken = FIFO.take(e.event.points, from: openLots(of: member), at: e.acceptedAt) else {
                 return "redemption of \(n) exceeds the member's balance"
@@ -67,9 +95,11 @@ struct ReplayBook {
             for t in taken {
                 lots[t.lotID]!.remaining -= t.points.value
                 flows[FlowKey(issuer: t.issuer, redeemer: e.partner), default: 0] += t.points.value
+                current.flows[FlowKey(issuer: t.issuer, redeemer: e.partner), default: 0] += t.points.value
             }
             takes[e.journalID] = taken
             redeemedPoints += n
+            current.redeemed[e.partner, default: 0] += n
         case .earnReversed, .redemptionReversed:
             guard let ref = e.event.originalReference, let o = originals[e.partner]?[ref], o.kind == e.event.kind.originalKind
             else { return "original_reference is not an earlier event of the matching kind" }
@@ -81,6 +111,7 @@ struct ReplayBook {
                 lots[o.id]!.remaining -= n
                 lots[o.id]!.reversed += n
                 issuedPoints -= n
+                current.issued[e.partner, default: 0] -= n
             } else {
                 guard let back = FIFO.giveBack(e.event.points, to: takes[o.id] ?? []) else {
                     return "redemption reversal exceeds what is left to reverse"
@@ -89,11 +120,14 @@ struct ReplayBook {
                     takes[o.id]![r.takeIndex].returned = Points(takes[o.id]![r.takeIndex].returned.value + r.points.value)
                     lots[r.lotID]!.remaining += r.points.value
                     flows[FlowKey(issuer: r.issuer, redeemer: e.partner), default: 0] -= r.points.value
+                    current.flows[FlowKey(issuer: r.issuer, redeemer: e.partner), default: 0] -= r.points.value
                 }
                 redeemedPoints -= n
+                current.redeemed[e.partner, default: 0] -= n
             }
         }
         originals[e.partner, default: [:]][e.event.reference] = (e.journalID, e.event.kind, member)
+        current.entries += 1
         let balance = FIFO.balance(openLots(of: member), at: e.acceptedAt).value
         if balance != e.memberBalance.value {
             return "member_balance \(e.memberBalance) but the lots give \(balance)"

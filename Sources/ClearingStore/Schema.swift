@@ -105,6 +105,51 @@ enum Schema {
                     );
                     """)
         }
+        m.registerMigration("v3-settlement-runs") { db in
+            try db.execute(
+                sql: """
+                    -- A closed settlement run: the journal ids it covers and its totals. Never changes.
+                    CREATE TABLE run (
+                      number INTEGER PRIMARY KEY NOT NULL CHECK (number >= 1),
+                      id TEXT NOT NULL UNIQUE,
+                      cutoff_ms INTEGER NOT NULL,
+                      first_journal_id INTEGER NOT NULL CHECK (first_journal_id >= 1),
+                      last_journal_id INTEGER NOT NULL CHECK (last_journal_id >= first_journal_id - 1),
+                      created_at_ms INTEGER NOT NULL,
+                      operator_margin_minor INTEGER NOT NULL,
+                      gross_minor INTEGER NOT NULL CHECK (gross_minor >= 0),
+                      net_transfers_minor INTEGER NOT NULL CHECK (net_transfers_minor >= 0),
+                      netting_efficiency_ppm INTEGER NOT NULL
+                    );
+                    CREATE TABLE run_partner (
+                      run_number INTEGER NOT NULL REFERENCES run(number),
+                      partner TEXT NOT NULL,
+                      issued_points INTEGER NOT NULL,
+                      redeemed_points INTEGER NOT NULL,
+                      expired_points INTEGER NOT NULL CHECK (expired_points >= 0),
+                      issue_price_per_1000 INTEGER NOT NULL CHECK (issue_price_per_1000 >= 0),
+                      redeem_credit_per_1000 INTEGER NOT NULL CHECK (redeem_credit_per_1000 >= 0),
+                      payable_minor INTEGER NOT NULL,
+                      receivable_minor INTEGER NOT NULL,
+                      net_minor INTEGER NOT NULL CHECK (net_minor = receivable_minor - payable_minor),
+                      PRIMARY KEY (run_number, partner)
+                    ) WITHOUT ROWID;
+                    CREATE TABLE run_flow (
+                      run_number INTEGER NOT NULL REFERENCES run(number),
+                      issuer TEXT NOT NULL,
+                      redeemer TEXT NOT NULL,
+                      points INTEGER NOT NULL CHECK (points <> 0),
+                      PRIMARY KEY (run_number, issuer, redeemer)
+                    ) WITHOUT ROWID;
+                    CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                    CREATE TRIGGER run_immutable_d BEFORE DELETE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                    CREATE TRIGGER run_partner_immutable_u BEFORE UPDATE ON run_partner BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                    CREATE TRIGGER run_partner_immutable_d BEFORE DELETE ON run_partner BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                    CREATE TRIGGER run_flow_immutable_u BEFORE UPDATE ON run_flow BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                    CREATE TRIGGER run_flow_immutable_d BEFORE DELETE ON run_flow BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                    CREATE INDEX lot_expiring ON lot(expires_at_ms) WHERE remaining > 0 AND expires_at_ms IS NOT NULL;
+                    """)
+        }
         return m
     }
 

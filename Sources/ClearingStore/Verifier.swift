@@ -50,10 +50,12 @@ public enum Verifier {
         var entries = 0
         var lastID: Int64 = 0
         var lastAccepted = Int64.min
+        var runs = RunChecker(try Row.fetchAll(db, sql: "SELECT * FROM run ORDER BY number"), db: db)
         let cursor = try Row.fetchCursor(db, sql: "SELECT \(JournalRow.columns) FROM journal ORDER BY id")
         while let row = try cursor.next() {
             entries += 1
             let id: Int64 = row["id"]
+            try runs.closeRuns(before: id, &book, &report)
             let (e, hash): (Entry, [UInt8])
             do { (e, hash) = try JournalRow.journalEntry(row) } catch {
                 report.breach("journal id \(id): \(error)")
@@ -74,8 +76,12 @@ public enum Verifier {
             head.hashes[e.sequence] = hash
             heads[e.partner] = head
             if let why = book.apply(e) { report.breach("\(at): \(why)") }
+            runs.observe(e.acceptedAt, id: e.journalID, &report)
         }
+        try runs.closeRuns(before: Int64.max, &book, &report)
+        runs.checkNothingLeftBehind(db, &report)
         report.checks.append("journal: \(entries) entries replayed from nothing; ids gapless, times ordered, rules re-applied")
+        report.checks.append("invariants 4 and 5: \(runs.closed) runs contiguous and unchanged (figures, expiry and flows recomputed), Σ net + margin = 0, flows into each redeemer = its redeemed points")
 
         for row in try Row.fetchAll(db, sql: "SELECT partner, last_sequence, last_hash FROM partner_head") {
             guard let p = PartnerID(row[0] as String) else { report.breach("partner_head: invalid partner"); continue }
@@ -110,7 +116,7 @@ public enum Verifier {
             guard let r = book.lots[id] else { report.breach("lot \(id): no earn in the journal made it"); continue }
             let expires: Int64? = row[7]
             if r.member.rawValue != row[1] as String || r.issuer.rawValue != row[2] as String || r.points != row[3] as Int64
-                || r.remaining != remaining || r.reversed != row[5] as Int64
+                || r.remaining != remaining || r.reversed != row[5] as Int64 || r.expired != row[6] as Int64
                 || r.expiresAt?.millisecondsSinceEpoch != expires
             {
                 report.breach("lot \(id): holds \(remaining) of \(row[3] as Int64) but the journal gives \(r.remaining) of \(r.points)")
@@ -133,6 +139,7 @@ public enum Verifier {
         if memberRows != book.members.count { report.breach("members: \(memberRows) rows but the journal makes \(book.members.count)") }
         report.checks.append("invariant 1: \(memberRows) member balances equal the sums of their \(lotRows) lots, none below 0, all equal to the replay")
 
+        if expiredSum != book.expiredPoints { report.breach("expired points: the lots say \(expiredSum), the runs' expiry gives \(book.expiredPoints)") }
         let lhs = book.issuedPoints - book.redeemedPoints - expiredSum
         if lhs != remainingSum {
             report.breach("invariant 2: issued \(book.issuedPoints) − redeemed \(book.redeemedPoints) − expired \(expiredSum) = \(lhs), but the lots hold \(remainingSum)")
@@ -234,5 +241,104 @@ public enum Verifier {
             }
             return Int(min(last, head.sequence))
         }
+    }
+}
+
+/// Walks the runs alongside the journal replay: at each run's boundary it expires lots as the
+/// run did, recomputes the run's figures and flows from the replayed entries (with the prices
+/// stored in the run) and compares them with what the run recorded (invariants 4 and 5).
+struct RunChecker {
+    struct StoredRun {
+        var number: Int64, id: String, cutoff: Instant, first: Int64, last: Int64
+        var margin: Int64, gross: Int64, transfers: Int64, efficiencyPPM: Int64
+        var partners: [PartnerID: (issued: Int64, redeemed: Int64, expired: Int64, issuePrice: Int64, creditPrice: Int64, payable: Int64, receivable: Int64, net: Int64)]
+        var flows: [ReplayBook.FlowKey: Int64]
+    }
+
+    var pending: [StoredRun] = []
+    var closed = 0
+    var previousLast: Int64 = 0
+    var previousCutoff: Int64 = Int64.min
+    var lastCutoffClosed: Int64?
+
+    init(_ rows: [Row], db: Database) {
+        for row in rows {
+            let number: Int64 = row["number"]
+            var partners: [PartnerID: (Int64, Int64, Int64, Int64, Int64, Int64, Int64, Int64)] = [:]
+            for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_partner WHERE run_number = ?", arguments: [number])) ?? [] {
+                if let p = PartnerID(r["partner"] as String) {
+                    partners[p] = (r["issued_points"], r["redeemed_points"], r["expired_points"], r["issue_price_per_1000"],
+                                   r["redeem_credit_per_1000"], r["payable_minor"], r["receivable_minor"], r["net_minor"])
+                }
+            }
+            var flows: [ReplayBook.FlowKey: Int64] = [:]
+            for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_flow WHERE run_number = ?", arguments: [number])) ?? [] {
+                if let i = PartnerID(r["issuer"] as String), let d = PartnerID(r["redeemer"] as String) {
+                    flows[ReplayBook.FlowKey(issuer: i, redeemer: d)] = r["points"]
+                }
+            }
+            pending.append(StoredRun(
+                number: number, id: row["id"], cutoff: Instant(millisecondsSinceEpoch: row["cutoff_ms"]), first: row["first_journal_id"],
+                last: row["last_journal_id"], margin: row["operator_margin_minor"], gross: row["gross_minor"],
+                transfers: row["net_transfers_minor"], efficiencyPPM: row["netting_efficiency_ppm"], partners: partners, flows: flows))
+        }
+    }
+
+    /// An entry's acceptance time must lie in its run's window.
+    mutating func observe(_ acceptedAt: Instant, id: Int64, _ report: inout VerifyReport) {
+        guard let run = pending.first(where: { $0.last >= id }), run.first <= id else { return }
+        let t = acceptedAt.millisecondsSinceEpoch
+        if t > run.cutoff.millisecondsSinceEpoch || t <= previousCutoff {
+            report.breach("run \(run.id): journal id \(id) accepted at \(acceptedAt) is outside the run's window")
+        }
+    }
+
+    mutating func closeRuns(before id: Int64, _ book: inout ReplayBook, _ report: inout VerifyReport) throws {
+        while let run = pending.first, run.last < id {
+            pending.removeFirst()
+            closed += 1
+            let at = "run \(run.id)"
+            if run.first != previousLast + 1 { report.breach("\(at): starts at journal id \(run.first), not \(previousLast + 1) (a gap or an overlap)") }
+            if run.cutoff.millisecondsSinceEpoch < previousCutoff { report.breach("\(at): cutoff before the previous run's") }
+            let (acc, expired) = book.closeRun(cutoff: run.cutoff)
+            if acc.entries != max(0, run.last - run.first + 1) { report.breach("\(at): covers \(run.last - run.first + 1) ids but the journal has \(acc.entries) there") }
+            var sumNet: Int64 = 0
+            let names = Set(run.partners.keys).union(acc.issued.keys).union(acc.redeemed.keys).union(expired.keys)
+            for p in names {
+                let issued = acc.issued[p] ?? 0, redeemed = acc.redeemed[p] ?? 0, exp = expired[p] ?? 0
+                guard let s = run.partners[p] else {
+                    if issued != 0 || redeemed != 0 || exp != 0 { report.breach("\(at): partner \(p) had activity but has no figures") }
+                    continue
+                }
+                let payable = try Rounding.priceOf(Points(issued), per1000: MoneyMinor(s.issuePrice)).value
+                let receivable = try Rounding.priceOf(Points(redeemed), per1000: MoneyMinor(s.creditPrice)).value
+                if s.issued != issued || s.redeemed != redeemed || s.expired != exp || s.payable != payable || s.receivable != receivable
+                    || s.net != receivable - payable
+                {
+                    report.breach("\(at): partner \(p)'s figures differ from a recomputation from the journal")
+                }
+                sumNet += s.net
+            }
+            if sumNet + run.margin != 0 { report.breach("\(at): Σ net \(sumNet) + operator margin \(run.margin) ≠ 0") }
+            let flows = acc.flows.filter { $0.value != 0 }
+            if flows != run.flows { report.breach("\(at): flows differ from the journal's lot takes") }
+            var into: [PartnerID: Int64] = [:]
+            for (k, v) in run.flows { into[k.redeemer, default: 0] += v }
+            for (p, s) in run.partners where (into[p] ?? 0) != s.redeemed {
+                report.breach("\(at): flows into \(p) sum to \(into[p] ?? 0), its redeemed points are \(s.redeemed)")
+            }
+            previousLast = run.last
+            previousCutoff = run.cutoff.millisecondsSinceEpoch
+            lastCutoffClosed = previousCutoff
+        }
+    }
+
+    /// No journal entry at or before the last cutoff may lie outside every run.
+    func checkNothingLeftBehind(_ db: Database, _ report: inout VerifyReport) {
+        guard let cutoff = lastCutoffClosed else { return }
+        let stray = (try? Int64.fetchOne(
+            db, sql: "SELECT COUNT(*) FROM journal WHERE id > ? AND accepted_at_ms <= ?", arguments: [previousLast, cutoff])) ?? 0
+        if stray > 0 { report.breach("invariant 4: \(stray) entries accepted at or before the last cutoff are in no run") }
+        if !pending.isEmpty { report.breach("runs: \(pending.count) runs cover journal ids that do not exist") }
     }
 }

@@ -168,7 +168,7 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
 
     @Test func helpOnEveryVerb() throws {
         try withCLI { cli in
-            for verb in [[], ["partners"], ["partners", "check"], ["serve"], ["post"], ["balance"], ["verify"], ["simulate"]] {
+            for verb in [[], ["partners"], ["partners", "check"], ["serve"], ["post"], ["balance"], ["settle"], ["runs"], ["runs", "show"], ["verify"], ["simulate"]] {
                 let p = Process()
                 p.executableURL = CLI.binary
                 p.arguments = verb + ["--help"]
@@ -179,6 +179,34 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
                 p.waitUntilExit()
                 #expect(p.terminationStatus == 0 && text.contains("USAGE"), "\(verb)")
             }
+        }
+    }
+
+    @Test func settleJSONHasTheContractShape() throws {
+        try withCLI { cli in
+            #expect(try cli.run(["post", "--partner", "fuelco"], stdin: earnM1).status == 0)
+            let redeem = #"{"type":"points.redeemed","data":{"member":"M1","points":40,"reference":"C-1"}}"#
+            #expect(try cli.run(["post", "--partner", "cinestar"], stdin: redeem).status == 0)
+            let r = try cli.run(["settle", "--json"])
+            #expect(r.status == 0, "\(r.err)")
+            let run = try cli.json(r)
+            for key in ["run", "cutoff", "operator_margin_minor", "gross_minor", "net_transfers_minor", "netting_efficiency", "partners", "flows"] {
+                #expect(run[key] != nil, "\(key) missing: \(r.out)")
+            }
+            let partners = run["partners"] as! [[String: Any]]
+            let fuel = partners.first { $0["partner"] as? String == "fuelco" }!
+            // fuelco issued 100 at 1100 per 1000: payable 110
+            #expect(fuel["issued_points"] as? Int == 100 && fuel["payable_minor"] as? Int == 110 && fuel["net_minor"] as? Int == -110)
+            let cine = partners.first { $0["partner"] as? String == "cinestar" }!
+            // cinestar redeemed 40 at 1050 per 1000: receivable 42
+            #expect(cine["redeemed_points"] as? Int == 40 && cine["receivable_minor"] as? Int == 42)
+            #expect(run["operator_margin_minor"] as? Int == 68)
+            let flows = run["flows"] as! [[String: Any]]
+            #expect(flows.count == 1 && flows[0]["issuer"] as? String == "fuelco" && flows[0]["redeemer"] as? String == "cinestar" && flows[0]["points"] as? Int == 40)
+            let table = try cli.run(["runs", "show", run["run"] as! String])
+            #expect(table.out.contains("partner pays") && table.out.contains("coalition pays") && table.out.contains("Settlement plan"))
+            #expect(try cli.run(["runs"]).out.contains(run["run"] as! String))
+            #expect(try cli.run(["verify"]).status == 0)
         }
     }
 

@@ -1,0 +1,146 @@
+import ArgumentParser
+import ClearingDomain
+import ClearingStore
+import Foundation
+
+/// `clearhouse settle [--through <instant>] [--json]` (CONTRACT §6).
+struct Settle: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Close a settlement run: net every partner's issued and redeemed points into money.",
+        discussion: "Covers every entry accepted after the previous run's cutoff and at or before --through (default now), in every partner's ledger, and expires lots whose expiry is at or before it. A run with nothing in it is recorded too: it closes the period with zero figures.")
+
+    @OptionGroup var locations: Locations
+    @Option(help: "The cutoff, an RFC 3339 instant (default: now).") var through: String?
+    @Flag(help: "Print the run as one JSON object.") var json = false
+
+    func run() async throws {
+        let configuration = try locations.loadConfiguration()
+        var cutoff: Instant?
+        if let through {
+            guard let t = Instant(rfc3339: through) else {
+                printError("clearhouse settle: --through \(JSONWriter.quote(through)) is not an RFC 3339 instant")
+                throw ExitCode(1)
+            }
+            cutoff = t
+        }
+        let store = try locations.openStore(configuration)
+        defer { try? store.close() }
+        let run: SettlementRun
+        do { run = try store.settle(through: cutoff) } catch let e as SettlementError {
+            printError("clearhouse settle: \(e)")
+            throw ExitCode(1)
+        }
+        print(json ? RunReport.json(run) : RunReport.table(run, configuration))
+    }
+}
+
+/// `clearhouse runs` and `clearhouse runs show <run>`.
+struct Runs: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List closed settlement runs (they never change).", subcommands: [List.self, Show.self], defaultSubcommand: List.self)
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List every closed run.")
+        @OptionGroup var locations: Locations
+
+        func run() async throws {
+            let configuration = try locations.loadConfiguration()
+            let store = try locations.openStore(configuration)
+            defer { try? store.close() }
+            print("run      cutoff                    entries  partners  margin (minor)  netting efficiency")
+            for r in try store.runs() {
+                print("\(r.id)  \(r.cutoff.rfc3339)  \(pad(r.entryCount, 7))  \(pad(Int64(r.partners.count), 8))  \(pad(r.totals.operatorMarginMinor.value, 14))  \(r.totals.nettingEfficiencyText)")
+            }
+        }
+    }
+
+    struct Show: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show one run.")
+        @OptionGroup var locations: Locations
+        @Argument(help: "The run id, e.g. R000001.") var run: String
+        @Flag(help: "Print the run as one JSON object.") var json = false
+
+        func run() async throws {
+            let configuration = try locations.loadConfiguration()
+            let store = try locations.openStore(configuration)
+            defer { try? store.close() }
+            guard let r = try store.runs().first(where: { $0.id == run }) else {
+                printError("clearhouse runs show: no run \(JSONWriter.quote(run))")
+                throw ExitCode(1)
+            }
+            print(json ? RunReport.json(r) : RunReport.table(r, configuration))
+        }
+    }
+}
+
+private func pad(_ v: Int64, _ w: Int) -> String {
+    let s = String(v)
+    return s.count >= w ? s : String(repeating: " ", count: w - s.count) + s
+}
+
+/// The run as the contract's JSON, and as a table for the operator.
+enum RunReport {
+    static func json(_ r: SettlementRun) -> String {
+        var w = JSONWriter()
+        w.string("run", r.id)
+        w.string("cutoff", r.cutoff.rfc3339)
+        w.int("operator_margin_minor", r.totals.operatorMarginMinor.value)
+        w.int("gross_minor", r.totals.grossMinor.value)
+        w.int("net_transfers_minor", r.totals.netTransfersMinor.value)
+        w.raw("netting_efficiency", r.totals.nettingEfficiencyText)
+        w.int("entries", r.entryCount)
+        let partners = r.partners.map { f -> String in
+            var p = JSONWriter()
+            p.string("partner", f.partner.rawValue)
+            p.int("issued_points", f.issuedPoints.value)
+            p.int("redeemed_points", f.redeemedPoints.value)
+            p.int("expired_points", f.expiredPoints.value)
+            p.int("payable_minor", f.payableMinor.value)
+            p.int("receivable_minor", f.receivableMinor.value)
+            p.int("net_minor", f.netMinor.value)
+            return p.finish()
+        }
+        w.raw("partners", "[" + partners.joined(separator: ",") + "]")
+        let flows = r.flows.map { f -> String in
+            var x = JSONWriter()
+            x.string("issuer", f.issuer.rawValue)
+            x.string("redeemer", f.redeemer.rawValue)
+            x.int("points", f.points.value)
+            return x.finish()
+        }
+        w.raw("flows", "[" + flows.joined(separator: ",") + "]")
+        return w.finish()
+    }
+
+    static func table(_ r: SettlementRun, _ c: ClearingConfiguration) -> String {
+        let cur = c.coalition.currency
+        func money(_ m: MoneyMinor) -> String {
+            let neg = m.value < 0
+            let a = neg ? -(m.value / 100) : m.value / 100
+            let cents = String(abs(m.value % 100))
+            return (neg ? "-" : "") + "\(a).\(cents.count == 1 ? "0" + cents : cents)"
+        }
+        func col(_ s: String, _ w: Int) -> String { s.count >= w ? s : String(repeating: " ", count: w - s.count) + s }
+        var out = "Settlement run \(r.id), cutoff \(r.cutoff.rfc3339), \(r.entryCount) entries (\(cur))\n\n"
+        out += "partner     " + col("issued", 11) + col("redeemed", 11) + col("expired", 10) + col("payable", 14) + col("receivable", 14) + col("net", 14) + "  direction\n"
+        for f in r.partners {
+            let dir = f.netMinor.value > 0 ? "coalition pays" : f.netMinor.value < 0 ? "partner pays" : "nothing due"
+            out += f.partner.rawValue.padding(toLength: 12, withPad: " ", startingAt: 0)
+                + col(String(f.issuedPoints.value), 11) + col(String(f.redeemedPoints.value), 11) + col(String(f.expiredPoints.value), 10)
+                + col(money(f.payableMinor), 14) + col(money(f.receivableMinor), 14) + col(money(f.netMinor), 14) + "  \(dir)\n"
+        }
+        out += "\noperator margin \(money(r.totals.operatorMarginMinor)) · gross \(money(r.totals.grossMinor)) · net transfers \(money(r.totals.netTransfersMinor)) · netting efficiency \(r.totals.nettingEfficiencyText)\n"
+        out += "\nSettlement plan:\n"
+        for f in r.partners where f.netMinor.value != 0 {
+            out += f.netMinor.value < 0
+                ? "  \(f.partner) pays the coalition \(money((try? f.netMinor.magnitude()) ?? f.netMinor)) \(cur)\n"
+                : "  the coalition pays \(f.partner) \(money(f.netMinor)) \(cur)\n"
+        }
+        if r.partners.allSatisfy({ $0.netMinor.value == 0 }) { out += "  no payments\n" }
+        if !r.flows.isEmpty {
+            out += "\nFlows (points issued by -> redeemed at):\n"
+            for f in r.flows { out += "  \(f.issuer) -> \(f.redeemer): \(f.points)\n" }
+        }
+        return out
+    }
+}

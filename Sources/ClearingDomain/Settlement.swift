@@ -1,0 +1,95 @@
+/// The settlement math of CONTRACT §6, over integers only.
+
+/// One partner's figures in one run.
+public struct PartnerFigures: Equatable, Sendable {
+    public var partner: PartnerID
+    /// earned − earn_reversed at this partner, in the run (may be negative).
+    public var issuedPoints: Points
+    /// redeemed − redemption_reversed at this partner, in the run (may be negative).
+    public var redeemedPoints: Points
+    /// Points of this partner's lots expired by this run.
+    public var expiredPoints: Points
+    public var payableMinor: MoneyMinor
+    public var receivableMinor: MoneyMinor
+    /// receivable − payable: > 0, the coalition pays the partner.
+    public var netMinor: MoneyMinor
+
+    public init(partner: PartnerID, issued: Points, redeemed: Points, expired: Points, terms: PartnerTerms) throws(ArithmeticOverflow) {
+        self.partner = partner
+        issuedPoints = issued
+        redeemedPoints = redeemed
+        expiredPoints = expired
+        payableMinor = try Rounding.priceOf(issued, per1000: terms.issuePricePer1000)
+        receivableMinor = try Rounding.priceOf(redeemed, per1000: terms.redeemCreditPer1000)
+        netMinor = try receivableMinor.subtracting(payableMinor)
+    }
+
+    public init(
+        partner: PartnerID, issuedPoints: Points, redeemedPoints: Points, expiredPoints: Points,
+        payableMinor: MoneyMinor, receivableMinor: MoneyMinor, netMinor: MoneyMinor
+    ) {
+        self.partner = partner
+        self.issuedPoints = issuedPoints
+        self.redeemedPoints = redeemedPoints
+        self.expiredPoints = expiredPoints
+        self.payableMinor = payableMinor
+        self.receivableMinor = receivableMinor
+        self.netMinor = netMinor
+    }
+
+    /// Nothing happened for this partner in the run.
+    public var isEmpty: Bool {
+        issuedPoints == .zero && redeemedPoints == .zero && expiredPoints == .zero && netMinor == .zero
+    }
+}
+
+/// Points that moved from an issuer's lots to a redeemer in a run (net of reversals).
+public struct Flow: Equatable, Sendable {
+    public var issuer: PartnerID
+    public var redeemer: PartnerID
+    public var points: Points
+
+    public init(issuer: PartnerID, redeemer: PartnerID, points: Points) {
+        self.issuer = issuer
+        self.redeemer = redeemer
+        self.points = points
+    }
+}
+
+/// A run's totals, derived from its partners' figures.
+public struct RunTotals: Equatable, Sendable {
+    /// −Σ net: what the operator keeps.
+    public var operatorMarginMinor: MoneyMinor
+    /// Σ |payable| + Σ |receivable|: what would move without netting.
+    public var grossMinor: MoneyMinor
+    /// Σ |net|: what moves with netting.
+    public var netTransfersMinor: MoneyMinor
+    /// 1 − net transfers / gross, in millionths, rounded half to even; 0 when gross is 0.
+    public var nettingEfficiencyPPM: Int64
+
+    public init(_ partners: [PartnerFigures]) throws(ArithmeticOverflow) {
+        var sumNet = MoneyMinor.zero, gross = MoneyMinor.zero, transfers = MoneyMinor.zero
+        for p in partners {
+            sumNet = try sumNet.adding(p.netMinor)
+            gross = try gross.adding(p.payableMinor.magnitude()).adding(p.receivableMinor.magnitude())
+            transfers = try transfers.adding(p.netMinor.magnitude())
+        }
+        operatorMarginMinor = try sumNet.negated()
+        grossMinor = gross
+        netTransfersMinor = transfers
+        if gross.value == 0 {
+            nettingEfficiencyPPM = 0
+        } else {
+            let (scaled, o) = transfers.value.multipliedReportingOverflow(by: 1_000_000)
+            if o { throw ArithmeticOverflow("netting efficiency of \(transfers.value) / \(gross.value)") }
+            nettingEfficiencyPPM = 1_000_000 - Rounding.divideRoundingHalfEven(scaled, by: gross.value)
+        }
+    }
+
+    /// `netting_efficiency` as a JSON number with six decimals, e.g. `0.812500`.
+    public var nettingEfficiencyText: String {
+        let whole = nettingEfficiencyPPM / 1_000_000
+        let frac = String(nettingEfficiencyPPM % 1_000_000)
+        return "\(whole).\(String(repeating: "0", count: 6 - frac.count))\(frac)"
+    }
+}

@@ -1,0 +1,181 @@
+import ClearingDomain
+import Foundation
+import GRDB
+
+/// A closed settlement run (CONTRACT §6).
+public struct SettlementRun: Equatable, Sendable {
+    public var number: Int64
+    public var id: String
+    public var cutoff: Instant
+    /// The journal ids it covers: (`firstJournalID` ... `lastJournalID`), empty when last < first.
+    public var firstJournalID: Int64
+    public var lastJournalID: Int64
+    public var partners: [PartnerFigures]
+    public var flows: [Flow]
+    public var totals: RunTotals
+
+    public var entryCount: Int64 { max(0, lastJournalID - firstJournalID + 1) }
+
+    static func id(number: Int64) -> String {
+        let n = String(number)
+        return "R" + String(repeating: "0", count: max(0, 6 - n.count)) + n
+    }
+}
+
+public struct SettlementError: Error, CustomStringConvertible {
+    public let description: String
+}
+
+extension Store {
+    /// Closes a run over every entry accepted after the previous cutoff and at or before
+    /// `through` (default: now), and expires every lot whose expiry is at or before it. One
+    /// IMMEDIATE transaction on the journal: the writer waits meanwhile, so an entry is either
+    /// in this run or accepted after its cutoff; the run is wholly recorded or not at all.
+    /// A run with nothing in it is still recorded (the period is closed, all figures zero).
+    public func settle(through: Instant? = nil) throws -> SettlementRun {
+        let now = clock.now()
+        var run: SettlementRun?
+        try coalition.writeWithoutTransaction { db in
+            try db.inTransaction(.immediate) {
+                run = try closeRun(db, through: through ?? now, now: now)
+                return .commit
+            }
+        }
+        commitCounter.add(1, ordering: .relaxed)
+        return run!
+    }
+
+    private func closeRun(_ db: Database, through cutoff: Instant, now: Instant) throws -> SettlementRun {
+        let previous = try Row.fetchOne(db, sql: "SELECT number, cutoff_ms, last_journal_id FROM run ORDER BY number DESC LIMIT 1")
+        let number: Int64 = (previous?[0] ?? 0) + 1
+        let previousCutoff: Int64? = previous?[1]
+        let first: Int64 = (previous?[2] ?? 0) + 1
+        if let p = previousCutoff, cutoff.millisecondsSinceEpoch < p {
+            throw SettlementError(description: "--through \(cutoff) is before the last run's cutoff \(Instant(millisecondsSinceEpoch: p))")
+        }
+        guard cutoff <= now else {
+            throw SettlementError(description: "--through \(cutoff) is in the future; entries may still be accepted before it")
+        }
+        let last = try Int64.fetchOne(
+            db, sql: "SELECT MAX(id) FROM journal WHERE accepted_at_ms <= ?", arguments: [cutoff.millisecondsSinceEpoch]) ?? (first - 1)
+        precondition(last >= first - 1, "journal ids after the last run must follow it")
+
+        var issued: [PartnerID: Int64] = [:], redeemed: [PartnerID: Int64] = [:], expired: [PartnerID: Int64] = [:]
+        for row in try Row.fetchAll(
+            db, sql: "SELECT partner, kind, SUM(points) FROM journal WHERE id BETWEEN ? AND ? GROUP BY partner, kind",
+            arguments: [first, last])
+        {
+            let p = try partnerID(row[0])
+            let sum: Int64 = row[2]
+            switch EventKind(rawValue: row[1]) {
+            case .earned: issued[p, default: 0] += sum
+            case .earnReversed: issued[p, default: 0] -= sum
+            case .redeemed: redeemed[p, default: 0] += sum
+            case .redemptionReversed: redeemed[p, default: 0] -= sum
+            case nil: throw StoreError("journal holds an unknown kind")
+            }
+        }
+        // Expiry: every lot whose expiry is at or before the cutoff gives up what is left.
+        let expiring = "remaining > 0 AND expires_at_ms IS NOT NULL AND expires_at_ms <= ?"
+        for row in try Row.fetchAll(db, sql: "SELECT issuer, SUM(remaining) FROM lot WHERE \(expiring) GROUP BY issuer", arguments: [cutoff.millisecondsSinceEpoch]) {
+            expired[try partnerID(row[0]), default: 0] += row[1] as Int64
+        }
+        try db.execute(
+            sql: """
+                UPDATE member SET open_points = open_points - (SELECT SUM(remaining) FROM lot WHERE lot.member = member.member AND \(expiring))
+                WHERE member IN (SELECT member FROM lot WHERE \(expiring))
+                """,
+            arguments: [cutoff.millisecondsSinceEpoch, cutoff.millisecondsSinceEpoch])
+        try db.execute(sql: "UPDATE lot SET expired = expired + remaining, remaining = 0 WHERE \(expiring)", arguments: [cutoff.millisecondsSinceEpoch])
+
+        var figures: [PartnerFigures] = []
+        for p in Set(issued.keys).union(redeemed.keys).union(expired.keys).sorted() {
+            guard let terms = configuration.partners[p] else {
+                throw SettlementError(description: "partner \(p) has entries in the run but no terms in the configuration")
+            }
+            let f = try PartnerFigures(
+                partner: p, issued: Points(issued[p] ?? 0), redeemed: Points(redeemed[p] ?? 0), expired: Points(expired[p] ?? 0), terms: terms)
+            if !f.isEmpty { figures.append(f) }
+        }
+        var flows: [Flow] = []
+        for row in try Row.fetchAll(
+            db,
+            sql: "SELECT issuer, redeemer, SUM(points) FROM lot_move WHERE entry_id BETWEEN ? AND ? GROUP BY issuer, redeemer HAVING SUM(points) <> 0 ORDER BY issuer, redeemer",
+            arguments: [first, last])
+        {
+            flows.append(Flow(issuer: try partnerID(row[0]), redeemer: try partnerID(row[1]), points: Points(row[2])))
+        }
+        let totals = try RunTotals(figures)
+        let run = SettlementRun(
+            number: number, id: SettlementRun.id(number: number), cutoff: cutoff, firstJournalID: first, lastJournalID: last,
+            partners: figures, flows: flows, totals: totals)
+        try record(db, run, now: now)
+        return run
+    }
+
+    private func partnerID(_ text: String) throws -> PartnerID {
+        guard let p = PartnerID(text) else { throw StoreError("invalid partner id \(text) in the coalition database") }
+        return p
+    }
+
+    private func record(_ db: Database, _ run: SettlementRun, now: Instant) throws {
+        // The prices of the day are stored with the figures, so that verify can recompute
+        // the money from the points even after the terms change.
+        try db.execute(
+            sql: """
+                INSERT INTO run (number, id, cutoff_ms, first_journal_id, last_journal_id, created_at_ms,
+                  operator_margin_minor, gross_minor, net_transfers_minor, netting_efficiency_ppm)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """,
+            arguments: [
+                run.number, run.id, run.cutoff.millisecondsSinceEpoch, run.firstJournalID, run.lastJournalID, now.millisecondsSinceEpoch,
+                run.totals.operatorMarginMinor.value, run.totals.grossMinor.value, run.totals.netTransfersMinor.value,
+                run.totals.nettingEfficiencyPPM,
+            ])
+        for f in run.partners {
+            try db.execute(
+                sql: """
+                    INSERT INTO run_partner (run_number, partner, issued_points, redeemed_points, expired_points,
+                      issue_price_per_1000, redeem_credit_per_1000, payable_minor, receivable_minor, net_minor)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    """,
+                arguments: [
+                    run.number, f.partner.rawValue, f.issuedPoints.value, f.redeemedPoints.value, f.expiredPoints.value,
+                    configuration.partners[f.partner]!.issuePricePer1000.value, configuration.partners[f.partner]!.redeemCreditPer1000.value,
+                    f.payableMinor.value, f.receivableMinor.value, f.netMinor.value,
+                ])
+        }
+        for flow in run.flows {
+            try db.execute(
+                sql: "INSERT INTO run_flow (run_number, issuer, redeemer, points) VALUES (?, ?, ?, ?)",
+                arguments: [run.number, flow.issuer.rawValue, flow.redeemer.rawValue, flow.points.value])
+        }
+    }
+
+    /// Every closed run, oldest first.
+    public func runs() throws -> [SettlementRun] {
+        try coalition.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM run ORDER BY number").map { try Store.loadRun(db, $0) }
+        }
+    }
+
+    static func loadRun(_ db: Database, _ row: Row) throws -> SettlementRun {
+        let number: Int64 = row["number"]
+        let partners = try Row.fetchAll(db, sql: "SELECT * FROM run_partner WHERE run_number = ? ORDER BY partner", arguments: [number]).map { r in
+            guard let p = PartnerID(r["partner"] as String) else { throw StoreError("run \(number): invalid partner") }
+            return PartnerFigures(
+                partner: p, issuedPoints: Points(r["issued_points"]), redeemedPoints: Points(r["redeemed_points"]),
+                expiredPoints: Points(r["expired_points"]), payableMinor: MoneyMinor(r["payable_minor"]),
+                receivableMinor: MoneyMinor(r["receivable_minor"]), netMinor: MoneyMinor(r["net_minor"]))
+        }
+        let flows = try Row.fetchAll(db, sql: "SELECT * FROM run_flow WHERE run_number = ? ORDER BY issuer, redeemer", arguments: [number]).map { r in
+            guard let i = PartnerID(r["issuer"] as String), let d = PartnerID(r["redeemer"] as String) else { throw StoreError("run \(number): invalid flow") }
+            return Flow(issuer: i, redeemer: d, points: Points(r["points"]))
+        }
+        var totals = try RunTotals(partners)
+        totals.nettingEfficiencyPPM = row["netting_efficiency_ppm"]
+        return SettlementRun(
+            number: number, id: row["id"], cutoff: Instant(millisecondsSinceEpoch: row["cutoff_ms"]),
+            firstJournalID: row["first_journal_id"], lastJournalID: row["last_journal_id"], partners: partners, flows: flows, totals: totals)
+    }
+}

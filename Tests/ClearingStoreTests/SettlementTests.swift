@@ -1,0 +1,165 @@
+import ClearhouseTestSupport
+import ClearingDomain
+import ClearingSimulation
+import ClearingStore
+import Foundation
+import Testing
+
+func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.partners.first { $0.partner == p } }
+
+@Suite struct SettlementTests {
+    /// The worked example of docs/SETTLEMENT.md ("Example 1").
+    @Test func handComputedRunWithFlows() throws {
+        let h = try Harness()
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 1000, "G-1"))  // grocer: 1000 per 1000 issued
+        _ = h.post(F, "f1", Fixtures.earn("M1", 500, "F-1"))  // fuel: 1100 per 1000 issued
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 1200, "C-1"))  // cinema: credited 1100 per 1000
+        h.clock.set(Instant(rfc3339: "2026-11-22T23:59:59Z")!)
+        let run = try h.store.settle()
+        #expect(run.id == "R000001" && run.entryCount == 3)
+        #expect(figures(run, G) == PartnerFigures(partner: G, issuedPoints: Points(1000), redeemedPoints: .zero, expiredPoints: .zero,
+                                                  payableMinor: MoneyMinor(1000), receivableMinor: .zero, netMinor: MoneyMinor(-1000)))
+        #expect(figures(run, F)?.payableMinor == MoneyMinor(550) && figures(run, F)?.netMinor == MoneyMinor(-550))
+        #expect(figures(run, C)?.receivableMinor == MoneyMinor(1320) && figures(run, C)?.netMinor == MoneyMinor(1320))
+        #expect(run.totals.operatorMarginMinor == MoneyMinor(230))
+        #expect(run.totals.grossMinor == MoneyMinor(2870) && run.totals.netTransfersMinor == MoneyMinor(2870))
+        #expect(run.totals.nettingEfficiencyText == "0.000000")
+        #expect(run.flows == [Flow(issuer: F, redeemer: C, points: Points(200)), Flow(issuer: G, redeemer: C, points: Points(1000))])
+        #expect(try h.verify().ok)
+    }
+
+    /// Netting: a partner that both issues and redeems settles one net amount ("Example 2").
+    @Test func nettingWithinAPartner() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 2000, "G-1"))
+        _ = h.post(F, "f1", Fixtures.earn("M2", 1000, "F-1"))
+        _ = h.post(G, "g2", Fixtures.redeem("M2", 1000, "G-2"))  // fuel's points redeemed at the grocer
+        _ = h.post(F, "f2", Fixtures.redeem("M1", 500, "F-2"))  // grocer's points redeemed at fuel
+        let run = try h.store.settle()
+        // grocer: payable 2000, receivable 1000 × 900/1000 = 900, net −1100
+        #expect(figures(run, G)?.netMinor == MoneyMinor(-1100))
+        // fuel: payable 1000 × 1100/1000 = 1100, receivable 500 × 1000/1000 = 500, net −600
+        #expect(figures(run, F)?.netMinor == MoneyMinor(-600))
+        #expect(run.totals.operatorMarginMinor == MoneyMinor(1700))
+        #expect(run.totals.grossMinor == MoneyMinor(2000 + 900 + 1100 + 500))
+        #expect(run.totals.netTransfersMinor == MoneyMinor(1700))
+        #expect(run.totals.nettingEfficiencyText == "0.622222")  // 1 − 1700/4500
+        #expect(try h.verify().ok)
+    }
+
+    @Test func roundingTiesToEvenAndNegativeIssued() throws {
+        let h = try Harness()
+        let terms = PartnerTerms(
+            id: G, name: "g", issuePricePer1000: MoneyMinor(500), redeemCreditPer1000: MoneyMinor(1500),
+            webhookSecrets: [SecretBytes(Array(repeating: 1, count: 32))], apiTokenSHA256: Array(repeating: 0, count: 32),
+            noticeURL: "https://x", noticeSecret: SecretBytes(Array(repeating: 2, count: 32)))
+        #expect(try PartnerFigures(partner: G, issued: Points(1), redeemed: Points(1), expired: .zero, terms: terms).payableMinor == .zero)  // 0.5 -> 0
+        #expect(try PartnerFigures(partner: G, issued: Points(3), redeemed: Points(1), expired: .zero, terms: terms).payableMinor == MoneyMinor(2))  // 1.5 -> 2
+        #expect(try PartnerFigures(partner: G, issued: Points(5), redeemed: Points(1), expired: .zero, terms: terms).payableMinor == MoneyMinor(2))  // 2.5 -> 2
+        #expect(try PartnerFigures(partner: G, issued: Points(1), redeemed: Points(1), expired: .zero, terms: terms).receivableMinor == MoneyMinor(2))  // 1.5 -> 2
+        #expect(try PartnerFigures(partner: G, issued: Points(-3), redeemed: .zero, expired: .zero, terms: terms).payableMinor == MoneyMinor(-2))  // −1.5 -> −2
+
+        // Reversals that outweigh earns in a run: issued is negative, the coalition pays back.
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        h.clock.set(Instant(rfc3339: "2026-11-22T12:00:00Z")!)
+        _ = try h.store.settle()
+        h.clock.set(Instant(rfc3339: "2026-11-23T10:00:00Z")!)
+        _ = h.post(G, "g2", Fixtures.reverseEarn("M1", 60, "G-2", of: "G-1"))
+        let second = try h.store.settle()
+        #expect(figures(second, G)?.issuedPoints == Points(-60) && figures(second, G)?.netMinor == MoneyMinor(60))
+        #expect(try h.verify().ok)
+    }
+
+    /// A lot whose expiry is at or before the cutoff is expired by the run ("Example 3").
+    @Test func expiryAtExactlyTheCutoff() throws {
+        let h = try Harness(expireAfterDays: 1)
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
+        h.clock.set(Instant(rfc3339: "2026-11-24T00:00:00Z")!)
+        let before = try h.store.settle(through: Instant(rfc3339: "2026-11-23T09:59:59.999Z")!)
+        #expect(figures(before, G)?.expiredPoints == Points(0))
+        let at = try h.store.settle(through: Instant(rfc3339: "2026-11-23T10:00:00Z")!)
+        #expect(at.entryCount == 0)
+        #expect(figures(at, G)?.expiredPoints == Points(70), "breakage counted for the issuer")
+        #expect(try h.balance("M1") == 0)
+        // Points returned later to the expired lot are expired by the next run.
+        _ = h.post(C, "c2", Fixtures.reverseRedemption("M1", 30, "C-2", of: "C-1"))
+        #expect(try h.balance("M1") == 0)
+        let after = try h.store.settle()
+        #expect(figures(after, G)?.expiredPoints == Points(30))
+        #expect(try h.verify().ok)
+    }
+
+    @Test func eachEntryFallsInExactlyOneRunAndRunsNeverChange() throws {
+        let h = try Harness()
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 10, "G-1"))
+        h.clock.set(Instant(rfc3339: "2026-11-22T11:00:00Z")!)
+        let r1 = try h.store.settle()
+        _ = h.post(G, "g2", Fixtures.earn("M1", 20, "G-2"))  // at the cutoff instant: belongs after it
+        let r2 = try h.store.settle(through: Instant(rfc3339: "2026-11-22T11:00:00Z")!)
+        #expect(r1.entryCount == 1 && r2.entryCount == 0)
+        h.clock.set(Instant(rfc3339: "2026-11-22T12:00:00Z")!)
+        let r3 = try h.store.settle()
+        #expect(r3.entryCount == 1 && figures(r3, G)?.issuedPoints == Points(20))
+        #expect(try h.store.runs().map(\.id) == ["R000001", "R000002", "R000003"])
+        #expect(throws: SettlementError.self) { try h.store.settle(through: Instant(rfc3339: "2026-11-22T11:30:00Z")!) }
+        #expect(throws: SettlementError.self) { try h.store.settle(through: Instant(rfc3339: "2027-01-01T00:00:00Z")!) }
+        try h.store.close()
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/sqlite3")
+        p.arguments = [h.dir.url.appendingPathComponent("coalition.sqlite").path, "UPDATE run_partner SET net_minor = 0"]
+        p.standardError = Pipe()
+        try p.run()
+        p.waitUntilExit()
+        #expect(p.terminationStatus != 0, "a closed run never changes")
+        #expect(try h.verify().ok)
+        // Someone who drops the trigger and edits a run anyway is caught by verify.
+        let q = Process()
+        q.executableURL = URL(fileURLWithPath: "/usr/bin/sqlite3")
+        q.arguments = [h.dir.url.appendingPathComponent("coalition.sqlite").path,
+                       "DROP TRIGGER run_partner_immutable_u; UPDATE run_partner SET issued_points = 11, payable_minor = 11, net_minor = -11 WHERE run_number = 1"]
+        try q.run()
+        q.waitUntilExit()
+        #expect(q.terminationStatus == 0)
+        let r = try h.verify()
+        #expect(r.breaches.contains { $0.contains("run R000001") }, "\(r.breaches)")
+    }
+
+    /// Random streams and random cutoffs: sums over all runs equal the all-time totals of the
+    /// independent model, flows into each redeemer sum to its redeemed points, Σ net + margin
+    /// = 0, and verify (which recomputes every run from the raw entries) passes.
+    @Test func randomStreamsAndCutoffs() throws {
+        for seed in UInt64(1)...60 {
+            var gen = StreamGenerator(seed: seed)
+            var rng = SeededGenerator(seed: seed &* 31)
+            let h = try Harness(expireAfterDays: 1)
+            var model = ReferenceModel(expireAfterDays: 1, partners: [G, F, C])
+            var issued: [PartnerID: Int64] = [:], redeemed: [PartnerID: Int64] = [:]
+            for _ in 0..<Int.random(in: 3...8, using: &rng) {
+                postAndCompare(h, &model, (0..<Int.random(in: 1...12, using: &rng)).map { _ in gen.next() })
+                h.clock.advance(milliseconds: Int64.random(in: 1...(9 * 3_600_000), using: &rng))
+                let run = try h.store.settle(through: Instant(millisecondsSinceEpoch: h.clock.now().millisecondsSinceEpoch - Int64.random(in: 0...1000, using: &rng)))
+                var sumNet: Int64 = 0
+                var into: [PartnerID: Int64] = [:]
+                for f in run.flows { into[f.redeemer, default: 0] += f.points.value }
+                for f in run.partners {
+                    issued[f.partner, default: 0] += f.issuedPoints.value
+                    redeemed[f.partner, default: 0] += f.redeemedPoints.value
+                    sumNet += f.netMinor.value
+                    #expect((into[f.partner] ?? 0) == f.redeemedPoints.value, "seed \(seed)")
+                }
+                #expect(sumNet + run.totals.operatorMarginMinor.value == 0)
+                h.clock.advance(milliseconds: Int64.random(in: 1...3_600_000, using: &rng))
+            }
+            _ = try h.store.settle()
+            #expect(issued.values.reduce(0, +) == model.issued, "seed \(seed)")
+            #expect(redeemed.values.reduce(0, +) == model.redeemed, "seed \(seed)")
+            let r = try h.verify()
+            #expect(r.ok, "seed \(seed): \(r.breaches.prefix(3))")
+        }
+    }
+}
