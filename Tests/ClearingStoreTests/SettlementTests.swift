@@ -139,6 +139,7 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
             let h = try Harness(expireAfterDays: 1)
             var model = ReferenceModel(expireAfterDays: 1, partners: [G, F, C])
             var issued: [PartnerID: Int64] = [:], redeemed: [PartnerID: Int64] = [:]
+            var previousCutoff = Instant(millisecondsSinceEpoch: Int64.min)
             for _ in 0..<Int.random(in: 3...8, using: &rng) {
                 postAndCompare(h, &model, (0..<Int.random(in: 1...12, using: &rng)).map { _ in gen.next() })
                 h.clock.advance(milliseconds: Int64.random(in: 1...(9 * 3_600_000), using: &rng))
@@ -153,6 +154,16 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
                     #expect((into[f.partner] ?? 0) == f.redeemedPoints.value, "seed \(seed)")
                 }
                 #expect(sumNet + run.totals.operatorMarginMinor.value == 0)
+                // An independent, straightforward recomputation from the partners' ledgers:
+                // the entries accepted in (previous cutoff, cutoff], summed by kind.
+                for p in [G, F, C] {
+                    let rows = try h.store.ledgerEntries(p).filter { $0.acceptedAt > previousCutoff && $0.acceptedAt <= run.cutoff }
+                    let iss = rows.reduce(Int64(0)) { $0 + ($1.event.kind == .earned ? $1.event.points.value : $1.event.kind == .earnReversed ? -$1.event.points.value : 0) }
+                    let red = rows.reduce(Int64(0)) { $0 + ($1.event.kind == .redeemed ? $1.event.points.value : $1.event.kind == .redemptionReversed ? -$1.event.points.value : 0) }
+                    #expect((figures(run, p)?.issuedPoints.value ?? 0) == iss, "seed \(seed) run \(run.id) \(p) issued")
+                    #expect((figures(run, p)?.redeemedPoints.value ?? 0) == red, "seed \(seed) run \(run.id) \(p) redeemed")
+                }
+                previousCutoff = run.cutoff
                 h.clock.advance(milliseconds: Int64.random(in: 1...3_600_000, using: &rng))
             }
             _ = try h.store.settle()
