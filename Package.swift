@@ -85,6 +85,7 @@ let package = Package(
                 "ClearingDomain", "ClearingStore", "ClearingSimulation",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "GRDBSQLite", package: "GRDB.swift"),
+                .product(name: "Crypto", package: "swift-crypto"),
             ],
             swiftSettings: strict),
 

@@ -42,6 +42,14 @@ func seconds(since start: DispatchTime) -> Double {
     Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e9
 }
 
+if CommandLine.arguments.dropFirst().first == "settle-load" {
+    let dir = URL(fileURLWithPath: stringOption("--dir", NSTemporaryDirectory() + "clearhouse-bench-settle-\(getpid())"))
+    try? FileManager.default.removeItem(at: dir)
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    try SettleBench.load(entries: option("--entries", 10_000_000), partners: option("--partners", 100), members: option("--members", 1_000_000), dir: dir)
+    exit(0)
+}
+
 let events = option("--events", 1_000_000)
 let partnerCount = option("--partners", 20)
 let members = option("--members", 100_000)

@@ -85,9 +85,9 @@ public final class Store: Sendable {
             // default 2 MiB cache they spill to the WAL mid-transaction, page by page; a
             // larger cache keeps a batch in memory until its single COMMIT.
             try db.execute(sql: "PRAGMA cache_size = -\(cacheKiB)")
-            // Each posting runs in a savepoint; its statement journal (the pages to restore
-            // on a rollback to the savepoint) stays in memory instead of a temporary file.
-            try db.execute(sql: "PRAGMA temp_store = MEMORY")
+            // temp_store stays at its default (files): SQLite's sorter for GROUP BY (settlement)
+            // is three times slower in memory here, and the writer's fast path needs no
+            // statement journals.
         }
         return c
     }
