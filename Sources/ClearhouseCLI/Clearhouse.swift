@@ -69,6 +69,16 @@ struct Locations: ParsableArguments {
     }
 }
 
+/// An optional RFC 3339 option, or exit 1 naming the verb, the option and the reason.
+func instantOption(_ text: String?, verb: String, option: String) throws -> Instant? {
+    guard let text else { return nil }
+    guard let t = Instant(rfc3339: text) else {
+        printError("clearhouse \(verb): \(option) \(JSONWriter.quote(text)) is not an RFC 3339 instant")
+        throw ExitCode(1)
+    }
+    return t
+}
+
 func printError(_ line: String) {
     FileHandle.standardError.write(Data((line + "\n").utf8))
 }
@@ -186,14 +196,7 @@ struct Balance: AsyncParsableCommand {
             printError("clearhouse balance: member \(JSONWriter.quote(member)) must match ^[A-Za-z0-9._-]{1,64}$")
             throw ExitCode(1)
         }
-        var instant: Instant?
-        if let at {
-            guard let i = Instant(rfc3339: at) else {
-                printError("clearhouse balance: --at \(JSONWriter.quote(at)) is not an RFC 3339 instant")
-                throw ExitCode(1)
-            }
-            instant = i
-        }
+        let instant = try instantOption(at, verb: "balance", option: "--at")
         let store = try locations.openStore(configuration)
         defer { try? store.close() }
         let b = try store.balance(of: m, at: instant)

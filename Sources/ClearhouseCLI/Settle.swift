@@ -15,14 +15,7 @@ struct Settle: AsyncParsableCommand {
 
     func run() async throws {
         let configuration = try locations.loadConfiguration()
-        var cutoff: Instant?
-        if let through {
-            guard let t = Instant(rfc3339: through) else {
-                printError("clearhouse settle: --through \(JSONWriter.quote(through)) is not an RFC 3339 instant")
-                throw ExitCode(1)
-            }
-            cutoff = t
-        }
+        let cutoff = try instantOption(through, verb: "settle", option: "--through")
         let store = try locations.openStore(configuration)
         defer { try? store.close() }
         let run: SettlementRun
