@@ -2,6 +2,9 @@ import ArgumentParser
 import ClearingDomain
 import ClearingStore
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `clearhouse settle [--through <instant>] [--json]` (CONTRACT §6).
 struct Settle: AsyncParsableCommand {
@@ -19,7 +22,9 @@ struct Settle: AsyncParsableCommand {
         let store = try locations.openStore(configuration)
         defer { try? store.close() }
         let run: SettlementRun
-        do { run = try store.settle(through: cutoff) } catch let e as SettlementError {
+        // A progress bar on a terminal (stderr), for long runs; nothing when piped.
+        let bar: (@Sendable (Int64, Int64) -> Void)? = isatty(2) == 1 ? ProgressBar.draw : nil
+        do { run = try store.settle(through: cutoff, progress: bar) } catch let e as SettlementError {
             printError("clearhouse settle: \(e)")
             throw ExitCode(1)
         }
@@ -135,5 +140,19 @@ enum RunReport {
             for f in r.flows { out += "  \(f.issuer) -> \(f.redeemer): \(f.points)\n" }
         }
         return out
+    }
+}
+
+enum ProgressBar {
+    static let width: Int64 = 40
+
+    @Sendable static func draw(done: Int64, total: Int64) {
+        let filled = total == 0 ? width : done * width / total
+        var line = "\rsettling ["
+        line += String(repeating: "#", count: Int(filled))
+        line += String(repeating: " ", count: Int(width - filled))
+        line += "] \(done)/\(total) entries"
+        if done == total { line += "\n" }
+        FileHandle.standardError.write(Data(line.utf8))
     }
 }

@@ -52,6 +52,10 @@ public enum Limits {
     /// How long a writer waits for another process's lock on the coalition database.
     public static let databaseBusyTimeoutSecondsMax = 10
 
+    // MARK: Settlement
+    /// Journal ids a run aggregates at a time (its sorts stay small; progress per slice).
+    public static let settlementSliceIDsMax: Int64 = 250_000
+
     // MARK: Configuration
     public static let partnersMax = 1_000
     public static let webhookSecretsPerPartnerMax = 8

@@ -32,7 +32,7 @@ extension Store {
     /// IMMEDIATE transaction on the journal: the writer waits meanwhile, so an entry is either
     /// in this run or accepted after its cutoff; the run is wholly recorded or not at all.
     /// A run with nothing in it is still recorded (the period is closed, all figures zero).
-    public func settle(through: Instant? = nil) throws -> SettlementRun {
+    public func settle(through: Instant? = nil, progress: (@Sendable (_ done: Int64, _ total: Int64) -> Void)? = nil) throws -> SettlementRun {
         let now = clock.now()
         var run: SettlementRun?
         try coalition.writeWithoutTransaction { db in
@@ -42,7 +42,7 @@ extension Store {
             try db.execute(sql: "PRAGMA cache_size = -\(Limits.ledgerCacheKiBMax)")
             defer { try? db.execute(sql: "PRAGMA cache_size = -\(Limits.coalitionCacheKiBMax)") }
             try db.inTransaction(.immediate) {
-                run = try closeRun(db, through: through ?? now, now: now)
+                run = try closeRun(db, through: through ?? now, now: now, progress: progress)
                 return .commit
             }
         }
@@ -50,7 +50,9 @@ extension Store {
         return run!
     }
 
-    private func closeRun(_ db: Database, through cutoff: Instant, now: Instant) throws -> SettlementRun {
+    private func closeRun(
+        _ db: Database, through cutoff: Instant, now: Instant, progress: (@Sendable (Int64, Int64) -> Void)?
+    ) throws -> SettlementRun {
         let previous = try Row.fetchOne(db, sql: "SELECT number, cutoff_ms, last_journal_id FROM run ORDER BY number DESC LIMIT 1")
         let number: Int64 = (previous?[0] ?? 0) + 1
         let previousCutoff: Int64? = previous?[1]
@@ -69,20 +71,36 @@ extension Store {
         precondition(last >= first - 1, "journal ids after the last run must follow it")
 
         var issued: [PartnerID: Int64] = [:], redeemed: [PartnerID: Int64] = [:], expired: [PartnerID: Int64] = [:]
-        for row in try Row.fetchAll(
-            db, sql: "SELECT partner, kind, SUM(points) FROM journal WHERE id BETWEEN ? AND ? GROUP BY partner, kind",
-            arguments: [first, last])
-        {
-            let p = try partnerID(row[0])
-            let sum: Int64 = row[2]
-            switch EventKind(rawValue: row[1]) {
-            case .earned: issued[p, default: 0] += sum
-            case .earnReversed: issued[p, default: 0] -= sum
-            case .redeemed: redeemed[p, default: 0] += sum
-            case .redemptionReversed: redeemed[p, default: 0] -= sum
-            case nil: throw StoreError("journal holds an unknown kind")
+        var moved: [ReplayBook.FlowKey: Int64] = [:]
+        // The run's entries in slices of journal ids: each slice's sorts stay small, and a
+        // long run can report its progress.
+        var from = first
+        while from <= last {
+            let to = min(last, from + Limits.settlementSliceIDsMax - 1)
+            for row in try Row.fetchAll(
+                db.cachedStatement(sql: "SELECT partner, kind, SUM(points) FROM journal WHERE id BETWEEN ? AND ? GROUP BY partner, kind"),
+                arguments: [from, to])
+            {
+                let p = try partnerID(row[0])
+                let sum: Int64 = row[2]
+                switch EventKind(rawValue: row[1]) {
+                case .earned: issued[p, default: 0] += sum
+                case .earnReversed: issued[p, default: 0] -= sum
+                case .redeemed: redeemed[p, default: 0] += sum
+                case .redemptionReversed: redeemed[p, default: 0] -= sum
+                case nil: throw StoreError("journal holds an unknown kind")
+                }
             }
+            for row in try Row.fetchAll(
+                db.cachedStatement(sql: "SELECT issuer, redeemer, SUM(points) FROM lot_move WHERE entry_id BETWEEN ? AND ? GROUP BY issuer, redeemer"),
+                arguments: [from, to])
+            {
+                moved[ReplayBook.FlowKey(issuer: try partnerID(row[0]), redeemer: try partnerID(row[1])), default: 0] += row[2] as Int64
+            }
+            progress?(to - first + 1, last - first + 1)
+            from = to + 1
         }
+        if first > last { progress?(0, 0) }
         // Expiry: every lot whose expiry is at or before the cutoff gives up what is left.
         let expiring = "remaining > 0 AND expires_at_ms IS NOT NULL AND expires_at_ms <= ?"
         for row in try Row.fetchAll(db, sql: "SELECT issuer, SUM(remaining) FROM lot WHERE \(expiring) GROUP BY issuer", arguments: [cutoff.millisecondsSinceEpoch]) {
@@ -105,14 +123,9 @@ extension Store {
                 partner: p, issued: Points(issued[p] ?? 0), redeemed: Points(redeemed[p] ?? 0), expired: Points(expired[p] ?? 0), terms: terms)
             if !f.isEmpty { figures.append(f) }
         }
-        var flows: [Flow] = []
-        for row in try Row.fetchAll(
-            db,
-            sql: "SELECT issuer, redeemer, SUM(points) FROM lot_move WHERE entry_id BETWEEN ? AND ? GROUP BY issuer, redeemer HAVING SUM(points) <> 0 ORDER BY issuer, redeemer",
-            arguments: [first, last])
-        {
-            flows.append(Flow(issuer: try partnerID(row[0]), redeemer: try partnerID(row[1]), points: Points(row[2])))
-        }
+        let flows = moved.filter { $0.value != 0 }
+            .map { Flow(issuer: $0.key.issuer, redeemer: $0.key.redeemer, points: Points($0.value)) }
+            .sorted { ($0.issuer, $0.redeemer) < ($1.issuer, $1.redeemer) }
         let totals = try RunTotals(figures)
         let run = SettlementRun(
             number: number, id: SettlementRun.id(number: number), cutoff: cutoff, firstJournalID: first, lastJournalID: last,

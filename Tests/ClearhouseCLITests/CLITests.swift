@@ -203,6 +203,16 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
             #expect(run["operator_margin_minor"] as? Int == 68)
             let flows = run["flows"] as! [[String: Any]]
             #expect(flows.count == 1 && flows[0]["issuer"] as? String == "fuelco" && flows[0]["redeemer"] as? String == "cinestar" && flows[0]["points"] as? Int == 40)
+            // On a terminal, settle draws a progress bar on stderr (here through a pseudo-terminal).
+            let script = Process()
+            script.executableURL = URL(fileURLWithPath: "/usr/bin/script")
+            script.arguments = ["-qc", "\(CLI.binary.path) settle --data \(cli.data.path) --partners \(cli.partners.path)", "/dev/null"]
+            let tty = Pipe()
+            script.standardOutput = tty
+            try script.run()
+            let shown = String(decoding: tty.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            script.waitUntilExit()
+            #expect(shown.contains("settling [") && shown.contains("Settlement run R000002"), "\(shown)")
             let table = try cli.run(["runs", "show", run["run"] as! String])
             #expect(table.out.contains("partner pays") && table.out.contains("coalition pays") && table.out.contains("Settlement plan"))
             #expect(try cli.run(["runs"]).out.contains(run["run"] as! String))
