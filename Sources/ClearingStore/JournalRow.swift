@@ -16,36 +16,34 @@ enum JournalRow {
         original_reference, occurred_at_ms, amount_minor, member_balance, hash
         """
 
-    /// Builds an entry from a row; a row that does not make a valid entry is damage.
+    /// Builds an entry from a row; a row that does not make a valid entry is damage, reported
+    /// as an error (never a crash, even when a column holds a value of the wrong type).
     static func entry(from row: Row, partner: PartnerID, journalID: Int64) throws -> Entry {
-        let kindRaw: Int = row["kind"]
-        let seq: Int64 = row["sequence"]
-        guard let kind = EventKind(rawValue: kindRaw),
-            let webhook = WebhookID(row["webhook_id"] as String),
-            let member = MemberID(row["member"] as String),
-            let reference = Reference(row["reference"] as String)
-        else { throw StoreError("entry \(partner) #\(seq) does not decode") }
-        let points: Int64 = row["points"]
-        let originalText: String? = row["original_reference"]
-        let original = originalText.flatMap(Reference.init)
-        guard points >= Limits.pointsPerEventMin, points <= Limits.pointsPerEventMax,
-            kind.isReversal == (original != nil)
-        else { throw StoreError("entry \(partner) #\(seq) does not decode") }
-        let occurred: Int64? = row["occurred_at_ms"]
-        let amount: Int64? = row["amount_minor"]
+        let seq = try row.int64("sequence")
+        let bad = StoreError("entry \(partner) #\(seq) does not decode")
+        guard let kind = EventKind(rawValue: Int(try row.int64("kind"))),
+            let webhook = WebhookID(try row.text("webhook_id")),
+            let member = MemberID(try row.text("member")),
+            let reference = Reference(try row.text("reference"))
+        else { throw bad }
+        let points = try row.int64("points")
+        let original = try row.optionalText("original_reference").flatMap(Reference.init)
+        guard points >= Limits.pointsPerEventMin, points <= Limits.pointsPerEventMax, kind.isReversal == (original != nil)
+        else { throw bad }
+        let occurred = try row.optionalInt64("occurred_at_ms")
+        let amount = try row.optionalInt64("amount_minor")
         let event = Event(
             kind: kind, member: member, points: Points(points), reference: reference, originalReference: original,
             occurredAt: occurred.map { Instant(millisecondsSinceEpoch: $0) }, amountMinor: amount.map(MoneyMinor.init))
         return Entry(
             journalID: journalID, partner: partner, sequence: seq, webhookID: webhook,
-            acceptedAt: Instant(millisecondsSinceEpoch: row["accepted_at_ms"]), event: event,
-            memberBalance: Points(row["member_balance"]))
+            acceptedAt: Instant(millisecondsSinceEpoch: try row.int64("accepted_at_ms")), event: event,
+            memberBalance: Points(try row.int64("member_balance")))
     }
 
     static func journalEntry(_ row: Row) throws -> (Entry, [UInt8]) {
-        guard let partner = PartnerID(row["partner"] as String) else { throw StoreError("journal row with invalid partner") }
-        let hash: Data = row["hash"]
-        return (try entry(from: row, partner: partner, journalID: row["id"]), Array(hash))
+        guard let partner = PartnerID(try row.text("partner")) else { throw StoreError("journal row with invalid partner") }
+        return (try entry(from: row, partner: partner, journalID: try row.int64("id")), Array(try row.blob("hash")))
     }
 
     /// Up to `limit` journal entries of a partner after sequence `after`, each with the hash
@@ -72,5 +70,36 @@ enum JournalRow {
             previous = h
         }
         return out
+    }
+}
+
+/// Typed column reads that throw instead of stopping the process when a column holds a value
+/// of the wrong type (a damaged or hand-edited file), so that verify reports it as a breach.
+extension Row {
+    func int64(_ column: String) throws -> Int64 {
+        guard let v = Int64.fromDatabaseValue(self[column] as DatabaseValue) else { throw StoreError("column \(column) is not an integer") }
+        return v
+    }
+
+    func optionalInt64(_ column: String) throws -> Int64? {
+        let value: DatabaseValue = self[column]
+        return value.isNull ? nil : try int64(column)
+    }
+
+    func text(_ column: String) throws -> String {
+        let value: DatabaseValue = self[column]
+        guard case .string(let s) = value.storage else { throw StoreError("column \(column) is not text") }
+        return s
+    }
+
+    func optionalText(_ column: String) throws -> String? {
+        let value: DatabaseValue = self[column]
+        return value.isNull ? nil : try text(column)
+    }
+
+    func blob(_ column: String) throws -> Data {
+        let value: DatabaseValue = self[column]
+        guard case .blob(let d) = value.storage else { throw StoreError("column \(column) is not a blob") }
+        return d
     }
 }

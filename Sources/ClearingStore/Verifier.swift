@@ -222,21 +222,27 @@ public enum Verifier {
                 if seq != last + 1 { report.breach("\(at): follows sequence \(last) (gap)") }
                 last = seq
                 if seq > head.sequence { break }  // written after the journal snapshot
-                let stored = Array(row["hash"] as Data)
-                if Array(row["prev_hash"] as Data) != previous { report.breach("\(at): prev_hash does not link to the entry before") }
+                guard let storedData = try? row.blob("hash"), let prevData = try? row.blob("prev_hash"),
+                    let journalID = try? row.int64("journal_id")
+                else {
+                    report.breach("\(at): hash, prev_hash or journal_id is not of its type (the entry was altered)")
+                    continue
+                }
+                let stored = Array(storedData)
+                if Array(prevData) != previous { report.breach("\(at): prev_hash does not link to the entry before") }
                 do {
-                    let e = try JournalRow.entry(from: row, partner: p, journalID: row["journal_id"])
+                    let e = try JournalRow.entry(from: row, partner: p, journalID: journalID)
                     if Store.chainHash(previous: previous, entry: e) != stored {
                         report.breach("\(at): hash does not match its contents (the entry was altered)")
                     }
                 } catch {
                     report.breach("\(at): does not decode (\(error))")
                 }
-                if head.hashes[seq] != stored || head.journalIDs[seq] != row["journal_id"] as Int64 {
+                if head.hashes[seq] != stored || head.journalIDs[seq] != journalID {
                     report.breach("\(at): differs from the journal")
                 }
-                if !references.insert(row["reference"]).inserted { report.breach("\(at): reference appears twice") }
-                if !webhooks.insert(row["webhook_id"]).inserted { report.breach("\(at): webhook-id appears twice") }
+                if !references.insert((try? row.text("reference")) ?? "").inserted { report.breach("\(at): reference appears twice") }
+                if !webhooks.insert((try? row.text("webhook_id")) ?? "").inserted { report.breach("\(at): webhook-id appears twice") }
                 previous = stored
             }
             return Int(min(last, head.sequence))

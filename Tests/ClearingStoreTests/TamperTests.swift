@@ -42,6 +42,21 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(r.breaches.contains { $0.contains("grocer") || $0.contains("MEMBER-7770") }, "\(r.breaches)")
     }
 
+    /// A value of the wrong type in a ledger column (written around the triggers) is a
+    /// breach naming the entry, never a crash of verify.
+    @Test func aWrongTypeInALedgerColumnIsABreachNotACrash() throws {
+        let h = try populated()
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/sqlite3")
+        p.arguments = [h.store.ledgerURL(G).path,
+                       "PRAGMA ignore_check_constraints = ON; DROP TRIGGER entry_append_only_update; UPDATE entry SET points = 'many', hash = 'x' WHERE sequence = 5"]
+        try p.run()
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+        let r = try h.verify()
+        #expect(r.breaches.contains { $0.contains("ledger grocer sequence 5") }, "\(r.breaches)")
+    }
+
     @Test func aMissingLedgerIsABreach() throws {
         let h = try populated()
         try FileManager.default.removeItem(at: h.store.ledgerURL(C))
