@@ -67,3 +67,24 @@ public enum Fixtures {
               originalReference: Reference(original)!)
     }
 }
+
+/// Runs the `sqlite3` tool on a database file, as an operator (or an attacker with file
+/// access) would, bypassing Clearhouse.
+public enum SQLiteTool {
+    public struct Result: Sendable {
+        public let status: Int32
+        public let stderr: String
+    }
+
+    public static func run(_ database: URL, _ sql: String) throws -> Result {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/sqlite3")
+        p.arguments = [database.path, sql]
+        let err = Pipe()
+        p.standardError = err
+        try p.run()
+        let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        return Result(status: p.terminationStatus, stderr: text)
+    }
+}

@@ -154,13 +154,6 @@ enum Lookup {
         return (byID, byRef)
     }
 
-    static func byWebhookID(_ db: Database, _ partner: PartnerID, _ id: WebhookID) throws -> Entry? {
-        try Row.fetchOne(
-            db.cachedStatement(sql: "SELECT \(JournalRow.columns) FROM journal WHERE partner = ? AND webhook_id = ?"),
-            arguments: [partner.rawValue, id.rawValue]
-        ).map { try JournalRow.journalEntry($0).0 }
-    }
-
     static func byReference(_ db: Database, _ partner: PartnerID, _ reference: Reference) throws -> Entry? {
         try Row.fetchOne(
             db.cachedStatement(sql: "SELECT \(JournalRow.columns) FROM journal WHERE partner = ? AND reference = ?"),

@@ -18,7 +18,7 @@ public struct VerifyReport: Sendable {
 /// compares the result with the derived tables and with every partner ledger. Read-only: it
 /// may run while `serve` writes.
 public enum Verifier {
-    public static func verify(dataDirectory: URL, terms: CoalitionTerms) throws -> VerifyReport {
+    public static func verify(dataDirectory: URL) throws -> VerifyReport {
         var report = VerifyReport()
         let coalitionPath = dataDirectory.appendingPathComponent("coalition.sqlite").path
         guard FileManager.default.fileExists(atPath: coalitionPath) else {
@@ -28,7 +28,7 @@ public enum Verifier {
         let coalition = try DatabasePool(path: coalitionPath, configuration: Store.databaseConfiguration(readonly: true))
         defer { try? coalition.close() }
         // One snapshot of the coalition database for everything below.
-        let heads = try coalition.read { db in try verifyJournal(db, terms: terms, &report) }
+        let heads = try coalition.read { db in try verifyJournal(db, &report) }
         try verifyLedgers(dataDirectory: dataDirectory, heads: heads, coalition: coalition, &report)
         return report
     }
@@ -42,7 +42,7 @@ public enum Verifier {
 
     /// Invariants 1 and 2, and the journal half of 3. Returns each partner's chain as the
     /// journal has it.
-    static func verifyJournal(_ db: Database, terms: CoalitionTerms, _ report: inout VerifyReport) throws -> [PartnerID: Head] {
+    static func verifyJournal(_ db: Database, _ report: inout VerifyReport) throws -> [PartnerID: Head] {
         var book = ReplayBook()
         book.expiryTerms = try Row.fetchAll(db, sql: "SELECT from_journal_id, points_expire_after_days FROM expiry_terms ORDER BY from_journal_id")
             .map { ($0[0], $0[1]) }

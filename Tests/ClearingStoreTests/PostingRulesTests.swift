@@ -34,7 +34,7 @@ final class Harness {
     }
 
     func verify() throws -> VerifyReport {
-        try Verifier.verify(dataDirectory: dir.url, terms: configuration.coalition)
+        try Verifier.verify(dataDirectory: dir.url)
     }
 
     func balance(_ m: String) throws -> Int64 { try store.balance(of: MemberID(m)!).value }
@@ -278,7 +278,7 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         _ = store.post([Submission(partner: G, webhookID: WebhookID("g2")!, event: Fixtures.earn("M1", 10, "G-2"))])
         h.clock.set(Instant(rfc3339: "2026-11-23T10:00:00Z")!)
         #expect(try store.balance(of: MemberID("M1")!).value == 100, "the second lot expired after 1 day, the first did not")
-        let r = try Verifier.verify(dataDirectory: h.dir.url, terms: shorter.coalition)
+        let r = try Verifier.verify(dataDirectory: h.dir.url)
         #expect(r.ok, "\(r.breaches)")
     }
 }

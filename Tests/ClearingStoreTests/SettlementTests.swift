@@ -109,22 +109,14 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         #expect(throws: SettlementError.self) { try h.store.settle(through: Instant(rfc3339: "2026-11-22T11:30:00Z")!) }
         #expect(throws: SettlementError.self) { try h.store.settle(through: Instant(rfc3339: "2027-01-01T00:00:00Z")!) }
         try h.store.close()
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/sqlite3")
-        p.arguments = [h.dir.url.appendingPathComponent("coalition.sqlite").path, "UPDATE run_partner SET net_minor = 0"]
-        p.standardError = Pipe()
-        try p.run()
-        p.waitUntilExit()
-        #expect(p.terminationStatus != 0, "a closed run never changes")
+        let coalition = h.dir.url.appendingPathComponent("coalition.sqlite")
+        #expect(try SQLiteTool.run(coalition, "UPDATE run_partner SET net_minor = 0").status != 0, "a closed run never changes")
         #expect(try h.verify().ok)
         // Someone who drops the trigger and edits a run anyway is caught by verify.
-        let q = Process()
-        q.executableURL = URL(fileURLWithPath: "/usr/bin/sqlite3")
-        q.arguments = [h.dir.url.appendingPathComponent("coalition.sqlite").path,
-                       "DROP TRIGGER run_partner_immutable_u; UPDATE run_partner SET issued_points = 11, payable_minor = 11, net_minor = -11 WHERE run_number = 1"]
-        try q.run()
-        q.waitUntilExit()
-        #expect(q.terminationStatus == 0)
+        let edit = try SQLiteTool.run(
+            coalition,
+            "DROP TRIGGER run_partner_immutable_u; UPDATE run_partner SET issued_points = 11, payable_minor = 11, net_minor = -11 WHERE run_number = 1")
+        #expect(edit.status == 0)
         let r = try h.verify()
         #expect(r.breaches.contains { $0.contains("run R000001") }, "\(r.breaches)")
     }

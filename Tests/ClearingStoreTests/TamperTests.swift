@@ -46,13 +46,10 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
     /// breach naming the entry, never a crash of verify.
     @Test func aWrongTypeInALedgerColumnIsABreachNotACrash() throws {
         let h = try populated()
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/sqlite3")
-        p.arguments = [h.store.ledgerURL(G).path,
-                       "PRAGMA ignore_check_constraints = ON; DROP TRIGGER entry_append_only_update; UPDATE entry SET points = 'many', hash = 'x' WHERE sequence = 5"]
-        try p.run()
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0)
+        let edit = try SQLiteTool.run(
+            h.store.ledgerURL(G),
+            "PRAGMA ignore_check_constraints = ON; DROP TRIGGER entry_append_only_update; UPDATE entry SET points = 'many', hash = 'x' WHERE sequence = 5")
+        #expect(edit.status == 0)
         let r = try h.verify()
         #expect(r.breaches.contains { $0.contains("ledger grocer sequence 5") }, "\(r.breaches)")
     }
@@ -68,17 +65,9 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         let h = try populated()
         try h.reopen()
         // Even a tool with write access to the file cannot edit history through SQLite.
-        let ledger = h.store.ledgerURL(G).path
         for sql in ["UPDATE entry SET points = 1 WHERE sequence = 3", "DELETE FROM entry WHERE sequence = 20"] {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/usr/bin/sqlite3")
-            p.arguments = [ledger, sql]
-            let err = Pipe()
-            p.standardError = err
-            try p.run()
-            p.waitUntilExit()
-            let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            #expect(p.terminationStatus != 0 && text.contains("append-only"), "\(sql): \(text)")
+            let r = try SQLiteTool.run(h.store.ledgerURL(G), sql)
+            #expect(r.status != 0 && r.stderr.contains("append-only"), "\(sql): \(r.stderr)")
         }
         #expect(try h.verify().ok)
     }
