@@ -49,11 +49,31 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
+        // Standard Webhooks v1 signatures: verifying partners' events, signing notices.
+        .target(
+            name: "StandardWebhooks",
+            dependencies: ["ClearingDomain", .product(name: "Crypto", package: "swift-crypto")],
+            swiftSettings: strict),
+        // libcurl (system library) with typed setopt wrappers: Swift cannot call C variadics.
+        .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
+        // Outbound HTTPS to partners over libcurl: TLS always verified, no redirects, address checks.
+        .target(name: "PartnerTransport", dependencies: ["CCurl"], swiftSettings: strict),
+        // Settlement notices: the outbox's delivery worker, signing, back-off and dead letters.
+        .target(
+            name: "ClearingNotices",
+            dependencies: [
+                "ClearingDomain", "ClearingStore", "PartnerTransport", "StandardWebhooks",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strict),
         // The HTTPS intake: Hummingbird router, webhook verification, problem details, TLS.
         .target(
             name: "ClearingHTTP",
             dependencies: [
-                "ClearingDomain", "ClearingStore",
+                "ClearingDomain", "ClearingStore", "StandardWebhooks",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTLS", package: "hummingbird"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -69,7 +89,7 @@ let package = Package(
         .target(
             name: "ClearhouseCLI",
             dependencies: [
-                "ClearingDomain", "ClearingConfig", "ClearingStore", "ClearingSimulation", "ClearingHTTP",
+                "ClearingDomain", "ClearingConfig", "ClearingStore", "ClearingSimulation", "ClearingHTTP", "ClearingNotices", "PartnerTransport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTLS", package: "hummingbird"),
@@ -100,10 +120,15 @@ let package = Package(
         .testTarget(
             name: "ClearingHTTPTests",
             dependencies: [
-                "ClearingHTTP", "ClearingDomain", "ClearingStore", "ClearhouseTestSupport",
+                "ClearingHTTP", "ClearingDomain", "ClearingStore", "ClearhouseTestSupport", "StandardWebhooks",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ]),
+        .testTarget(name: "PartnerTransportTests", dependencies: ["PartnerTransport", "ClearhouseTestSupport"]),
+        .testTarget(
+            name: "ClearingNoticesTests",
+            dependencies: ["ClearingNotices", "ClearingStore", "ClearingDomain", "PartnerTransport", "ClearhouseTestSupport", "StandardWebhooks",
+                           .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "ClearhouseCLITests", dependencies: ["ClearhouseCLI", "clearhouse", "ClearingConfig", "ClearhouseTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

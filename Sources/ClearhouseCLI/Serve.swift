@@ -1,11 +1,13 @@
 import ArgumentParser
 import ClearingDomain
 import ClearingHTTP
+import ClearingNotices
 import ClearingStore
 import Foundation
 import Hummingbird
 import HummingbirdTLS
 import Logging
+import PartnerTransport
 import ServiceLifecycle
 
 /// `clearhouse serve`: the HTTPS intake (CONTRACT §3, §4, §10).
@@ -46,8 +48,14 @@ struct Serve: AsyncParsableCommand {
                 FileHandle.standardOutput.write(Data("clearhouse: listening on https://\(host):\(port)\n".utf8))
             },
             logger: logger)
+        // Settlement notices: delivered from the outbox while the server runs (settle, in
+        // another process, adds to it; the worker polls).
+        var noticeLogger = logger
+        noticeLogger[metadataKey: "component"] = "notices"
+        let notices = NoticeService(dispatcher: NoticeDispatcher(
+            store: store, transport: CurlTransport(), logger: noticeLogger, metrics: metrics.factory))
         var groupConfiguration = ServiceGroupConfiguration(
-            services: [app], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
+            services: [app, notices], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
         // In-flight requests get this long to finish; then they are cancelled. Anything the
         // writer already took is still decided and committed below.
         groupConfiguration.maximumGracefulShutdownDuration = .seconds(Limits.shutdownGraceSecondsMax)

@@ -29,6 +29,9 @@ struct Settle: AsyncParsableCommand {
             throw ExitCode(1)
         }
         print(json ? RunReport.json(run) : RunReport.table(run, configuration))
+        if !json && !run.partners.isEmpty {
+            print("\n\(run.partners.count) settlement notices are in the outbox: `clearhouse serve` delivers them, or run `clearhouse notices send`.")
+        }
     }
 }
 

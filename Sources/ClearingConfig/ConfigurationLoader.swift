@@ -68,14 +68,29 @@ public struct ConfigurationLoader {
     }
 
     func loadCoalition(_ url: URL) throws(ConfigurationError) -> CoalitionTerms {
-        let t = try Table(url: url, allowed: ["currency", "points_expire_after_days", "notice_allow_private_networks"])
+        let t = try Table(
+            url: url,
+            allowed: ["currency", "points_expire_after_days", "notice_allow_private_networks", "notice_client_cert_file", "notice_client_key_file"])
         let currency = try t.string("currency")
         guard currency.utf8.count == 3, currency.utf8.allSatisfy({ $0 >= 0x41 && $0 <= 0x5A }) else {
             throw t.error("currency", "must be an ISO 4217 code of three capital letters (got \(JSONWriter.quote(currency)))")
         }
         let days = try t.int("points_expire_after_days", 0...Limits.pointsExpireAfterDaysMax)
         let allowPrivate = try t.optionalBool("notice_allow_private_networks") ?? false
-        return CoalitionTerms(currency: currency, pointsExpireAfterDays: days, noticeAllowPrivateNetworks: allowPrivate)
+        // The coalition's own client certificate for notices, for partners that ask for mutual TLS.
+        var clientFiles: [String] = []
+        for key in ["notice_client_cert_file", "notice_client_key_file"] {
+            guard let file = try t.optionalString(key) else { continue }
+            let path = file.hasPrefix("/") ? file : directory.appendingPathComponent(file).path
+            guard FileManager.default.isReadableFile(atPath: path) else { throw t.error(key, "cannot read \(path)") }
+            clientFiles.append(path)
+        }
+        guard clientFiles.count != 1 else {
+            throw t.error("notice_client_key_file", "notice_client_cert_file and notice_client_key_file go together")
+        }
+        return CoalitionTerms(
+            currency: currency, pointsExpireAfterDays: days, noticeAllowPrivateNetworks: allowPrivate,
+            noticeClientCertificateFile: clientFiles.first, noticeClientKeyFile: clientFiles.last)
     }
 
     func loadPartner(_ url: URL) throws(ConfigurationError) -> PartnerTerms {

@@ -56,6 +56,34 @@ public enum Limits {
     /// Journal ids a run aggregates at a time (its sorts stay small; progress per slice).
     public static let settlementSliceIDsMax: Int64 = 250_000
 
+    // MARK: Settlement notices (CONTRACT §7)
+    /// Delay before each attempt, after the previous one failed: the Standard Webhooks
+    /// schedule (immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h).
+    public static let noticeRetryDelaysSeconds: [Int64] = [0, 5, 300, 1_800, 7_200, 18_000, 36_000, 50_400, 72_000, 86_400]
+    /// Attempts before a notice becomes a dead letter (per round; `notices retry` starts a new one).
+    public static var noticeAttemptsMax: Int { noticeRetryDelaysSeconds.count }
+    /// Each delay is moved by up to this fraction (parts per million), up or down.
+    public static let noticeJitterPPMMax: Int64 = 100_000
+    /// The longest `retry-after` of a partner's 429 or 503 that is honoured.
+    public static let noticeRetryAfterSecondsMax: Int64 = 86_400
+    public static let noticeConnectTimeoutMillisecondsMax = 10_000
+    public static let noticeTotalTimeoutMillisecondsMax = 30_000
+    /// The most of a partner's response body read (and discarded).
+    public static let noticeResponseBytesMax = 64 * 1024
+    /// Deliveries in flight at once (one libcurl multi handle).
+    public static let noticesInFlightMax = 8
+    /// A claimed notice's lease outlives its total timeout by this much; a lease whose process
+    /// has died is void at once.
+    public static let noticeLeaseSlackMilliseconds: Int64 = 5_000
+    /// How often the worker in `serve` looks for notices due (settle runs in another process).
+    public static let noticePollIntervalMilliseconds: Int64 = 1_000
+    /// Batches of `noticesInFlightMax` one delivery pass sends at most.
+    public static let noticeBatchesPerPassMax = 1_000
+    /// Most notices `notices list` prints.
+    public static let noticeListRowsMax = 10_000
+    /// Longest error text kept for one attempt.
+    public static let noticeErrorBytesMax = 512
+
     // MARK: Configuration
     public static let partnersMax = 1_000
     public static let webhookSecretsPerPartnerMax = 8

@@ -16,10 +16,20 @@ public struct CoalitionTerms: Equatable, Sendable {
     /// Only when true may a `notice_url` resolve to a loopback or private address.
     public var noticeAllowPrivateNetworks: Bool
 
-    public init(currency: String, pointsExpireAfterDays: Int64, noticeAllowPrivateNetworks: Bool = false) {
+    /// The coalition's client certificate and key (PEM paths) presented to partners' notice
+    /// endpoints that ask for mutual TLS; nil = none.
+    public var noticeClientCertificateFile: String?
+    public var noticeClientKeyFile: String?
+
+    public init(
+        currency: String, pointsExpireAfterDays: Int64, noticeAllowPrivateNetworks: Bool = false,
+        noticeClientCertificateFile: String? = nil, noticeClientKeyFile: String? = nil
+    ) {
         self.currency = currency
         self.pointsExpireAfterDays = pointsExpireAfterDays
         self.noticeAllowPrivateNetworks = noticeAllowPrivateNetworks
+        self.noticeClientCertificateFile = noticeClientCertificateFile
+        self.noticeClientKeyFile = noticeClientKeyFile
     }
 
     /// When a lot earned at `acceptedAt` expires; nil = never.

@@ -1,4 +1,5 @@
 import ClearingDomain
+import StandardWebhooks
 import ClearingStore
 import Crypto
 import Foundation

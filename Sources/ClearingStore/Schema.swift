@@ -150,6 +150,52 @@ enum Schema {
                     CREATE INDEX lot_expiring ON lot(expires_at_ms) WHERE remaining > 0 AND expires_at_ms IS NOT NULL;
                     """)
         }
+        m.registerMigration("v4-notice-outbox") { db in
+            try db.execute(
+                sql: """
+                    -- The settlement notices' outbox: written in the transaction that commits
+                    -- the run, so a run never exists without its notices. The content never
+                    -- changes; only the delivery state does.
+                    CREATE TABLE notice (
+                      id TEXT PRIMARY KEY NOT NULL,             -- <run>:<partner>, the webhook-id
+                      run_number INTEGER NOT NULL REFERENCES run(number),
+                      partner TEXT NOT NULL,
+                      body BLOB NOT NULL,
+                      created_at_ms INTEGER NOT NULL,
+                      state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+                      attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+                      round_attempts INTEGER NOT NULL DEFAULT 0 CHECK (round_attempts >= 0),
+                      next_attempt_at_ms INTEGER,
+                      lease_owner INTEGER,
+                      lease_until_ms INTEGER,
+                      finished_at_ms INTEGER,
+                      last_result TEXT,
+                      UNIQUE (run_number, partner),
+                      CHECK ((state = 'pending') = (next_attempt_at_ms IS NOT NULL)),
+                      CHECK ((state = 'pending') = (finished_at_ms IS NULL))
+                    );
+                    CREATE INDEX notice_due ON notice(next_attempt_at_ms) WHERE state = 'pending';
+                    CREATE INDEX notice_state ON notice(state, id);
+                    CREATE TRIGGER notice_content_immutable BEFORE UPDATE OF id, run_number, partner, body, created_at_ms ON notice
+                      BEGIN SELECT RAISE(ABORT, 'a notice''s content never changes'); END;
+                    CREATE TRIGGER notice_never_deleted BEFORE DELETE ON notice
+                      BEGIN SELECT RAISE(ABORT, 'notices are never deleted'); END;
+                    -- Every delivery attempt: when, how long, what came back.
+                    CREATE TABLE notice_attempt (
+                      notice_id TEXT NOT NULL REFERENCES notice(id),
+                      number INTEGER NOT NULL CHECK (number >= 1),
+                      started_at_ms INTEGER NOT NULL,
+                      latency_ms INTEGER,
+                      http_status INTEGER,
+                      error TEXT,
+                      outcome TEXT NOT NULL CHECK (outcome IN ('in-flight', 'delivered', 'retry', 'dead', 'interrupted')),
+                      next_attempt_at_ms INTEGER,
+                      PRIMARY KEY (notice_id, number)
+                    ) WITHOUT ROWID;
+                    CREATE TRIGGER notice_attempt_never_deleted BEFORE DELETE ON notice_attempt
+                      BEGIN SELECT RAISE(ABORT, 'attempts are never deleted'); END;
+                    """)
+        }
         return m
     }
 

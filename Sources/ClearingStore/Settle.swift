@@ -119,9 +119,10 @@ extension Store {
             guard let terms = configuration.partners[p] else {
                 throw SettlementError(description: "partner \(p) has entries in the run but no terms in the configuration")
             }
-            let f = try PartnerFigures(
-                partner: p, issued: Points(issued[p] ?? 0), redeemed: Points(redeemed[p] ?? 0), expired: Points(expired[p] ?? 0), terms: terms)
-            if !f.isEmpty { figures.append(f) }
+            // Every partner with an entry in the run, or expired points, has figures (and gets
+            // a notice), even when its entries cancel out to zero.
+            figures.append(try PartnerFigures(
+                partner: p, issued: Points(issued[p] ?? 0), redeemed: Points(redeemed[p] ?? 0), expired: Points(expired[p] ?? 0), terms: terms))
         }
         let flows = moved.filter { $0.value != 0 }
             .map { Flow(issuer: $0.key.issuer, redeemer: $0.key.redeemer, points: Points($0.value)) }
@@ -165,6 +166,19 @@ extension Store {
                     configuration.partners[f.partner]!.issuePricePer1000.value, configuration.partners[f.partner]!.redeemCreditPer1000.value,
                     f.payableMinor.value, f.receivableMinor.value, f.netMinor.value,
                 ])
+        }
+        // The notices' outbox, in the same transaction: the run never exists without them.
+        for f in run.partners {
+            let terms = configuration.partners[f.partner]!
+            let notice = SettlementNotice(
+                run: run.id, cutoff: run.cutoff, currency: configuration.coalition.currency, figures: f,
+                issuePricePer1000: terms.issuePricePer1000, redeemCreditPer1000: terms.redeemCreditPer1000)
+            try db.execute(
+                sql: """
+                    INSERT INTO notice (id, run_number, partner, body, created_at_ms, state, next_attempt_at_ms)
+                    VALUES (?, ?, ?, ?, ?, 'pending', ?)
+                    """,
+                arguments: [notice.id, run.number, f.partner.rawValue, Data(notice.body.utf8), now.millisecondsSinceEpoch, now.millisecondsSinceEpoch])
         }
         for flow in run.flows {
             try db.execute(

@@ -2,6 +2,7 @@ import ClearhouseTestSupport
 import ClearingDomain
 import ClearingHTTP
 import ClearingStore
+import StandardWebhooks
 import Crypto
 import Foundation
 import HTTPTypes

@@ -1,0 +1,112 @@
+import ArgumentParser
+import ClearingDomain
+import ClearingNotices
+import ClearingStore
+import Foundation
+import PartnerTransport
+
+/// `clearhouse notices`: the settlement notices' outbox (CONTRACT §7).
+struct Notices: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Watch and send settlement notices: list, show, retry, send.",
+        discussion: """
+            Every run writes one notice per partner with activity into the outbox, in the same
+            transaction as the run. `clearhouse serve` delivers them (and retries on the Standard
+            Webhooks schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h);
+            after the last attempt a notice is a dead letter until an operator retries it.
+            """,
+        subcommands: [List.self, Show.self, Retry.self, Send.self], defaultSubcommand: List.self)
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List notices, oldest run first.")
+        @OptionGroup var locations: Locations
+        @Option(help: "Only notices in this state: pending, delivered or dead.") var state: String?
+
+        func run() async throws {
+            let wanted = try state.map { s in
+                guard let st = NoticeState(rawValue: s) else {
+                    printError("clearhouse notices list: --state \(JSONWriter.quote(s)) is not one of pending, delivered, dead")
+                    throw ExitCode(1)
+                }
+                return st
+            }
+            let store = try locations.openStore(try locations.loadConfiguration())
+            defer { try? store.close() }
+            print("notice                     state      attempts  next attempt / finished   last result")
+            for n in try store.notices(state: wanted) {
+                let when = (n.nextAttemptAt ?? n.finishedAt)?.rfc3339 ?? "-"
+                print("\(padRight(n.id, 26)) \(padRight(n.state.rawValue, 10)) \(padLeft(String(n.attempts), 8))  \(padRight(when, 25)) \(n.lastResult ?? "-")")
+            }
+        }
+    }
+
+    struct Show: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show one notice, its body and every attempt.")
+        @OptionGroup var locations: Locations
+        @Argument(help: "The notice id, <run>:<partner>, e.g. R000001:fuelco.") var id: String
+
+        func run() async throws {
+            let store = try locations.openStore(try locations.loadConfiguration())
+            defer { try? store.close() }
+            guard let (n, attempts) = try store.notice(id) else {
+                printError("clearhouse notices show: no notice \(JSONWriter.quote(id))")
+                throw ExitCode(1)
+            }
+            print("notice      \(n.id) (webhook-id of every attempt)")
+            print("partner     \(n.partner)")
+            print("state       \(n.state.rawValue)")
+            print("created     \(n.createdAt.rfc3339)")
+            if let next = n.nextAttemptAt { print("next        \(next.rfc3339)") }
+            if let done = n.finishedAt { print("finished    \(done.rfc3339)") }
+            print("attempts    \(n.attempts) (\(n.roundAttempts) in this round of at most \(Limits.noticeAttemptsMax))")
+            print("body        \(String(decoding: n.body, as: UTF8.self))")
+            print("")
+            print("#    started                   latency  status  outcome      next attempt              error")
+            for a in attempts {
+                print(
+                    "\(padRight(String(a.number), 4)) \(padRight(a.startedAt.rfc3339, 25)) \(padLeft(a.latencyMilliseconds.map { "\($0) ms" } ?? "-", 7))  \(padRight(a.httpStatus.map(String.init) ?? "-", 6))  \(padRight(a.outcome.rawValue, 12)) \(padRight(a.nextAttemptAt?.rfc3339 ?? "-", 25)) \(a.error ?? "")"
+                )
+            }
+        }
+    }
+
+    struct Retry: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Send a dead letter again now (a new round of attempts if it fails again).")
+        @OptionGroup var locations: Locations
+        @Argument(help: "The notice id, <run>:<partner>.") var id: String
+
+        func run() async throws {
+            let store = try locations.openStore(try locations.loadConfiguration())
+            defer { try? store.close() }
+            do { try store.retryDeadNotice(id, now: SystemClock().now()) } catch let e as NoticeError {
+                printError("clearhouse notices retry: \(e)")
+                throw ExitCode(1)
+            }
+            let pass = try await NoticeDispatcher(store: store, transport: CurlTransport(), logger: CLILog.logger("clearhouse.notices"))
+                .deliverDue(only: id)
+            guard let (n, _) = try store.notice(id) else { throw ExitCode(1) }
+            print("\(n.id): \(n.state.rawValue) after \(pass.attempted) attempt(s) now; \(n.lastResult ?? "")")
+        }
+    }
+
+    struct Send: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Send every notice that is due now, once, and exit (serve does this continuously).")
+        @OptionGroup var locations: Locations
+
+        func run() async throws {
+            let store = try locations.openStore(try locations.loadConfiguration())
+            defer { try? store.close() }
+            let pass = try await NoticeDispatcher(store: store, transport: CurlTransport(), logger: CLILog.logger("clearhouse.notices"))
+                .deliverDue()
+            let counts = try store.noticeCounts()
+            print(
+                "notices: \(pass.attempted) attempted, \(pass.delivered) delivered, \(pass.retrying) to retry later, \(pass.dead) dead letters now; outbox: \(counts[.pending] ?? 0) pending, \(counts[.delivered] ?? 0) delivered, \(counts[.dead] ?? 0) dead"
+            )
+        }
+    }
+}
+
+func padRight(_ s: String, _ w: Int) -> String { s.count >= w ? s : s + String(repeating: " ", count: w - s.count) }
+func padLeft(_ s: String, _ w: Int) -> String { s.count >= w ? s : String(repeating: " ", count: w - s.count) + s }

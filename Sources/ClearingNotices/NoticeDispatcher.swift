@@ -1,0 +1,206 @@
+import ClearingDomain
+import ClearingStore
+import CoreMetrics
+import Foundation
+import Logging
+import PartnerTransport
+import ServiceLifecycle
+import StandardWebhooks
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How notices are sent. The defaults are the limits of `Limits`; tests shorten the timeouts.
+public struct NoticeDeliveryOptions: Sendable {
+    public var connectTimeoutMilliseconds = Limits.noticeConnectTimeoutMillisecondsMax
+    public var totalTimeoutMilliseconds = Limits.noticeTotalTimeoutMillisecondsMax
+    public var responseBytesMax = Limits.noticeResponseBytesMax
+    public var inFlightMax = Limits.noticesInFlightMax
+    public var pollIntervalMilliseconds = Limits.noticePollIntervalMilliseconds
+
+    public init() {}
+}
+
+/// What one pass did.
+public struct DeliveryPass: Equatable, Sendable {
+    public var attempted = 0
+    public var delivered = 0
+    public var retrying = 0
+    public var dead = 0
+
+    public init() {}
+}
+
+/// Sends the outbox's notices: claims those due, posts them (several at once), and records
+/// every attempt with what follows it (delivered, a retry at a later time, or a dead letter).
+/// The schedule lives in the database, so a restart resumes it; a notice being sent when
+/// the process died is sent again (same `webhook-id`): partners receive it at least once.
+public final class NoticeDispatcher: Sendable {
+    let store: Store
+    let transport: any OutboundTransport
+    let clock: any WallClock
+    let options: NoticeDeliveryOptions
+    let jitterPPM: @Sendable () -> Int64
+    let logger: Logger
+    let metrics: (any MetricsFactory)?
+    let owner: Int32
+
+    /// - Parameters:
+    ///   - jitterPPM: spreads retries (±`Limits.noticeJitterPPMMax`); random unless a test fixes it.
+    ///   - metrics: where attempt counts, latencies and outbox gauges go (nil: nowhere).
+    public init(
+        store: Store, transport: any OutboundTransport, clock: any WallClock = SystemClock(), options: NoticeDeliveryOptions = .init(),
+        jitterPPM: @escaping @Sendable () -> Int64 = { Int64.random(in: -Limits.noticeJitterPPMMax...Limits.noticeJitterPPMMax) },
+        logger: Logger = Logger(label: "clearhouse.notices"), metrics: (any MetricsFactory)? = nil
+    ) {
+        self.store = store
+        self.transport = transport
+        self.clock = clock
+        self.options = options
+        self.jitterPPM = jitterPPM
+        self.logger = logger
+        self.metrics = metrics
+        owner = getpid()
+    }
+
+    /// One pass: everything due now, `inFlightMax` at a time, until nothing is due.
+    /// `only` limits the pass to one notice (the operator's `notices retry`).
+    @discardableResult
+    public func deliverDue(only: String? = nil) async throws -> DeliveryPass {
+        var pass = DeliveryPass()
+        for _ in 0..<Limits.noticeBatchesPerPassMax {
+            let claimed = try store.claimDueNotices(
+                now: clock.now(), limit: options.inFlightMax, owner: owner,
+                leaseMilliseconds: Int64(options.connectTimeoutMilliseconds + options.totalTimeoutMilliseconds) + Limits.noticeLeaseSlackMilliseconds,
+                ownerAlive: NoticeDispatcher.processAlive, only: only)
+            if claimed.isEmpty { break }
+            // Every attempt is followed by a delivery, a dead letter or a retry at least 4.5 s
+            // later, so a notice is sent at most once per pass.
+            try await send(claimed, into: &pass)
+        }
+        try publishCounts()
+        return pass
+    }
+
+    /// Delivers until the task is cancelled or a graceful shutdown begins: a pass, then a nap
+    /// until the next notice is due (at most the poll interval, since `settle` runs in other
+    /// processes and adds notices to the outbox).
+    public func run() async {
+        logger.info("notice delivery started", metadata: ["transport": "\(CurlTransport.version)"])
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            do {
+                try await deliverDue()
+            } catch {
+                logger.error("notice delivery pass failed", metadata: ["error": "\(error)"])
+            }
+            var nap = options.pollIntervalMilliseconds
+            if let due = try? store.nextNoticeDue() {
+                nap = min(nap, max(0, due.millisecondsSinceEpoch - clock.now().millisecondsSinceEpoch))
+            }
+            if nap > 0 {
+                let wait = nap
+                try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .milliseconds(wait)) }
+            }
+        }
+        logger.info("notice delivery stopped")
+    }
+
+    private func send(_ claimed: [ClaimedNotice], into pass: inout DeliveryPass) async throws {
+        let configuration = store.configuration
+        var requests: [OutboundRequest] = []
+        var sendable: [ClaimedNotice] = []
+        for notice in claimed {
+            guard let terms = configuration.partners[notice.partner] else {
+                // The partner left the configuration: the attempt fails and is retried on the
+                // schedule (an operator can restore the partner or let it become a dead letter).
+                try finish(notice, OutboundResponse(
+                    result: .failure(TransportFailure(.invalidRequest, "partner \(notice.partner) is not in the configuration")),
+                    latencyMilliseconds: 0), into: &pass)
+                continue
+            }
+            let timestamp = clock.now().millisecondsSinceEpoch / 1000
+            let signature = WebhookSignature.sign(id: notice.id, timestamp: timestamp, body: notice.body, secret: terms.noticeSecret)
+            requests.append(OutboundRequest(
+                url: terms.noticeURL,
+                headers: [
+                    .init("Content-Type", "application/json"),
+                    .init("User-Agent", "Clearhouse-Notices/1"),
+                    .init("webhook-id", notice.id),
+                    .init("webhook-timestamp", String(timestamp)),
+                    .init("webhook-signature", signature),
+                ],
+                body: notice.body, caFile: terms.noticeCAFile, clientCertificateFile: configuration.coalition.noticeClientCertificateFile,
+                clientKeyFile: configuration.coalition.noticeClientKeyFile, allowPrivateNetworks: configuration.coalition.noticeAllowPrivateNetworks,
+                connectTimeoutMilliseconds: options.connectTimeoutMilliseconds, totalTimeoutMilliseconds: options.totalTimeoutMilliseconds,
+                responseBytesMax: options.responseBytesMax))
+            sendable.append(notice)
+        }
+        let responses = await transport.perform(requests)
+        for (notice, response) in zip(sendable, responses) {
+            try finish(notice, response, into: &pass)
+        }
+    }
+
+    private func finish(_ notice: ClaimedNotice, _ response: OutboundResponse, into pass: inout DeliveryPass) throws {
+        let finishedAt = clock.now()
+        let failure: TransportFailure? = if case .failure(let f) = response.result { f } else { nil }
+        let decision = NoticeSchedule.decide(
+            attempt: notice.roundAttempt, result: NoticeAttemptResult(status: response.status, retryAfterSeconds: response.retryAfterSeconds),
+            finishedAt: finishedAt, jitterPPM: jitterPPM())
+        try store.finishNoticeAttempt(
+            notice, finishedAt: finishedAt, latencyMilliseconds: response.latencyMilliseconds, httpStatus: response.status,
+            error: failure?.description, decision: decision)
+        pass.attempted += 1
+        let outcome: String
+        var metadata: Logger.Metadata = [
+            "notice": "\(notice.id)", "partner": "\(notice.partner)", "attempt": "\(notice.attempt)",
+            "latency_ms": "\(response.latencyMilliseconds)",
+        ]
+        if let s = response.status { metadata["status"] = "\(s)" }
+        if let f = failure { metadata["error"] = "\(f)" }
+        switch decision {
+        case .delivered:
+            pass.delivered += 1
+            outcome = "delivered"
+            logger.info("notice delivered", metadata: metadata)
+        case .retry(let at):
+            pass.retrying += 1
+            outcome = "retry"
+            metadata["next_attempt_at"] = "\(at)"
+            logger.warning("notice attempt failed; will retry", metadata: metadata)
+        case .dead(let reason):
+            pass.dead += 1
+            outcome = "dead"
+            metadata["reason"] = "\(reason)"
+            logger.error("notice is a dead letter", metadata: metadata)
+        }
+        if let factory = metrics {
+            Counter(label: "clearhouse_notice_attempts_total", dimensions: [("outcome", outcome)], factory: factory).increment()
+            Timer(label: "clearhouse_notice_attempt_duration_seconds", dimensions: [], factory: factory)
+                .recordMilliseconds(response.latencyMilliseconds)
+        }
+    }
+
+    private func publishCounts() throws {
+        guard let factory = metrics else { return }
+        for (state, n) in try store.noticeCounts() {
+            Gauge(label: "clearhouse_notices", dimensions: [("state", state.rawValue)], factory: factory).record(n)
+        }
+    }
+
+    /// Whether the process holding a lease still runs (a dead one's leases are void).
+    @Sendable static func processAlive(_ pid: Int32) -> Bool {
+        if pid == getpid() { return true }
+        return kill(pid, 0) == 0 || errno == EPERM
+    }
+}
+
+/// The delivery worker as a service of `clearhouse serve`'s ServiceGroup.
+public struct NoticeService: Service {
+    let dispatcher: NoticeDispatcher
+
+    public init(dispatcher: NoticeDispatcher) { self.dispatcher = dispatcher }
+
+    public func run() async throws { await dispatcher.run() }
+}

@@ -1,0 +1,230 @@
+import ClearingDomain
+import Foundation
+import GRDB
+
+/// A notice in the outbox, as the operator sees it.
+public struct NoticeRecord: Equatable, Sendable {
+    public var id: String
+    public var run: String
+    public var partner: PartnerID
+    public var body: [UInt8]
+    public var createdAt: Instant
+    public var state: NoticeState
+    /// Every attempt ever made.
+    public var attempts: Int
+    /// Attempts since the notice was created or an operator last retried it.
+    public var roundAttempts: Int
+    /// When the next attempt is due (pending only).
+    public var nextAttemptAt: Instant?
+    /// When it was delivered or became a dead letter.
+    public var finishedAt: Instant?
+    public var lastResult: String?
+}
+
+/// One delivery attempt.
+public struct NoticeAttemptRecord: Equatable, Sendable {
+    public enum Outcome: String, Sendable {
+        case inFlight = "in-flight", delivered, retry, dead
+        /// The process sending it died before the answer was recorded.
+        case interrupted
+    }
+
+    public var number: Int
+    public var startedAt: Instant
+    public var latencyMilliseconds: Int64?
+    public var httpStatus: Int?
+    public var error: String?
+    public var outcome: Outcome
+    public var nextAttemptAt: Instant?
+}
+
+/// A notice taken for one attempt: its lease keeps other senders off it until the attempt
+/// is recorded, the lease runs out, or the process holding it dies.
+public struct ClaimedNotice: Equatable, Sendable {
+    public var id: String
+    public var partner: PartnerID
+    public var body: [UInt8]
+    /// The attempt's number among all attempts.
+    public var attempt: Int
+    /// The attempt's number in its round (what the back-off schedule counts).
+    public var roundAttempt: Int
+    public var startedAt: Instant
+}
+
+public struct NoticeError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+extension Store {
+    /// Takes up to `limit` notices that are due at `now` and not leased by a live sender,
+    /// records an in-flight attempt for each and leases them to `owner` (a process id) until
+    /// `now + leaseMilliseconds`. An in-flight attempt left by a sender that died is recorded
+    /// as interrupted; its notice is due again at once.
+    public func claimDueNotices(
+        now: Instant, limit: Int, owner: Int32, leaseMilliseconds: Int64, ownerAlive: (Int32) -> Bool, only: String? = nil
+    ) throws -> [ClaimedNotice] {
+        let t = now.millisecondsSinceEpoch
+        return try coalition.write { db in
+            var claimed: [ClaimedNotice] = []
+            let rows = try Row.fetchAll(
+                db,
+                sql: """
+                    SELECT id, partner, body, attempts, round_attempts, lease_owner, lease_until_ms FROM notice
+                    WHERE state = 'pending' AND next_attempt_at_ms <= ?1 AND (?2 IS NULL OR id = ?2)
+                    ORDER BY next_attempt_at_ms, id LIMIT ?3
+                    """,
+                arguments: [t, only, limit * 4 + 16])
+            for row in rows where claimed.count < limit {
+                let id: String = try row.text("id")
+                let leaseOwner = try row.optionalInt64("lease_owner").map { Int32(truncatingIfNeeded: $0) }
+                let leaseUntil = try row.optionalInt64("lease_until_ms")
+                if let o = leaseOwner, let u = leaseUntil, u > t, ownerAlive(o) { continue }
+                if leaseOwner != nil {
+                    try db.execute(
+                        sql: """
+                            UPDATE notice_attempt SET outcome = 'interrupted', error = 'the sending process stopped before the answer was recorded'
+                            WHERE notice_id = ? AND outcome = 'in-flight'
+                            """,
+                        arguments: [id])
+                }
+                let attempt = Int(try row.int64("attempts")) + 1
+                let round = Int(try row.int64("round_attempts")) + 1
+                try db.execute(
+                    sql: "UPDATE notice SET attempts = ?, round_attempts = ?, lease_owner = ?, lease_until_ms = ? WHERE id = ?",
+                    arguments: [attempt, round, owner, t + leaseMilliseconds, id])
+                try db.execute(
+                    sql: "INSERT INTO notice_attempt (notice_id, number, started_at_ms, outcome) VALUES (?, ?, ?, 'in-flight')",
+                    arguments: [id, attempt, t])
+                guard let partner = PartnerID(try row.text("partner")) else {
+                    throw NoticeError("notice \(id) names an invalid partner")
+                }
+                claimed.append(ClaimedNotice(
+                    id: id, partner: partner, body: Array(try row.blob("body")), attempt: attempt,
+                    roundAttempt: round, startedAt: now))
+            }
+            return claimed
+        }
+    }
+
+    /// Records how an attempt ended and what follows it, and releases the lease.
+    public func finishNoticeAttempt(
+        _ notice: ClaimedNotice, finishedAt: Instant, latencyMilliseconds: Int64, httpStatus: Int?, error: String?, decision: NoticeDecision
+    ) throws {
+        let error = error.map { String($0.utf8.prefix(Limits.noticeErrorBytesMax)) ?? "" }
+        let summary = httpStatus.map { "HTTP \($0)" } ?? error ?? "no answer"
+        try coalition.write { db in
+            let outcome: String, next: Int64?, state: NoticeState, finished: Int64?, result: String
+            switch decision {
+            case .delivered:
+                (outcome, next, state, finished, result) = ("delivered", nil, .delivered, finishedAt.millisecondsSinceEpoch, summary)
+            case .retry(let at):
+                (outcome, next, state, finished, result) = ("retry", at.millisecondsSinceEpoch, .pending, nil, summary)
+            case .dead(let reason):
+                (outcome, next, state, finished, result) = ("dead", nil, .dead, finishedAt.millisecondsSinceEpoch, "\(summary); \(reason)")
+            }
+            try db.execute(
+                sql: """
+                    UPDATE notice_attempt SET latency_ms = ?, http_status = ?, error = ?, outcome = ?, next_attempt_at_ms = ?
+                    WHERE notice_id = ? AND number = ?
+                    """,
+                arguments: [latencyMilliseconds, httpStatus, error, outcome, next, notice.id, notice.attempt])
+            try db.execute(
+                sql: """
+                    UPDATE notice SET state = ?, next_attempt_at_ms = ?, finished_at_ms = ?, last_result = ?,
+                      lease_owner = NULL, lease_until_ms = NULL
+                    WHERE id = ? AND state = 'pending'
+                    """,
+                arguments: [state.rawValue, next, finished, result, notice.id])
+        }
+    }
+
+    /// Sends a dead letter again: it becomes pending, due at `now`, with a fresh round of
+    /// attempts. Only dead letters can be retried.
+    @discardableResult
+    public func retryDeadNotice(_ id: String, now: Instant) throws -> NoticeRecord {
+        try coalition.write { db in
+            guard let row = try Row.fetchOne(db, sql: "SELECT * FROM notice WHERE id = ?", arguments: [id]) else {
+                throw NoticeError("no notice \(id)")
+            }
+            let record = try Store.noticeRecord(row)
+            guard record.state == .dead else {
+                throw NoticeError("notice \(id) is \(record.state.rawValue); only a dead letter can be retried")
+            }
+            try db.execute(
+                sql: """
+                    UPDATE notice SET state = 'pending', round_attempts = 0, next_attempt_at_ms = ?, finished_at_ms = NULL,
+                      last_result = ?, lease_owner = NULL, lease_until_ms = NULL
+                    WHERE id = ?
+                    """,
+                arguments: [now.millisecondsSinceEpoch, "retried by the operator after: \(record.lastResult ?? "no result")", id])
+            return try Store.noticeRecord(Row.fetchOne(db, sql: "SELECT * FROM notice WHERE id = ?", arguments: [id])!)
+        }
+    }
+
+    /// Notices, oldest run first, optionally of one state; at most `limit`.
+    public func notices(state: NoticeState? = nil, limit: Int = Limits.noticeListRowsMax) throws -> [NoticeRecord] {
+        try coalition.read { db in
+            let rows: [Row]
+            if let state {
+                rows = try Row.fetchAll(
+                    db, sql: "SELECT * FROM notice WHERE state = ? ORDER BY run_number, partner LIMIT ?", arguments: [state.rawValue, limit])
+            } else {
+                rows = try Row.fetchAll(db, sql: "SELECT * FROM notice ORDER BY run_number, partner LIMIT ?", arguments: [limit])
+            }
+            return try rows.map(Store.noticeRecord)
+        }
+    }
+
+    /// One notice and its attempts, or nil.
+    public func notice(_ id: String) throws -> (NoticeRecord, [NoticeAttemptRecord])? {
+        try coalition.read { db in
+            guard let row = try Row.fetchOne(db, sql: "SELECT * FROM notice WHERE id = ?", arguments: [id]) else { return nil }
+            let attempts = try Row.fetchAll(db, sql: "SELECT * FROM notice_attempt WHERE notice_id = ? ORDER BY number", arguments: [id]).map { r in
+                guard let outcome = NoticeAttemptRecord.Outcome(rawValue: try r.text("outcome")) else {
+                    throw NoticeError("notice \(id): an attempt has an unknown outcome")
+                }
+                return NoticeAttemptRecord(
+                    number: Int(try r.int64("number")), startedAt: Instant(millisecondsSinceEpoch: try r.int64("started_at_ms")),
+                    latencyMilliseconds: try r.optionalInt64("latency_ms"), httpStatus: try r.optionalInt64("http_status").map { Int($0) },
+                    error: try r.optionalText("error"), outcome: outcome,
+                    nextAttemptAt: try r.optionalInt64("next_attempt_at_ms").map(Instant.init(millisecondsSinceEpoch:)))
+            }
+            return (try Store.noticeRecord(row), attempts)
+        }
+    }
+
+    /// How many notices are in each state.
+    public func noticeCounts() throws -> [NoticeState: Int64] {
+        try coalition.read { db in
+            var counts: [NoticeState: Int64] = [.pending: 0, .delivered: 0, .dead: 0]
+            for row in try Row.fetchAll(db, sql: "SELECT state, COUNT(*) AS n FROM notice GROUP BY state") {
+                if let s = NoticeState(rawValue: try row.text("state")) { counts[s] = try row.int64("n") }
+            }
+            return counts
+        }
+    }
+
+    /// When the earliest pending notice is due, or nil when none is pending.
+    public func nextNoticeDue() throws -> Instant? {
+        try coalition.read { db in
+            try Int64.fetchOne(db, sql: "SELECT MIN(next_attempt_at_ms) FROM notice WHERE state = 'pending'")
+                .map(Instant.init(millisecondsSinceEpoch:))
+        }
+    }
+
+    static func noticeRecord(_ row: Row) throws -> NoticeRecord {
+        let id = try row.text("id")
+        guard let partner = PartnerID(try row.text("partner")),
+            let state = NoticeState(rawValue: try row.text("state"))
+        else { throw NoticeError("notice \(id) has an invalid partner or state") }
+        return NoticeRecord(
+            id: id, run: SettlementRun.id(number: try row.int64("run_number")), partner: partner,
+            body: Array(try row.blob("body")),
+            createdAt: Instant(millisecondsSinceEpoch: try row.int64("created_at_ms")), state: state,
+            attempts: Int(try row.int64("attempts")), roundAttempts: Int(try row.int64("round_attempts")),
+            nextAttemptAt: try row.optionalInt64("next_attempt_at_ms").map(Instant.init(millisecondsSinceEpoch:)),
+            finishedAt: try row.optionalInt64("finished_at_ms").map(Instant.init(millisecondsSinceEpoch:)),
+            lastResult: try row.optionalText("last_result"))
+    }
+}
