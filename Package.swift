@@ -124,7 +124,7 @@ let package = Package(
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ]),
-        .testTarget(name: "PartnerTransportTests", dependencies: ["PartnerTransport", "ClearhouseTestSupport"]),
+        .testTarget(name: "PartnerTransportTests", dependencies: ["PartnerTransport", "ClearhouseTestSupport", "StandardWebhooks", "ClearingDomain"]),
         .testTarget(
             name: "ClearingNoticesTests",
             dependencies: ["ClearingNotices", "ClearingStore", "ClearingDomain", "PartnerTransport", "ClearhouseTestSupport", "StandardWebhooks",

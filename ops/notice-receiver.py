@@ -185,6 +185,8 @@ def main():
     ap.add_argument("--stall-seconds", type=float, default=10.0)
     ap.add_argument("--any-time", action="store_true", help="accept signatures made on a manual clock")
     args = ap.parse_args()
+    # A parent may have started us with signals blocked (threads of Swift's Foundation do).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
     state = State(load_secrets(args.partners), args.log, args.stall_seconds, args.any_time)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

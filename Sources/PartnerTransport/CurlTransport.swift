@@ -138,8 +138,9 @@ private final class Transfer: @unchecked Sendable {
         }
         // Headers: ours, no `Expect: 100-continue` round trip.
         for header in request.headers + [OutboundRequest.Header("Expect", "")] {
-            guard !header.name.contains(where: { $0 == ":" || $0 == "\r" || $0 == "\n" }),
-                !header.value.contains(where: { $0 == "\r" || $0 == "\n" })
+            // Bytes, not Characters: "\r\n" is one Character in Swift.
+            guard !header.name.utf8.contains(where: { $0 == 0x3A || $0 < 0x21 || $0 == 0x7F }),
+                !header.value.utf8.contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 })
             else { return "header \(header.name) is not a valid header" }
             headers = curl_slist_append(headers, header.value.isEmpty ? "\(header.name):" : "\(header.name): \(header.value)")
         }

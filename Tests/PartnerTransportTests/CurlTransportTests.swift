@@ -1,0 +1,128 @@
+import ClearhouseTestSupport
+import ClearingDomain
+import Foundation
+import PartnerTransport
+import StandardWebhooks
+import Testing
+
+/// libcurl against a real HTTPS receiver on loopback (ops/notice-receiver.py).
+@Suite(.serialized) final class CurlTransportTests {
+    let dir = TemporaryDirectory("clearhouse-transport")
+    let certs: URL
+    let receiver: NoticeReceiver
+
+    init() throws {
+        certs = dir.url.appendingPathComponent("certs")
+        try TestCertificates.make(in: certs)
+        let partners = dir.url.appendingPathComponent("partners")
+        try FileManager.default.createDirectory(at: partners, withIntermediateDirectories: true)
+        try "id = \"fuelco\"\nnotice_secret = \"whsec_\(Data(repeating: 7, count: 32).base64EncodedString())\"\n"
+            .write(to: partners.appendingPathComponent("fuelco.toml"), atomically: true, encoding: .utf8)
+        receiver = try NoticeReceiver(
+            certificate: certs.appendingPathComponent("server.crt"), key: certs.appendingPathComponent("server.key"),
+            partners: partners, directory: dir.url, clientCA: nil)
+    }
+
+    deinit {
+        receiver.stop()
+        dir.remove()
+    }
+
+    /// A POST signed with fuelco's notice secret, so that the receiver answers with its mode.
+    func request(_ url: String, allowPrivate: Bool = true, ca: Bool = true, limit: Int = 64 * 1024) -> OutboundRequest {
+        let body = Array(#"{"type":"test"}"#.utf8)
+        let id = "msg_\(UUID().uuidString)"
+        let ts = Int64(Date().timeIntervalSince1970)
+        let signature = WebhookSignature.sign(id: id, timestamp: ts, body: body, secret: SecretBytes(Array(repeating: 7, count: 32)))
+        return OutboundRequest(
+            url: url,
+            headers: [
+                .init("Content-Type", "application/json"), .init("webhook-id", id), .init("webhook-timestamp", String(ts)),
+                .init("webhook-signature", signature),
+            ],
+            body: body,
+            caFile: ca ? certs.appendingPathComponent("ca.crt").path : nil, allowPrivateNetworks: allowPrivate,
+            connectTimeoutMilliseconds: 2_000, totalTimeoutMilliseconds: 5_000, responseBytesMax: limit)
+    }
+
+    @Test func severalRequestsAtOnceAnswerInOrder() async throws {
+        let responses = await CurlTransport().perform([
+            request(receiver.url("gone", "fuelco")), request(receiver.url("ok", "fuelco")), request(receiver.url("fail-9", "fuelco")),
+        ])
+        #expect(responses.map(\.status) == [410, 200, 500])
+        #expect(responses.allSatisfy { $0.httpVersion == "1.1" })
+        #expect(receiver.records().count == 3)
+    }
+
+    @Test func aPrivateAddressIsRefusedBeforeConnectingUnlessAllowed() async throws {
+        let r = await CurlTransport().perform([request(receiver.url("ok", "fuelco"), allowPrivate: false)])[0]
+        guard case .failure(let f) = r.result else { Issue.record("expected a refusal, got \(r)"); return }
+        #expect(f.kind == .refusedAddress)
+        #expect(f.message.contains("loopback"))
+        #expect(receiver.records().isEmpty, "nothing reached the receiver")
+    }
+
+    @Test func onlyHTTPS() async throws {
+        let r = await CurlTransport().perform([request("http://localhost:\(receiver.port)/ok/fuelco")])[0]
+        #expect(r.result == .failure(TransportFailure(.invalidRequest, "only https URLs are allowed")))
+        #expect(receiver.records().isEmpty)
+    }
+
+    @Test func withoutTheCAFileTheSystemStoreDoesNotTrustTheDevelopmentCA() async throws {
+        let r = await CurlTransport().perform([request(receiver.url("ok", "fuelco"), ca: false)])[0]
+        guard case .failure(let f) = r.result else { Issue.record("expected a TLS failure, got \(r)"); return }
+        #expect(f.kind == .tls)
+        #expect(receiver.records().isEmpty, "nothing was sent insecurely")
+    }
+
+    @Test func aResponseLongerThanTheLimitIsCutOff() async throws {
+        let r = await CurlTransport().perform([request(receiver.url("big", "fuelco"), limit: 64 * 1024)])[0]
+        guard case .failure(let f) = r.result else { Issue.record("expected a cut-off, got \(r)"); return }
+        #expect(f.kind == .responseTooLarge)
+    }
+
+    @Test func aRefusedConnectionIsAConnectFailure() async throws {
+        let port = try freePort()
+        let r = await CurlTransport().perform([request("https://127.0.0.1:\(port)/ok/fuelco")])[0]
+        guard case .failure(let f) = r.result else { Issue.record("expected a connect failure, got \(r)"); return }
+        #expect(f.kind == .connect)
+    }
+
+    @Test func headersCannotBeInjected() async throws {
+        var bad = request(receiver.url("ok", "fuelco"))
+        bad.headers.append(.init("X-Evil", "a\r\nInjected: yes"))
+        let r = await CurlTransport().perform([bad])[0]
+        guard case .failure(let f) = r.result else { Issue.record("expected a refusal, got \(r)"); return }
+        #expect(f.kind == .invalidRequest)
+        #expect(receiver.records().isEmpty)
+    }
+
+    @Test func aClientCertificateIsPresentedWhenTheReceiverAsksForOne() async throws {
+        let partners = dir.url.appendingPathComponent("partners")
+        let mtls = try NoticeReceiver(
+            certificate: certs.appendingPathComponent("server.crt"), key: certs.appendingPathComponent("server.key"),
+            partners: partners, directory: dir.url, clientCA: certs.appendingPathComponent("ca.crt"))
+        defer { mtls.stop() }
+        let without = await CurlTransport().perform([request(mtls.url("gone", "fuelco"))])[0]
+        #expect(without.status == nil, "no client certificate: no answer")
+        var with = request(mtls.url("gone", "fuelco"))
+        with.clientCertificateFile = certs.appendingPathComponent("client-fuelco.crt").path
+        with.clientKeyFile = certs.appendingPathComponent("client-fuelco.key").path
+        let answered = await CurlTransport().perform([with])[0]
+        #expect(answered.status == 410, "the TLS handshake passed: \(answered)")
+    }
+}
+
+/// A loopback port nothing listens on.
+func freePort() throws -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    addr.sin_port = 0
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
+    _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+    return Int(UInt16(bigEndian: addr.sin_port))
+}
