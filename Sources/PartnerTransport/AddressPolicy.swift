@@ -65,7 +65,7 @@ public enum AddressPolicy {
         }
         if b == [UInt8](repeating: 0, count: 15) + [1] { return .loopback }
         if b == [UInt8](repeating: 0, count: 16) { return .unspecified }
-        if b[0..<8] == [0xfd, 0x00, 0x0e, 0xc2, 0, 0, 0, 0][...] && b[8..<15].allSatisfy({ $0 == 0 }) && b[15] == 0x54 { return .metadata }  // fd00:ec2::254
+        if b[0..<8] == [0xfd, 0x00, 0x0e, 0xc2, 0, 0, 0, 0][...] && b[8..<14].allSatisfy({ $0 == 0 }) && b[14] == 0x02 && b[15] == 0x54 { return .metadata }  // fd00:ec2::254
         if b[0] & 0xfe == 0xfc { return .private }  // unique local fc00::/7
         if b[0] == 0xfe && b[1] & 0xc0 == 0x80 { return .linkLocal }  // fe80::/10
         if b[0] == 0xfe && b[1] & 0xc0 == 0xc0 { return .private }  // deprecated site-local fec0::/10
