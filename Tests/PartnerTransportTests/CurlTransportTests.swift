@@ -82,7 +82,7 @@ import Testing
     }
 
     @Test func aRefusedConnectionIsAConnectFailure() async throws {
-        let port = try freePort()
+        let port = try LoopbackPort.free()
         let r = await CurlTransport().perform([request("https://127.0.0.1:\(port)/ok/fuelco")])[0]
         guard case .failure(let f) = r.result else { Issue.record("expected a connect failure, got \(r)"); return }
         #expect(f.kind == .connect)
@@ -111,18 +111,4 @@ import Testing
         let answered = await CurlTransport().perform([with])[0]
         #expect(answered.status == 410, "the TLS handshake passed: \(answered)")
     }
-}
-
-/// A loopback port nothing listens on.
-func freePort() throws -> Int {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    var addr = sockaddr_in()
-    addr.sin_family = sa_family_t(AF_INET)
-    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-    addr.sin_port = 0
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
-    _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-    return Int(UInt16(bigEndian: addr.sin_port))
 }

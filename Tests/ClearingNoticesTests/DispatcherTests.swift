@@ -1,0 +1,291 @@
+import ClearhouseTestSupport
+import ClearingDomain
+import ClearingNotices
+import ClearingStore
+import Foundation
+import PartnerTransport
+import StandardWebhooks
+import Synchronization
+import Testing
+
+let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
+
+/// A partner endpoint in memory: answers from a script, records every request.
+final class FakeTransport: OutboundTransport {
+    let answers: Mutex<[String: [OutboundResponse]]>  // by URL; the last answer repeats
+    let seen = Mutex<[OutboundRequest]>([])
+
+    init(_ answers: [String: [OutboundResponse]] = [:]) { self.answers = Mutex(answers) }
+
+    static func status(_ s: Int, retryAfter: Int64? = nil) -> OutboundResponse {
+        OutboundResponse(result: .success(s), retryAfterSeconds: retryAfter, latencyMilliseconds: 3, httpVersion: "1.1")
+    }
+
+    func perform(_ requests: [OutboundRequest]) async -> [OutboundResponse] {
+        seen.withLock { $0 += requests }
+        return requests.map { r in
+            answers.withLock { a in
+                guard var list = a[r.url], !list.isEmpty else { return FakeTransport.status(200) }
+                let first = list.count > 1 ? list.removeFirst() : list[0]
+                a[r.url] = list
+                return first
+            }
+        }
+    }
+
+    var requests: [OutboundRequest] { seen.withLock { $0 } }
+}
+
+func header(_ r: OutboundRequest, _ name: String) -> String? { r.headers.first { $0.name == name }?.value }
+
+/// A store with a settled run, and a dispatcher on a manual clock with no jitter.
+final class NoticeHarness {
+    let dir = TemporaryDirectory("clearhouse-notices")
+    let clock = ManualClock(Instant(rfc3339: "2026-11-23T09:00:00Z")!)
+    let configuration = Fixtures.configuration()
+    var store: Store!
+
+    init() throws {
+        store = try Store(dataDirectory: dir.url, configuration: configuration, clock: clock)
+    }
+
+    deinit {
+        try? store?.close()
+        dir.remove()
+    }
+
+    func post(_ partner: PartnerID, _ webhookID: String, _ event: Event) {
+        _ = store.post([Submission(partner: partner, webhookID: WebhookID(webhookID)!, event: event)])
+    }
+
+    /// grocer issues, cinema redeems, fuel earns and reverses it all (activity, zero figures).
+    func settleADay() throws -> SettlementRun {
+        post(G, "g1", Fixtures.earn("M1", 1000, "G-1"))
+        post(C, "c1", Fixtures.redeem("M1", 400, "C-1"))
+        post(F, "f1", Fixtures.earn("M2", 50, "F-1"))
+        post(F, "f2", Fixtures.reverseEarn("M2", 50, "F-2", of: "F-1"))
+        clock.advance(milliseconds: 60_000)
+        return try store.settle()
+    }
+
+    func dispatcher(_ transport: any OutboundTransport, options: NoticeDeliveryOptions = .init(), jitter: Int64 = 0) -> NoticeDispatcher {
+        NoticeDispatcher(store: store, transport: transport, clock: clock, options: options, jitterPPM: { jitter })
+    }
+
+    func reopen() throws {
+        try store.close()
+        store = try Store(dataDirectory: dir.url, configuration: configuration, clock: clock)
+    }
+
+    func notice(_ id: String) throws -> (NoticeRecord, [NoticeAttemptRecord]) { try #require(try store.notice(id)) }
+}
+
+@Suite struct OutboxTests {
+    @Test func aRunCommitsWithOneNoticePerPartnerWithActivity() throws {
+        let h = try NoticeHarness()
+        let run = try h.settleADay()
+        let notices = try h.store.notices()
+        #expect(notices.map(\.id) == ["R000001:cinema", "R000001:fuel", "R000001:grocer"])
+        #expect(notices.allSatisfy { $0.state == .pending && $0.nextAttemptAt == h.clock.now() && $0.attempts == 0 })
+        // fuel's earn and reversal cancel out: it still had activity, so it hears about the run.
+        let fuel = try #require(notices.first { $0.partner == F })
+        let body = try JSONSerialization.jsonObject(with: Data(fuel.body)) as! [String: Any]
+        #expect(body["type"] as? String == "settlement.notice")
+        let data = body["data"] as! [String: Any]
+        #expect(data["run"] as? String == run.id && data["net_minor"] as? Int == 0 && data["partner"] as? String == "fuel")
+        #expect(data["statement"] as? String == "/v1/partners/fuel/statements/R000001.csv")
+        let cinema = try JSONSerialization.jsonObject(with: Data(notices[0].body)) as! [String: Any]
+        let cd = cinema["data"] as! [String: Any]
+        #expect(cd["redeemed_points"] as? Int == 400 && cd["receivable_minor"] as? Int == 440 && cd["currency"] as? String == "EUR")
+        #expect(try h.store.noticeCounts() == [.pending: 3, .delivered: 0, .dead: 0])
+        // An empty run sends nothing.
+        h.clock.advance(milliseconds: 1000)
+        _ = try h.store.settle()
+        #expect(try h.store.notices().count == 3)
+        #expect(try Verifier.verify(dataDirectory: h.dir.url).ok)
+    }
+
+    @Test func aRunNeverExistsWithoutItsNotices() throws {
+        let h = try NoticeHarness()
+        h.post(G, "g1", Fixtures.earn("M1", 1000, "G-1"))
+        h.clock.advance(milliseconds: 1000)
+        // Make the outbox refuse a row: the whole run must roll back with it.
+        let db = h.dir.url.appendingPathComponent("coalition.sqlite")
+        #expect(try SQLiteTool.run(db, "CREATE TRIGGER no_outbox BEFORE INSERT ON notice BEGIN SELECT RAISE(ABORT, 'disk trouble'); END;").status == 0)
+        #expect(throws: (any Error).self) { try h.store.settle() }
+        #expect(try h.store.runs().isEmpty)
+        #expect(try h.store.notices().isEmpty)
+        #expect(try SQLiteTool.run(db, "DROP TRIGGER no_outbox;").status == 0)
+        let run = try h.store.settle()
+        #expect(run.id == "R000001" && run.entryCount == 1)
+        #expect(try h.store.notices().map(\.id) == ["R000001:grocer"])
+    }
+
+    @Test func noticeContentCannotBeChangedOrDeleted() throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let db = h.dir.url.appendingPathComponent("coalition.sqlite")
+        #expect(try SQLiteTool.run(db, "UPDATE notice SET body = x'00' WHERE id = 'R000001:grocer';").status != 0)
+        #expect(try SQLiteTool.run(db, "DELETE FROM notice;").status != 0)
+    }
+}
+
+@Suite struct DispatcherTests {
+    @Test func noticesAreSignedWithTheRunAndPartnerAsWebhookID() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let transport = FakeTransport()
+        let pass = try await h.dispatcher(transport).deliverDue()
+        #expect(pass.attempted == 3 && pass.delivered == 3)
+        #expect(transport.requests.count == 3)
+        for r in transport.requests {
+            let id = try #require(header(r, "webhook-id"))
+            let partner = PartnerID(String(id.split(separator: ":")[1]))!
+            #expect(id.hasPrefix("R000001:"))
+            #expect(r.url == h.configuration.partners[partner]!.noticeURL)
+            #expect(header(r, "webhook-timestamp") == String(h.clock.now().millisecondsSinceEpoch / 1000))
+            #expect(WebhookSignature.verifies(r, secret: h.configuration.partners[partner]!.noticeSecret))
+            #expect(!WebhookSignature.verifies(r, secret: h.configuration.partners[partner == G ? F : G]!.noticeSecret))
+        }
+        #expect(try h.store.noticeCounts() == [.pending: 0, .delivered: 3, .dead: 0])
+        // Delivered notices are not sent again.
+        #expect(try await h.dispatcher(transport).deliverDue().attempted == 0)
+    }
+
+    @Test func failuresBackOffOnTheScheduleUntilADeadLetterThenTheOperatorRetries() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let grocerURL = h.configuration.partners[G]!.noticeURL
+        let transport = FakeTransport([grocerURL: [FakeTransport.status(500)]])
+        let d = h.dispatcher(transport)
+        var bodies = Set<[UInt8]>()
+        for attempt in 1...10 {
+            let pass = try await d.deliverDue()
+            #expect(pass.attempted == (attempt == 1 ? 3 : 1), "attempt \(attempt)")
+            let (n, attempts) = try h.notice("R000001:grocer")
+            #expect(attempts.count == attempt)
+            #expect(attempts.last?.httpStatus == 500)
+            if attempt < 10 {
+                let delay = Limits.noticeRetryDelaysSeconds[attempt] * 1000
+                #expect(n.state == .pending)
+                #expect(n.nextAttemptAt == Instant(millisecondsSinceEpoch: h.clock.now().millisecondsSinceEpoch + delay))
+                // Not a moment early.
+                h.clock.advance(milliseconds: delay - 1)
+                #expect(try await d.deliverDue().attempted == 0)
+                h.clock.advance(milliseconds: 1)
+            } else {
+                #expect(n.state == .dead && n.nextAttemptAt == nil && attempts.last?.outcome == .dead)
+            }
+        }
+        for r in transport.requests where header(r, "webhook-id") == "R000001:grocer" {
+            bodies.insert(r.body)
+            #expect(header(r, "webhook-id") == "R000001:grocer")
+        }
+        #expect(bodies.count == 1, "the same body on every attempt")
+        #expect(try h.store.notices(state: .dead).map(\.id) == ["R000001:grocer"])
+        // Nothing more happens to a dead letter, however long we wait.
+        h.clock.advance(milliseconds: 30 * 86_400_000)
+        #expect(try await d.deliverDue().attempted == 0)
+        // The operator retries it: a new round, sent at once.
+        transport.answers.withLock { $0[grocerURL] = [FakeTransport.status(204)] }
+        #expect(throws: NoticeError.self) { try h.store.retryDeadNotice("R000001:cinema", now: h.clock.now()) }
+        #expect(throws: NoticeError.self) { try h.store.retryDeadNotice("R000009:nobody", now: h.clock.now()) }
+        try h.store.retryDeadNotice("R000001:grocer", now: h.clock.now())
+        #expect(try await d.deliverDue(only: "R000001:grocer").delivered == 1)
+        let (n, attempts) = try h.notice("R000001:grocer")
+        #expect(n.state == .delivered && n.attempts == 11 && n.roundAttempts == 1 && attempts.count == 11)
+    }
+
+    @Test func goneEndsAtOnceAndRetryAfterIsHonoured() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let transport = FakeTransport([
+            h.configuration.partners[G]!.noticeURL: [FakeTransport.status(410)],
+            h.configuration.partners[C]!.noticeURL: [FakeTransport.status(503, retryAfter: 3600), FakeTransport.status(200)],
+            h.configuration.partners[F]!.noticeURL: [FakeTransport.status(429, retryAfter: 2), FakeTransport.status(200)],
+        ])
+        let d = h.dispatcher(transport)
+        let start = h.clock.now().millisecondsSinceEpoch
+        try await d.deliverDue()
+        #expect(try h.notice("R000001:grocer").0.state == .dead)
+        #expect(try h.notice("R000001:cinema").0.nextAttemptAt?.millisecondsSinceEpoch == start + 3_600_000)
+        // retry-after shorter than the schedule: the schedule wins.
+        #expect(try h.notice("R000001:fuel").0.nextAttemptAt?.millisecondsSinceEpoch == start + 5_000)
+        h.clock.advance(milliseconds: 3_600_000)
+        #expect(try await d.deliverDue().delivered == 2)
+        #expect(try h.store.noticeCounts() == [.pending: 0, .delivered: 2, .dead: 1])
+    }
+
+    @Test func jitterSpreadsRetries() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let transport = FakeTransport([h.configuration.partners[G]!.noticeURL: [FakeTransport.status(500)]])
+        try await h.dispatcher(transport, jitter: 100_000).deliverDue()
+        #expect(try h.notice("R000001:grocer").0.nextAttemptAt?.millisecondsSinceEpoch == h.clock.now().millisecondsSinceEpoch + 5_500)
+    }
+
+    @Test func theScheduleSurvivesARestart() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let transport = FakeTransport([h.configuration.partners[C]!.noticeURL: [FakeTransport.status(500), FakeTransport.status(200)]])
+        try await h.dispatcher(transport).deliverDue()
+        let due = try #require(try h.notice("R000001:cinema").0.nextAttemptAt)
+        try h.reopen()
+        #expect(try await h.dispatcher(transport).deliverDue().attempted == 0, "not before it is due")
+        h.clock.set(due)
+        #expect(try await h.dispatcher(transport).deliverDue().delivered == 1)
+        #expect(try h.notice("R000001:cinema").1.map(\.outcome) == [.retry, .delivered])
+    }
+
+    @Test func aNoticeLeftInFlightByADeadProcessIsSentAgainAtOnce() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        // A process that has exited: its pid is free.
+        let gone = Process()
+        gone.executableURL = URL(fileURLWithPath: "/bin/true")
+        try gone.run()
+        gone.waitUntilExit()
+        let claimed = try h.store.claimDueNotices(
+            now: h.clock.now(), limit: 8, owner: gone.processIdentifier, leaseMilliseconds: 60_000,
+            ownerAlive: { _ in false })
+        #expect(claimed.count == 3)
+        // The "killed" sender never recorded an answer; a new one takes over at once.
+        let transport = FakeTransport()
+        #expect(try await h.dispatcher(transport).deliverDue().delivered == 3)
+        let (n, attempts) = try h.notice("R000001:grocer")
+        #expect(n.state == .delivered && attempts.map(\.outcome) == [.interrupted, .delivered])
+        #expect(transport.requests.compactMap { header($0, "webhook-id") }.sorted() == ["R000001:cinema", "R000001:fuel", "R000001:grocer"])
+    }
+
+    @Test func aLiveSendersLeaseIsRespectedUntilItRunsOut() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        _ = try h.store.claimDueNotices(now: h.clock.now(), limit: 1, owner: getppid(), leaseMilliseconds: 40_000, ownerAlive: { _ in true })
+        let transport = FakeTransport()
+        #expect(try await h.dispatcher(transport).deliverDue().attempted == 2, "the leased one is left alone")
+        h.clock.advance(milliseconds: 40_001)
+        #expect(try await h.dispatcher(transport).deliverDue().attempted == 1, "a lease that ran out is void")
+    }
+
+    @Test func aPartnerRemovedFromTheConfigurationIsRetriedNotLost() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        var smaller = h.configuration
+        smaller.partners[G] = nil
+        try h.store.close()
+        h.store = try Store(dataDirectory: h.dir.url, configuration: smaller, clock: h.clock)
+        let pass = try await h.dispatcher(FakeTransport()).deliverDue()
+        #expect(pass.delivered == 2 && pass.retrying == 1)
+        #expect(try h.notice("R000001:grocer").1.last?.error?.contains("not in the configuration") == true)
+    }
+}
+
+extension WebhookSignature {
+    static func verifies(_ r: OutboundRequest, secret: SecretBytes) -> Bool {
+        var headers: [String: String] = [:]
+        for x in r.headers { headers[x.name] = x.value }
+        return verify(
+            id: headers["webhook-id"], timestamp: headers["webhook-timestamp"], signatures: headers["webhook-signature"],
+            body: r.body, secrets: [secret], now: Instant(millisecondsSinceEpoch: Int64(headers["webhook-timestamp"]!)! * 1000)) == nil
+    }
+}
