@@ -80,8 +80,10 @@ public enum Verifier {
         }
         try runs.closeRuns(before: Int64.max, &book, &report)
         runs.checkNothingLeftBehind(db, &report)
+        let notices = try checkNotices(db, &report)
         report.checks.append("journal: \(entries) entries replayed from nothing; ids gapless, times ordered, rules re-applied")
         report.checks.append("invariants 4 and 5: \(runs.closed) runs contiguous and unchanged (figures, expiry and flows recomputed), Σ net + margin = 0, flows into each redeemer = its redeemed points")
+        report.checks.append("notices: \(notices) settlement notices, one per partner of each run, each carrying its run's figures")
 
         for row in try Row.fetchAll(db, sql: "SELECT partner, last_sequence, last_hash FROM partner_head") {
             guard let p = PartnerID(row[0] as String) else { report.breach("partner_head: invalid partner"); continue }
@@ -253,6 +255,50 @@ public enum Verifier {
 /// Walks the runs alongside the journal replay: at each run's boundary it expires lots as the
 /// run did, recomputes the run's figures and flows from the replayed entries (with the prices
 /// stored in the run) and compares them with what the run recorded (invariants 4 and 5).
+extension Verifier {
+    /// Every partner of every run has exactly one notice (`<run>:<partner>`), and its body
+    /// carries the run's figures for that partner. Returns how many notices there are.
+    static func checkNotices(_ db: Database, _ report: inout VerifyReport) throws -> Int {
+        for row in try Row.fetchAll(
+            db,
+            sql: """
+                SELECT rp.run_number, rp.partner FROM run_partner rp
+                LEFT JOIN notice n ON n.run_number = rp.run_number AND n.partner = rp.partner WHERE n.id IS NULL
+                """)
+        {
+            report.breach("run \(try row.int64("run_number")): partner \(try row.text("partner")) has no settlement notice")
+        }
+        let fields = ["issued_points", "redeemed_points", "expired_points", "payable_minor", "receivable_minor", "net_minor"]
+        let rows = try Row.fetchAll(
+            db,
+            sql: """
+                SELECT n.id, n.run_number, n.partner, n.body, r.id AS run_id, \(fields.map { "rp.\($0)" }.joined(separator: ", "))
+                FROM notice n LEFT JOIN run r ON r.number = n.run_number
+                LEFT JOIN run_partner rp ON rp.run_number = n.run_number AND rp.partner = n.partner
+                """)
+        for row in rows {
+            let id = try row.text("id")
+            guard let runID = try row.optionalText("run_id"), try row.optionalInt64("net_minor") != nil else {
+                report.breach("notice \(id): its run or its partner's figures do not exist")
+                continue
+            }
+            let partner = try row.text("partner")
+            if id != "\(runID):\(partner)" { report.breach("notice \(id): its id is not <run>:<partner> (\(runID):\(partner))") }
+            let body = try? JSONSerialization.jsonObject(with: try row.blob("body")) as? [String: Any]
+            guard body?["type"] as? String == "settlement.notice", let data = body?["data"] as? [String: Any],
+                data["run"] as? String == runID, data["partner"] as? String == partner
+            else {
+                report.breach("notice \(id): the body is not a settlement notice of \(runID) for \(partner)")
+                continue
+            }
+            for f in fields where (data[f] as? NSNumber)?.int64Value != (try row.int64(f)) {
+                report.breach("notice \(id): \(f) differs from the run's figures")
+            }
+        }
+        return rows.count
+    }
+}
+
 struct RunChecker {
     struct StoredRun {
         var number: Int64, id: String, cutoff: Instant, first: Int64, last: Int64

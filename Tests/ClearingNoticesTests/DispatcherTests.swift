@@ -127,6 +127,17 @@ final class NoticeHarness {
         let db = h.dir.url.appendingPathComponent("coalition.sqlite")
         #expect(try SQLiteTool.run(db, "UPDATE notice SET body = x'00' WHERE id = 'R000001:grocer';").status != 0)
         #expect(try SQLiteTool.run(db, "DELETE FROM notice;").status != 0)
+        #expect(try Verifier.verify(dataDirectory: h.dir.url).ok)
+        // Someone with file access drops the guard and edits a notice: verify says so.
+        #expect(try SQLiteTool.run(db, """
+            DROP TRIGGER notice_content_immutable;
+            UPDATE notice SET body = CAST(replace(body, '"net_minor":440', '"net_minor":99440') AS BLOB) WHERE id = 'R000001:cinema';
+            DROP TRIGGER notice_never_deleted;
+            DELETE FROM notice_attempt; DELETE FROM notice WHERE id = 'R000001:grocer';
+            """).status == 0)
+        let report = try Verifier.verify(dataDirectory: h.dir.url)
+        #expect(report.breaches.contains("notice R000001:cinema: net_minor differs from the run's figures"), "\(report.breaches)")
+        #expect(report.breaches.contains("run 1: partner grocer has no settlement notice"), "\(report.breaches)")
     }
 }
 
