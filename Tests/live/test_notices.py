@@ -1,0 +1,198 @@
+"""Live suite for settlement notices (CONTRACT §7): the real binary sends them with libcurl to
+ops/notice-receiver.py over real TLS on loopback; the receiver verifies each one with the
+official `standardwebhooks` package. Bounded: every wait has a deadline.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.environ.get("CLEARHOUSE_BIN", os.path.join(ROOT, ".build", "debug", "clearhouse"))
+PARTNERS = ["freshmart", "fuelco", "medipharm", "cinestar"]
+
+
+def wait_for(predicate, seconds, what):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+class Env:
+    """A data directory, development certificates, a partner receiver, and partner files whose
+    notice_url points at it (one behaviour per partner)."""
+
+    def __init__(self, modes):
+        self.tmp = tempfile.mkdtemp(prefix="clearhouse-notices-")
+        self.certs = os.path.join(self.tmp, "certs")
+        subprocess.run([os.path.join(ROOT, "ops", "certs"), self.certs], check=True, capture_output=True, timeout=60)
+        self.partners = os.path.join(self.tmp, "partners")
+        shutil.copytree(os.path.join(ROOT, "partners"), self.partners)
+        self.data = os.path.join(self.tmp, "data")
+        self.log = os.path.join(self.tmp, "received.jsonl")
+        open(self.log, "w").close()
+        self.receiver = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "ops", "notice-receiver.py"), "--cert", os.path.join(self.certs, "server.crt"),
+             "--key", os.path.join(self.certs, "server.key"), "--partners", self.partners, "--log", self.log],
+            stdout=subprocess.PIPE, text=True)
+        line = self.receiver.stdout.readline()
+        assert "listening on https://" in line, line
+        self.port = int(line.strip().rsplit(":", 1)[1])
+        for p in PARTNERS:
+            self.point(p, modes.get(p, "ok"))
+
+    def point(self, partner, mode):
+        path = os.path.join(self.partners, f"{partner}.toml")
+        with open(path) as f:
+            text = f.read()
+        text = re.sub(r'(?m)^notice_url = .*$', f'notice_url = "https://localhost:{self.port}/{mode}/{partner}"', text)
+        text = re.sub(r'(?m)^notice_ca_file = .*\n', "", text)
+        text += f'notice_ca_file = "{os.path.join(self.certs, "ca.crt")}"\n'
+        with open(path, "w") as f:
+            f.write(text)
+
+    def ch(self, *args, stdin="", timeout=120, check=True):
+        r = subprocess.run([BIN, *args, "--data", self.data, "--partners", self.partners], input=stdin, text=True,
+                           capture_output=True, timeout=timeout)
+        if check:
+            assert r.returncode == 0, (args, r.stdout, r.stderr)
+        return r
+
+    def earn(self, partner, member, points, ref):
+        body = json.dumps({"type": "points.earned", "data": {"member": member, "points": points, "reference": ref}})
+        self.ch("post", "--partner", partner, stdin=body)
+
+    def received(self, webhook_id=None):
+        with open(self.log) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return [r for r in rows if webhook_id is None or r["webhook_id"] == webhook_id]
+
+    def close(self):
+        self.receiver.kill()
+        self.receiver.wait(timeout=10)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def env_factory():
+    made = []
+
+    def make(modes=None):
+        e = Env(modes or {})
+        made.append(e)
+        return e
+
+    yield make
+    for e in made:
+        e.close()
+
+
+def test_killed_in_the_middle_of_a_delivery_the_notice_still_arrives_once(env_factory):
+    env = env_factory({"fuelco": "hang-once"})
+    env.earn("fuelco", "KILL-1", 300, "KILL-R1")
+    env.ch("settle")
+    sender = subprocess.Popen([BIN, "notices", "send", "--data", env.data, "--partners", env.partners],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The receiver holds the request; Clearhouse dies before it gets an answer.
+    wait_for(lambda: env.received("R000001:fuelco"), 30, "the first attempt to arrive")
+    sender.send_signal(signal.SIGKILL)
+    sender.wait(timeout=10)
+    # Restarted, it sends again at once: the dead sender's lease is void.
+    out = env.ch("notices", "send").stdout
+    assert "1 delivered" in out, out
+    got = env.received("R000001:fuelco")
+    assert len(got) == 2, got
+    assert all(r["verified"] for r in got), "standardwebhooks verified both attempts"
+    assert got[0].get("held") and got[1]["status"] == 200
+    assert got[0]["body"] == got[1]["body"], "the same notice both times"
+    delivered = {r["webhook_id"] for r in got if r.get("status") == 200}
+    assert delivered == {"R000001:fuelco"}, "deduplicating by webhook-id: exactly once"
+    shown = env.ch("notices", "show", "R000001:fuelco").stdout
+    assert "interrupted" in shown and "delivered" in shown, shown
+    env.ch("verify")
+
+
+def test_serve_delivers_and_retries_notices_of_a_run_settled_while_it_runs(env_factory):
+    env = env_factory({"cinestar": "fail-1"})
+    env.earn("freshmart", "SERVE-1", 1000, "SERVE-R1")
+    env.earn("cinestar", "SERVE-2", 500, "SERVE-R2")
+    serve_log = os.path.join(env.tmp, "serve.log")
+    serve = subprocess.Popen(
+        [BIN, "serve", "--port", "0", "--certs", env.certs, "--data", env.data, "--partners", env.partners],
+        stdout=subprocess.PIPE, stderr=open(serve_log, "w"), text=True)
+    try:
+        line = serve.stdout.readline()
+        assert "listening on https://" in line, line
+        port = int(line.strip().rsplit(":", 1)[1])
+        env.ch("settle")
+        # freshmart's arrives at once; cinestar's fails once (500) and the worker retries it
+        # about 5 s later, as the schedule says.
+        wait_for(lambda: any(r.get("status") == 200 for r in env.received("R000001:cinestar")), 30, "cinestar's retry")
+        wait_for(lambda: any(r.get("status") == 200 for r in env.received("R000001:freshmart")), 30, "freshmart's notice")
+        cinestar = env.received("R000001:cinestar")
+        assert [r["status"] for r in cinestar] == [500, 200] and all(r["verified"] for r in cinestar)
+        assert cinestar[1]["time"] - cinestar[0]["time"] >= 4.0, "back-off before the retry"
+        s = requests.Session()
+        s.trust_env = False
+        metrics = wait_for(lambda: (lambda t: t if 'clearhouse_notices{state="delivered"} 2' in t else None)(
+            s.get(f"https://localhost:{port}/metrics", verify=os.path.join(env.certs, "ca.crt"), timeout=10).text),
+            10, "the delivered gauge")
+        assert 'clearhouse_notice_attempts_total{outcome="retry"} 1' in metrics
+        assert 'clearhouse_notice_attempts_total{outcome="delivered"} 2' in metrics
+        assert "clearhouse_notice_attempt_duration_seconds_bucket" in metrics
+        listed = env.ch("notices", "list", "--state", "delivered").stdout
+        assert "R000001:cinestar" in listed and "R000001:freshmart" in listed
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0
+    with open(serve_log) as f:
+        log = f.read()
+    assert "notice delivered" in log
+    for secret in ("whsec_", "v1,"):
+        assert secret not in log, f"the server log contains {secret!r}"
+
+
+def test_dead_letters_are_listed_and_sent_again_by_the_operator(env_factory):
+    env = env_factory({"medipharm": "gone"})
+    env.earn("medipharm", "DEAD-1", 40, "DEAD-R1")
+    env.ch("settle")
+    out = env.ch("notices", "send").stdout
+    assert "1 dead letters now" in out, out
+    dead = env.ch("notices", "list", "--state", "dead").stdout
+    assert "R000001:medipharm" in dead and "410" in dead, dead
+    assert "R000001:medipharm" not in env.ch("notices", "list", "--state", "pending").stdout
+    bad = env.ch("notices", "list", "--state", "lost", check=False)
+    assert bad.returncode == 1 and "--state" in bad.stderr
+    # The partner fixes its endpoint; the operator sends the dead letter again.
+    env.point("medipharm", "ok")
+    retried = env.ch("notices", "retry", "R000001:medipharm").stdout
+    assert "delivered" in retried, retried
+    got = env.received("R000001:medipharm")
+    assert [r["status"] for r in got] == [410, 200] and all(r["verified"] for r in got)
+    again = env.ch("notices", "retry", "R000001:medipharm", check=False)
+    assert again.returncode == 1 and "only a dead letter" in again.stderr
+    missing = env.ch("notices", "show", "R000009:nobody", check=False)
+    assert missing.returncode == 1 and "no notice" in missing.stderr
+
+
+def test_a_notice_url_that_is_not_https_is_refused_at_start_up(env_factory):
+    env = env_factory()
+    path = os.path.join(env.partners, "fuelco.toml")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(re.sub(r'(?m)^notice_url = .*$', 'notice_url = "http://localhost:1/x"', text))
+    r = env.ch("partners", "check", check=False)
+    assert r.returncode == 2 and "notice_url" in r.stderr and "fuelco.toml" in r.stderr
