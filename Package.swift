@@ -124,7 +124,15 @@ let package = Package(
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ]),
-        .testTarget(name: "PartnerTransportTests", dependencies: ["PartnerTransport", "ClearhouseTestSupport", "StandardWebhooks", "ClearingDomain"]),
+        .testTarget(
+            name: "PartnerTransportTests",
+            dependencies: [
+                "PartnerTransport", "ClearhouseTestSupport", "StandardWebhooks", "ClearingDomain",
+                // An in-process HTTP/2 server over TLS, to show libcurl negotiates h2.
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdHTTP2", package: "hummingbird"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ]),
         .testTarget(
             name: "ClearingNoticesTests",
             dependencies: ["ClearingNotices", "ClearingStore", "ClearingDomain", "PartnerTransport", "ClearhouseTestSupport", "StandardWebhooks",
