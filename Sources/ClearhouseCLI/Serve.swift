@@ -14,7 +14,7 @@ import ServiceLifecycle
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Serve the partner API over HTTPS until SIGTERM or SIGINT.",
-        discussion: "Needs server.crt and server.key in --certs (and ca.crt when a partner uses mutual TLS); ops/certs makes development ones. On SIGTERM it stops accepting, finishes what it has accepted, closes the databases and exits 0.")
+        discussion: "Needs server.crt, server.key and statement.key (the Ed25519 key that signs statements) in --certs (and ca.crt when a partner uses mutual TLS); ops/certs makes development ones. On SIGTERM it stops accepting, finishes what it has accepted, closes the databases and exits 0.")
 
     @OptionGroup var locations: Locations
     @Option(help: "Address to listen on.") var host: String = "127.0.0.1"
@@ -31,12 +31,19 @@ struct Serve: AsyncParsableCommand {
             printError("clearhouse serve: \(error)")
             throw ExitCode(2)
         }
+        let signer: StatementSigner
+        do {
+            signer = try StatementSigner(file: URL(fileURLWithPath: certs).appendingPathComponent("statement.key"))
+        } catch {
+            printError("clearhouse serve: statement key: \(error)")
+            throw ExitCode(2)
+        }
         var logger = Logger(label: "clearhouse")
         logger.logLevel = ProcessInfo.processInfo.environment["CLEARHOUSE_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
         let store = try locations.openStore(configuration)
         let metrics = IntakeMetrics()
         let writer = PostingWriter(store: store, batchObserver: { metrics.groupCommit(postings: $0) })
-        let intake = Intake(configuration: configuration, store: store, writer: writer, metrics: metrics)
+        let intake = Intake(configuration: configuration, store: store, writer: writer, metrics: metrics, signer: signer)
         let app = Application(
             router: intake.router(),
             server: try .tls(.http1(), tlsConfiguration: tls),

@@ -84,6 +84,12 @@ public enum Limits {
     /// Longest error text kept for one attempt.
     public static let noticeErrorBytesMax = 512
 
+    // MARK: Statements (CONTRACT §8)
+    /// Entries read from a ledger and written to a statement response at a time.
+    public static let statementBatchEntries = 2_000
+    /// Statement digests remembered for their signatures (cleared when full).
+    public static let statementDigestCacheMax = 4_096
+
     // MARK: Configuration
     public static let partnersMax = 1_000
     public static let webhookSecretsPerPartnerMax = 8

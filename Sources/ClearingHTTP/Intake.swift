@@ -20,12 +20,18 @@ public struct Intake: Sendable {
     /// SHA-256 of each partner's client certificate -> the partner.
     let certificateOwners: [[UInt8]: PartnerID]
     public let metrics: IntakeMetrics
+    /// Signs statements; its public key is at `/v1/keys`.
+    let signer: StatementSigner
+    let statementDigests = StatementDigests()
 
+    /// - Parameter signer: the coalition's statement key (`serve` reads `<certs>/statement.key`);
+    ///   without one, a key made for this process only (tests).
     public init(
         configuration: ClearingConfiguration, store: Store, writer: PostingWriter, clock: any WallClock = SystemClock(),
-        metrics: IntakeMetrics = IntakeMetrics()
+        metrics: IntakeMetrics = IntakeMetrics(), signer: StatementSigner = StatementSigner(key: Curve25519.Signing.PrivateKey())
     ) {
         self.metrics = metrics
+        self.signer = signer
         self.configuration = configuration
         self.store = store
         self.writer = writer
@@ -46,6 +52,10 @@ public struct Intake: Sendable {
     public static let routes: [(method: String, path: String)] = [
         ("POST", "/v1/partners/:partner/events"),
         ("GET", "/v1/partners/:partner/members/:member/balance"),
+        ("GET", "/v1/partners/:partner/statements"),
+        ("GET", "/v1/partners/:partner/statements/{run}.json"),
+        ("GET", "/v1/partners/:partner/statements/{run}.csv"),
+        ("GET", "/v1/keys"),
         ("GET", "/healthz"),
         ("GET", "/readyz"),
         ("GET", "/metrics"),
@@ -55,6 +65,10 @@ public struct Intake: Sendable {
         switch path {
         case "/v1/partners/:partner/events": return { try await postEvent($0, $1) }
         case "/v1/partners/:partner/members/:member/balance": return { try await balance($0, $1) }
+        case "/v1/partners/:partner/statements": return { try await statementList($0, $1) }
+        case "/v1/partners/:partner/statements/{run}.json": return statementDocument(.json)
+        case "/v1/partners/:partner/statements/{run}.csv": return statementDocument(.csv)
+        case "/v1/keys": return { try await keys($0, $1) }
         case "/healthz": return { _, _ in Responses.json(200, #"{"status":"ok"}"#) }
         case "/readyz":
             return { _, _ in

@@ -196,6 +196,17 @@ enum Schema {
                       BEGIN SELECT RAISE(ABORT, 'attempts are never deleted'); END;
                     """)
         }
+        m.registerMigration("v5-statement-ranges") { db in
+            // Where each partner's entries of a run lie in its ledger (sequences are gapless and
+            // rise with journal ids, so a run's entries of one partner are one range): the
+            // statement reads that range straight from the partner's ledger.
+            try db.execute(
+                sql: """
+                    ALTER TABLE run_partner ADD COLUMN entry_count INTEGER;
+                    ALTER TABLE run_partner ADD COLUMN first_sequence INTEGER;
+                    ALTER TABLE run_partner ADD COLUMN last_sequence INTEGER;
+                    """)
+        }
         return m
     }
 

@@ -22,6 +22,19 @@ public struct SettlementRun: Equatable, Sendable {
     }
 }
 
+/// The ledger sequences of one partner's entries in a run.
+struct SequenceRange {
+    var count: Int64 = 0
+    var first: Int64?
+    var last: Int64?
+
+    mutating func add(count n: Int64, first f: Int64, last l: Int64) {
+        count += n
+        first = min(first ?? f, f)
+        last = max(last ?? l, l)
+    }
+}
+
 public struct SettlementError: Error, CustomStringConvertible {
     public let description: String
 }
@@ -71,6 +84,7 @@ extension Store {
         precondition(last >= first - 1, "journal ids after the last run must follow it")
 
         var issued: [PartnerID: Int64] = [:], redeemed: [PartnerID: Int64] = [:], expired: [PartnerID: Int64] = [:]
+        var ranges: [PartnerID: SequenceRange] = [:]
         var moved: [ReplayBook.FlowKey: Int64] = [:]
         // The run's entries in slices of journal ids: each slice's sorts stay small, and a
         // long run can report its progress.
@@ -78,11 +92,13 @@ extension Store {
         while from <= last {
             let to = min(last, from + Limits.settlementSliceIDsMax - 1)
             for row in try Row.fetchAll(
-                db.cachedStatement(sql: "SELECT partner, kind, SUM(points) FROM journal WHERE id BETWEEN ? AND ? GROUP BY partner, kind"),
+                db.cachedStatement(
+                    sql: "SELECT partner, kind, SUM(points), COUNT(*), MIN(sequence), MAX(sequence) FROM journal WHERE id BETWEEN ? AND ? GROUP BY partner, kind"),
                 arguments: [from, to])
             {
                 let p = try partnerID(row[0])
                 let sum: Int64 = row[2]
+                ranges[p, default: SequenceRange()].add(count: row[3], first: row[4], last: row[5])
                 switch EventKind(rawValue: row[1]) {
                 case .earned: issued[p, default: 0] += sum
                 case .earnReversed: issued[p, default: 0] -= sum
@@ -115,12 +131,14 @@ extension Store {
         try db.execute(sql: "UPDATE lot SET expired = expired + remaining, remaining = 0 WHERE \(expiring)", arguments: [cutoff.millisecondsSinceEpoch])
 
         var figures: [PartnerFigures] = []
+        var sequenceRanges: [PartnerID: SequenceRange] = [:]
         for p in Set(issued.keys).union(redeemed.keys).union(expired.keys).sorted() {
             guard let terms = configuration.partners[p] else {
                 throw SettlementError(description: "partner \(p) has entries in the run but no terms in the configuration")
             }
             // Every partner with an entry in the run, or expired points, has figures (and gets
             // a notice), even when its entries cancel out to zero.
+            if let r = ranges[p] { sequenceRanges[p] = r }
             figures.append(try PartnerFigures(
                 partner: p, issued: Points(issued[p] ?? 0), redeemed: Points(redeemed[p] ?? 0), expired: Points(expired[p] ?? 0), terms: terms))
         }
@@ -131,7 +149,7 @@ extension Store {
         let run = SettlementRun(
             number: number, id: SettlementRun.id(number: number), cutoff: cutoff, firstJournalID: first, lastJournalID: last,
             partners: figures, flows: flows, totals: totals)
-        try record(db, run, now: now)
+        try record(db, run, ranges: sequenceRanges, now: now)
         return run
     }
 
@@ -140,7 +158,7 @@ extension Store {
         return p
     }
 
-    private func record(_ db: Database, _ run: SettlementRun, now: Instant) throws {
+    private func record(_ db: Database, _ run: SettlementRun, ranges: [PartnerID: SequenceRange], now: Instant) throws {
         // The prices of the day are stored with the figures, so that verify can recompute
         // the money from the points even after the terms change.
         try db.execute(
@@ -158,13 +176,15 @@ extension Store {
             try db.execute(
                 sql: """
                     INSERT INTO run_partner (run_number, partner, issued_points, redeemed_points, expired_points,
-                      issue_price_per_1000, redeem_credit_per_1000, payable_minor, receivable_minor, net_minor)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                      issue_price_per_1000, redeem_credit_per_1000, payable_minor, receivable_minor, net_minor,
+                      entry_count, first_sequence, last_sequence)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                     """,
                 arguments: [
                     run.number, f.partner.rawValue, f.issuedPoints.value, f.redeemedPoints.value, f.expiredPoints.value,
                     configuration.partners[f.partner]!.issuePricePer1000.value, configuration.partners[f.partner]!.redeemCreditPer1000.value,
                     f.payableMinor.value, f.receivableMinor.value, f.netMinor.value,
+                    ranges[f.partner]?.count ?? 0, ranges[f.partner]?.first, ranges[f.partner]?.last,
                 ])
         }
         // The notices' outbox, in the same transaction: the run never exists without them.

@@ -1,0 +1,61 @@
+import ArgumentParser
+import ClearingDomain
+import ClearingStore
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `clearhouse statement <partner> <run> [--format csv|json] [--output file]` (CONTRACT §8).
+struct StatementCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "statement",
+        abstract: "Write a partner's statement of a run: the same document the partner downloads.",
+        discussion: "CSV (RFC 4180: a header row, one row per entry) or JSON (figures, flows touching the partner, entries). Written in pieces, so a statement of millions of entries needs little memory.")
+
+    @OptionGroup var locations: Locations
+    @Argument(help: "The partner id.") var partner: String
+    @Argument(help: "The run id, e.g. R000001.") var run: String
+    @Option(help: "csv or json.") var format: String = "csv"
+    @Option(help: "Write to this file instead of standard output (replaced only when complete).") var output: String?
+
+    func run() async throws {
+        guard let format = StatementFormat(rawValue: format) else {
+            printError("clearhouse statement: --format \(JSONWriter.quote(format)) is not csv or json")
+            throw ExitCode(1)
+        }
+        let configuration = try locations.loadConfiguration()
+        guard let id = PartnerID(partner), configuration.partners[id] != nil else {
+            printError("clearhouse statement: no partner \(JSONWriter.quote(partner)) in \(locations.partners)")
+            throw ExitCode(1)
+        }
+        let store = try locations.openStore(configuration)
+        defer { try? store.close() }
+        guard let header = try store.statement(for: id, run: run) else {
+            printError("clearhouse statement: no run \(JSONWriter.quote(run))")
+            throw ExitCode(1)
+        }
+        if let output {
+            // Written beside the target, then renamed: a reader never sees half a statement.
+            let target = URL(fileURLWithPath: output)
+            let partial = target.deletingLastPathComponent().appendingPathComponent(".\(target.lastPathComponent).partial")
+            guard FileManager.default.createFile(atPath: partial.path, contents: nil), let handle = try? FileHandle(forWritingTo: partial) else {
+                printError("clearhouse statement: --output \(output): cannot write there")
+                throw ExitCode(1)
+            }
+            do {
+                try await store.writeStatement(header, format) { try handle.write(contentsOf: Data($0.utf8)) }
+                try handle.synchronize()
+                try handle.close()
+                guard rename(partial.path, target.path) == 0 else { throw StoreError("cannot rename into place (errno \(errno))") }
+            } catch {
+                try? handle.close()
+                try? FileManager.default.removeItem(at: partial)
+                printError("clearhouse statement: --output \(output): \(error)")
+                throw ExitCode(1)
+            }
+        } else {
+            try await store.writeStatement(header, format) { FileHandle.standardOutput.write(Data($0.utf8)) }
+        }
+    }
+}

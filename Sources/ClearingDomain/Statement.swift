@@ -1,0 +1,96 @@
+import Foundation
+
+/// Partner statements (CONTRACT §8): what a partner was charged or credited in a run, and why.
+
+/// One partner's statement of one run: the notice's figures, the flows that touch the partner,
+/// and where its entries lie in its ledger.
+public struct StatementHeader: Equatable, Sendable {
+    public var notice: SettlementNotice
+    /// The run's flows in which this partner is the issuer or the redeemer.
+    public var flows: [Flow]
+    public var entryCount: Int64
+    /// The ledger sequences of the run's entries (nil when it has none).
+    public var firstSequence: Int64?
+    public var lastSequence: Int64?
+
+    public init(notice: SettlementNotice, flows: [Flow], entryCount: Int64, firstSequence: Int64?, lastSequence: Int64?) {
+        self.notice = notice
+        self.flows = flows
+        self.entryCount = entryCount
+        self.firstSequence = firstSequence
+        self.lastSequence = lastSequence
+    }
+
+    public var partner: PartnerID { notice.figures.partner }
+    public var run: String { notice.run }
+}
+
+/// The two statement documents, written piece by piece so that a large one streams.
+public enum StatementFormat: String, Sendable, CaseIterable {
+    case csv, json
+
+    public var contentType: String {
+        switch self {
+        case .csv: "text/csv; charset=utf-8; header=present"
+        case .json: "application/json"
+        }
+    }
+
+    /// Bumped whenever the documents' bytes change (part of the ETag and the signed manifest).
+    public static let version = "1"
+
+    public static let csvHeader = "sequence,accepted_at,occurred_at,type,member,points,reference,original_reference,amount_minor\r\n"
+
+    /// One CSV row (RFC 4180: CRLF line ends; fields quoted when they hold a comma, a quote,
+    /// CR or LF, with quotes doubled). Ids are restricted to `[A-Za-z0-9._:-]`, so quoting is a
+    /// safeguard rather than a need.
+    public static func csvRow(_ e: Entry) -> String {
+        var fields: [String] = []
+        fields.reserveCapacity(9)
+        fields.append(String(e.sequence))
+        fields.append(e.acceptedAt.rfc3339)
+        fields.append(e.event.occurredAt?.rfc3339 ?? "")
+        fields.append(e.event.kind.typeName)
+        fields.append(e.event.member.rawValue)
+        fields.append(String(e.event.points.value))
+        fields.append(e.event.reference.rawValue)
+        fields.append(e.event.originalReference?.rawValue ?? "")
+        fields.append(e.event.amountMinor.map { String($0.value) } ?? "")
+        return fields.map(csvField).joined(separator: ",") + "\r\n"
+    }
+
+    public static func csvField(_ s: String) -> String {
+        guard s.utf8.contains(where: { $0 == 0x2C || $0 == 0x22 || $0 == 0x0D || $0 == 0x0A }) else { return s }
+        return "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\""
+    }
+
+    /// The JSON document is `{<figures>,"flows":[...],"entries":[` + entries + `]}`.
+    public static func jsonOpening(_ h: StatementHeader) -> String {
+        var figures = h.notice.figuresJSON
+        figures.removeLast()  // the closing brace: flows and entries follow
+        let flows = h.flows.map { f -> String in
+            var w = JSONWriter()
+            w.string("issuer", f.issuer.rawValue)
+            w.string("redeemer", f.redeemer.rawValue)
+            w.int("points", f.points.value)
+            return w.finish()
+        }
+        return figures + ",\"entry_count\":\(h.entryCount),\"flows\":[" + flows.joined(separator: ",") + "],\"entries\":["
+    }
+
+    public static let jsonClosing = "]}"
+
+    public static func jsonEntry(_ e: Entry) -> String {
+        var w = JSONWriter()
+        w.int("sequence", e.sequence)
+        w.string("accepted_at", e.acceptedAt.rfc3339)
+        if let o = e.event.occurredAt { w.string("occurred_at", o.rfc3339) } else { w.null("occurred_at") }
+        w.string("type", e.event.kind.typeName)
+        w.string("member", e.event.member.rawValue)
+        w.int("points", e.event.points.value)
+        w.string("reference", e.event.reference.rawValue)
+        if let o = e.event.originalReference { w.string("original_reference", o.rawValue) } else { w.null("original_reference") }
+        if let a = e.event.amountMinor { w.int("amount_minor", a.value) } else { w.null("amount_minor") }
+        return w.finish()
+    }
+}

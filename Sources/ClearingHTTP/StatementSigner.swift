@@ -1,0 +1,61 @@
+import ClearingDomain
+import Crypto
+import Foundation
+
+/// The coalition's statement key (Ed25519). Each statement response carries a detached
+/// signature over a manifest naming the partner, the run, the format and the SHA-256 of the
+/// exact body bytes, so a partner can later prove what it was sent (docs/STATEMENTS.md).
+public struct StatementSigner: Sendable {
+    let key: Curve25519.Signing.PrivateKey
+
+    public init(key: Curve25519.Signing.PrivateKey) { self.key = key }
+
+    /// Reads a key file: the 32-byte Ed25519 seed, base64 (what `ops/certs` writes).
+    public init(file: URL) throws {
+        guard let text = try? String(contentsOf: file, encoding: .utf8) else {
+            throw StatementKeyError("cannot read \(file.path); ops/certs makes a development statement key")
+        }
+        guard let seed = Data(base64Encoded: text.trimmingCharacters(in: .whitespacesAndNewlines)), seed.count == 32,
+            let key = try? Curve25519.Signing.PrivateKey(rawRepresentation: seed)
+        else { throw StatementKeyError("\(file.path): must hold a 32-byte Ed25519 seed in base64") }
+        self.key = key
+    }
+
+    public var publicKey: [UInt8] { Array(key.publicKey.rawRepresentation) }
+
+    /// A stable id for the key: the first 16 hex digits of SHA-256 of the public key.
+    public var keyID: String { SHA256.hash(data: publicKey).prefix(8).map { String(format: "%02x", $0) }.joined() }
+
+    /// What is signed: `clearhouse.statement.v1`, partner, run, format and the body's SHA-256
+    /// (base64), one per line.
+    public static func manifest(partner: PartnerID, run: String, format: StatementFormat, sha256: [UInt8]) -> String {
+        "clearhouse.statement.v1\n\(partner)\n\(run)\n\(format.rawValue)\n\(Data(sha256).base64EncodedString())"
+    }
+
+    /// The `Clearhouse-Signature` header value.
+    public func header(partner: PartnerID, run: String, format: StatementFormat, sha256: [UInt8]) throws -> String {
+        let signature = try key.signature(for: Data(StatementSigner.manifest(partner: partner, run: run, format: format, sha256: sha256).utf8))
+        return "keyid=\"\(keyID)\", alg=\"ed25519\", signature=\"\(Data(signature).base64EncodedString())\""
+    }
+
+    /// `/v1/keys`: a JSON Web Key Set with the public key.
+    public var jwks: String {
+        let x = Data(publicKey).base64EncodedString()
+            .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        var k = JSONWriter()
+        k.string("kty", "OKP")
+        k.string("crv", "Ed25519")
+        k.string("x", x)
+        k.string("kid", keyID)
+        k.string("alg", "EdDSA")
+        k.string("use", "sig")
+        var w = JSONWriter()
+        w.raw("keys", "[\(k.finish())]")
+        return w.finish()
+    }
+}
+
+public struct StatementKeyError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ d: String) { description = d }
+}

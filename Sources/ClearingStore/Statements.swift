@@ -1,0 +1,127 @@
+import ClearingDomain
+import Foundation
+import GRDB
+
+/// One line of a partner's list of statements.
+public struct StatementSummary: Equatable, Sendable {
+    public var run: String
+    public var cutoff: Instant
+    public var netMinor: MoneyMinor
+}
+
+extension Store {
+    /// The runs in which a partner has figures, oldest first.
+    public func statements(for partner: PartnerID) throws -> [StatementSummary] {
+        try coalition.read { db in
+            try Row.fetchAll(
+                db,
+                sql: """
+                    SELECT r.id, r.cutoff_ms, rp.net_minor FROM run_partner rp JOIN run r ON r.number = rp.run_number
+                    WHERE rp.partner = ? ORDER BY r.number
+                    """,
+                arguments: [partner.rawValue]
+            ).map {
+                StatementSummary(
+                    run: try $0.text("id"), cutoff: Instant(millisecondsSinceEpoch: try $0.int64("cutoff_ms")),
+                    netMinor: MoneyMinor(try $0.int64("net_minor")))
+            }
+        }
+    }
+
+    /// A partner's statement of a run, or nil when there is no such run. A partner with
+    /// nothing in an existing run gets an empty statement with zero figures.
+    public func statement(for partner: PartnerID, run runID: String) throws -> StatementHeader? {
+        try coalition.read { db -> StatementHeader? in
+            guard let run = try Row.fetchOne(db, sql: "SELECT number, id, cutoff_ms, first_journal_id, last_journal_id FROM run WHERE id = ?", arguments: [runID])
+            else { return nil }
+            let number = try run.int64("number")
+            let row = try Row.fetchOne(
+                db, sql: "SELECT * FROM run_partner WHERE run_number = ? AND partner = ?", arguments: [number, partner.rawValue])
+            let terms = configuration.partners[partner]
+            let figures: PartnerFigures
+            var count: Int64 = 0, first: Int64?, last: Int64?
+            var issuePrice = terms?.issuePricePer1000 ?? .zero, creditPrice = terms?.redeemCreditPer1000 ?? .zero
+            if let r = row {
+                figures = PartnerFigures(
+                    partner: partner, issuedPoints: Points(try r.int64("issued_points")), redeemedPoints: Points(try r.int64("redeemed_points")),
+                    expiredPoints: Points(try r.int64("expired_points")), payableMinor: MoneyMinor(try r.int64("payable_minor")),
+                    receivableMinor: MoneyMinor(try r.int64("receivable_minor")), netMinor: MoneyMinor(try r.int64("net_minor")))
+                issuePrice = MoneyMinor(try r.int64("issue_price_per_1000"))
+                creditPrice = MoneyMinor(try r.int64("redeem_credit_per_1000"))
+                if let c = try r.optionalInt64("entry_count") {
+                    (count, first, last) = (c, try r.optionalInt64("first_sequence"), try r.optionalInt64("last_sequence"))
+                } else {
+                    // A run closed before ranges were recorded: find them in the journal.
+                    let range = try Row.fetchOne(
+                        db, sql: "SELECT COUNT(*) AS n, MIN(sequence) AS a, MAX(sequence) AS b FROM journal WHERE partner = ? AND id BETWEEN ? AND ?",
+                        arguments: [partner.rawValue, try run.int64("first_journal_id"), try run.int64("last_journal_id")])
+                    if let range { (count, first, last) = (try range.int64("n"), try range.optionalInt64("a"), try range.optionalInt64("b")) }
+                }
+            } else {
+                figures = PartnerFigures(
+                    partner: partner, issuedPoints: .zero, redeemedPoints: .zero, expiredPoints: .zero, payableMinor: .zero,
+                    receivableMinor: .zero, netMinor: .zero)
+            }
+            let flows = try Row.fetchAll(
+                db, sql: "SELECT issuer, redeemer, points FROM run_flow WHERE run_number = ? AND (issuer = ?2 OR redeemer = ?2) ORDER BY issuer, redeemer",
+                arguments: [number, partner.rawValue]
+            ).map { r in
+                guard let i = PartnerID(try r.text("issuer")), let d = PartnerID(try r.text("redeemer")) else { throw StoreError("run \(runID): invalid flow") }
+                return Flow(issuer: i, redeemer: d, points: Points(try r.int64("points")))
+            }
+            let notice = SettlementNotice(
+                run: runID, cutoff: Instant(millisecondsSinceEpoch: try run.int64("cutoff_ms")), currency: configuration.coalition.currency,
+                figures: figures, issuePricePer1000: issuePrice, redeemCreditPer1000: creditPrice)
+            return StatementHeader(notice: notice, flows: flows, entryCount: count, firstSequence: first, lastSequence: last)
+        }
+    }
+
+    /// Up to `limit` of a statement's entries after ledger sequence `after`, read from the
+    /// partner's own ledger. Throws when the ledger does not hold them all yet (it lags its
+    /// journal only between a crash and the next start's recovery).
+    public func statementEntries(_ header: StatementHeader, after: Int64, limit: Int) throws -> [Entry] {
+        guard let first = header.firstSequence, let last = header.lastSequence else { return [] }
+        let from = max(first, after + 1)
+        if from > last { return [] }
+        let to = min(last, from + Int64(limit) - 1)
+        let partner = header.partner
+        let entries = try ledger(partner).read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM entry WHERE sequence BETWEEN ? AND ? ORDER BY sequence", arguments: [from, to]).map {
+                try JournalRow.entry(from: $0, partner: partner, journalID: try $0.int64("journal_id"))
+            }
+        }
+        guard entries.count == Int(to - from + 1) else {
+            throw StoreError("the ledger of \(partner) does not yet hold sequences \(from)...\(to); it is recovered at the next start")
+        }
+        return entries
+    }
+
+    /// Writes a statement document in chunks (one per batch of entries) to `sink`: the same
+    /// bytes for the HTTP route and `clearhouse statement`.
+    public func writeStatement(
+        _ header: StatementHeader, _ format: StatementFormat, _ sink: (String) async throws -> Void
+    ) async throws {
+        try await sink(format == .csv ? StatementFormat.csvHeader : StatementFormat.jsonOpening(header))
+        var after: Int64 = 0
+        var first = true
+        while true {
+            let entries = try statementEntries(header, after: after, limit: Limits.statementBatchEntries)
+            guard let last = entries.last else { break }
+            var chunk = ""
+            chunk.reserveCapacity(entries.count * 128)
+            for e in entries {
+                if format == .csv {
+                    chunk += StatementFormat.csvRow(e)
+                } else {
+                    if !first { chunk += "," }
+                    chunk += StatementFormat.jsonEntry(e)
+                    first = false
+                }
+            }
+            try await sink(chunk)
+            after = last.sequence
+        }
+        if format == .json { try await sink(StatementFormat.jsonClosing) }
+    }
+
+}
