@@ -14,6 +14,8 @@ behaviour, so one receiver can play every kind of partner:
   /redirect/<p>      302 to /ok/<p> (must not be followed)
   /gone/<p>          410
   /big/<p>           200 with a 1 MiB body
+  /big-500/<p>       500 with a 1 MiB body
+  /late-S/<p>        stores the notice (logged as a 200) at once, then answers 200 after S seconds
 
 Usage: notice-receiver.py --cert C --key K --partners DIR --log FILE [--port 0] [--client-ca CA]
 Prints "listening on https://127.0.0.1:PORT" when ready; stops on SIGTERM or SIGINT.
@@ -148,6 +150,16 @@ def handler_for(state):
                 status = 410
             elif mode == "big":
                 reply_body = b"x" * (1 << 20)
+            elif mode == "big-500":
+                status, reply_body = 500, b"x" * (1 << 20)
+            elif mode.startswith("late-"):
+                with state.lock:
+                    record["duplicate"] = webhook_id in state.delivered
+                    state.delivered.add(webhook_id)
+                record["status"] = 200
+                state.log(record)
+                time.sleep(float(mode[5:]))
+                return self.reply(200)
             if 200 <= status < 300:
                 with state.lock:
                     record["duplicate"] = webhook_id in state.delivered

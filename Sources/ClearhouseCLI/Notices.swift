@@ -33,7 +33,13 @@ struct Notices: AsyncParsableCommand {
             let store = try locations.openStore(try locations.loadConfiguration())
             defer { try? store.close() }
             print("notice                     state      attempts  next attempt / finished   last result")
-            for n in try store.notices(state: wanted) {
+            var shown = try store.notices(state: wanted, limit: Limits.noticeListRowsMax + 1)
+            let more = shown.count > Limits.noticeListRowsMax
+            if more { shown.removeLast() }
+            defer {
+                if more { print("… only the oldest \(Limits.noticeListRowsMax) are listed; narrow with --state") }
+            }
+            for n in shown {
                 let when = (n.nextAttemptAt ?? n.finishedAt)?.rfc3339 ?? "-"
                 print("\(padRight(n.id, 26)) \(padRight(n.state.rawValue, 10)) \(padLeft(String(n.attempts), 8))  \(padRight(when, 25)) \(n.lastResult ?? "-")")
             }

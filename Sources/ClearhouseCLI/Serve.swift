@@ -1,4 +1,5 @@
 import ArgumentParser
+import ClearingConfig
 import ClearingDomain
 import ClearingHTTP
 import ClearingNotices
@@ -59,10 +60,22 @@ struct Serve: AsyncParsableCommand {
         // another process, adds to it; the worker polls).
         var noticeLogger = logger
         noticeLogger[metadataKey: "component"] = "notices"
+        let partnersDirectory = locations.partnersURL
+        let reloadLogger = noticeLogger
         let notices = NoticeService(dispatcher: NoticeDispatcher(
-            store: store, transport: CurlTransport(), logger: noticeLogger, metrics: metrics.factory))
+            store: store, transport: CurlTransport(), logger: noticeLogger, metrics: metrics.factory,
+            configuration: {
+                // The partners' current notice_url, CA and secret; a file that does not load
+                // keeps the terms serve started with (and says so).
+                do { return try ConfigurationLoader(directory: partnersDirectory).load() } catch {
+                    reloadLogger.error("partners/ does not load; notices use the terms serve started with", metadata: ["error": "\(error)"])
+                    return configuration
+                }
+            }))
+        // The group stops its services last first: the intake stops taking requests before the
+        // notice worker finishes its batch.
         var groupConfiguration = ServiceGroupConfiguration(
-            services: [app, notices], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
+            services: [notices, app], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
         // In-flight requests get this long to finish; then they are cancelled. Anything the
         // writer already took is still decided and committed below.
         groupConfiguration.maximumGracefulShutdownDuration = .seconds(Limits.shutdownGraceSecondsMax)

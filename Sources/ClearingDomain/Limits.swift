@@ -77,6 +77,10 @@ public enum Limits {
     public static let noticeLeaseSlackMilliseconds: Int64 = 5_000
     /// How often the worker in `serve` looks for notices due (settle runs in another process).
     public static let noticePollIntervalMilliseconds: Int64 = 1_000
+    /// The shortest nap of the delivery worker after a pass that sent nothing.
+    public static let noticeIdleNapMillisecondsMin: Int64 = 250
+    /// Tries to record one attempt's result (a busy database) before the pass gives up on it.
+    public static let noticeRecordTriesMax = 5
     /// Batches of `noticesInFlightMax` one delivery pass sends at most.
     public static let noticeBatchesPerPassMax = 1_000
     /// Most notices `notices list` prints.

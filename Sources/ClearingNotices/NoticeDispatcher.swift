@@ -45,6 +45,9 @@ public final class NoticeDispatcher: Sendable {
     let logger: Logger
     let metrics: (any MetricsFactory)?
     let owner: Int32
+    /// The partners' current terms (URL, CA, secret), read before each batch is sent, so that
+    /// a partner's fixed endpoint or rotated secret is used without a restart.
+    let currentConfiguration: @Sendable () -> ClearingConfiguration
 
     /// - Parameters:
     ///   - jitterPPM: spreads retries (±`Limits.noticeJitterPPMMax`); random unless a test fixes it.
@@ -52,8 +55,10 @@ public final class NoticeDispatcher: Sendable {
     public init(
         store: Store, transport: any OutboundTransport, clock: any WallClock = SystemClock(), options: NoticeDeliveryOptions = .init(),
         jitterPPM: @escaping @Sendable () -> Int64 = { Int64.random(in: -Limits.noticeJitterPPMMax...Limits.noticeJitterPPMMax) },
-        logger: Logger = Logger(label: "clearhouse.notices"), metrics: (any MetricsFactory)? = nil
+        logger: Logger = Logger(label: "clearhouse.notices"), metrics: (any MetricsFactory)? = nil,
+        configuration: (@Sendable () -> ClearingConfiguration)? = nil
     ) {
+        currentConfiguration = configuration ?? { [store] in store.configuration }
         self.store = store
         self.transport = transport
         self.clock = clock
@@ -71,7 +76,7 @@ public final class NoticeDispatcher: Sendable {
         var pass = DeliveryPass()
         for _ in 0..<Limits.noticeBatchesPerPassMax {
             let claimed = try store.claimDueNotices(
-                now: clock.now(), limit: options.inFlightMax, owner: owner,
+                clock: clock, limit: options.inFlightMax, owner: owner,
                 leaseMilliseconds: Int64(options.connectTimeoutMilliseconds + options.totalTimeoutMilliseconds) + Limits.noticeLeaseSlackMilliseconds,
                 ownerAlive: NoticeDispatcher.processAlive, only: only)
             if claimed.isEmpty { break }
@@ -89,8 +94,9 @@ public final class NoticeDispatcher: Sendable {
     public func run() async {
         logger.info("notice delivery started", metadata: ["transport": "\(CurlTransport.version)"])
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            var attempted = 0
             do {
-                try await deliverDue()
+                attempted = try await deliverDue().attempted
             } catch {
                 logger.error("notice delivery pass failed", metadata: ["error": "\(error)"])
             }
@@ -98,6 +104,9 @@ public final class NoticeDispatcher: Sendable {
             if let due = try? store.nextNoticeDue() {
                 nap = min(nap, max(0, due.millisecondsSinceEpoch - clock.now().millisecondsSinceEpoch))
             }
+            // A pass that sent nothing never loops at once (e.g. a notice due but leased by
+            // another process whose lease has not run out).
+            if attempted == 0 { nap = max(nap, Limits.noticeIdleNapMillisecondsMin) }
             if nap > 0 {
                 let wait = nap
                 try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .milliseconds(wait)) }
@@ -107,7 +116,7 @@ public final class NoticeDispatcher: Sendable {
     }
 
     private func send(_ claimed: [ClaimedNotice], into pass: inout DeliveryPass) async throws {
-        let configuration = store.configuration
+        let configuration = currentConfiguration()
         var requests: [OutboundRequest] = []
         var sendable: [ClaimedNotice] = []
         for notice in claimed {
@@ -137,9 +146,25 @@ public final class NoticeDispatcher: Sendable {
             sendable.append(notice)
         }
         let responses = await transport.perform(requests)
+        // Every answer is recorded, even if recording one of them fails (a busy database):
+        // each gets a few tries, and the first error is thrown only after all were tried.
+        var firstError: (any Error)?
         for (notice, response) in zip(sendable, responses) {
-            try finish(notice, response, into: &pass)
+            for attempt in 1...Limits.noticeRecordTriesMax {
+                do {
+                    try finish(notice, response, into: &pass)
+                    break
+                } catch {
+                    if attempt == Limits.noticeRecordTriesMax {
+                        logger.error("could not record a notice attempt", metadata: ["notice": "\(notice.id)", "error": "\(error)"])
+                        firstError = firstError ?? error
+                    } else {
+                        try? await Task.sleep(for: .milliseconds(100 * attempt))
+                    }
+                }
+            }
         }
+        if let firstError { throw firstError }
     }
 
     private func finish(_ notice: ClaimedNotice, _ response: OutboundResponse, into pass: inout DeliveryPass) throws {

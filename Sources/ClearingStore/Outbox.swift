@@ -49,6 +49,8 @@ public struct ClaimedNotice: Equatable, Sendable {
     /// The attempt's number in its round (what the back-off schedule counts).
     public var roundAttempt: Int
     public var startedAt: Instant
+    /// The process holding the lease.
+    public var owner: Int32
 }
 
 public struct NoticeError: Error, CustomStringConvertible {
@@ -62,10 +64,12 @@ extension Store {
     /// `now + leaseMilliseconds`. An in-flight attempt left by a sender that died is recorded
     /// as interrupted; its notice is due again at once.
     public func claimDueNotices(
-        now: Instant, limit: Int, owner: Int32, leaseMilliseconds: Int64, ownerAlive: (Int32) -> Bool, only: String? = nil
+        clock: any WallClock, limit: Int, owner: Int32, leaseMilliseconds: Int64, ownerAlive: (Int32) -> Bool, only: String? = nil
     ) throws -> [ClaimedNotice] {
-        let t = now.millisecondsSinceEpoch
-        return try coalition.write { db in
+        try coalition.write { db in
+            // Read inside the transaction: time spent waiting for the lock does not shorten the lease.
+            let now = clock.now()
+            let t = now.millisecondsSinceEpoch
             var claimed: [ClaimedNotice] = []
             let rows = try Row.fetchAll(
                 db,
@@ -101,7 +105,7 @@ extension Store {
                 }
                 claimed.append(ClaimedNotice(
                     id: id, partner: partner, body: Array(try row.blob("body")), attempt: attempt,
-                    roundAttempt: round, startedAt: now))
+                    roundAttempt: round, startedAt: now, owner: owner))
             }
             return claimed
         }
@@ -133,9 +137,11 @@ extension Store {
                 sql: """
                     UPDATE notice SET state = ?, next_attempt_at_ms = ?, finished_at_ms = ?, last_result = ?,
                       lease_owner = NULL, lease_until_ms = NULL
-                    WHERE id = ? AND state = 'pending'
+                    WHERE id = ? AND state = 'pending' AND lease_owner = ? AND attempts = ?
                     """,
-                arguments: [state.rawValue, next, finished, result, notice.id])
+                arguments: [state.rawValue, next, finished, result, notice.id, notice.owner, notice.attempt])
+            // No row changed: the lease ran out and another sender has claimed the notice since;
+            // this attempt is recorded above, the notice's state is the other sender's to decide.
         }
     }
 
@@ -208,7 +214,10 @@ extension Store {
     /// When the earliest pending notice is due, or nil when none is pending.
     public func nextNoticeDue() throws -> Instant? {
         try coalition.read { db in
-            try Int64.fetchOne(db, sql: "SELECT MIN(next_attempt_at_ms) FROM notice WHERE state = 'pending'")
+            // A leased notice is not due before its lease runs out (or its holder dies, which
+            // the poll interval notices).
+            try Int64.fetchOne(
+                db, sql: "SELECT MIN(MAX(next_attempt_at_ms, COALESCE(lease_until_ms, 0))) FROM notice WHERE state = 'pending'")
                 .map(Instant.init(millisecondsSinceEpoch:))
         }
     }

@@ -272,7 +272,7 @@ extension Verifier {
         let rows = try Row.fetchAll(
             db,
             sql: """
-                SELECT n.id, n.run_number, n.partner, n.body, r.id AS run_id, \(fields.map { "rp.\($0)" }.joined(separator: ", "))
+                SELECT n.id, n.run_number, n.partner, n.body, r.id AS run_id, r.cutoff_ms, \(fields.map { "rp.\($0)" }.joined(separator: ", "))
                 FROM notice n LEFT JOIN run r ON r.number = n.run_number
                 LEFT JOIN run_partner rp ON rp.run_number = n.run_number AND rp.partner = n.partner
                 """)
@@ -286,7 +286,9 @@ extension Verifier {
             if id != "\(runID):\(partner)" { report.breach("notice \(id): its id is not <run>:<partner> (\(runID):\(partner))") }
             let body = try? JSONSerialization.jsonObject(with: try row.blob("body")) as? [String: Any]
             guard body?["type"] as? String == "settlement.notice", let data = body?["data"] as? [String: Any],
-                data["run"] as? String == runID, data["partner"] as? String == partner
+                data["run"] as? String == runID, data["partner"] as? String == partner,
+                data["cutoff"] as? String == Instant(millisecondsSinceEpoch: try row.int64("cutoff_ms")).rfc3339,
+                data["statement"] as? String == "/v1/partners/\(partner)/statements/\(runID).csv"
             else {
                 report.breach("notice \(id): the body is not a settlement notice of \(runID) for \(partner)")
                 continue

@@ -20,10 +20,15 @@ public struct IPAddress: Equatable, Sendable, CustomStringConvertible {
         guard bytes.count == 16 else { return nil }
         let head = Array(bytes[0..<12])
         let mapped: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+        let translated: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0]  // ::ffff:0:a.b.c.d (SIIT)
         let nat64: [UInt8] = [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0]
         let compatible = [UInt8](repeating: 0, count: 12)
         let tail = Array(bytes[12..<16])
-        if head == mapped || head == nat64 { return IPAddress(bytes: tail) }
+        if head == mapped || head == translated || head == nat64 { return IPAddress(bytes: tail) }
+        // NAT64 local use (64:ff9b:1::/48): the IPv4 address is in the last 4 bytes.
+        if bytes[0..<6] == [0, 0x64, 0xff, 0x9b, 0, 0x01][...] { return IPAddress(bytes: tail) }
+        // 6to4 (2002::/16): the IPv4 address is in bytes 2...5.
+        if bytes[0] == 0x20 && bytes[1] == 0x02 { return IPAddress(bytes: Array(bytes[2..<6])) }
         if head == compatible, tail != [0, 0, 0, 0], tail != [0, 0, 0, 1] { return IPAddress(bytes: tail) }
         return nil
     }
@@ -71,6 +76,7 @@ public enum AddressPolicy {
         if b[0] == 0xfe && b[1] & 0xc0 == 0xc0 { return .private }  // deprecated site-local fec0::/10
         if b[0] == 0xff { return .multicast }
         if b[0] == 0x20 && b[1] == 0x01 && b[2] == 0x0d && b[3] == 0xb8 { return .reserved }  // documentation 2001:db8::/32
+        if b[0] == 0x20 && b[1] == 0x01 && b[2] == 0 && b[3] == 0 { return .reserved }  // Teredo 2001::/32 (hides its IPv4)
         if b[0] == 0x01 && b[1...7].allSatisfy({ $0 == 0 }) { return .reserved }  // discard-only 100::/64
         return nil
     }

@@ -161,7 +161,11 @@ private final class Transfer: @unchecked Sendable {
         var totalMicroseconds: curl_off_t = 0
         _ = ch_easy_getinfo_off(easy, CURLINFO_TOTAL_TIME_T, &totalMicroseconds)
         let latency = Int64(totalMicroseconds) / 1000
-        if code == CURLE_OK {
+        var answered = 0
+        _ = ch_easy_getinfo_long(easy, CURLINFO_RESPONSE_CODE, &answered)
+        // A 2xx is success (CONTRACT §7) even when its body was longer than we read.
+        let cutOff = tooLarge || code == CURLE_FILESIZE_EXCEEDED
+        if code == CURLE_OK || (cutOff && (200...299).contains(answered)) {
             var status = 0
             var retryAfter: curl_off_t = 0
             var version = 0
@@ -176,9 +180,9 @@ private final class Transfer: @unchecked Sendable {
         let detail = String(cString: errorBuffer)
         let message = detail.isEmpty ? String(cString: curl_easy_strerror(code)) : detail
         let failure: TransportFailure
-        if let refused = refusedAddress {
+        if let refused = refusedAddress, code == CURLE_COULDNT_CONNECT {
             failure = TransportFailure(.refusedAddress, "notices may not go to \(refused)")
-        } else if tooLarge || code == CURLE_FILESIZE_EXCEEDED {
+        } else if cutOff {
             failure = TransportFailure(.responseTooLarge, "the response is longer than \(request.responseBytesMax) bytes")
         } else {
             switch code {

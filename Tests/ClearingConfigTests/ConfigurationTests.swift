@@ -71,7 +71,7 @@ struct ConfigDir {
         ("fuelco.toml", #"api_token_sha256 = "6"#, #"api_token_sha256 = "z"#, "api_token_sha256", "hexadecimal"),
         ("coalition.toml", #"currency = "EUR""#, #"currency = "euro""#, "currency", "ISO 4217"),
         ("coalition.toml", "points_expire_after_days = 1095", "", "points_expire_after_days", "missing"),
-        ("coalition.toml", "notice_allow_private_networks = true", "notice_allow_private_networks = 1", "notice_allow_private_networks", "true or false"),
+        ("coalition.toml", "points_expire_after_days = 1095", "points_expire_after_days = 1095\nnotice_allow_private_networks = 1", "notice_allow_private_networks", "true or false"),
     ])
     func badFilesAreRefusedNamingFileKeyAndReason(file: String, find: String, replace: String, key: String, reason: String) throws {
         let d = try ConfigDir()

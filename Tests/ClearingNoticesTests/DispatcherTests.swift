@@ -257,7 +257,7 @@ final class NoticeHarness {
         try gone.run()
         gone.waitUntilExit()
         let claimed = try h.store.claimDueNotices(
-            now: h.clock.now(), limit: 8, owner: gone.processIdentifier, leaseMilliseconds: 60_000,
+            clock: h.clock, limit: 8, owner: gone.processIdentifier, leaseMilliseconds: 60_000,
             ownerAlive: { _ in false })
         #expect(claimed.count == 3)
         // The "killed" sender never recorded an answer; a new one takes over at once.
@@ -271,11 +271,40 @@ final class NoticeHarness {
     @Test func aLiveSendersLeaseIsRespectedUntilItRunsOut() async throws {
         let h = try NoticeHarness()
         _ = try h.settleADay()
-        _ = try h.store.claimDueNotices(now: h.clock.now(), limit: 1, owner: getppid(), leaseMilliseconds: 40_000, ownerAlive: { _ in true })
+        _ = try h.store.claimDueNotices(clock: h.clock, limit: 1, owner: getppid(), leaseMilliseconds: 40_000, ownerAlive: { _ in true })
         let transport = FakeTransport()
         #expect(try await h.dispatcher(transport).deliverDue().attempted == 2, "the leased one is left alone")
         h.clock.advance(milliseconds: 40_001)
         #expect(try await h.dispatcher(transport).deliverDue().attempted == 1, "a lease that ran out is void")
+    }
+
+    @Test func aSenderWhoseLeaseRanOutCannotOverwriteTheNextSendersClaim() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        // A slow sender (alive) claims every notice with a short lease...
+        let slow = try h.store.claimDueNotices(clock: h.clock, limit: 8, owner: getppid(), leaseMilliseconds: 1_000, ownerAlive: { _ in true })
+        let grocer = try #require(slow.first { $0.id == "R000001:grocer" })
+        // ...which runs out; another sender takes over and gets a 500 from grocer.
+        h.clock.advance(milliseconds: 1_001)
+        let transport = FakeTransport([h.configuration.partners[G]!.noticeURL: [FakeTransport.status(500)]])
+        #expect(try await h.dispatcher(transport).deliverDue().retrying == 1)
+        let pending = try h.notice("R000001:grocer").0
+        // The slow sender's answer arrives at last: its attempt is recorded, the notice is not touched.
+        try h.store.finishNoticeAttempt(
+            grocer, finishedAt: h.clock.now(), latencyMilliseconds: 1_500, httpStatus: 410, error: nil,
+            decision: .dead(reason: "410"))
+        let (after, attempts) = try h.notice("R000001:grocer")
+        #expect(after == pending, "still the second sender's pending retry")
+        #expect(attempts.map(\.outcome) == [.dead, .retry])
+        #expect(attempts.first?.httpStatus == 410)
+    }
+
+    @Test func aLeasedNoticeIsNotDueBeforeItsLeaseRunsOut() throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let now = h.clock.now().millisecondsSinceEpoch
+        _ = try h.store.claimDueNotices(clock: h.clock, limit: 8, owner: getppid(), leaseMilliseconds: 45_000, ownerAlive: { _ in true })
+        #expect(try h.store.nextNoticeDue()?.millisecondsSinceEpoch == now + 45_000)
     }
 
     @Test func aPartnerRemovedFromTheConfigurationIsRetriedNotLost() async throws {

@@ -40,6 +40,8 @@ class Env:
         subprocess.run([os.path.join(ROOT, "ops", "certs"), self.certs], check=True, capture_output=True, timeout=60)
         self.partners = os.path.join(self.tmp, "partners")
         shutil.copytree(os.path.join(ROOT, "partners"), self.partners)
+        with open(os.path.join(self.partners, "coalition.toml"), "a") as f:
+            f.write("notice_allow_private_networks = true\n")  # the receiver is on loopback
         self.data = os.path.join(self.tmp, "data")
         self.log = os.path.join(self.tmp, "received.jsonl")
         open(self.log, "w").close()
@@ -122,6 +124,25 @@ def test_killed_in_the_middle_of_a_delivery_the_notice_still_arrives_once(env_fa
     shown = env.ch("notices", "show", "R000001:fuelco").stdout
     assert "interrupted" in shown and "delivered" in shown, shown
     env.ch("verify")
+
+
+def test_killed_after_the_partner_stored_it_the_resent_notice_is_a_duplicate_by_id(env_factory):
+    env = env_factory({"fuelco": "late-20"})
+    env.earn("fuelco", "LATE-1", 300, "LATE-R1")
+    env.ch("settle")
+    sender = subprocess.Popen([BIN, "notices", "send", "--data", env.data, "--partners", env.partners],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The partner has stored the notice but not answered yet when Clearhouse dies.
+    wait_for(lambda: env.received("R000001:fuelco"), 30, "the first attempt to arrive")
+    sender.send_signal(signal.SIGKILL)
+    sender.wait(timeout=10)
+    env.point("fuelco", "ok")  # the partner answers promptly from now on
+    assert "1 delivered" in env.ch("notices", "send").stdout
+    got = env.received("R000001:fuelco")
+    assert [r["status"] for r in got] == [200, 200] and all(r["verified"] for r in got)
+    assert [r["duplicate"] for r in got] == [False, True], "the partner sees it twice and knows it by its webhook-id"
+    assert got[0]["body"] == got[1]["body"]
+    assert len({r["webhook_id"] for r in got}) == 1, "exactly once after deduplication"
 
 
 def test_serve_delivers_and_retries_notices_of_a_run_settled_while_it_runs(env_factory):
