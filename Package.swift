@@ -125,6 +125,7 @@ let package = Package(
                 "ClearingHTTP", "ClearingDomain", "ClearingStore", "ClearhouseTestSupport", "StandardWebhooks",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "CompressNIO", package: "compress-nio"),
             ]),
         .testTarget(
             name: "PartnerTransportTests",

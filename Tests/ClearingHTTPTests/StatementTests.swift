@@ -1,0 +1,153 @@
+import ClearhouseTestSupport
+import ClearingDomain
+import ClearingHTTP
+import ClearingStore
+import CompressNIO
+import Crypto
+import Foundation
+import HTTPTypes
+import Hummingbird
+import HummingbirdTesting
+import NIOCore
+import Testing
+
+private func bearer(_ partner: PartnerID) -> HTTPFields { [.authorization: "Bearer token-\(partner)"] }
+
+/// fuel and cinema trade for a day; the run is R000001.
+private func tradedServer() throws -> Server {
+    let s = try Server()
+    func post(_ p: PartnerID, _ id: String, _ e: Event) { _ = s.store.post([Submission(partner: p, webhookID: WebhookID(id)!, event: e)]) }
+    for i in 1...30 { post(fuel, "f\(i)", Fixtures.earn("M\(i % 4)", Int64(100 + i), "F-\(i)")) }
+    post(fuel, "fr", Fixtures.reverseEarn("M1", 31, "F-R1", of: "F-1"))
+    for i in 1...12 { post(cinema, "c\(i)", Fixtures.redeem("M\(i % 4)", Int64(40 + i), "C-\(i)")) }
+    post(cinema, "cr", Fixtures.reverseRedemption("M1", 5, "C-R1", of: "C-1"))
+    s.clock.advance(milliseconds: 60_000)
+    _ = try s.store.settle()
+    return s
+}
+
+@Suite struct StatementTests {
+    @Test func onlyThePartnerItselfReadsItsStatements() async throws {
+        let s = try tradedServer()
+        try await s.test { client in
+            for path in ["/v1/partners/fuel/statements", "/v1/partners/fuel/statements/R000001.csv", "/v1/partners/fuel/statements/R000001.json"] {
+                let none = try await client.execute(uri: path, method: .get)
+                #expect(none.status == .unauthorized && problemType(none) == "urn:clearhouse:problem:unauthorized", "\(path)")
+                let wrong = try await client.execute(uri: path, method: .get, headers: [.authorization: "Bearer nope"])
+                #expect(wrong.status == .unauthorized, "\(path)")
+                let other = try await client.execute(uri: path, method: .get, headers: bearer(cinema))
+                #expect(other.status == .forbidden && problemType(other) == "urn:clearhouse:problem:wrong-partner", "\(path)")
+                let own = try await client.execute(uri: path, method: .get, headers: bearer(fuel))
+                #expect(own.status == .ok, "\(path)")
+            }
+            let unknownRun = try await client.execute(uri: "/v1/partners/fuel/statements/R000009.csv", method: .get, headers: bearer(fuel))
+            #expect(unknownRun.status == .notFound && problemType(unknownRun) == "urn:clearhouse:problem:not-found")
+            let traversal = try await client.execute(uri: "/v1/partners/fuel/statements/..%2F..%2Fetc.csv", method: .get, headers: bearer(fuel))
+            #expect(traversal.status == .notFound)
+            let list = try await client.execute(uri: "/v1/partners/fuel/statements", method: .get, headers: bearer(fuel))
+            let items = try JSONSerialization.jsonObject(with: Data(buffer: list.body)) as! [[String: Any]]
+            #expect(items.count == 1 && items[0]["run"] as? String == "R000001" && items[0]["net_minor"] as? Int == -(3465 - 31))  // Σ 101...130 − 31 points at 1000 per 1000
+            // cinema's CSV holds cinema's entries only, fuel's only fuel's.
+            let fuelCSV = String(buffer: try await client.execute(uri: "/v1/partners/fuel/statements/R000001.csv", method: .get, headers: bearer(fuel)).body)
+            let cinemaCSV = String(buffer: try await client.execute(uri: "/v1/partners/cinema/statements/R000001.csv", method: .get, headers: bearer(cinema)).body)
+            #expect(!fuelCSV.contains("C-") && !cinemaCSV.contains("F-"))
+            #expect(fuelCSV.split(separator: "\r\n").count == 1 + 31 && cinemaCSV.split(separator: "\r\n").count == 1 + 13)
+        }
+    }
+
+    @Test func theFiguresAreReproducibleFromTheCSVRows() async throws {
+        let s = try tradedServer()
+        try await s.test { client in
+            for p in [fuel, cinema] {
+                let csv = String(buffer: try await client.execute(uri: "/v1/partners/\(p)/statements/R000001.csv", method: .get, headers: bearer(p)).body)
+                let json = try JSONSerialization.jsonObject(
+                    with: Data(buffer: try await client.execute(uri: "/v1/partners/\(p)/statements/R000001.json", method: .get, headers: bearer(p)).body)
+                ) as! [String: Any]
+                let lines = csv.split(separator: "\r\n")
+                #expect(lines[0] == "sequence,accepted_at,occurred_at,type,member,points,reference,original_reference,amount_minor")
+                var issued: Int64 = 0, redeemed: Int64 = 0
+                for line in lines.dropFirst() {
+                    let f = line.split(separator: ",", omittingEmptySubsequences: false)
+                    #expect(f.count == 9)
+                    let points = Int64(f[5])!
+                    switch f[3] {
+                    case "points.earned": issued += points
+                    case "points.earn_reversed": issued -= points
+                    case "points.redeemed": redeemed += points
+                    case "points.redemption_reversed": redeemed -= points
+                    default: Issue.record("unknown type \(f[3])")
+                    }
+                }
+                #expect(json["issued_points"] as? Int64 == issued && json["redeemed_points"] as? Int64 == redeemed)
+                let payable = try Rounding.priceOf(Points(issued), per1000: MoneyMinor(json["issue_price_per_1000"] as! Int64)).value
+                let receivable = try Rounding.priceOf(Points(redeemed), per1000: MoneyMinor(json["redeem_credit_per_1000"] as! Int64)).value
+                #expect(json["payable_minor"] as? Int64 == payable && json["receivable_minor"] as? Int64 == receivable)
+                #expect(json["net_minor"] as? Int64 == receivable - payable)
+                #expect((json["entries"] as! [[String: Any]]).count == lines.count - 1 && json["entry_count"] as? Int == lines.count - 1)
+                let flows = json["flows"] as! [[String: Any]]
+                #expect(!flows.isEmpty && flows.allSatisfy { $0["issuer"] as? String == p.rawValue || $0["redeemer"] as? String == p.rawValue })
+            }
+        }
+    }
+
+    @Test func statementsAreSignedWithThePublishedKey() async throws {
+        let s = try tradedServer()
+        try await s.test { client in
+            let keys = try await client.execute(uri: "/v1/keys", method: .get)
+            #expect(keys.status == .ok)
+            let jwk = (try JSONSerialization.jsonObject(with: Data(buffer: keys.body)) as! [String: Any])["keys"] as! [[String: Any]]
+            #expect(jwk.count == 1 && jwk[0]["kty"] as? String == "OKP" && jwk[0]["crv"] as? String == "Ed25519")
+            var x = (jwk[0]["x"] as! String).replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+            while x.count % 4 != 0 { x += "=" }
+            let key = try Curve25519.Signing.PublicKey(rawRepresentation: Data(base64Encoded: x)!)
+            for format in ["csv", "json"] {
+                let r = try await client.execute(uri: "/v1/partners/fuel/statements/R000001.\(format)", method: .get, headers: bearer(fuel))
+                let body = Data(buffer: r.body)
+                let digest = Data(SHA256.hash(data: body))
+                #expect(r.headers[HTTPField.Name("Content-Digest")!] == "sha-256=:\(digest.base64EncodedString()):")
+                let header = try #require(r.headers[HTTPField.Name("Clearhouse-Signature")!])
+                #expect(header.contains("keyid=\"\(jwk[0]["kid"] as! String)\""))
+                let signature = Data(base64Encoded: String(header.split(separator: "signature=\"")[1].dropLast()))!
+                let manifest = "clearhouse.statement.v1\nfuel\nR000001\n\(format)\n\(digest.base64EncodedString())"
+                #expect(key.isValidSignature(signature, for: Data(manifest.utf8)))
+                #expect(!key.isValidSignature(signature, for: Data(manifest.replacingOccurrences(of: "fuel", with: "cinema").utf8)))
+            }
+        }
+    }
+
+    @Test func runsNeverChangeSoETagsHoldAndGzipIsOffered() async throws {
+        let s = try tradedServer()
+        try await s.test { client in
+            let path = "/v1/partners/fuel/statements/R000001.csv"
+            let plain = try await client.execute(uri: path, method: .get, headers: bearer(fuel))
+            let etag = try #require(plain.headers[.eTag])
+            #expect(plain.headers[.cacheControl]?.contains("immutable") == true)
+            var conditional = bearer(fuel)
+            conditional[.ifNoneMatch] = etag
+            let notModified = try await client.execute(uri: path, method: .get, headers: conditional)
+            #expect(notModified.status == .notModified && notModified.body.readableBytes == 0)
+            var gzip = bearer(fuel)
+            gzip[.acceptEncoding] = "br;q=1.0, gzip;q=0.8"
+            let zipped = try await client.execute(uri: path, method: .get, headers: gzip)
+            #expect(zipped.headers[.contentEncoding] == "gzip")
+            #expect(zipped.headers[.eTag] != etag, "another representation, another ETag")
+            var body = zipped.body
+            let unzipped = try body.decompress(with: .gzip)
+            #expect(String(buffer: unzipped) == String(buffer: plain.body))
+            #expect(zipped.headers[HTTPField.Name("Clearhouse-Signature")!] == plain.headers[HTTPField.Name("Clearhouse-Signature")!])
+            var refused = bearer(fuel)
+            refused[.acceptEncoding] = "gzip;q=0"
+            #expect(try await client.execute(uri: path, method: .get, headers: refused).headers[.contentEncoding] == nil)
+        }
+    }
+
+    @Test func aPartnerWithNothingInAnExistingRunGetsAnEmptyStatement() async throws {
+        let s = try tradedServer()
+        try await s.test { client in
+            let r = try await client.execute(uri: "/v1/partners/slow/statements/R000001.csv", method: .get, headers: bearer(slow))
+            #expect(r.status == .ok && String(buffer: r.body) == StatementFormat.csvHeader)
+            let list = try await client.execute(uri: "/v1/partners/slow/statements", method: .get, headers: bearer(slow))
+            #expect(String(buffer: list.body) == "[]")
+        }
+    }
+}
