@@ -13,6 +13,9 @@ public struct SettlementRun: Equatable, Sendable {
     public var partners: [PartnerFigures]
     public var flows: [Flow]
     public var totals: RunTotals
+    /// Each partner's prices of the day (per 1000 points), as recorded with the run.
+    public var issuePrices: [PartnerID: MoneyMinor] = [:]
+    public var redeemCredits: [PartnerID: MoneyMinor] = [:]
 
     public var entryCount: Int64 { max(0, lastJournalID - firstJournalID + 1) }
 
@@ -148,7 +151,9 @@ extension Store {
         let totals = try RunTotals(figures)
         let run = SettlementRun(
             number: number, id: SettlementRun.id(number: number), cutoff: cutoff, firstJournalID: first, lastJournalID: last,
-            partners: figures, flows: flows, totals: totals)
+            partners: figures, flows: flows, totals: totals,
+            issuePrices: Dictionary(uniqueKeysWithValues: figures.map { ($0.partner, configuration.partners[$0.partner]!.issuePricePer1000) }),
+            redeemCredits: Dictionary(uniqueKeysWithValues: figures.map { ($0.partner, configuration.partners[$0.partner]!.redeemCreditPer1000) }))
         try record(db, run, ranges: sequenceRanges, now: now)
         return run
     }
@@ -216,8 +221,11 @@ extension Store {
 
     static func loadRun(_ db: Database, _ row: Row) throws -> SettlementRun {
         let number: Int64 = row["number"]
+        var issuePrices: [PartnerID: MoneyMinor] = [:], redeemCredits: [PartnerID: MoneyMinor] = [:]
         let partners = try Row.fetchAll(db, sql: "SELECT * FROM run_partner WHERE run_number = ? ORDER BY partner", arguments: [number]).map { r in
             guard let p = PartnerID(r["partner"] as String) else { throw StoreError("run \(number): invalid partner") }
+            issuePrices[p] = MoneyMinor(try r.int64("issue_price_per_1000"))
+            redeemCredits[p] = MoneyMinor(try r.int64("redeem_credit_per_1000"))
             return PartnerFigures(
                 partner: p, issuedPoints: Points(r["issued_points"]), redeemedPoints: Points(r["redeemed_points"]),
                 expiredPoints: Points(r["expired_points"]), payableMinor: MoneyMinor(r["payable_minor"]),
@@ -231,6 +239,7 @@ extension Store {
         totals.nettingEfficiencyPPM = row["netting_efficiency_ppm"]
         return SettlementRun(
             number: number, id: row["id"], cutoff: Instant(millisecondsSinceEpoch: row["cutoff_ms"]),
-            firstJournalID: row["first_journal_id"], lastJournalID: row["last_journal_id"], partners: partners, flows: flows, totals: totals)
+            firstJournalID: row["first_journal_id"], lastJournalID: row["last_journal_id"], partners: partners, flows: flows, totals: totals,
+            issuePrices: issuePrices, redeemCredits: redeemCredits)
     }
 }

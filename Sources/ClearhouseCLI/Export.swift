@@ -1,0 +1,40 @@
+import ArgumentParser
+import ClearingDomain
+import ClearingStore
+import Foundation
+
+/// `clearhouse export --format beancount [--output file]`: the coalition's books.
+struct Export: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Export the coalition's books of every closed run (Beancount).",
+        discussion: "Each partner's receivable or payable per run (Assets:Partners:<Id>), the points liability (Liabilities:Points:Outstanding) and breakage (Income:Breakage), with the operator's margin per run, and balance assertions that bean-check verifies. See docs/STATEMENTS.md.")
+
+    @OptionGroup var locations: Locations
+    @Option(help: "The format: beancount.") var format: String = "beancount"
+    @Option(help: "Write to this file instead of standard output.") var output: String?
+
+    func run() async throws {
+        guard format == "beancount" else {
+            printError("clearhouse export: --format \(JSONWriter.quote(format)) is not supported (beancount)")
+            throw ExitCode(1)
+        }
+        let configuration = try locations.loadConfiguration()
+        let store = try locations.openStore(configuration)
+        defer { try? store.close() }
+        let runs = try store.runs().map {
+            BeancountExport.Run(
+                id: $0.id, cutoff: $0.cutoff, partners: $0.partners, issuePrices: $0.issuePrices,
+                operatorMarginMinor: $0.totals.operatorMarginMinor, nettingEfficiency: $0.totals.nettingEfficiencyText)
+        }
+        let text = try BeancountExport.ledger(
+            runs: runs, currency: configuration.coalition.currency, partners: configuration.partnerIDs, generatedAt: SystemClock().now())
+        if let output {
+            do { try text.write(toFile: output, atomically: true, encoding: .utf8) } catch {
+                printError("clearhouse export: --output \(output): \(error)")
+                throw ExitCode(1)
+            }
+        } else {
+            print(text, terminator: "")
+        }
+    }
+}

@@ -1,0 +1,45 @@
+import ClearingDomain
+import Testing
+
+@Suite struct BeancountTests {
+    @Test func amountsUseTheCurrencysMinorUnit() {
+        #expect(BeancountExport.amount(123_456, "EUR") == "1234.56")
+        #expect(BeancountExport.amount(-5, "EUR") == "-0.05")
+        #expect(BeancountExport.amount(0, "EUR") == "0.00")
+        #expect(BeancountExport.amount(-1234, "JPY") == "-1234")
+        #expect(BeancountExport.amount(1_234_567, "KWD") == "1234.567")
+        #expect(BeancountExport.amount(Int64.min, "EUR") == "-92233720368547758.08")
+        #expect(BeancountExport.partnerAccount(PartnerID("fuel-co")!) == "Assets:Partners:Fuel-co")
+    }
+
+    @Test func runsBecomeBalancedTransactionsWithBreakageAndAssertions() throws {
+        let g = PartnerID("grocer")!, c = PartnerID("cinema")!
+        let t1 = Instant(rfc3339: "2026-11-22T23:00:00Z")!, t2 = Instant(rfc3339: "2026-11-23T23:00:00Z")!
+        let run1 = BeancountExport.Run(
+            id: "R000001", cutoff: t1,
+            partners: [
+                PartnerFigures(partner: g, issuedPoints: Points(1000), redeemedPoints: .zero, expiredPoints: .zero,
+                               payableMinor: MoneyMinor(1000), receivableMinor: .zero, netMinor: MoneyMinor(-1000)),
+                PartnerFigures(partner: c, issuedPoints: .zero, redeemedPoints: Points(400), expiredPoints: .zero,
+                               payableMinor: .zero, receivableMinor: MoneyMinor(440), netMinor: MoneyMinor(440)),
+            ],
+            issuePrices: [g: MoneyMinor(1000), c: MoneyMinor(1200)], operatorMarginMinor: MoneyMinor(560), nettingEfficiency: "0.000000")
+        let run2 = BeancountExport.Run(
+            id: "R000002", cutoff: t2,
+            partners: [PartnerFigures(partner: g, issuedPoints: .zero, redeemedPoints: .zero, expiredPoints: Points(600),
+                                      payableMinor: .zero, receivableMinor: .zero, netMinor: .zero)],
+            issuePrices: [g: MoneyMinor(1000)], operatorMarginMinor: .zero, nettingEfficiency: "0.000000")
+        let text = try BeancountExport.ledger(runs: [run1, run2], currency: "EUR", partners: [g, c], generatedAt: t2)
+        #expect(text.contains("2026-11-22 open Assets:Partners:Grocer EUR"))
+        #expect(text.contains("  Assets:Partners:Grocer  10.00 EUR\n  Liabilities:Points:Outstanding  -10.00 EUR\n"))
+        #expect(text.contains("  Assets:Partners:Cinema  -4.40 EUR\n  Liabilities:Points:Outstanding  4.40 EUR\n"))
+        #expect(text.contains("operator margin 5.60 EUR"))
+        // After day one: grocer owes 10.00, cinema is owed 4.40, the liability is 5.60.
+        #expect(text.contains("2026-11-23 balance Assets:Partners:Grocer  10.00 EUR"))
+        #expect(text.contains("2026-11-23 balance Liabilities:Points:Outstanding  -5.60 EUR"))
+        // Day two: 600 of grocer's points expire, valued at its price: 6.00 of breakage.
+        #expect(text.contains("  Liabilities:Points:Outstanding  6.00 EUR\n  Income:Breakage  -6.00 EUR\n"))
+        #expect(text.contains("2026-11-24 balance Liabilities:Points:Outstanding  0.40 EUR"))
+        #expect(text.contains("2026-11-24 balance Income:Breakage  -6.00 EUR"))
+    }
+}
