@@ -140,3 +140,16 @@ def test_the_books_pass_bean_check_and_agree_with_the_runs(books):
         assert balances.get(account, 0) * 100 == -n, account
     # Liability + breakage hold the operator's margin (nothing expired here: breakage is 0).
     assert -(balances["Liabilities:Points:Outstanding"] + balances.get("Income:Breakage", 0)) * 100 == margin
+
+
+def test_bad_statement_and_export_requests_name_what_is_wrong(books):
+    def run(*args):
+        return subprocess.run([BIN, *args, "--data", os.path.join(books["tmp"], "data"),
+                               "--partners", os.path.join(books["tmp"], "partners")], capture_output=True, text=True, timeout=60)
+    for args, words in [(("statement", "fuelco", "R000001", "--format", "xml"), "--format"),
+                        (("statement", "nobody", "R000001"), "no partner"),
+                        (("statement", "fuelco", "R000042"), "no run"),
+                        (("statement", "fuelco", "R000001", "--output", "/nonexistent/dir/x.csv"), "--output"),
+                        (("export", "--format", "ledger"), "--format")]:
+        r = run(*args)
+        assert r.returncode == 1 and words in r.stderr, (args, r.stderr)
