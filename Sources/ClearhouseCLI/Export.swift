@@ -7,7 +7,7 @@ import Foundation
 struct Export: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Export the coalition's books of every closed run (Beancount).",
-        discussion: "Each partner's receivable or payable per run (Assets:Partners:<Id>), the points liability (Liabilities:Points:Outstanding) and breakage (Income:Breakage), with the operator's margin per run, and balance assertions that bean-check verifies. See docs/STATEMENTS.md.")
+        discussion: "Each partner's receivable or payable per run (Assets:Partners:<Id>), the points liability (Liabilities:Points:Outstanding), the coalition's margin on redemptions (Income:Margin) and breakage (Income:Breakage), with the operator's margin per run, and balance assertions that bean-check verifies. See docs/STATEMENTS.md.")
 
     @OptionGroup var locations: Locations
     @Option(help: "The format: beancount.") var format: String = "beancount"
@@ -23,11 +23,12 @@ struct Export: AsyncParsableCommand {
         defer { try? store.close() }
         let runs = try store.runs().map {
             BeancountExport.Run(
-                id: $0.id, cutoff: $0.cutoff, partners: $0.partners, issuePrices: $0.issuePrices,
+                id: $0.id, cutoff: $0.cutoff, partners: $0.partners, issuePrices: $0.issuePrices, flows: $0.flows,
                 operatorMarginMinor: $0.totals.operatorMarginMinor, nettingEfficiency: $0.totals.nettingEfficiencyText)
         }
         let text = try BeancountExport.ledger(
-            runs: runs, currency: configuration.coalition.currency, partners: configuration.partnerIDs, generatedAt: SystemClock().now())
+            runs: runs, currency: configuration.coalition.currency,
+            prices: configuration.partners.mapValues(\.issuePricePer1000), generatedAt: SystemClock().now())
         if let output {
             do { try text.write(toFile: output, atomically: true, encoding: .utf8) } catch {
                 printError("clearhouse export: --output \(output): \(error)")

@@ -1,19 +1,25 @@
 /// The coalition's books as a Beancount ledger (issue 6): deferred-revenue accounting of points.
 ///
-/// - Issuing points: the issuer owes the coalition `payable` and the coalition owes the points'
-///   value to whoever will redeem them: `Assets:Partners:<P>` up, `Liabilities:Points:Outstanding` up.
-/// - Redeeming: the coalition owes the redeemer `receivable`, and that much of the points
-///   liability is settled: `Assets:Partners:<P>` down, the liability down.
-/// - Expiry: the expired points' value (at the issuer's price of the day) leaves the liability as
-///   `Income:Breakage`.
-/// So `Assets:Partners:<P>` is −Σ net (> 0: the partner owes the coalition), the liability plus
-/// breakage is Σ margin, and every transaction balances.
+/// - Issuing points: the issuer owes the coalition `payable`, and the coalition owes the points'
+///   value (their issue price) until they are redeemed or expire:
+///   `Assets:Partners:<issuer>` +payable, `Liabilities:Points:Outstanding` −payable.
+/// - Redeeming: the redeemed points leave the liability at the value they were issued at (the
+///   run's flows say whose points they were), the coalition owes the redeemer `receivable`, and
+///   the difference is the coalition's margin:
+///   `Liabilities:Points:Outstanding` +value, `Assets:Partners:<redeemer>` −receivable,
+///   `Income:Margin` −(value − receivable).
+/// - Expiry: the expired points' value leaves the liability as `Income:Breakage`.
+/// So `Assets:Partners:<P>` is −Σ net (> 0: the partner owes the coalition), the liability is the
+/// value of the points still outstanding, and margin + breakage + the liability's change is the
+/// operator's margin of each run. Points are valued at their issuer's price of the run that
+/// settles them (the last recorded one when the issuer has no figures in that run).
 public enum BeancountExport {
     /// Decimal places of a currency's minor unit (ISO 4217; two unless listed).
     public static func exponent(_ currency: String) -> Int {
         switch currency {
         case "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND", "VUV", "XAF", "XOF", "XPF": 0
         case "BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND": 3
+        case "CLF", "UYW": 4
         default: 2
         }
     }
@@ -38,6 +44,7 @@ public enum BeancountExport {
 
     public static let liability = "Liabilities:Points:Outstanding"
     public static let breakage = "Income:Breakage"
+    public static let margin = "Income:Margin"
 
     /// One closed run, as the export sees it.
     public struct Run: Sendable {
@@ -45,68 +52,79 @@ public enum BeancountExport {
         public var cutoff: Instant
         public var partners: [PartnerFigures]
         public var issuePrices: [PartnerID: MoneyMinor]
+        public var flows: [Flow]
         public var operatorMarginMinor: MoneyMinor
         public var nettingEfficiency: String
 
         public init(
-            id: String, cutoff: Instant, partners: [PartnerFigures], issuePrices: [PartnerID: MoneyMinor], operatorMarginMinor: MoneyMinor,
-            nettingEfficiency: String
+            id: String, cutoff: Instant, partners: [PartnerFigures], issuePrices: [PartnerID: MoneyMinor], flows: [Flow],
+            operatorMarginMinor: MoneyMinor, nettingEfficiency: String
         ) {
             self.id = id
             self.cutoff = cutoff
             self.partners = partners
             self.issuePrices = issuePrices
+            self.flows = flows
             self.operatorMarginMinor = operatorMarginMinor
             self.nettingEfficiency = nettingEfficiency
         }
     }
 
     /// The whole ledger, with balance assertions after each day of runs (bean-check checks them).
-    public static func ledger(runs: [Run], currency: String, partners: [PartnerID], generatedAt: Instant) throws(ArithmeticOverflow) -> String {
+    /// `prices`: each partner's issue price to fall back on before its first run with figures.
+    public static func ledger(
+        runs: [Run], currency: String, prices: [PartnerID: MoneyMinor], generatedAt: Instant
+    ) throws(ArithmeticOverflow) -> String {
         var out = """
             ; The books of the Clearhouse coalition, exported \(generatedAt.rfc3339) by `clearhouse export --format beancount`.
-            ; Amounts in \(currency); points are valued at the issuer's price of the day.
+            ; Amounts in \(currency); points are valued at their issuer's price.
             option "title" "Clearhouse coalition"
             option "operating_currency" "\(currency)"
 
             """
         let opened = runs.first.map { day($0.cutoff) } ?? day(generatedAt)
-        var everyone = Set(partners)
+        var everyone = Set(prices.keys)
         for r in runs { for f in r.partners { everyone.insert(f.partner) } }
         for p in everyone.sorted() { out += "\(opened) open \(partnerAccount(p)) \(currency)\n" }
-        out += "\(opened) open \(liability) \(currency)\n\(opened) open \(breakage) \(currency)\n"
-        var owed: [PartnerID: MoneyMinor] = [:]
-        var outstanding = MoneyMinor.zero, broken = MoneyMinor.zero
+        out += "\(opened) open \(liability) \(currency)\n\(opened) open \(margin) \(currency)\n\(opened) open \(breakage) \(currency)\n"
+        var price = prices
+        var balances: [String: MoneyMinor] = [:]
+        func post(_ account: String, _ v: MoneyMinor) throws(ArithmeticOverflow) -> String {
+            balances[account] = try (balances[account] ?? .zero).adding(v)
+            return v == .zero ? "" : "  \(account)  \(amount(v.value, currency)) \(currency)\n"
+        }
+        func transaction(_ date: String, _ run: String, _ partner: PartnerID, _ text: String, _ lines: String) -> String {
+            lines.isEmpty ? "" : "\(date) * \"Clearhouse\" \"Run \(run): \(text)\"\n  run: \"\(run)\"\n  partner: \"\(partner)\"\n" + lines
+        }
         for (i, run) in runs.enumerated() {
             let date = day(run.cutoff)
+            for (p, v) in run.issuePrices { price[p] = v }
             out += "\n; Run \(run.id), cutoff \(run.cutoff.rfc3339): operator margin \(amount(run.operatorMarginMinor.value, currency)) \(currency), netting efficiency \(run.nettingEfficiency)\n"
-            for f in run.partners {
-                let owes = try f.payableMinor.subtracting(f.receivableMinor)
-                owed[f.partner] = try (owed[f.partner] ?? .zero).adding(owes)
-                outstanding = try outstanding.adding(f.payableMinor).subtracting(f.receivableMinor)
-                guard f.payableMinor != .zero || f.receivableMinor != .zero else { continue }
-                out += "\(date) * \"Clearhouse\" \"Run \(run.id): \(f.partner) issued \(f.issuedPoints.value), redeemed \(f.redeemedPoints.value) points\"\n"
-                out += "  run: \"\(run.id)\"\n  partner: \"\(f.partner)\"\n"
-                if owes != .zero { out += "  \(partnerAccount(f.partner))  \(amount(owes.value, currency)) \(currency)\n" }
-                if f.payableMinor != .zero { out += "  \(liability)  \(amount(-f.payableMinor.value, currency)) \(currency)\n" }
-                if f.receivableMinor != .zero { out += "  \(liability)  \(amount(f.receivableMinor.value, currency)) \(currency)\n" }
+            for f in run.partners where f.payableMinor != .zero {
+                let lines = try post(partnerAccount(f.partner), f.payableMinor) + post(liability, MoneyMinor(0).subtracting(f.payableMinor))
+                out += transaction(date, run.id, f.partner, "\(f.partner) issued \(f.issuedPoints.value) points", lines)
+            }
+            for f in run.partners where f.redeemedPoints != .zero || f.receivableMinor != .zero {
+                // The redeemed points, valued at the price their issuers were charged.
+                var value = MoneyMinor.zero
+                for flow in run.flows where flow.redeemer == f.partner {
+                    value = try value.adding(Rounding.priceOf(flow.points, per1000: price[flow.issuer] ?? .zero))
+                }
+                let lines = try post(liability, value) + post(partnerAccount(f.partner), MoneyMinor(0).subtracting(f.receivableMinor))
+                    + post(margin, f.receivableMinor.subtracting(value))
+                out += transaction(date, run.id, f.partner, "\(f.redeemedPoints.value) points redeemed at \(f.partner)", lines)
             }
             for f in run.partners where f.expiredPoints != .zero {
-                let value = try Rounding.priceOf(f.expiredPoints, per1000: run.issuePrices[f.partner] ?? .zero)
-                guard value != .zero else { continue }
-                broken = try broken.adding(value)
-                outstanding = try outstanding.subtracting(value)
-                out += "\(date) * \"Clearhouse\" \"Run \(run.id): breakage, \(f.expiredPoints.value) points issued by \(f.partner) expired\"\n"
-                out += "  run: \"\(run.id)\"\n  partner: \"\(f.partner)\"\n"
-                out += "  \(liability)  \(amount(value.value, currency)) \(currency)\n"
-                out += "  \(breakage)  \(amount(-value.value, currency)) \(currency)\n"
+                let value = try Rounding.priceOf(f.expiredPoints, per1000: price[f.partner] ?? .zero)
+                let lines = try post(liability, value) + post(breakage, MoneyMinor(0).subtracting(value))
+                out += transaction(date, run.id, f.partner, "breakage, \(f.expiredPoints.value) points issued by \(f.partner) expired", lines)
             }
             // Balance assertions hold at the start of a day: after the last run of this day.
             if i == runs.count - 1 || day(runs[i + 1].cutoff) != date {
                 let next = try nextDay(run.cutoff)
-                for p in owed.keys.sorted() { out += "\(next) balance \(partnerAccount(p))  \(amount(owed[p]!.value, currency)) \(currency)\n" }
-                out += "\(next) balance \(liability)  \(amount(-outstanding.value, currency)) \(currency)\n"
-                out += "\(next) balance \(breakage)  \(amount(-broken.value, currency)) \(currency)\n"
+                for account in balances.keys.sorted() {
+                    out += "\(next) balance \(account)  \(amount(balances[account]!.value, currency)) \(currency)\n"
+                }
             }
         }
         return out

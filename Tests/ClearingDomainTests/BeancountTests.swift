@@ -1,4 +1,6 @@
+import ClearhouseTestSupport
 import ClearingDomain
+import Foundation
 import Testing
 
 @Suite struct BeancountTests {
@@ -12,9 +14,11 @@ import Testing
         #expect(BeancountExport.partnerAccount(PartnerID("fuel-co")!) == "Assets:Partners:Fuel-co")
     }
 
-    @Test func runsBecomeBalancedTransactionsWithBreakageAndAssertions() throws {
+    @Test func runsBecomeBalancedTransactionsWithMarginBreakageAndAssertions() throws {
         let g = PartnerID("grocer")!, c = PartnerID("cinema")!
         let t1 = Instant(rfc3339: "2026-11-22T23:00:00Z")!, t2 = Instant(rfc3339: "2026-11-23T23:00:00Z")!
+        // Day one: grocer issues 1000 points (10.00); 400 of them are redeemed at cinema, which is
+        // credited 4.40 for points sold at 4.00.
         let run1 = BeancountExport.Run(
             id: "R000001", cutoff: t1,
             partners: [
@@ -23,23 +27,35 @@ import Testing
                 PartnerFigures(partner: c, issuedPoints: .zero, redeemedPoints: Points(400), expiredPoints: .zero,
                                payableMinor: .zero, receivableMinor: MoneyMinor(440), netMinor: MoneyMinor(440)),
             ],
-            issuePrices: [g: MoneyMinor(1000), c: MoneyMinor(1200)], operatorMarginMinor: MoneyMinor(560), nettingEfficiency: "0.000000")
+            issuePrices: [g: MoneyMinor(1000), c: MoneyMinor(1200)], flows: [Flow(issuer: g, redeemer: c, points: Points(400))],
+            operatorMarginMinor: MoneyMinor(560), nettingEfficiency: "0.000000")
+        // Day two: the other 600 expire.
         let run2 = BeancountExport.Run(
             id: "R000002", cutoff: t2,
             partners: [PartnerFigures(partner: g, issuedPoints: .zero, redeemedPoints: .zero, expiredPoints: Points(600),
                                       payableMinor: .zero, receivableMinor: .zero, netMinor: .zero)],
-            issuePrices: [g: MoneyMinor(1000)], operatorMarginMinor: .zero, nettingEfficiency: "0.000000")
-        let text = try BeancountExport.ledger(runs: [run1, run2], currency: "EUR", partners: [g, c], generatedAt: t2)
+            issuePrices: [g: MoneyMinor(1000)], flows: [], operatorMarginMinor: .zero, nettingEfficiency: "0.000000")
+        let text = try BeancountExport.ledger(runs: [run1, run2], currency: "EUR", prices: [g: MoneyMinor(1000), c: MoneyMinor(1200)], generatedAt: t2)
         #expect(text.contains("2026-11-22 open Assets:Partners:Grocer EUR"))
         #expect(text.contains("  Assets:Partners:Grocer  10.00 EUR\n  Liabilities:Points:Outstanding  -10.00 EUR\n"))
-        #expect(text.contains("  Assets:Partners:Cinema  -4.40 EUR\n  Liabilities:Points:Outstanding  4.40 EUR\n"))
+        #expect(text.contains("  Liabilities:Points:Outstanding  4.00 EUR\n  Assets:Partners:Cinema  -4.40 EUR\n  Income:Margin  0.40 EUR\n"))
         #expect(text.contains("operator margin 5.60 EUR"))
-        // After day one: grocer owes 10.00, cinema is owed 4.40, the liability is 5.60.
         #expect(text.contains("2026-11-23 balance Assets:Partners:Grocer  10.00 EUR"))
-        #expect(text.contains("2026-11-23 balance Liabilities:Points:Outstanding  -5.60 EUR"))
-        // Day two: 600 of grocer's points expire, valued at its price: 6.00 of breakage.
+        #expect(text.contains("2026-11-23 balance Liabilities:Points:Outstanding  -6.00 EUR"), "600 points outstanding at 1.00 per 100")
         #expect(text.contains("  Liabilities:Points:Outstanding  6.00 EUR\n  Income:Breakage  -6.00 EUR\n"))
-        #expect(text.contains("2026-11-24 balance Liabilities:Points:Outstanding  0.40 EUR"))
+        #expect(text.contains("2026-11-24 balance Liabilities:Points:Outstanding  0.00 EUR"), "nothing outstanding")
         #expect(text.contains("2026-11-24 balance Income:Breakage  -6.00 EUR"))
+        #expect(text.contains("2026-11-24 balance Income:Margin  0.40 EUR"))
+        // And Beancount itself agrees: every transaction balances, every assertion holds.
+        let dir = TemporaryDirectory("clearhouse-beancount")
+        defer { dir.remove() }
+        let file = dir.url.appendingPathComponent("books.beancount")
+        try text.write(to: file, atomically: true, encoding: .utf8)
+        let check = Process()
+        check.executableURL = URL(fileURLWithPath: NoticeReceiver.python).deletingLastPathComponent().appendingPathComponent("bean-check")
+        check.arguments = [file.path]
+        try check.run()
+        check.waitUntilExit()
+        #expect(check.terminationStatus == 0)
     }
 }

@@ -129,17 +129,28 @@ def test_the_books_pass_bean_check_and_agree_with_the_runs(books):
     for e in entries:
         for p in getattr(e, "postings", None) or []:
             balances[p.account] = balances.get(p.account, decimal.Decimal(0)) + p.units.number
-    net, margin = {}, 0
+    net, margin, outstanding, price, transactions = {}, 0, {}, {}, 0
     for run in ("R000001", "R000002"):
         doc = json.loads(books["ch"]("runs", "show", run, "--json"))
         margin += doc["operator_margin_minor"]
         for p in doc["partners"]:
             net[p["partner"]] = net.get(p["partner"], 0) + p["net_minor"]
+            outstanding[p["partner"]] = outstanding.get(p["partner"], 0) + p["issued_points"] - p["expired_points"]
+            price[p["partner"]] = round(p["payable_minor"] * 1000 / p["issued_points"]) if p["issued_points"] else price.get(p["partner"])
+            transactions += 2
+        for f in doc["flows"]:
+            outstanding[f["issuer"]] -= f["points"]
     for partner, n in net.items():
         account = "Assets:Partners:" + partner.capitalize()
         assert balances.get(account, 0) * 100 == -n, account
-    # Liability + breakage hold the operator's margin (nothing expired here: breakage is 0).
-    assert -(balances["Liabilities:Points:Outstanding"] + balances.get("Income:Breakage", 0)) * 100 == margin
+    # Every transaction balances, so the liability, the margin on redemptions and breakage
+    # together hold the operator's margin of all runs.
+    income = balances.get("Income:Margin", 0) + balances.get("Income:Breakage", 0)
+    assert -(balances["Liabilities:Points:Outstanding"] + income) * 100 == margin
+    # And the liability is the value of the points still outstanding, at their issuers' prices
+    # (to within the rounding of each transaction).
+    value = sum(points * price[p] / 1000 for p, points in outstanding.items())
+    assert abs(-balances["Liabilities:Points:Outstanding"] * 100 - decimal.Decimal(value)) <= transactions
 
 
 def test_bad_statement_and_export_requests_name_what_is_wrong(books):
