@@ -32,9 +32,10 @@ struct Serve: AsyncParsableCommand {
             printError("clearhouse serve: \(error)")
             throw ExitCode(2)
         }
-        let signer: StatementSigner
+        var signer: StatementSigner
         do {
             signer = try StatementSigner(file: URL(fileURLWithPath: certs).appendingPathComponent("statement.key"))
+            try signer.loadRetired(file: URL(fileURLWithPath: certs).appendingPathComponent("statement-retired.pub"))
         } catch {
             printError("clearhouse serve: statement key: \(error)")
             throw ExitCode(2)

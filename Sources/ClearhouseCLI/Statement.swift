@@ -39,7 +39,10 @@ struct StatementCommand: AsyncParsableCommand {
             // Written beside the target, then renamed: a reader never sees half a statement.
             let target = URL(fileURLWithPath: output)
             let partial = target.deletingLastPathComponent().appendingPathComponent(".\(target.lastPathComponent).partial")
-            guard FileManager.default.createFile(atPath: partial.path, contents: nil), let handle = try? FileHandle(forWritingTo: partial) else {
+            // Statements name members: readable by the operator only.
+            guard FileManager.default.createFile(atPath: partial.path, contents: nil, attributes: [.posixPermissions: 0o600]),
+                let handle = try? FileHandle(forWritingTo: partial)
+            else {
                 printError("clearhouse statement: --output \(output): cannot write there")
                 throw ExitCode(1)
             }

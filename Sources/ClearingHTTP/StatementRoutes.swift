@@ -51,7 +51,8 @@ extension Intake {
             let terms = try partner(context)
             try await authorizeRead(request, context, for: terms)
             let runID = context.parameters.get("run") ?? ""
-            guard runID.utf8.count <= 16, runID.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x52 }),
+            let digits = runID.utf8.dropFirst()
+            guard runID.utf8.first == 0x52, (6...15).contains(digits.count), digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
                 let header = try store.statement(for: terms.id, run: runID)
             else { throw Problem(.notFound, "no run \(JSONWriter.quote(runID))") }
             let gzip = Intake.acceptsGzip(request.headers[.acceptEncoding])
@@ -75,7 +76,9 @@ extension Intake {
                 digest = Array(hasher.finalize())
                 statementDigests.put(cacheKey, digest)
             }
-            fields[.contentDigest] = "sha-256=:\(Data(digest).base64EncodedString()):"
+            // Content-Digest (RFC 9530) is of the bytes as sent, so only on a plain response; the
+            // signature header names the plain body's digest either way.
+            if !gzip { fields[.contentDigest] = "sha-256=:\(Data(digest).base64EncodedString()):" }
             fields[.clearhouseSignature] = try signer.header(partner: terms.id, run: runID, format: format, sha256: digest)
             if format == .csv {
                 fields[.contentDisposition] = "attachment; filename=\"\(terms.id)-\(runID).csv\""
@@ -91,13 +94,14 @@ extension Intake {
                     if let compressor { buffer = try buffer.compressStream(with: compressor, flush: .sync) }
                     try await writer.write(buffer)
                 }
+                // The bytes sent must be the bytes signed; if not (never expected), cut the
+                // response off before its end (and before gzip's trailer), so the client sees a
+                // broken download rather than a complete, wrongly signed one.
+                guard Array(check.finalize()) == digest else { throw Problem(.unavailable, "the statement changed while it was sent") }
                 if let compressor {
                     var empty = ByteBuffer()
                     try await writer.write(try empty.compressStream(with: compressor, flush: .finish))
                 }
-                // The bytes sent must be the bytes signed; if not (never expected), cut the
-                // response off rather than finish it, so the client sees a broken download.
-                guard Array(check.finalize()) == digest else { throw Problem(.unavailable, "the statement changed while it was sent") }
                 try await writer.finish(nil)
             }
             return Response(status: .ok, headers: fields, body: body)
@@ -108,7 +112,7 @@ extension Intake {
         guard let header else { return false }
         for part in header.lowercased().split(separator: ",") {
             let items = part.split(separator: ";").map { $0.trimmingCharacters(in: .whitespaces) }
-            guard items.first == "gzip" else { continue }
+            guard items.first == "gzip" || items.first == "*" else { continue }
             let q = items.dropFirst().first { $0.hasPrefix("q=") }.map { $0.dropFirst(2) }
             return q.map { Double($0) ?? 0 } ?? 1 > 0
         }

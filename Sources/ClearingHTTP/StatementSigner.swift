@@ -7,13 +7,33 @@ import Foundation
 /// exact body bytes, so a partner can later prove what it was sent (docs/STATEMENTS.md).
 public struct StatementSigner: Sendable {
     let key: Curve25519.Signing.PrivateKey
+    /// Public keys of earlier statement keys, still published so old signatures stay checkable.
+    public var retiredPublicKeys: [[UInt8]] = []
 
     public init(key: Curve25519.Signing.PrivateKey) { self.key = key }
 
+    /// Reads `statement-retired.pub`: one base64 Ed25519 public key (32 bytes) per line; `#` comments.
+    public mutating func loadRetired(file: URL) throws {
+        guard FileManager.default.fileExists(atPath: file.path) else { return }
+        let text = try String(contentsOf: file, encoding: .utf8)
+        for (n, line) in text.split(separator: "\n").enumerated() {
+            let t = line.trimmingCharacters(in: .whitespaces)
+            if t.isEmpty || t.hasPrefix("#") { continue }
+            guard let raw = Data(base64Encoded: t), raw.count == 32 else {
+                throw StatementKeyError("\(file.path) line \(n + 1): not a base64 Ed25519 public key")
+            }
+            retiredPublicKeys.append(Array(raw))
+        }
+    }
+
     /// Reads a key file: the 32-byte Ed25519 seed, base64 (what `ops/certs` writes).
     public init(file: URL) throws {
-        guard let text = try? String(contentsOf: file, encoding: .utf8) else {
-            throw StatementKeyError("cannot read \(file.path); ops/certs makes a development statement key")
+        let text: String
+        do { text = try String(contentsOf: file, encoding: .utf8) } catch {
+            throw StatementKeyError("cannot read \(file.path) (\(error.localizedDescription)); ops/certs makes a development statement key")
+        }
+        if let mode = (try? FileManager.default.attributesOfItem(atPath: file.path))?[.posixPermissions] as? Int, mode & 0o077 != 0 {
+            throw StatementKeyError("\(file.path) can be read by others (mode \(String(mode, radix: 8))); chmod 600 it")
         }
         guard let seed = Data(base64Encoded: text.trimmingCharacters(in: .whitespacesAndNewlines)), seed.count == 32,
             let key = try? Curve25519.Signing.PrivateKey(rawRepresentation: seed)
@@ -24,7 +44,9 @@ public struct StatementSigner: Sendable {
     public var publicKey: [UInt8] { Array(key.publicKey.rawRepresentation) }
 
     /// A stable id for the key: the first 16 hex digits of SHA-256 of the public key.
-    public var keyID: String { SHA256.hash(data: publicKey).prefix(8).map { String(format: "%02x", $0) }.joined() }
+    public var keyID: String { StatementSigner.keyID(publicKey) }
+
+    static func keyID(_ publicKey: [UInt8]) -> String { SHA256.hash(data: publicKey).prefix(8).map { String(format: "%02x", $0) }.joined() }
 
     /// What is signed: `clearhouse.statement.v1`, partner, run, format and the body's SHA-256
     /// (base64), one per line.
@@ -35,22 +57,25 @@ public struct StatementSigner: Sendable {
     /// The `Clearhouse-Signature` header value.
     public func header(partner: PartnerID, run: String, format: StatementFormat, sha256: [UInt8]) throws -> String {
         let signature = try key.signature(for: Data(StatementSigner.manifest(partner: partner, run: run, format: format, sha256: sha256).utf8))
-        return "keyid=\"\(keyID)\", alg=\"ed25519\", signature=\"\(Data(signature).base64EncodedString())\""
+        return "keyid=\"\(keyID)\", alg=\"ed25519\", digest=\"sha-256=:\(Data(sha256).base64EncodedString()):\", signature=\"\(Data(signature).base64EncodedString())\""
     }
 
     /// `/v1/keys`: a JSON Web Key Set with the public key.
+    /// The current key first, then the retired ones.
     public var jwks: String {
-        let x = Data(publicKey).base64EncodedString()
-            .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
-        var k = JSONWriter()
-        k.string("kty", "OKP")
-        k.string("crv", "Ed25519")
-        k.string("x", x)
-        k.string("kid", keyID)
-        k.string("alg", "EdDSA")
-        k.string("use", "sig")
+        let keys = ([publicKey] + retiredPublicKeys).map { raw -> String in
+            var k = JSONWriter()
+            k.string("kty", "OKP")
+            k.string("crv", "Ed25519")
+            k.string("x", Data(raw).base64EncodedString()
+                .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: ""))
+            k.string("kid", StatementSigner.keyID(raw))
+            k.string("alg", "EdDSA")
+            k.string("use", "sig")
+            return k.finish()
+        }
         var w = JSONWriter()
-        w.raw("keys", "[\(k.finish())]")
+        w.raw("keys", "[" + keys.joined(separator: ",") + "]")
         return w.finish()
     }
 }

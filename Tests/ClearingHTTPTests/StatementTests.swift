@@ -135,9 +135,30 @@ private func tradedServer() throws -> Server {
             let unzipped = try body.decompress(with: .gzip)
             #expect(String(buffer: unzipped) == String(buffer: plain.body))
             #expect(zipped.headers[HTTPField.Name("Clearhouse-Signature")!] == plain.headers[HTTPField.Name("Clearhouse-Signature")!])
+            #expect(zipped.headers[HTTPField.Name("Content-Digest")!] == nil, "a digest of the plain bytes would be wrong for gzip")
+            var conditionalZip = gzip
+            conditionalZip[.ifNoneMatch] = "\"other\", W/" + zipped.headers[.eTag]!
+            #expect(try await client.execute(uri: path, method: .get, headers: conditionalZip).status == .notModified)
+            var star = bearer(fuel)
+            star[.acceptEncoding] = "*"
+            #expect(try await client.execute(uri: path, method: .get, headers: star).headers[.contentEncoding] == "gzip")
             var refused = bearer(fuel)
             refused[.acceptEncoding] = "gzip;q=0"
             #expect(try await client.execute(uri: path, method: .get, headers: refused).headers[.contentEncoding] == nil)
+        }
+    }
+
+    @Test func eachRunsStatementHoldsExactlyThatRunsEntries() async throws {
+        let s = try tradedServer()
+        for i in 31...40 { _ = s.store.post([Submission(partner: fuel, webhookID: WebhookID("g\(i)")!, event: Fixtures.earn("M9", 7, "F-\(i)"))]) }
+        s.clock.advance(milliseconds: 60_000)
+        _ = try s.store.settle()
+        try await s.test { client in
+            let one = String(buffer: try await client.execute(uri: "/v1/partners/fuel/statements/R000001.csv", method: .get, headers: bearer(fuel)).body)
+            let two = String(buffer: try await client.execute(uri: "/v1/partners/fuel/statements/R000002.csv", method: .get, headers: bearer(fuel)).body)
+            let rows = (one.split(separator: "\r\n").dropFirst() + two.split(separator: "\r\n").dropFirst()).map { String($0.split(separator: ",")[0]) }
+            #expect(rows == (1...41).map(String.init), "R000001 has sequences 1...31, R000002 32...41: together the whole ledger, once")
+            #expect(two.split(separator: "\r\n").dropFirst().allSatisfy { $0.contains(",M9,7,") })
         }
     }
 
@@ -146,6 +167,10 @@ private func tradedServer() throws -> Server {
         try await s.test { client in
             let r = try await client.execute(uri: "/v1/partners/slow/statements/R000001.csv", method: .get, headers: bearer(slow))
             #expect(r.status == .ok && String(buffer: r.body) == StatementFormat.csvHeader)
+            let json = try await client.execute(uri: "/v1/partners/slow/statements/R000001.json", method: .get, headers: bearer(slow))
+            let doc = try JSONSerialization.jsonObject(with: Data(buffer: json.body)) as! [String: Any]
+            #expect(doc["entry_count"] as? Int == 0 && (doc["entries"] as? [Any])?.isEmpty == true && (doc["flows"] as? [Any])?.isEmpty == true)
+            #expect(doc["net_minor"] as? Int == 0 && doc["issue_price_per_1000"] as? Int == 0, "nothing that today's terms could change")
             let list = try await client.execute(uri: "/v1/partners/slow/statements", method: .get, headers: bearer(slow))
             #expect(String(buffer: list.body) == "[]")
         }

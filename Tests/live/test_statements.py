@@ -73,10 +73,13 @@ def test_a_downloaded_statement_is_signed_and_its_figures_come_from_its_rows(boo
         r = get(books, f"/v1/partners/fuelco/statements/{run}.csv")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
         assert r.headers.get("content-encoding") == "gzip", "requests asks for gzip; the body arrives decoded"
+        assert "content-digest" not in r.headers, "Content-Digest would be of the gzip bytes: left out"
         body = r.content
         digest = hashlib.sha256(body).digest()
-        assert r.headers["content-digest"] == f"sha-256=:{base64.b64encode(digest).decode()}:"
-        sig = dict(part.strip().split("=", 1) for part in r.headers["clearhouse-signature"].split(","))
+        sig = dict(part.strip().split("=", 1) for part in r.headers["clearhouse-signature"].split(", "))
+        assert sig["digest"].strip('"') == f"sha-256=:{base64.b64encode(digest).decode()}:"
+        plain = get(books, f"/v1/partners/fuelco/statements/{run}.csv", headers={"Accept-Encoding": "identity"})
+        assert plain.content == body and plain.headers["content-digest"] == sig["digest"].strip('"')
         assert sig["keyid"].strip('"') == kid and sig["alg"].strip('"') == "ed25519"
         manifest = f"clearhouse.statement.v1\nfuelco\n{run}\ncsv\n{base64.b64encode(digest).decode()}".encode()
         key.verify(base64.b64decode(sig["signature"].strip('"')), manifest)  # raises if forged
