@@ -76,7 +76,7 @@ public enum Verifier {
             head.hashes[e.sequence] = hash
             heads[e.partner] = head
             if let why = book.apply(e) { report.breach("\(at): \(why)") }
-            runs.observe(e.acceptedAt, id: e.journalID, &report)
+            runs.observe(e.acceptedAt, id: e.journalID, partner: e.partner, sequence: e.sequence, &report)
         }
         try runs.closeRuns(before: Int64.max, &book, &report)
         runs.checkNothingLeftBehind(db, &report)
@@ -307,7 +307,12 @@ struct RunChecker {
         var margin: Int64, gross: Int64, transfers: Int64, efficiencyPPM: Int64
         var partners: [PartnerID: (issued: Int64, redeemed: Int64, expired: Int64, issuePrice: Int64, creditPrice: Int64, payable: Int64, receivable: Int64, net: Int64)]
         var flows: [ReplayBook.FlowKey: Int64]
+        /// The ledger ranges recorded for statements (nil for runs closed before they were).
+        var ranges: [PartnerID: (count: Int64, first: Int64?, last: Int64?)]
     }
+
+    /// The ranges seen while replaying the run now open.
+    var seen: [PartnerID: (count: Int64, first: Int64?, last: Int64?)] = [:]
 
     var pending: [StoredRun] = []
     var closed = 0
@@ -319,8 +324,12 @@ struct RunChecker {
         for row in rows {
             let number: Int64 = row["number"]
             var partners: [PartnerID: (Int64, Int64, Int64, Int64, Int64, Int64, Int64, Int64)] = [:]
+            var ranges: [PartnerID: (count: Int64, first: Int64?, last: Int64?)] = [:]
             for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_partner WHERE run_number = ?", arguments: [number])) ?? [] {
                 if let p = PartnerID(r["partner"] as String) {
+                    if let count = try? r.optionalInt64("entry_count") {
+                        ranges[p] = (count, try? r.optionalInt64("first_sequence"), try? r.optionalInt64("last_sequence"))
+                    }
                     partners[p] = (r["issued_points"], r["redeemed_points"], r["expired_points"], r["issue_price_per_1000"],
                                    r["redeem_credit_per_1000"], r["payable_minor"], r["receivable_minor"], r["net_minor"])
                 }
@@ -334,13 +343,17 @@ struct RunChecker {
             pending.append(StoredRun(
                 number: number, id: row["id"], cutoff: Instant(millisecondsSinceEpoch: row["cutoff_ms"]), first: row["first_journal_id"],
                 last: row["last_journal_id"], margin: row["operator_margin_minor"], gross: row["gross_minor"],
-                transfers: row["net_transfers_minor"], efficiencyPPM: row["netting_efficiency_ppm"], partners: partners, flows: flows))
+                transfers: row["net_transfers_minor"], efficiencyPPM: row["netting_efficiency_ppm"], partners: partners, flows: flows,
+                ranges: ranges))
         }
     }
 
     /// An entry's acceptance time must lie in its run's window.
-    mutating func observe(_ acceptedAt: Instant, id: Int64, _ report: inout VerifyReport) {
+    mutating func observe(_ acceptedAt: Instant, id: Int64, partner: PartnerID, sequence: Int64, _ report: inout VerifyReport) {
         guard let run = pending.first(where: { $0.last >= id }), run.first <= id else { return }
+        var r = seen[partner] ?? (0, nil, nil)
+        r = (r.count + 1, min(r.first ?? sequence, sequence), max(r.last ?? sequence, sequence))
+        seen[partner] = r
         let t = acceptedAt.millisecondsSinceEpoch
         if t > run.cutoff.millisecondsSinceEpoch || t <= previousCutoff {
             report.breach("run \(run.id): journal id \(id) accepted at \(acceptedAt) is outside the run's window")
@@ -376,6 +389,14 @@ struct RunChecker {
             if sumNet + run.margin != 0 { report.breach("\(at): Σ net \(sumNet) + operator margin \(run.margin) ≠ 0") }
             let flows = acc.flows.filter { $0.value != 0 }
             if flows != run.flows { report.breach("\(at): flows differ from the journal's lot takes") }
+            // The ledger ranges statements read must be exactly the run's entries of each partner.
+            for (p, stored) in run.ranges {
+                let actual = seen[p] ?? (0, nil, nil)
+                if stored.count != actual.count || stored.first != actual.first || stored.last != actual.last {
+                    report.breach("\(at): partner \(p)'s statement range differs from its entries in the run")
+                }
+            }
+            seen = [:]
             var into: [PartnerID: Int64] = [:]
             for (k, v) in run.flows { into[k.redeemer, default: 0] += v }
             for (p, s) in run.partners where (into[p] ?? 0) != s.redeemed {

@@ -121,6 +121,19 @@ final class NoticeHarness {
         #expect(try h.store.notices().map(\.id) == ["R000001:grocer"])
     }
 
+    @Test func verifyChecksTheStatementRangesOfEachRun() throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        #expect(try Verifier.verify(dataDirectory: h.dir.url).ok)
+        let db = h.dir.url.appendingPathComponent("coalition.sqlite")
+        #expect(try SQLiteTool.run(db, """
+            DROP TRIGGER run_partner_immutable_u;
+            UPDATE run_partner SET last_sequence = last_sequence + 1 WHERE partner = 'fuel';
+            """).status == 0)
+        let report = try Verifier.verify(dataDirectory: h.dir.url)
+        #expect(report.breaches.contains("run R000001: partner fuel's statement range differs from its entries in the run"), "\(report.breaches)")
+    }
+
     @Test func noticeContentCannotBeChangedOrDeleted() throws {
         let h = try NoticeHarness()
         _ = try h.settleADay()
