@@ -116,6 +116,20 @@ enum SettleBench {
             }
             done += n
         }
+        // What the writer keeps at every batch: each partner's head and running totals, and the
+        // flows so far (the synthetic moves are random, so a pair's sum may come out negative;
+        // the real writer never lets it).
+        try coalition.inTransaction {
+            try $0.execute(sql: """
+                INSERT INTO partner_head (partner, last_sequence, last_hash, earned, redeemed, earn_reversed, redemption_reversed)
+                SELECT partner, MAX(sequence), x'\(String(repeating: "AB", count: 32))',
+                  SUM(CASE kind WHEN 1 THEN points ELSE 0 END), SUM(CASE kind WHEN 2 THEN points ELSE 0 END),
+                  SUM(CASE kind WHEN 3 THEN points ELSE 0 END), SUM(CASE kind WHEN 4 THEN points ELSE 0 END)
+                FROM journal GROUP BY partner;
+                INSERT INTO flow (issuer, redeemer, points) SELECT issuer, redeemer, MAX(0, SUM(points)) FROM lot_move GROUP BY issuer, redeemer;
+                """)
+            return .commit
+        }
         try coalition.close()
         for q in ledgers { try q.close() }
     }

@@ -52,10 +52,6 @@ public enum Limits {
     /// How long a writer waits for another process's lock on the coalition database.
     public static let databaseBusyTimeoutSecondsMax = 10
 
-    // MARK: Settlement
-    /// Journal ids a run aggregates at a time (its sorts stay small; progress per slice).
-    public static let settlementSliceIDsMax: Int64 = 250_000
-
     // MARK: Settlement notices (CONTRACT §7)
     /// Delay before each attempt, after the previous one failed: the Standard Webhooks
     /// schedule (immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h).

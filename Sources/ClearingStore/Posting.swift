@@ -196,7 +196,7 @@ extension Store {
         let hash = Store.chainHash(previous: head.hash, entry: entry)
         try Lookup.insertJournal(db, entry, hash: hash)
         try write(db, journalID)
-        state.advance(s.partner, sequence: entry.sequence, hash: hash, journalID: journalID)
+        state.advance(s.partner, sequence: entry.sequence, hash: hash, journalID: journalID, kind: s.event.kind, points: s.event.points)
         fresh = ChainedEntry(entry: entry, previousHash: head.hash, hash: hash)
         if Store.checksBalancesInline {
             let check = try Store.spendableBalance(db, member: s.event.member, at: now)
@@ -226,6 +226,9 @@ struct BatchState {
     struct Head {
         var sequence: Int64
         var hash: [UInt8]
+        /// Points of every entry so far, by kind (earned, redeemed, earn reversed, redemption
+        /// reversed): settlement takes a run's totals as differences of these.
+        var totals: [Int64] = [0, 0, 0, 0]
         var dirty = false
     }
 
@@ -260,27 +263,33 @@ struct BatchState {
     mutating func head(_ db: Database, _ partner: PartnerID) throws -> Head {
         if let h = heads[partner] { return h }
         let row = try Row.fetchOne(
-            db, sql: "SELECT last_sequence, last_hash FROM partner_head WHERE partner = ?", arguments: [partner.rawValue])
-        let h = row.map { Head(sequence: $0[0], hash: Array($0[1] as Data)) }
+            db, sql: "SELECT last_sequence, last_hash, earned, redeemed, earn_reversed, redemption_reversed FROM partner_head WHERE partner = ?",
+            arguments: [partner.rawValue])
+        let h = row.map { Head(sequence: $0[0], hash: Array($0[1] as Data), totals: [$0[2], $0[3], $0[4], $0[5]]) }
             ?? Head(sequence: 0, hash: Store.genesisHash(partner))
         heads[partner] = h
         return h
     }
 
-    mutating func advance(_ partner: PartnerID, sequence: Int64, hash: [UInt8], journalID: Int64) {
+    mutating func advance(_ partner: PartnerID, sequence: Int64, hash: [UInt8], journalID: Int64, kind: EventKind, points: Points) {
         precondition(journalID == lastJournalID + 1)
         lastJournalID = journalID
-        heads[partner] = Head(sequence: sequence, hash: hash, dirty: true)
+        var totals = heads[partner]?.totals ?? [0, 0, 0, 0]
+        totals[kind.rawValue - 1] += points.value  // at most 10^9 per entry: no overflow before 9·10^9 entries
+        heads[partner] = Head(sequence: sequence, hash: hash, totals: totals, dirty: true)
     }
 
     func saveHeads(_ db: Database) throws {
         for (partner, h) in heads where h.dirty {
             try db.execute(
                 sql: """
-                    INSERT INTO partner_head (partner, last_sequence, last_hash) VALUES (?, ?, ?)
-                    ON CONFLICT (partner) DO UPDATE SET last_sequence = excluded.last_sequence, last_hash = excluded.last_hash
+                    INSERT INTO partner_head (partner, last_sequence, last_hash, earned, redeemed, earn_reversed, redemption_reversed)
+                    VALUES (?, ?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (partner) DO UPDATE SET last_sequence = excluded.last_sequence, last_hash = excluded.last_hash,
+                      earned = excluded.earned, redeemed = excluded.redeemed, earn_reversed = excluded.earn_reversed,
+                      redemption_reversed = excluded.redemption_reversed
                     """,
-                arguments: [partner.rawValue, h.sequence, Data(h.hash)])
+                arguments: [partner.rawValue, h.sequence, Data(h.hash), h.totals[0], h.totals[1], h.totals[2], h.totals[3]])
         }
     }
 }

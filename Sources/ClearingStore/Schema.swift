@@ -207,6 +207,55 @@ enum Schema {
                     ALTER TABLE run_partner ADD COLUMN last_sequence INTEGER;
                     """)
         }
+        m.registerMigration("v6-running-totals") { db in
+            // Each partner's points so far by kind, kept by the writer at every batch, and a
+            // snapshot of them (and of the flows) at each run's cutoff: a run's figures are the
+            // difference of two snapshots, whatever the number of entries.
+            try db.execute(
+                sql: """
+                    ALTER TABLE partner_head ADD COLUMN earned INTEGER NOT NULL DEFAULT 0;
+                    ALTER TABLE partner_head ADD COLUMN redeemed INTEGER NOT NULL DEFAULT 0;
+                    ALTER TABLE partner_head ADD COLUMN earn_reversed INTEGER NOT NULL DEFAULT 0;
+                    ALTER TABLE partner_head ADD COLUMN redemption_reversed INTEGER NOT NULL DEFAULT 0;
+                    UPDATE partner_head SET
+                      earned = (SELECT COALESCE(SUM(points), 0) FROM journal j WHERE j.partner = partner_head.partner AND j.kind = 1),
+                      redeemed = (SELECT COALESCE(SUM(points), 0) FROM journal j WHERE j.partner = partner_head.partner AND j.kind = 2),
+                      earn_reversed = (SELECT COALESCE(SUM(points), 0) FROM journal j WHERE j.partner = partner_head.partner AND j.kind = 3),
+                      redemption_reversed = (SELECT COALESCE(SUM(points), 0) FROM journal j WHERE j.partner = partner_head.partner AND j.kind = 4);
+                    CREATE TABLE run_snapshot (
+                      run_number INTEGER NOT NULL REFERENCES run(number),
+                      partner TEXT NOT NULL,
+                      last_sequence INTEGER NOT NULL CHECK (last_sequence >= 0),
+                      earned INTEGER NOT NULL,
+                      redeemed INTEGER NOT NULL,
+                      earn_reversed INTEGER NOT NULL,
+                      redemption_reversed INTEGER NOT NULL,
+                      PRIMARY KEY (run_number, partner)
+                    ) WITHOUT ROWID;
+                    CREATE TABLE run_flow_snapshot (
+                      run_number INTEGER NOT NULL REFERENCES run(number),
+                      issuer TEXT NOT NULL,
+                      redeemer TEXT NOT NULL,
+                      points INTEGER NOT NULL,
+                      PRIMARY KEY (run_number, issuer, redeemer)
+                    ) WITHOUT ROWID;
+                    CREATE TRIGGER run_snapshot_immutable_u BEFORE UPDATE ON run_snapshot BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                    CREATE TRIGGER run_snapshot_immutable_d BEFORE DELETE ON run_snapshot BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                    CREATE TRIGGER run_flow_snapshot_immutable_u BEFORE UPDATE ON run_flow_snapshot BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                    CREATE TRIGGER run_flow_snapshot_immutable_d BEFORE DELETE ON run_flow_snapshot BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                    -- The latest run closed before this migration: its snapshot, from the journal.
+                    INSERT INTO run_snapshot
+                      SELECT r.number, j.partner, MAX(j.sequence),
+                        SUM(CASE j.kind WHEN 1 THEN j.points ELSE 0 END), SUM(CASE j.kind WHEN 2 THEN j.points ELSE 0 END),
+                        SUM(CASE j.kind WHEN 3 THEN j.points ELSE 0 END), SUM(CASE j.kind WHEN 4 THEN j.points ELSE 0 END)
+                      FROM journal j JOIN (SELECT number, last_journal_id FROM run ORDER BY number DESC LIMIT 1) r ON j.id <= r.last_journal_id
+                      GROUP BY r.number, j.partner;
+                    INSERT INTO run_flow_snapshot
+                      SELECT r.number, m.issuer, m.redeemer, SUM(m.points)
+                      FROM lot_move m JOIN (SELECT number, last_journal_id FROM run ORDER BY number DESC LIMIT 1) r ON m.entry_id <= r.last_journal_id
+                      GROUP BY r.number, m.issuer, m.redeemer;
+                    """)
+        }
         return m
     }
 

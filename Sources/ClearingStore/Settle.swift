@@ -30,12 +30,12 @@ struct SequenceRange {
     var count: Int64 = 0
     var first: Int64?
     var last: Int64?
+}
 
-    mutating func add(count n: Int64, first f: Int64, last l: Int64) {
-        count += n
-        first = min(first ?? f, f)
-        last = max(last ?? l, l)
-    }
+/// A partner's running totals at some point: its last sequence and its points by kind.
+struct Snapshot {
+    var lastSequence: Int64 = 0
+    var totals: [Int64] = [0, 0, 0, 0]
 }
 
 public struct SettlementError: Error, CustomStringConvertible {
@@ -52,11 +52,6 @@ extension Store {
         let now = clock.now()
         var run: SettlementRun?
         try coalition.writeWithoutTransaction { db in
-            // SQLite's GROUP BY sorter runs markedly slower with the writer's large page
-            // cache (measured: 1.17 s against 0.63 s over a million entries); use a small
-            // one for the run's aggregates and give the writer its cache back afterwards.
-            try db.execute(sql: "PRAGMA cache_size = -\(Limits.ledgerCacheKiBMax)")
-            defer { try? db.execute(sql: "PRAGMA cache_size = -\(Limits.coalitionCacheKiBMax)") }
             try db.inTransaction(.immediate) {
                 run = try closeRun(db, through: through ?? now, now: now, progress: progress)
                 return .commit
@@ -89,37 +84,61 @@ extension Store {
         var issued: [PartnerID: Int64] = [:], redeemed: [PartnerID: Int64] = [:], expired: [PartnerID: Int64] = [:]
         var ranges: [PartnerID: SequenceRange] = [:]
         var moved: [ReplayBook.FlowKey: Int64] = [:]
-        // The run's entries in slices of journal ids: each slice's sorts stay small, and a
-        // long run can report its progress.
-        var from = first
-        while from <= last {
-            let to = min(last, from + Limits.settlementSliceIDsMax - 1)
-            for row in try Row.fetchAll(
-                db.cachedStatement(
-                    sql: "SELECT partner, kind, SUM(points), COUNT(*), MIN(sequence), MAX(sequence) FROM journal WHERE id BETWEEN ? AND ? GROUP BY partner, kind"),
-                arguments: [from, to])
-            {
-                let p = try partnerID(row[0])
-                let sum: Int64 = row[2]
-                ranges[p, default: SequenceRange()].add(count: row[3], first: row[4], last: row[5])
-                switch EventKind(rawValue: row[1]) {
-                case .earned: issued[p, default: 0] += sum
-                case .earnReversed: issued[p, default: 0] -= sum
-                case .redeemed: redeemed[p, default: 0] += sum
-                case .redemptionReversed: redeemed[p, default: 0] -= sum
-                case nil: throw StoreError("journal holds an unknown kind")
-                }
-            }
-            for row in try Row.fetchAll(
-                db.cachedStatement(sql: "SELECT issuer, redeemer, SUM(points) FROM lot_move WHERE entry_id BETWEEN ? AND ? GROUP BY issuer, redeemer"),
-                arguments: [from, to])
-            {
-                moved[ReplayBook.FlowKey(issuer: try partnerID(row[0]), redeemer: try partnerID(row[1])), default: 0] += row[2] as Int64
-            }
-            progress?(to - first + 1, last - first + 1)
-            from = to + 1
+        // The run's totals are differences of running totals (kept by the writer at every
+        // batch): the snapshot at this cutoff minus the one at the previous cutoff. The snapshot
+        // at this cutoff is "now" minus whatever was accepted after the cutoff (the entries
+        // with ids above `last`: few, usually none).
+        var snapshot: [PartnerID: Snapshot] = [:]
+        for row in try Row.fetchAll(db, sql: "SELECT * FROM partner_head") {
+            snapshot[try partnerID(row.text("partner"))] = Snapshot(
+                lastSequence: try row.int64("last_sequence"),
+                totals: [try row.int64("earned"), try row.int64("redeemed"), try row.int64("earn_reversed"), try row.int64("redemption_reversed")])
         }
-        if first > last { progress?(0, 0) }
+        for row in try Row.fetchAll(
+            db, sql: "SELECT partner, kind, SUM(points) AS points, COUNT(*) AS n FROM journal WHERE id > ? GROUP BY partner, kind", arguments: [last])
+        {
+            let p = try partnerID(row.text("partner"))
+            guard let kind = EventKind(rawValue: Int(try row.int64("kind"))) else { throw StoreError("journal holds an unknown kind") }
+            snapshot[p, default: Snapshot()].totals[kind.rawValue - 1] -= try row.int64("points")
+            snapshot[p, default: Snapshot()].lastSequence -= try row.int64("n")
+        }
+        var flowSnapshot: [ReplayBook.FlowKey: Int64] = [:]
+        for row in try Row.fetchAll(db, sql: "SELECT issuer, redeemer, points FROM flow") {
+            flowSnapshot[ReplayBook.FlowKey(issuer: try partnerID(row.text("issuer")), redeemer: try partnerID(row.text("redeemer")))] =
+                try row.int64("points")
+        }
+        for row in try Row.fetchAll(
+            db, sql: "SELECT issuer, redeemer, SUM(points) AS points FROM lot_move WHERE entry_id > ? GROUP BY issuer, redeemer", arguments: [last])
+        {
+            flowSnapshot[ReplayBook.FlowKey(issuer: try partnerID(row.text("issuer")), redeemer: try partnerID(row.text("redeemer"))), default: 0] -=
+                try row.int64("points")
+        }
+        var atPrevious: [PartnerID: Snapshot] = [:], previousFlows: [ReplayBook.FlowKey: Int64] = [:]
+        if number > 1 {
+            for row in try Row.fetchAll(db, sql: "SELECT * FROM run_snapshot WHERE run_number = ?", arguments: [number - 1]) {
+                atPrevious[try partnerID(row.text("partner"))] = Snapshot(
+                    lastSequence: try row.int64("last_sequence"),
+                    totals: [try row.int64("earned"), try row.int64("redeemed"), try row.int64("earn_reversed"), try row.int64("redemption_reversed")])
+            }
+            for row in try Row.fetchAll(db, sql: "SELECT issuer, redeemer, points FROM run_flow_snapshot WHERE run_number = ?", arguments: [number - 1]) {
+                previousFlows[ReplayBook.FlowKey(issuer: try partnerID(row.text("issuer")), redeemer: try partnerID(row.text("redeemer")))] =
+                    try row.int64("points")
+            }
+        }
+        for (p, now) in snapshot {
+            let before = atPrevious[p] ?? Snapshot()
+            let count = now.lastSequence - before.lastSequence
+            guard count >= 0 else { throw StoreError("partner \(p): fewer entries now than at the previous cutoff") }
+            if count == 0 { continue }
+            ranges[p] = SequenceRange(count: count, first: before.lastSequence + 1, last: now.lastSequence)
+            issued[p] = (now.totals[0] - before.totals[0]) - (now.totals[2] - before.totals[2])
+            redeemed[p] = (now.totals[1] - before.totals[1]) - (now.totals[3] - before.totals[3])
+        }
+        for (k, v) in flowSnapshot {
+            let d = v - (previousFlows[k] ?? 0)
+            if d != 0 { moved[k] = d }
+        }
+        progress?(last - first + 1, last - first + 1)
         // Expiry: every lot whose expiry is at or before the cutoff gives up what is left.
         let expiring = "remaining > 0 AND expires_at_ms IS NOT NULL AND expires_at_ms <= ?"
         for row in try Row.fetchAll(db, sql: "SELECT issuer, SUM(remaining) FROM lot WHERE \(expiring) GROUP BY issuer", arguments: [cutoff.millisecondsSinceEpoch]) {
@@ -155,6 +174,19 @@ extension Store {
             issuePrices: Dictionary(uniqueKeysWithValues: figures.map { ($0.partner, configuration.partners[$0.partner]!.issuePricePer1000) }),
             redeemCredits: Dictionary(uniqueKeysWithValues: figures.map { ($0.partner, configuration.partners[$0.partner]!.redeemCreditPer1000) }))
         try record(db, run, ranges: sequenceRanges, now: now)
+        for (p, snap) in snapshot {
+            try db.execute(
+                sql: """
+                    INSERT INTO run_snapshot (run_number, partner, last_sequence, earned, redeemed, earn_reversed, redemption_reversed)
+                    VALUES (?, ?, ?, ?, ?, ?, ?)
+                    """,
+                arguments: [number, p.rawValue, snap.lastSequence, snap.totals[0], snap.totals[1], snap.totals[2], snap.totals[3]])
+        }
+        for (k, v) in flowSnapshot where v != 0 {
+            try db.execute(
+                sql: "INSERT INTO run_flow_snapshot (run_number, issuer, redeemer, points) VALUES (?, ?, ?, ?)",
+                arguments: [number, k.issuer.rawValue, k.redeemer.rawValue, v])
+        }
         return run
     }
 
