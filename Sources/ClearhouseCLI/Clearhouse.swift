@@ -19,7 +19,7 @@ public struct Clearhouse: AsyncParsableCommand {
             ledgers, exactly once. Every verb takes --data (default ./data) and --partners
             (default ./partners).
             """,
-        subcommands: [Partners.self, Serve.self, Post.self, Balance.self, Settle.self, Runs.self, Notices.self, StatementCommand.self, Export.self, Verify.self, Simulate.self])
+        subcommands: [Partners.self, Serve.self, Post.self, Balance.self, Settle.self, Runs.self, Notices.self, StatementCommand.self, Export.self, BackupCommand.self, RestoreCommand.self, Verify.self, Simulate.self])
 
     public init() {}
 }

@@ -1,0 +1,74 @@
+import ClearingDomain
+import Foundation
+import GRDB
+
+/// Online backups of a data directory (SQLite's backup API), safe while `serve` writes.
+///
+/// Order matters: the ledgers are copied first and `coalition.sqlite` (the journal, the truth)
+/// last, so the backup's journal holds every entry its ledgers hold, and perhaps a few more;
+/// opening the restored directory copies those few into their ledgers (the same recovery
+/// that follows a crash between the journal and ledger commits, docs/DURABILITY.md).
+public enum Backup {
+    public struct Summary: Sendable {
+        public var files: Int
+        public var bytes: Int64
+    }
+
+    /// Copies every database of `dataDirectory` into `destination`, which must not exist yet
+    /// (or be empty). Each file is a consistent snapshot; written to `*.partial` and renamed.
+    @discardableResult
+    public static func run(dataDirectory: URL, to destination: URL) throws -> Summary {
+        let fm = FileManager.default
+        let coalition = dataDirectory.appendingPathComponent("coalition.sqlite")
+        guard fm.fileExists(atPath: coalition.path) else {
+            throw StoreError("\(dataDirectory.path) holds no coalition.sqlite: nothing to back up")
+        }
+        if fm.fileExists(atPath: destination.path), !((try? fm.contentsOfDirectory(atPath: destination.path))?.isEmpty ?? false) {
+            throw StoreError("\(destination.path) exists and is not empty; a backup goes into a new directory")
+        }
+        try fm.createDirectory(at: destination.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
+        let ledgerDir = dataDirectory.appendingPathComponent("ledgers")
+        let ledgers = ((try? fm.contentsOfDirectory(atPath: ledgerDir.path)) ?? []).filter { $0.hasSuffix(".sqlite") }.sorted()
+        var summary = Summary(files: 0, bytes: 0)
+        for name in ledgers {
+            summary.bytes += try copy(ledgerDir.appendingPathComponent(name), to: destination.appendingPathComponent("ledgers/\(name)"))
+            summary.files += 1
+        }
+        summary.bytes += try copy(coalition, to: destination.appendingPathComponent("coalition.sqlite"))
+        summary.files += 1
+        return summary
+    }
+
+    /// Puts a backup in place as a new data directory (which must not exist or be empty).
+    /// Open it with `Store` (which recovers ledgers behind their journal) and run `verify`.
+    public static func restore(from backup: URL, to dataDirectory: URL) throws {
+        let fm = FileManager.default
+        guard fm.fileExists(atPath: backup.appendingPathComponent("coalition.sqlite").path) else {
+            throw StoreError("\(backup.path) is not a backup: it has no coalition.sqlite")
+        }
+        if fm.fileExists(atPath: dataDirectory.path), !((try? fm.contentsOfDirectory(atPath: dataDirectory.path))?.isEmpty ?? false) {
+            throw StoreError("\(dataDirectory.path) exists and is not empty; restore into a new data directory")
+        }
+        try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
+        let names = ((try? fm.contentsOfDirectory(atPath: backup.appendingPathComponent("ledgers").path)) ?? []).filter { $0.hasSuffix(".sqlite") }
+        for name in names {
+            try fm.copyItem(at: backup.appendingPathComponent("ledgers/\(name)"), to: dataDirectory.appendingPathComponent("ledgers/\(name)"))
+        }
+        try fm.copyItem(at: backup.appendingPathComponent("coalition.sqlite"), to: dataDirectory.appendingPathComponent("coalition.sqlite"))
+    }
+
+    /// One database, through the backup API from a read-only connection, into `target`.
+    private static func copy(_ source: URL, to target: URL) throws -> Int64 {
+        let partial = target.deletingLastPathComponent().appendingPathComponent(target.lastPathComponent + ".partial")
+        try? FileManager.default.removeItem(at: partial)
+        let from = try DatabasePool(path: source.path, configuration: Store.databaseConfiguration(readonly: true))
+        defer { try? from.close() }
+        var c = GRDB.Configuration()
+        c.prepareDatabase { db in try db.execute(sql: "PRAGMA journal_mode = DELETE; PRAGMA synchronous = FULL") }
+        let to = try DatabaseQueue(path: partial.path, configuration: c)
+        try from.backup(to: to)
+        try to.close()
+        guard rename(partial.path, target.path) == 0 else { throw StoreError("cannot rename \(partial.path) into place") }
+        return ((try? FileManager.default.attributesOfItem(atPath: target.path))?[.size] as? NSNumber)?.int64Value ?? 0
+    }
+}

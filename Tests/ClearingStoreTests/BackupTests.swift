@@ -1,0 +1,53 @@
+import ClearhouseTestSupport
+import ClearingDomain
+import ClearingStore
+import Foundation
+import Synchronization
+import Testing
+
+@Suite struct BackupTests {
+    /// A backup taken while a writer posts is consistent: restored, recovered and verified, it
+    /// holds every posting acknowledged before the backup began, each exactly once.
+    @Test func aBackupTakenUnderLoadRestoresAndVerifies() async throws {
+        let h = try Harness()
+        let writer = PostingWriter(store: h.store)
+        let acknowledged = Mutex<[String]>([])
+        let stop = Atomic<Bool>(false)
+        let load = Task.detached {
+            var i = 0
+            while !stop.load(ordering: .relaxed) && i < 20_000 {
+                i += 1
+                let p = [G, F, C][i % 3]
+                let outcome = await writer.post(Submission(
+                    partner: p, webhookID: WebhookID("w\(i)")!, event: Fixtures.earn("M\(i % 50)", 10, "E-\(i)")))
+                if case .created = outcome { acknowledged.withLock { $0.append("E-\(i)") } }
+            }
+        }
+        // Let the load run, then back up in the middle of it.
+        while acknowledged.withLock({ $0.count }) < 500 { try await Task.sleep(for: .milliseconds(5)) }
+        let before = acknowledged.withLock { Set($0) }
+        let backup = h.dir.url.deletingLastPathComponent().appendingPathComponent("backup-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: backup) }
+        let summary = try Backup.run(dataDirectory: h.dir.url, to: backup)
+        #expect(summary.files == 4)
+        stop.store(true, ordering: .relaxed)
+        _ = await load.value
+        writer.shutdown()
+
+        // A backup directory is never overwritten.
+        #expect(throws: StoreError.self) { try Backup.run(dataDirectory: h.dir.url, to: backup) }
+
+        let restored = h.dir.url.deletingLastPathComponent().appendingPathComponent("restored-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: restored) }
+        try Backup.restore(from: backup, to: restored)
+        #expect(throws: StoreError.self) { try Backup.restore(from: backup, to: restored) }
+        let store = try Store(dataDirectory: restored, configuration: h.configuration, clock: h.clock)
+        var references: [String] = []
+        for p in [G, F, C] { references += try store.ledgerEntries(p).map(\.event.reference.rawValue) }
+        try store.close()
+        #expect(Set(references).count == references.count, "each entry once")
+        #expect(before.isSubset(of: Set(references)), "every posting acknowledged before the backup began is in it")
+        let report = try Verifier.verify(dataDirectory: restored)
+        #expect(report.ok, "\(report.breaches)")
+    }
+}
