@@ -157,13 +157,23 @@ public final class Store: Sendable {
 
     /// Brings one ledger up to `through` from the journal. Returns how many entries it copied.
     @discardableResult
-    func catchUpLedger(_ partner: PartnerID, through last: Int64) throws -> Int {
+    func catchUpLedger(_ partner: PartnerID, through target: Int64) throws -> Int {
         let ledger = try ledger(partner)
         var copied = 0
+        var last = target
         while true {
             let have = try ledger.read { db in try Int64.fetchOne(db, sql: "SELECT MAX(sequence) FROM entry") ?? 0 }
             if have > last {
-                throw StoreError("ledger \(partner) holds sequence \(have) but the journal ends at \(last): restore from backup")
+                // Another process (serve, while this one starts) may have committed a batch to
+                // the journal and appended it to the ledger since `last` was read: the ledger is
+                // only ever written after the journal, so read the journal again now.
+                let now = try coalition.read { db in
+                    try Int64.fetchOne(db, sql: "SELECT last_sequence FROM partner_head WHERE partner = ?", arguments: [partner.rawValue]) ?? 0
+                }
+                guard now >= have else {
+                    throw StoreError("ledger \(partner) holds sequence \(have) but the journal ends at \(now): restore from backup")
+                }
+                return copied
             }
             if have == last { return copied }
             let rows = try coalition.read { db in

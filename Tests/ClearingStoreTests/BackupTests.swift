@@ -1,6 +1,6 @@
 import ClearhouseTestSupport
 import ClearingDomain
-import ClearingStore
+@testable import ClearingStore
 import Foundation
 import Synchronization
 import Testing
@@ -49,5 +49,25 @@ import Testing
         #expect(before.isSubset(of: Set(references)), "every posting acknowledged before the backup began is in it")
         let report = try Verifier.verify(dataDirectory: restored)
         #expect(report.ok, "\(report.breaches)")
+    }
+}
+
+/// Found by ops/crash-test: a process starting while another writes read the journal's head,
+/// then found the ledger further along (the other process had committed and appended in
+/// between) and refused to start. The ledger is only written after the journal, so a ledger
+/// ahead of a stale read is not damage.
+@Suite struct StartWhileAnotherWritesTests {
+    @Test func aLedgerAheadOfAStaleJournalReadIsNotDamage() throws {
+        let h = try Harness()
+        for i in 1...3 { _ = h.post(G, "a\(i)", Fixtures.earn("M1", 10, "A-\(i)")) }
+        let other = try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock)
+        defer { try? other.close() }
+        for i in 4...5 { _ = h.post(G, "a\(i)", Fixtures.earn("M1", 10, "A-\(i)")) }
+        // `other` read the head at 3 when it started; its ledger copy now ends at 5.
+        #expect(try other.catchUpLedger(G, through: 3) == 0)
+        // A ledger really ahead of its journal is still refused.
+        let db = h.dir.url.appendingPathComponent("coalition.sqlite")
+        #expect(try SQLiteTool.run(db, "UPDATE partner_head SET last_sequence = 2 WHERE partner = 'grocer';").status == 0)
+        #expect(throws: StoreError.self) { try other.catchUpLedger(G, through: 2) }
     }
 }
