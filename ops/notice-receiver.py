@@ -207,7 +207,13 @@ def main():
     if args.client_ca:
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(args.client_ca)
-    server = http.server.ThreadingHTTPServer((args.host, args.port), handler_for(state))
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            # A client that goes away mid-request (a killed sender) is expected here: one line.
+            print(f"notice-receiver: connection from {client_address[0]}:{client_address[1]} ended: {sys.exc_info()[1]!r}",
+                  file=sys.stderr)
+
+    server = Server((args.host, args.port), handler_for(state))
     server.daemon_threads = True
     server.socket = context.wrap_socket(server.socket, server_side=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
