@@ -101,16 +101,23 @@ def env_factory():
         e.close()
 
 
-def test_killed_in_the_middle_of_a_delivery_the_notice_still_arrives_once(env_factory):
-    env = env_factory({"fuelco": "hang-once"})
+def kill_sender_after_first_arrival(env_factory, mode):
+    """fuelco's endpoint in `mode`, a run with one fuelco entry, and `notices send` killed with
+    SIGKILL as soon as its first attempt reaches the endpoint."""
+    env = env_factory({"fuelco": mode})
     env.earn("fuelco", "KILL-1", 300, "KILL-R1")
     env.ch("settle")
     sender = subprocess.Popen([BIN, "notices", "send", "--data", env.data, "--partners", env.partners],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # The receiver holds the request; Clearhouse dies before it gets an answer.
     wait_for(lambda: env.received("R000001:fuelco"), 30, "the first attempt to arrive")
     sender.send_signal(signal.SIGKILL)
     sender.wait(timeout=10)
+    return env
+
+
+def test_killed_in_the_middle_of_a_delivery_the_notice_still_arrives_once(env_factory):
+    # The receiver holds the request; Clearhouse dies before it gets an answer.
+    env = kill_sender_after_first_arrival(env_factory, "hang-once")
     # Restarted, it sends again at once: the dead sender's lease is void.
     out = env.ch("notices", "send").stdout
     assert "1 delivered" in out, out
@@ -127,15 +134,8 @@ def test_killed_in_the_middle_of_a_delivery_the_notice_still_arrives_once(env_fa
 
 
 def test_killed_after_the_partner_stored_it_the_resent_notice_is_a_duplicate_by_id(env_factory):
-    env = env_factory({"fuelco": "late-20"})
-    env.earn("fuelco", "LATE-1", 300, "LATE-R1")
-    env.ch("settle")
-    sender = subprocess.Popen([BIN, "notices", "send", "--data", env.data, "--partners", env.partners],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # The partner has stored the notice but not answered yet when Clearhouse dies.
-    wait_for(lambda: env.received("R000001:fuelco"), 30, "the first attempt to arrive")
-    sender.send_signal(signal.SIGKILL)
-    sender.wait(timeout=10)
+    env = kill_sender_after_first_arrival(env_factory, "late-20")
     env.point("fuelco", "ok")  # the partner answers promptly from now on
     assert "1 delivered" in env.ch("notices", "send").stdout
     got = env.received("R000001:fuelco")
