@@ -133,6 +133,13 @@ def test_mutual_tls_right_wrong_and_no_certificate(server):
     assert session(server, "medipharm").get(url, timeout=10).json() == {"member": "LIVE-5", "balance": 10}
     bearer_only = session(server).get(url, headers={"authorization": "Bearer dev-token-medipharm"}, timeout=10)
     assert bearer_only.status_code == 403
+    # The same for its statements: its certificate reads them, its token alone does not, and
+    # its certificate reads no other partner's.
+    statements = f"https://localhost:{server['port']}/v1/partners/medipharm/statements"
+    assert session(server, "medipharm").get(statements, timeout=10).status_code == 200
+    assert session(server).get(statements, headers={"authorization": "Bearer dev-token-medipharm"}, timeout=10).status_code == 403
+    other_statements = f"https://localhost:{server['port']}/v1/partners/fuelco/statements"
+    assert session(server, "medipharm").get(other_statements, timeout=10).status_code == 403
 
 
 def test_body_just_under_and_over_64_kib(server):
