@@ -79,6 +79,10 @@ func instantOption(_ text: String?, verb: String, option: String) throws -> Inst
     return t
 }
 
+/// Text columns for tables: right-aligned (numbers) and left-aligned.
+func padLeft(_ s: String, _ w: Int) -> String { s.count >= w ? s : String(repeating: " ", count: w - s.count) + s }
+func padRight(_ s: String, _ w: Int) -> String { s.count >= w ? s : s + String(repeating: " ", count: w - s.count) }
+
 func printError(_ line: String) {
     FileHandle.standardError.write(Data((line + "\n").utf8))
 }

@@ -113,6 +113,3 @@ struct Notices: AsyncParsableCommand {
         }
     }
 }
-
-func padRight(_ s: String, _ w: Int) -> String { s.count >= w ? s : s + String(repeating: " ", count: w - s.count) }
-func padLeft(_ s: String, _ w: Int) -> String { s.count >= w ? s : String(repeating: " ", count: w - s.count) + s }

@@ -50,7 +50,7 @@ struct Runs: AsyncParsableCommand {
             defer { try? store.close() }
             print("run      cutoff                    entries  partners  margin (minor)  netting efficiency")
             for r in try store.runs() {
-                print("\(r.id)  \(r.cutoff.rfc3339)  \(pad(r.entryCount, 7))  \(pad(Int64(r.partners.count), 8))  \(pad(r.totals.operatorMarginMinor.value, 14))  \(r.totals.nettingEfficiencyText)")
+                print("\(r.id)  \(r.cutoff.rfc3339)  \(padLeft(String(r.entryCount), 7))  \(padLeft(String(r.partners.count), 8))  \(padLeft(String(r.totals.operatorMarginMinor.value), 14))  \(r.totals.nettingEfficiencyText)")
             }
         }
     }
@@ -72,11 +72,6 @@ struct Runs: AsyncParsableCommand {
             print(json ? RunReport.json(r) : RunReport.table(r, configuration))
         }
     }
-}
-
-private func pad(_ v: Int64, _ w: Int) -> String {
-    let s = String(v)
-    return s.count >= w ? s : String(repeating: " ", count: w - s.count) + s
 }
 
 /// The run as the contract's JSON, and as a table for the operator.
@@ -102,26 +97,14 @@ enum RunReport {
             return p.finish()
         }
         w.raw("partners", "[" + partners.joined(separator: ",") + "]")
-        let flows = r.flows.map { f -> String in
-            var x = JSONWriter()
-            x.string("issuer", f.issuer.rawValue)
-            x.string("redeemer", f.redeemer.rawValue)
-            x.int("points", f.points.value)
-            return x.finish()
-        }
-        w.raw("flows", "[" + flows.joined(separator: ",") + "]")
+        w.raw("flows", "[" + r.flows.map(\.json).joined(separator: ",") + "]")
         return w.finish()
     }
 
     static func table(_ r: SettlementRun, _ c: ClearingConfiguration) -> String {
         let cur = c.coalition.currency
-        func money(_ m: MoneyMinor) -> String {
-            let neg = m.value < 0
-            let a = neg ? -(m.value / 100) : m.value / 100
-            let cents = String(abs(m.value % 100))
-            return (neg ? "-" : "") + "\(a).\(cents.count == 1 ? "0" + cents : cents)"
-        }
-        func col(_ s: String, _ w: Int) -> String { s.count >= w ? s : String(repeating: " ", count: w - s.count) + s }
+        func money(_ m: MoneyMinor) -> String { BeancountExport.amount(m.value, cur) }
+        let col = padLeft
         var out = "Settlement run \(r.id), cutoff \(r.cutoff.rfc3339), \(r.entryCount) entries (\(cur))\n\n"
         out += "partner     " + col("issued", 11) + col("redeemed", 11) + col("expired", 10) + col("payable", 14) + col("receivable", 14) + col("net", 14) + "  direction\n"
         for f in r.partners {

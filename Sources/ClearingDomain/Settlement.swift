@@ -54,6 +54,15 @@ public struct Flow: Equatable, Sendable {
         self.redeemer = redeemer
         self.points = points
     }
+
+    /// `{"issuer":...,"redeemer":...,"points":...}` (CONTRACT §6; also in statements).
+    public var json: String {
+        var w = JSONWriter()
+        w.string("issuer", issuer.rawValue)
+        w.string("redeemer", redeemer.rawValue)
+        w.int("points", points.value)
+        return w.finish()
+    }
 }
 
 /// A run's totals, derived from its partners' figures.

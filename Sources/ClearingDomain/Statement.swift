@@ -68,14 +68,7 @@ public enum StatementFormat: String, Sendable, CaseIterable {
     public static func jsonOpening(_ h: StatementHeader) -> String {
         var figures = h.notice.figuresJSON
         figures.removeLast()  // the closing brace: flows and entries follow
-        let flows = h.flows.map { f -> String in
-            var w = JSONWriter()
-            w.string("issuer", f.issuer.rawValue)
-            w.string("redeemer", f.redeemer.rawValue)
-            w.int("points", f.points.value)
-            return w.finish()
-        }
-        return figures + ",\"entry_count\":\(h.entryCount),\"flows\":[" + flows.joined(separator: ",") + "],\"entries\":["
+        return figures + ",\"entry_count\":\(h.entryCount),\"flows\":[" + h.flows.map(\.json).joined(separator: ",") + "],\"entries\":["
     }
 
     public static let jsonClosing = "]}"

@@ -45,7 +45,7 @@ public final class NoticeDispatcher: Sendable {
     let logger: Logger
     let metrics: (any MetricsFactory)?
     let owner: Int32
-    /// The partners' current terms (URL, CA, secret), read before each batch is sent, so that
+    /// The partners' current terms (URL, CA, secret), read at each pass that sends, so that
     /// a partner's fixed endpoint or rotated secret is used without a restart.
     let currentConfiguration: @Sendable () -> ClearingConfiguration
 
@@ -74,7 +74,10 @@ public final class NoticeDispatcher: Sendable {
     @discardableResult
     public func deliverDue(only: String? = nil) async throws -> DeliveryPass {
         var pass = DeliveryPass()
+        var configuration: ClearingConfiguration?  // read once per pass, when something is due
         for _ in 0..<Limits.noticeBatchesPerPassMax {
+            // A read first: an idle worker never queues behind the posting writer.
+            guard try store.noticeDue(at: clock.now()) else { break }
             let claimed = try store.claimDueNotices(
                 clock: clock, limit: options.inFlightMax, owner: owner,
                 leaseMilliseconds: Int64(options.connectTimeoutMilliseconds + options.totalTimeoutMilliseconds) + Limits.noticeLeaseSlackMilliseconds,
@@ -82,9 +85,10 @@ public final class NoticeDispatcher: Sendable {
             if claimed.isEmpty { break }
             // Every attempt is followed by a delivery, a dead letter or a retry at least 4.5 s
             // later, so a notice is sent at most once per pass.
-            try await send(claimed, into: &pass)
+            if configuration == nil { configuration = currentConfiguration() }
+            try await send(claimed, configuration!, into: &pass)
         }
-        try publishCounts()
+        if pass.attempted > 0 { try publishCounts() }
         return pass
     }
 
@@ -93,6 +97,7 @@ public final class NoticeDispatcher: Sendable {
     /// processes and adds notices to the outbox).
     public func run() async {
         logger.info("notice delivery started", metadata: ["transport": "\(CurlTransport.version)"])
+        try? publishCounts()
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             var attempted = 0
             do {
@@ -115,8 +120,7 @@ public final class NoticeDispatcher: Sendable {
         logger.info("notice delivery stopped")
     }
 
-    private func send(_ claimed: [ClaimedNotice], into pass: inout DeliveryPass) async throws {
-        let configuration = currentConfiguration()
+    private func send(_ claimed: [ClaimedNotice], _ configuration: ClearingConfiguration, into pass: inout DeliveryPass) async throws {
         var requests: [OutboundRequest] = []
         var sendable: [ClaimedNotice] = []
         for notice in claimed {

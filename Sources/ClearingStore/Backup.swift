@@ -23,9 +23,7 @@ public enum Backup {
         guard fm.fileExists(atPath: coalition.path) else {
             throw StoreError("\(dataDirectory.path) holds no coalition.sqlite: nothing to back up")
         }
-        if fm.fileExists(atPath: destination.path), !((try? fm.contentsOfDirectory(atPath: destination.path))?.isEmpty ?? false) {
-            throw StoreError("\(destination.path) exists and is not empty; a backup goes into a new directory")
-        }
+        try requireNewOrEmpty(destination, "a backup goes into a new directory")
         try fm.createDirectory(at: destination.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         let ledgerDir = dataDirectory.appendingPathComponent("ledgers")
         let ledgers = ((try? fm.contentsOfDirectory(atPath: ledgerDir.path)) ?? []).filter { $0.hasSuffix(".sqlite") }.sorted()
@@ -46,15 +44,20 @@ public enum Backup {
         guard fm.fileExists(atPath: backup.appendingPathComponent("coalition.sqlite").path) else {
             throw StoreError("\(backup.path) is not a backup: it has no coalition.sqlite")
         }
-        if fm.fileExists(atPath: dataDirectory.path), !((try? fm.contentsOfDirectory(atPath: dataDirectory.path))?.isEmpty ?? false) {
-            throw StoreError("\(dataDirectory.path) exists and is not empty; restore into a new data directory")
-        }
+        try requireNewOrEmpty(dataDirectory, "restore into a new data directory")
         try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         let names = ((try? fm.contentsOfDirectory(atPath: backup.appendingPathComponent("ledgers").path)) ?? []).filter { $0.hasSuffix(".sqlite") }
         for name in names {
             try fm.copyItem(at: backup.appendingPathComponent("ledgers/\(name)"), to: dataDirectory.appendingPathComponent("ledgers/\(name)"))
         }
         try fm.copyItem(at: backup.appendingPathComponent("coalition.sqlite"), to: dataDirectory.appendingPathComponent("coalition.sqlite"))
+    }
+
+    private static func requireNewOrEmpty(_ directory: URL, _ advice: String) throws {
+        let fm = FileManager.default
+        if fm.fileExists(atPath: directory.path), !((try? fm.contentsOfDirectory(atPath: directory.path))?.isEmpty ?? false) {
+            throw StoreError("\(directory.path) exists and is not empty; \(advice)")
+        }
     }
 
     /// One database, through the backup API from a read-only connection, into `target`.

@@ -48,7 +48,6 @@ public struct ClaimedNotice: Equatable, Sendable {
     public var attempt: Int
     /// The attempt's number in its round (what the back-off schedule counts).
     public var roundAttempt: Int
-    public var startedAt: Instant
     /// The process holding the lease.
     public var owner: Int32
 }
@@ -105,7 +104,7 @@ extension Store {
                 }
                 claimed.append(ClaimedNotice(
                     id: id, partner: partner, body: Array(try row.blob("body")), attempt: attempt,
-                    roundAttempt: round, startedAt: now, owner: owner))
+                    roundAttempt: round, owner: owner))
             }
             return claimed
         }
@@ -208,6 +207,16 @@ extension Store {
                 if let s = NoticeState(rawValue: try row.text("state")) { counts[s] = try row.int64("n") }
             }
             return counts
+        }
+    }
+
+    /// Whether a pending notice is due at `now` (leased or not): a read, so that an idle
+    /// worker never queues behind the posting writer.
+    public func noticeDue(at now: Instant) throws -> Bool {
+        try coalition.read { db in
+            try Bool.fetchOne(
+                db, sql: "SELECT EXISTS (SELECT 1 FROM notice WHERE state = 'pending' AND next_attempt_at_ms <= ?)",
+                arguments: [now.millisecondsSinceEpoch]) ?? false
         }
     }
 

@@ -25,17 +25,25 @@ public struct SettlementRun: Equatable, Sendable {
     }
 }
 
-/// The ledger sequences of one partner's entries in a run.
+/// The ledger sequences of one partner's entries in a run (gapless, so the count follows).
 struct SequenceRange {
-    var count: Int64 = 0
-    var first: Int64?
-    var last: Int64?
+    var first: Int64
+    var last: Int64
+    var count: Int64 { last - first + 1 }
 }
 
-/// A partner's running totals at some point: its last sequence and its points by kind.
+/// A partner's running totals at some point: its last sequence and its points by kind, as
+/// `partner_head` and `run_snapshot` rows hold them.
 struct Snapshot {
     var lastSequence: Int64 = 0
     var totals: [Int64] = [0, 0, 0, 0]
+
+    init() {}
+
+    init(_ row: Row) throws {
+        lastSequence = try row.int64("last_sequence")
+        totals = [try row.int64("earned"), try row.int64("redeemed"), try row.int64("earn_reversed"), try row.int64("redemption_reversed")]
+    }
 }
 
 public struct SettlementError: Error, CustomStringConvertible {
@@ -90,9 +98,7 @@ extension Store {
         // with ids above `last`: few, usually none).
         var snapshot: [PartnerID: Snapshot] = [:]
         for row in try Row.fetchAll(db, sql: "SELECT * FROM partner_head") {
-            snapshot[try partnerID(row.text("partner"))] = Snapshot(
-                lastSequence: try row.int64("last_sequence"),
-                totals: [try row.int64("earned"), try row.int64("redeemed"), try row.int64("earn_reversed"), try row.int64("redemption_reversed")])
+            snapshot[try partnerID(row.text("partner"))] = try Snapshot(row)
         }
         for row in try Row.fetchAll(
             db, sql: "SELECT partner, kind, SUM(points) AS points, COUNT(*) AS n FROM journal WHERE id > ? GROUP BY partner, kind", arguments: [last])
@@ -104,25 +110,20 @@ extension Store {
         }
         var flowSnapshot: [ReplayBook.FlowKey: Int64] = [:]
         for row in try Row.fetchAll(db, sql: "SELECT issuer, redeemer, points FROM flow") {
-            flowSnapshot[ReplayBook.FlowKey(issuer: try partnerID(row.text("issuer")), redeemer: try partnerID(row.text("redeemer")))] =
-                try row.int64("points")
+            flowSnapshot[try flowKey(row)] = try row.int64("points")
         }
         for row in try Row.fetchAll(
             db, sql: "SELECT issuer, redeemer, SUM(points) AS points FROM lot_move WHERE entry_id > ? GROUP BY issuer, redeemer", arguments: [last])
         {
-            flowSnapshot[ReplayBook.FlowKey(issuer: try partnerID(row.text("issuer")), redeemer: try partnerID(row.text("redeemer"))), default: 0] -=
-                try row.int64("points")
+            flowSnapshot[try flowKey(row), default: 0] -= try row.int64("points")
         }
         var atPrevious: [PartnerID: Snapshot] = [:], previousFlows: [ReplayBook.FlowKey: Int64] = [:]
         if number > 1 {
             for row in try Row.fetchAll(db, sql: "SELECT * FROM run_snapshot WHERE run_number = ?", arguments: [number - 1]) {
-                atPrevious[try partnerID(row.text("partner"))] = Snapshot(
-                    lastSequence: try row.int64("last_sequence"),
-                    totals: [try row.int64("earned"), try row.int64("redeemed"), try row.int64("earn_reversed"), try row.int64("redemption_reversed")])
+                atPrevious[try partnerID(row.text("partner"))] = try Snapshot(row)
             }
             for row in try Row.fetchAll(db, sql: "SELECT issuer, redeemer, points FROM run_flow_snapshot WHERE run_number = ?", arguments: [number - 1]) {
-                previousFlows[ReplayBook.FlowKey(issuer: try partnerID(row.text("issuer")), redeemer: try partnerID(row.text("redeemer")))] =
-                    try row.int64("points")
+                previousFlows[try flowKey(row)] = try row.int64("points")
             }
         }
         for (p, now) in snapshot {
@@ -130,7 +131,7 @@ extension Store {
             let count = now.lastSequence - before.lastSequence
             guard count >= 0 else { throw StoreError("partner \(p): fewer entries now than at the previous cutoff") }
             if count == 0 { continue }
-            ranges[p] = SequenceRange(count: count, first: before.lastSequence + 1, last: now.lastSequence)
+            ranges[p] = SequenceRange(first: before.lastSequence + 1, last: now.lastSequence)
             issued[p] = (now.totals[0] - before.totals[0]) - (now.totals[2] - before.totals[2])
             redeemed[p] = (now.totals[1] - before.totals[1]) - (now.totals[3] - before.totals[3])
         }
@@ -188,6 +189,10 @@ extension Store {
                 arguments: [number, k.issuer.rawValue, k.redeemer.rawValue, v])
         }
         return run
+    }
+
+    private func flowKey(_ row: Row) throws -> ReplayBook.FlowKey {
+        ReplayBook.FlowKey(issuer: try partnerID(row.text("issuer")), redeemer: try partnerID(row.text("redeemer")))
     }
 
     private func partnerID(_ text: String) throws -> PartnerID {

@@ -95,10 +95,7 @@ extension Store {
         // The ledger lags its journal (a ledger write failed and is caught up later): the
         // journal, the truth, holds the same entries.
         let fromJournal = try coalition.read { db in
-            try Row.fetchAll(
-                db, sql: "SELECT \(JournalRow.columns) FROM journal WHERE partner = ? AND sequence BETWEEN ? AND ? ORDER BY sequence",
-                arguments: [partner.rawValue, from, to]
-            ).map { try JournalRow.journalEntry($0).0 }
+            try JournalRow.fetchChained(db, partner: partner, after: from - 1, limit: Int(to - from + 1)).map(\.entry)
         }
         guard fromJournal.count == Int(to - from + 1) else {
             throw StoreError("the journal of \(partner) lacks sequences \(from)...\(to)")
