@@ -75,6 +75,8 @@ public enum Limits {
     public static let noticePollIntervalMilliseconds: Int64 = 1_000
     /// The shortest nap of the delivery worker after a pass that sent nothing.
     public static let noticeIdleNapMillisecondsMin: Int64 = 250
+    /// The outbox gauges are recounted at least this often, even when nothing is sent.
+    public static let noticeGaugeRefreshMilliseconds: Int64 = 30_000
     /// Tries to record one attempt's result (a busy database) before the pass gives up on it.
     public static let noticeRecordTriesMax = 5
     /// Batches of `noticesInFlightMax` one delivery pass sends at most.

@@ -6,6 +6,7 @@ import Logging
 import PartnerTransport
 import ServiceLifecycle
 import StandardWebhooks
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -45,6 +46,8 @@ public final class NoticeDispatcher: Sendable {
     let logger: Logger
     let metrics: (any MetricsFactory)?
     let owner: Int32
+    /// When the outbox gauges were last recounted (ms since the epoch).
+    let countsPublishedAt = Atomic<Int64>(Int64.min / 2)
     /// The partners' current terms (URL, CA, secret), read at each pass that sends, so that
     /// a partner's fixed endpoint or rotated secret is used without a restart.
     let currentConfiguration: @Sendable () -> ClearingConfiguration
@@ -88,7 +91,13 @@ public final class NoticeDispatcher: Sendable {
             if configuration == nil { configuration = currentConfiguration() }
             try await send(claimed, configuration!, into: &pass)
         }
-        if pass.attempted > 0 { try publishCounts() }
+        // Counts change when this process sends, or when another one does (`notices retry`):
+        // recounted after sending, and at least every `noticeGaugeRefreshMilliseconds`.
+        let now = clock.now().millisecondsSinceEpoch
+        if pass.attempted > 0 || now - countsPublishedAt.load(ordering: .relaxed) >= Limits.noticeGaugeRefreshMilliseconds {
+            try publishCounts()
+            countsPublishedAt.store(now, ordering: .relaxed)
+        }
         return pass
     }
 
@@ -97,7 +106,6 @@ public final class NoticeDispatcher: Sendable {
     /// processes and adds notices to the outbox).
     public func run() async {
         logger.info("notice delivery started", metadata: ["transport": "\(CurlTransport.version)"])
-        try? publishCounts()
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             var attempted = 0
             do {
