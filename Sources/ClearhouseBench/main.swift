@@ -76,7 +76,7 @@ print("workload: \(events) postings, \(partnerCount) partners, \(members) member
 // MARK: The posting API
 
 let store = try Store(dataDirectory: dir.appendingPathComponent("store"), configuration: configuration)
-let writer = PostingWriter(store: store)
+let writer = PostingWriter(store: store, waitMax: nil)  // bounded by its own window
 let window = DispatchSemaphore(value: inFlight)
 final class Counts: @unchecked Sendable {
     let lock = NSLock()
@@ -141,6 +141,8 @@ func entryTable(uniqueIndexes: Bool) -> String {
 func measure(_ name: String, uniqueIndexes: Bool, _ insert: @escaping (Database, SimulatedPosting) throws -> Void) throws -> Double {
     let pool = try DatabasePool(path: dir.appendingPathComponent("\(name).sqlite").path, configuration: config)
     defer { try? pool.close() }
+    // As the store does: GRDB's pool sets NORMAL on its writer after prepareDatabase.
+    try pool.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
     try pool.write { db in try db.execute(sql: entryTable(uniqueIndexes: uniqueIndexes)) }
     let t = DispatchTime.now()
     var rows = 0

@@ -48,7 +48,7 @@ struct Serve: AsyncParsableCommand {
         let intake = Intake(configuration: configuration, store: store, writer: writer, metrics: metrics, signer: signer)
         let app = Application(
             router: intake.router(),
-            server: try .tls(.http1(), tlsConfiguration: tls),
+            server: try .tls(ServerChannel.http1(), tlsConfiguration: tls),
             configuration: .init(address: .hostname(host, port: port), serverName: nil),
             onServerRunning: { channel in
                 let port = channel.localAddress?.port ?? 0

@@ -50,7 +50,7 @@ struct Simulate: AsyncParsableCommand {
             return
         }
         let store = try locations.openStore(configuration)
-        let writer = PostingWriter(store: store)
+        let writer = PostingWriter(store: store, waitMax: nil)  // bounded by its own window
         let sim = DaySimulator(
             partners: configuration.partnerIDs, members: members, events: events, seed: seed, start: SystemClock().now())
         let tally = Tally()

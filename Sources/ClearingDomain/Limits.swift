@@ -33,6 +33,17 @@ public enum Limits {
     public static let rateBurstSeconds: Int64 = 2
     /// Longest a request's headers may be, in bytes, all together.
     public static let requestHeaderBytesMax = 16 * 1024
+    /// Past this, the HTTP decoder refuses a request head before building it (one field or
+    /// all together), and closes the connection.
+    public static let requestHeaderDecodeBytesMax = 32 * 1024
+    /// Most header fields in one request.
+    public static let requestHeaderFieldsMax = 100
+    /// A connection with no request in progress is closed after this long (also one that
+    /// never completes its TLS handshake or request head).
+    public static let connectionIdleSecondsMax: Int64 = 15
+    /// A request must be read whole (head to end of body) within this long of its head, or its
+    /// connection is closed (slow bodies).
+    public static let requestReadSecondsMax: Int64 = 10
     /// Seconds a client is told to wait in `retry-after` when the server sheds load.
     public static let overloadRetryAfterSeconds = 1
     /// Longest the server waits for in-flight requests when shutting down.
@@ -43,6 +54,10 @@ public enum Limits {
     public static let postingBatchMax = 4096
     /// Most postings waiting for the writer; past this, callers get `unavailable`.
     public static let postingQueueMax = 65_536
+    /// Load shedding: while the oldest waiting posting has waited longer than this, new ones
+    /// get `unavailable` with `retry-after` at once, so the latency of accepted postings stays
+    /// bounded however many clients push (the writer is behind; queueing more only adds wait).
+    public static let postingQueueWaitMillisecondsMax: Int64 = 500
     /// SQLite page cache of each coalition connection (KiB): a whole batch's pages stay in
     /// memory until its COMMIT, and the hot parts of the journal's indexes stay cached.
     public static let coalitionCacheKiBMax = 64 * 1024

@@ -21,11 +21,13 @@ public final class IntakeMetrics: Sendable {
         factory = f
     }
 
-    /// One request: by route template and status; its latency by route.
+    /// One request: by route template and status; its latency by route and status class
+    /// (`2xx`, `4xx`, `5xx`), so that the latency of accepted postings is seen apart from
+    /// the fast refusals of an overload.
     func request(route: String, status: Int, nanoseconds: Int64) {
         Counter(label: "clearhouse_http_requests_total", dimensions: [("route", route), ("status", String(status))], factory: factory)
             .increment()
-        Timer(label: "clearhouse_http_request_duration_seconds", dimensions: [("route", route)], factory: factory)
+        Timer(label: "clearhouse_http_request_duration_seconds", dimensions: [("route", route), ("class", "\(status / 100)xx")], factory: factory)
             .recordNanoseconds(nanoseconds)
     }
 

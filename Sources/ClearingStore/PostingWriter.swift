@@ -7,13 +7,18 @@ import Foundation
 /// caller with its outcome. While a batch is on disk, the next one gathers, so the number of
 /// fsyncs per posting falls as load rises.
 ///
-/// The queue is bounded (`postingQueueMax`): when full, or once shutdown began, callers get
-/// `unavailable` at once. `shutdown()` finishes everything already queued.
+/// The queue is bounded in count (`postingQueueMax`) and in time: while its oldest posting
+/// has waited longer than `postingQueueWaitMillisecondsMax`, the writer is behind and new
+/// postings are shed. When full, behind, or once shutdown began, callers get `unavailable`
+/// (503 with `retry-after`) at once. `shutdown()` finishes everything already queued.
 public final class PostingWriter: @unchecked Sendable {
     // @unchecked: `queue`, `closing` and `finished` are only touched under `condition`.
     private let store: Store
     private let condition = NSCondition()
     private var queue: [(Submission, @Sendable (PostingOutcome) -> Void)] = []
+    /// When each queued posting was queued (parallel to `queue`).
+    private var queuedAt: [ContinuousClock.Instant] = []
+    private var shed = 0
     private var closing = false
     private var finished = false
     private let batchSizes = BatchSizeStats()
@@ -23,10 +28,18 @@ public final class PostingWriter: @unchecked Sendable {
 
     /// Most postings that may wait; past this, callers get `unavailable` at once.
     private let queueMax: Int
+    /// Longest the oldest waiting posting may have waited before new ones are shed; nil for
+    /// a local loader that bounds its own postings in flight (`simulate`, benchmarks).
+    private let waitMax: Duration?
 
-    public init(store: Store, queueMax: Int = Limits.postingQueueMax, batchObserver: (@Sendable (Int) -> Void)? = nil) {
+    public init(
+        store: Store, queueMax: Int = Limits.postingQueueMax,
+        waitMax: Duration? = .milliseconds(Limits.postingQueueWaitMillisecondsMax), batchObserver: (@Sendable (Int) -> Void)? = nil
+    ) {
         precondition(queueMax >= 1 && queueMax <= Limits.postingQueueMax)
+        precondition(waitMax.map { $0 > .zero && $0 <= .milliseconds(Limits.postingQueueWaitMillisecondsMax) } ?? true)
         self.queueMax = queueMax
+        self.waitMax = waitMax
         self.store = store
         self.batchObserver = batchObserver
         let thread = Thread { [self] in self.run() }
@@ -51,11 +64,20 @@ public final class PostingWriter: @unchecked Sendable {
             return
         }
         if queue.count >= queueMax {
+            shed += 1
             condition.unlock()
-            completion(.rejected(Problem(.unavailable, "the writer's queue is full", retryAfterSeconds: 1)))
+            completion(.rejected(Problem(.unavailable, "the writer's queue is full", retryAfterSeconds: Limits.overloadRetryAfterSeconds)))
+            return
+        }
+        let now = ContinuousClock.now
+        if let waitMax, let oldest = queuedAt.first, now - oldest > waitMax {
+            shed += 1
+            condition.unlock()
+            completion(.rejected(Problem(.unavailable, "the writer is behind; retry later", retryAfterSeconds: Limits.overloadRetryAfterSeconds)))
             return
         }
         queue.append((submission, completion))
+        queuedAt.append(now)
         condition.signal()
         condition.unlock()
     }
@@ -72,6 +94,13 @@ public final class PostingWriter: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         return queue.count
+    }
+
+    /// Postings refused because the queue was full or the writer behind, since start.
+    public var shedCount: Int {
+        condition.lock()
+        defer { condition.unlock() }
+        return shed
     }
 
     /// How many batches were committed and how many postings they held.
@@ -100,6 +129,7 @@ public final class PostingWriter: @unchecked Sendable {
             let n = min(queue.count, Limits.postingBatchMax)
             let batch = Array(queue.prefix(n))
             queue.removeFirst(n)
+            queuedAt.removeFirst(n)
             condition.unlock()
 
             let outcomes = store.post(batch.map(\.0))

@@ -62,9 +62,8 @@ public final class Store: Sendable {
         self.logger = logger
         let fm = FileManager.default
         try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
-        coalition = try DatabasePool(
-            path: dataDirectory.appendingPathComponent("coalition.sqlite").path,
-            configuration: Store.databaseConfiguration(cacheKiB: Limits.coalitionCacheKiBMax))
+        coalition = try Store.openWritable(
+            dataDirectory.appendingPathComponent("coalition.sqlite"), cacheKiB: Limits.coalitionCacheKiBMax)
         try Schema.coalition.migrate(coalition)
         ledgers = Mutex([:])
         try recover()
@@ -92,6 +91,34 @@ public final class Store: Sendable {
         return c
     }
 
+    /// A database for writing: WAL, and `synchronous = FULL` on its writer connection, checked.
+    ///
+    /// GRDB's `DatabasePool` sets `synchronous = NORMAL` on its writer when it turns WAL on,
+    /// after `prepareDatabase` ran; under NORMAL a WAL commit is not fsynced (it survives a
+    /// crash of the process, not of the machine). So FULL is set again here, on the writer
+    /// itself, and read back: a store whose commits are not durable does not open.
+    static func openWritable(_ url: URL, cacheKiB: Int) throws -> DatabasePool {
+        let pool = try DatabasePool(path: url.path, configuration: databaseConfiguration(cacheKiB: cacheKiB))
+        let level = try pool.writeWithoutTransaction { db in
+            try db.execute(sql: "PRAGMA synchronous = FULL")
+            return try Int.fetchOne(db, sql: "PRAGMA synchronous")
+        }
+        guard level == 2 else { throw StoreError("\(url.path): synchronous is \(level ?? -1), not FULL (2)") }
+        return pool
+    }
+
+    /// The `synchronous` level of each writer connection (coalition, then open ledgers):
+    /// 2 (FULL) for every one.
+    public func synchronousLevels() throws -> [String: Int] {
+        var levels = ["coalition": try coalition.writeWithoutTransaction { try Int.fetchOne($0, sql: "PRAGMA synchronous") ?? -1 }]
+        try ledgers.withLock { open in
+            for (partner, db) in open {
+                levels[partner.rawValue] = try db.writeWithoutTransaction { try Int.fetchOne($0, sql: "PRAGMA synchronous") ?? -1 }
+            }
+        }
+        return levels
+    }
+
     /// Commits (journal and ledgers) since open: each is one fsync of a WAL file.
     public var commitCount: Int { commitCounter.load(ordering: .relaxed) }
 
@@ -105,7 +132,7 @@ public final class Store: Sendable {
     func ledger(_ partner: PartnerID) throws -> DatabasePool {
         try ledgers.withLock { open in
             if let db = open[partner] { return db }
-            let db = try DatabasePool(path: ledgerURL(partner).path, configuration: Store.databaseConfiguration())
+            let db = try Store.openWritable(ledgerURL(partner), cacheKiB: Limits.ledgerCacheKiBMax)
             try Schema.ledger.migrate(db)
             try db.write { db in
                 try db.execute(

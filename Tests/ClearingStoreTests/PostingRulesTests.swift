@@ -232,6 +232,58 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         #expect(try h.verify().ok)
     }
 
+    @Test func aWriterThatIsBehindShedsNewPostingsAtOnce() async throws {
+        let h = try Harness()
+        let writer = PostingWriter(store: h.store, waitMax: .milliseconds(20))
+        // Another connection holds the coalition's write lock: the writer's first batch waits
+        // on it (busy timeout), so the queue behind it ages.
+        var unsafe = Configuration()
+        unsafe.allowsUnsafeTransactions = true  // the lock is held across two accesses
+        let blocker = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path, configuration: unsafe)
+        try blocker.inDatabase { try $0.execute(sql: "BEGIN IMMEDIATE") }
+        let outcomes = Mutex<[Int: PostingOutcome]>([:])
+        let done = DispatchGroup()
+        func send(_ i: Int) {
+            done.enter()
+            writer.enqueue(Submission(partner: G, webhookID: WebhookID("b\(i)")!, event: Fixtures.earn("M1", 1, "B-\(i)"))) { o in
+                outcomes.withLock { $0[i] = o }
+                done.leave()
+            }
+        }
+        send(0)  // taken by the writer, which now waits for the lock
+        while writer.queueDepth > 0 { try await Task.sleep(for: .milliseconds(1)) }
+        send(1)  // queued
+        try await Task.sleep(for: .milliseconds(60))
+        for i in 2..<10 { send(i) }  // the oldest queued posting waited 60 ms > 20 ms: shed
+        #expect(writer.shedCount == 8)
+        try blocker.inDatabase { try $0.execute(sql: "ROLLBACK") }
+        done.wait()
+        writer.shutdown()
+        let o = outcomes.withLock { $0 }
+        #expect(o[0]?.httpStatus == 201 && o[1]?.httpStatus == 201)
+        for i in 2..<10 {
+            guard case .rejected(let p) = o[i] else { Issue.record("posting \(i) was not shed"); continue }
+            #expect(p.kind == .unavailable && p.retryAfterSeconds == Limits.overloadRetryAfterSeconds)
+        }
+        #expect(try h.store.ledgerEntries(G).count == 2, "nothing shed was written")
+        // Once the writer caught up, postings are accepted again.
+        let writer2 = PostingWriter(store: h.store, waitMax: .milliseconds(20))
+        #expect(await writer2.post(Submission(partner: G, webhookID: WebhookID("b2")!, event: Fixtures.earn("M1", 1, "B-2"))).httpStatus == 201)
+        writer2.shutdown()
+        #expect(try h.verify().ok)
+    }
+
+    @Test func everyWriterConnectionFsyncsEachCommit() throws {
+        // GRDB's DatabasePool turns WAL on with synchronous = NORMAL (no fsync at commit);
+        // the store must set FULL on each writer connection, the ledgers' included.
+        let h = try Harness()
+        #expect(h.post(G, "s1", Fixtures.earn("M1", 10, "S1")).httpStatus == 201)
+        #expect(h.post(F, "s2", Fixtures.earn("M1", 10, "S2")).httpStatus == 201)
+        let levels = try h.store.synchronousLevels()
+        #expect(levels.count == 3, "the coalition and two ledgers: \(levels)")
+        #expect(levels.values.allSatisfy { $0 == 2 }, "synchronous must be FULL (2) everywhere: \(levels)")
+    }
+
     @Test func writerRefusesAfterShutdown() async throws {
         let h = try Harness()
         let writer = PostingWriter(store: h.store)

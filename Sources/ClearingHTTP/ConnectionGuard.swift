@@ -1,0 +1,70 @@
+import ClearingDomain
+import HTTPTypes
+import Hummingbird
+import HummingbirdCore
+import NIOCore
+import NIOHTTPTypes
+
+/// The HTTP/1.1 channel `serve` runs: slow and idle clients cannot hold connections.
+///
+/// - A connection with no request in progress for `connectionIdleSecondsMax` is closed
+///   (Hummingbird's idle timeout). It also closes a connection that never finishes its TLS
+///   handshake or its request head (slowloris on the head: no part is decoded, so the timer
+///   is never pushed back).
+/// - A request whose body is not complete `requestReadSecondsMax` after its head arrived is
+///   cut off and its connection closed ( ``RequestDeadlineHandler``): a client trickling its
+///   body a byte at a time cannot keep pushing the idle timer back. Nothing is written for
+///   it: a posting is decided only after its whole body was read.
+/// - The decoder refuses heads larger than `requestHeaderDecodeBytesMax` before they are
+///   built; `HeaderLimitMiddleware` then answers the smaller limit with a problem.
+public enum ServerChannel {
+    public static func http1() -> HTTPServerBuilder {
+        .http1(configuration: configuration)
+    }
+
+    public static var configuration: HTTP1Channel.Configuration {
+        HTTP1Channel.Configuration(
+            additionalChannelHandlers: [RequestDeadlineHandler()],
+            idleTimeout: .seconds(Limits.connectionIdleSecondsMax),
+            httpDecoderConfiguration: .init(
+                maxHeaderFieldSize: Limits.requestHeaderDecodeBytesMax, maxHeaderListSize: Limits.requestHeaderDecodeBytesMax,
+                maxHeaderFieldCount: Limits.requestHeaderFieldsMax))
+    }
+}
+
+/// Closes a connection whose request is still being read `requestReadSecondsMax` after its
+/// head arrived.
+final class RequestDeadlineHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPRequestPart
+    typealias InboundOut = HTTPRequestPart
+
+    private var deadline: Scheduled<Void>?
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head:
+            deadline?.cancel()
+            let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            deadline = context.eventLoop.assumeIsolated().scheduleTask(in: .seconds(Limits.requestReadSecondsMax)) {
+                loopBound.value.close(promise: nil)
+            }
+        case .end:
+            deadline?.cancel()
+            deadline = nil
+        case .body:
+            break
+        }
+        context.fireChannelRead(data)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
+        context.fireChannelInactive()
+    }
+}

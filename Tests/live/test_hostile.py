@@ -1,0 +1,299 @@
+"""Hostile input over the network (issue 7, point 2), against a real `clearhouse serve` over
+TLS: the server never crashes, never answers 5xx to bad input, and writes nothing for a
+refused request.
+
+- schemathesis (independent of this code base) generates requests from docs/openapi.yaml,
+  valid and invalid, for every route, for a bounded time;
+- a Hypothesis fuzzer sends *correctly signed* events with hostile bodies (so they get past
+  the signature to the parser and the ledger): invalid UTF-8, deep nesting, numbers beyond
+  Int64, duplicate keys, wrong types, oversize strings; every 201 must be in the ledger once,
+  nothing else;
+- raw TLS requests: header injection (bare CR/LF, NUL, obs-fold), oversize and too many
+  headers, conflicting lengths (request smuggling), path traversal and invalid UTF-8 in ids;
+- slow clients: a slowloris head and a trickled body are cut off within the limits while other
+  clients are served.
+Bounded: every run has a count and a time limit, every socket a timeout.
+"""
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from liveserver import ROOT, LiveServer, earn, slug
+
+CONNECTION_IDLE_SECONDS = 15  # Limits.connectionIdleSecondsMax
+REQUEST_READ_SECONDS = 10  # Limits.requestReadSecondsMax
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = LiveServer(rate_limits=False).start()
+    s.accepted = set()  # webhook ids answered 201
+    yield s
+    assert s.alive(), "the server must survive hostile input"
+    log = s.read_log()
+    assert "Fatal error" not in log and "Program crashed" not in log
+    assert s.stop() == 0
+    out = s.ch("verify").stdout
+    entries = int(re.search(r"ledgers, (\d+) entries", out).group(1))
+    assert entries == len(s.accepted), f"the ledgers hold {entries} entries; {len(s.accepted)} postings were accepted"
+    s.close()
+
+
+def tls_context(server):
+    ctx = ssl.create_default_context(cafile=os.path.join(server.certs, "ca.crt"))
+    return ctx
+
+
+def raw(server, data, timeout=10, chunks=None, pause=0.0):
+    """Sends `data` (or `chunks` with `pause` seconds between them) over a fresh TLS
+    connection; returns (status or None, raw response bytes, seconds until the server answered
+    or closed)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        with tls_context(server).wrap_socket(sock, server_hostname="localhost") as tls:
+            try:
+                for c in (chunks or [data]):
+                    tls.sendall(c)
+                    if pause:
+                        time.sleep(pause)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError, OSError):
+                pass
+            response = b""
+            try:
+                while True:
+                    part = tls.recv(65536)
+                    if not part:
+                        break
+                    response += part
+                    if b"\r\n\r\n" in response:
+                        head, _, body = response.partition(b"\r\n\r\n")
+                        m = re.search(rb"content-length: *(\d+)", head, re.I)
+                        if m and len(body) >= int(m.group(1)):
+                            break
+            except (socket.timeout, ConnectionResetError, ssl.SSLError, OSError):
+                pass
+    m = re.match(rb"HTTP/1\.1 (\d{3})", response)
+    return (int(m.group(1)) if m else None), response, time.monotonic() - started
+
+
+def assert_not_5xx(status, response):
+    assert status is None or status < 500, response[:500]
+    if status is not None and status >= 400:
+        assert b"application/problem+json" in response.lower() or status in (400, 431), response[:500]
+
+
+def assert_still_serving(server):
+    assert server.alive()
+    assert server.http.get(f"{server.url}/healthz", timeout=10).status_code == 200
+
+
+# MARK: schemathesis over the OpenAPI document
+
+def test_schemathesis_finds_no_server_error(server):
+    st_bin = os.path.join(os.path.dirname(sys.executable), "schemathesis")
+    seconds = os.environ.get("CLEARHOUSE_SCHEMATHESIS_SECONDS", "40")
+    report = os.path.join(server.tmp, "schemathesis")
+    # A real partner in the path, so requests reach authentication and parsing, not only 404.
+    config = os.path.join(server.tmp, "schemathesis.toml")
+    with open(config, "w") as f:
+        f.write('[parameters]\npartner = "fuelco"\n')
+    r = subprocess.run(
+        [st_bin, "--config-file", config, "run", os.path.join(ROOT, "docs", "openapi.yaml"), "--url", server.url,
+         "--tls-verify", os.path.join(server.certs, "ca.crt"),
+         "--checks", "not_a_server_error", "--max-time", seconds, "--workers", "2",
+         "--request-timeout", "10", "--phases", "examples,coverage,fuzzing",
+         "--suppress-health-check", "all", "-H", "authorization: Bearer dev-token-fuelco",
+         "--report-dir", report],
+        capture_output=True, text=True, timeout=int(seconds) + 240,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"})
+    summary = r.stdout[-3000:]
+    assert r.returncode == 0, summary + r.stderr[-2000:]
+    m = re.search(r"(\d+) generated, (\d+) passed", r.stdout)
+    assert m and int(m.group(1)) > 100 and m.group(1) == m.group(2), summary
+    # Nothing it sent carried a valid signature, so nothing may have been written.
+    assert_still_serving(server)
+    assert server.balance("fuelco", "M1").status_code in (200, 404)
+
+
+# MARK: signed, hostile bodies
+
+def json_values(depth):
+    leaves = st.one_of(
+        st.none(), st.booleans(), st.integers(min_value=-(2**80), max_value=2**80),
+        st.floats(allow_nan=False), st.text(max_size=40),
+        st.sampled_from(["", "M1", "FUEL-1", "x" * 200, "é", "\u0000", "\ud7ff", "../../etc/passwd"]))
+    if depth == 0:
+        return leaves
+    return st.one_of(leaves, st.lists(json_values(depth - 1), max_size=4),
+                     st.dictionaries(st.text(max_size=12), json_values(depth - 1), max_size=4))
+
+
+event_types = st.sampled_from(["points.earned", "points.redeemed", "points.earn_reversed",
+                               "points.redemption_reversed", "points.other", "", 7])
+
+
+@st.composite
+def hostile_bodies(draw):
+    kind = draw(st.integers(0, 6))
+    if kind == 0:  # a well-formed event with hostile values
+        data = {"member": draw(st.one_of(st.just("M1"), st.text(max_size=70))),
+                "points": draw(st.one_of(st.integers(-(2**70), 2**70), st.just(10), st.floats(allow_nan=False), st.text(max_size=5))),
+                "reference": draw(st.one_of(st.text(max_size=140), st.just("R-fuzz")))}
+        for extra in draw(st.lists(st.sampled_from(["original_reference", "occurred_at", "amount_minor", "x"]), max_size=3)):
+            data[extra] = draw(json_values(1))
+        return json.dumps({"type": draw(event_types), "data": data}).encode()
+    if kind == 1:  # any JSON at all
+        return json.dumps(draw(json_values(3))).encode()
+    if kind == 2:  # deep nesting
+        n = draw(st.integers(5, 5000))
+        return (b"[" * n) + (b"]" * n)
+    if kind == 3:  # duplicate keys
+        return b'{"type":"points.earned","type":"points.redeemed","data":{"member":"M1","points":5,"points":6,"reference":"D1"}}'
+    if kind == 4:  # invalid UTF-8 inside strings
+        bad = draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf"]))
+        return b'{"type":"points.earned","data":{"member":"M' + bad + b'","points":5,"reference":"U1"}}'
+    if kind == 5:  # numbers beyond Int64 written out
+        digits = draw(st.sampled_from(["9223372036854775808", "-9223372036854775809", "1e400", "1.0", "-0", "0x10", "00012"]))
+        return ('{"type":"points.earned","data":{"member":"M1","points":' + digits + ',"reference":"N1"}}').encode()
+    return draw(st.binary(max_size=300))  # bytes
+
+
+def sign_bytes(secret, msg_id, body):
+    """Standard Webhooks v1 over raw bytes (the package signs text, encoded as UTF-8, and
+    these bodies need not be UTF-8)."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    ts = str(int(time.time()))
+    mac = hmac.new(key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
+    return {"content-type": "application/json", "webhook-id": msg_id, "webhook-timestamp": ts,
+            "webhook-signature": "v1," + base64.b64encode(mac).decode()}
+
+
+@settings(max_examples=int(os.environ.get("CLEARHOUSE_FUZZ_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=list(HealthCheck), derandomize=False)
+@given(body=hostile_bodies(), n=st.integers(0, 10**12))
+def test_signed_hostile_bodies_are_refused_cleanly_and_accepted_ones_land_once(server, body, n):
+    msg_id = f"fz_{n}_{len(body)}"
+    headers = sign_bytes(server.secrets["fuelco"], msg_id, body)
+    r = server.http.post(f"{server.url}/v1/partners/fuelco/events", data=body, headers=headers, timeout=15)
+    assert r.status_code < 500, (body[:200], r.status_code, r.text)
+    if r.status_code == 201:
+        server.accepted.add(msg_id)
+    elif r.status_code != 200:
+        assert r.headers["content-type"] == "application/problem+json", r.text
+        assert slug(r) in ("malformed", "conflict", "insufficient-points", "unknown-original",
+                           "reversal-exceeds-original", "member-mismatch", "too-large"), r.text
+
+
+# MARK: raw requests
+
+def request(method, path, headers=(), body=b""):
+    lines = [f"{method} {path} HTTP/1.1".encode(), b"host: localhost"]
+    lines += [h if isinstance(h, bytes) else h.encode() for h in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("headers", [
+    [b"webhook-id: a\rb", b"content-length: 0"],
+    [b"webhook-id: a\nx-injected: 1", b"content-length: 0"],
+    [b"webhook-id: a\x00b", b"content-length: 0"],
+    [b"webhook-id: a", b" folded-continuation", b"content-length: 0"],
+    [b"content-type: application/json", b"content-length: 5", b"transfer-encoding: chunked"],
+    [b"content-length: -1"],
+    [b"content-length: abc"],
+    [b"content-length: 5", b"content-length: 6"],
+    [b"x-big: " + b"a" * 40000],
+    [f"x-h{i}: v".encode() for i in range(300)],
+    [b"authorization: Bearer " + b"\xff" * 100],
+    [b"authorization: Bearer " + b"t" * 5000],
+    [b"bad header name: 1"],
+])
+def test_malformed_heads_get_4xx_or_a_closed_connection(server, headers):
+    status, response, _ = raw(server, request("POST", "/v1/partners/fuelco/events", headers))
+    assert_not_5xx(status, response)
+    assert status != 201
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/partners/..%2f..%2fetc%2fpasswd/events",
+    "/v1/partners/../../coalition.sqlite/events",
+    "/v1/partners/fuelco/members/..%2F..%2Fcoalition/balance",
+    "/v1/partners/fuelco/members/%ff%fe/balance",
+    "/v1/partners/fuelco/members/%00/balance",
+    "/v1/partners/fuelco/statements/..%2f..%2fledgers%2ffuelco.sqlite.json",
+    "/v1/partners/fuelco/statements/%2e%2e.csv",
+    "/v1/partners/%ff/statements",
+    "/v1/partners/fuelco/members/" + "a" * 5000 + "/balance",
+    "/v1/partners/fuelco/statements/run-1.json?x=" + "%" * 100,
+])
+def test_traversal_and_invalid_ids_in_paths_are_refused(server, path):
+    status, response, _ = raw(server, request("GET", path, [b"authorization: Bearer dev-token-fuelco"]))
+    assert status is not None and 400 <= status < 500, response[:400]
+    assert b"application/problem+json" in response.lower()
+    assert b"SQLite" not in response and b"/tmp/" not in response, "no internals in an error"
+    assert_still_serving(server)
+
+
+def test_a_chunked_body_past_64_kib_is_cut_off(server):
+    chunk = b"%x\r\n%s\r\n" % (16384, b"a" * 16384)
+    head = request("POST", "/v1/partners/fuelco/events",
+                   [b"content-type: application/json", b"transfer-encoding: chunked",
+                    b"webhook-id: big1", b"webhook-timestamp: 1", b"webhook-signature: v1,x"])
+    status, response, _ = raw(server, head + chunk * 8 + b"0\r\n\r\n")
+    assert status in (401, 413), response[:400]
+    assert_still_serving(server)
+
+
+# MARK: slow clients
+
+def test_slow_clients_are_cut_off_while_others_are_served(server):
+    results = {}
+
+    def slow_head(k):
+        # A head trickled a few bytes a second that never ends.
+        chunks = [b"POST /v1/partners/fuelco/events HTTP/1.1\r\n"] + [b"x-slow-%d: a\r\n" % i for i in range(60)]
+        results[("head", k)] = raw(server, None, timeout=CONNECTION_IDLE_SECONDS + 20, chunks=chunks, pause=0.5)
+
+    def slow_body(k):
+        body = earn(f"SLOW-{k}", 5, f"SLOW-R{k}").encode()
+        headers = server.headers("fuelco", body.decode(), msg_id=f"slow_{k}")
+        head = request("POST", "/v1/partners/fuelco/events",
+                       [f"{n}: {v}".encode() for n, v in headers.items()] + [f"content-length: {len(body)}".encode()])
+        chunks = [head] + [body[i:i + 1] for i in range(len(body))]
+        results[("body", k)] = raw(server, None, timeout=REQUEST_READ_SECONDS + 20, chunks=chunks, pause=0.5)
+
+    threads = [threading.Thread(target=slow_head, args=(k,)) for k in range(20)]
+    threads += [threading.Thread(target=slow_body, args=(k,)) for k in range(5)]
+    for t in threads:
+        t.start()
+    # Meanwhile, everybody else is served at once.
+    time.sleep(1)
+    for i in range(20):
+        started = time.monotonic()
+        r = server.post("fuelco", earn("FAST", 1, f"FAST-R{i}"), msg_id=f"fast_{i}")
+        assert r.status_code == 201 and time.monotonic() - started < 5
+        server.accepted.add(f"fast_{i}")
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 25
+    for (kind, k), (status, response, seconds) in results.items():
+        limit = CONNECTION_IDLE_SECONDS if kind == "head" else REQUEST_READ_SECONDS
+        assert status is None or status in (400, 408), (kind, response[:200])
+        assert seconds < limit + 5, f"a slow {kind} was held {seconds:.1f} s"
+    # The trickled bodies were never complete: nothing of them was written.
+    for k in range(5):
+        assert server.balance("fuelco", f"SLOW-{k}").json()["balance"] == 0
+    assert_still_serving(server)
