@@ -49,7 +49,12 @@ struct Serve: AsyncParsableCommand {
         let app = Application(
             router: intake.router(),
             server: try .tls(ServerChannel.http1(), tlsConfiguration: tls),
-            configuration: .init(address: .hostname(host, port: port), serverName: nil),
+            configuration: .init(
+                address: .hostname(host, port: port), serverName: nil,
+                // Past this many open connections the server stops accepting (they wait in the
+                // listen backlog): memory and the latency of accepted requests stay bounded
+                // however many clients connect.
+                availableConnectionsDelegate: .maximum(Limits.connectionsMax, logger: logger)),
             onServerRunning: { channel in
                 let port = channel.localAddress?.port ?? 0
                 // Written straight to the file descriptor, unbuffered, so a parent waiting for

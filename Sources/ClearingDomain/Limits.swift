@@ -38,6 +38,9 @@ public enum Limits {
     public static let requestHeaderDecodeBytesMax = 32 * 1024
     /// Most header fields in one request.
     public static let requestHeaderFieldsMax = 100
+    /// Most connections open at once; past this the server stops accepting (the kernel's
+    /// listen backlog holds the rest). About 85 KiB of memory each under TLS.
+    public static let connectionsMax = 1_024
     /// A connection with no request in progress is closed after this long (also one that
     /// never completes its TLS handshake or request head).
     public static let connectionIdleSecondsMax: Int64 = 15
@@ -57,7 +60,7 @@ public enum Limits {
     /// Load shedding: while the oldest waiting posting has waited longer than this, new ones
     /// get `unavailable` with `retry-after` at once, so the latency of accepted postings stays
     /// bounded however many clients push (the writer is behind; queueing more only adds wait).
-    public static let postingQueueWaitMillisecondsMax: Int64 = 500
+    public static let postingQueueWaitMillisecondsMax: Int64 = 250
     /// SQLite page cache of each coalition connection (KiB): a whole batch's pages stay in
     /// memory until its COMMIT, and the hot parts of the journal's indexes stay cached.
     public static let coalitionCacheKiBMax = 64 * 1024

@@ -139,11 +139,17 @@ def entries_in_ledgers(server):
     return int(re.search(r"ledgers, (\d+) entries", out).group(1))
 
 
-def test_a_full_disk_refuses_postings_keeps_reads_and_recovers_when_space_returns(disk):
+def serving_on(disk, postings):
+    """A server with its data on `disk` that accepted `postings` earns (ids 0..postings-1)."""
     server = LiveServer(data=os.path.join(disk.mountpoint, "data"), rate_limits=False).start()
+    before = post_all(server, range(0, postings))
+    assert all(r.status_code == 201 for r in before.values())
+    return server
+
+
+def test_a_full_disk_refuses_postings_keeps_reads_and_recovers_when_space_returns(disk):
+    server = serving_on(disk, 200)
     try:
-        before = post_all(server, range(0, 200))
-        assert all(r.status_code == 201 for r in before.values())
         disk.fill()
         during = post_until_refused(server, 200)
         assert_refused_unavailable(during)
@@ -164,10 +170,8 @@ def test_a_full_disk_refuses_postings_keeps_reads_and_recovers_when_space_return
 
 
 def test_a_data_directory_turned_read_only_refuses_postings_keeps_reads_and_recovers_after_repair(disk):
-    server = LiveServer(data=os.path.join(disk.mountpoint, "data"), rate_limits=False).start()
+    server = serving_on(disk, 100)
     try:
-        before = post_all(server, range(0, 100))
-        assert all(r.status_code == 201 for r in before.values())
         disk.turn_read_only()
         during = post_all(server, range(100, 200))
         assert all(r.status_code == 503 for r in during.values())

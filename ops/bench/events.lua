@@ -1,5 +1,5 @@
 -- wrk: each thread cycles through its own slice of pre-signed events (unique webhook ids).
-local threads = {}
+threads = {}  -- global: overload.lua reads it in done()
 local counter = 1
 
 function setup(thread)
