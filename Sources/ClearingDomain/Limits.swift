@@ -47,6 +47,9 @@ public enum Limits {
     /// A request must be read whole (head to end of body) within this long of its head, or its
     /// connection is closed (slow bodies).
     public static let requestReadSecondsMax: Int64 = 10
+    /// A connection that stays unwritable this long (its client reads none of what it is
+    /// sent) is closed.
+    public static let responseStallSecondsMax: Int64 = 30
     /// Seconds a client is told to wait in `retry-after` when the server sheds load.
     public static let overloadRetryAfterSeconds = 1
     /// Longest the server waits for in-flight requests when shutting down.

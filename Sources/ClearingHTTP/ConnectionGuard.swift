@@ -15,6 +15,11 @@ import NIOHTTPTypes
 ///   cut off and its connection closed ( ``RequestDeadlineHandler``): a client trickling its
 ///   body a byte at a time cannot keep pushing the idle timer back. Nothing is written for
 ///   it: a posting is decided only after its whole body was read.
+/// - A connection that stays unwritable (the client does not read what it is sent) for
+///   `responseStallSecondsMax` is closed: the idle timer is off while a response is pending,
+///   so without this a client pipelining requests and never reading the answers would keep
+///   its connection slot (`connectionsMax`) for ever. A slow but reading client (a large
+///   statement over a slow link) keeps the connection writable now and then, and is kept.
 /// - The decoder refuses heads larger than `requestHeaderDecodeBytesMax` before they are
 ///   built; `HeaderLimitMiddleware` then answers the smaller limit with a problem.
 public enum ServerChannel {
@@ -33,12 +38,33 @@ public enum ServerChannel {
 }
 
 /// Closes a connection whose request is still being read `requestReadSecondsMax` after its
-/// head arrived.
+/// head arrived, or which has stayed unwritable for `responseStallSecondsMax`.
 final class RequestDeadlineHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPRequestPart
     typealias InboundOut = HTTPRequestPart
 
     private var deadline: Scheduled<Void>?
+    private var stall: Scheduled<Void>?
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            stall?.cancel()
+            stall = nil
+        } else if stall == nil {
+            let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            stall = context.eventLoop.assumeIsolated().scheduleTask(in: .seconds(Limits.responseStallSecondsMax)) {
+                loopBound.value.close(promise: nil)
+            }
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    private func cancelAll() {
+        deadline?.cancel()
+        deadline = nil
+        stall?.cancel()
+        stall = nil
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
@@ -58,13 +84,11 @@ final class RequestDeadlineHandler: ChannelInboundHandler, RemovableChannelHandl
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        deadline?.cancel()
-        deadline = nil
+        cancelAll()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        deadline?.cancel()
-        deadline = nil
+        cancelAll()
         context.fireChannelInactive()
     }
 }

@@ -1,0 +1,61 @@
+@testable import ClearingHTTP
+import ClearingDomain
+import HTTPTypes
+import NIOCore
+import NIOEmbedded
+import NIOHTTPTypes
+import Testing
+
+/// The deadlines of `RequestDeadlineHandler`, on an embedded channel with a virtual clock.
+@Suite struct ConnectionGuardTests {
+    func channel() throws -> EmbeddedChannel {
+        let channel = EmbeddedChannel(handler: RequestDeadlineHandler())
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        return channel
+    }
+
+    let head = HTTPRequestPart.head(HTTPRequest(method: .post, scheme: "https", authority: "localhost", path: "/v1/partners/fuelco/events"))
+
+    @Test func aBodyNotWholeWithinTheReadDeadlineClosesTheConnection() throws {
+        let c = try channel()
+        try c.writeInbound(head)
+        try c.writeInbound(HTTPRequestPart.body(ByteBuffer(string: "{")))
+        c.embeddedEventLoop.advanceTime(by: .seconds(Limits.requestReadSecondsMax - 1))
+        #expect(c.isActive)
+        c.embeddedEventLoop.advanceTime(by: .seconds(2))
+        #expect(!c.isActive, "a trickled body must be cut off")
+    }
+
+    @Test func aRequestReadInTimeKeepsItsConnectionWhileItsResponseIsPending() throws {
+        let c = try channel()
+        try c.writeInbound(head)
+        try c.writeInbound(HTTPRequestPart.end(nil))
+        c.embeddedEventLoop.advanceTime(by: .seconds(Limits.requestReadSecondsMax * 3))
+        #expect(c.isActive)
+        _ = try c.finish()
+    }
+
+    @Test func aClientThatReadsNothingIsClosedAfterTheStallLimit() throws {
+        let c = try channel()
+        c.isWritable = false
+        c.pipeline.fireChannelWritabilityChanged()
+        c.embeddedEventLoop.advanceTime(by: .seconds(Limits.responseStallSecondsMax - 1))
+        #expect(c.isActive)
+        c.embeddedEventLoop.advanceTime(by: .seconds(2))
+        #expect(!c.isActive, "a connection unwritable for the whole stall limit must be closed")
+    }
+
+    @Test func aClientThatReadsNowAndThenIsKept() throws {
+        let c = try channel()
+        for _ in 0..<5 {
+            c.isWritable = false
+            c.pipeline.fireChannelWritabilityChanged()
+            c.embeddedEventLoop.advanceTime(by: .seconds(Limits.responseStallSecondsMax - 5))
+            c.isWritable = true
+            c.pipeline.fireChannelWritabilityChanged()
+        }
+        c.embeddedEventLoop.advanceTime(by: .seconds(Limits.responseStallSecondsMax * 2))
+        #expect(c.isActive)
+        _ = try c.finish()
+    }
+}
