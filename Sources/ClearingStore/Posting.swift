@@ -1,6 +1,7 @@
 import ClearingDomain
 import Foundation
 import GRDB
+import Synchronization
 
 /// One event to post, as it arrived: whose, under which webhook id, and what.
 public struct Submission: Sendable, Equatable {
@@ -15,34 +16,46 @@ public struct Submission: Sendable, Equatable {
     }
 }
 
+/// A batch after step 1 of posting: decided and committed to the journal (or refused as a
+/// whole), its new entries not yet in the partners' ledgers.
+public struct DecidedBatch: Sendable {
+    /// Each posting's outcome as decided; `completeInLedgers` makes it final.
+    var outcomes: [PostingOutcome]
+    /// Each posting's partner (parallel to `outcomes`).
+    var partners: [PartnerID]
+    /// The entries this batch created, by partner, in sequence order.
+    var fresh: [PartnerID: [ChainedEntry]]
+    /// True when the outcomes need no ledger step (all refused, or the writer stopped).
+    var isFinal: Bool
+
+    static func final(_ outcomes: [PostingOutcome]) -> DecidedBatch {
+        DecidedBatch(outcomes: outcomes, partners: [], fresh: [:], isFinal: true)
+    }
+}
+
 extension Store {
-    /// Decides and writes a batch of postings: the single writer's one step (group commit).
-    ///
-    /// 1. One IMMEDIATE transaction on `coalition.sqlite` decides every posting in order,
-    ///    against the state the earlier ones left, and writes the accepted ones to the journal
-    ///    with their lots, takes, moves and flows. COMMIT = one fsync: the batch is decided.
-    /// 2. Each touched partner ledger gets its new entries in one transaction (one fsync each).
-    /// 3. Only then are outcomes returned, so a 2xx is never sent for an entry not on disk.
+    /// Decides and writes a batch of postings: the single writer's one step (group commit),
+    /// `decide` then `completeInLedgers`. `PostingWriter` runs the two on two threads, so that
+    /// one batch is decided while the previous one is written to the ledgers.
+    public func post(_ batch: [Submission]) -> [PostingOutcome] {
+        completeInLedgers(decide(batch))
+    }
+
+    /// Step 1: one IMMEDIATE transaction on `coalition.sqlite` decides every posting in order,
+    /// against the state the earlier ones left, and writes the accepted ones to the journal
+    /// with their lots, takes, moves and flows. COMMIT = one fsync: the batch is decided.
     ///
     /// A refused posting writes nothing. If the journal cannot commit, every posting of the
-    /// batch gets `unavailable` and nothing is written. If a ledger cannot be written, its
-    /// postings get `unavailable` (they are decided and will be copied by catch-up; a retry
-    /// then answers 200 with the original body).
-    public func post(_ batch: [Submission]) -> [PostingOutcome] {
+    /// batch gets `unavailable` and nothing is written.
+    public func decide(_ batch: [Submission]) -> DecidedBatch {
         precondition(batch.count <= Limits.postingBatchMax, "batch larger than postingBatchMax")
         let started = writerState.withLock { state -> String? in
             if state.crashed { return "the writer stopped at a fault point; reopen the store" }
             if state.closed { return "the store is closed" }
             return nil
         }
-        if let reason = started { return batch.map { _ in .rejected(Problem(.unavailable, reason, retryAfterSeconds: 1)) } }
-        if batch.isEmpty { return [] }
-        if writerState.withLock({ $0.ledgersLagging }) {
-            do { try recover() } catch {
-                logger.error("ledger catch-up failed", metadata: ["error": "\(error)"])
-                return batch.map { _ in .rejected(Problem(.unavailable, "ledger storage is failing; retry later", retryAfterSeconds: 5)) }
-            }
-        }
+        if let reason = started { return .final(batch.map { _ in .rejected(Problem(.unavailable, reason, retryAfterSeconds: 1)) }) }
+        if batch.isEmpty { return .final([]) }
 
         let decided: [PostingOutcome]
         let fresh: [PartnerID: [ChainedEntry]]
@@ -57,35 +70,58 @@ extension Store {
                 (decided, fresh) = try decideAndCommit(batch, isolated: true)
             }
         } catch is SimulatedCrash {
-            return batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) }
+            return .final(batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) })
         } catch {
             logger.error("journal commit failed", metadata: ["error": "\(error)"])
-            return batch.map { _ in .rejected(Problem(.unavailable, "storage is failing; retry later", retryAfterSeconds: 5)) }
+            return .final(batch.map { _ in .rejected(Problem(.unavailable, "storage is failing; retry later", retryAfterSeconds: 5)) })
         }
         if crashes(at: .afterJournalCommit) {
-            return batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) }
+            return .final(batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) })
         }
+        return DecidedBatch(outcomes: decided, partners: batch.map(\.partner), fresh: fresh, isFinal: false)
+    }
 
-        var failedPartners: Set<PartnerID> = []
-        for partner in fresh.keys.sorted() {
+    /// Step 2: each touched partner ledger gets the batch's new entries in one transaction
+    /// (one fsync each; as many ledgers at once as the machine has cores). Only then
+    /// are outcomes final, so a 2xx is never sent for an entry not in its ledger.
+    ///
+    /// If a ledger cannot be written, its partner is marked lagging: its postings get
+    /// `unavailable` (they are decided; a retry answers 200 with the original body once the
+    /// ledger has caught up). Every later call first copies what a lagging ledger lacks from
+    /// the journal; while that fails, that partner's created and replayed outcomes stay
+    /// `unavailable`. Calls must come in the order their batches were decided.
+    public func completeInLedgers(_ d: DecidedBatch) -> [PostingOutcome] {
+        if d.isFinal { return d.outcomes }
+        let stopped = { d.outcomes.map { _ in PostingOutcome.rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) } }
+        let touched = d.fresh.keys.sorted()
+        let failures = Mutex<Set<PartnerID>>([])
+        let crashed = Atomic<Bool>(false)
+        DispatchQueue.concurrentPerform(iterations: touched.count) { i in
+            let partner = touched[i]
             do {
-                try appendToLedger(ledger(partner), fresh[partner]!)
+                try appendToLedger(ledger(partner), d.fresh[partner]!)
             } catch {
                 logger.error("ledger commit failed", metadata: ["partner": "\(partner)", "error": "\(error)"])
-                failedPartners.insert(partner)
-                writerState.withLock { $0.ledgersLagging = true }
+                failures.withLock { _ = $0.insert(partner) }
             }
-            if crashes(at: .afterLedgerCommit) {
-                return batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) }
-            }
+            if crashes(at: .afterLedgerCommit) { crashed.store(true, ordering: .relaxed) }
         }
-        if failedPartners.isEmpty { return decided }
-        return zip(batch, decided).map { s, outcome in
+        if crashed.load(ordering: .relaxed) { return stopped() }
+        var failed = failures.withLock { $0 }
+        writerState.withLock { $0.laggingLedgers.formUnion(failed) }
+        // Catch up every lagging ledger (this batch's failures and earlier ones): a replay in
+        // this batch may name an entry of an earlier batch that its ledger still lacks.
+        let lagging = writerState.withLock { $0.laggingLedgers }
+        if !lagging.isEmpty {
+            failed = catchUp(lagging)
+        }
+        if failed.isEmpty { return d.outcomes }
+        return zip(d.partners, d.outcomes).map { partner, outcome in
             switch outcome {
             case .created, .replayed:
-                // Created in this batch, or a replay of an entry created in it: not yet in
-                // the partner's ledger, so not yet acknowledged.
-                if failedPartners.contains(s.partner) {
+                // Created in this batch, or a replay of an entry its ledger may still lack:
+                // not yet acknowledged.
+                if failed.contains(partner) {
                     return .rejected(Problem(.unavailable, "accepted but not yet in the partner ledger; retry for the result", retryAfterSeconds: 5))
                 }
                 return outcome
@@ -94,7 +130,27 @@ extension Store {
         }
     }
 
-    /// Step 1 of a batch: one IMMEDIATE transaction that decides every posting and commits.
+    /// Copies into each of these ledgers what the journal holds beyond it. Returns the
+    /// partners whose ledgers still lag (and keeps them marked).
+    func catchUp(_ partners: Set<PartnerID>) -> Set<PartnerID> {
+        var still: Set<PartnerID> = []
+        for partner in partners.sorted() {
+            do {
+                let last = try coalition.read { db in
+                    try Int64.fetchOne(db, sql: "SELECT last_sequence FROM partner_head WHERE partner = ?", arguments: [partner.rawValue]) ?? 0
+                }
+                let copied = try catchUpLedger(partner, through: last)
+                logger.notice("lagging ledger caught up", metadata: ["partner": "\(partner)", "entries": "\(copied)"])
+            } catch {
+                logger.error("ledger catch-up failed", metadata: ["partner": "\(partner)", "error": "\(error)"])
+                still.insert(partner)
+            }
+        }
+        writerState.withLock { $0.laggingLedgers = still }
+        return still
+    }
+
+    /// The transaction of step 1, which decides every posting and commits.
     /// Not isolated (the fast path), a storage error anywhere rolls back the whole batch; isolated,
     /// each posting runs in a savepoint (SQLite then copies every page a posting touches into
     /// a statement journal, which is why it is not the default).
@@ -237,13 +293,13 @@ struct BatchState {
     private var heads: [PartnerID: Head] = [:]
 
     init(_ db: Database, terms: CoalitionTerms) throws {
-        let row = try Row.fetchOne(db, sql: "SELECT id, accepted_at_ms FROM journal ORDER BY id DESC LIMIT 1")
+        let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT id, accepted_at_ms FROM journal ORDER BY id DESC LIMIT 1"))
         lastJournalID = row?[0] ?? 0
         // Every new entry falls after the last run's cutoff, even if the clock stepped back.
-        let lastCutoff = try Int64.fetchOne(db, sql: "SELECT MAX(cutoff_ms) FROM run")
+        let lastCutoff = try Int64.fetchOne(db.cachedStatement(sql: "SELECT MAX(cutoff_ms) FROM run"))
         lastAcceptedAt = Instant(millisecondsSinceEpoch: max(row?[1] ?? Int64.min, lastCutoff.map { $0 + 1 } ?? Int64.min))
         let recorded = try Int64.fetchOne(
-            db, sql: "SELECT points_expire_after_days FROM expiry_terms ORDER BY from_journal_id DESC LIMIT 1")
+            db.cachedStatement(sql: "SELECT points_expire_after_days FROM expiry_terms ORDER BY from_journal_id DESC LIMIT 1"))
         if recorded != terms.pointsExpireAfterDays {
             try db.execute(
                 sql: "INSERT OR REPLACE INTO expiry_terms (from_journal_id, points_expire_after_days) VALUES (?, ?)",
@@ -263,7 +319,8 @@ struct BatchState {
     mutating func head(_ db: Database, _ partner: PartnerID) throws -> Head {
         if let h = heads[partner] { return h }
         let row = try Row.fetchOne(
-            db, sql: "SELECT last_sequence, last_hash, earned, redeemed, earn_reversed, redemption_reversed FROM partner_head WHERE partner = ?",
+            db.cachedStatement(
+                sql: "SELECT last_sequence, last_hash, earned, redeemed, earn_reversed, redemption_reversed FROM partner_head WHERE partner = ?"),
             arguments: [partner.rawValue])
         let h = row.map { Head(sequence: $0[0], hash: Array($0[1] as Data), totals: [$0[2], $0[3], $0[4], $0[5]]) }
             ?? Head(sequence: 0, hash: Store.genesisHash(partner))
@@ -281,15 +338,15 @@ struct BatchState {
 
     func saveHeads(_ db: Database) throws {
         for (partner, h) in heads where h.dirty {
-            try db.execute(
+            try db.cachedStatement(
                 sql: """
                     INSERT INTO partner_head (partner, last_sequence, last_hash, earned, redeemed, earn_reversed, redemption_reversed)
                     VALUES (?, ?, ?, ?, ?, ?, ?)
                     ON CONFLICT (partner) DO UPDATE SET last_sequence = excluded.last_sequence, last_hash = excluded.last_hash,
                       earned = excluded.earned, redeemed = excluded.redeemed, earn_reversed = excluded.earn_reversed,
                       redemption_reversed = excluded.redemption_reversed
-                    """,
-                arguments: [partner.rawValue, h.sequence, Data(h.hash), h.totals[0], h.totals[1], h.totals[2], h.totals[3]])
+                    """
+            ).execute(arguments: [partner.rawValue, h.sequence, Data(h.hash), h.totals[0], h.totals[1], h.totals[2], h.totals[3]])
         }
     }
 }

@@ -2,17 +2,20 @@ import ClearingDomain
 import Foundation
 
 /// The single writer with group commit. Callers from any task enqueue a submission and
-/// suspend; one dedicated thread takes everything queued (up to `postingBatchMax`), decides
-/// and commits it as one batch (one journal fsync, one per touched ledger), then resumes each
-/// caller with its outcome. While a batch is on disk, the next one gathers, so the number of
-/// fsyncs per posting falls as load rises.
+/// suspend; one dedicated thread (the decider) takes everything queued (up to
+/// `postingBatchMax`), decides it and commits it to the journal as one batch (one fsync);
+/// a second thread (the ledger stage) then appends the batch to each touched partner ledger
+/// (one fsync each) and only then resumes each caller with its outcome. The two run at once
+/// on consecutive batches: while batch n is written to the ledgers, batch n+1 is decided,
+/// and at most one decided batch waits for the ledger stage. While a batch is on disk, the
+/// next one gathers, so the number of fsyncs per posting falls as load rises.
 ///
 /// The queue is bounded in count (`postingQueueMax`) and in time: while its oldest posting
 /// has waited longer than `postingQueueWaitMillisecondsMax`, the writer is behind and new
 /// postings are shed. When full, behind, or once shutdown began, callers get `unavailable`
 /// (503 with `retry-after`) at once. `shutdown()` finishes everything already queued.
 public final class PostingWriter: @unchecked Sendable {
-    // @unchecked: `queue`, `closing` and `finished` are only touched under `condition`.
+    // @unchecked: every `var` below is only touched under `condition`.
     private let store: Store
     private let condition = NSCondition()
     private var queue: [(Submission, @Sendable (PostingOutcome) -> Void)] = []
@@ -21,6 +24,10 @@ public final class PostingWriter: @unchecked Sendable {
     private var shed = 0
     private var closing = false
     private var finished = false
+    /// A decided batch waiting for the ledger stage (at most one), and whether the decider
+    /// has ended (so the ledger stage ends once this is empty).
+    private var decided: [(DecidedBatch, [@Sendable (PostingOutcome) -> Void])] = []
+    private var deciderDone = false
     private let batchSizes = BatchSizeStats()
 
     /// Called on the writer's thread with the size of each committed batch (for metrics).
@@ -42,9 +49,12 @@ public final class PostingWriter: @unchecked Sendable {
         self.waitMax = waitMax
         self.store = store
         self.batchObserver = batchObserver
-        let thread = Thread { [self] in self.run() }
-        thread.name = "clearhouse-writer"
-        thread.start()
+        let decider = Thread { [self] in self.runDecider() }
+        decider.name = "clearhouse-writer"
+        decider.start()
+        let ledgerStage = Thread { [self] in self.runLedgerStage() }
+        ledgerStage.name = "clearhouse-ledgers"
+        ledgerStage.start()
     }
 
     /// Posts one event; returns once its outcome is durable (or refused).
@@ -78,7 +88,7 @@ public final class PostingWriter: @unchecked Sendable {
         }
         queue.append((submission, completion))
         queuedAt.append(now)
-        condition.signal()
+        condition.broadcast()  // two threads wait on `condition`: a signal could wake the wrong one
         condition.unlock()
     }
 
@@ -116,12 +126,14 @@ public final class PostingWriter: @unchecked Sendable {
         condition.unlock()
     }
 
-    private func run() {
+    /// The decider: takes queued postings, decides and commits them to the journal, and
+    /// hands the batch to the ledger stage (waiting while one batch already waits there).
+    private func runDecider() {
         while true {
             condition.lock()
             while queue.isEmpty && !closing { condition.wait() }
             if queue.isEmpty && closing {
-                finished = true
+                deciderDone = true
                 condition.broadcast()
                 condition.unlock()
                 return
@@ -132,10 +144,36 @@ public final class PostingWriter: @unchecked Sendable {
             queuedAt.removeFirst(n)
             condition.unlock()
 
-            let outcomes = store.post(batch.map(\.0))
+            let result = store.decide(batch.map(\.0))
             batchSizes.record(batch.count)
             batchObserver?(batch.count)
-            for (item, outcome) in zip(batch, outcomes) { item.1(outcome) }
+
+            condition.lock()
+            while !decided.isEmpty { condition.wait() }
+            decided.append((result, batch.map(\.1)))
+            condition.broadcast()
+            condition.unlock()
+        }
+    }
+
+    /// The ledger stage: writes each decided batch to the partners' ledgers, in the order
+    /// decided, then answers its callers.
+    private func runLedgerStage() {
+        while true {
+            condition.lock()
+            while decided.isEmpty && !deciderDone { condition.wait() }
+            if decided.isEmpty && deciderDone {
+                finished = true
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
+            let (batch, completions) = decided.removeFirst()
+            condition.broadcast()
+            condition.unlock()
+
+            let outcomes = store.completeInLedgers(batch)
+            for (completion, outcome) in zip(completions, outcomes) { completion(outcome) }
         }
     }
 }

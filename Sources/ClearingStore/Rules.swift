@@ -18,15 +18,19 @@ enum Rules {
         let before = try Store.spendableBalance(db, member: s.event.member, at: now)
         let after = try before.adding(n)
         return .apply(balanceAfter: after) { db, id in
-            try db.cachedStatement(
-                sql: "INSERT INTO lot (id, member, issuer, points, remaining, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)"
-            ).execute(arguments: [id, s.event.member.rawValue, s.partner.rawValue, n.value, n.value, expires?.millisecondsSinceEpoch])
-            try db.cachedStatement(
-                sql: """
-                    INSERT INTO member (member, first_journal_id, open_points) VALUES (?, ?, ?)
-                    ON CONFLICT (member) DO UPDATE SET open_points = open_points + excluded.open_points
-                    """
-            ).execute(arguments: [s.event.member.rawValue, id, n.value])
+            let lot = try FastStatement(
+                db, "INSERT INTO lot (id, member, issuer, points, remaining, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)")
+            lot.bind(1, id); lot.bind(2, s.event.member.rawValue); lot.bind(3, s.partner.rawValue)
+            lot.bind(4, n.value); lot.bind(5, n.value); lot.bind(6, expires?.millisecondsSinceEpoch)
+            try lot.done()
+            let member = try FastStatement(
+                db,
+                """
+                INSERT INTO member (member, first_journal_id, open_points) VALUES (?, ?, ?)
+                ON CONFLICT (member) DO UPDATE SET open_points = open_points + excluded.open_points
+                """)
+            member.bind(1, s.event.member.rawValue); member.bind(2, id); member.bind(3, n.value)
+            try member.done()
         }
     }
 
@@ -40,11 +44,13 @@ enum Rules {
         }
         return .apply(balanceAfter: try before.subtracting(n)) { db, id in
             for (i, t) in takes.enumerated() {
-                try db.cachedStatement(sql: "UPDATE lot SET remaining = remaining - ? WHERE id = ?")
-                    .execute(arguments: [t.points.value, t.lotID])
-                try db.cachedStatement(
-                    sql: "INSERT INTO lot_take (redemption_id, position, lot_id, issuer, points) VALUES (?, ?, ?, ?, ?)"
-                ).execute(arguments: [id, i, t.lotID, t.issuer.rawValue, t.points.value])
+                let lot = try FastStatement(db, "UPDATE lot SET remaining = remaining - ? WHERE id = ?")
+                lot.bind(1, t.points.value); lot.bind(2, t.lotID)
+                try lot.done()
+                let take = try FastStatement(
+                    db, "INSERT INTO lot_take (redemption_id, position, lot_id, issuer, points) VALUES (?, ?, ?, ?, ?)")
+                take.bind(1, id); take.bind(2, Int64(i)); take.bind(3, t.lotID); take.bind(4, t.issuer.rawValue); take.bind(5, t.points.value)
+                try take.done()
                 try move(db, entry: id, position: i, lot: t.lotID, issuer: t.issuer, redeemer: s.partner, points: t.points.value)
             }
             try changeMember(db, s.event.member, by: -n.value)
@@ -110,27 +116,33 @@ enum Rules {
     private static func move(
         _ db: Database, entry: Int64, position: Int, lot: Int64, issuer: PartnerID, redeemer: PartnerID, points: Int64
     ) throws {
-        try db.cachedStatement(
-            sql: "INSERT INTO lot_move (entry_id, position, lot_id, issuer, redeemer, points) VALUES (?, ?, ?, ?, ?, ?)"
-        ).execute(arguments: [entry, position, lot, issuer.rawValue, redeemer.rawValue, points])
+        let move = try FastStatement(
+            db, "INSERT INTO lot_move (entry_id, position, lot_id, issuer, redeemer, points) VALUES (?, ?, ?, ?, ?, ?)")
+        move.bind(1, entry); move.bind(2, Int64(position)); move.bind(3, lot)
+        move.bind(4, issuer.rawValue); move.bind(5, redeemer.rawValue); move.bind(6, points)
+        try move.done()
         if points > 0 {
-            try db.cachedStatement(
-                sql: """
-                    INSERT INTO flow (issuer, redeemer, points) VALUES (?, ?, ?)
-                    ON CONFLICT (issuer, redeemer) DO UPDATE SET points = points + excluded.points
-                    """
-            ).execute(arguments: [issuer.rawValue, redeemer.rawValue, points])
+            let flow = try FastStatement(
+                db,
+                """
+                INSERT INTO flow (issuer, redeemer, points) VALUES (?, ?, ?)
+                ON CONFLICT (issuer, redeemer) DO UPDATE SET points = points + excluded.points
+                """)
+            flow.bind(1, issuer.rawValue); flow.bind(2, redeemer.rawValue); flow.bind(3, points)
+            try flow.done()
         } else {
             // A return: the flow exists, made by the redemption being reversed.
-            try db.cachedStatement(sql: "UPDATE flow SET points = points + ? WHERE issuer = ? AND redeemer = ?")
-                .execute(arguments: [points, issuer.rawValue, redeemer.rawValue])
+            let flow = try FastStatement(db, "UPDATE flow SET points = points + ? WHERE issuer = ? AND redeemer = ?")
+            flow.bind(1, points); flow.bind(2, issuer.rawValue); flow.bind(3, redeemer.rawValue)
+            try flow.done()
             precondition(db.changesCount == 1, "flow \(issuer) -> \(redeemer) missing for a return")
         }
     }
 
     private static func changeMember(_ db: Database, _ member: MemberID, by delta: Int64) throws {
-        try db.cachedStatement(sql: "UPDATE member SET open_points = open_points + ? WHERE member = ?")
-            .execute(arguments: [delta, member.rawValue])
+        let update = try FastStatement(db, "UPDATE member SET open_points = open_points + ? WHERE member = ?")
+        update.bind(1, delta); update.bind(2, member.rawValue)
+        try update.done()
         precondition(db.changesCount == 1, "member \(member) has no row")
     }
 }
@@ -140,6 +152,12 @@ enum Lookup {
     /// The earlier entries of a partner under this webhook id and under this reference, in
     /// one query (SQLite answers it from the two unique indexes).
     static func earlier(_ db: Database, _ partner: PartnerID, _ id: WebhookID, _ reference: Reference) throws -> (Entry?, Entry?) {
+        // Nearly always neither exists: answer that through the C API, decode otherwise.
+        let probe = try FastStatement(db, "SELECT 1 FROM journal WHERE partner = ? AND (webhook_id = ? OR reference = ?) LIMIT 1")
+        probe.bind(1, partner.rawValue); probe.bind(2, id.rawValue); probe.bind(3, reference.rawValue)
+        let found = try probe.step()
+        probe.finish()
+        if !found { return (nil, nil) }
         let rows = try Row.fetchAll(
             db.cachedStatement(
                 sql: "SELECT \(JournalRow.columns) FROM journal WHERE partner = ? AND (webhook_id = ? OR reference = ?)"),
@@ -179,15 +197,19 @@ enum Lookup {
     }
 
     static func openLots(_ db: Database, _ member: MemberID) throws -> [OpenLot] {
-        try Row.fetchAll(
-            db.cachedStatement(
-                sql: "SELECT id, issuer, remaining, expires_at_ms FROM lot WHERE member = ? AND remaining > 0 ORDER BY id"),
-            arguments: [member.rawValue]
-        ).map { row in
-            guard let issuer = PartnerID(row[1] as String) else { throw StoreError("lot \(row[0] as Int64) has an invalid issuer") }
-            let expires: Int64? = row[3]
-            return OpenLot(id: row[0], issuer: issuer, remaining: Points(row[2]), expiresAt: expires.map { Instant(millisecondsSinceEpoch: $0) })
+        let select = try FastStatement(
+            db, "SELECT id, issuer, remaining, expires_at_ms FROM lot WHERE member = ? AND remaining > 0 ORDER BY id")
+        select.bind(1, member.rawValue)
+        defer { select.finish() }
+        var lots: [OpenLot] = []
+        while try select.step() {
+            let id = try select.int64(0)
+            guard let issuer = PartnerID(try select.text(1)) else { throw StoreError("lot \(id) has an invalid issuer") }
+            let expires = try select.optionalInt64(3)
+            lots.append(OpenLot(
+                id: id, issuer: issuer, remaining: Points(try select.int64(2)), expiresAt: expires.map { Instant(millisecondsSinceEpoch: $0) }))
         }
+        return lots
     }
 
     static func takes(_ db: Database, redemption: Int64) throws -> [LotTake] {
@@ -201,17 +223,20 @@ enum Lookup {
     }
 
     static func insertJournal(_ db: Database, _ e: Entry, hash: [UInt8]) throws {
-        try db.cachedStatement(
-            sql: """
-                INSERT INTO journal (id, partner, sequence, webhook_id, accepted_at_ms, kind, member, points, reference,
-                  original_reference, occurred_at_ms, amount_minor, member_balance, hash)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                """
-        ).execute(arguments: [
-            e.journalID, e.partner.rawValue, e.sequence, e.webhookID.rawValue, e.acceptedAt.millisecondsSinceEpoch,
-            e.event.kind.rawValue, e.event.member.rawValue, e.event.points.value, e.event.reference.rawValue,
-            e.event.originalReference?.rawValue, e.event.occurredAt?.millisecondsSinceEpoch, e.event.amountMinor?.value,
-            e.memberBalance.value, Data(hash),
-        ])
+        let insert = try FastStatement(
+            db,
+            """
+            INSERT INTO journal (id, partner, sequence, webhook_id, accepted_at_ms, kind, member, points, reference,
+              original_reference, occurred_at_ms, amount_minor, member_balance, hash)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """)
+        insert.bind(1, e.journalID); insert.bind(2, e.partner.rawValue); insert.bind(3, e.sequence)
+        insert.bind(4, e.webhookID.rawValue); insert.bind(5, e.acceptedAt.millisecondsSinceEpoch)
+        insert.bind(6, Int64(e.event.kind.rawValue)); insert.bind(7, e.event.member.rawValue); insert.bind(8, e.event.points.value)
+        insert.bind(9, e.event.reference.rawValue); insert.bind(10, e.event.originalReference?.rawValue)
+        insert.bind(11, e.event.occurredAt?.millisecondsSinceEpoch); insert.bind(12, e.event.amountMinor?.value)
+        insert.bind(13, e.memberBalance.value); insert.bind(14, blob: hash)
+        try insert.done()
     }
+
 }

@@ -43,8 +43,8 @@ public final class Store: Sendable {
     struct WriterState {
         /// Set when a fault point stopped the writer: nothing more may be written.
         var crashed = false
-        /// Set when a ledger could not be written after its journal commit; cleared by catch-up.
-        var ledgersLagging = false
+        /// Partners whose ledger could not be written after a journal commit; cleared by catch-up.
+        var laggingLedgers: Set<PartnerID> = []
         /// Set by `close()`; a closed store refuses every write.
         var closed = false
     }
@@ -179,7 +179,7 @@ public final class Store: Sendable {
                 logger.notice("recovered ledger entries", metadata: ["partner": "\(partner)", "entries": "\(copied)"])
             }
         }
-        writerState.withLock { $0.ledgersLagging = false }
+        writerState.withLock { $0.laggingLedgers = [] }
     }
 
     /// Brings one ledger up to `through` from the journal. Returns how many entries it copied.
@@ -187,7 +187,7 @@ public final class Store: Sendable {
     func catchUpLedger(_ partner: PartnerID, through target: Int64) throws -> Int {
         let ledger = try ledger(partner)
         var copied = 0
-        var last = target
+        let last = target
         while true {
             let have = try ledger.read { db in try Int64.fetchOne(db, sql: "SELECT MAX(sequence) FROM entry") ?? 0 }
             if have > last {
@@ -221,7 +221,7 @@ public final class Store: Sendable {
     func appendToLedger(_ ledger: DatabasePool, _ entries: [ChainedEntry]) throws {
         try ledger.writeWithoutTransaction { db in
             try db.inTransaction(.immediate) {
-                let have = try Int64.fetchOne(db, sql: "SELECT MAX(sequence) FROM entry") ?? 0
+                let have = try Int64.fetchOne(db.cachedStatement(sql: "SELECT MAX(sequence) FROM entry")) ?? 0
                 var entries = entries
                 if let first = entries.first, first.entry.sequence > have + 1 {
                     // Another process decided entries before ours and has not copied them yet
@@ -231,20 +231,22 @@ public final class Store: Sendable {
                     }
                     entries = missing + entries
                 }
-                let insert = try db.cachedStatement(
-                    sql: """
-                        INSERT INTO entry (sequence, journal_id, webhook_id, accepted_at_ms, kind, member, points,
-                          reference, original_reference, occurred_at_ms, amount_minor, member_balance, prev_hash, hash)
-                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                        """)
+                let insert = try FastStatement(
+                    db,
+                    """
+                    INSERT INTO entry (sequence, journal_id, webhook_id, accepted_at_ms, kind, member, points,
+                      reference, original_reference, occurred_at_ms, amount_minor, member_balance, prev_hash, hash)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    """)
                 for c in entries where c.entry.sequence > have {
                     let e = c.entry
-                    try insert.execute(arguments: [
-                        e.sequence, e.journalID, e.webhookID.rawValue, e.acceptedAt.millisecondsSinceEpoch,
-                        e.event.kind.rawValue, e.event.member.rawValue, e.event.points.value, e.event.reference.rawValue,
-                        e.event.originalReference?.rawValue, e.event.occurredAt?.millisecondsSinceEpoch,
-                        e.event.amountMinor?.value, e.memberBalance.value, Data(c.previousHash), Data(c.hash),
-                    ])
+                    insert.bind(1, e.sequence); insert.bind(2, e.journalID); insert.bind(3, e.webhookID.rawValue)
+                    insert.bind(4, e.acceptedAt.millisecondsSinceEpoch); insert.bind(5, Int64(e.event.kind.rawValue))
+                    insert.bind(6, e.event.member.rawValue); insert.bind(7, e.event.points.value); insert.bind(8, e.event.reference.rawValue)
+                    insert.bind(9, e.event.originalReference?.rawValue); insert.bind(10, e.event.occurredAt?.millisecondsSinceEpoch)
+                    insert.bind(11, e.event.amountMinor?.value); insert.bind(12, e.memberBalance.value)
+                    insert.bind(13, blob: c.previousHash); insert.bind(14, blob: c.hash)
+                    try insert.done()
                 }
                 return .commit
             }
@@ -262,14 +264,16 @@ public final class Store: Sendable {
     }
 
     static func spendableBalance(_ db: Database, member: MemberID, at t: Instant) throws -> Points {
-        let sum = try Int64.fetchOne(
-            db.cachedStatement(
-                sql: """
-                    SELECT COALESCE(SUM(remaining), 0) FROM lot
-                    WHERE member = ? AND remaining > 0 AND (expires_at_ms IS NULL OR expires_at_ms > ?)
-                    """),
-            arguments: [member.rawValue, t.millisecondsSinceEpoch])
-        return Points(sum ?? 0)
+        let sum = try FastStatement(
+            db,
+            """
+            SELECT COALESCE(SUM(remaining), 0) FROM lot
+            WHERE member = ? AND remaining > 0 AND (expires_at_ms IS NULL OR expires_at_ms > ?)
+            """)
+        sum.bind(1, member.rawValue); sum.bind(2, t.millisecondsSinceEpoch)
+        defer { sum.finish() }
+        guard try sum.step() else { throw StoreError("SUM returned no row") }
+        return Points(try sum.int64(0))
     }
 
     /// Every entry of a partner's ledger, in sequence order (for tests and tools; statements
@@ -293,12 +297,12 @@ public final class Store: Sendable {
         // files (no -wal to carry along in a copy).
         try ledgers.withLock { open in
             for db in open.values {
-                try db.writeWithoutTransaction { try $0.checkpoint(.truncate) }
+                _ = try db.writeWithoutTransaction { try $0.checkpoint(.truncate) }
                 try db.close()
             }
             open.removeAll()
         }
-        try coalition.writeWithoutTransaction { try $0.checkpoint(.truncate) }
+        _ = try coalition.writeWithoutTransaction { try $0.checkpoint(.truncate) }
         try coalition.close()
     }
 }

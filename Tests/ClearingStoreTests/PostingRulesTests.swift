@@ -273,6 +273,33 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         #expect(try h.verify().ok)
     }
 
+    @Test func aLedgerThatCannotBeWrittenHoldsBackOnlyItsPartnerUntilItCatchesUp() async throws {
+        let h = try Harness()
+        let writer = PostingWriter(store: h.store)
+        #expect(await writer.post(Submission(partner: F, webhookID: WebhookID("f1")!, event: Fixtures.earn("M1", 10, "F-1"))).httpStatus == 201)
+        // The fuel ledger now refuses every insert (as a full or failing disk would).
+        let ledger = try DatabaseQueue(path: h.store.ledgerURL(F).path)
+        try await ledger.write { try $0.execute(sql: "CREATE TRIGGER broken BEFORE INSERT ON entry BEGIN SELECT RAISE(ABORT, 'disk trouble'); END") }
+        async let fuel = writer.post(Submission(partner: F, webhookID: WebhookID("f2")!, event: Fixtures.earn("M1", 20, "F-2")))
+        async let grocery = writer.post(Submission(partner: G, webhookID: WebhookID("g1")!, event: Fixtures.earn("M2", 5, "G-1")))
+        let (f2, g1) = await (fuel, grocery)
+        guard case .rejected(let p) = f2 else { Issue.record("f2 acknowledged without its ledger: \(f2)"); return }
+        #expect(p.kind == .unavailable && p.retryAfterSeconds != nil)
+        #expect(g1.httpStatus == 201, "another partner's ledger is not held back")
+        // While the ledger still fails, the retry is not acknowledged either.
+        #expect(await writer.post(Submission(partner: F, webhookID: WebhookID("f2")!, event: Fixtures.earn("M1", 20, "F-2"))).httpStatus == 503)
+        #expect(try h.store.ledgerEntries(F).map(\.webhookID.rawValue) == ["f1"])
+        // Repaired: the next batch copies the missing entry, and the retry gets the original result.
+        try await ledger.write { try $0.execute(sql: "DROP TRIGGER broken") }
+        let retry = await writer.post(Submission(partner: F, webhookID: WebhookID("f2")!, event: Fixtures.earn("M1", 20, "F-2")))
+        guard case .replayed(let e) = retry else { Issue.record("retry after repair: \(retry)"); return }
+        #expect(e.sequence == 2 && e.memberBalance == Points(30))
+        #expect(try h.store.ledgerEntries(F).map(\.webhookID.rawValue) == ["f1", "f2"])
+        writer.shutdown()
+        try ledger.close()
+        #expect(try h.verify().ok)
+    }
+
     @Test func everyWriterConnectionFsyncsEachCommit() throws {
         // GRDB's DatabasePool turns WAL on with synchronous = NORMAL (no fsync at commit);
         // the store must set FULL on each writer connection, the ledgers' included.

@@ -1,0 +1,119 @@
+import Foundation
+import GRDB
+import GRDBSQLite
+
+/// One of the writer's hot statements, prepared once by GRDB (its statement cache) and bound,
+/// stepped and read through SQLite's C API.
+///
+/// Measured on the posting path: GRDB's `StatementArguments` (an array of existentials,
+/// boxed into `DatabaseValue`s) and its row objects cost about a third of the writer's time;
+/// the same statements bound directly run 1.4 to 1.5 times faster (docs/BENCHMARKS.md). Only
+/// the writer's per-posting statements use this; everything else stays on GRDB's API.
+///
+/// Use it within one GRDB access (`write`, `read`) on the connection it was made from, and
+/// finish with `done()`/`row()` before the next use: the statement is reset on creation.
+struct FastStatement {
+    private let db: Database
+    private let statement: SQLiteStatement
+
+    init(_ db: Database, _ sql: String) throws {
+        self.db = db
+        statement = try db.cachedStatement(sql: sql).sqliteStatement
+        sqlite3_reset(statement)
+        sqlite3_clear_bindings(statement)
+    }
+
+    // MARK: Binding (1-based, as SQLite numbers parameters)
+
+    func bind(_ i: Int32, _ value: Int64) {
+        sqlite3_bind_int64(statement, i, value)
+    }
+
+    func bind(_ i: Int32, _ value: Int64?) {
+        if let value { sqlite3_bind_int64(statement, i, value) } else { sqlite3_bind_null(statement, i) }
+    }
+
+    func bind(_ i: Int32, _ value: String) {
+        var value = value
+        value.withUTF8 { utf8 in
+            utf8.withMemoryRebound(to: CChar.self) { text in
+                if let base = text.baseAddress {
+                    _ = sqlite3_bind_text(statement, i, base, Int32(text.count), FastStatement.transient)
+                } else {
+                    _ = sqlite3_bind_text(statement, i, "", 0, FastStatement.transient)
+                }
+            }
+        }
+    }
+
+    func bind(_ i: Int32, _ value: String?) {
+        if let value { bind(i, value) } else { sqlite3_bind_null(statement, i) }
+    }
+
+    func bind(_ i: Int32, blob: [UInt8]) {
+        blob.withUnsafeBytes { bytes in
+            _ = sqlite3_bind_blob(statement, i, bytes.baseAddress, Int32(bytes.count), FastStatement.transient)
+        }
+    }
+
+    // MARK: Stepping
+
+    /// Runs a statement that returns no row (INSERT, UPDATE); throws SQLite's error, as GRDB
+    /// would (constraint violations included).
+    func done() throws {
+        let code = sqlite3_step(statement)
+        defer { sqlite3_reset(statement) }
+        guard code == SQLITE_DONE else { throw error(code) }
+    }
+
+    /// Steps once: true when a row is there to read, false when the statement is done.
+    func step() throws -> Bool {
+        let code = sqlite3_step(statement)
+        switch code {
+        case SQLITE_ROW: return true
+        case SQLITE_DONE: return false
+        default:
+            sqlite3_reset(statement)
+            throw error(code)
+        }
+    }
+
+    /// Ends a statement whose rows were read (or not wanted).
+    func finish() {
+        sqlite3_reset(statement)
+    }
+
+    // MARK: Reading the current row (0-based columns)
+
+    func isNull(_ column: Int32) -> Bool {
+        sqlite3_column_type(statement, column) == SQLITE_NULL
+    }
+
+    /// An integer column; anything else (a damaged file) is an error, not a crash.
+    func int64(_ column: Int32) throws -> Int64 {
+        guard sqlite3_column_type(statement, column) == SQLITE_INTEGER else {
+            throw StoreError("column \(column) of `\(String(cString: sqlite3_sql(statement)))` is not an integer")
+        }
+        return sqlite3_column_int64(statement, column)
+    }
+
+    func optionalInt64(_ column: Int32) throws -> Int64? {
+        isNull(column) ? nil : try int64(column)
+    }
+
+    func text(_ column: Int32) throws -> String {
+        guard sqlite3_column_type(statement, column) == SQLITE_TEXT, let p = sqlite3_column_text(statement, column) else {
+            throw StoreError("column \(column) of `\(String(cString: sqlite3_sql(statement)))` is not text")
+        }
+        let n = Int(sqlite3_column_bytes(statement, column))
+        return String(decoding: UnsafeBufferPointer(start: p, count: n), as: UTF8.self)
+    }
+
+    private func error(_ code: Int32) -> DatabaseError {
+        DatabaseError(
+            resultCode: ResultCode(rawValue: code), message: String(cString: sqlite3_errmsg(db.sqliteConnection)),
+            sql: String(cString: sqlite3_sql(statement)))
+    }
+
+    private static let transient = unsafeBitCast(-1, to: sqlite3_destructor_type.self)
+}
