@@ -170,9 +170,12 @@ public struct Intake: Sendable {
     }
 
     func requireJSON(_ request: Request) throws(Problem) {
-        let type = request.headers[.contentType]?.lowercased() ?? ""
-        let essence = type.split(separator: ";", maxSplits: 1).first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
-        guard essence == "application/json" else {
+        let type = request.headers[.contentType] ?? ""
+        // The media type's essence: before any `;`, without spaces or tabs around it, any case.
+        let essence = type.utf8.prefix { $0 != UInt8(ascii: ";") }.drop { $0 == 0x20 || $0 == 0x09 }
+        let trimmed = essence.reversed().drop { $0 == 0x20 || $0 == 0x09 }.reversed()
+        let lower = { (b: UInt8) -> UInt8 in (0x41...0x5A).contains(b) ? b + 0x20 : b }
+        guard trimmed.count == 16, zip(trimmed, "application/json".utf8).allSatisfy({ lower($0) == $1 }) else {
             throw Problem(.unsupportedMediaType, "content-type must be application/json (got \(JSONWriter.quote(type)))")
         }
     }

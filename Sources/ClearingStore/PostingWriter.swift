@@ -15,9 +15,13 @@ import Foundation
 /// postings are shed. When full, behind, or once shutdown began, callers get `unavailable`
 /// (503 with `retry-after`) at once. `shutdown()` finishes everything already queued.
 public final class PostingWriter: @unchecked Sendable {
-    // @unchecked: every `var` below is only touched under `condition`.
+    // @unchecked: `queue`, `queuedAt`, `shed` and `closing` are only touched under `condition`
+    // (the decider waits on it); `decided`, `deciderDone` and `finished` under `stage` (the
+    // ledger stage and `shutdown` wait on it). Two conditions, so that queuing a posting
+    // wakes the decider only.
     private let store: Store
     private let condition = NSCondition()
+    private let stage = NSCondition()
     private var queue: [(Submission, @Sendable (PostingOutcome) -> Void)] = []
     /// When each queued posting was queued (parallel to `queue`).
     private var queuedAt: [ContinuousClock.Instant] = []
@@ -88,7 +92,7 @@ public final class PostingWriter: @unchecked Sendable {
         }
         queue.append((submission, completion))
         queuedAt.append(now)
-        condition.broadcast()  // two threads wait on `condition`: a signal could wake the wrong one
+        condition.signal()
         condition.unlock()
     }
 
@@ -122,8 +126,10 @@ public final class PostingWriter: @unchecked Sendable {
         condition.lock()
         closing = true
         condition.broadcast()
-        while !finished { condition.wait() }
         condition.unlock()
+        stage.lock()
+        while !finished { stage.wait() }
+        stage.unlock()
     }
 
     /// The decider: takes queued postings, decides and commits them to the journal, and
@@ -133,9 +139,11 @@ public final class PostingWriter: @unchecked Sendable {
             condition.lock()
             while queue.isEmpty && !closing { condition.wait() }
             if queue.isEmpty && closing {
-                deciderDone = true
-                condition.broadcast()
                 condition.unlock()
+                stage.lock()
+                deciderDone = true
+                stage.broadcast()
+                stage.unlock()
                 return
             }
             let n = min(queue.count, Limits.postingBatchMax)
@@ -148,11 +156,11 @@ public final class PostingWriter: @unchecked Sendable {
             batchSizes.record(batch.count)
             batchObserver?(batch.count)
 
-            condition.lock()
-            while !decided.isEmpty { condition.wait() }
+            stage.lock()
+            while !decided.isEmpty { stage.wait() }
             decided.append((result, batch.map(\.1)))
-            condition.broadcast()
-            condition.unlock()
+            stage.broadcast()
+            stage.unlock()
         }
     }
 
@@ -160,17 +168,17 @@ public final class PostingWriter: @unchecked Sendable {
     /// decided, then answers its callers.
     private func runLedgerStage() {
         while true {
-            condition.lock()
-            while decided.isEmpty && !deciderDone { condition.wait() }
+            stage.lock()
+            while decided.isEmpty && !deciderDone { stage.wait() }
             if decided.isEmpty && deciderDone {
                 finished = true
-                condition.broadcast()
-                condition.unlock()
+                stage.broadcast()
+                stage.unlock()
                 return
             }
             let (batch, completions) = decided.removeFirst()
-            condition.broadcast()
-            condition.unlock()
+            stage.broadcast()
+            stage.unlock()
 
             let outcomes = store.completeInLedgers(batch)
             for (completion, outcome) in zip(completions, outcomes) { completion(outcome) }
