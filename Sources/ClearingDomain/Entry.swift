@@ -42,21 +42,32 @@ public struct Entry: Equatable, Sendable {
     /// The bytes the hash chain covers. Every field, in a fixed order, each as
     /// `name=value\n`; the values' alphabets exclude `\n`, so the encoding is unambiguous.
     public var canonicalBytes: [UInt8] {
-        var s = "clearhouse.entry.v1\n"
-        s += "partner=\(partner.rawValue)\n"
-        s += "sequence=\(sequence)\n"
-        s += "journal_id=\(journalID)\n"
-        s += "webhook_id=\(webhookID.rawValue)\n"
-        s += "accepted_at_ms=\(acceptedAt.millisecondsSinceEpoch)\n"
-        s += "type=\(event.kind.typeName)\n"
-        s += "member=\(event.member.rawValue)\n"
-        s += "points=\(event.points.value)\n"
-        s += "reference=\(event.reference.rawValue)\n"
-        s += "original_reference=\(event.originalReference?.rawValue ?? "")\n"
-        s += "occurred_at_ms=\(event.occurredAt.map { String($0.millisecondsSinceEpoch) } ?? "")\n"
-        s += "amount_minor=\(event.amountMinor.map { String($0.value) } ?? "")\n"
-        s += "member_balance=\(memberBalance.value)\n"
-        return Array(s.utf8)
+        // Built byte by byte (one allocation): the writer hashes every entry it accepts.
+        var b: [UInt8] = []
+        b.reserveCapacity(512)
+        func line(_ name: StaticString, _ value: some StringProtocol) {
+            b.append(contentsOf: UnsafeBufferPointer(start: name.utf8Start, count: name.utf8CodeUnitCount))
+            b.append(contentsOf: value.utf8)
+            b.append(0x0A)
+        }
+        func line(_ name: StaticString, _ value: Int64?) {
+            line(name, value.map { String($0) } ?? "")
+        }
+        line("clearhouse.entry.v1", "")
+        line("partner=", partner.rawValue)
+        line("sequence=", sequence)
+        line("journal_id=", journalID)
+        line("webhook_id=", webhookID.rawValue)
+        line("accepted_at_ms=", acceptedAt.millisecondsSinceEpoch)
+        line("type=", event.kind.typeName)
+        line("member=", event.member.rawValue)
+        line("points=", event.points.value)
+        line("reference=", event.reference.rawValue)
+        line("original_reference=", event.originalReference?.rawValue ?? "")
+        line("occurred_at_ms=", event.occurredAt?.millisecondsSinceEpoch)
+        line("amount_minor=", event.amountMinor?.value)
+        line("member_balance=", memberBalance.value)
+        return b
     }
 }
 

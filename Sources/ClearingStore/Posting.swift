@@ -222,6 +222,49 @@ extension Store {
         guard configuration.partners[s.partner] != nil else {
             return .rejected(Problem(.unknownPartner, "no partner \(JSONWriter.quote(s.partner.rawValue)) in this coalition"))
         }
+        // Idempotency (same webhook id or reference: the original result, or a conflict) is
+        // checked only where it can matter, so that the common case costs no lookup: before a
+        // refusal is returned, and when the journal's unique indexes refuse the insert below.
+        let now = state.nextAcceptedAt(clock.now())
+        let journalID = state.nextJournalID
+        let effects: Effects
+        switch s.event.kind {
+        case .earned: effects = try Rules.earn(db, s, journalID: journalID, now: now, terms: configuration.coalition)
+        case .redeemed: effects = try Rules.redeem(db, s, now: now)
+        case .earnReversed: effects = try Rules.reverseEarn(db, s, now: now)
+        case .redemptionReversed: effects = try Rules.reverseRedemption(db, s, now: now)
+        }
+        if case .refused(let problem) = effects { return try earlierOutcome(db, s) ?? .rejected(problem) }
+        guard case .apply(let balanceAfter, let write) = effects else { preconditionFailure() }
+
+        let head = try state.head(db, s.partner)
+        let entry = Entry(
+            journalID: journalID, partner: s.partner, sequence: head.sequence + 1, webhookID: s.webhookID,
+            acceptedAt: now, event: s.event, memberBalance: balanceAfter)
+        let hash = Store.chainHash(previous: head.hash, entry: entry)
+        do {
+            try Lookup.insertJournal(db, entry, hash: hash)
+        } catch let error as DatabaseError where error.resultCode == .SQLITE_CONSTRAINT {
+            // SQLite undid the failed INSERT alone (nothing of this posting was written yet);
+            // the transaction goes on.
+            guard let earlier = try earlierOutcome(db, s) else { throw error }
+            return earlier
+        }
+        try write(db, journalID)
+        state.advance(s.partner, sequence: entry.sequence, hash: hash, journalID: journalID, kind: s.event.kind, points: s.event.points)
+        fresh = ChainedEntry(entry: entry, previousHash: head.hash, hash: hash)
+        if Store.checksBalancesInline {
+            let check = try Store.spendableBalance(db, member: s.event.member, at: now)
+            precondition(check == balanceAfter, "balance after posting disagrees with the lots")
+        }
+        return .created(entry)
+    }
+}
+
+extension Store {
+    /// The outcome an earlier entry of the partner under the same webhook id or reference
+    /// dictates (replay with the original entry, or conflict), or nil when there is none.
+    fileprivate func earlierOutcome(_ db: Database, _ s: Submission) throws -> PostingOutcome? {
         let (byWebhook, byReference) = try Lookup.earlier(db, s.partner, s.webhookID, s.event.reference)
         if let earlier = byWebhook {
             if earlier.event == s.event { return .replayed(earlier) }
@@ -233,32 +276,7 @@ extension Store {
             return .rejected(Problem(.conflict,
                 "reference \(s.event.reference) was already used for different content (sequence \(earlier.sequence))"))
         }
-        let now = state.nextAcceptedAt(clock.now())
-        let journalID = state.nextJournalID
-        let effects: Effects
-        switch s.event.kind {
-        case .earned: effects = try Rules.earn(db, s, journalID: journalID, now: now, terms: configuration.coalition)
-        case .redeemed: effects = try Rules.redeem(db, s, now: now)
-        case .earnReversed: effects = try Rules.reverseEarn(db, s, now: now)
-        case .redemptionReversed: effects = try Rules.reverseRedemption(db, s, now: now)
-        }
-        if case .refused(let problem) = effects { return .rejected(problem) }
-        guard case .apply(let balanceAfter, let write) = effects else { preconditionFailure() }
-
-        let head = try state.head(db, s.partner)
-        let entry = Entry(
-            journalID: journalID, partner: s.partner, sequence: head.sequence + 1, webhookID: s.webhookID,
-            acceptedAt: now, event: s.event, memberBalance: balanceAfter)
-        let hash = Store.chainHash(previous: head.hash, entry: entry)
-        try Lookup.insertJournal(db, entry, hash: hash)
-        try write(db, journalID)
-        state.advance(s.partner, sequence: entry.sequence, hash: hash, journalID: journalID, kind: s.event.kind, points: s.event.points)
-        fresh = ChainedEntry(entry: entry, previousHash: head.hash, hash: hash)
-        if Store.checksBalancesInline {
-            let check = try Store.spendableBalance(db, member: s.event.member, at: now)
-            precondition(check == balanceAfter, "balance after posting disagrees with the lots")
-        }
-        return .created(entry)
+        return nil
     }
 }
 

@@ -219,3 +219,58 @@ import Testing
         #expect(JSONWriter.quote("a\"b\\c\n\u{01}") == #""a\"b\\c\n\u0001""#)
     }
 }
+
+@Suite struct CanonicalEncodingTests {
+    /// The bytes every ledger hash is taken over: fixed forever (ledgers already on disk are
+    /// chained with them), so they are pinned here byte for byte.
+    @Test func canonicalBytesArePinned() {
+        let earn = Entry(
+            journalID: 7, partner: PartnerID("fuelco")!, sequence: 3, webhookID: WebhookID("msg_1")!,
+            acceptedAt: Instant(millisecondsSinceEpoch: 1_795_000_000_123),
+            event: Event(
+                kind: .earned, member: MemberID("M-1")!, points: Points(100), reference: Reference("R-1")!,
+                originalReference: nil, occurredAt: Instant(millisecondsSinceEpoch: 1_794_999_999_000), amountMinor: MoneyMinor(2599)),
+            memberBalance: Points(310))
+        #expect(String(decoding: earn.canonicalBytes, as: UTF8.self) == """
+            clearhouse.entry.v1
+            partner=fuelco
+            sequence=3
+            journal_id=7
+            webhook_id=msg_1
+            accepted_at_ms=1795000000123
+            type=points.earned
+            member=M-1
+            points=100
+            reference=R-1
+            original_reference=
+            occurred_at_ms=1794999999000
+            amount_minor=2599
+            member_balance=310
+
+            """)
+        let reversal = Entry(
+            journalID: 9, partner: PartnerID("fuelco")!, sequence: 4, webhookID: WebhookID("msg_2")!,
+            acceptedAt: Instant(millisecondsSinceEpoch: -5),
+            event: Event(
+                kind: .earnReversed, member: MemberID("M-1")!, points: Points(30), reference: Reference("R-3")!,
+                originalReference: Reference("R-1")!, occurredAt: nil, amountMinor: nil),
+            memberBalance: Points(0))
+        #expect(String(decoding: reversal.canonicalBytes, as: UTF8.self) == """
+            clearhouse.entry.v1
+            partner=fuelco
+            sequence=4
+            journal_id=9
+            webhook_id=msg_2
+            accepted_at_ms=-5
+            type=points.earn_reversed
+            member=M-1
+            points=30
+            reference=R-3
+            original_reference=R-1
+            occurred_at_ms=
+            amount_minor=
+            member_balance=0
+
+            """)
+    }
+}
