@@ -58,6 +58,13 @@ public enum Limits {
     // MARK: Posting writer (group commit)
     /// Most postings decided in one coalition transaction (one fsync of the journal).
     public static let postingBatchMax = 4096
+    /// Group-commit delay: under load (the previous batch held at least
+    /// `postingBatchGatherFrom` postings), the writer waits up to this long for more postings
+    /// before deciding a batch smaller than `postingBatchGatherTo`, so that one fsync serves more
+    /// postings (PostgreSQL's `commit_delay`, for the same reason). A lone posting never waits.
+    public static let postingBatchGatherMicrosecondsMax = 2_000
+    public static let postingBatchGatherFrom = 4
+    public static let postingBatchGatherTo = 48
     /// Most postings waiting for the writer; past this, callers get `unavailable`.
     public static let postingQueueMax = 65_536
     /// Load shedding: while the oldest waiting posting has waited longer than this, new ones

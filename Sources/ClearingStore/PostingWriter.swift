@@ -42,15 +42,22 @@ public final class PostingWriter: @unchecked Sendable {
     /// Longest the oldest waiting posting may have waited before new ones are shed; nil for
     /// a local loader that bounds its own postings in flight (`simulate`, benchmarks).
     private let waitMax: Duration?
+    /// The group-commit delay (`Limits.postingBatchGatherMicrosecondsMax`; tests lengthen it).
+    private let gatherMax: Duration
+    /// Batches for which the decider waited to gather more postings.
+    private var gathered = 0
 
     public init(
         store: Store, queueMax: Int = Limits.postingQueueMax,
-        waitMax: Duration? = .milliseconds(Limits.postingQueueWaitMillisecondsMax), batchObserver: (@Sendable (Int) -> Void)? = nil
+        waitMax: Duration? = .milliseconds(Limits.postingQueueWaitMillisecondsMax),
+        gatherMax: Duration = .microseconds(Limits.postingBatchGatherMicrosecondsMax),
+        batchObserver: (@Sendable (Int) -> Void)? = nil
     ) {
         precondition(queueMax >= 1 && queueMax <= Limits.postingQueueMax)
         precondition(waitMax.map { $0 > .zero && $0 <= .milliseconds(Limits.postingQueueWaitMillisecondsMax) } ?? true)
         self.queueMax = queueMax
         self.waitMax = waitMax
+        self.gatherMax = gatherMax
         self.store = store
         self.batchObserver = batchObserver
         let decider = Thread { [self] in self.runDecider() }
@@ -117,6 +124,13 @@ public final class PostingWriter: @unchecked Sendable {
         return shed
     }
 
+    /// Batches for which the writer waited up to the group-commit delay for more postings.
+    public var gatheredBatches: Int {
+        condition.lock()
+        defer { condition.unlock() }
+        return gathered
+    }
+
     /// How many batches were committed and how many postings they held.
     public var batchStatistics: (batches: Int, postings: Int, largest: Int) { batchSizes.snapshot() }
 
@@ -135,9 +149,17 @@ public final class PostingWriter: @unchecked Sendable {
     /// The decider: takes queued postings, decides and commits them to the journal, and
     /// hands the batch to the ledger stage (waiting while one batch already waits there).
     private func runDecider() {
+        var previous = 0
         while true {
             condition.lock()
             while queue.isEmpty && !closing { condition.wait() }
+            if previous >= Limits.postingBatchGatherFrom && !closing && queue.count < Limits.postingBatchGatherTo {
+                // Under load: gather a little longer, so that one commit serves more postings.
+                gathered += 1
+                let (seconds, attoseconds) = gatherMax.components
+                let until = Date(timeIntervalSinceNow: Double(seconds) + Double(attoseconds) / 1e18)
+                while queue.count < Limits.postingBatchGatherTo && !closing && condition.wait(until: until) {}
+            }
             if queue.isEmpty && closing {
                 condition.unlock()
                 stage.lock()
@@ -152,6 +174,7 @@ public final class PostingWriter: @unchecked Sendable {
             queuedAt.removeFirst(n)
             condition.unlock()
 
+            previous = batch.count
             let result = store.decide(batch.map(\.0))
             batchSizes.record(batch.count)
             batchObserver?(batch.count)

@@ -282,6 +282,51 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         #expect(try h.verify().ok)
     }
 
+    @Test func underLoadTheWriterGathersABatchButALonePostingNeverWaits() throws {
+        let h = try Harness()
+        // A long delay, so that what is gathered does not depend on the machine's speed.
+        let writer = PostingWriter(store: h.store, gatherMax: .seconds(30))
+        let pending = DispatchGroup()
+        let statuses = Mutex<[Int]>([])
+        func send(_ i: Int) {
+            pending.enter()
+            writer.enqueue(Submission(partner: G, webhookID: WebhookID("l\(i)")!, event: Fixtures.earn("M\(i)", 1, "L-\(i)"))) { o in
+                statuses.withLock { $0.append(o.httpStatus) }
+                pending.leave()
+            }
+        }
+        // Idle: a lone posting is decided at once, without waiting to gather.
+        send(0)
+        pending.wait()
+        #expect(writer.gatheredBatches == 0)
+        // A batch of several (held behind another connection's lock so that they queue up)...
+        var unsafe = Configuration()
+        unsafe.allowsUnsafeTransactions = true
+        let blocker = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path, configuration: unsafe)
+        try blocker.inDatabase { try $0.execute(sql: "BEGIN IMMEDIATE") }
+        send(1)
+        while writer.queueDepth > 0 { usleep(1_000) }  // taken; waits for the lock
+        for i in 2...(1 + Limits.postingBatchGatherFrom) { send(i) }
+        try blocker.inDatabase { try $0.execute(sql: "ROLLBACK") }
+        pending.wait()
+        let before = writer.batchStatistics
+        #expect(before.largest == Limits.postingBatchGatherFrom)
+        // ...means load: the next posting waits for more, and the batch closes as soon as
+        // `postingBatchGatherTo` postings are there (not after the 30 s).
+        send(100)
+        let deadline = ContinuousClock.now + .seconds(10)
+        while writer.gatheredBatches == 0 && ContinuousClock.now < deadline { usleep(1_000) }
+        #expect(writer.queueDepth == 1, "the posting waits to gather")
+        for i in 101..<(100 + Limits.postingBatchGatherTo) { send(i) }
+        pending.wait()
+        let after = writer.batchStatistics
+        #expect(writer.gatheredBatches == 1)
+        #expect(after.batches == before.batches + 1 && after.largest == Limits.postingBatchGatherTo)
+        #expect(statuses.withLock { $0 }.allSatisfy { $0 == 201 })
+        writer.shutdown()
+        #expect(try h.verify().ok)
+    }
+
     @Test func aLedgerThatCannotBeWrittenHoldsBackOnlyItsPartnerUntilItCatchesUp() async throws {
         let h = try Harness()
         let writer = PostingWriter(store: h.store)
