@@ -61,7 +61,8 @@ public enum Limits {
     /// Group-commit delay: under load (the previous batch held at least
     /// `postingBatchGatherFrom` postings), the writer waits up to this long for more postings
     /// before deciding a batch smaller than `postingBatchGatherTo`, so that one fsync serves more
-    /// postings (PostgreSQL's `commit_delay`, for the same reason). A lone posting never waits.
+    /// postings (PostgreSQL's `commit_delay`, for the same reason). A posting that arrives after
+    /// the writer was idle for longer than this delay never waits.
     public static let postingBatchGatherMicrosecondsMax = 2_000
     public static let postingBatchGatherFrom = 4
     public static let postingBatchGatherTo = 48

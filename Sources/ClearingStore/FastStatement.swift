@@ -14,46 +14,52 @@ import GRDBSQLite
 /// finish with `done()`/`row()` before the next use: the statement is reset on creation.
 struct FastStatement {
     private let db: Database
+    /// Held so that the prepared statement lives as long as this value, whatever GRDB's cache does.
+    private let prepared: Statement
     private let statement: SQLiteStatement
 
     init(_ db: Database, _ sql: String) throws {
         self.db = db
-        statement = try db.cachedStatement(sql: sql).sqliteStatement
+        prepared = try db.cachedStatement(sql: sql)
+        statement = prepared.sqliteStatement
         sqlite3_reset(statement)
         sqlite3_clear_bindings(statement)
     }
 
     // MARK: Binding (1-based, as SQLite numbers parameters)
 
-    func bind(_ i: Int32, _ value: Int64) {
-        sqlite3_bind_int64(statement, i, value)
+    func bind(_ i: Int32, _ value: Int64) throws {
+        try check(sqlite3_bind_int64(statement, i, value))
     }
 
-    func bind(_ i: Int32, _ value: Int64?) {
-        if let value { sqlite3_bind_int64(statement, i, value) } else { sqlite3_bind_null(statement, i) }
+    func bind(_ i: Int32, _ value: Int64?) throws {
+        if let value { try bind(i, value) } else { try check(sqlite3_bind_null(statement, i)) }
     }
 
-    func bind(_ i: Int32, _ value: String) {
+    func bind(_ i: Int32, _ value: String) throws {
         var value = value
-        value.withUTF8 { utf8 in
+        let code = value.withUTF8 { utf8 in
             utf8.withMemoryRebound(to: CChar.self) { text in
-                if let base = text.baseAddress {
-                    _ = sqlite3_bind_text(statement, i, base, Int32(text.count), FastStatement.transient)
-                } else {
-                    _ = sqlite3_bind_text(statement, i, "", 0, FastStatement.transient)
-                }
+                sqlite3_bind_text(statement, i, text.baseAddress ?? FastStatement.empty, Int32(text.count), FastStatement.transient)
             }
         }
+        try check(code)
     }
 
-    func bind(_ i: Int32, _ value: String?) {
-        if let value { bind(i, value) } else { sqlite3_bind_null(statement, i) }
+    func bind(_ i: Int32, _ value: String?) throws {
+        if let value { try bind(i, value) } else { try check(sqlite3_bind_null(statement, i)) }
     }
 
-    func bind(_ i: Int32, blob: [UInt8]) {
-        blob.withUnsafeBytes { bytes in
-            _ = sqlite3_bind_blob(statement, i, bytes.baseAddress, Int32(bytes.count), FastStatement.transient)
+    func bind(_ i: Int32, blob: [UInt8]) throws {
+        let code = blob.withUnsafeBytes { bytes in
+            sqlite3_bind_blob(statement, i, bytes.baseAddress ?? UnsafeRawPointer(FastStatement.empty), Int32(bytes.count), FastStatement.transient)
         }
+        try check(code)
+    }
+
+    /// A failed bind (out of memory, too big, a wrong index) is an error, never ignored.
+    private func check(_ code: Int32) throws {
+        guard code == SQLITE_OK else { throw error(code) }
     }
 
     // MARK: Stepping
@@ -116,4 +122,10 @@ struct FastStatement {
     }
 
     private static let transient = unsafeBitCast(-1, to: sqlite3_destructor_type.self)
+    /// A valid pointer for an empty text or blob (a null one would bind NULL).
+    nonisolated(unsafe) private static let empty: UnsafePointer<CChar> = {
+        let p = UnsafeMutablePointer<CChar>.allocate(capacity: 1)
+        p.initialize(to: 0)
+        return UnsafePointer(p)
+    }()
 }

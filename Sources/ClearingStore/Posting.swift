@@ -56,18 +56,23 @@ extension Store {
         }
         if let reason = started { return .final(batch.map { _ in .rejected(Problem(.unavailable, reason, retryAfterSeconds: 1)) }) }
         if batch.isEmpty { return .final([]) }
+        // A partner whose ledger could not be written takes no posting, new or replayed, until
+        // its ledger has caught up from the journal: nothing is written for a posting that
+        // cannot be acknowledged.
+        let lagging = writerState.withLock { $0.laggingLedgers }
+        let blocked = lagging.isEmpty ? [] : catchUp(lagging)
 
         let decided: [PostingOutcome]
         let fresh: [PartnerID: [ChainedEntry]]
         do {
             do {
-                (decided, fresh) = try decideAndCommit(batch, isolated: false)
+                (decided, fresh) = try decideAndCommit(batch, isolated: false, blocked: blocked)
             } catch let error where !(error is SimulatedCrash) && batch.count > 1 {
                 // Something in the batch hit a storage error and the whole transaction rolled
                 // back. Decide it again with each posting in its own savepoint, so that one
                 // poisoned posting costs only itself.
                 logger.warning("batch failed; retrying posting by posting", metadata: ["error": "\(error)"])
-                (decided, fresh) = try decideAndCommit(batch, isolated: true)
+                (decided, fresh) = try decideAndCommit(batch, isolated: true, blocked: blocked)
             }
         } catch is SimulatedCrash {
             return .final(batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) })
@@ -93,20 +98,29 @@ extension Store {
     public func completeInLedgers(_ d: DecidedBatch) -> [PostingOutcome] {
         if d.isFinal { return d.outcomes }
         let stopped = { d.outcomes.map { _ in PostingOutcome.rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) } }
+        let isStopped = { self.writerState.withLock { $0.crashed } }
+        // A writer stopped at a fault point is a dead process: it writes and answers nothing more.
+        if isStopped() { return stopped() }
         let touched = d.fresh.keys.sorted()
         let failures = Mutex<Set<PartnerID>>([])
-        let crashed = Atomic<Bool>(false)
-        DispatchQueue.concurrentPerform(iterations: touched.count) { i in
-            let partner = touched[i]
+        let append: @Sendable (PartnerID) -> Void = { partner in
             do {
-                try appendToLedger(ledger(partner), d.fresh[partner]!)
+                try self.appendToLedger(self.ledger(partner), d.fresh[partner]!)
             } catch {
-                logger.error("ledger commit failed", metadata: ["partner": "\(partner)", "error": "\(error)"])
+                self.logger.error("ledger commit failed", metadata: ["partner": "\(partner)", "error": "\(error)"])
                 failures.withLock { _ = $0.insert(partner) }
             }
-            if crashes(at: .afterLedgerCommit) { crashed.store(true, ordering: .relaxed) }
         }
-        if crashed.load(ordering: .relaxed) { return stopped() }
+        if faults == nil {
+            DispatchQueue.concurrentPerform(iterations: touched.count) { append(touched[$0]) }
+        } else {
+            // Under fault injection, one ledger after another, so that a stop after the k-th
+            // ledger commit leaves the others of the batch unwritten, as a crash would.
+            for partner in touched {
+                append(partner)
+                if crashes(at: .afterLedgerCommit) { return stopped() }
+            }
+        }
         var failed = failures.withLock { $0 }
         writerState.withLock { $0.laggingLedgers.formUnion(failed) }
         // Catch up every lagging ledger (this batch's failures and earlier ones): a replay in
@@ -131,7 +145,8 @@ extension Store {
     }
 
     /// Copies into each of these ledgers what the journal holds beyond it. Returns the
-    /// partners whose ledgers still lag (and keeps them marked).
+    /// partners whose ledgers still lag (and keeps them marked; only the ones caught up are
+    /// unmarked, since the decider and the ledger stage may both call this).
     func catchUp(_ partners: Set<PartnerID>) -> Set<PartnerID> {
         var still: Set<PartnerID> = []
         for partner in partners.sorted() {
@@ -146,7 +161,7 @@ extension Store {
                 still.insert(partner)
             }
         }
-        writerState.withLock { $0.laggingLedgers = still }
+        writerState.withLock { $0.laggingLedgers.subtract(partners.subtracting(still)) }
         return still
     }
 
@@ -155,7 +170,7 @@ extension Store {
     /// each posting runs in a savepoint (SQLite then copies every page a posting touches into
     /// a statement journal, which is why it is not the default).
     private func decideAndCommit(
-        _ batch: [Submission], isolated: Bool
+        _ batch: [Submission], isolated: Bool, blocked: Set<PartnerID>
     ) throws -> ([PostingOutcome], [PartnerID: [ChainedEntry]]) {
         var decided: [PostingOutcome] = []
         var fresh: [PartnerID: [ChainedEntry]] = [:]
@@ -163,7 +178,9 @@ extension Store {
             try db.inTransaction(.immediate) {
                 var batchState = try BatchState(db, terms: configuration.coalition)
                 for s in batch {
-                    if isolated {
+                    if blocked.contains(s.partner) {
+                        decided.append(.rejected(Problem(.unavailable, "this partner's ledger cannot be written; retry later", retryAfterSeconds: 5)))
+                    } else if isolated {
                         decided.append(decideIsolated(db, s, &batchState, &fresh))
                     } else {
                         var entry: ChainedEntry?

@@ -152,7 +152,12 @@ public final class PostingWriter: @unchecked Sendable {
         var previous = 0
         while true {
             condition.lock()
-            while queue.isEmpty && !closing { condition.wait() }
+            if queue.isEmpty && !closing {
+                // Idle for longer than the delay: no load, so the next posting is not held back.
+                let idleFrom = ContinuousClock.now
+                while queue.isEmpty && !closing { condition.wait() }
+                if ContinuousClock.now - idleFrom > gatherMax { previous = 0 }
+            }
             if previous >= Limits.postingBatchGatherFrom && !closing && queue.count < Limits.postingBatchGatherTo {
                 // Under load: gather a little longer, so that one commit serves more postings.
                 gathered += 1

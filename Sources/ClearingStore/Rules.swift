@@ -20,8 +20,8 @@ enum Rules {
         return .apply(balanceAfter: after) { db, id in
             let lot = try FastStatement(
                 db, "INSERT INTO lot (id, member, issuer, points, remaining, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)")
-            lot.bind(1, id); lot.bind(2, s.event.member.rawValue); lot.bind(3, s.partner.rawValue)
-            lot.bind(4, n.value); lot.bind(5, n.value); lot.bind(6, expires?.millisecondsSinceEpoch)
+            try lot.bind(1, id); try lot.bind(2, s.event.member.rawValue); try lot.bind(3, s.partner.rawValue)
+            try lot.bind(4, n.value); try lot.bind(5, n.value); try lot.bind(6, expires?.millisecondsSinceEpoch)
             try lot.done()
             let member = try FastStatement(
                 db,
@@ -29,7 +29,7 @@ enum Rules {
                 INSERT INTO member (member, first_journal_id, open_points) VALUES (?, ?, ?)
                 ON CONFLICT (member) DO UPDATE SET open_points = open_points + excluded.open_points
                 """)
-            member.bind(1, s.event.member.rawValue); member.bind(2, id); member.bind(3, n.value)
+            try member.bind(1, s.event.member.rawValue); try member.bind(2, id); try member.bind(3, n.value)
             try member.done()
         }
     }
@@ -45,11 +45,11 @@ enum Rules {
         return .apply(balanceAfter: try before.subtracting(n)) { db, id in
             for (i, t) in takes.enumerated() {
                 let lot = try FastStatement(db, "UPDATE lot SET remaining = remaining - ? WHERE id = ?")
-                lot.bind(1, t.points.value); lot.bind(2, t.lotID)
+                try lot.bind(1, t.points.value); try lot.bind(2, t.lotID)
                 try lot.done()
                 let take = try FastStatement(
                     db, "INSERT INTO lot_take (redemption_id, position, lot_id, issuer, points) VALUES (?, ?, ?, ?, ?)")
-                take.bind(1, id); take.bind(2, Int64(i)); take.bind(3, t.lotID); take.bind(4, t.issuer.rawValue); take.bind(5, t.points.value)
+                try take.bind(1, id); try take.bind(2, Int64(i)); try take.bind(3, t.lotID); try take.bind(4, t.issuer.rawValue); try take.bind(5, t.points.value)
                 try take.done()
                 try move(db, entry: id, position: i, lot: t.lotID, issuer: t.issuer, redeemer: s.partner, points: t.points.value)
             }
@@ -118,8 +118,8 @@ enum Rules {
     ) throws {
         let move = try FastStatement(
             db, "INSERT INTO lot_move (entry_id, position, lot_id, issuer, redeemer, points) VALUES (?, ?, ?, ?, ?, ?)")
-        move.bind(1, entry); move.bind(2, Int64(position)); move.bind(3, lot)
-        move.bind(4, issuer.rawValue); move.bind(5, redeemer.rawValue); move.bind(6, points)
+        try move.bind(1, entry); try move.bind(2, Int64(position)); try move.bind(3, lot)
+        try move.bind(4, issuer.rawValue); try move.bind(5, redeemer.rawValue); try move.bind(6, points)
         try move.done()
         if points > 0 {
             let flow = try FastStatement(
@@ -128,12 +128,12 @@ enum Rules {
                 INSERT INTO flow (issuer, redeemer, points) VALUES (?, ?, ?)
                 ON CONFLICT (issuer, redeemer) DO UPDATE SET points = points + excluded.points
                 """)
-            flow.bind(1, issuer.rawValue); flow.bind(2, redeemer.rawValue); flow.bind(3, points)
+            try flow.bind(1, issuer.rawValue); try flow.bind(2, redeemer.rawValue); try flow.bind(3, points)
             try flow.done()
         } else {
             // A return: the flow exists, made by the redemption being reversed.
             let flow = try FastStatement(db, "UPDATE flow SET points = points + ? WHERE issuer = ? AND redeemer = ?")
-            flow.bind(1, points); flow.bind(2, issuer.rawValue); flow.bind(3, redeemer.rawValue)
+            try flow.bind(1, points); try flow.bind(2, issuer.rawValue); try flow.bind(3, redeemer.rawValue)
             try flow.done()
             precondition(db.changesCount == 1, "flow \(issuer) -> \(redeemer) missing for a return")
         }
@@ -141,7 +141,7 @@ enum Rules {
 
     private static func changeMember(_ db: Database, _ member: MemberID, by delta: Int64) throws {
         let update = try FastStatement(db, "UPDATE member SET open_points = open_points + ? WHERE member = ?")
-        update.bind(1, delta); update.bind(2, member.rawValue)
+        try update.bind(1, delta); try update.bind(2, member.rawValue)
         try update.done()
         precondition(db.changesCount == 1, "member \(member) has no row")
     }
@@ -154,7 +154,7 @@ enum Lookup {
     static func earlier(_ db: Database, _ partner: PartnerID, _ id: WebhookID, _ reference: Reference) throws -> (Entry?, Entry?) {
         // Nearly always neither exists: answer that through the C API, decode otherwise.
         let probe = try FastStatement(db, "SELECT 1 FROM journal WHERE partner = ? AND (webhook_id = ? OR reference = ?) LIMIT 1")
-        probe.bind(1, partner.rawValue); probe.bind(2, id.rawValue); probe.bind(3, reference.rawValue)
+        try probe.bind(1, partner.rawValue); try probe.bind(2, id.rawValue); try probe.bind(3, reference.rawValue)
         let found = try probe.step()
         probe.finish()
         if !found { return (nil, nil) }
@@ -199,7 +199,7 @@ enum Lookup {
     static func openLots(_ db: Database, _ member: MemberID) throws -> [OpenLot] {
         let select = try FastStatement(
             db, "SELECT id, issuer, remaining, expires_at_ms FROM lot WHERE member = ? AND remaining > 0 ORDER BY id")
-        select.bind(1, member.rawValue)
+        try select.bind(1, member.rawValue)
         defer { select.finish() }
         var lots: [OpenLot] = []
         while try select.step() {
@@ -230,12 +230,12 @@ enum Lookup {
               original_reference, occurred_at_ms, amount_minor, member_balance, hash)
             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             """)
-        insert.bind(1, e.journalID); insert.bind(2, e.partner.rawValue); insert.bind(3, e.sequence)
-        insert.bind(4, e.webhookID.rawValue); insert.bind(5, e.acceptedAt.millisecondsSinceEpoch)
-        insert.bind(6, Int64(e.event.kind.rawValue)); insert.bind(7, e.event.member.rawValue); insert.bind(8, e.event.points.value)
-        insert.bind(9, e.event.reference.rawValue); insert.bind(10, e.event.originalReference?.rawValue)
-        insert.bind(11, e.event.occurredAt?.millisecondsSinceEpoch); insert.bind(12, e.event.amountMinor?.value)
-        insert.bind(13, e.memberBalance.value); insert.bind(14, blob: hash)
+        try insert.bind(1, e.journalID); try insert.bind(2, e.partner.rawValue); try insert.bind(3, e.sequence)
+        try insert.bind(4, e.webhookID.rawValue); try insert.bind(5, e.acceptedAt.millisecondsSinceEpoch)
+        try insert.bind(6, Int64(e.event.kind.rawValue)); try insert.bind(7, e.event.member.rawValue); try insert.bind(8, e.event.points.value)
+        try insert.bind(9, e.event.reference.rawValue); try insert.bind(10, e.event.originalReference?.rawValue)
+        try insert.bind(11, e.event.occurredAt?.millisecondsSinceEpoch); try insert.bind(12, e.event.amountMinor?.value)
+        try insert.bind(13, e.memberBalance.value); try insert.bind(14, blob: hash)
         try insert.done()
     }
 

@@ -240,12 +240,12 @@ public final class Store: Sendable {
                     """)
                 for c in entries where c.entry.sequence > have {
                     let e = c.entry
-                    insert.bind(1, e.sequence); insert.bind(2, e.journalID); insert.bind(3, e.webhookID.rawValue)
-                    insert.bind(4, e.acceptedAt.millisecondsSinceEpoch); insert.bind(5, Int64(e.event.kind.rawValue))
-                    insert.bind(6, e.event.member.rawValue); insert.bind(7, e.event.points.value); insert.bind(8, e.event.reference.rawValue)
-                    insert.bind(9, e.event.originalReference?.rawValue); insert.bind(10, e.event.occurredAt?.millisecondsSinceEpoch)
-                    insert.bind(11, e.event.amountMinor?.value); insert.bind(12, e.memberBalance.value)
-                    insert.bind(13, blob: c.previousHash); insert.bind(14, blob: c.hash)
+                    try insert.bind(1, e.sequence); try insert.bind(2, e.journalID); try insert.bind(3, e.webhookID.rawValue)
+                    try insert.bind(4, e.acceptedAt.millisecondsSinceEpoch); try insert.bind(5, Int64(e.event.kind.rawValue))
+                    try insert.bind(6, e.event.member.rawValue); try insert.bind(7, e.event.points.value); try insert.bind(8, e.event.reference.rawValue)
+                    try insert.bind(9, e.event.originalReference?.rawValue); try insert.bind(10, e.event.occurredAt?.millisecondsSinceEpoch)
+                    try insert.bind(11, e.event.amountMinor?.value); try insert.bind(12, e.memberBalance.value)
+                    try insert.bind(13, blob: c.previousHash); try insert.bind(14, blob: c.hash)
                     try insert.done()
                 }
                 return .commit
@@ -270,7 +270,7 @@ public final class Store: Sendable {
             SELECT COALESCE(SUM(remaining), 0) FROM lot
             WHERE member = ? AND remaining > 0 AND (expires_at_ms IS NULL OR expires_at_ms > ?)
             """)
-        sum.bind(1, member.rawValue); sum.bind(2, t.millisecondsSinceEpoch)
+        try sum.bind(1, member.rawValue); try sum.bind(2, t.millisecondsSinceEpoch)
         defer { sum.finish() }
         guard try sum.step() else { throw StoreError("SUM returned no row") }
         return Points(try sum.int64(0))

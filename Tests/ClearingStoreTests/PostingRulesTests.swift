@@ -313,6 +313,7 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         #expect(before.largest == Limits.postingBatchGatherFrom)
         // ...means load: the next posting waits for more, and the batch closes as soon as
         // `postingBatchGatherTo` postings are there (not after the 30 s).
+        let gatherStarted = ContinuousClock.now
         send(100)
         let deadline = ContinuousClock.now + .seconds(10)
         while writer.gatheredBatches == 0 && ContinuousClock.now < deadline { usleep(1_000) }
@@ -320,11 +321,58 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         for i in 101..<(100 + Limits.postingBatchGatherTo) { send(i) }
         pending.wait()
         let after = writer.batchStatistics
+        // Closed by the 48th posting, not by the end of the 30 s window (a wide margin: this
+        // checks the rule, not the speed).
+        #expect(ContinuousClock.now - gatherStarted < .seconds(20))
         #expect(writer.gatheredBatches == 1)
         #expect(after.batches == before.batches + 1 && after.largest == Limits.postingBatchGatherTo)
         #expect(statuses.withLock { $0 }.allSatisfy { $0 == 201 })
         writer.shutdown()
         #expect(try h.verify().ok)
+    }
+
+    @Test func afterAnIdlePauseLongerThanTheDelayAPostingDoesNotWaitToGather() throws {
+        let h = try Harness()
+        let writer = PostingWriter(store: h.store, gatherMax: .milliseconds(200))
+        let pending = DispatchGroup()
+        func send(_ i: Int) {
+            pending.enter()
+            writer.enqueue(Submission(partner: G, webhookID: WebhookID("i\(i)")!, event: Fixtures.earn("M\(i)", 1, "I-\(i)"))) { _ in pending.leave() }
+        }
+        // A batch of several: the writer has seen load.
+        var unsafe = Configuration()
+        unsafe.allowsUnsafeTransactions = true
+        let blocker = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path, configuration: unsafe)
+        try blocker.inDatabase { try $0.execute(sql: "BEGIN IMMEDIATE") }
+        send(0)
+        while writer.queueDepth > 0 { usleep(1_000) }
+        for i in 1...Limits.postingBatchGatherFrom { send(i) }
+        try blocker.inDatabase { try $0.execute(sql: "ROLLBACK") }
+        pending.wait()
+        #expect(writer.batchStatistics.largest == Limits.postingBatchGatherFrom)
+        // Then idle for twice the delay: the next posting is decided at once.
+        usleep(400_000)
+        send(99)
+        pending.wait()
+        #expect(writer.gatheredBatches == 0)
+        writer.shutdown()
+    }
+
+    @Test func aStopAfterOneLedgerCommitLeavesTheOtherLedgersOfTheBatchUnwritten() throws {
+        let crash = CrashAt(.afterLedgerCommit, occurrence: 1)
+        let h = try Harness(faults: crash.injector)
+        let outcomes = h.store.post([
+            Submission(partner: G, webhookID: WebhookID("x1")!, event: Fixtures.earn("M1", 5, "X-1")),
+            Submission(partner: F, webhookID: WebhookID("x2")!, event: Fixtures.earn("M2", 5, "X-2")),
+            Submission(partner: C, webhookID: WebhookID("x3")!, event: Fixtures.earn("M3", 5, "X-3")),
+        ])
+        #expect(crash.fired && outcomes.allSatisfy { $0.httpStatus == 503 })
+        // As a process killed there: one ledger has its entry, the other two not yet.
+        let written = try [G, F, C].map { try h.store.ledgerEntries($0).count }
+        #expect(written.sorted() == [0, 0, 1])
+        try h.reopen()
+        #expect(try [G, F, C].map { try h.store.ledgerEntries($0).count } == [1, 1, 1])
+        try requireVerified(h, "after a stop after one ledger commit")
     }
 
     @Test func aLedgerThatCannotBeWrittenHoldsBackOnlyItsPartnerUntilItCatchesUp() async throws {
@@ -340,15 +388,21 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         guard case .rejected(let p) = f2 else { Issue.record("f2 acknowledged without its ledger: \(f2)"); return }
         #expect(p.kind == .unavailable && p.retryAfterSeconds != nil)
         #expect(g1.httpStatus == 201, "another partner's ledger is not held back")
-        // While the ledger still fails, the retry is not acknowledged either.
+        // While the ledger still fails, the retry is not acknowledged either, and nothing new of
+        // that partner is written: f3 is refused before it is decided, so its 40 points cannot
+        // be spent elsewhere (M1 holds f1's 10 and the in-flight f2's 20, not 70).
         #expect(await writer.post(Submission(partner: F, webhookID: WebhookID("f2")!, event: Fixtures.earn("M1", 20, "F-2"))).httpStatus == 503)
+        #expect(await writer.post(Submission(partner: F, webhookID: WebhookID("f3")!, event: Fixtures.earn("M1", 40, "F-3"))).httpStatus == 503)
+        #expect(await writer.post(Submission(partner: G, webhookID: WebhookID("g2")!, event: Fixtures.redeem("M1", 70, "G-2"))).httpStatus == 422)
+        #expect(try h.balance("M1") == 30)
         #expect(try h.store.ledgerEntries(F).map(\.webhookID.rawValue) == ["f1"])
         // Repaired: the next batch copies the missing entry, and the retry gets the original result.
         try await ledger.write { try $0.execute(sql: "DROP TRIGGER broken") }
         let retry = await writer.post(Submission(partner: F, webhookID: WebhookID("f2")!, event: Fixtures.earn("M1", 20, "F-2")))
         guard case .replayed(let e) = retry else { Issue.record("retry after repair: \(retry)"); return }
         #expect(e.sequence == 2 && e.memberBalance == Points(30))
-        #expect(try h.store.ledgerEntries(F).map(\.webhookID.rawValue) == ["f1", "f2"])
+        #expect(await writer.post(Submission(partner: F, webhookID: WebhookID("f3")!, event: Fixtures.earn("M1", 40, "F-3"))).httpStatus == 201)
+        #expect(try h.store.ledgerEntries(F).map(\.webhookID.rawValue) == ["f1", "f2", "f3"])
         writer.shutdown()
         try ledger.close()
         #expect(try h.verify().ok)
