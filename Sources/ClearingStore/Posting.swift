@@ -122,6 +122,22 @@ extension Store {
             }
         }
         var failed = failures.withLock { $0 }
+        // A replay is acknowledged only once its entry is in the partner's ledger: another
+        // process (`clearhouse post` beside `serve`) may have decided it and not copied it yet.
+        // Partners with new entries in this batch are covered by their append (it first copies
+        // what the ledger lacks); for the others, one read of the ledger's last sequence.
+        var replayedThrough: [PartnerID: Int64] = [:]
+        for (partner, outcome) in zip(d.partners, d.outcomes) where d.fresh[partner] == nil {
+            if case .replayed(let e) = outcome { replayedThrough[partner] = max(replayedThrough[partner] ?? 0, e.sequence) }
+        }
+        for (partner, through) in replayedThrough.sorted(by: { $0.key < $1.key }) where !failed.contains(partner) {
+            do {
+                try catchUpLedger(partner, through: through)
+            } catch {
+                logger.error("ledger catch-up for a replay failed", metadata: ["partner": "\(partner)", "error": "\(error)"])
+                failed.insert(partner)
+            }
+        }
         writerState.withLock { $0.laggingLedgers.formUnion(failed) }
         // Catch up every lagging ledger (this batch's failures and earlier ones): a replay in
         // this batch may name an entry of an earlier batch that its ledger still lacks.

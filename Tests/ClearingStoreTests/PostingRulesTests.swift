@@ -375,6 +375,20 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         try requireVerified(h, "after a stop after one ledger commit")
     }
 
+    @Test func aReplayIsAnsweredOnlyOnceItsEntryIsInTheLedger() throws {
+        // Two stores on one data directory, as `serve` and `clearhouse post` are: the first
+        // decides an earn and stops before its ledger commit; the second gets the retry.
+        let h = try Harness(faults: CrashAt(.afterJournalCommit, occurrence: 1).injector)
+        let other = try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock)
+        let earn = Fixtures.earn("M1", 10, "R-1")
+        #expect(h.post(F, "w1", earn).httpStatus == 503)
+        #expect(try other.ledgerEntries(F).isEmpty, "decided in the journal, not yet in the ledger")
+        let retry = other.post([Submission(partner: F, webhookID: WebhookID("w1")!, event: earn)])[0]
+        guard case .replayed(let e) = retry else { Issue.record("retry: \(retry)"); return }
+        #expect(try other.ledgerEntries(F) == [e], "the replay's entry is in the ledger before the 200")
+        try other.close()
+    }
+
     @Test func aLedgerThatCannotBeWrittenHoldsBackOnlyItsPartnerUntilItCatchesUp() async throws {
         let h = try Harness()
         let writer = PostingWriter(store: h.store)
