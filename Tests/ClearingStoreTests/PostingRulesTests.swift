@@ -299,15 +299,8 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         send(0)
         pending.wait()
         #expect(writer.gatheredBatches == 0)
-        // A batch of several (held behind another connection's lock so that they queue up)...
-        var unsafe = Configuration()
-        unsafe.allowsUnsafeTransactions = true
-        let blocker = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path, configuration: unsafe)
-        try blocker.inDatabase { try $0.execute(sql: "BEGIN IMMEDIATE") }
-        send(1)
-        while writer.queueDepth > 0 { usleep(1_000) }  // taken; waits for the lock
-        for i in 2...(1 + Limits.postingBatchGatherFrom) { send(i) }
-        try blocker.inDatabase { try $0.execute(sql: "ROLLBACK") }
+        // A batch of several...
+        try queueBehindTheLock(h, writer, send, count: 1 + Limits.postingBatchGatherFrom, from: 1)
         pending.wait()
         let before = writer.batchStatistics
         #expect(before.largest == Limits.postingBatchGatherFrom)
@@ -340,14 +333,7 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
             writer.enqueue(Submission(partner: G, webhookID: WebhookID("i\(i)")!, event: Fixtures.earn("M\(i)", 1, "I-\(i)"))) { _ in pending.leave() }
         }
         // A batch of several: the writer has seen load.
-        var unsafe = Configuration()
-        unsafe.allowsUnsafeTransactions = true
-        let blocker = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path, configuration: unsafe)
-        try blocker.inDatabase { try $0.execute(sql: "BEGIN IMMEDIATE") }
-        send(0)
-        while writer.queueDepth > 0 { usleep(1_000) }
-        for i in 1...Limits.postingBatchGatherFrom { send(i) }
-        try blocker.inDatabase { try $0.execute(sql: "ROLLBACK") }
+        try queueBehindTheLock(h, writer, send, count: 1 + Limits.postingBatchGatherFrom, from: 0)
         pending.wait()
         #expect(writer.batchStatistics.largest == Limits.postingBatchGatherFrom)
         // Then idle for twice the delay: the next posting is decided at once.
@@ -482,4 +468,18 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         let r = try Verifier.verify(dataDirectory: h.dir.url)
         #expect(r.ok, "\(r.breaches)")
     }
+}
+
+/// Sends `count` postings numbered from `from` so that the writer decides the first alone and
+/// the others as one batch: another connection holds the coalition's write lock meanwhile
+/// (the first batch waits on it while the others queue up), then lets go.
+func queueBehindTheLock(_ h: Harness, _ writer: PostingWriter, _ send: (Int) -> Void, count: Int, from: Int) throws {
+    var unsafe = Configuration()
+    unsafe.allowsUnsafeTransactions = true  // the lock is held across two accesses
+    let blocker = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path, configuration: unsafe)
+    try blocker.inDatabase { try $0.execute(sql: "BEGIN IMMEDIATE") }
+    send(from)
+    while writer.queueDepth > 0 { usleep(1_000) }  // taken by the writer, which waits for the lock
+    for i in (from + 1)..<(from + count) { send(i) }
+    try blocker.inDatabase { try $0.execute(sql: "ROLLBACK") }
 }
