@@ -50,6 +50,10 @@ public enum Limits {
     /// A connection that stays unwritable this long (its client reads none of what it is
     /// sent) is closed.
     public static let responseStallSecondsMax: Int64 = 30
+    /// A connection open this long is closed after its current response (`connection: close`),
+    /// so that a client sending a cheap request just inside the idle timeout cannot keep its
+    /// slot under `connectionsMax` for ever.
+    public static let connectionAgeSecondsMax: Int64 = 600
     /// Seconds a client is told to wait in `retry-after` when the server sheds load.
     public static let overloadRetryAfterSeconds = 1
     /// Longest the server waits for in-flight requests when shutting down.

@@ -20,6 +20,9 @@ import NIOHTTPTypes
 ///   so without this a client pipelining requests and never reading the answers would keep
 ///   its connection slot (`connectionsMax`) for ever. A slow but reading client (a large
 ///   statement over a slow link) keeps the connection writable now and then, and is kept.
+/// - A connection open for `connectionAgeSecondsMax` is closed after its current response,
+///   which says `connection: close`: a client sending a cheap request just inside the idle
+///   timeout would otherwise keep its connection slot for ever.
 /// - The decoder refuses heads larger than `requestHeaderDecodeBytesMax` before they are
 ///   built; `HeaderLimitMiddleware` then answers the smaller limit with a problem.
 public enum ServerChannel {
@@ -38,13 +41,48 @@ public enum ServerChannel {
 }
 
 /// Closes a connection whose request is still being read `requestReadSecondsMax` after its
-/// head arrived, or which has stayed unwritable for `responseStallSecondsMax`.
-final class RequestDeadlineHandler: ChannelInboundHandler, RemovableChannelHandler {
+/// head arrived, which has stayed unwritable for `responseStallSecondsMax`, or, after its
+/// current response, which has been open for `connectionAgeSecondsMax`.
+final class RequestDeadlineHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPRequestPart
     typealias InboundOut = HTTPRequestPart
+    typealias OutboundIn = HTTPResponsePart
+    typealias OutboundOut = HTTPResponsePart
 
     private var deadline: Scheduled<Void>?
     private var stall: Scheduled<Void>?
+    private var openedAt: NIODeadline?
+    private var closeAfterResponse = false
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { openedAt = context.eventLoop.now }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if openedAt == nil { openedAt = context.eventLoop.now }
+        context.fireChannelActive()
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        switch unwrapOutboundIn(data) {
+        case .head(var response) where response.status.kind != .informational:
+            if let openedAt, context.eventLoop.now - openedAt >= .seconds(Limits.connectionAgeSecondsMax) {
+                closeAfterResponse = true
+                response.headerFields[.connection] = "close"
+                context.write(wrapOutboundOut(.head(response)), promise: promise)
+            } else {
+                context.write(data, promise: promise)
+            }
+        case .end where closeAfterResponse:
+            let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            let written = context.eventLoop.makePromise(of: Void.self)
+            written.futureResult.whenComplete { _ in loopBound.value.close(promise: nil) }
+            if let promise { written.futureResult.cascade(to: promise) }
+            context.write(data, promise: written)
+        default:
+            context.write(data, promise: promise)
+        }
+    }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable {

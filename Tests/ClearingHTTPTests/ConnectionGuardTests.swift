@@ -58,4 +58,27 @@ import Testing
         #expect(c.isActive)
         _ = try c.finish()
     }
+
+    @Test func anOldConnectionIsClosedAfterItsCurrentResponse() throws {
+        let c = try channel()
+        let ok = HTTPResponse(status: .ok)
+        // Young: answered and kept.
+        try c.writeOutbound(HTTPResponsePart.head(ok))
+        try c.writeOutbound(HTTPResponsePart.end(nil))
+        guard case .head(let first) = try c.readOutbound(as: HTTPResponsePart.self) else { Issue.record("no head"); return }
+        #expect(first.headerFields[.connection] == nil)
+        #expect(c.isActive)
+        _ = try c.readOutbound(as: HTTPResponsePart.self)
+        // Past the age limit (a client that keeps it busy just inside the idle timeout): the
+        // next response says so and the connection closes once it is written.
+        c.embeddedEventLoop.advanceTime(by: .seconds(Limits.connectionAgeSecondsMax))
+        try c.writeInbound(head)
+        try c.writeInbound(HTTPRequestPart.end(nil))
+        try c.writeOutbound(HTTPResponsePart.head(ok))
+        #expect(c.isActive, "the response is finished first")
+        try c.writeOutbound(HTTPResponsePart.end(nil))
+        guard case .head(let last) = try c.readOutbound(as: HTTPResponsePart.self) else { Issue.record("no head"); return }
+        #expect(last.headerFields[.connection] == "close")
+        #expect(!c.isActive)
+    }
 }
