@@ -98,9 +98,8 @@ extension Store {
     public func completeInLedgers(_ d: DecidedBatch) -> [PostingOutcome] {
         if d.isFinal { return d.outcomes }
         let stopped = { d.outcomes.map { _ in PostingOutcome.rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) } }
-        let isStopped = { self.writerState.withLock { $0.crashed } }
         // A writer stopped at a fault point is a dead process: it writes and answers nothing more.
-        if isStopped() { return stopped() }
+        if writerState.withLock({ $0.crashed }) { return stopped() }
         let touched = d.fresh.keys.sorted()
         let failures = Mutex<Set<PartnerID>>([])
         let append: @Sendable (PartnerID) -> Void = { partner in
@@ -139,11 +138,11 @@ extension Store {
             }
         }
         writerState.withLock { $0.laggingLedgers.formUnion(failed) }
-        // Catch up every lagging ledger (this batch's failures and earlier ones): a replay in
-        // this batch may name an entry of an earlier batch that its ledger still lacks.
-        let lagging = writerState.withLock { $0.laggingLedgers }
-        if !lagging.isEmpty {
-            failed = catchUp(lagging)
+        // One more try for the ledgers that failed just now. Other lagging ledgers do not
+        // decide this batch's outcomes (their new entries and replays were handled above) and
+        // are caught up by the decider before its next batch.
+        if !failed.isEmpty {
+            failed = catchUp(failed)
         }
         if failed.isEmpty { return d.outcomes }
         return zip(d.partners, d.outcomes).map { partner, outcome in
@@ -167,10 +166,7 @@ extension Store {
         var still: Set<PartnerID> = []
         for partner in partners.sorted() {
             do {
-                let last = try coalition.read { db in
-                    try Int64.fetchOne(db, sql: "SELECT last_sequence FROM partner_head WHERE partner = ?", arguments: [partner.rawValue]) ?? 0
-                }
-                let copied = try catchUpLedger(partner, through: last)
+                let copied = try catchUpLedger(partner, through: journalHead(partner))
                 logger.notice("lagging ledger caught up", metadata: ["partner": "\(partner)", "entries": "\(copied)"])
             } catch {
                 logger.error("ledger catch-up failed", metadata: ["partner": "\(partner)", "error": "\(error)"])

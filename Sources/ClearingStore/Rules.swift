@@ -152,12 +152,6 @@ enum Lookup {
     /// The earlier entries of a partner under this webhook id and under this reference, in
     /// one query (SQLite answers it from the two unique indexes).
     static func earlier(_ db: Database, _ partner: PartnerID, _ id: WebhookID, _ reference: Reference) throws -> (Entry?, Entry?) {
-        // Nearly always neither exists: answer that through the C API, decode otherwise.
-        let probe = try FastStatement(db, "SELECT 1 FROM journal WHERE partner = ? AND (webhook_id = ? OR reference = ?) LIMIT 1")
-        try probe.bind(1, partner.rawValue); try probe.bind(2, id.rawValue); try probe.bind(3, reference.rawValue)
-        let found = try probe.step()
-        probe.finish()
-        if !found { return (nil, nil) }
         let rows = try Row.fetchAll(
             db.cachedStatement(
                 sql: "SELECT \(JournalRow.columns) FROM journal WHERE partner = ? AND (webhook_id = ? OR reference = ?)"),

@@ -182,6 +182,13 @@ public final class Store: Sendable {
         writerState.withLock { $0.laggingLedgers = [] }
     }
 
+    /// The last sequence the journal holds for a partner (0 before its first entry).
+    func journalHead(_ partner: PartnerID) throws -> Int64 {
+        try coalition.read { db in
+            try Int64.fetchOne(db, sql: "SELECT last_sequence FROM partner_head WHERE partner = ?", arguments: [partner.rawValue]) ?? 0
+        }
+    }
+
     /// Brings one ledger up to `through` from the journal. Returns how many entries it copied.
     @discardableResult
     func catchUpLedger(_ partner: PartnerID, through target: Int64) throws -> Int {
@@ -194,9 +201,7 @@ public final class Store: Sendable {
                 // Another process (serve, while this one starts) may have committed a batch to
                 // the journal and appended it to the ledger since `last` was read: the ledger is
                 // only ever written after the journal, so read the journal again now.
-                let now = try coalition.read { db in
-                    try Int64.fetchOne(db, sql: "SELECT last_sequence FROM partner_head WHERE partner = ?", arguments: [partner.rawValue]) ?? 0
-                }
+                let now = try journalHead(partner)
                 guard now >= have else {
                     throw StoreError("ledger \(partner) holds sequence \(have) but the journal ends at \(now): restore from backup")
                 }

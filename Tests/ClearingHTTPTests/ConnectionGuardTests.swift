@@ -14,16 +14,21 @@ import Testing
         return channel
     }
 
+    /// Open a second before the limit, closed a second after it.
+    func expectClosedJustAfter(_ c: EmbeddedChannel, seconds limit: Int64, _ why: Comment) {
+        c.embeddedEventLoop.advanceTime(by: .seconds(limit - 1))
+        #expect(c.isActive)
+        c.embeddedEventLoop.advanceTime(by: .seconds(2))
+        #expect(!c.isActive, why)
+    }
+
     let head = HTTPRequestPart.head(HTTPRequest(method: .post, scheme: "https", authority: "localhost", path: "/v1/partners/fuelco/events"))
 
     @Test func aBodyNotWholeWithinTheReadDeadlineClosesTheConnection() throws {
         let c = try channel()
         try c.writeInbound(head)
         try c.writeInbound(HTTPRequestPart.body(ByteBuffer(string: "{")))
-        c.embeddedEventLoop.advanceTime(by: .seconds(Limits.requestReadSecondsMax - 1))
-        #expect(c.isActive)
-        c.embeddedEventLoop.advanceTime(by: .seconds(2))
-        #expect(!c.isActive, "a trickled body must be cut off")
+        expectClosedJustAfter(c, seconds: Limits.requestReadSecondsMax, "a trickled body must be cut off")
     }
 
     @Test func aRequestReadInTimeKeepsItsConnectionWhileItsResponseIsPending() throws {
@@ -39,10 +44,7 @@ import Testing
         let c = try channel()
         c.isWritable = false
         c.pipeline.fireChannelWritabilityChanged()
-        c.embeddedEventLoop.advanceTime(by: .seconds(Limits.responseStallSecondsMax - 1))
-        #expect(c.isActive)
-        c.embeddedEventLoop.advanceTime(by: .seconds(2))
-        #expect(!c.isActive, "a connection unwritable for the whole stall limit must be closed")
+        expectClosedJustAfter(c, seconds: Limits.responseStallSecondsMax, "a connection unwritable for the whole stall limit must be closed")
     }
 
     @Test func aClientThatReadsNowAndThenIsKept() throws {

@@ -237,12 +237,6 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         // far longer than the busy timeout when other tests keep the pool busy.
         let h = try Harness()
         let writer = PostingWriter(store: h.store, waitMax: .milliseconds(20))
-        // Another connection holds the coalition's write lock: the writer's first batch waits
-        // on it (busy timeout), so the queue behind it ages.
-        var unsafe = Configuration()
-        unsafe.allowsUnsafeTransactions = true  // the lock is held across two accesses
-        let blocker = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path, configuration: unsafe)
-        try blocker.inDatabase { try $0.execute(sql: "BEGIN IMMEDIATE") }
         let outcomes = Mutex<[Int: PostingOutcome]>([:])
         let done = DispatchGroup()
         func send(_ i: Int) {
@@ -252,13 +246,14 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
                 done.leave()
             }
         }
-        send(0)  // taken by the writer, which now waits for the lock
-        while writer.queueDepth > 0 { usleep(1_000) }
-        send(1)  // queued
-        usleep(60_000)
-        for i in 2..<10 { send(i) }  // the oldest queued posting waited 60 ms > 20 ms: shed
-        #expect(writer.shedCount == 8)
-        try blocker.inDatabase { try $0.execute(sql: "ROLLBACK") }
+        // Another connection holds the coalition's write lock: the writer's first batch waits
+        // on it (busy timeout), so the queue behind it ages.
+        try whileTheWriterWaitsForTheLock(h, writer, first: { send(0) }) {
+            send(1)  // queued
+            usleep(60_000)
+            for i in 2..<10 { send(i) }  // the oldest queued posting waited 60 ms > 20 ms: shed
+            #expect(writer.shedCount == 8)
+        }
         done.wait()
         writer.shutdown()
         let o = outcomes.withLock { $0 }
@@ -470,16 +465,23 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
     }
 }
 
-/// Sends `count` postings numbered from `from` so that the writer decides the first alone and
-/// the others as one batch: another connection holds the coalition's write lock meanwhile
-/// (the first batch waits on it while the others queue up), then lets go.
-func queueBehindTheLock(_ h: Harness, _ writer: PostingWriter, _ send: (Int) -> Void, count: Int, from: Int) throws {
+/// Runs `body` while another connection holds the coalition's write lock and the writer waits
+/// for it with the batch `first` sent (so whatever `body` sends queues up behind), then lets go.
+func whileTheWriterWaitsForTheLock(_ h: Harness, _ writer: PostingWriter, first: () -> Void, _ body: () throws -> Void) throws {
     var unsafe = Configuration()
     unsafe.allowsUnsafeTransactions = true  // the lock is held across two accesses
     let blocker = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path, configuration: unsafe)
     try blocker.inDatabase { try $0.execute(sql: "BEGIN IMMEDIATE") }
-    send(from)
+    first()
     while writer.queueDepth > 0 { usleep(1_000) }  // taken by the writer, which waits for the lock
-    for i in (from + 1)..<(from + count) { send(i) }
+    try body()
     try blocker.inDatabase { try $0.execute(sql: "ROLLBACK") }
+}
+
+/// Sends `count` postings numbered from `from` so that the writer decides the first alone and
+/// the others as one batch.
+func queueBehindTheLock(_ h: Harness, _ writer: PostingWriter, _ send: (Int) -> Void, count: Int, from: Int) throws {
+    try whileTheWriterWaitsForTheLock(h, writer, first: { send(from) }) {
+        for i in (from + 1)..<(from + count) { send(i) }
+    }
 }
