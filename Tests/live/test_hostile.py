@@ -113,7 +113,9 @@ def test_schemathesis_finds_no_server_error(server):
     r = subprocess.run(
         [st_bin, "--config-file", config, "run", os.path.join(ROOT, "docs", "openapi.yaml"), "--url", server.url,
          "--tls-verify", os.path.join(server.certs, "ca.crt"),
-         "--checks", "not_a_server_error", "--max-time", seconds, "--workers", "2",
+         # One worker: with two threads, Hypothesis's ast.parse of filter lambdas can crash
+         # CPython 3.11 ("AST constructor recursion depth mismatch"): a tool error, not ours.
+         "--checks", "not_a_server_error", "--max-time", seconds, "--workers", "1",
          "--request-timeout", "10", "--phases", "examples,coverage,fuzzing",
          "--suppress-health-check", "all", "-H", "authorization: Bearer dev-token-fuelco",
          "--report-dir", report],
