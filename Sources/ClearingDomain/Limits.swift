@@ -79,6 +79,14 @@ public enum Limits {
     /// SQLite page cache of each coalition connection (KiB): a whole batch's pages stay in
     /// memory until its COMMIT, and the hot parts of the journal's indexes stay cached.
     public static let coalitionCacheKiBMax = 64 * 1024
+    /// The coalition's WAL, in frames (pages), past which the writer checkpoints at its commit
+    /// so that the WAL can start over (64 MiB at 4 KiB pages). Below it, checkpoints run in the
+    /// background, on their own connection (`Checkpointer`).
+    public static let coalitionWALFramesMax: Int32 = 16_384
+    /// The writer's cache of members' open lots (`LotCache`): most members and most lots it
+    /// holds before it starts empty again (about 64 bytes a lot: some 70 MiB at most).
+    public static let lotCacheMembersMax = 262_144
+    public static let lotCacheLotsMax = 1_048_576
     /// SQLite page cache of each ledger connection (KiB): ledgers are appended to, so little
     /// is needed, and there is one per partner.
     public static let ledgerCacheKiBMax = 2 * 1024

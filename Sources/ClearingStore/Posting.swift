@@ -187,8 +187,9 @@ extension Store {
         var decided: [PostingOutcome] = []
         var fresh: [PartnerID: [ChainedEntry]] = [:]
         try coalition.writeWithoutTransaction { db in
+            var lotsAfter: LotCache?
             try db.inTransaction(.immediate) {
-                var batchState = try BatchState(db, terms: configuration.coalition)
+                var batchState = try BatchState(db, terms: configuration.coalition, lots: takeLotCache(db, enabled: !isolated))
                 for s in batch {
                     if blocked.contains(s.partner) {
                         decided.append(.rejected(Problem(.unavailable, "this partner's ledger cannot be written; retry later", retryAfterSeconds: 5)))
@@ -202,8 +203,12 @@ extension Store {
                 }
                 try batchState.saveHeads(db)
                 if crashes(at: .beforeJournalCommit) { throw SimulatedCrash() }
+                lotsAfter = isolated ? nil : batchState.lots
                 return .commit
             }
+            // Committed: the cache is what the database now holds. (Had anything thrown, the
+            // cache taken by this batch would be gone with it.)
+            lotCache.withLock { $0 = lotsAfter }
         }
         commitCounter.add(1, ordering: .relaxed)
         return (decided, fresh)
@@ -258,13 +263,13 @@ extension Store {
         let journalID = state.nextJournalID
         let effects: Effects
         switch s.event.kind {
-        case .earned: effects = try Rules.earn(db, s, journalID: journalID, now: now, terms: configuration.coalition)
-        case .redeemed: effects = try Rules.redeem(db, s, now: now)
-        case .earnReversed: effects = try Rules.reverseEarn(db, s, now: now)
-        case .redemptionReversed: effects = try Rules.reverseRedemption(db, s, now: now)
+        case .earned: effects = try Rules.earn(db, s, journalID: journalID, now: now, terms: configuration.coalition, &state.lots)
+        case .redeemed: effects = try Rules.redeem(db, s, now: now, &state.lots)
+        case .earnReversed: effects = try Rules.reverseEarn(db, s, now: now, &state.lots)
+        case .redemptionReversed: effects = try Rules.reverseRedemption(db, s, now: now, &state.lots)
         }
         if case .refused(let problem) = effects { return try earlierOutcome(db, s) ?? .rejected(problem) }
-        guard case .apply(let balanceAfter, let write) = effects else { preconditionFailure() }
+        guard case .apply(let balanceAfter, let lotChange, let write) = effects else { preconditionFailure() }
 
         let head = try state.head(db, s.partner)
         let entry = Entry(
@@ -280,11 +285,16 @@ extension Store {
             return earlier
         }
         try write(db, journalID)
+        state.lots.apply(lotChange, member: s.event.member)
         state.advance(s.partner, sequence: entry.sequence, hash: hash, journalID: journalID, kind: s.event.kind, points: s.event.points)
         fresh = ChainedEntry(entry: entry, previousHash: head.hash, hash: hash)
         if Store.checksBalancesInline {
             let check = try Store.spendableBalance(db, member: s.event.member, at: now)
             precondition(check == balanceAfter, "balance after posting disagrees with the lots")
+            if let cached = state.lots.cached(s.event.member) {
+                let stored = try Lookup.openLots(db, s.event.member)
+                precondition(cached == stored, "the lot cache disagrees with the lots")
+            }
         }
         return .created(entry)
     }
@@ -310,6 +320,26 @@ extension Store {
 }
 
 struct SimulatedCrash: Error {}
+
+extension Store {
+    /// The writer's lot cache for a batch, taken out of the store (so that a batch that fails
+    /// leaves none behind). Inside the batch's transaction: a cache filled while the database
+    /// was at another `data_version` (another connection committed since) is not used.
+    fileprivate func takeLotCache(_ db: Database, enabled: Bool) throws -> LotCache {
+        let version = try Int64.fetchOne(db.cachedStatement(sql: "PRAGMA data_version")) ?? 0
+        let cached = lotCache.withLock { cache in
+            defer { cache = nil }
+            return cache
+        }
+        if enabled, let cached, cached.dataVersion == version { return cached }
+        return LotCache(dataVersion: version, enabled: enabled)
+    }
+
+    /// Drops the writer's lot cache: for writes to lots outside posting (settlement's expiry).
+    func dropLotCache() {
+        lotCache.withLock { $0 = nil }
+    }
+}
 
 extension Store {
     /// Re-reads each member's balance after its posting and stops if it disagrees with what
@@ -338,8 +368,11 @@ struct BatchState {
     private var lastJournalID: Int64
     private var lastAcceptedAt: Instant
     private var heads: [PartnerID: Head] = [:]
+    /// The members' open lots, taken from the store for this batch (`LotCache`).
+    var lots: LotCache
 
-    init(_ db: Database, terms: CoalitionTerms) throws {
+    init(_ db: Database, terms: CoalitionTerms, lots: LotCache) throws {
+        self.lots = lots
         let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT id, accepted_at_ms FROM journal ORDER BY id DESC LIMIT 1"))
         lastJournalID = row?[0] ?? 0
         // Every new entry falls after the last run's cutoff, even if the clock stepped back.

@@ -5,19 +5,23 @@ import GRDB
 /// What deciding one posting came to: refused, or its balance and the writes that apply it.
 enum Effects {
     case refused(Problem)
-    /// `write(db, journalID)` runs after the journal row is inserted.
-    case apply(balanceAfter: Points, write: (Database, Int64) throws -> Void)
+    /// `write(db, journalID)` runs after the journal row is inserted; `lots` is what it does
+    /// to the member's open lots (for the decider's `LotCache`).
+    case apply(balanceAfter: Points, lots: LotChange, write: (Database, Int64) throws -> Void)
 }
 
 /// The business rules of CONTRACT §5, over the coalition database. Each function reads what
 /// it needs, checks everything, and only returns writes when the posting is accepted.
 enum Rules {
-    static func earn(_ db: Database, _ s: Submission, journalID: Int64, now: Instant, terms: CoalitionTerms) throws -> Effects {
+    static func earn(
+        _ db: Database, _ s: Submission, journalID: Int64, now: Instant, terms: CoalitionTerms, _ cache: inout LotCache
+    ) throws -> Effects {
         let n = s.event.points
         let expires = try terms.lotExpiry(acceptedAt: now)
-        let before = try Store.spendableBalance(db, member: s.event.member, at: now)
+        let before = FIFO.balance(try cache.openLots(db, s.event.member), at: now)
         let after = try before.adding(n)
-        return .apply(balanceAfter: after) { db, id in
+        let lot = OpenLot(id: journalID, issuer: s.partner, remaining: n, expiresAt: expires)
+        return .apply(balanceAfter: after, lots: .earned(lot)) { db, id in
             let lot = try FastStatement(
                 db, "INSERT INTO lot (id, member, issuer, points, remaining, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)")
             try lot.bind(1, id); try lot.bind(2, s.event.member.rawValue); try lot.bind(3, s.partner.rawValue)
@@ -34,15 +38,15 @@ enum Rules {
         }
     }
 
-    static func redeem(_ db: Database, _ s: Submission, now: Instant) throws -> Effects {
+    static func redeem(_ db: Database, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
         let n = s.event.points
-        let lots = try Lookup.openLots(db, s.event.member)
+        let lots = try cache.openLots(db, s.event.member)
         let before = FIFO.balance(lots, at: now)
         guard let takes = FIFO.take(n, from: lots, at: now) else {
             return .refused(Problem(.insufficientPoints,
                 "member \(s.event.member) has \(before) spendable points; \(n) were asked for"))
         }
-        return .apply(balanceAfter: try before.subtracting(n)) { db, id in
+        return .apply(balanceAfter: try before.subtracting(n), lots: .took(takes)) { db, id in
             for (i, t) in takes.enumerated() {
                 let lot = try FastStatement(db, "UPDATE lot SET remaining = remaining - ? WHERE id = ?")
                 try lot.bind(1, t.points.value); try lot.bind(2, t.lotID)
@@ -57,7 +61,7 @@ enum Rules {
         }
     }
 
-    static func reverseEarn(_ db: Database, _ s: Submission, now: Instant) throws -> Effects {
+    static func reverseEarn(_ db: Database, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
         let n = s.event.points
         let original: Entry
         switch try Lookup.original(db, s) {
@@ -74,15 +78,15 @@ enum Rules {
             return .refused(Problem(.reversalExceedsOriginal,
                 "only \(left) points of \(original.event.reference)'s lot are left to reverse; \(n) were asked for"))
         }
-        let before = try Store.spendableBalance(db, member: s.event.member, at: now)
-        return .apply(balanceAfter: try before.subtracting(n)) { db, _ in
+        let before = FIFO.balance(try cache.openLots(db, s.event.member), at: now)
+        return .apply(balanceAfter: try before.subtracting(n), lots: .reread) { db, _ in
             try db.cachedStatement(sql: "UPDATE lot SET remaining = remaining - ?, reversed = reversed + ? WHERE id = ?")
                 .execute(arguments: [n.value, n.value, original.journalID])
             try changeMember(db, s.event.member, by: -n.value)
         }
     }
 
-    static func reverseRedemption(_ db: Database, _ s: Submission, now: Instant) throws -> Effects {
+    static func reverseRedemption(_ db: Database, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
         let n = s.event.points
         let original: Entry
         switch try Lookup.original(db, s) {
@@ -94,14 +98,14 @@ enum Rules {
             return .refused(Problem(.reversalExceedsOriginal,
                 "only \(FIFO.reversible(takes)) points of \(original.event.reference) are left to reverse; \(n) were asked for"))
         }
-        let before = try Store.spendableBalance(db, member: s.event.member, at: now)
+        let before = FIFO.balance(try cache.openLots(db, s.event.member), at: now)
         var gain = Points.zero
         for r in returns {
             let expires = try Int64?.fetchOne(
                 db.cachedStatement(sql: "SELECT expires_at_ms FROM lot WHERE id = ?"), arguments: [r.lotID]) ?? nil
             if expires.map({ $0 > now.millisecondsSinceEpoch }) ?? true { gain = try gain.adding(r.points) }
         }
-        return .apply(balanceAfter: try before.adding(gain)) { db, id in
+        return .apply(balanceAfter: try before.adding(gain), lots: .reread) { db, id in
             for (j, r) in returns.enumerated() {
                 try db.cachedStatement(sql: "UPDATE lot_take SET returned = returned + ? WHERE redemption_id = ? AND position = ?")
                     .execute(arguments: [r.points.value, original.journalID, r.takeIndex])

@@ -60,6 +60,8 @@ extension Store {
         let now = clock.now()
         var run: SettlementRun?
         try coalition.writeWithoutTransaction { db in
+            // The run expires lots on the writer's own connection (no data_version change).
+            dropLotCache()
             try db.inTransaction(.immediate) {
                 run = try closeRun(db, through: through ?? now, now: now, progress: progress)
                 return .commit

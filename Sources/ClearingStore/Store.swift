@@ -33,11 +33,15 @@ public final class Store: Sendable {
     public let dataDirectory: URL
     public let configuration: ClearingConfiguration
     let coalition: DatabasePool
+    /// Copies the coalition's WAL into its database file off the writer's thread.
+    let checkpointer: Checkpointer
     let ledgers: Mutex<[PartnerID: DatabasePool]>
     let clock: any WallClock
     let faults: FaultInjector?
     let logger: Logger
     let writerState = Mutex(WriterState())
+    /// The decider's copy of recently active members' open lots, between batches (`LotCache`).
+    let lotCache = Mutex<LotCache?>(nil)
     let commitCounter = Atomic<Int>(0)
 
     struct WriterState {
@@ -53,7 +57,8 @@ public final class Store: Sendable {
     /// entry missing from its partner's ledger is copied there before anything else happens.
     public init(
         dataDirectory: URL, configuration: ClearingConfiguration, clock: any WallClock = SystemClock(),
-        faults: FaultInjector? = nil, logger: Logger = Logger(label: "clearhouse.store")
+        faults: FaultInjector? = nil, logger: Logger = Logger(label: "clearhouse.store"),
+        walFramesMax: Int32 = Limits.coalitionWALFramesMax
     ) throws {
         self.dataDirectory = dataDirectory
         self.configuration = configuration
@@ -65,6 +70,9 @@ public final class Store: Sendable {
         coalition = try Store.openWritable(
             dataDirectory.appendingPathComponent("coalition.sqlite"), cacheKiB: Limits.coalitionCacheKiBMax)
         try Schema.coalition.migrate(coalition)
+        checkpointer = try Checkpointer(
+            dataDirectory.appendingPathComponent("coalition.sqlite"), framesMax: walFramesMax, logger: logger)
+        coalition.writeWithoutTransaction { [checkpointer] in checkpointer.install(on: $0) }
         ledgers = Mutex([:])
         try recover()
     }
@@ -117,6 +125,26 @@ public final class Store: Sendable {
             }
         }
         return levels
+    }
+
+    /// Checkpoints of the coalition's WAL since open: in the background, and by the writer
+    /// at `Limits.coalitionWALFramesMax`.
+    public var checkpointCounts: (background: Int, synchronous: Int) { checkpointer.counts }
+
+    /// Compares the writer's lot cache with `coalition.sqlite`, member by member (for tests);
+    /// throws on the first disagreement. Returns how many members were compared.
+    public func checkLotCache() throws -> Int {
+        try coalition.writeWithoutTransaction { db in
+            guard let cache = lotCache.withLock({ $0 }) else { return 0 }
+            let members = cache.members
+            for member in members {
+                let stored = try Lookup.openLots(db, member)
+                if cache.cached(member) != stored {
+                    throw StoreError("lot cache of \(member): \(cache.cached(member) ?? []) but the database has \(stored)")
+                }
+            }
+            return members.count
+        }
     }
 
     /// Commits (journal and ledgers) since open: each is one fsync of a WAL file.
@@ -307,6 +335,8 @@ public final class Store: Sendable {
             }
             open.removeAll()
         }
+        coalition.writeWithoutTransaction { checkpointer.uninstall(from: $0) }
+        try checkpointer.stop()
         _ = try coalition.writeWithoutTransaction { try $0.checkpoint(.truncate) }
         try coalition.close()
     }

@@ -1,0 +1,120 @@
+import ClearhouseTestSupport
+import ClearingDomain
+import ClearingStore
+import Foundation
+import GRDB
+import Testing
+
+/// The writer keeps members' open lots in memory between batches (`LotCache`) and leaves
+/// checkpoints to another connection (`Checkpointer`). Neither may change an outcome.
+@Suite struct WriterCacheTests {
+    @Test func theCacheFollowsEarnsRedemptionsAndReversals() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 30, "G-1"))
+        _ = h.post(F, "f1", Fixtures.earn("M1", 50, "F-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 40, "C-1"))  // empties G-1's lot, takes 10 of F-1's
+        #expect(try h.store.checkLotCache() == 1)
+        _ = h.post(C, "c2", Fixtures.reverseRedemption("M1", 15, "C-2", of: "C-1"))
+        _ = h.post(F, "f2", Fixtures.reverseEarn("M1", 5, "F-2", of: "F-1"))
+        _ = h.post(G, "g2", Fixtures.earn("M2", 7, "G-2"))
+        #expect(try h.store.checkLotCache() >= 1)
+        #expect(try h.balance("M1") == 50)
+        #expect(try h.verify().ok)
+    }
+
+    /// Another connection (here a second store on the same directory, as `clearhouse post`
+    /// beside `serve`) spends a member's points: the first writer must not decide from the
+    /// lots it cached before.
+    @Test func lotsCachedBeforeAnotherWriterCommittedAreNotUsed() throws {
+        let h = try Harness()
+        #expect(h.post(G, "g1", Fixtures.earn("M1", 100, "G-1")).httpStatus == 201)
+        #expect(try h.store.checkLotCache() == 1, "M1's lots are cached")
+        let other = try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock)
+        let spent = other.post([Submission(partner: F, webhookID: WebhookID("f1")!, event: Fixtures.redeem("M1", 80, "F-1"))])[0]
+        #expect(spent.httpStatus == 201)
+        try other.close()
+        let refused = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
+        #expect(refused.httpStatus == 422 && slug(refused) == "insufficient-points", "\(refused)")
+        let r = h.post(C, "c2", Fixtures.redeem("M1", 20, "C-2"))
+        #expect(entry(r)?.memberBalance == Points(0))
+        #expect(try h.store.checkLotCache() == 1)
+        #expect(try h.verify().ok)
+    }
+
+    /// Settlement expires lots on the writer's own connection; the cache must not keep them.
+    @Test func settlementExpiryIsSeenByTheNextPosting() throws {
+        let h = try Harness(expireAfterDays: 1)
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 40, "C-1"))
+        h.clock.set(Instant(rfc3339: "2026-11-23T11:00:00Z")!)
+        _ = h.post(F, "f1", Fixtures.earn("M1", 10, "F-1"))
+        #expect(try h.store.checkLotCache() == 1, "M1's lots are cached, the expired one included")
+        _ = try h.store.settle()
+        #expect(try h.store.checkLotCache() == 0, "settlement dropped the cache")
+        // The 60 expired points were given up by the run; a return to that lot is expired too.
+        let rr = h.post(C, "c2", Fixtures.reverseRedemption("M1", 40, "C-2", of: "C-1"))
+        #expect(entry(rr)?.memberBalance == Points(10))
+        #expect(slug(h.post(C, "c3", Fixtures.redeem("M1", 11, "C-3"))) == "insufficient-points")
+        #expect(entry(h.post(C, "c4", Fixtures.redeem("M1", 10, "C-4")))?.memberBalance == Points(0))
+        #expect(try h.store.checkLotCache() == 1)
+        #expect(try h.verify().ok)
+    }
+
+    /// A batch that rolls back (a posting failing in storage) and is decided again posting by
+    /// posting leaves no cache behind, and the next batch reads the lots afresh.
+    @Test func aBatchDecidedAgainInSavepointsLeavesNoCache() throws {
+        let h = try Harness()
+        _ = h.post(G, "g0", Fixtures.earn("M1", 50, "G-0"))
+        #expect(try h.store.checkLotCache() == 1)
+        let raw = try GRDB.DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path)
+        try raw.write { db in
+            try db.execute(sql: "CREATE TRIGGER poison BEFORE INSERT ON lot WHEN NEW.member = 'POISON' BEGIN SELECT RAISE(ABORT, 'poison'); END")
+        }
+        try raw.close()
+        let outcomes = h.store.post([
+            Submission(partner: C, webhookID: WebhookID("c1")!, event: Fixtures.redeem("M1", 20, "C-1")),
+            Submission(partner: F, webhookID: WebhookID("f1")!, event: Fixtures.earn("POISON", 10, "F-1")),
+        ])
+        #expect(outcomes.map(\.httpStatus) == [201, 503])
+        #expect(try h.store.checkLotCache() == 0, "decided again in savepoints, without the cache")
+        #expect(entry(h.post(C, "c2", Fixtures.redeem("M1", 30, "C-2")))?.memberBalance == Points(0))
+        #expect(try h.store.checkLotCache() == 1)
+        #expect(try h.verify().ok)
+    }
+
+    /// Below the frame limit the writer leaves checkpoints to the background connection; at
+    /// the limit it checkpoints itself, so the WAL starts over and stays small.
+    @Test func checkpointsRunInTheBackgroundAndTheWALStaysBounded() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        let configuration = Fixtures.configuration()
+        let wal = dir.url.appendingPathComponent("coalition.sqlite-wal")
+        func walBytes() -> Int { (try? FileManager.default.attributesOfItem(atPath: wal.path)[.size] as? Int) ?? 0 }
+        func load(_ store: Store, _ name: String, batches: Int) -> Int {
+            var largest = 0
+            for b in 0..<batches {
+                let batch = (0..<20).map { i in
+                    Submission(partner: G, webhookID: WebhookID("\(name)\(b)-\(i)")!, event: Fixtures.earn("M\(b * 20 + i)", 10, "\(name)-\(b)-\(i)"))
+                }
+                #expect(store.post(batch).allSatisfy { $0.httpStatus == 201 })
+                largest = max(largest, walBytes())
+            }
+            return largest
+        }
+        let roomy = try Store(dataDirectory: dir.url, configuration: configuration, walFramesMax: 1_000_000)
+        _ = load(roomy, "roomy", batches: 40)
+        let background = roomy.checkpointCounts
+        #expect(background.background > 0 && background.synchronous == 0, "\(background)")
+        try roomy.close()
+        #expect(walBytes() == 0, "a clean close truncates the WAL")
+
+        let tight = try Store(dataDirectory: dir.url, configuration: configuration, walFramesMax: 32)
+        let largest = load(tight, "tight", batches: 200)
+        #expect(tight.checkpointCounts.synchronous > 0)
+        // 32 frames of 4 KiB, plus one batch's frames (well under 100 pages), plus the header.
+        #expect(largest < 160 * 4_128, "the WAL grew to \(largest) bytes")
+        try tight.close()
+        #expect(try Verifier.verify(dataDirectory: dir.url).ok)
+    }
+}
