@@ -63,20 +63,20 @@ enum Rules {
 
     static func reverseEarn(_ db: Database, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
         let n = s.event.points
-        let original: Entry
+        let original: Lookup.Original
         switch try Lookup.original(db, s) {
         case .failure(let p): return .refused(p)
         case .success(let e): original = e
         }
         guard let lot = try Row.fetchOne(
             db.cachedStatement(sql: "SELECT remaining, expires_at_ms FROM lot WHERE id = ?"), arguments: [original.journalID])
-        else { throw StoreError("earn \(original.partner) #\(original.sequence) has no lot") }
+        else { throw StoreError("earn \(s.partner) #\(original.sequence) has no lot") }
         let remaining: Int64 = lot[0]
         let expires: Int64? = lot[1]
         let left = (expires.map { $0 > now.millisecondsSinceEpoch } ?? true) ? remaining : 0
         guard n.value <= left else {
             return .refused(Problem(.reversalExceedsOriginal,
-                "only \(left) points of \(original.event.reference)'s lot are left to reverse; \(n) were asked for"))
+                "only \(left) points of \(original.reference)'s lot are left to reverse; \(n) were asked for"))
         }
         let before = FIFO.balance(try cache.openLots(db, s.event.member), at: now)
         return .apply(balanceAfter: try before.subtracting(n), lots: .reread) { db, _ in
@@ -88,7 +88,7 @@ enum Rules {
 
     static func reverseRedemption(_ db: Database, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
         let n = s.event.points
-        let original: Entry
+        let original: Lookup.Original
         switch try Lookup.original(db, s) {
         case .failure(let p): return .refused(p)
         case .success(let e): original = e
@@ -96,7 +96,7 @@ enum Rules {
         let takes = try Lookup.takes(db, redemption: original.journalID)
         guard let returns = FIFO.giveBack(n, to: takes) else {
             return .refused(Problem(.reversalExceedsOriginal,
-                "only \(FIFO.reversible(takes)) points of \(original.event.reference) are left to reverse; \(n) were asked for"))
+                "only \(FIFO.reversible(takes)) points of \(original.reference) are left to reverse; \(n) were asked for"))
         }
         let before = FIFO.balance(try cache.openLots(db, s.event.member), at: now)
         var gain = Points.zero
@@ -170,28 +170,32 @@ enum Lookup {
         return (byID, byRef)
     }
 
-    static func byReference(_ db: Database, _ partner: PartnerID, _ reference: Reference) throws -> Entry? {
-        try Row.fetchOne(
-            db.cachedStatement(sql: "SELECT \(JournalRow.columns) FROM journal WHERE partner = ? AND reference = ?"),
-            arguments: [partner.rawValue, reference.rawValue]
-        ).map { try JournalRow.journalEntry($0).0 }
+    /// What a reversal needs of its original: the columns it checks, not the whole entry.
+    struct Original {
+        var journalID: Int64
+        var sequence: Int64
+        var reference: Reference
     }
 
     /// The original of a reversal: an earlier event of the same partner, of the matching
     /// kind, naming the same member.
-    static func original(_ db: Database, _ s: Submission) throws -> Result<Entry, Problem> {
+    static func original(_ db: Database, _ s: Submission) throws -> Result<Original, Problem> {
         guard let ref = s.event.originalReference, let wanted = s.event.kind.originalKind else {
             preconditionFailure("original() of a non-reversal")
         }
-        guard let e = try byReference(db, s.partner, ref), e.event.kind == wanted else {
+        let select = try FastStatement(db, "SELECT id, sequence, kind, member FROM journal WHERE partner = ? AND reference = ?")
+        try select.bind(1, s.partner.rawValue); try select.bind(2, ref.rawValue)
+        defer { select.finish() }
+        guard try select.step(), try select.int64(2) == Int64(wanted.rawValue) else {
             return .failure(Problem(.unknownOriginal,
                 "original_reference \(ref) is not an earlier \(wanted.typeName) of partner \(s.partner)"))
         }
-        guard e.event.member == s.event.member else {
+        let member = try select.text(3)
+        guard member == s.event.member.rawValue else {
             return .failure(Problem(.memberMismatch,
-                "\(ref) belongs to member \(e.event.member), not \(s.event.member)"))
+                "\(ref) belongs to member \(member), not \(s.event.member)"))
         }
-        return .success(e)
+        return .success(Original(journalID: try select.int64(0), sequence: try select.int64(1), reference: ref))
     }
 
     static func openLots(_ db: Database, _ member: MemberID) throws -> [OpenLot] {
