@@ -83,6 +83,8 @@ public enum Limits {
     /// so that the WAL can start over (64 MiB at 4 KiB pages). Below it, checkpoints run in the
     /// background, on their own connection (`Checkpointer`).
     public static let coalitionWALFramesMax: Int32 = 16_384
+    /// New WAL frames that start a background checkpoint (SQLite's own autocheckpoint default).
+    public static let walCheckpointFramesFrom: Int32 = 1_000
     /// The writer's cache of members' open lots (`LotCache`): most members and most lots it
     /// holds before it starts empty again (about 64 bytes a lot: some 70 MiB at most).
     public static let lotCacheMembersMax = 262_144

@@ -30,6 +30,8 @@ final class Checkpointer: Sendable {
     private let framesMax: Int32
 
     private struct State {
+        /// The WAL's frames the last checkpoint found copied (0 after the WAL started over).
+        var copied: Int32 = 0
         var scheduled = false
         var stopped = false
         /// Checkpoints run here, and by the writer past the frame limit (statistics for benchmarks).
@@ -76,8 +78,12 @@ final class Checkpointer: Sendable {
             }
             return
         }
+        // As often as SQLite's own autocheckpoint would: every `walCheckpointFramesFrom`
+        // new frames (a checkpoint costs an fsync of the database file; small batches under
+        // light load must not pay one each).
         let start = state.withLock { s -> Bool in
-            if s.scheduled || s.stopped { return false }
+            if walFrames < s.copied { s.copied = 0 }  // the WAL started over
+            if s.scheduled || s.stopped || walFrames - s.copied < Limits.walCheckpointFramesFrom { return false }
             s.scheduled = true
             return true
         }
@@ -92,8 +98,11 @@ final class Checkpointer: Sendable {
         }
         if stopped { return }
         do {
-            _ = try connection.writeWithoutTransaction { try $0.checkpoint(.passive) }
-            state.withLock { $0.background += 1 }
+            let result = try connection.writeWithoutTransaction { try $0.checkpoint(.passive) }
+            state.withLock {
+                $0.background += 1
+                $0.copied = Int32(clamping: result.checkpointedFrameCount)
+            }
         } catch {
             // Harmless: the frames stay in the WAL (still durable) for the next checkpoint.
             logger.warning("background checkpoint failed", metadata: ["error": "\(error)"])

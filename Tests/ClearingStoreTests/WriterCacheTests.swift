@@ -103,7 +103,7 @@ import Testing
             return largest
         }
         let roomy = try Store(dataDirectory: dir.url, configuration: configuration, walFramesMax: 1_000_000)
-        _ = load(roomy, "roomy", batches: 40)
+        _ = load(roomy, "roomy", batches: 120)
         let background = roomy.checkpointCounts
         #expect(background.background > 0 && background.synchronous == 0, "\(background)")
         try roomy.close()
