@@ -109,6 +109,12 @@ public struct JSONWriter {
     public mutating func finish() -> String { out + "}" }
 
     public static func quote(_ s: String) -> String {
+        // Nearly every string (ids, references, timestamps) needs no escape: one pass over
+        // its UTF-8 bytes decides, and the string is copied whole (measured: this was a tenth
+        // of the intake handler's time when done scalar by scalar).
+        if !s.utf8.contains(where: { $0 < 0x20 || $0 == UInt8(ascii: "\"") || $0 == UInt8(ascii: "\\") }) {
+            return "\"" + s + "\""
+        }
         var r = "\""
         for u in s.unicodeScalars {
             switch u {

@@ -217,6 +217,8 @@ import Testing
 
     @Test func jsonStringsAreEscaped() {
         #expect(JSONWriter.quote("a\"b\\c\n\u{01}") == #""a\"b\\c\n\u0001""#)
+        #expect(JSONWriter.quote("Zürich € 12") == "\"Zürich € 12\"", "nothing to escape: copied whole")
+        #expect(JSONWriter.quote("") == "\"\"")
     }
 }
 
