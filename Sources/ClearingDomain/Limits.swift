@@ -86,7 +86,10 @@ public enum Limits {
     /// New WAL frames that start a background checkpoint (SQLite's own autocheckpoint default).
     public static let walCheckpointFramesFrom: Int32 = 1_000
     /// The writer's cache of members' open lots (`LotCache`): most members and most lots it
-    /// holds before it starts empty again (about 64 bytes a lot: some 70 MiB at most).
+    /// holds before it starts empty again. A lot is 48 bytes in its member's array (more with
+    /// the array's spare capacity), a member some 150 bytes (its id, array and table slot):
+    /// about 150 MiB at most, at both limits. Checked when a member's lots are loaded and when
+    /// an earn adds one.
     public static let lotCacheMembersMax = 262_144
     public static let lotCacheLotsMax = 1_048_576
     /// SQLite page cache of each ledger connection (KiB): ledgers are appended to, so little

@@ -32,11 +32,16 @@ final class Checkpointer: Sendable {
     private struct State {
         /// The WAL's frames the last checkpoint found copied (0 after the WAL started over).
         var copied: Int32 = 0
+        /// The WAL's frames at the last commit.
+        var lastSeen: Int32 = 0
         var scheduled = false
         var stopped = false
         /// Checkpoints run here, and by the writer past the frame limit (statistics for benchmarks).
         var background = 0
         var synchronous = 0
+        /// The address of the context given to `sqlite3_wal_hook` (one retain of this object),
+        /// until `uninstall`; 0 when none.
+        var installed: UInt = 0
     }
 
     init(_ url: URL, framesMax: Int32, logger: Logger) throws {
@@ -55,26 +60,37 @@ final class Checkpointer: Sendable {
     /// The hook holds this object until `uninstall`.
     func install(on db: Database) {
         let context = Unmanaged.passRetained(self).toOpaque()
+        // The hook replaced is SQLite's autocheckpoint, whose context is not ours: nothing to release.
         _ = sqlite3_wal_hook(db.sqliteConnection, { context, connection, name, frames in
             guard let context else { return SQLITE_OK }
             let me = Unmanaged<Checkpointer>.fromOpaque(context).takeUnretainedValue()
             me.committed(connection, name, walFrames: frames)
             return SQLITE_OK
         }, context)
+        state.withLock { $0.installed = UInt(bitPattern: context) }
     }
 
     /// Removes the hook (SQLite's default autocheckpoint does not come back: `close` truncates).
+    /// Releases this object only if the hook SQLite removes is the one installed here.
     func uninstall(from db: Database) {
         let previous = sqlite3_wal_hook(db.sqliteConnection, nil, nil)
-        if let previous { Unmanaged<Checkpointer>.fromOpaque(previous).release() }
+        let installed = state.withLock { s -> UInt in
+            defer { s.installed = 0 }
+            return s.installed
+        }
+        if let previous, installed != 0, UInt(bitPattern: previous) == installed {
+            Unmanaged<Checkpointer>.fromOpaque(previous).release()
+        }
     }
 
     /// Called by SQLite on the writer's thread after each commit, with the WAL's size in frames.
     private func committed(_ writer: OpaquePointer?, _ name: UnsafePointer<CChar>?, walFrames: Int32) {
         if walFrames >= framesMax {
             // Busy (the background one is running) is fine: the next commit tries again.
-            if sqlite3_wal_checkpoint_v2(writer, name, SQLITE_CHECKPOINT_PASSIVE, nil, nil) == SQLITE_OK {
-                state.withLock { $0.synchronous += 1 }
+            let done = sqlite3_wal_checkpoint_v2(writer, name, SQLITE_CHECKPOINT_PASSIVE, nil, nil) == SQLITE_OK
+            state.withLock {
+                $0.lastSeen = walFrames
+                if done { $0.synchronous += 1 }
             }
             return
         }
@@ -82,7 +98,10 @@ final class Checkpointer: Sendable {
         // new frames (a checkpoint costs an fsync of the database file; small batches under
         // light load must not pay one each).
         let start = state.withLock { s -> Bool in
-            if walFrames < s.copied { s.copied = 0 }  // the WAL started over
+            // Within one WAL the frame count only grows with each commit: if it did not,
+            // the WAL started over, and nothing of the new one is copied yet.
+            if walFrames <= s.lastSeen { s.copied = 0 }
+            s.lastSeen = walFrames
             if s.scheduled || s.stopped || walFrames - s.copied < Limits.walCheckpointFramesFrom { return false }
             s.scheduled = true
             return true

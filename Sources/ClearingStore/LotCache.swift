@@ -57,6 +57,10 @@ struct LotCache {
         switch change {
         case .earned(let lot):
             precondition(open.last.map { $0.id < lot.id } ?? true, "lot ids are in acceptance order")
+            if lotCount >= Limits.lotCacheLotsMax {
+                forget(member)  // full: this member's lots are read again when next needed
+                return
+            }
             open.append(lot)
             lotCount += 1
         case .took(let takes):

@@ -67,10 +67,11 @@ extension Store {
         do {
             do {
                 (decided, fresh) = try decideAndCommit(batch, isolated: false, blocked: blocked)
-            } catch let error where !(error is SimulatedCrash) && batch.count > 1 {
+            } catch let error where !(error is SimulatedCrash) && (batch.count > 1 || error is LotCacheMismatch) {
                 // Something in the batch hit a storage error and the whole transaction rolled
                 // back. Decide it again with each posting in its own savepoint, so that one
-                // poisoned posting costs only itself.
+                // poisoned posting costs only itself (and without the lot cache, which the
+                // failed batch took with it).
                 logger.warning("batch failed; retrying posting by posting", metadata: ["error": "\(error)"])
                 (decided, fresh) = try decideAndCommit(batch, isolated: true, blocked: blocked)
             }
@@ -284,8 +285,20 @@ extension Store {
             guard let earlier = try earlierOutcome(db, s) else { throw error }
             return earlier
         }
-        try write(db, journalID)
+        let openPoints = try write(db, journalID)
         state.lots.apply(lotChange, member: s.event.member)
+        // Defence in depth for the lot cache, in every build: the member's cached lots must
+        // add up to the `open_points` SQLite just computed. If not, something wrote lots behind
+        // the cache's back; nothing of this batch commits, and it is decided again from SQLite.
+        if let cached = state.lots.cached(s.event.member) {
+            let sum = cached.reduce(Int64(0)) { $0 &+ $1.remaining.value }
+            if sum != openPoints {
+                logger.error("lot cache disagrees with the member's open points; deciding the batch again without it",
+                             metadata: ["member": "\(s.event.member)", "cached": "\(sum)", "stored": "\(openPoints)"])
+                lotCacheMismatchCounter.add(1, ordering: .relaxed)
+                throw LotCacheMismatch()
+            }
+        }
         state.advance(s.partner, sequence: entry.sequence, hash: hash, journalID: journalID, kind: s.event.kind, points: s.event.points)
         fresh = ChainedEntry(entry: entry, previousHash: head.hash, hash: hash)
         if Store.checksBalancesInline {
@@ -320,6 +333,9 @@ extension Store {
 }
 
 struct SimulatedCrash: Error {}
+
+/// The writer's lot cache disagreed with SQLite (`decide`); the batch is decided again without it.
+struct LotCacheMismatch: Error {}
 
 extension Store {
     /// The writer's lot cache for a batch, taken out of the store (so that a batch that fails

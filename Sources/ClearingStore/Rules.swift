@@ -5,9 +5,10 @@ import GRDB
 /// What deciding one posting came to: refused, or its balance and the writes that apply it.
 enum Effects {
     case refused(Problem)
-    /// `write(db, journalID)` runs after the journal row is inserted; `lots` is what it does
-    /// to the member's open lots (for the decider's `LotCache`).
-    case apply(balanceAfter: Points, lots: LotChange, write: (Database, Int64) throws -> Void)
+    /// `write(db, journalID)` runs after the journal row is inserted and returns the member's
+    /// `open_points` after it (the sum of the member's lots' remaining points, which the
+    /// decider checks its `LotCache` against); `lots` is what it does to the member's open lots.
+    case apply(balanceAfter: Points, lots: LotChange, write: (Database, Int64) throws -> Int64)
 }
 
 /// The business rules of CONTRACT §5, over the coalition database. Each function reads what
@@ -32,9 +33,10 @@ enum Rules {
                 """
                 INSERT INTO member (member, first_journal_id, open_points) VALUES (?, ?, ?)
                 ON CONFLICT (member) DO UPDATE SET open_points = open_points + excluded.open_points
+                RETURNING open_points
                 """)
             try member.bind(1, s.event.member.rawValue); try member.bind(2, id); try member.bind(3, n.value)
-            try member.done()
+            return try member.single()
         }
     }
 
@@ -57,7 +59,7 @@ enum Rules {
                 try take.done()
                 try move(db, entry: id, position: i, lot: t.lotID, issuer: t.issuer, redeemer: s.partner, points: t.points.value)
             }
-            try changeMember(db, s.event.member, by: -n.value)
+            return try changeMember(db, s.event.member, by: -n.value)
         }
     }
 
@@ -82,7 +84,7 @@ enum Rules {
         return .apply(balanceAfter: try before.subtracting(n), lots: .reread) { db, _ in
             try db.cachedStatement(sql: "UPDATE lot SET remaining = remaining - ?, reversed = reversed + ? WHERE id = ?")
                 .execute(arguments: [n.value, n.value, original.journalID])
-            try changeMember(db, s.event.member, by: -n.value)
+            return try changeMember(db, s.event.member, by: -n.value)
         }
     }
 
@@ -113,7 +115,7 @@ enum Rules {
                     .execute(arguments: [r.points.value, r.lotID])
                 try move(db, entry: id, position: j, lot: r.lotID, issuer: r.issuer, redeemer: s.partner, points: -r.points.value)
             }
-            try changeMember(db, s.event.member, by: n.value)
+            return try changeMember(db, s.event.member, by: n.value)
         }
     }
 
@@ -143,11 +145,12 @@ enum Rules {
         }
     }
 
-    private static func changeMember(_ db: Database, _ member: MemberID, by delta: Int64) throws {
-        let update = try FastStatement(db, "UPDATE member SET open_points = open_points + ? WHERE member = ?")
+    /// Adds `delta` to the member's `open_points`; returns the new value.
+    private static func changeMember(_ db: Database, _ member: MemberID, by delta: Int64) throws -> Int64 {
+        let update = try FastStatement(db, "UPDATE member SET open_points = open_points + ? WHERE member = ? RETURNING open_points")
         try update.bind(1, delta); try update.bind(2, member.rawValue)
-        try update.done()
-        precondition(db.changesCount == 1, "member \(member) has no row")
+        guard let after = try update.singleIfAny() else { preconditionFailure("member \(member) has no row") }
+        return after
     }
 }
 

@@ -1,6 +1,6 @@
 import ClearhouseTestSupport
 import ClearingDomain
-import ClearingStore
+@testable import ClearingStore
 import Foundation
 import GRDB
 import Testing
@@ -33,12 +33,41 @@ import Testing
         let spent = other.post([Submission(partner: F, webhookID: WebhookID("f1")!, event: Fixtures.redeem("M1", 80, "F-1"))])[0]
         #expect(spent.httpStatus == 201)
         try other.close()
-        let refused = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
+        // 20 are left. Decided from the stale cache (100), a redemption of 10 would succeed
+        // with a balance of 90; a redemption of 30 would pass the cache and fail in SQLite.
+        let r = h.post(C, "c1", Fixtures.redeem("M1", 10, "C-1"))
+        #expect(entry(r)?.memberBalance == Points(10), "\(r)")
+        let refused = h.post(C, "c2", Fixtures.redeem("M1", 30, "C-2"))
         #expect(refused.httpStatus == 422 && slug(refused) == "insufficient-points", "\(refused)")
-        let r = h.post(C, "c2", Fixtures.redeem("M1", 20, "C-2"))
-        #expect(entry(r)?.memberBalance == Points(0))
+        #expect(entry(h.post(C, "c3", Fixtures.redeem("M1", 10, "C-3")))?.memberBalance == Points(0))
+        // Dropped because of data_version, not caught later by the open_points check.
+        #expect(h.store.lotCacheMismatches == 0)
         #expect(try h.store.checkLotCache() == 1)
         #expect(try h.verify().ok)
+    }
+
+    /// The release builds' guard: a write to lots behind the cache's back on the writer's own
+    /// connection (which `data_version` cannot see; settlement's expiry is such a write, and
+    /// drops the cache itself) is caught by comparing the cached lots with the member's
+    /// `open_points`, and the batch is decided again from SQLite: the outcome is right.
+    @Test func aCacheStaleOnTheWritersOwnConnectionIsCaughtAndTheBatchDecidedAgain() throws {
+        let h = try Harness()
+        #expect(h.post(G, "g1", Fixtures.earn("M1", 100, "G-1")).httpStatus == 201)
+        #expect(try h.store.checkLotCache() == 1)
+        // A consistent change (lot and member agree) that the cache does not know of.
+        try h.store.coalition.writeWithoutTransaction { db in
+            try db.execute(sql: "UPDATE lot SET remaining = 40 WHERE member = 'M1'")
+            try db.execute(sql: "UPDATE member SET open_points = 40 WHERE member = 'M1'")
+        }
+        #expect(throws: (any Error).self) { try h.store.checkLotCache() }
+        // The stale cache says 100: a redemption of 30 would leave 70. The truth is 10.
+        let r = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
+        #expect(r.httpStatus == 201 && entry(r)?.memberBalance == Points(10), "\(r)")
+        #expect(h.store.lotCacheMismatches == 1)
+        #expect(try h.store.checkLotCache() == 0, "decided again without the cache")
+        #expect(slug(h.post(C, "c2", Fixtures.redeem("M1", 11, "C-2"))) == "insufficient-points")
+        #expect(entry(h.post(C, "c3", Fixtures.redeem("M1", 10, "C-3")))?.memberBalance == Points(0))
+        #expect(h.store.lotCacheMismatches == 1)
     }
 
     /// Settlement expires lots on the writer's own connection; the cache must not keep them.
@@ -104,7 +133,12 @@ import Testing
         }
         let roomy = try Store(dataDirectory: dir.url, configuration: configuration, walFramesMax: 1_000_000)
         _ = load(roomy, "roomy", batches: 120)
-        let background = roomy.checkpointCounts
+        // Background checkpoints are asynchronous: wait (bounded) for the first to finish.
+        var background = roomy.checkpointCounts
+        for _ in 0..<200 where background.background == 0 {
+            Thread.sleep(forTimeInterval: 0.01)
+            background = roomy.checkpointCounts
+        }
         #expect(background.background > 0 && background.synchronous == 0, "\(background)")
         try roomy.close()
         #expect(walBytes() == 0, "a clean close truncates the WAL")
