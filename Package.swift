@@ -44,12 +44,14 @@ let package = Package(
         .target(
             name: "ClearingStore",
             dependencies: [
-                "ClearingDomain",
+                "ClearingDomain", "CSQLiteConfig",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
+        // sqlite3_config (variadic, so not callable from Swift) for the process-wide settings.
+        .systemLibrary(name: "CSQLiteConfig", providers: [.apt(["libsqlite3-dev"])]),
         // Standard Webhooks v1 signatures: verifying partners' events, signing notices.
         .target(
             name: "StandardWebhooks",

@@ -77,6 +77,8 @@ print("workload: \(events) postings, \(partnerCount) partners, \(members) member
 
 let store = try Store(dataDirectory: dir.appendingPathComponent("store"), configuration: configuration)
 let writer = PostingWriter(store: store, waitMax: nil)  // bounded by its own window
+// With SQLite's memory statistics off (`Store.configureSQLite`), nothing counts its memory.
+print("SQLite memory statistics: \(sqlite3_memory_used() == 0 ? "off" : "on (slower: a process-wide mutex on every allocation)")")
 let window = DispatchSemaphore(value: inFlight)
 final class Counts: @unchecked Sendable {
     let lock = NSLock()
