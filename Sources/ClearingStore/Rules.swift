@@ -102,10 +102,18 @@ enum Rules {
         }
         let before = FIFO.balance(try cache.openLots(db, s.event.member), at: now)
         var gain = Points.zero
+        // Lots whose expiry has passed: the points given back to them are not spendable, and
+        // the next run expires them (`lot_reopened`; the run finds the other expiring lots by
+        // their expiry, after the previous run's cutoff, which these may be before).
+        var reopened: [Int64] = []
         for r in returns {
             let expires = try Int64?.fetchOne(
                 db.cachedStatement(sql: "SELECT expires_at_ms FROM lot WHERE id = ?"), arguments: [r.lotID]) ?? nil
-            if expires.map({ $0 > now.millisecondsSinceEpoch }) ?? true { gain = try gain.adding(r.points) }
+            if expires.map({ $0 > now.millisecondsSinceEpoch }) ?? true {
+                gain = try gain.adding(r.points)
+            } else {
+                reopened.append(r.lotID)
+            }
         }
         return .apply(balanceAfter: try before.adding(gain), lots: .reread) { db, id in
             for (j, r) in returns.enumerated() {
@@ -114,6 +122,9 @@ enum Rules {
                 try db.cachedStatement(sql: "UPDATE lot SET remaining = remaining + ? WHERE id = ?")
                     .execute(arguments: [r.points.value, r.lotID])
                 try move(db, entry: id, position: j, lot: r.lotID, issuer: r.issuer, redeemer: s.partner, points: -r.points.value)
+            }
+            for lot in reopened {
+                try db.cachedStatement(sql: "INSERT OR IGNORE INTO lot_reopened (lot_id) VALUES (?)").execute(arguments: [lot])
             }
             return try changeMember(db, s.event.member, by: n.value)
         }

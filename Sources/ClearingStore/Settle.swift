@@ -71,6 +71,47 @@ extension Store {
         return run!
     }
 
+    /// Expires every lot with points left whose expiry is at or before `cutoff`, and reports
+    /// the points by issuer. The previous run expired every such lot up to its own cutoff;
+    /// since then, the only lots expired at or before that cutoff that can hold points again
+    /// are the ones a reversed redemption gave points back to, which the writer records in
+    /// `lot_reopened`. So the lots to expire are those with an expiry after the previous
+    /// cutoff (through the `lot_expiry` index), and those reopened; no scan of all lots.
+    private func expireLots(
+        _ db: Database, after previousCutoff: Int64?, through cutoff: Instant, _ report: (PartnerID, Int64) throws -> Void
+    ) throws {
+        try db.execute(sql: "CREATE TEMP TABLE expiring_lot (id INTEGER PRIMARY KEY NOT NULL)")
+        defer { try? db.execute(sql: "DROP TABLE temp.expiring_lot") }
+        try db.execute(
+            sql: """
+                INSERT INTO temp.expiring_lot (id)
+                  SELECT id FROM lot
+                  WHERE expires_at_ms IS NOT NULL AND expires_at_ms > ? AND expires_at_ms <= ? AND remaining > 0
+                """,
+            arguments: [previousCutoff ?? Int64.min, cutoff.millisecondsSinceEpoch])
+        try db.execute(
+            sql: """
+                INSERT OR IGNORE INTO temp.expiring_lot (id)
+                  SELECT lot.id FROM lot_reopened JOIN lot ON lot.id = lot_reopened.lot_id
+                  WHERE lot.expires_at_ms IS NOT NULL AND lot.expires_at_ms <= ? AND lot.remaining > 0
+                """,
+            arguments: [cutoff.millisecondsSinceEpoch])
+        // Every reopened lot is now either expiring here or expires after this cutoff (and so
+        // falls in a later run's range): none needs to stay listed.
+        try db.execute(sql: "DELETE FROM lot_reopened")
+        let expiring = "id IN (SELECT id FROM temp.expiring_lot)"
+        for row in try Row.fetchAll(db, sql: "SELECT issuer, SUM(remaining) FROM lot WHERE \(expiring) GROUP BY issuer") {
+            try report(try partnerID(row[0]), row[1] as Int64)
+        }
+        try db.execute(
+            sql: """
+                UPDATE member SET open_points = open_points - gone.points
+                FROM (SELECT member, SUM(remaining) AS points FROM lot WHERE \(expiring) GROUP BY member) AS gone
+                WHERE member.member = gone.member
+                """)
+        try db.execute(sql: "UPDATE lot SET expired = expired + remaining, remaining = 0 WHERE \(expiring)")
+    }
+
     private func closeRun(
         _ db: Database, through cutoff: Instant, now: Instant, progress: (@Sendable (Int64, Int64) -> Void)?
     ) throws -> SettlementRun {
@@ -143,17 +184,9 @@ extension Store {
         }
         progress?(last - first + 1, last - first + 1)
         // Expiry: every lot whose expiry is at or before the cutoff gives up what is left.
-        let expiring = "remaining > 0 AND expires_at_ms IS NOT NULL AND expires_at_ms <= ?"
-        for row in try Row.fetchAll(db, sql: "SELECT issuer, SUM(remaining) FROM lot WHERE \(expiring) GROUP BY issuer", arguments: [cutoff.millisecondsSinceEpoch]) {
-            expired[try partnerID(row[0]), default: 0] += row[1] as Int64
+        try expireLots(db, after: previousCutoff, through: cutoff) { issuer, points in
+            expired[issuer, default: 0] += points
         }
-        try db.execute(
-            sql: """
-                UPDATE member SET open_points = open_points - (SELECT SUM(remaining) FROM lot WHERE lot.member = member.member AND \(expiring))
-                WHERE member IN (SELECT member FROM lot WHERE \(expiring))
-                """,
-            arguments: [cutoff.millisecondsSinceEpoch, cutoff.millisecondsSinceEpoch])
-        try db.execute(sql: "UPDATE lot SET expired = expired + remaining, remaining = 0 WHERE \(expiring)", arguments: [cutoff.millisecondsSinceEpoch])
 
         var figures: [PartnerFigures] = []
         var sequenceRanges: [PartnerID: SequenceRange] = [:]
