@@ -67,11 +67,12 @@ extension Store {
         do {
             do {
                 (decided, fresh) = try decideAndCommit(batch, isolated: false, blocked: blocked)
-            } catch let error where !(error is SimulatedCrash) && (batch.count > 1 || error is LotCacheMismatch) {
+            } catch let error where !(error is SimulatedCrash) {
                 // Something in the batch hit a storage error and the whole transaction rolled
                 // back. Decide it again with each posting in its own savepoint, so that one
-                // poisoned posting costs only itself (and without the lot cache, which the
-                // failed batch took with it).
+                // poisoned posting costs only itself, and without the lot cache, which the
+                // failed batch took with it (a batch of one too: its error may have come from
+                // the cache, e.g. a lot overdrawn by a stale copy).
                 logger.warning("batch failed; retrying posting by posting", metadata: ["error": "\(error)"])
                 (decided, fresh) = try decideAndCommit(batch, isolated: true, blocked: blocked)
             }
@@ -269,8 +270,19 @@ extension Store {
         case .earnReversed: effects = try Rules.reverseEarn(db, s, now: now, &state.lots)
         case .redemptionReversed: effects = try Rules.reverseRedemption(db, s, now: now, &state.lots)
         }
-        if case .refused(let problem) = effects { return try earlierOutcome(db, s) ?? .rejected(problem) }
+        if case .refused(let problem) = effects {
+            // A refusal for want of points decided from cached lots is checked against SQLite
+            // (refusals are few; a stale cache must not refuse a member who has the points).
+            if problem.kind == .insufficientPoints, let cached = state.lots.cached(s.event.member),
+                try cached != Lookup.openLots(db, s.event.member)
+            {
+                throw lotCacheMismatch(s.event.member, cached: openPointsOf(cached), stored: nil)
+            }
+            return try earlierOutcome(db, s) ?? .rejected(problem)
+        }
         guard case .apply(let balanceAfter, let lotChange, let write) = effects else { preconditionFailure() }
+        // The member's cached lots, as this posting was decided from them (nil: not cached).
+        let cachedBefore = state.lots.cached(s.event.member).map(openPointsOf)
 
         let head = try state.head(db, s.partner)
         let entry = Entry(
@@ -286,19 +298,21 @@ extension Store {
             return earlier
         }
         let openPoints = try write(db, journalID)
-        state.lots.apply(lotChange, member: s.event.member)
-        // Defence in depth for the lot cache, in every build: the member's cached lots must
-        // add up to the `open_points` SQLite just computed. If not, something wrote lots behind
-        // the cache's back; nothing of this batch commits, and it is decided again from SQLite.
-        if let cached = state.lots.cached(s.event.member) {
-            let sum = cached.reduce(Int64(0)) { $0 &+ $1.remaining.value }
-            if sum != openPoints {
-                logger.error("lot cache disagrees with the member's open points; deciding the batch again without it",
-                             metadata: ["member": "\(s.event.member)", "cached": "\(sum)", "stored": "\(openPoints)"])
-                lotCacheMismatchCounter.add(1, ordering: .relaxed)
-                throw LotCacheMismatch()
+        // Defence in depth for the lot cache, in every build and for every kind: the cached
+        // lots the posting was decided from, plus what it changed, must add up to the
+        // `open_points` SQLite just computed. If not, something wrote lots behind the cache's
+        // back; nothing of this batch commits, and it is decided again from SQLite.
+        if let before = cachedBefore {
+            let n = s.event.points.value
+            let change: Int64 = switch s.event.kind {
+            case .earned, .redemptionReversed: n
+            case .redeemed, .earnReversed: -n
+            }
+            if before &+ change != openPoints {
+                throw lotCacheMismatch(s.event.member, cached: before &+ change, stored: openPoints)
             }
         }
+        state.lots.apply(lotChange, member: s.event.member)
         state.advance(s.partner, sequence: entry.sequence, hash: hash, journalID: journalID, kind: s.event.kind, points: s.event.points)
         fresh = ChainedEntry(entry: entry, previousHash: head.hash, hash: hash)
         if Store.checksBalancesInline {
@@ -336,6 +350,21 @@ struct SimulatedCrash: Error {}
 
 /// The writer's lot cache disagreed with SQLite (`decide`); the batch is decided again without it.
 struct LotCacheMismatch: Error {}
+
+/// What a member's `open_points` holds for these lots: their remaining points, expired or not.
+private func openPointsOf(_ lots: [OpenLot]) -> Int64 {
+    lots.reduce(Int64(0)) { $0 &+ $1.remaining.value }
+}
+
+extension Store {
+    /// Logs and counts a disagreement of the lot cache with SQLite; the error to throw.
+    fileprivate func lotCacheMismatch(_ member: MemberID, cached: Int64, stored: Int64?) -> LotCacheMismatch {
+        logger.error("lot cache disagrees with the database; deciding the batch again without it",
+                     metadata: ["member": "\(member)", "cached": "\(cached)", "stored": "\(stored.map(String.init) ?? "other lots")"])
+        lotCacheMismatchCounter.add(1, ordering: .relaxed)
+        return LotCacheMismatch()
+    }
+}
 
 extension Store {
     /// The writer's lot cache for a batch, taken out of the store (so that a batch that fails

@@ -80,8 +80,10 @@ extension Store {
     private func expireLots(
         _ db: Database, after previousCutoff: Int64?, through cutoff: Instant, _ report: (PartnerID, Int64) throws -> Void
     ) throws {
-        try db.execute(sql: "CREATE TEMP TABLE expiring_lot (id INTEGER PRIMARY KEY NOT NULL)")
-        defer { try? db.execute(sql: "DROP TABLE temp.expiring_lot") }
+        // Created once per connection and emptied for each run (creating or dropping it each
+        // time would change the connection's schema and throw away its prepared statements).
+        try db.execute(sql: "CREATE TEMP TABLE IF NOT EXISTS expiring_lot (id INTEGER PRIMARY KEY NOT NULL)")
+        try db.execute(sql: "DELETE FROM temp.expiring_lot")
         try db.execute(
             sql: """
                 INSERT INTO temp.expiring_lot (id)
@@ -110,6 +112,7 @@ extension Store {
                 WHERE member.member = gone.member
                 """)
         try db.execute(sql: "UPDATE lot SET expired = expired + remaining, remaining = 0 WHERE \(expiring)")
+        try db.execute(sql: "DELETE FROM temp.expiring_lot")
     }
 
     private func closeRun(

@@ -73,6 +73,7 @@ public final class Store: Sendable {
         try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         coalition = try Store.openWritable(
             dataDirectory.appendingPathComponent("coalition.sqlite"), cacheKiB: Limits.coalitionCacheKiBMax)
+        try Store.refuseNewerSchema(coalition, Schema.coalition, "coalition.sqlite")
         try Schema.coalition.migrate(coalition)
         checkpointer = try Checkpointer(
             dataDirectory.appendingPathComponent("coalition.sqlite"), framesMax: walFramesMax, logger: logger)
@@ -87,6 +88,21 @@ public final class Store: Sendable {
         // After recovery (which commits under SQLite's own autocheckpoint): from here on the
         // writer's commits schedule checkpoints on the checkpointer's connection.
         coalition.writeWithoutTransaction { [checkpointer] in checkpointer.install(on: $0) }
+    }
+
+    /// Refuses a database that a newer Clearhouse has migrated further than this binary
+    /// knows: this one would write it by rules that no longer hold (since v7, for instance,
+    /// the writer must list the expired lots a reversal gives points back to).
+    static func refuseNewerSchema(_ db: some DatabaseWriter, _ migrator: DatabaseMigrator, _ name: String) throws {
+        // Before migrating (a new database has no migrations table yet: nothing to refuse).
+        let (superseded, applied) = try db.read { db in
+            guard try db.tableExists("grdb_migrations") else { return (false, Set<String>()) }
+            return (try migrator.hasBeenSuperseded(db), try migrator.appliedIdentifiers(db))
+        }
+        if superseded {
+            let unknown = applied.subtracting(migrator.migrations).sorted().joined(separator: ", ")
+            throw StoreError("\(name) was migrated by a newer Clearhouse (\(unknown)); run that version, not this one")
+        }
     }
 
     /// Process-wide SQLite settings, made once, before the first connection opens.
@@ -189,6 +205,7 @@ public final class Store: Sendable {
         try ledgers.withLock { open in
             if let db = open[partner] { return db }
             let db = try Store.openWritable(ledgerURL(partner), cacheKiB: Limits.ledgerCacheKiBMax)
+            try Store.refuseNewerSchema(db, Schema.ledger, "ledgers/\(partner.rawValue).sqlite")
             try Schema.ledger.migrate(db)
             try db.write { db in
                 try db.execute(

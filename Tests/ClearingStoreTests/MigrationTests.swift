@@ -46,4 +46,25 @@ import Testing
         #expect(try h.balance("M1") == 0)
         #expect(try h.verify().ok)
     }
+
+    /// A data directory migrated by a newer Clearhouse is not opened (this binary would write
+    /// it by older rules), and is not migrated either.
+    @Test func aDirectoryMigratedByANewerVersionIsRefused() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        try h.store.close()
+        let url = h.dir.url.appendingPathComponent("coalition.sqlite")
+        let raw = try DatabaseQueue(path: url.path)
+        try raw.write { try $0.execute(sql: "INSERT INTO grdb_migrations (identifier) VALUES ('v99-from-the-future')") }
+        try raw.close()
+        #expect {
+            _ = try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock)
+        } throws: { error in
+            "\(error)".contains("v99-from-the-future") && "\(error)".contains("newer Clearhouse")
+        }
+        let check = try DatabaseQueue(path: url.path)
+        #expect(try check.read { try String.fetchAll($0, sql: "SELECT identifier FROM grdb_migrations ORDER BY identifier").last } == "v99-from-the-future")
+        #expect(try check.read { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM journal") } == 1, "nothing was written")
+        try check.close()
+    }
 }

@@ -112,6 +112,37 @@ import Testing
         #expect(try h.verify().ok)
     }
 
+    /// The same guard for the other decisions made from cached lots: an earn reversal (whose
+    /// balance comes from the cache), and a refusal for want of points (which writes nothing,
+    /// so it is checked against the lots in SQLite before it is answered).
+    @Test func reversalsAndRefusalsFromAStaleCacheAreDecidedAgain() throws {
+        func behindTheCache(_ h: Harness, remaining: Int64) throws {
+            try h.store.coalition.writeWithoutTransaction { db in
+                try db.execute(sql: "UPDATE lot SET remaining = ? WHERE member = 'M1'", arguments: [remaining])
+                try db.execute(sql: "UPDATE member SET open_points = ? WHERE member = 'M1'", arguments: [remaining])
+            }
+        }
+        // The cache says 100, the truth is 40: reversing 10 of the earn leaves 30, not 90.
+        let a = try Harness()
+        _ = a.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        try behindTheCache(a, remaining: 40)
+        let reversed = a.post(G, "g2", Fixtures.reverseEarn("M1", 10, "G-2", of: "G-1"))
+        #expect(reversed.httpStatus == 201 && entry(reversed)?.memberBalance == Points(30), "\(reversed)")
+        #expect(a.store.lotCacheMismatches == 1)
+
+        // The cache says 40 (after a redemption of 60), the truth is 100: 70 can be redeemed.
+        let b = try Harness()
+        _ = b.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = b.post(C, "c1", Fixtures.redeem("M1", 60, "C-1"))
+        try behindTheCache(b, remaining: 100)
+        let redeemed = b.post(C, "c2", Fixtures.redeem("M1", 70, "C-2"))
+        #expect(redeemed.httpStatus == 201 && entry(redeemed)?.memberBalance == Points(30), "\(redeemed)")
+        #expect(b.store.lotCacheMismatches == 1)
+        // A refusal from a cache that is right is not a mismatch.
+        #expect(slug(b.post(C, "c3", Fixtures.redeem("M1", 31, "C-3"))) == "insufficient-points")
+        #expect(b.store.lotCacheMismatches == 1)
+    }
+
     /// Below the frame limit the writer leaves checkpoints to the background connection; at
     /// the limit it checkpoints itself, so the WAL starts over and stays small.
     @Test func checkpointsRunInTheBackgroundAndTheWALStaysBounded() throws {
