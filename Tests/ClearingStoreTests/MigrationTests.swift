@@ -68,3 +68,24 @@ import Testing
         try check.close()
     }
 }
+
+extension MigrationTests {
+    /// `verify` names a lot that holds points past the last run's cutoff without being listed
+    /// in `lot_reopened`, before a run under-expires it.
+    @Test func verifyNamesAnExpiredLotMissingFromTheList() throws {
+        let h = try Harness(expireAfterDays: 1)
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
+        h.clock.set(Instant(rfc3339: "2026-11-24T00:00:00Z")!)
+        _ = try h.store.settle()
+        _ = h.post(C, "c2", Fixtures.reverseRedemption("M1", 30, "C-2", of: "C-1"))
+        #expect(try h.verify().ok)
+        let raw = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path)
+        try raw.write { try $0.execute(sql: "DELETE FROM lot_reopened") }
+        try raw.close()
+        let report = try h.verify()
+        #expect(!report.ok)
+        #expect(report.breaches.contains { $0.contains("not in lot_reopened") }, "\(report.breaches)")
+    }
+}
