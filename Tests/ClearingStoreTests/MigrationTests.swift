@@ -8,10 +8,9 @@ import Testing
 /// Migrations that move state, not just shape: a data directory written before them must
 /// give the same figures after.
 @Suite struct MigrationTests {
-    /// v7 replaced the partial `lot_expiring` index by `lot_expiry` and `lot_reopened`. A lot
-    /// expired by a run and given points back by a reversed redemption before the upgrade
-    /// must still be expired by the next run after it.
-    @Test func v7ListsLotsReopenedBeforeTheUpgrade() throws {
+    /// Grocer's lot of 100 (30 redeemed at the cinema) expired by a run (70 points), then
+    /// given the 30 back by the redemption's reversal: a lot listed in `lot_reopened`.
+    func expiredThenReopened() throws -> Harness {
         let h = try Harness(expireAfterDays: 1)
         h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
         _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
@@ -19,6 +18,14 @@ import Testing
         h.clock.set(Instant(rfc3339: "2026-11-24T00:00:00Z")!)
         #expect(figures(try h.store.settle(), G)?.expiredPoints == Points(70))
         _ = h.post(C, "c2", Fixtures.reverseRedemption("M1", 30, "C-2", of: "C-1"))
+        return h
+    }
+
+    /// v7 replaced the partial `lot_expiring` index by `lot_expiry` and `lot_reopened`. A lot
+    /// expired by a run and given points back by a reversed redemption before the upgrade
+    /// must still be expired by the next run after it.
+    @Test func v7ListsLotsReopenedBeforeTheUpgrade() throws {
+        let h = try expiredThenReopened()
         try h.store.close()
 
         // The directory as v6 left it: the old index, no list, no record of v7.
@@ -73,13 +80,7 @@ extension MigrationTests {
     /// `verify` names a lot that holds points past the last run's cutoff without being listed
     /// in `lot_reopened`, before a run under-expires it.
     @Test func verifyNamesAnExpiredLotMissingFromTheList() throws {
-        let h = try Harness(expireAfterDays: 1)
-        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
-        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
-        _ = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
-        h.clock.set(Instant(rfc3339: "2026-11-24T00:00:00Z")!)
-        _ = try h.store.settle()
-        _ = h.post(C, "c2", Fixtures.reverseRedemption("M1", 30, "C-2", of: "C-1"))
+        let h = try expiredThenReopened()
         #expect(try h.verify().ok)
         let raw = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path)
         try raw.write { try $0.execute(sql: "DELETE FROM lot_reopened") }
