@@ -108,6 +108,7 @@ let postingSeconds = seconds(since: t0)
 let stats = writer.batchStatistics
 let commits = store.commitCount
 let checkpoints = store.checkpointCounts
+let walFrames = store.coalitionWALFramesWritten
 try store.close()
 let postingRate = Double(events) / postingSeconds
 print(String(format: "posting API: %d postings in %.2f s = %.0f durable postings/s", events, postingSeconds, postingRate))
@@ -115,6 +116,8 @@ print("  outcomes: \(counts.created) created, \(counts.replayed) replayed, \(cou
 print(String(format: "  group commits: %d batches, %.0f postings per batch, largest %d", stats.batches, Double(stats.postings) / Double(stats.batches), stats.largest))
 print(String(format: "  commits (one WAL fsync each): %d = %.2f per 1,000 postings", commits, Double(commits) * 1000 / Double(events)))
 print("  coalition WAL checkpoints: \(checkpoints.background) in the background, \(checkpoints.synchronous) by the writer")
+print(String(format: "  coalition WAL: %d pages written by commits = %.0f per group commit, %.2f per posting", walFrames,
+             Double(walFrames) / Double(max(stats.batches, 1)), Double(walFrames) / Double(events)))
 print("  RSS while posting (postings: MiB): " + rssSamples.map { "\($0.0): \($0.1)" }.joined(separator: ", "))
 print("  peak RSS: \(peakRSSMiB()) MiB")
 

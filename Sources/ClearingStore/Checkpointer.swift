@@ -34,6 +34,8 @@ final class Checkpointer: Sendable {
         var copied: Int32 = 0
         /// The WAL's frames at the last commit.
         var lastSeen: Int32 = 0
+        /// Frames (pages) the writer's commits have appended to the WAL (statistics).
+        var framesWritten = 0
         var scheduled = false
         var stopped = false
         /// Checkpoints run here, and by the writer past the frame limit (statistics for benchmarks).
@@ -89,6 +91,7 @@ final class Checkpointer: Sendable {
             // Busy (the background one is running) is fine: the next commit tries again.
             let done = sqlite3_wal_checkpoint_v2(writer, name, SQLITE_CHECKPOINT_PASSIVE, nil, nil) == SQLITE_OK
             state.withLock {
+                $0.framesWritten += Int(walFrames > $0.lastSeen ? walFrames - $0.lastSeen : walFrames)
                 $0.lastSeen = walFrames
                 if done { $0.synchronous += 1 }
             }
@@ -101,6 +104,7 @@ final class Checkpointer: Sendable {
             // Within one WAL the frame count only grows with each commit: if it did not,
             // the WAL started over, and nothing of the new one is copied yet.
             if walFrames <= s.lastSeen { s.copied = 0 }
+            s.framesWritten += Int(walFrames > s.lastSeen ? walFrames - s.lastSeen : walFrames)
             s.lastSeen = walFrames
             if s.scheduled || s.stopped || walFrames - s.copied < Limits.walCheckpointFramesFrom { return false }
             s.scheduled = true
@@ -132,6 +136,9 @@ final class Checkpointer: Sendable {
     var counts: (background: Int, synchronous: Int) {
         state.withLock { ($0.background, $0.synchronous) }
     }
+
+    /// WAL frames (pages) appended by the writer's commits since it was installed.
+    var framesWritten: Int { state.withLock { $0.framesWritten } }
 
     /// Waits for a running checkpoint, then closes the connection. Call after `uninstall`.
     func stop() throws {

@@ -171,6 +171,9 @@ public final class Store: Sendable {
     /// at `Limits.coalitionWALFramesMax`.
     public var checkpointCounts: (background: Int, synchronous: Int) { checkpointer.counts }
 
+    /// Pages the writer's commits have appended to the coalition's WAL since open (statistics).
+    public var coalitionWALFramesWritten: Int { checkpointer.framesWritten }
+
     /// How many batches the writer decided again because its lot cache disagreed with a
     /// member's `open_points` (a bug, or a write to lots behind the cache's back; 0 expected).
     public var lotCacheMismatches: Int { lotCacheMismatchCounter.load(ordering: .relaxed) }
