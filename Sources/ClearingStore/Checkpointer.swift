@@ -87,30 +87,31 @@ final class Checkpointer: Sendable {
 
     /// Called by SQLite on the writer's thread after each commit, with the WAL's size in frames.
     private func committed(_ writer: OpaquePointer?, _ name: UnsafePointer<CChar>?, walFrames: Int32) {
-        if walFrames >= framesMax {
-            // Busy (the background one is running) is fine: the next commit tries again.
-            let done = sqlite3_wal_checkpoint_v2(writer, name, SQLITE_CHECKPOINT_PASSIVE, nil, nil) == SQLITE_OK
-            state.withLock {
-                $0.framesWritten += Int(walFrames > $0.lastSeen ? walFrames - $0.lastSeen : walFrames)
-                $0.lastSeen = walFrames
-                if done { $0.synchronous += 1 }
-            }
-            return
-        }
-        // As often as SQLite's own autocheckpoint would: every `walCheckpointFramesFrom`
-        // new frames (a checkpoint costs an fsync of the database file; small batches under
-        // light load must not pay one each).
         let start = state.withLock { s -> Bool in
             // Within one WAL the frame count only grows with each commit: if it did not,
             // the WAL started over, and nothing of the new one is copied yet.
-            if walFrames <= s.lastSeen { s.copied = 0 }
-            s.framesWritten += Int(walFrames > s.lastSeen ? walFrames - s.lastSeen : walFrames)
+            let restarted = walFrames <= s.lastSeen
+            if restarted { s.copied = 0 }
+            s.framesWritten += Int(restarted ? walFrames : walFrames - s.lastSeen)
             s.lastSeen = walFrames
-            if s.scheduled || s.stopped || walFrames - s.copied < Limits.walCheckpointFramesFrom { return false }
+            // Past the frame limit the writer checkpoints itself (below); otherwise as often
+            // as SQLite's own autocheckpoint would: every `walCheckpointFramesFrom` new frames
+            // (a checkpoint costs an fsync of the database file; small batches under light
+            // load must not pay one each).
+            if walFrames >= framesMax || s.scheduled || s.stopped || walFrames - s.copied < Limits.walCheckpointFramesFrom {
+                return false
+            }
             s.scheduled = true
             return true
         }
-        if start { queue.async { self.run() } }
+        if walFrames >= framesMax {
+            // Busy (the background one is running) is fine: the next commit tries again.
+            if sqlite3_wal_checkpoint_v2(writer, name, SQLITE_CHECKPOINT_PASSIVE, nil, nil) == SQLITE_OK {
+                state.withLock { $0.synchronous += 1 }
+            }
+        } else if start {
+            queue.async { self.run() }
+        }
     }
 
     private func run() {

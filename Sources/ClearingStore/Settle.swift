@@ -112,7 +112,6 @@ extension Store {
                 WHERE member.member = gone.member
                 """)
         try db.execute(sql: "UPDATE lot SET expired = expired + remaining, remaining = 0 WHERE \(expiring)")
-        try db.execute(sql: "DELETE FROM temp.expiring_lot")
     }
 
     private func closeRun(

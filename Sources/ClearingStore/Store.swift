@@ -94,14 +94,10 @@ public final class Store: Sendable {
     /// knows: this one would write it by rules that no longer hold (since v7, for instance,
     /// the writer must list the expired lots a reversal gives points back to).
     static func refuseNewerSchema(_ db: some DatabaseWriter, _ migrator: DatabaseMigrator, _ name: String) throws {
-        // Before migrating (a new database has no migrations table yet: nothing to refuse).
-        let (superseded, applied) = try db.read { db in
-            guard try db.tableExists("grdb_migrations") else { return (false, Set<String>()) }
-            return (try migrator.hasBeenSuperseded(db), try migrator.appliedIdentifiers(db))
-        }
-        if superseded {
-            let unknown = applied.subtracting(migrator.migrations).sorted().joined(separator: ", ")
-            throw StoreError("\(name) was migrated by a newer Clearhouse (\(unknown)); run that version, not this one")
+        // Before migrating (a new database has no migrations: nothing to refuse).
+        let unknown = try db.read(migrator.appliedIdentifiers).subtracting(migrator.migrations)
+        if !unknown.isEmpty {
+            throw StoreError("\(name) was migrated by a newer Clearhouse (\(unknown.sorted().joined(separator: ", "))); run that version, not this one")
         }
     }
 
