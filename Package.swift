@@ -50,8 +50,10 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
-        // sqlite3_config (variadic, so not callable from Swift) for the process-wide settings.
-        .systemLibrary(name: "CSQLiteConfig", providers: [.apt(["libsqlite3-dev"])]),
+        // Process-wide SQLite settings in C: sqlite3_config (variadic, so not callable from
+        // Swift) and a VFS layer that gathers the coalition writer's WAL writes into one buffer.
+        // Built against the system SQLite (libsqlite3-dev), the same library GRDB links.
+        .target(name: "CSQLiteConfig", linkerSettings: [.linkedLibrary("sqlite3")]),
         // Standard Webhooks v1 signatures: verifying partners' events, signing notices.
         .target(
             name: "StandardWebhooks",

@@ -10,6 +10,7 @@ import Glibc
 #endif
 
 // clearhouse-bench ledger [--events N] [--partners N] [--members N] [--in-flight N] [--dir D]
+//                        [--wal-buffer BYTES]  (0: the writer's WAL writes not gathered, for A/B runs)
 //
 // Posts a generated workload through the real posting API (group commit, durable) and then,
 // in the same run, measures the ceiling: raw batched SQLite inserts of the same rows.
@@ -55,6 +56,7 @@ let partnerCount = option("--partners", 20)
 let members = option("--members", 100_000)
 let inFlight = option("--in-flight", 8_192)
 let seed = UInt64(option("--seed", 42))
+let walBufferBytes = option("--wal-buffer", Limits.coalitionWALBufferBytes)
 let dir = URL(fileURLWithPath: stringOption("--dir", NSTemporaryDirectory() + "clearhouse-bench-\(getpid())"))
 try? FileManager.default.removeItem(at: dir)
 try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
@@ -75,7 +77,8 @@ print("workload: \(events) postings, \(partnerCount) partners, \(members) member
 
 // MARK: The posting API
 
-let store = try Store(dataDirectory: dir.appendingPathComponent("store"), configuration: configuration)
+let store = try Store(
+    dataDirectory: dir.appendingPathComponent("store"), configuration: configuration, walBufferBytes: walBufferBytes)
 let writer = PostingWriter(store: store, waitMax: nil)  // bounded by its own window
 // With SQLite's memory statistics off (`Store.configureSQLite`), nothing counts its memory.
 print("SQLite memory statistics: \(sqlite3_memory_used() == 0 ? "off" : "on (slower: a process-wide mutex on every allocation)")")
@@ -109,6 +112,7 @@ let stats = writer.batchStatistics
 let commits = store.commitCount
 let checkpoints = store.checkpointCounts
 let walFrames = store.coalitionWALFramesWritten
+let walBuffer = try store.coalitionWALGathering()
 try store.close()
 let postingRate = Double(events) / postingSeconds
 print(String(format: "posting API: %d postings in %.2f s = %.0f durable postings/s", events, postingSeconds, postingRate))
@@ -118,6 +122,9 @@ print(String(format: "  commits (one WAL fsync each): %d = %.2f per 1,000 postin
 print("  coalition WAL checkpoints: \(checkpoints.background) in the background, \(checkpoints.synchronous) by the writer")
 print(String(format: "  coalition WAL: %d pages written by commits = %.0f per group commit, %.2f per posting", walFrames,
              Double(walFrames) / Double(max(stats.batches, 1)), Double(walFrames) / Double(events)))
+print(walBufferBytes == 0
+    ? "  coalition WAL writes: not gathered (--wal-buffer 0)"
+    : "  coalition WAL writes: \(walBuffer.gathered) gathered into \(walBuffer.flushes) writes of at most \(walBufferBytes / 1024) KiB")
 print("  RSS while posting (postings: MiB): " + rssSamples.map { "\($0.0): \($0.1)" }.joined(separator: ", "))
 print("  peak RSS: \(peakRSSMiB()) MiB")
 

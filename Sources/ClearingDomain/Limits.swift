@@ -83,6 +83,11 @@ public enum Limits {
     /// so that the WAL can start over (64 MiB at 4 KiB pages). Below it, checkpoints run in the
     /// background, on their own connection (`Checkpointer`).
     public static let coalitionWALFramesMax: Int32 = 16_384
+    /// The buffer the coalition writer's WAL writes are gathered in (bytes; one per open
+    /// store): a group commit's thousands of frames reach the file in writes of 64 KiB (the
+    /// layer's most per call), not two system calls each (`CSQLiteConfig/wal_buffer.c`).
+    /// 0 turns gathering off.
+    public static let coalitionWALBufferBytes = 1024 * 1024
     /// New WAL frames that start a background checkpoint (SQLite's own autocheckpoint default).
     public static let walCheckpointFramesFrom: Int32 = 1_000
     /// The writer's cache of members' open lots (`LotCache`): most members and most lots it

@@ -61,7 +61,7 @@ public final class Store: Sendable {
     public init(
         dataDirectory: URL, configuration: ClearingConfiguration, clock: any WallClock = SystemClock(),
         faults: FaultInjector? = nil, logger: Logger = Logger(label: "clearhouse.store"),
-        walFramesMax: Int32 = Limits.coalitionWALFramesMax
+        walFramesMax: Int32 = Limits.coalitionWALFramesMax, walBufferBytes: Int = Limits.coalitionWALBufferBytes
     ) throws {
         Store.configureSQLite
         self.dataDirectory = dataDirectory
@@ -72,7 +72,8 @@ public final class Store: Sendable {
         let fm = FileManager.default
         try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         coalition = try Store.openWritable(
-            dataDirectory.appendingPathComponent("coalition.sqlite"), cacheKiB: Limits.coalitionCacheKiBMax)
+            dataDirectory.appendingPathComponent("coalition.sqlite"), cacheKiB: Limits.coalitionCacheKiBMax,
+            walBufferBytes: walBufferBytes)
         try Store.refuseNewerSchema(coalition, Schema.coalition, "coalition.sqlite")
         try Schema.coalition.migrate(coalition)
         checkpointer = try Checkpointer(
@@ -109,8 +110,13 @@ public final class Store: Sendable {
     /// 12 to 18 % more per second (docs/BENCHMARKS.md). Nothing here reads the statistics.
     /// If SQLite was already initialized (by a library that opened a database first), the
     /// setting is refused and stays as it was: a cost in speed, never in correctness.
+    ///
+    /// Then the WAL-gathering VFS layer becomes SQLite's default (`wal_buffer.c`): every
+    /// connection opened after goes through it, and gathers nothing until `openWritable` asks
+    /// for it on the coalition's writer. If it cannot be registered, nothing is gathered.
     static let configureSQLite: Void = {
         _ = ch_sqlite_disable_memstatus()
+        _ = ch_wal_buffer_register()
     }()
 
     /// - Parameter cacheKiB: the page cache of each connection. Memory is bounded by it: it
@@ -141,14 +147,39 @@ public final class Store: Sendable {
     /// after `prepareDatabase` ran; under NORMAL a WAL commit is not fsynced (it survives a
     /// crash of the process, not of the machine). So FULL is set again here, on the writer
     /// itself, and read back: a store whose commits are not durable does not open.
-    static func openWritable(_ url: URL, cacheKiB: Int) throws -> DatabasePool {
+    ///
+    /// - Parameter walBufferBytes: when not 0, the writer's WAL writes are gathered in a
+    ///   buffer of this size and written at each commit's fsync (`CSQLiteConfig/wal_buffer.c`),
+    ///   which is safe only because every commit of this connection is fsynced (FULL, above).
+    static func openWritable(_ url: URL, cacheKiB: Int, walBufferBytes: Int = 0) throws -> DatabasePool {
         let pool = try DatabasePool(path: url.path, configuration: databaseConfiguration(cacheKiB: cacheKiB))
-        let level = try pool.writeWithoutTransaction { db in
+        try pool.writeWithoutTransaction { db in
             try db.execute(sql: "PRAGMA synchronous = FULL")
-            return try Int.fetchOne(db, sql: "PRAGMA synchronous")
+            let level = try Int.fetchOne(db, sql: "PRAGMA synchronous")
+            guard level == 2 else { throw StoreError("\(url.path): synchronous is \(level ?? -1), not FULL (2)") }
+            if walBufferBytes > 0 {
+                // Refused (SQLITE_NOTFOUND) only when the layer could not be registered: then
+                // the WAL is written as SQLite writes it, slower, not less safely.
+                _ = ch_wal_buffer_enable(db.sqliteConnection, Int32(clamping: walBufferBytes))
+            }
         }
-        guard level == 2 else { throw StoreError("\(url.path): synchronous is \(level ?? -1), not FULL (2)") }
         return pool
+    }
+
+    /// The coalition writer's WAL gathering since open: WAL writes gathered, and the writes
+    /// that carried them to the file (both 0 when gathering is off).
+    public func coalitionWALGathering() throws -> (gathered: Int, flushes: Int) {
+        try coalition.writeWithoutTransaction { db in
+            var gathered: Int64 = 0, flushes: Int64 = 0
+            _ = ch_wal_buffer_stats(db.sqliteConnection, &gathered, &flushes)
+            return (Int(gathered), Int(flushes))
+        }
+    }
+
+    /// For tests: the next `count` writes of the coalition writer's WAL buffer fail as an I/O
+    /// error would.
+    func failCoalitionWALFlushes(_ count: Int32) throws {
+        try coalition.writeWithoutTransaction { db in _ = ch_wal_buffer_fail_flushes(db.sqliteConnection, count) }
     }
 
     /// The `synchronous` level of each writer connection (coalition, then open ledgers):

@@ -13,9 +13,10 @@ final class Harness {
     let configuration: ClearingConfiguration
     var store: Store!
 
-    init(expireAfterDays: Int64 = 1095, faults: FaultInjector? = nil) throws {
+    init(expireAfterDays: Int64 = 1095, faults: FaultInjector? = nil, walBufferBytes: Int = Limits.coalitionWALBufferBytes) throws {
         configuration = Fixtures.configuration(expireAfterDays: expireAfterDays)
-        store = try Store(dataDirectory: dir.url, configuration: configuration, clock: clock, faults: faults)
+        store = try Store(
+            dataDirectory: dir.url, configuration: configuration, clock: clock, faults: faults, walBufferBytes: walBufferBytes)
     }
 
     deinit {
