@@ -13,10 +13,12 @@
 //     writes the buffer out, then itself, so bytes reach the file in SQLite's order.
 //   - Every other use of the file (read, size, truncate, file control, close, sync) first
 //     writes the buffer out, so SQLite itself never sees the file without its own writes.
-//   - Other connections read only frames a commit has published in the WAL index, and a
-//     connection that asked for gathering syncs its WAL at every commit (synchronous FULL,
-//     the caller's promise; see ch_wal_buffer_enable) before it publishes, and the sync
-//     writes the buffer out first.
+//   - Other connections read only frames a commit has published in the WAL index. SQLite
+//     publishes right after a memory barrier on the database file, and the layer writes the
+//     buffer out at that barrier; under FULL the commit's sync, just before, already did.
+//     Gathering is off where SQLite would write after that sync (no powersafe overwrite).
+//   - Before the WAL's write lock is released, the buffer is written out, so frames of a
+//     transaction that rolled back cannot reach the file after another writer's commit.
 //   - A failed write of the buffer is returned (as SQLITE_IOERR_WRITE, which makes SQLite
 //     roll back the whole transaction) by the call that made it and, in any case, by the
 //     next sync (unless the call was a write, whose errors SQLite always heeds), so the
@@ -85,8 +87,16 @@ static int flushBuffer(WBFile *p) {
     return SQLITE_IOERR_WRITE;
 }
 
+// Gathering needs "powersafe overwrite" (SQLite's default on unix): without it, SQLite pads
+// each commit to a sector boundary and writes the end of the padding after the WAL's sync,
+// which the buffer would then hold past the commit's publication.
+static int gatheringAllowed(WBFile *mainDb) {
+    int caps = mainDb->real->pMethods->xDeviceCharacteristics(mainDb->real);
+    return (caps & SQLITE_IOCAP_POWERSAFE_OVERWRITE) != 0;
+}
+
 static void setCapacity(WBFile *wal, int bytes) {
-    if (bytes < 0) bytes = 0;
+    if (bytes < 0 || !wal->mainDb || !gatheringAllowed(wal->mainDb)) bytes = 0;
     flushBuffer(wal);  // an error stays deferred to the next sync
     if (bytes != wal->capacity) {
         sqlite3_free(wal->buffer);
@@ -223,11 +233,20 @@ static int wbShmMap(sqlite3_file *f, int region, int size, int extend, void vola
 
 static int wbShmLock(sqlite3_file *f, int offset, int n, int flags) {
     WBFile *p = (WBFile *)f;
+    // Before this connection releases the WAL's write lock (slot 0), nothing it wrote may
+    // stay buffered: frames of a transaction rolled back after spilling pages would otherwise
+    // be written later, over frames another writer committed meanwhile. (Written out, they
+    // lie past the WAL's last valid frame and are ignored or overwritten.)
+    if (p->wal && (flags & SQLITE_SHM_UNLOCK) && offset == 0) flushBuffer(p->wal);
     return p->real->pMethods->xShmLock(p->real, offset, n, flags);
 }
 
 static void wbShmBarrier(sqlite3_file *f) {
     WBFile *p = (WBFile *)f;
+    // SQLite publishes a commit in the WAL index right after this barrier: whatever the sync
+    // level, its frames are in the file first. (Under FULL the commit's sync already wrote
+    // them; an error here is deferred to the next sync.)
+    if (p->wal) flushBuffer(p->wal);
     p->real->pMethods->xShmBarrier(p->real);
 }
 
@@ -268,7 +287,7 @@ static int wbOpen(sqlite3_vfs *vfs, sqlite3_filename name, sqlite3_file *f, int 
             WBFile *mainDb = (WBFile *)db;
             p->mainDb = mainDb;
             mainDb->wal = p;
-            p->capacity = mainDb->walBufferBytes;
+            setCapacity(p, mainDb->walBufferBytes);
         }
     }
     return SQLITE_OK;

@@ -112,7 +112,7 @@ let stats = writer.batchStatistics
 let commits = store.commitCount
 let checkpoints = store.checkpointCounts
 let walFrames = store.coalitionWALFramesWritten
-let walBuffer = try store.coalitionWALGathering()
+let walBuffer = store.coalitionWALGathering()
 try store.close()
 let postingRate = Double(events) / postingSeconds
 print(String(format: "posting API: %d postings in %.2f s = %.0f durable postings/s", events, postingSeconds, postingRate))

@@ -196,7 +196,7 @@ extension Store {
                     if blocked.contains(s.partner) {
                         decided.append(.rejected(Problem(.unavailable, "this partner's ledger cannot be written; retry later", retryAfterSeconds: 5)))
                     } else if isolated {
-                        decided.append(decideIsolated(db, s, &batchState, &fresh))
+                        decided.append(try decideIsolated(db, s, &batchState, &fresh))
                     } else {
                         var entry: ChainedEntry?
                         decided.append(try decide(db, s, &batchState, &entry))
@@ -225,9 +225,13 @@ extension Store {
 
     /// Decides one posting inside its own savepoint, so that an unexpected storage error
     /// costs that posting alone (`unavailable`, nothing of it written), not the whole batch.
+    ///
+    /// Some errors make SQLite roll back the whole transaction (an I/O error, `RAISE(ROLLBACK)`):
+    /// the batch's earlier postings are then gone too, so the batch fails as a whole (throws)
+    /// rather than go on outside a transaction.
     private func decideIsolated(
         _ db: Database, _ s: Submission, _ state: inout BatchState, _ fresh: inout [PartnerID: [ChainedEntry]]
-    ) -> PostingOutcome {
+    ) throws -> PostingOutcome {
         var outcome = PostingOutcome.rejected(Problem(.unavailable, "storage is failing; retry later", retryAfterSeconds: 5))
         var local = state
         var localFresh: ChainedEntry?
@@ -246,6 +250,7 @@ extension Store {
             if let c = localFresh { fresh[s.partner, default: []].append(c) }
         } catch {
             logger.error("posting failed in storage", metadata: ["partner": "\(s.partner)", "error": "\(error)"])
+            if !db.isInsideTransaction { throw error }
         }
         return outcome
     }

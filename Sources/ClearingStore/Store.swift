@@ -168,18 +168,21 @@ public final class Store: Sendable {
 
     /// The coalition writer's WAL gathering since open: WAL writes gathered, and the writes
     /// that carried them to the file (both 0 when gathering is off).
-    public func coalitionWALGathering() throws -> (gathered: Int, flushes: Int) {
-        try coalition.writeWithoutTransaction { db in
-            var gathered: Int64 = 0, flushes: Int64 = 0
-            _ = ch_wal_buffer_stats(db.sqliteConnection, &gathered, &flushes)
-            return (Int(gathered), Int(flushes))
-        }
+    public func coalitionWALGathering() -> (gathered: Int, flushes: Int) {
+        coalition.writeWithoutTransaction(gathering)
+    }
+
+    /// The WAL gathering of this connection since it opened.
+    func gathering(_ db: Database) -> (gathered: Int, flushes: Int) {
+        var gathered: Int64 = 0, flushes: Int64 = 0
+        _ = ch_wal_buffer_stats(db.sqliteConnection, &gathered, &flushes)
+        return (Int(gathered), Int(flushes))
     }
 
     /// For tests: the next `count` writes of the coalition writer's WAL buffer fail as an I/O
     /// error would.
-    func failCoalitionWALFlushes(_ count: Int32) throws {
-        try coalition.writeWithoutTransaction { db in _ = ch_wal_buffer_fail_flushes(db.sqliteConnection, count) }
+    func failCoalitionWALFlushes(_ count: Int32) {
+        coalition.writeWithoutTransaction { db in _ = ch_wal_buffer_fail_flushes(db.sqliteConnection, count) }
     }
 
     /// The `synchronous` level of each writer connection (coalition, then open ledgers):

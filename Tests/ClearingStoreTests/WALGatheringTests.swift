@@ -24,9 +24,11 @@ import Testing
         var created = 0
         for round in 0..<5 {
             created += h.store.post(earns(40, from: round * 40)).filter { $0.httpStatus == 201 }.count
+            // Another connection (the pool's reader) sees the commit at once.
+            #expect(try h.store.coalition.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM journal") } == created)
         }
         #expect(created == 200)
-        let gathering = try h.store.coalitionWALGathering()
+        let gathering = h.store.coalitionWALGathering()
         #expect(gathering.gathered > 0, "the writer's WAL writes went through the buffer")
         #expect(gathering.flushes > 0 && gathering.flushes < gathering.gathered, "\(gathering)")
 
@@ -54,7 +56,7 @@ import Testing
     @Test func aFailedWriteOfTheBufferFailsItsCommitAndWritesNothing() throws {
         let h = try Harness()
         #expect(h.store.post(earns(3, prefix: "a")).allSatisfy { $0.httpStatus == 201 })
-        try h.store.failCoalitionWALFlushes(2)
+        h.store.failCoalitionWALFlushes(2)
         let failed = h.store.post(earns(20, prefix: "b"))
         #expect(failed.allSatisfy { $0.httpStatus == 503 }, "\(failed.map(slug))")
         let next = h.store.post(earns(5, prefix: "c"))
@@ -72,8 +74,11 @@ import Testing
     /// for hash (the clock is the same hand-driven one).
     @Test func gatheringChangesNothingThatIsStored() throws {
         var heads: [[String]] = []
-        for bytes in [Limits.coalitionWALBufferBytes, 0, 8 * 1024, 4 * 1024] {
+        // The last run spills pages to the WAL mid-batch (a cache of 20 pages), so that frames
+        // are read back, rewritten and rolled back while gathered.
+        for (bytes, cachePages) in [(Limits.coalitionWALBufferBytes, 0), (0, 0), (8 * 1024, 0), (4 * 1024, 0), (Limits.coalitionWALBufferBytes, 20)] {
             let h = try Harness(walBufferBytes: bytes)
+            if cachePages > 0 { try h.store.coalition.writeWithoutTransaction { try $0.execute(sql: "PRAGMA cache_size = \(cachePages)") } }
             let day = DaySimulator(partners: h.configuration.partnerIDs, members: 300, events: 3_000, seed: 7, start: h.clock.now())
             var batch: [Submission] = []
             for p in IteratorSequence(day) {
@@ -85,8 +90,9 @@ import Testing
                 }
             }
             _ = h.store.post(batch)
-            let gathering = try h.store.coalitionWALGathering()
+            let gathering = h.store.coalitionWALGathering()
             #expect((gathering.gathered > 0) == (bytes > 0), "\(bytes): \(gathering)")
+            #expect(try h.store.coalition.read { try String.fetchOne($0, sql: "PRAGMA integrity_check") } == "ok")
             heads.append(try h.store.coalition.read { db in
                 try Row.fetchAll(db, sql: "SELECT partner, last_sequence, hex(last_hash) FROM partner_head ORDER BY partner")
                     .map { "\($0[0] as String) \($0[1] as Int64) \($0[2] as String)" }
@@ -95,5 +101,102 @@ import Testing
         }
         #expect(heads[0].count == 3)
         #expect(Set(heads).count == 1, "\(heads)")
+    }
+
+    /// A transaction of the writer spills pages to the WAL and rolls back; another writer
+    /// (a second store on the directory, as `clearhouse post` beside `serve`) then commits.
+    /// Frames of the rolled-back transaction still in the buffer must not reach the file
+    /// after that commit (they would overwrite it): they are written out before the write
+    /// lock is released.
+    @Test func framesOfARolledBackTransactionNeverOverwriteAnotherWritersCommit() throws {
+        let h = try Harness()
+        #expect(h.store.post(earns(3, prefix: "a")).allSatisfy { $0.httpStatus == 201 })
+        // A reader holds a snapshot throughout, so that the WAL cannot start over: the other
+        // writer's frames go where the rolled-back ones were.
+        let reader = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path)
+        let pinned = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            try? reader.read { db in
+                _ = try Int.fetchOne(db, sql: "SELECT count(*) FROM journal")
+                pinned.signal()
+                release.wait()
+            }
+        }
+        pinned.wait()
+        try h.store.coalition.writeWithoutTransaction { db in
+            try db.execute(sql: "CREATE TABLE scratch (x BLOB)")
+            try db.execute(sql: "PRAGMA cache_size = 20")
+            let before = h.store.gathering(db)
+            try db.inTransaction {
+                // ~60 pages through a 20-page cache: pages spill to the WAL and stay gathered.
+                for _ in 0..<60 { try db.execute(sql: "INSERT INTO scratch VALUES (randomblob(3000))") }
+                return .rollback
+            }
+            #expect(h.store.gathering(db).gathered > before.gathered, "the rolled-back transaction's frames were gathered")
+            try db.execute(sql: "PRAGMA cache_size = -\(Limits.coalitionCacheKiBMax)")
+        }
+        let other = try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock)
+        #expect(other.post(earns(5, prefix: "b")).allSatisfy { $0.httpStatus == 201 })
+        #expect(h.store.post(earns(5, prefix: "c")).allSatisfy { $0.httpStatus == 201 })
+        #expect(try h.store.coalition.read { try String.fetchOne($0, sql: "PRAGMA integrity_check") } == "ok")
+        release.signal()
+        try reader.close()
+        try other.close()  // its closing checkpoint waits for no reader
+        try h.reopen()
+        #expect(try h.verify().ok)
+        #expect(try h.store.ledgerEntries(G).count == 13)
+    }
+
+    /// The buffer's write fails on a call other than the commit's sync (here pages spilled and
+    /// read back mid-transaction): the transaction fails and nothing of it is stored.
+    @Test func aFailedWriteOfTheBufferMidTransactionFailsTheTransaction() throws {
+        let h = try Harness(walBufferBytes: 64 * 1024)
+        try h.store.coalition.writeWithoutTransaction { db in
+            try db.execute(sql: "CREATE TABLE scratch (x BLOB)")
+            try db.execute(sql: "PRAGMA cache_size = 10")
+        }
+        h.store.failCoalitionWALFlushes(1)
+        #expect(throws: (any Error).self) {
+            try h.store.coalition.writeWithoutTransaction { db in
+                try db.inTransaction {
+                    for _ in 0..<1_000 { try db.execute(sql: "INSERT INTO scratch VALUES (randomblob(1000))") }
+                    _ = try Int.fetchOne(db, sql: "SELECT count(*) FROM scratch")
+                    return .commit
+                }
+            }
+        }
+        #expect(try h.store.coalition.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM scratch") } == 0)
+        try h.store.coalition.writeWithoutTransaction { db in
+            try db.execute(sql: "PRAGMA cache_size = -\(Limits.coalitionCacheKiBMax)")
+        }
+        // The next batch commits (its first commit may meet the deferred error once, and the
+        // writer then decides it again posting by posting).
+        #expect(h.store.post(earns(5, prefix: "c")).allSatisfy { $0.httpStatus == 201 })
+        try h.reopen()
+        #expect(try h.verify().ok)
+        #expect(try h.store.ledgerEntries(G).count == 5)
+    }
+
+    /// A posting whose storage error makes SQLite roll back the whole transaction (here a
+    /// trigger's RAISE(ROLLBACK) on the writer's connection, as an I/O error would) while the
+    /// batch is decided posting by posting: the earlier postings are gone with it, so the
+    /// batch fails as a whole (503) and nothing of it is stored; the later postings never
+    /// commit on their own, outside the batch's transaction.
+    @Test func aTransactionRolledBackBySQLiteFailsTheWholeBatch() throws {
+        let h = try Harness()
+        #expect(h.store.post(earns(2, prefix: "a")).allSatisfy { $0.httpStatus == 201 })
+        try h.store.coalition.writeWithoutTransaction { db in
+            try db.execute(sql: """
+                CREATE TEMP TRIGGER poison BEFORE INSERT ON main.journal WHEN NEW.reference = 'B-1'
+                BEGIN SELECT RAISE(ROLLBACK, 'poisoned'); END
+                """)
+        }
+        let outcomes = h.store.post(earns(3, prefix: "b"))
+        #expect(outcomes.allSatisfy { $0.httpStatus == 503 }, "\(outcomes.map(slug))")
+        try h.store.coalition.writeWithoutTransaction { try $0.execute(sql: "DROP TRIGGER temp.poison") }
+        #expect(try h.store.coalition.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM journal") } == 2)
+        #expect(h.store.post(earns(3, prefix: "b")).map(\.httpStatus) == [201, 201, 201])
+        #expect(try h.store.ledgerEntries(G).map(\.sequence) == [1, 2, 3, 4, 5])
+        #expect(try h.verify().ok)
     }
 }

@@ -17,11 +17,13 @@ int ch_sqlite_disable_memstatus(void);
 int ch_wal_buffer_register(void);
 
 /// Asks that the WAL of this connection's main database be written through a buffer of
-/// `bytes` (0 turns it off; the buffer is flushed before any other use of the file and at
-/// every sync). ONLY for a connection whose every commit syncs its WAL (synchronous = FULL
-/// or EXTRA): the buffer is flushed at that sync, before the commit is published to other
-/// connections. Returns SQLITE_OK, or SQLITE_NOTFOUND when the connection was not opened
-/// through the layer (opened before ch_wal_buffer_register).
+/// `bytes` (0 turns it off). The buffer is written out before any other use of the file, at
+/// every sync, before each commit is published to other connections, and before the WAL's
+/// write lock is released; gathering stays off if the file lacks powersafe overwrite. Meant
+/// for a connection that syncs every commit (synchronous = FULL): then what a returned
+/// commit leaves on disk is exactly what it would be without the layer. Returns SQLITE_OK,
+/// or SQLITE_NOTFOUND when the connection was not opened through the layer (opened before
+/// ch_wal_buffer_register).
 int ch_wal_buffer_enable(sqlite3 *db, int bytes);
 
 /// Statistics of this connection's WAL gathering since it opened: writes gathered, and the
