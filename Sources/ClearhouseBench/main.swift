@@ -39,6 +39,15 @@ func currentRSSMiB() -> Int {
     return pages * Int(sysconf(Int32(_SC_PAGESIZE))) / (1024 * 1024)
 }
 
+/// CPU time of the whole process so far (user + system, all threads), in microseconds: on a
+/// shared machine it varies less than wall time, which other tenants stretch.
+func cpuMicroseconds() -> Int64 {
+    var u = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &u)
+    func us(_ t: timeval) -> Int64 { Int64(t.tv_sec) * 1_000_000 + Int64(t.tv_usec) }
+    return us(u.ru_utime) + us(u.ru_stime)
+}
+
 func seconds(since start: DispatchTime) -> Double {
     Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e9
 }
@@ -90,6 +99,7 @@ final class Counts: @unchecked Sendable {
 let counts = Counts()
 var rssSamples: [(Int, Int)] = []
 let t0 = DispatchTime.now()
+let cpu0 = cpuMicroseconds()
 var n = 0
 for p in IteratorSequence(DaySimulator(partners: configuration.partnerIDs, members: members, events: events, seed: seed, start: start)) {
     window.wait()
@@ -108,6 +118,7 @@ for p in IteratorSequence(DaySimulator(partners: configuration.partnerIDs, membe
 }
 writer.shutdown()
 let postingSeconds = seconds(since: t0)
+let postingCPU = cpuMicroseconds() - cpu0
 let stats = writer.batchStatistics
 let commits = store.commitCount
 let checkpoints = store.checkpointCounts
@@ -116,6 +127,8 @@ let walBuffer = store.coalitionWALGathering()
 try store.close()
 let postingRate = Double(events) / postingSeconds
 print(String(format: "posting API: %d postings in %.2f s = %.0f durable postings/s", events, postingSeconds, postingRate))
+print(String(format: "  CPU: %.1f µs per posting (user + system, all threads: the workload's generator, the writer's two threads, the checkpointer)",
+             Double(postingCPU) / Double(events)))
 print("  outcomes: \(counts.created) created, \(counts.replayed) replayed, \(counts.refused) refused, \(counts.unavailable) unavailable")
 print(String(format: "  group commits: %d batches, %.0f postings per batch, largest %d", stats.batches, Double(stats.postings) / Double(stats.batches), stats.largest))
 print(String(format: "  commits (one WAL fsync each): %d = %.2f per 1,000 postings", commits, Double(commits) * 1000 / Double(events)))
