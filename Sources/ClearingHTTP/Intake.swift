@@ -154,7 +154,11 @@ public struct Intake: Sendable {
 
     /// A partner that names `client_cert_sha256` must present that certificate; a connection
     /// presenting another partner's certificate is refused for any partner (403).
+    ///
+    /// When no partner names a certificate, nothing here can refuse, and the certificate is not
+    /// asked for: asking is a hop to the connection's event loop and back for every request.
     func requireCertificateRules(_ context: ClearhouseContext, _ terms: PartnerTerms) async throws(Problem) {
+        if certificateOwners.isEmpty && terms.clientCertSHA256 == nil { return }
         let presented = await context.clientCertificateSHA256()
         if let presented, let owner = certificateOwners[presented], owner != terms.id {
             throw Problem(.wrongPartner, "this client certificate belongs to another partner")
