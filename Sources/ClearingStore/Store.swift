@@ -149,8 +149,9 @@ public final class Store: Sendable {
     /// itself, and read back: a store whose commits are not durable does not open.
     ///
     /// - Parameter walBufferBytes: when not 0, the writer's WAL writes are gathered in a
-    ///   buffer of this size and written at each commit's fsync (`CSQLiteConfig/wal_buffer.c`),
-    ///   which is safe only because every commit of this connection is fsynced (FULL, above).
+    ///   buffer of this size and written out at each commit's fsync (FULL, above), and in any
+    ///   case before the commit is published to other connections (`CSQLiteConfig/wal_buffer.c`):
+    ///   what a returned commit leaves on disk is what it would be without gathering.
     static func openWritable(_ url: URL, cacheKiB: Int, walBufferBytes: Int = 0) throws -> DatabasePool {
         let pool = try DatabasePool(path: url.path, configuration: databaseConfiguration(cacheKiB: cacheKiB))
         try pool.writeWithoutTransaction { db in
