@@ -87,6 +87,16 @@ static int flushBuffer(WBFile *p) {
     return SQLITE_IOERR_WRITE;
 }
 
+// When the WAL write lock is released, the buffer can only hold frames no commit published
+// (a commit's sync wrote its own out and reported any failure): they are written out, so
+// that they cannot land later on frames another writer commits, and a failure to write them
+// fails nothing.
+static void releaseBuffer(WBFile *wal) {
+    if (wal->used == 0) return;
+    flushBuffer(wal);
+    wal->deferredError = SQLITE_OK;
+}
+
 // Gathering needs "powersafe overwrite" (SQLite's default on unix): without it, SQLite pads
 // each commit to a sector boundary and writes the end of the padding after the WAL's sync,
 // which the buffer would then hold past the commit's publication.
@@ -184,6 +194,11 @@ static int wbLock(sqlite3_file *f, int level) {
 
 static int wbUnlock(sqlite3_file *f, int level) {
     WBFile *p = (WBFile *)f;
+    // The end of a transaction on the database file; in exclusive locking mode (no shared WAL
+    // index, so no xShmLock) the only point before other connections may use the WAL.
+    // (Should that ever come mid-transaction, writing frames early is harmless, and a failure
+    // stays deferred to the next sync.)
+    if (p->wal) flushBuffer(p->wal);
     return p->real->pMethods->xUnlock(p->real, level);
 }
 
@@ -237,7 +252,7 @@ static int wbShmLock(sqlite3_file *f, int offset, int n, int flags) {
     // stay buffered: frames of a transaction rolled back after spilling pages would otherwise
     // be written later, over frames another writer committed meanwhile. (Written out, they
     // lie past the WAL's last valid frame and are ignored or overwritten.)
-    if (p->wal && (flags & SQLITE_SHM_UNLOCK) && offset == 0) flushBuffer(p->wal);
+    if (p->wal && (flags & SQLITE_SHM_UNLOCK) && offset == 0) releaseBuffer(p->wal);
     return p->real->pMethods->xShmLock(p->real, offset, n, flags);
 }
 
