@@ -19,11 +19,11 @@
 //     Gathering is off where SQLite would write after that sync (no powersafe overwrite).
 //   - Before the WAL's write lock is released, the buffer is written out, so frames of a
 //     transaction that rolled back cannot reach the file after another writer's commit.
-//   - A failed write of the buffer is returned (as SQLITE_IOERR_WRITE, which makes SQLite
-//     roll back the whole transaction) by the call that made it and, in any case, by the
-//     next sync (unless the call was a write, whose errors SQLite always heeds), so the
-//     commit it belonged to fails: a commit never succeeds over frames that were not
-//     written. (After an error on another call, the next commit may fail once more.)
+//   - A failed write of the buffer is returned as SQLITE_IOERR_WRITE (which makes SQLite roll
+//     back the whole transaction) by the call that made it; where that call cannot return
+//     an error (a barrier, an unlock), by the next sync. So a commit never succeeds over
+//     frames that were not written, and an error already reported is not reported again
+//     (a later commit whose frames were all written is never failed by it).
 // Gathering is off for every file until the connection asks for it; then it applies to the
 // WAL of that connection's main database only (never the database file, whose writes are
 // random and made by checkpoints).
@@ -61,7 +61,7 @@ static sqlite3_vfs *root;
 static sqlite3_vfs layer;
 static sqlite3_io_methods wbMethods;
 
-static int flushBuffer(WBFile *p) {
+static int flushBufferAndDefer(WBFile *p, int defer) {
     if (p->used == 0) return SQLITE_OK;
     int n = p->used;
     p->used = 0;
@@ -83,9 +83,14 @@ static int flushBuffer(WBFile *p) {
     // answers an I/O error by rolling back the whole transaction, where a full disk may
     // roll back only the statement whose call happened to write the buffer out; and
     // remembered, so that the next sync fails even if this call's error went unheeded.
-    if (p->deferredError == SQLITE_OK) p->deferredError = SQLITE_IOERR_WRITE;
+    if (defer && p->deferredError == SQLITE_OK) p->deferredError = SQLITE_IOERR_WRITE;
     return SQLITE_IOERR_WRITE;
 }
+
+// From a call that returns its result to SQLite: the error is reported there, not again.
+static int flushBuffer(WBFile *p) { return flushBufferAndDefer(p, 0); }
+// From a call that cannot report one (a barrier, an unlock): deferred to the next sync.
+static int flushDeferred(WBFile *p) { return flushBufferAndDefer(p, 1); }
 
 // When the WAL write lock is released, the buffer can only hold frames no commit published
 // (a commit's sync wrote its own out and reported any failure): they are written out, so
@@ -93,7 +98,7 @@ static int flushBuffer(WBFile *p) {
 // fails nothing.
 static void releaseBuffer(WBFile *wal) {
     if (wal->used == 0) return;
-    flushBuffer(wal);
+    flushDeferred(wal);
     wal->deferredError = SQLITE_OK;
 }
 
@@ -107,7 +112,7 @@ static int gatheringAllowed(WBFile *mainDb) {
 
 static void setCapacity(WBFile *wal, int bytes) {
     if (bytes < 0 || !wal->mainDb || !gatheringAllowed(wal->mainDb)) bytes = 0;
-    flushBuffer(wal);  // an error stays deferred to the next sync
+    flushDeferred(wal);
     if (bytes != wal->capacity) {
         sqlite3_free(wal->buffer);
         wal->buffer = NULL;
@@ -171,7 +176,11 @@ static int wbTruncate(sqlite3_file *f, sqlite3_int64 size) {
 
 static int wbSync(sqlite3_file *f, int flags) {
     WBFile *p = (WBFile *)f;
-    flushBuffer(p);
+    int rc = flushBuffer(p);
+    if (rc != SQLITE_OK) {
+        p->deferredError = SQLITE_OK;
+        return rc;
+    }
     if (p->deferredError != SQLITE_OK) {
         int rc = p->deferredError;
         p->deferredError = SQLITE_OK;
@@ -198,7 +207,7 @@ static int wbUnlock(sqlite3_file *f, int level) {
     // index, so no xShmLock) the only point before other connections may use the WAL.
     // (Should that ever come mid-transaction, writing frames early is harmless, and a failure
     // stays deferred to the next sync.)
-    if (p->wal) flushBuffer(p->wal);
+    if (p->wal) flushDeferred(p->wal);
     return p->real->pMethods->xUnlock(p->real, level);
 }
 
@@ -261,7 +270,7 @@ static void wbShmBarrier(sqlite3_file *f) {
     // SQLite publishes a commit in the WAL index right after this barrier: whatever the sync
     // level, its frames are in the file first. (Under FULL the commit's sync already wrote
     // them; an error here is deferred to the next sync.)
-    if (p->wal) flushBuffer(p->wal);
+    if (p->wal) flushDeferred(p->wal);
     p->real->pMethods->xShmBarrier(p->real);
 }
 
