@@ -176,16 +176,11 @@ static int wbTruncate(sqlite3_file *f, sqlite3_int64 size) {
 
 static int wbSync(sqlite3_file *f, int flags) {
     WBFile *p = (WBFile *)f;
+    // This sync's own write-out error, else one deferred from a call that could not report it.
     int rc = flushBuffer(p);
-    if (rc != SQLITE_OK) {
-        p->deferredError = SQLITE_OK;
-        return rc;
-    }
-    if (p->deferredError != SQLITE_OK) {
-        int rc = p->deferredError;
-        p->deferredError = SQLITE_OK;
-        return rc;
-    }
+    if (rc == SQLITE_OK) rc = p->deferredError;
+    p->deferredError = SQLITE_OK;
+    if (rc != SQLITE_OK) return rc;
     return p->real->pMethods->xSync(p->real, flags);
 }
 
