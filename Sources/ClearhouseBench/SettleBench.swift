@@ -89,12 +89,16 @@ enum SettleBench {
                     INSERT INTO journal (id, partner, sequence, webhook_id, accepted_at_ms, kind, member, points, reference,
                       original_reference, member_balance, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)
                     """)
-                let lot = try $0.makeStatement(sql: "INSERT INTO lot (id, member, issuer, points, remaining, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)")
+                let lot = try $0.makeStatement(sql: "INSERT INTO lot (id, member, issuer, points, expires_at_ms) VALUES (?, ?, ?, ?, ?)")
+                let open = try $0.makeStatement(sql: "INSERT INTO lot_open (member, lot_id, remaining) VALUES (?, ?, ?)")
                 let move = try $0.makeStatement(sql: "INSERT INTO lot_move (entry_id, position, lot_id, issuer, redeemer, points) VALUES (?, 0, 1, ?, ?, ?)")
                 for r in rows {
                     let pid = ids[r.1].rawValue
                     try j.execute(arguments: [r.0, pid, r.2, "w\(r.0)", start + r.0, r.3, r.4, r.5, "R\(r.0)", r.3 >= 3 ? "R1" : nil, hash])
-                    if r.3 == 1 { try lot.execute(arguments: [r.0, r.4, pid, r.5, r.5, start + 86_400_000 * 1095]) }
+                    if r.3 == 1 {
+                        try lot.execute(arguments: [r.0, r.4, pid, r.5, start + 86_400_000 * 1095])
+                        try open.execute(arguments: [r.4, r.0, r.5])
+                    }
                     if r.3 == 2 { try move.execute(arguments: [r.0, ids[r.6].rawValue, pid, r.5]) }
                     if r.3 == 4 { try move.execute(arguments: [r.0, ids[r.6].rawValue, pid, -r.5]) }
                 }

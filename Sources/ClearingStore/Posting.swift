@@ -302,7 +302,13 @@ extension Store {
             guard let earlier = try earlierOutcome(db, s) else { throw error }
             return earlier
         }
-        let openPoints = try write(db, journalID)
+        let openPoints: Int64
+        do {
+            openPoints = try write(db, journalID)
+        } catch let error as OpenLotDisagreement where cachedBefore != nil {
+            // Decided from cached lots that `lot_open` does not hold: the same guard as below.
+            throw lotCacheMismatch(s.event.member, cached: cachedBefore!, stored: nil, detail: error.description)
+        }
         // Defence in depth for the lot cache, in every build and for every kind: the cached
         // lots the posting was decided from, plus what it changed, must add up to the
         // `open_points` SQLite just computed. If not, something wrote lots behind the cache's
@@ -363,9 +369,10 @@ private func openPointsOf(_ lots: [OpenLot]) -> Int64 {
 
 extension Store {
     /// Logs and counts a disagreement of the lot cache with SQLite; the error to throw.
-    fileprivate func lotCacheMismatch(_ member: MemberID, cached: Int64, stored: Int64?) -> LotCacheMismatch {
+    fileprivate func lotCacheMismatch(_ member: MemberID, cached: Int64, stored: Int64?, detail: String? = nil) -> LotCacheMismatch {
         logger.error("lot cache disagrees with the database; deciding the batch again without it",
-                     metadata: ["member": "\(member)", "cached": "\(cached)", "stored": "\(stored.map(String.init) ?? "other lots")"])
+                     metadata: ["member": "\(member)", "cached": "\(cached)", "stored": "\(stored.map(String.init) ?? "other lots")",
+                                "detail": "\(detail ?? "open points differ")"])
         lotCacheMismatchCounter.add(1, ordering: .relaxed)
         return LotCacheMismatch()
     }

@@ -24,10 +24,11 @@ enum Rules {
         let lot = OpenLot(id: journalID, issuer: s.partner, remaining: n, expiresAt: expires)
         return .apply(balanceAfter: after, lots: .earned(lot)) { db, id in
             let lot = try FastStatement(
-                db, "INSERT INTO lot (id, member, issuer, points, remaining, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)")
+                db, "INSERT INTO lot (id, member, issuer, points, expires_at_ms) VALUES (?, ?, ?, ?, ?)")
             try lot.bind(1, id); try lot.bind(2, s.event.member.rawValue); try lot.bind(3, s.partner.rawValue)
-            try lot.bind(4, n.value); try lot.bind(5, n.value); try lot.bind(6, expires?.millisecondsSinceEpoch)
+            try lot.bind(4, n.value); try lot.bind(5, expires?.millisecondsSinceEpoch)
             try lot.done()
+            try changeOpenLot(db, s.event.member, id, by: n.value, holding: 0)
             let member = try FastStatement(
                 db,
                 """
@@ -50,9 +51,11 @@ enum Rules {
         }
         return .apply(balanceAfter: try before.subtracting(n), lots: .took(takes)) { db, id in
             for (i, t) in takes.enumerated() {
-                let lot = try FastStatement(db, "UPDATE lot SET remaining = remaining - ? WHERE id = ?")
-                try lot.bind(1, t.points.value); try lot.bind(2, t.lotID)
-                try lot.done()
+                // The lot's points before this take, as the take was decided from them.
+                guard let held = lots.first(where: { $0.id == t.lotID })?.remaining.value else {
+                    throw OpenLotDisagreement(lot: t.lotID, member: s.event.member, held: 0)
+                }
+                try changeOpenLot(db, s.event.member, t.lotID, by: -t.points.value, holding: held)
                 let take = try FastStatement(
                     db, "INSERT INTO lot_take (redemption_id, position, lot_id, issuer, points) VALUES (?, ?, ?, ?, ?)")
                 try take.bind(1, id); try take.bind(2, Int64(i)); try take.bind(3, t.lotID); try take.bind(4, t.issuer.rawValue); try take.bind(5, t.points.value)
@@ -70,8 +73,15 @@ enum Rules {
         case .failure(let p): return .refused(p)
         case .success(let e): original = e
         }
+        // The earn's member is this reversal's (`Lookup.original` refused any other).
         guard let lot = try Row.fetchOne(
-            db.cachedStatement(sql: "SELECT remaining, expires_at_ms FROM lot WHERE id = ?"), arguments: [original.journalID])
+            db.cachedStatement(
+                sql: """
+                    SELECT COALESCE(o.remaining, 0), lot.expires_at_ms FROM lot
+                    LEFT JOIN lot_open o ON o.member = lot.member AND o.lot_id = lot.id
+                    WHERE lot.id = ?
+                    """),
+            arguments: [original.journalID])
         else { throw StoreError("earn \(s.partner) #\(original.sequence) has no lot") }
         let remaining: Int64 = lot[0]
         let expires: Int64? = lot[1]
@@ -82,8 +92,9 @@ enum Rules {
         }
         let before = FIFO.balance(try cache.openLots(db, s.event.member), at: now)
         return .apply(balanceAfter: try before.subtracting(n), lots: .reread) { db, _ in
-            try db.cachedStatement(sql: "UPDATE lot SET remaining = remaining - ?, reversed = reversed + ? WHERE id = ?")
-                .execute(arguments: [n.value, n.value, original.journalID])
+            try db.cachedStatement(sql: "UPDATE lot SET reversed = reversed + ? WHERE id = ?")
+                .execute(arguments: [n.value, original.journalID])
+            try changeOpenLot(db, s.event.member, original.journalID, by: -n.value, holding: remaining)
             return try changeMember(db, s.event.member, by: -n.value)
         }
     }
@@ -119,8 +130,13 @@ enum Rules {
             for (j, r) in returns.enumerated() {
                 try db.cachedStatement(sql: "UPDATE lot_take SET returned = returned + ? WHERE redemption_id = ? AND position = ?")
                     .execute(arguments: [r.points.value, original.journalID, r.takeIndex])
-                try db.cachedStatement(sql: "UPDATE lot SET remaining = remaining + ? WHERE id = ?")
-                    .execute(arguments: [r.points.value, r.lotID])
+                // Points given back to a lot that lost its last ones, or to one with some left.
+                try db.cachedStatement(
+                    sql: """
+                        INSERT INTO lot_open (member, lot_id, remaining) VALUES (?, ?, ?)
+                        ON CONFLICT (member, lot_id) DO UPDATE SET remaining = remaining + excluded.remaining
+                        """)
+                    .execute(arguments: [s.event.member.rawValue, r.lotID, r.points.value])
                 try move(db, entry: id, position: j, lot: r.lotID, issuer: r.issuer, redeemer: s.partner, points: -r.points.value)
             }
             for lot in reopened {
@@ -156,6 +172,28 @@ enum Rules {
         }
     }
 
+    /// Changes the points left in one of the member's lots from `held` (what the posting was
+    /// decided from) by `delta`: a new row for a new lot, an update, or the row's deletion when
+    /// none are left. The row must hold exactly `held`; if it does not, the decision was made
+    /// from something other than the database, and the posting (with its batch) fails.
+    private static func changeOpenLot(_ db: Database, _ member: MemberID, _ lot: Int64, by delta: Int64, holding held: Int64) throws {
+        let after = held + delta
+        guard after >= 0 else { throw StoreError("lot \(lot) would hold \(after) points") }
+        let write: FastStatement
+        if held == 0 {
+            write = try FastStatement(db, "INSERT INTO lot_open (member, lot_id, remaining) VALUES (?, ?, ?)")
+            try write.bind(1, member.rawValue); try write.bind(2, lot); try write.bind(3, after)
+        } else if after == 0 {
+            write = try FastStatement(db, "DELETE FROM lot_open WHERE member = ? AND lot_id = ? AND remaining = ?")
+            try write.bind(1, member.rawValue); try write.bind(2, lot); try write.bind(3, held)
+        } else {
+            write = try FastStatement(db, "UPDATE lot_open SET remaining = ? WHERE member = ? AND lot_id = ? AND remaining = ?")
+            try write.bind(1, after); try write.bind(2, member.rawValue); try write.bind(3, lot); try write.bind(4, held)
+        }
+        try write.done()
+        guard db.changesCount == 1 else { throw OpenLotDisagreement(lot: lot, member: member, held: held) }
+    }
+
     /// Adds `delta` to the member's `open_points`; returns the new value.
     private static func changeMember(_ db: Database, _ member: MemberID, by delta: Int64) throws -> Int64 {
         let update = try FastStatement(db, "UPDATE member SET open_points = open_points + ? WHERE member = ? RETURNING open_points")
@@ -163,6 +201,14 @@ enum Rules {
         guard let after = try update.singleIfAny() else { preconditionFailure("member \(member) has no row") }
         return after
     }
+}
+
+/// A lot in `lot_open` did not hold the points a posting was decided from.
+struct OpenLotDisagreement: Error, CustomStringConvertible {
+    var lot: Int64
+    var member: MemberID
+    var held: Int64
+    var description: String { "lot \(lot) of member \(member) does not hold the \(held) points the posting was decided from" }
 }
 
 /// Index lookups in the journal and the lot tables.
@@ -214,7 +260,11 @@ enum Lookup {
 
     static func openLots(_ db: Database, _ member: MemberID) throws -> [OpenLot] {
         let select = try FastStatement(
-            db, "SELECT id, issuer, remaining, expires_at_ms FROM lot WHERE member = ? AND remaining > 0 ORDER BY id")
+            db,
+            """
+            SELECT o.lot_id, lot.issuer, o.remaining, lot.expires_at_ms FROM lot_open o JOIN lot ON lot.id = o.lot_id
+            WHERE o.member = ? ORDER BY o.lot_id
+            """)
         try select.bind(1, member.rawValue)
         defer { select.finish() }
         var lots: [OpenLot] = []

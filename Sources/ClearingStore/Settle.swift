@@ -82,36 +82,50 @@ extension Store {
     ) throws {
         // Created once per connection and emptied for each run (creating or dropping it each
         // time would change the connection's schema and throw away its prepared statements).
-        try db.execute(sql: "CREATE TEMP TABLE IF NOT EXISTS expiring_lot (id INTEGER PRIMARY KEY NOT NULL)")
+        // Each expiring lot with the points it holds (`lot_open`, keyed by member and lot).
+        try db.execute(
+            sql: """
+                CREATE TEMP TABLE IF NOT EXISTS expiring_lot (
+                  id INTEGER PRIMARY KEY NOT NULL, member TEXT NOT NULL, issuer TEXT NOT NULL, points INTEGER NOT NULL)
+                """)
         try db.execute(sql: "DELETE FROM temp.expiring_lot")
         try db.execute(
             sql: """
-                INSERT INTO temp.expiring_lot (id)
-                  SELECT id FROM lot
-                  WHERE expires_at_ms IS NOT NULL AND expires_at_ms > ? AND expires_at_ms <= ? AND remaining > 0
+                INSERT INTO temp.expiring_lot (id, member, issuer, points)
+                  SELECT lot.id, lot.member, lot.issuer, o.remaining FROM lot
+                  JOIN lot_open o ON o.member = lot.member AND o.lot_id = lot.id
+                  WHERE lot.expires_at_ms IS NOT NULL AND lot.expires_at_ms > ? AND lot.expires_at_ms <= ?
                 """,
             arguments: [previousCutoff ?? Int64.min, cutoff.millisecondsSinceEpoch])
         try db.execute(
             sql: """
-                INSERT OR IGNORE INTO temp.expiring_lot (id)
-                  SELECT lot.id FROM lot_reopened JOIN lot ON lot.id = lot_reopened.lot_id
-                  WHERE lot.expires_at_ms IS NOT NULL AND lot.expires_at_ms <= ? AND lot.remaining > 0
+                INSERT OR IGNORE INTO temp.expiring_lot (id, member, issuer, points)
+                  SELECT lot.id, lot.member, lot.issuer, o.remaining FROM lot_reopened
+                  JOIN lot ON lot.id = lot_reopened.lot_id
+                  JOIN lot_open o ON o.member = lot.member AND o.lot_id = lot.id
+                  WHERE lot.expires_at_ms IS NOT NULL AND lot.expires_at_ms <= ?
                 """,
             arguments: [cutoff.millisecondsSinceEpoch])
         // Every reopened lot is now either expiring here or expires after this cutoff (and so
         // falls in a later run's range): none needs to stay listed.
         try db.execute(sql: "DELETE FROM lot_reopened")
-        let expiring = "id IN (SELECT id FROM temp.expiring_lot)"
-        for row in try Row.fetchAll(db, sql: "SELECT issuer, SUM(remaining) FROM lot WHERE \(expiring) GROUP BY issuer") {
+        for row in try Row.fetchAll(db, sql: "SELECT issuer, SUM(points) FROM temp.expiring_lot GROUP BY issuer ORDER BY issuer") {
             try report(try partnerID(row[0]), row[1] as Int64)
         }
         try db.execute(
             sql: """
                 UPDATE member SET open_points = open_points - gone.points
-                FROM (SELECT member, SUM(remaining) AS points FROM lot WHERE \(expiring) GROUP BY member) AS gone
+                FROM (SELECT member, SUM(points) AS points FROM temp.expiring_lot GROUP BY member) AS gone
                 WHERE member.member = gone.member
                 """)
-        try db.execute(sql: "UPDATE lot SET expired = expired + remaining, remaining = 0 WHERE \(expiring)")
+        try db.execute(
+            sql: """
+                UPDATE lot SET expired = expired + e.points FROM temp.expiring_lot e WHERE lot.id = e.id
+                """)
+        try db.execute(
+            sql: """
+                DELETE FROM lot_open WHERE (member, lot_id) IN (SELECT member, id FROM temp.expiring_lot)
+                """)
     }
 
     private func closeRun(

@@ -379,8 +379,8 @@ public final class Store: Sendable {
         let sum = try FastStatement(
             db,
             """
-            SELECT COALESCE(SUM(remaining), 0) FROM lot
-            WHERE member = ? AND remaining > 0 AND (expires_at_ms IS NULL OR expires_at_ms > ?)
+            SELECT COALESCE(SUM(o.remaining), 0) FROM lot_open o JOIN lot ON lot.id = o.lot_id
+            WHERE o.member = ? AND (lot.expires_at_ms IS NULL OR lot.expires_at_ms > ?)
             """)
         try sum.bind(1, member.rawValue); try sum.bind(2, t.millisecondsSinceEpoch)
         defer { sum.finish() }

@@ -107,7 +107,13 @@ public enum Verifier {
         var remainingSum: Int64 = 0
         var expiredSum: Int64 = 0
         var openByMember: [String: Int64] = [:]
-        let lots = try Row.fetchCursor(db, sql: "SELECT id, member, issuer, points, remaining, reversed, expired, expires_at_ms FROM lot")
+        // A lot's points left are in `lot_open` (no row: none left), under the lot's member.
+        let lots = try Row.fetchCursor(
+            db,
+            sql: """
+                SELECT lot.id, lot.member, lot.issuer, lot.points, COALESCE(o.remaining, 0), lot.reversed, lot.expired, lot.expires_at_ms
+                FROM lot LEFT JOIN lot_open o ON o.member = lot.member AND o.lot_id = lot.id
+                """)
         while let row = try lots.next() {
             lotRows += 1
             let id: Int64 = row[0]
@@ -125,6 +131,16 @@ public enum Verifier {
             }
         }
         if lotRows != book.lots.count { report.breach("lots: \(lotRows) rows but the journal makes \(book.lots.count)") }
+        // Points left under another member than the lot's, or in no lot, are nobody's.
+        for row in try Row.fetchAll(
+            db,
+            sql: """
+                SELECT o.member, o.lot_id FROM lot_open o LEFT JOIN lot ON lot.id = o.lot_id
+                WHERE lot.id IS NULL OR lot.member <> o.member ORDER BY o.lot_id LIMIT 10
+                """)
+        {
+            report.breach("lot_open: member \(row[0] as String) holds points in lot \(row[1] as Int64), which is not one of its lots")
+        }
 
         var memberRows = 0
         for row in try Row.fetchAll(db, sql: "SELECT member, open_points FROM member") {
@@ -155,10 +171,10 @@ public enum Verifier {
             let unlisted = try Int64.fetchAll(
                 db,
                 sql: """
-                    SELECT id FROM lot
-                    WHERE remaining > 0 AND expires_at_ms IS NOT NULL AND expires_at_ms <= (SELECT MAX(cutoff_ms) FROM run)
-                      AND id NOT IN (SELECT lot_id FROM lot_reopened)
-                    ORDER BY id LIMIT 10
+                    SELECT lot.id FROM lot JOIN lot_open o ON o.member = lot.member AND o.lot_id = lot.id
+                    WHERE lot.expires_at_ms IS NOT NULL AND lot.expires_at_ms <= (SELECT MAX(cutoff_ms) FROM run)
+                      AND lot.id NOT IN (SELECT lot_id FROM lot_reopened)
+                    ORDER BY lot.id LIMIT 10
                     """)
             for id in unlisted {
                 report.breach("lot \(id): expired at or before the last run's cutoff and holds points, but is not in lot_reopened (the next run would not expire it)")

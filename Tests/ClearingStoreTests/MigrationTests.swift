@@ -1,6 +1,6 @@
 import ClearhouseTestSupport
 import ClearingDomain
-import ClearingStore
+@testable import ClearingStore
 import Foundation
 import GRDB
 import Testing
@@ -28,11 +28,12 @@ import Testing
         let h = try expiredThenReopened()
         try h.store.close()
 
-        // The directory as v6 left it: the old index, no list, no record of v7.
+        // The directory as v6 left it: the old index, no list, no record of v7 (or v8).
         let url = h.dir.url.appendingPathComponent("coalition.sqlite")
-        let raw = try DatabaseQueue(path: url.path)
+        let raw = try MigrationTests.rawQueue(url)
         try raw.write { db in
             #expect(try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM lot_reopened") == 1, "the writer listed the lot")
+            try MigrationTests.downgradeToV7(db)
             try db.execute(sql: """
                 DROP TABLE lot_reopened;
                 DROP INDEX lot_expiry;
@@ -77,6 +78,99 @@ import Testing
 }
 
 extension MigrationTests {
+    /// The coalition database with foreign keys off, as a migration runs (a table rebuild
+    /// drops a table that others reference).
+    static func rawQueue(_ url: URL) throws -> DatabaseQueue {
+        var config = Configuration()
+        config.foreignKeysEnabled = false
+        return try DatabaseQueue(path: url.path, configuration: config)
+    }
+
+    /// Turns a current `coalition.sqlite` back into what v7 wrote: each lot's points left in
+    /// its own row (`remaining`) with the partial `lot_open_by_member` index, no `lot_open`.
+    static func downgradeToV7(_ db: Database) throws {
+        try db.execute(sql: """
+            CREATE TABLE lot_v7 (
+              id INTEGER PRIMARY KEY NOT NULL REFERENCES journal(id),
+              member TEXT NOT NULL,
+              issuer TEXT NOT NULL,
+              points INTEGER NOT NULL CHECK (points BETWEEN 1 AND 1000000000),
+              remaining INTEGER NOT NULL CHECK (remaining >= 0 AND remaining <= points),
+              reversed INTEGER NOT NULL DEFAULT 0 CHECK (reversed >= 0 AND reversed <= points),
+              expired INTEGER NOT NULL DEFAULT 0 CHECK (expired >= 0),
+              expires_at_ms INTEGER
+            );
+            INSERT INTO lot_v7 SELECT lot.id, lot.member, lot.issuer, lot.points, COALESCE(o.remaining, 0), lot.reversed, lot.expired, lot.expires_at_ms
+              FROM lot LEFT JOIN lot_open o ON o.member = lot.member AND o.lot_id = lot.id;
+            DROP TABLE lot_open;
+            DROP TABLE lot;
+            ALTER TABLE lot_v7 RENAME TO lot;
+            CREATE INDEX lot_open_by_member ON lot(member, id) WHERE remaining > 0;
+            CREATE INDEX lot_expiry ON lot(expires_at_ms) WHERE expires_at_ms IS NOT NULL;
+            DELETE FROM grdb_migrations WHERE identifier = 'v8-open-lots';
+            """)
+    }
+
+    /// v8 moved each lot's points left out of the lot row into `lot_open`. A directory written
+    /// by v7 (lots untouched, partly and wholly redeemed, reversed, expired by a run, reopened)
+    /// must hold the same points in the same lots after it, pass `verify`, and go on posting
+    /// and settling as if it had never been migrated.
+    @Test func v8MovesEachLotsPointsLeftIntoOpenLots() throws {
+        let h = try expiredThenReopened()
+        h.clock.set(Instant(rfc3339: "2026-11-24T01:00:00Z")!)
+        _ = h.post(G, "g2", Fixtures.earn("M2", 500, "G-2"))
+        _ = h.post(F, "f1", Fixtures.earn("M2", 200, "F-1"))
+        _ = h.post(C, "c3", Fixtures.redeem("M2", 600, "C-3"))          // empties G-2, takes 100 of F-1
+        _ = h.post(F, "f2", Fixtures.reverseEarn("M2", 50, "F-2", of: "F-1"))
+        _ = h.post(F, "f3", Fixtures.earn("M3", 70, "F-3"))
+        let openLots = "SELECT member, lot_id, remaining FROM lot_open ORDER BY lot_id"
+        let url = h.dir.url.appendingPathComponent("coalition.sqlite")
+        let before = try h.store.coalition.read { try Row.fetchAll($0, sql: openLots) }
+        #expect(before.map { $0[0] as String } == ["M1", "M2", "M3"], "\(before)")
+        #expect(before.map { $0[2] as Int64 } == [30, 50, 70])
+        let balances = try ["M1", "M2", "M3"].map { try h.balance($0) }
+        try h.store.close()
+
+        let raw = try MigrationTests.rawQueue(url)
+        try raw.write { try MigrationTests.downgradeToV7($0) }
+        #expect(try raw.read { try Int64.fetchAll($0, sql: "SELECT remaining FROM lot ORDER BY id") } == [30, 0, 50, 70])
+        try raw.close()
+
+        try h.reopen()
+        let after = try h.store.coalition.read { try Row.fetchAll($0, sql: openLots) }
+        #expect(after == before)
+        #expect(try h.store.coalition.read { try Bool.fetchOne($0, sql: "SELECT COUNT(*) = 0 FROM sqlite_schema WHERE name = 'lot_open_by_member'") } == true)
+        #expect(try ["M1", "M2", "M3"].map { try h.balance($0) } == balances)
+        #expect(try h.verify().ok)
+        // Posting and settling go on from the migrated lots.
+        #expect(entry(h.post(C, "c4", Fixtures.redeem("M2", 50, "C-4")))?.memberBalance == Points(0))
+        #expect(slug(h.post(C, "c5", Fixtures.redeem("M3", 71, "C-5"))) == "insufficient-points")
+        h.clock.set(Instant(rfc3339: "2026-11-26T00:00:00Z")!)
+        let run = try h.store.settle()
+        #expect(figures(run, G)?.expiredPoints == Points(30), "the reopened lot expires")
+        #expect(figures(run, F)?.expiredPoints == Points(70), "M3's lot expires")
+        #expect(try h.balance("M1") == 0 && h.balance("M3") == 0)
+        #expect(try h.store.coalition.read { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM lot_open") } == 0)
+        #expect(try h.verify().ok)
+    }
+
+    /// `verify` reads each lot's points left from `lot_open`: a changed amount, or points held
+    /// under a member the lot is not of, is a breach that names the lot.
+    @Test func verifyNamesOpenLotsThatDisagree() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(G, "g2", Fixtures.earn("M2", 100, "G-2"))
+        #expect(try h.verify().ok)
+        let raw = try MigrationTests.rawQueue(h.dir.url.appendingPathComponent("coalition.sqlite"))
+        try raw.write { try $0.execute(sql: "UPDATE lot_open SET remaining = 99 WHERE member = 'M1'") }
+        var report = try h.verify()
+        #expect(report.breaches.contains { $0.contains("lot 1: holds 99 of 100") }, "\(report.breaches)")
+        try raw.write { try $0.execute(sql: "UPDATE lot_open SET remaining = 100, member = 'M2' WHERE member = 'M1'") }
+        report = try h.verify()
+        #expect(report.breaches.contains { $0.contains("member M2 holds points in lot 1") }, "\(report.breaches)")
+        try raw.close()
+    }
+
     /// `verify` names a lot that holds points past the last run's cutoff without being listed
     /// in `lot_reopened`, before a run under-expires it.
     @Test func verifyNamesAnExpiredLotMissingFromTheList() throws {

@@ -56,7 +56,7 @@ import Testing
         #expect(try h.store.checkLotCache() == 1)
         // A consistent change (lot and member agree) that the cache does not know of.
         try h.store.coalition.writeWithoutTransaction { db in
-            try db.execute(sql: "UPDATE lot SET remaining = 40 WHERE member = 'M1'")
+            try db.execute(sql: "UPDATE lot_open SET remaining = 40 WHERE member = 'M1'")
             try db.execute(sql: "UPDATE member SET open_points = 40 WHERE member = 'M1'")
         }
         #expect(throws: (any Error).self) { try h.store.checkLotCache() }
@@ -118,7 +118,7 @@ import Testing
     @Test func reversalsAndRefusalsFromAStaleCacheAreDecidedAgain() throws {
         func behindTheCache(_ h: Harness, remaining: Int64) throws {
             try h.store.coalition.writeWithoutTransaction { db in
-                try db.execute(sql: "UPDATE lot SET remaining = ? WHERE member = 'M1'", arguments: [remaining])
+                try db.execute(sql: "UPDATE lot_open SET remaining = ? WHERE member = 'M1'", arguments: [remaining])
                 try db.execute(sql: "UPDATE member SET open_points = ? WHERE member = 'M1'", arguments: [remaining])
             }
         }
