@@ -203,7 +203,7 @@ extension Store {
                         if let entry { fresh[s.partner, default: []].append(entry) }
                     }
                 }
-                try batchState.saveHeads(db)
+                try batchState.save(db)
                 if crashes(at: .beforeJournalCommit) { throw SimulatedCrash() }
                 lotsAfter = isolated ? nil : batchState.lots
                 return .commit
@@ -304,7 +304,7 @@ extension Store {
         }
         let openPoints: Int64
         do {
-            openPoints = try write(db, journalID)
+            openPoints = try write(db, journalID, &state.flows)
         } catch let error as OpenLotDisagreement where cachedBefore != nil {
             // Decided from cached lots that `lot_open` does not hold: the same guard as below.
             throw lotCacheMismatch(s.event.member, cached: cachedBefore!, stored: nil, detail: error.description)
@@ -427,6 +427,8 @@ struct BatchState {
     private var heads: [PartnerID: Head] = [:]
     /// The members' open lots, taken from the store for this batch (`LotCache`).
     var lots: LotCache
+    /// What the batch's accepted postings changed in the flows, written by `save`.
+    var flows = FlowChanges()
 
     init(_ db: Database, terms: CoalitionTerms, lots: LotCache) throws {
         self.lots = lots
@@ -473,7 +475,9 @@ struct BatchState {
         heads[partner] = Head(sequence: sequence, hash: hash, totals: totals, dirty: true)
     }
 
-    func saveHeads(_ db: Database) throws {
+    /// Writes what the batch changed in the partners' heads and the flows.
+    func save(_ db: Database) throws {
+        try flows.save(db)
         for (partner, h) in heads where h.dirty {
             try db.cachedStatement(
                 sql: """

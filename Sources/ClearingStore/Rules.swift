@@ -5,10 +5,12 @@ import GRDB
 /// What deciding one posting came to: refused, or its balance and the writes that apply it.
 enum Effects {
     case refused(Problem)
-    /// `write(db, journalID)` runs after the journal row is inserted and returns the member's
-    /// `open_points` after it (the sum of the member's lots' remaining points, which the
-    /// decider checks its `LotCache` against); `lots` is what it does to the member's open lots.
-    case apply(balanceAfter: Points, lots: LotChange, write: (Database, Int64) throws -> Int64)
+    /// `write(db, journalID, &flows)` runs after the journal row is inserted and returns the
+    /// member's `open_points` after it (the sum of the member's lots' remaining points, which
+    /// the decider checks its `LotCache` against); it adds the posting's changes to the flows
+    /// to `flows`, which the batch writes once (`BatchState.save`). `lots` is what it does to
+    /// the member's open lots.
+    case apply(balanceAfter: Points, lots: LotChange, write: (Database, Int64, inout FlowChanges) throws -> Int64)
 }
 
 /// The business rules of CONTRACT §5, over the coalition database. Each function reads what
@@ -22,7 +24,7 @@ enum Rules {
         let before = FIFO.balance(try cache.openLots(db, s.event.member), at: now)
         let after = try before.adding(n)
         let lot = OpenLot(id: journalID, issuer: s.partner, remaining: n, expiresAt: expires)
-        return .apply(balanceAfter: after, lots: .earned(lot)) { db, id in
+        return .apply(balanceAfter: after, lots: .earned(lot)) { db, id, _ in
             let lot = try FastStatement(
                 db, "INSERT INTO lot (id, member, issuer, points, expires_at_ms) VALUES (?, ?, ?, ?, ?)")
             try lot.bind(1, id); try lot.bind(2, s.event.member.rawValue); try lot.bind(3, s.partner.rawValue)
@@ -49,7 +51,7 @@ enum Rules {
             return .refused(Problem(.insufficientPoints,
                 "member \(s.event.member) has \(before) spendable points; \(n) were asked for"))
         }
-        return .apply(balanceAfter: try before.subtracting(n), lots: .took(takes)) { db, id in
+        return .apply(balanceAfter: try before.subtracting(n), lots: .took(takes)) { db, id, flows in
             for (i, t) in takes.enumerated() {
                 // The lot's points before this take, as the take was decided from them.
                 guard let held = lots.first(where: { $0.id == t.lotID })?.remaining.value else {
@@ -60,7 +62,7 @@ enum Rules {
                     db, "INSERT INTO lot_take (redemption_id, position, lot_id, issuer, points) VALUES (?, ?, ?, ?, ?)")
                 try take.bind(1, id); try take.bind(2, Int64(i)); try take.bind(3, t.lotID); try take.bind(4, t.issuer.rawValue); try take.bind(5, t.points.value)
                 try take.done()
-                try move(db, entry: id, position: i, lot: t.lotID, issuer: t.issuer, redeemer: s.partner, points: t.points.value)
+                try move(db, entry: id, position: i, lot: t.lotID, issuer: t.issuer, redeemer: s.partner, points: t.points.value, &flows)
             }
             return try changeMember(db, s.event.member, by: -n.value)
         }
@@ -91,7 +93,7 @@ enum Rules {
                 "only \(left) points of \(original.reference)'s lot are left to reverse; \(n) were asked for"))
         }
         let before = FIFO.balance(try cache.openLots(db, s.event.member), at: now)
-        return .apply(balanceAfter: try before.subtracting(n), lots: .reread) { db, _ in
+        return .apply(balanceAfter: try before.subtracting(n), lots: .reread) { db, _, _ in
             try db.cachedStatement(sql: "UPDATE lot SET reversed = reversed + ? WHERE id = ?")
                 .execute(arguments: [n.value, original.journalID])
             try changeOpenLot(db, s.event.member, original.journalID, by: -n.value, holding: remaining)
@@ -126,7 +128,7 @@ enum Rules {
                 reopened.append(r.lotID)
             }
         }
-        return .apply(balanceAfter: try before.adding(gain), lots: .reread) { db, id in
+        return .apply(balanceAfter: try before.adding(gain), lots: .reread) { db, id, flows in
             for (j, r) in returns.enumerated() {
                 try db.cachedStatement(sql: "UPDATE lot_take SET returned = returned + ? WHERE redemption_id = ? AND position = ?")
                     .execute(arguments: [r.points.value, original.journalID, r.takeIndex])
@@ -137,7 +139,7 @@ enum Rules {
                         ON CONFLICT (member, lot_id) DO UPDATE SET remaining = remaining + excluded.remaining
                         """)
                     .execute(arguments: [s.event.member.rawValue, r.lotID, r.points.value])
-                try move(db, entry: id, position: j, lot: r.lotID, issuer: r.issuer, redeemer: s.partner, points: -r.points.value)
+                try move(db, entry: id, position: j, lot: r.lotID, issuer: r.issuer, redeemer: s.partner, points: -r.points.value, &flows)
             }
             for lot in reopened {
                 try db.cachedStatement(sql: "INSERT OR IGNORE INTO lot_reopened (lot_id) VALUES (?)").execute(arguments: [lot])
@@ -147,29 +149,15 @@ enum Rules {
     }
 
     private static func move(
-        _ db: Database, entry: Int64, position: Int, lot: Int64, issuer: PartnerID, redeemer: PartnerID, points: Int64
+        _ db: Database, entry: Int64, position: Int, lot: Int64, issuer: PartnerID, redeemer: PartnerID, points: Int64,
+        _ flows: inout FlowChanges
     ) throws {
         let move = try FastStatement(
             db, "INSERT INTO lot_move (entry_id, position, lot_id, issuer, redeemer, points) VALUES (?, ?, ?, ?, ?, ?)")
         try move.bind(1, entry); try move.bind(2, Int64(position)); try move.bind(3, lot)
         try move.bind(4, issuer.rawValue); try move.bind(5, redeemer.rawValue); try move.bind(6, points)
         try move.done()
-        if points > 0 {
-            let flow = try FastStatement(
-                db,
-                """
-                INSERT INTO flow (issuer, redeemer, points) VALUES (?, ?, ?)
-                ON CONFLICT (issuer, redeemer) DO UPDATE SET points = points + excluded.points
-                """)
-            try flow.bind(1, issuer.rawValue); try flow.bind(2, redeemer.rawValue); try flow.bind(3, points)
-            try flow.done()
-        } else {
-            // A return: the flow exists, made by the redemption being reversed.
-            let flow = try FastStatement(db, "UPDATE flow SET points = points + ? WHERE issuer = ? AND redeemer = ?")
-            try flow.bind(1, points); try flow.bind(2, issuer.rawValue); try flow.bind(3, redeemer.rawValue)
-            try flow.done()
-            precondition(db.changesCount == 1, "flow \(issuer) -> \(redeemer) missing for a return")
-        }
+        flows.add(points, issuer: issuer, redeemer: redeemer)
     }
 
     /// Changes the points left in one of the member's lots from `held` (what the posting was
@@ -200,6 +188,39 @@ enum Rules {
         try update.bind(1, delta); try update.bind(2, member.rawValue)
         guard let after = try update.singleIfAny() else { preconditionFailure("member \(member) has no row") }
         return after
+    }
+}
+
+/// What a batch's postings changed in the all-time flows issuer -> redeemer, written once at the
+/// end of the batch (`BatchState.save`) rather than one upsert per take and return.
+struct FlowChanges {
+    private(set) var points: [ReplayBook.FlowKey: Int64] = [:]
+
+    mutating func add(_ k: Int64, issuer: PartnerID, redeemer: PartnerID) {
+        points[ReplayBook.FlowKey(issuer: issuer, redeemer: redeemer), default: 0] += k
+    }
+
+    /// Adds the changes to `flow`. A flow never goes below 0 (its CHECK): a return takes back
+    /// only what a redemption, in this batch or an earlier one, put there; a net return is
+    /// an update of a flow that must exist.
+    func save(_ db: Database) throws {
+        for (key, k) in points.sorted(by: { ($0.key.issuer, $0.key.redeemer) < ($1.key.issuer, $1.key.redeemer) }) where k != 0 {
+            let flow: FastStatement
+            if k > 0 {
+                flow = try FastStatement(
+                    db,
+                    """
+                    INSERT INTO flow (issuer, redeemer, points) VALUES (?, ?, ?)
+                    ON CONFLICT (issuer, redeemer) DO UPDATE SET points = points + excluded.points
+                    """)
+                try flow.bind(1, key.issuer.rawValue); try flow.bind(2, key.redeemer.rawValue); try flow.bind(3, k)
+            } else {
+                flow = try FastStatement(db, "UPDATE flow SET points = points + ? WHERE issuer = ? AND redeemer = ?")
+                try flow.bind(1, k); try flow.bind(2, key.issuer.rawValue); try flow.bind(3, key.redeemer.rawValue)
+            }
+            try flow.done()
+            guard db.changesCount == 1 else { throw StoreError("flow \(key.issuer) -> \(key.redeemer) missing for a return of \(-k) points") }
+        }
     }
 }
 

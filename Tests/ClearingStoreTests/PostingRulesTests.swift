@@ -486,3 +486,56 @@ func queueBehindTheLock(_ h: Harness, _ writer: PostingWriter, _ send: (Int) -> 
         for i in (from + 1)..<(from + count) { send(i) }
     }
 }
+
+/// The all-time flows are written once per batch, from what its postings changed: a
+/// redemption and its reversal in one batch, a return in a later batch, and a posting that
+/// fails in storage (whose flow change must not be written) all leave the flow table equal to
+/// the journal's lot moves.
+@Suite struct FlowsPerBatchTests {
+    func flows(_ h: Harness) throws -> [String] {
+        let raw = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path)
+        defer { try? raw.close() }
+        return try raw.read { try String.fetchAll($0, sql: "SELECT issuer || '>' || redeemer || '=' || points FROM flow ORDER BY issuer, redeemer") }
+    }
+
+    func submission(_ p: PartnerID, _ id: String, _ e: Event) -> Submission {
+        Submission(partner: p, webhookID: WebhookID(id)!, event: e)
+    }
+
+    @Test func aBatchWritesTheNetOfItsTakesAndReturns() throws {
+        let h = try Harness()
+        let first = h.store.post([
+            submission(G, "g1", Fixtures.earn("M1", 100, "G-1")),
+            submission(F, "f1", Fixtures.earn("M1", 50, "F-1")),
+            submission(C, "c1", Fixtures.redeem("M1", 120, "C-1")),                        // 100 of G, 20 of F
+            submission(C, "c2", Fixtures.reverseRedemption("M1", 30, "C-2", of: "C-1")),   // 20 back to F, then 10 to G
+            submission(F, "f2", Fixtures.redeem("M1", 10, "F-2")),                         // 10 of G (back from C-2)
+        ])
+        #expect(first.map(slug) == ["created", "created", "created", "created", "created"])
+        #expect(try flows(h) == ["grocer>cinema=90", "grocer>fuel=10"], "fuel>cinema netted to 0 in the batch: no row")
+        // A later batch returns the rest of C-1: the flow goes to 0 and stays.
+        let second = h.store.post([submission(C, "c3", Fixtures.reverseRedemption("M1", 90, "C-3", of: "C-1"))])
+        #expect(second.map(slug) == ["created"])
+        #expect(try flows(h) == ["grocer>cinema=0", "grocer>fuel=10"])
+        #expect(try h.verify().ok)
+    }
+
+    @Test func aPostingThatFailsInStorageLeavesNoFlowChange() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(G, "g2", Fixtures.earn("M2", 100, "G-2"))
+        let raw = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path)
+        try raw.write { db in
+            try db.execute(sql: "CREATE TRIGGER poison BEFORE INSERT ON lot_take WHEN NEW.points = 13 BEGIN SELECT RAISE(ABORT, 'poison'); END")
+        }
+        try raw.close()
+        let outcomes = h.store.post([
+            submission(C, "c1", Fixtures.redeem("M1", 20, "C-1")),
+            submission(F, "f1", Fixtures.redeem("M2", 13, "F-1")),   // fails in storage: 503, nothing of it written
+            submission(F, "f2", Fixtures.redeem("M2", 7, "F-2")),
+        ])
+        #expect(outcomes.map(\.httpStatus) == [201, 503, 201])
+        #expect(try flows(h) == ["grocer>cinema=20", "grocer>fuel=7"])
+        #expect(try h.verify().ok)
+    }
+}
