@@ -281,7 +281,7 @@ extension Store {
             if problem.kind == .insufficientPoints, let cached = state.lots.cached(s.event.member),
                 try cached != Lookup.openLots(db, s.event.member)
             {
-                throw lotCacheMismatch(s.event.member, cached: openPointsOf(cached), stored: nil)
+                throw lotCacheMismatch(s.event.member, cached: openPointsOf(cached), detail: "a refusal for want of points; the stored lots differ")
             }
             return try earlierOutcome(db, s) ?? .rejected(problem)
         }
@@ -302,26 +302,21 @@ extension Store {
             guard let earlier = try earlierOutcome(db, s) else { throw error }
             return earlier
         }
-        let openPoints: Int64
-        do {
-            openPoints = try write(db, journalID, &state.flows)
-        } catch let error as OpenLotDisagreement where cachedBefore != nil {
-            // Decided from cached lots that `lot_open` does not hold: the same guard as below.
-            throw lotCacheMismatch(s.event.member, cached: cachedBefore!, stored: nil, detail: error.description)
+        let n = s.event.points.value
+        let change: Int64 = switch s.event.kind {
+        case .earned, .redemptionReversed: n
+        case .redeemed, .earnReversed: -n
         }
-        // Defence in depth for the lot cache, in every build and for every kind: the cached
-        // lots the posting was decided from, plus what it changed, must add up to the
-        // `open_points` SQLite just computed. If not, something wrote lots behind the cache's
-        // back; nothing of this batch commits, and it is decided again from SQLite.
-        if let before = cachedBefore {
-            let n = s.event.points.value
-            let change: Int64 = switch s.event.kind {
-            case .earned, .redemptionReversed: n
-            case .redeemed, .earnReversed: -n
-            }
-            if before &+ change != openPoints {
-                throw lotCacheMismatch(s.event.member, cached: before &+ change, stored: openPoints)
-            }
+        // Defence in depth for the lot cache, in every build and for every kind: each lot the
+        // posting changes in `lot_open`, and the member's `open_points`, must hold exactly
+        // what the cached lots it was decided from say. If not, something wrote lots behind
+        // the cache's back; nothing of this batch commits, and it is decided again from SQLite.
+        do {
+            try write(db, journalID, &state.flows)
+            _ = try Rules.changeMember(
+                db, s.event.member, by: change, expected: cachedBefore, firstJournalID: s.event.kind == .earned ? journalID : nil)
+        } catch let error as CachedLotsDisagreement where cachedBefore != nil {
+            throw lotCacheMismatch(s.event.member, cached: cachedBefore!, detail: error.description)
         }
         state.lots.apply(lotChange, member: s.event.member)
         state.advance(s.partner, sequence: entry.sequence, hash: hash, journalID: journalID, kind: s.event.kind, points: s.event.points)
@@ -369,10 +364,9 @@ private func openPointsOf(_ lots: [OpenLot]) -> Int64 {
 
 extension Store {
     /// Logs and counts a disagreement of the lot cache with SQLite; the error to throw.
-    fileprivate func lotCacheMismatch(_ member: MemberID, cached: Int64, stored: Int64?, detail: String? = nil) -> LotCacheMismatch {
+    fileprivate func lotCacheMismatch(_ member: MemberID, cached: Int64, detail: String) -> LotCacheMismatch {
         logger.error("lot cache disagrees with the database; deciding the batch again without it",
-                     metadata: ["member": "\(member)", "cached": "\(cached)", "stored": "\(stored.map(String.init) ?? "other lots")",
-                                "detail": "\(detail ?? "open points differ")"])
+                     metadata: ["member": "\(member)", "cached": "\(cached)", "detail": "\(detail)"])
         lotCacheMismatchCounter.add(1, ordering: .relaxed)
         return LotCacheMismatch()
     }

@@ -5,12 +5,12 @@ import GRDB
 /// What deciding one posting came to: refused, or its balance and the writes that apply it.
 enum Effects {
     case refused(Problem)
-    /// `write(db, journalID, &flows)` runs after the journal row is inserted and returns the
-    /// member's `open_points` after it (the sum of the member's lots' remaining points, which
-    /// the decider checks its `LotCache` against); it adds the posting's changes to the flows
-    /// to `flows`, which the batch writes once (`BatchState.save`). `lots` is what it does to
-    /// the member's open lots.
-    case apply(balanceAfter: Points, lots: LotChange, write: (Database, Int64, inout FlowChanges) throws -> Int64)
+    /// `write(db, journalID, &flows)` runs after the journal row is inserted and writes the
+    /// posting's lots, takes and moves (the member's `open_points` is the decider's:
+    /// `Store.changeMember`); it adds the posting's changes to the flows to `flows`, which
+    /// the batch writes once (`BatchState.save`). `lots` is what it does to the member's
+    /// open lots.
+    case apply(balanceAfter: Points, lots: LotChange, write: (Database, Int64, inout FlowChanges) throws -> Void)
 }
 
 /// The business rules of CONTRACT §5, over the coalition database. Each function reads what
@@ -31,15 +31,6 @@ enum Rules {
             try lot.bind(4, n.value); try lot.bind(5, expires?.millisecondsSinceEpoch)
             try lot.done()
             try changeOpenLot(db, s.event.member, id, by: n.value, holding: 0)
-            let member = try FastStatement(
-                db,
-                """
-                INSERT INTO member (member, first_journal_id, open_points) VALUES (?, ?, ?)
-                ON CONFLICT (member) DO UPDATE SET open_points = open_points + excluded.open_points
-                RETURNING open_points
-                """)
-            try member.bind(1, s.event.member.rawValue); try member.bind(2, id); try member.bind(3, n.value)
-            return try member.single()
         }
     }
 
@@ -55,7 +46,7 @@ enum Rules {
             for (i, t) in takes.enumerated() {
                 // The lot's points before this take, as the take was decided from them.
                 guard let held = lots.first(where: { $0.id == t.lotID })?.remaining.value else {
-                    throw OpenLotDisagreement(lot: t.lotID, member: s.event.member, held: 0)
+                    throw CachedLotsDisagreement("take from lot \(t.lotID), which is not among member \(s.event.member)'s open lots")
                 }
                 try changeOpenLot(db, s.event.member, t.lotID, by: -t.points.value, holding: held)
                 let take = try FastStatement(
@@ -64,7 +55,6 @@ enum Rules {
                 try take.done()
                 try move(db, entry: id, position: i, lot: t.lotID, issuer: t.issuer, redeemer: s.partner, points: t.points.value, &flows)
             }
-            return try changeMember(db, s.event.member, by: -n.value)
         }
     }
 
@@ -97,7 +87,6 @@ enum Rules {
             try db.cachedStatement(sql: "UPDATE lot SET reversed = reversed + ? WHERE id = ?")
                 .execute(arguments: [n.value, original.journalID])
             try changeOpenLot(db, s.event.member, original.journalID, by: -n.value, holding: remaining)
-            return try changeMember(db, s.event.member, by: -n.value)
         }
     }
 
@@ -144,7 +133,6 @@ enum Rules {
             for lot in reopened {
                 try db.cachedStatement(sql: "INSERT OR IGNORE INTO lot_reopened (lot_id) VALUES (?)").execute(arguments: [lot])
             }
-            return try changeMember(db, s.event.member, by: n.value)
         }
     }
 
@@ -179,14 +167,57 @@ enum Rules {
             try write.bind(1, after); try write.bind(2, member.rawValue); try write.bind(3, lot); try write.bind(4, held)
         }
         try write.done()
-        guard db.changesCount == 1 else { throw OpenLotDisagreement(lot: lot, member: member, held: held) }
+        guard db.changesCount == 1 else {
+            throw CachedLotsDisagreement("lot \(lot) of member \(member) does not hold the \(held) points the posting was decided from")
+        }
     }
 
-    /// Adds `delta` to the member's `open_points`; returns the new value.
-    private static func changeMember(_ db: Database, _ member: MemberID, by delta: Int64) throws -> Int64 {
-        let update = try FastStatement(db, "UPDATE member SET open_points = open_points + ? WHERE member = ? RETURNING open_points")
-        try update.bind(1, delta); try update.bind(2, member.rawValue)
-        guard let after = try update.singleIfAny() else { preconditionFailure("member \(member) has no row") }
+    /// Adds `delta` to the member's `open_points` and returns the new value; an earn's
+    /// `firstJournalID` makes the row of a member new to the coalition.
+    ///
+    /// With `expected` (the points of the cached lots the posting was decided from, which
+    /// `open_points` must equal), the row must hold exactly that: an UPDATE with it in the
+    /// WHERE, whose count of changed rows is the check, instead of `RETURNING` (which SQLite
+    /// runs through an ephemeral table: as dear as the update itself). A row that holds
+    /// anything else throws `CachedLotsDisagreement`. Without it, SQLite's value is returned.
+    static func changeMember(
+        _ db: Database, _ member: MemberID, by delta: Int64, expected: Int64?, firstJournalID: Int64?
+    ) throws -> Int64 {
+        guard let expected else {
+            let write: FastStatement
+            if let firstJournalID {
+                write = try FastStatement(
+                    db,
+                    """
+                    INSERT INTO member (member, first_journal_id, open_points) VALUES (?, ?, ?)
+                    ON CONFLICT (member) DO UPDATE SET open_points = open_points + excluded.open_points
+                    RETURNING open_points
+                    """)
+                try write.bind(1, member.rawValue); try write.bind(2, firstJournalID); try write.bind(3, delta)
+            } else {
+                write = try FastStatement(db, "UPDATE member SET open_points = open_points + ? WHERE member = ? RETURNING open_points")
+                try write.bind(1, delta); try write.bind(2, member.rawValue)
+            }
+            guard let after = try write.singleIfAny() else { throw StoreError("member \(member) has no row") }
+            return after
+        }
+        let after = expected + delta
+        let update = try FastStatement(db, "UPDATE member SET open_points = ? WHERE member = ? AND open_points = ?")
+        try update.bind(1, after); try update.bind(2, member.rawValue); try update.bind(3, expected)
+        try update.done()
+        if db.changesCount == 1 { return after }
+        // No row holds `expected`: a member new to the coalition (no lots, so 0 expected), or a
+        // disagreement (the INSERT then meets the existing row).
+        guard let firstJournalID, expected == 0 else {
+            throw CachedLotsDisagreement("member \(member) does not hold the \(expected) points its cached lots do")
+        }
+        let insert = try FastStatement(db, "INSERT INTO member (member, first_journal_id, open_points) VALUES (?, ?, ?)")
+        try insert.bind(1, member.rawValue); try insert.bind(2, firstJournalID); try insert.bind(3, after)
+        do {
+            try insert.done()
+        } catch let error as DatabaseError where error.resultCode == .SQLITE_CONSTRAINT {
+            throw CachedLotsDisagreement("member \(member) has a row, but its cached lots are none")
+        }
         return after
     }
 }
@@ -224,12 +255,11 @@ struct FlowChanges {
     }
 }
 
-/// A lot in `lot_open` did not hold the points a posting was decided from.
-struct OpenLotDisagreement: Error, CustomStringConvertible {
-    var lot: Int64
-    var member: MemberID
-    var held: Int64
-    var description: String { "lot \(lot) of member \(member) does not hold the \(held) points the posting was decided from" }
+/// A lot in `lot_open`, or a member's `open_points`, did not hold the points a posting was
+/// decided from.
+struct CachedLotsDisagreement: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
 }
 
 /// Index lookups in the journal and the lot tables.

@@ -70,6 +70,26 @@ import Testing
         #expect(h.store.lotCacheMismatches == 1)
     }
 
+    /// The guard on the member's row: a member cached with no lots gets a row and lots behind
+    /// the cache's back; its next earn (which would make the row of a member new to the
+    /// coalition) meets that row, and the batch is decided again from SQLite.
+    @Test func anEarnForAMemberCachedWithoutLotsMeetsItsRowAndIsDecidedAgain() throws {
+        let h = try Harness()
+        #expect(h.post(G, "g1", Fixtures.earn("M1", 100, "G-1")).httpStatus == 201)
+        #expect(slug(h.post(C, "c1", Fixtures.redeem("M2", 5, "C-1"))) == "insufficient-points")
+        #expect(try h.store.checkLotCache() == 2, "M2 is cached, with no lots")
+        // M1's lot becomes M2's, consistently (lot, open lot, member row), behind the cache.
+        try h.store.coalition.writeWithoutTransaction { db in
+            try db.execute(sql: "UPDATE lot SET member = 'M2' WHERE id = 1")
+            try db.execute(sql: "UPDATE lot_open SET member = 'M2' WHERE member = 'M1'")
+            try db.execute(sql: "INSERT INTO member (member, first_journal_id, open_points) VALUES ('M2', 1, 100)")
+        }
+        let earned = h.post(F, "f1", Fixtures.earn("M2", 10, "F-1"))
+        #expect(earned.httpStatus == 201 && entry(earned)?.memberBalance == Points(110), "\(earned)")
+        #expect(h.store.lotCacheMismatches == 1)
+        #expect(try h.balance("M2") == 110)
+    }
+
     /// Settlement expires lots on the writer's own connection; the cache must not keep them.
     @Test func settlementExpiryIsSeenByTheNextPosting() throws {
         let h = try Harness(expireAfterDays: 1)
