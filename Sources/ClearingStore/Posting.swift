@@ -238,14 +238,22 @@ extension Store {
         do {
             // Prepared once per connection: SAVEPOINT/RELEASE cost a step each, not a parse.
             try db.cachedStatement(sql: "SAVEPOINT posting").execute()
+            let decided: PostingOutcome
             do {
-                outcome = try decide(db, s, &local, &localFresh)
+                decided = try decide(db, s, &local, &localFresh)
+                // Its flow changes too are written inside its savepoint: a flow that cannot
+                // take them fails this posting alone, not the batch at its end.
+                try local.flows.save(db)
+                local.flows = FlowChanges()
                 try db.cachedStatement(sql: "RELEASE posting").execute()
             } catch {
                 try db.cachedStatement(sql: "ROLLBACK TO posting").execute()
                 try db.cachedStatement(sql: "RELEASE posting").execute()
                 throw error
             }
+            // Only now, with everything of it written: an error after `decide` must leave the
+            // posting `unavailable`, never answered with what was rolled back.
+            outcome = decided
             state = local
             if let c = localFresh { fresh[s.partner, default: []].append(c) }
         } catch {

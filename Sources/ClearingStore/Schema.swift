@@ -307,7 +307,7 @@ enum Schema {
                       issuer TEXT NOT NULL,
                       points INTEGER NOT NULL CHECK (points BETWEEN 1 AND 1000000000),
                       reversed INTEGER NOT NULL DEFAULT 0 CHECK (reversed >= 0 AND reversed <= points),
-                      expired INTEGER NOT NULL DEFAULT 0 CHECK (expired >= 0 AND expired <= points),
+                      expired INTEGER NOT NULL DEFAULT 0 CHECK (expired >= 0),
                       expires_at_ms INTEGER
                     );
                     INSERT INTO lot_v8 (id, member, issuer, points, reversed, expired, expires_at_ms)

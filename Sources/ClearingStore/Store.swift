@@ -76,6 +76,12 @@ public final class Store: Sendable {
             walBufferBytes: walBufferBytes)
         try Store.refuseNewerSchema(coalition, Schema.coalition, "coalition.sqlite")
         try Schema.coalition.migrate(coalition)
+        // From here on, the coalition writer keeps every page a transaction dirties in memory
+        // until its COMMIT, however many (a batch is bounded by `Limits.postingBatchMax`, a
+        // run by its expiring lots): SQLite 3.40.1 can lose frames written after a `ROLLBACK
+        // TO` that follows a spill (docs/DURABILITY.md), and the savepoint path rolls back.
+        // Not during migrations, which may rebuild a whole table in one transaction.
+        try coalition.writeWithoutTransaction { try $0.execute(sql: "PRAGMA cache_spill = OFF") }
         checkpointer = try Checkpointer(
             dataDirectory.appendingPathComponent("coalition.sqlite"), framesMax: walFramesMax, logger: logger)
         ledgers = Mutex([:])

@@ -135,6 +135,14 @@ extension MigrationTests {
         try raw.write { try MigrationTests.downgradeToV7($0) }
         #expect(try raw.read { try Int64.fetchAll($0, sql: "SELECT remaining FROM lot ORDER BY id") } == [30, 0, 50, 70])
         try raw.close()
+        // `verify` reads the directory as v7 left it, before any start migrates it; and finds a
+        // tampered lot there too.
+        #expect(try h.verify().ok)
+        let tamper = try MigrationTests.rawQueue(url)
+        try tamper.write { try $0.execute(sql: "UPDATE lot SET remaining = 49 WHERE id = 5") }
+        #expect(try h.verify().breaches.contains { $0.contains("lot 5: holds 49 of 200") })
+        try tamper.write { try $0.execute(sql: "UPDATE lot SET remaining = 50 WHERE id = 5") }
+        try tamper.close()
 
         try h.reopen()
         let after = try h.store.coalition.read { try Row.fetchAll($0, sql: openLots) }

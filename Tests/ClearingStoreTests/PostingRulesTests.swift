@@ -520,6 +520,27 @@ func queueBehindTheLock(_ h: Harness, _ writer: PostingWriter, _ send: (Int) -> 
         #expect(try h.verify().ok)
     }
 
+    /// A flow that cannot take a posting's change (here a flow damaged below what a return
+    /// takes back) fails the batch's single write at its end; decided again posting by
+    /// posting, each posting writes its flow changes in its own savepoint, so only that
+    /// posting fails.
+    @Test func aFlowThatCannotTakeAReturnFailsThatPostingAlone() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 50, "C-1"))
+        let raw = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path)
+        try raw.write { try $0.execute(sql: "UPDATE flow SET points = 10 WHERE issuer = 'grocer' AND redeemer = 'cinema'") }
+        try raw.close()
+        let outcomes = h.store.post([
+            submission(G, "g2", Fixtures.earn("M2", 40, "G-2")),
+            submission(C, "c2", Fixtures.reverseRedemption("M1", 30, "C-2", of: "C-1")),
+            submission(F, "f1", Fixtures.earn("M3", 60, "F-1")),
+        ])
+        #expect(outcomes.map(\.httpStatus) == [201, 503, 201])
+        #expect(try h.balance("M2") == 40 && h.balance("M3") == 60 && h.balance("M1") == 50)
+        #expect(try flows(h) == ["grocer>cinema=10"])
+    }
+
     @Test func aPostingThatFailsInStorageLeavesNoFlowChange() throws {
         let h = try Harness()
         _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))

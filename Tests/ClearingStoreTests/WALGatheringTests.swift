@@ -78,7 +78,12 @@ import Testing
         // are read back, rewritten and rolled back while gathered.
         for (bytes, cachePages) in [(Limits.coalitionWALBufferBytes, 0), (0, 0), (8 * 1024, 0), (4 * 1024, 0), (Limits.coalitionWALBufferBytes, 20)] {
             let h = try Harness(walBufferBytes: bytes)
-            if cachePages > 0 { try h.store.coalition.writeWithoutTransaction { try $0.execute(sql: "PRAGMA cache_size = \(cachePages)") } }
+            if cachePages > 0 {
+                try h.store.coalition.writeWithoutTransaction {
+                    try $0.execute(sql: "PRAGMA cache_size = \(cachePages)")
+                    try $0.execute(sql: "PRAGMA cache_spill = ON")  // the store turns it off
+                }
+            }
             let day = DaySimulator(partners: h.configuration.partnerIDs, members: 300, events: 3_000, seed: 7, start: h.clock.now())
             var batch: [Submission] = []
             for p in IteratorSequence(day) {
@@ -126,6 +131,7 @@ import Testing
         try h.store.coalition.writeWithoutTransaction { db in
             try db.execute(sql: "CREATE TABLE scratch (x BLOB)")
             try db.execute(sql: "PRAGMA cache_size = 20")
+            try db.execute(sql: "PRAGMA cache_spill = ON")  // the store turns it off
             let before = h.store.gathering(db)
             try db.inTransaction {
                 // ~60 pages through a 20-page cache: pages spill to the WAL and stay gathered.
@@ -147,6 +153,28 @@ import Testing
         #expect(try h.store.ledgerEntries(G).count == 13)
     }
 
+    /// The store's writer never spills a transaction's pages to the WAL before COMMIT, even
+    /// with a cache far smaller than the transaction (SQLite 3.40.1's savepoint defect needs a
+    /// spill; docs/DURABILITY.md).
+    @Test func theWriterNeverSpillsMidTransaction() throws {
+        let h = try Harness()
+        try h.store.coalition.writeWithoutTransaction { db in
+            #expect(try Int.fetchOne(db, sql: "PRAGMA cache_spill") == 0)
+            try db.execute(sql: "CREATE TABLE scratch (x BLOB)")
+            try db.execute(sql: "PRAGMA cache_size = 20")
+            let before = h.store.gathering(db)
+            try db.inTransaction {
+                for _ in 0..<60 { try db.execute(sql: "INSERT INTO scratch VALUES (randomblob(3000))") }
+                #expect(h.store.gathering(db).gathered == before.gathered, "no page reached the WAL before COMMIT")
+                return .rollback
+            }
+            try db.execute(sql: "PRAGMA cache_size = -\(Limits.coalitionCacheKiBMax)")
+        }
+        #expect(h.post(G, "g1", Fixtures.earn("M1", 10, "G-1")).httpStatus == 201)
+        try h.reopen()
+        #expect(try h.verify().ok)
+    }
+
     /// The buffer's write fails on a call other than the commit's sync (here pages spilled and
     /// read back mid-transaction): the transaction fails and nothing of it is stored.
     @Test func aFailedWriteOfTheBufferMidTransactionFailsTheTransaction() throws {
@@ -154,6 +182,7 @@ import Testing
         try h.store.coalition.writeWithoutTransaction { db in
             try db.execute(sql: "CREATE TABLE scratch (x BLOB)")
             try db.execute(sql: "PRAGMA cache_size = 10")
+            try db.execute(sql: "PRAGMA cache_spill = ON")  // the store turns it off
         }
         h.store.failCoalitionWALFlushes(1)
         #expect(throws: (any Error).self) {
