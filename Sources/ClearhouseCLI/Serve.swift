@@ -48,7 +48,7 @@ struct Serve: AsyncParsableCommand {
         let intake = Intake(configuration: configuration, store: store, writer: writer, metrics: metrics, signer: signer)
         let app = Application(
             router: intake.router(),
-            server: try .tls(ServerChannel.http1(), tlsConfiguration: tls),
+            server: try .tls(ServerChannel.http1(logger: logger), tlsConfiguration: tls),
             configuration: .init(
                 address: .hostname(host, port: port), serverName: nil,
                 // Past this many open connections the server stops accepting (they wait in the

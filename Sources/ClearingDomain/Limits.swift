@@ -41,6 +41,11 @@ public enum Limits {
     /// Most connections open at once; past this the server stops accepting (the kernel's
     /// listen backlog holds the rest). About 85 KiB of memory each under TLS.
     public static let connectionsMax = 1_024
+    /// Most connections open at once from one client address; past this a new connection from
+    /// it is closed before its TLS handshake, so that one client (or a flood from one host)
+    /// cannot take every slot under `connectionsMax`. A quarter of them: partners behind one
+    /// NAT address share it. Loopback is not limited (a reverse proxy on the same host).
+    public static let connectionsPerAddressMax = 256
     /// A connection with no request in progress is closed after this long (also one that
     /// never completes its TLS handshake or request head).
     public static let connectionIdleSecondsMax: Int64 = 15

@@ -2,8 +2,10 @@ import ClearingDomain
 import HTTPTypes
 import Hummingbird
 import HummingbirdCore
+import Logging
 import NIOCore
 import NIOHTTPTypes
+import Synchronization
 
 /// The HTTP/1.1 channel `serve` runs: slow and idle clients cannot hold connections.
 ///
@@ -25,18 +27,110 @@ import NIOHTTPTypes
 ///   timeout would otherwise keep its connection slot for ever.
 /// - The decoder refuses heads larger than `requestHeaderDecodeBytesMax` before they are
 ///   built; `HeaderLimitMiddleware` then answers the smaller limit with a problem.
+/// - A connection from an address that already holds `connectionsPerAddressMax` open
+///   connections is closed at once, before its TLS handshake (``AddressLimitHandler``).
 public enum ServerChannel {
-    public static func http1() -> HTTPServerBuilder {
-        .http1(configuration: configuration)
+    public static func http1(logger: Logger) -> HTTPServerBuilder {
+        .http1(configuration: configuration(AddressConnections(limit: Limits.connectionsPerAddressMax), logger: logger))
     }
 
-    public static var configuration: HTTP1Channel.Configuration {
+    static func configuration(_ addresses: AddressConnections, logger: Logger) -> HTTP1Channel.Configuration {
         HTTP1Channel.Configuration(
-            additionalChannelHandlers: [RequestDeadlineHandler()],
+            additionalChannelHandlers: [AddressLimitHandler(addresses, logger: logger), RequestDeadlineHandler()],
             idleTimeout: .seconds(Limits.connectionIdleSecondsMax),
             httpDecoderConfiguration: .init(
                 maxHeaderFieldSize: Limits.requestHeaderDecodeBytesMax, maxHeaderListSize: Limits.requestHeaderDecodeBytesMax,
                 maxHeaderFieldCount: Limits.requestHeaderFieldsMax))
+    }
+}
+
+/// The connections open from each client address, shared by all the channels of one server.
+final class AddressConnections: Sendable {
+    let limit: Int
+    private let open = Mutex<[String: Int]>([:])
+
+    init(limit: Int) { self.limit = limit }
+
+    /// Counts one more connection from `address`; false (and nothing counted) when it already
+    /// holds `limit`.
+    func acquire(_ address: String) -> Bool {
+        open.withLock { open in
+            let n = open[address, default: 0]
+            guard n < limit else { return false }
+            open[address] = n + 1
+            return true
+        }
+    }
+
+    func release(_ address: String) {
+        open.withLock { open in
+            let n = open[address, default: 0] - 1
+            open[address] = n > 0 ? n : nil
+        }
+    }
+
+    /// Connections counted from `address` now (for tests and logs).
+    func count(_ address: String) -> Int { open.withLock { $0[address, default: 0] } }
+}
+
+/// Closes a connection, as soon as it is open, from an address that already holds its
+/// limit of connections (``AddressConnections``); counts it otherwise until it closes.
+final class AddressLimitHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPRequestPart
+
+    private let addresses: AddressConnections
+    private let logger: Logger
+    /// The address this connection is counted under, once counted.
+    private var counted: String?
+    private var decided = false
+
+    init(_ addresses: AddressConnections, logger: Logger) {
+        self.addresses = addresses
+        self.logger = logger
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { admit(context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        admit(context)
+        context.fireChannelActive()
+    }
+
+    private func admit(_ context: ChannelHandlerContext) {
+        guard !decided else { return }
+        decided = true
+        // Not limited: a connection with no IP address (a Unix socket, a test channel), and
+        // one from this host (a reverse proxy in front of `serve` brings every client from
+        // loopback; the operator's own tools and benchmarks do too).
+        guard let address = context.channel.remoteAddress?.ipAddress, !AddressLimitHandler.isLoopback(address) else { return }
+        if addresses.acquire(address) {
+            counted = address
+        } else {
+            logger.warning(
+                "connection closed: its address holds the most connections allowed",
+                metadata: ["address": "\(address)", "limit": "\(addresses.limit)"])
+            context.close(promise: nil)
+        }
+    }
+
+    static func isLoopback(_ address: String) -> Bool {
+        address == "::1" || address.hasPrefix("127.") || address.hasPrefix("::ffff:127.")
+    }
+
+    private func release() {
+        if let counted { addresses.release(counted) }
+        counted = nil
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        release()
+        context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        release()
     }
 }
 

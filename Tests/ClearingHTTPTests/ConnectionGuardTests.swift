@@ -1,6 +1,7 @@
 @testable import ClearingHTTP
 import ClearingDomain
 import HTTPTypes
+import Logging
 import NIOCore
 import NIOEmbedded
 import NIOHTTPTypes
@@ -82,5 +83,60 @@ import Testing
         guard case .head(let last) = try c.readOutbound(as: HTTPResponsePart.self) else { Issue.record("no head"); return }
         #expect(last.headerFields[.connection] == "close")
         #expect(!c.isActive)
+    }
+}
+
+/// The per-address connection limit of `AddressLimitHandler`, on embedded channels sharing one
+/// count (as all the channels of one server do).
+@Suite struct AddressLimitTests {
+    func open(_ addresses: AddressConnections, from ip: String, port: Int = 40_000) throws -> EmbeddedChannel {
+        let channel = EmbeddedChannel(handler: AddressLimitHandler(addresses, logger: Logger(label: "test")))
+        try channel.connect(to: SocketAddress(ipAddress: ip, port: port)).wait()
+        return channel
+    }
+
+    @Test func anAddressHoldingItsLimitHasItsNextConnectionClosedAndOthersAreNotAffected() throws {
+        let addresses = AddressConnections(limit: 2)
+        let a1 = try open(addresses, from: "192.0.2.1"), a2 = try open(addresses, from: "192.0.2.1", port: 40_001)
+        #expect(a1.isActive && a2.isActive)
+        let a3 = try open(addresses, from: "192.0.2.1", port: 40_002)
+        #expect(!a3.isActive, "a third connection from the same address must be closed")
+        #expect(addresses.count("192.0.2.1") == 2, "the refused connection is not counted")
+        let b1 = try open(addresses, from: "2001:db8::1")
+        #expect(b1.isActive, "another address has its own count")
+        // A connection from the address closes: the next one from it is accepted.
+        _ = try a1.close().wait()
+        #expect(addresses.count("192.0.2.1") == 1)
+        let a4 = try open(addresses, from: "192.0.2.1", port: 40_003)
+        #expect(a4.isActive)
+        for c in [a2, a4, b1] { _ = try c.close().wait() }
+        #expect(addresses.count("192.0.2.1") == 0 && addresses.count("2001:db8::1") == 0, "every close releases its count")
+    }
+
+    /// Connections from this host (a reverse proxy, the operator's tools) are not limited.
+    @Test func loopbackIsNotLimited() throws {
+        let addresses = AddressConnections(limit: 1)
+        var local: [EmbeddedChannel] = []
+        for port in 50_000..<50_003 {
+            local.append(try open(addresses, from: "127.0.0.1", port: port))
+            local.append(try open(addresses, from: "::1", port: port))
+        }
+        #expect(local.allSatisfy { $0.isActive })
+        #expect(addresses.count("127.0.0.1") == 0 && addresses.count("::1") == 0)
+        for c in local { _ = try c.close().wait() }
+    }
+
+    /// The handler is added to a channel that is already open (as `serve` adds it): it counts
+    /// the connection then, once.
+    @Test func addedToAnOpenChannelItCountsTheConnectionOnce() throws {
+        let addresses = AddressConnections(limit: 1)
+        let channel = EmbeddedChannel()
+        try channel.connect(to: SocketAddress(ipAddress: "192.0.2.9", port: 1)).wait()
+        try channel.pipeline.syncOperations.addHandler(AddressLimitHandler(addresses, logger: Logger(label: "test")))
+        #expect(channel.isActive && addresses.count("192.0.2.9") == 1)
+        let second = try open(addresses, from: "192.0.2.9", port: 2)
+        #expect(!second.isActive)
+        _ = try channel.close().wait()
+        #expect(addresses.count("192.0.2.9") == 0)
     }
 }
