@@ -48,8 +48,12 @@ public enum ServerChannel {
 final class AddressConnections: Sendable {
     let limit: Int
     private let open = Mutex<[String: Int]>([:])
+    private let refusals = Atomic<Int>(0)
 
     init(limit: Int) { self.limit = limit }
+
+    /// Counts one refused connection; how many so far.
+    func refused() -> Int { refusals.add(1, ordering: .relaxed).newValue }
 
     /// Counts one more connection from `address`; false (and nothing counted) when it already
     /// holds `limit`.
@@ -101,22 +105,43 @@ final class AddressLimitHandler: ChannelInboundHandler, RemovableChannelHandler 
     private func admit(_ context: ChannelHandlerContext) {
         guard !decided else { return }
         decided = true
-        // Not limited: a connection with no IP address (a Unix socket, a test channel), and
-        // one from this host (a reverse proxy in front of `serve` brings every client from
-        // loopback; the operator's own tools and benchmarks do too).
-        guard let address = context.channel.remoteAddress?.ipAddress, !AddressLimitHandler.isLoopback(address) else { return }
-        if addresses.acquire(address) {
-            counted = address
+        guard let remote = context.channel.remoteAddress, let client = AddressLimitHandler.client(remote) else { return }
+        if addresses.acquire(client) {
+            counted = client
         } else {
-            logger.warning(
-                "connection closed: its address holds the most connections allowed",
-                metadata: ["address": "\(address)", "limit": "\(addresses.limit)"])
+            // One line for the first refusal and then one per hundred: a flood from one
+            // address must not flood the log too.
+            let refused = addresses.refused()
+            if refused % 100 == 1 {
+                logger.warning(
+                    "connection closed: its address holds the most connections allowed",
+                    metadata: ["client": "\(client)", "limit": "\(addresses.limit)", "refused_so_far": "\(refused)"])
+            }
             context.close(promise: nil)
         }
     }
 
-    static func isLoopback(_ address: String) -> Bool {
-        address == "::1" || address.hasPrefix("127.") || address.hasPrefix("::ffff:127.")
+    /// What a connection is counted under: an IPv4 address (also when it arrives as an
+    /// IPv4-mapped IPv6 address), or the /64 an IPv6 address lies in (one host commonly holds
+    /// a whole /64 and could pick a new address per connection). nil, not limited: no IP
+    /// address (a Unix socket), or this host (loopback: a reverse proxy in front of `serve`
+    /// brings every client from there; the operator's tools and benchmarks do too).
+    static func client(_ address: SocketAddress) -> String? {
+        switch address {
+        case .v4(let v4):
+            let octets = withUnsafeBytes(of: v4.address.sin_addr.s_addr) { Array($0) }
+            return octets[0] == 127 ? nil : octets.map(String.init).joined(separator: ".")
+        case .v6(let v6):
+            let b = withUnsafeBytes(of: v6.address.sin6_addr) { Array($0) }
+            if b[0..<10].allSatisfy({ $0 == 0 }) && b[10] == 0xFF && b[11] == 0xFF {
+                return b[12] == 127 ? nil : b[12...].map(String.init).joined(separator: ".")
+            }
+            if b[0..<15].allSatisfy({ $0 == 0 }) && b[15] == 1 { return nil }  // ::1
+            let prefix = stride(from: 0, to: 8, by: 2).map { String(UInt16(b[$0]) << 8 | UInt16(b[$0 + 1]), radix: 16) }
+            return prefix.joined(separator: ":") + "::/64"
+        case .unixDomainSocket:
+            return nil
+        }
     }
 
     private func release() {

@@ -247,8 +247,14 @@ extension Store {
                 local.flows = FlowChanges()
                 try db.cachedStatement(sql: "RELEASE posting").execute()
             } catch {
-                try db.cachedStatement(sql: "ROLLBACK TO posting").execute()
-                try db.cachedStatement(sql: "RELEASE posting").execute()
+                do {
+                    try db.cachedStatement(sql: "ROLLBACK TO posting").execute()
+                    try db.cachedStatement(sql: "RELEASE posting").execute()
+                } catch let undo {
+                    // What the posting wrote may still be in the transaction: the batch cannot
+                    // go on (its COMMIT would keep writes no posting is answered for).
+                    throw SavepointUndoFailed(posting: error, undo: undo)
+                }
                 throw error
             }
             // Only now, with everything of it written: an error after `decide` must leave the
@@ -258,7 +264,7 @@ extension Store {
             if let c = localFresh { fresh[s.partner, default: []].append(c) }
         } catch {
             logger.error("posting failed in storage", metadata: ["partner": "\(s.partner)", "error": "\(error)"])
-            if !db.isInsideTransaction { throw error }
+            if !db.isInsideTransaction || error is SavepointUndoFailed { throw error }
         }
         return outcome
     }
@@ -361,6 +367,13 @@ extension Store {
 }
 
 struct SimulatedCrash: Error {}
+
+/// A posting failed in its savepoint and undoing the savepoint failed too.
+struct SavepointUndoFailed: Error, CustomStringConvertible {
+    var posting: any Error
+    var undo: any Error
+    var description: String { "\(posting); undoing its savepoint failed: \(undo)" }
+}
 
 /// The writer's lot cache disagreed with SQLite (`decide`); the batch is decided again without it.
 struct LotCacheMismatch: Error {}

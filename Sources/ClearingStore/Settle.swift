@@ -62,6 +62,12 @@ extension Store {
         try coalition.writeWithoutTransaction { db in
             // The run expires lots on the writer's own connection (no data_version change).
             dropLotCache()
+            // A run may dirty more pages than memory should hold (its expiring lots, scattered
+            // over `lot_open` and `member`): it may spill them to the WAL before its COMMIT.
+            // It uses no savepoint, so SQLite 3.40.1's defect after a spill (`ROLLBACK TO`,
+            // docs/DURABILITY.md) cannot meet it; posting turns spilling off again.
+            try db.execute(sql: "PRAGMA cache_spill = ON")
+            defer { try? db.execute(sql: "PRAGMA cache_spill = OFF") }
             try db.inTransaction(.immediate) {
                 run = try closeRun(db, through: through ?? now, now: now, progress: progress)
                 return .commit

@@ -103,14 +103,28 @@ import Testing
         #expect(!a3.isActive, "a third connection from the same address must be closed")
         #expect(addresses.count("192.0.2.1") == 2, "the refused connection is not counted")
         let b1 = try open(addresses, from: "2001:db8::1")
-        #expect(b1.isActive, "another address has its own count")
+        #expect(b1.isActive && addresses.count("2001:db8:0:0::/64") == 1, "another address has its own count")
         // A connection from the address closes: the next one from it is accepted.
         _ = try a1.close().wait()
         #expect(addresses.count("192.0.2.1") == 1)
         let a4 = try open(addresses, from: "192.0.2.1", port: 40_003)
         #expect(a4.isActive)
         for c in [a2, a4, b1] { _ = try c.close().wait() }
-        #expect(addresses.count("192.0.2.1") == 0 && addresses.count("2001:db8::1") == 0, "every close releases its count")
+        #expect(addresses.count("192.0.2.1") == 0 && addresses.count("2001:db8:0:0::/64") == 0, "every close releases its count")
+    }
+
+    /// IPv6 clients are counted by /64 (a host holds one and could pick an address per
+    /// connection); an IPv4-mapped address counts with its IPv4 address.
+    @Test func ipv6CountsByPrefixAndMappedIPv4AsIPv4() throws {
+        let addresses = AddressConnections(limit: 1)
+        let a = try open(addresses, from: "2001:db8:1:2::1")
+        #expect(a.isActive && addresses.count("2001:db8:1:2::/64") == 1)
+        #expect(!(try open(addresses, from: "2001:db8:1:2:ffff::9")).isActive, "the same /64")
+        #expect(try open(addresses, from: "2001:db8:1:3::1").isActive, "another /64")
+        let v4 = try open(addresses, from: "192.0.2.7")
+        #expect(v4.isActive)
+        #expect(!(try open(addresses, from: "::ffff:192.0.2.7")).isActive, "the same client over IPv4-mapped IPv6")
+        #expect(try open(addresses, from: "::ffff:127.0.0.1").isActive, "mapped loopback is loopback")
     }
 
     /// Connections from this host (a reverse proxy, the operator's tools) are not limited.

@@ -171,6 +171,9 @@ import Testing
             try db.execute(sql: "PRAGMA cache_size = -\(Limits.coalitionCacheKiBMax)")
         }
         #expect(h.post(G, "g1", Fixtures.earn("M1", 10, "G-1")).httpStatus == 201)
+        // A settlement run may spill (it uses no savepoint); posting after it does not.
+        _ = try h.store.settle()
+        #expect(try h.store.coalition.writeWithoutTransaction { try Int.fetchOne($0, sql: "PRAGMA cache_spill") } == 0)
         try h.reopen()
         #expect(try h.verify().ok)
     }
