@@ -317,6 +317,20 @@ enum Schema {
                     CREATE INDEX lot_expiry ON lot(expires_at_ms) WHERE expires_at_ms IS NOT NULL;
                     """)
         }
+        m.registerMigration("v9-open-lots-within-their-lot") { db in
+            // What v8's rebuild took from SQLite's checks: a lot's points left were a column
+            // of the lot row, with `remaining <= points` in its CHECK; in `lot_open` they
+            // must still be within their lot, and under the lot's own member.
+            try db.execute(
+                sql: """
+                    CREATE TRIGGER lot_open_insert_within_its_lot BEFORE INSERT ON lot_open
+                      WHEN NOT EXISTS (SELECT 1 FROM lot WHERE id = NEW.lot_id AND member = NEW.member AND points >= NEW.remaining)
+                      BEGIN SELECT RAISE(ABORT, 'lot_open: points left must lie within a lot of the same member'); END;
+                    CREATE TRIGGER lot_open_update_within_its_lot BEFORE UPDATE ON lot_open
+                      WHEN NOT EXISTS (SELECT 1 FROM lot WHERE id = NEW.lot_id AND member = NEW.member AND points >= NEW.remaining)
+                      BEGIN SELECT RAISE(ABORT, 'lot_open: points left must lie within a lot of the same member'); END;
+                    """)
+        }
         return m
     }
 

@@ -107,7 +107,7 @@ extension MigrationTests {
             ALTER TABLE lot_v7 RENAME TO lot;
             CREATE INDEX lot_open_by_member ON lot(member, id) WHERE remaining > 0;
             CREATE INDEX lot_expiry ON lot(expires_at_ms) WHERE expires_at_ms IS NOT NULL;
-            DELETE FROM grdb_migrations WHERE identifier = 'v8-open-lots';
+            DELETE FROM grdb_migrations WHERE identifier IN ('v8-open-lots', 'v9-open-lots-within-their-lot');
             """)
     }
 
@@ -173,7 +173,15 @@ extension MigrationTests {
         try raw.write { try $0.execute(sql: "UPDATE lot_open SET remaining = 99 WHERE member = 'M1'") }
         var report = try h.verify()
         #expect(report.breaches.contains { $0.contains("lot 1: holds 99 of 100") }, "\(report.breaches)")
-        try raw.write { try $0.execute(sql: "UPDATE lot_open SET remaining = 100, member = 'M2' WHERE member = 'M1'") }
+        // SQLite itself refuses points left beyond their lot or under another member...
+        #expect(throws: DatabaseError.self) { try raw.write { try $0.execute(sql: "UPDATE lot_open SET remaining = 101 WHERE member = 'M1'") } }
+        #expect(throws: DatabaseError.self) { try raw.write { try $0.execute(sql: "UPDATE lot_open SET remaining = 100, member = 'M2' WHERE member = 'M1'") } }
+        #expect(throws: DatabaseError.self) { try raw.write { try $0.execute(sql: "INSERT INTO lot_open (member, lot_id, remaining) VALUES ('M1', 2, 5)") } }
+        // ...so a hand that edits the file drops its triggers first; verify still names it.
+        try raw.write { db in
+            try db.execute(sql: "DROP TRIGGER lot_open_update_within_its_lot")
+            try db.execute(sql: "UPDATE lot_open SET remaining = 100, member = 'M2' WHERE member = 'M1'")
+        }
         report = try h.verify()
         #expect(report.breaches.contains { $0.contains("member M2 holds points in lot 1") }, "\(report.breaches)")
         try raw.close()
