@@ -73,7 +73,7 @@ final class AddressConnections: Sendable {
         }
     }
 
-    /// Connections counted from `address` now (for tests and logs).
+    /// Connections counted from `address` now (for tests).
     func count(_ address: String) -> Int { open.withLock { $0[address, default: 0] } }
 }
 

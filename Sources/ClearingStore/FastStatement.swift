@@ -84,24 +84,6 @@ struct FastStatement {
         }
     }
 
-    /// Runs a statement that returns at most one row of one integer (`... RETURNING x`),
-    /// to completion; its value, or nil when no row came back.
-    func singleIfAny() throws -> Int64? {
-        defer { sqlite3_reset(statement) }
-        guard try step() else { return nil }
-        let value = try int64(0)
-        guard try !step() else { throw StoreError("`\(String(cString: sqlite3_sql(statement)))` returned more than one row") }
-        return value
-    }
-
-    /// As `singleIfAny`, for a statement that always returns one row.
-    func single() throws -> Int64 {
-        guard let value = try singleIfAny() else {
-            throw StoreError("`\(String(cString: sqlite3_sql(statement)))` returned no row")
-        }
-        return value
-    }
-
     /// Ends a statement whose rows were read (or not wanted).
     func finish() {
         sqlite3_reset(statement)

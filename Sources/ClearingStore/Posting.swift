@@ -327,7 +327,7 @@ extension Store {
         // the cache's back; nothing of this batch commits, and it is decided again from SQLite.
         do {
             try write(db, journalID, &state.flows)
-            _ = try Rules.changeMember(
+            try Rules.changeMember(
                 db, s.event.member, by: change, expected: cachedBefore, firstJournalID: s.event.kind == .earned ? journalID : nil)
         } catch let error as CachedLotsDisagreement where cachedBefore != nil {
             throw lotCacheMismatch(s.event.member, cached: cachedBefore!, detail: error.description)

@@ -7,7 +7,7 @@ enum Effects {
     case refused(Problem)
     /// `write(db, journalID, &flows)` runs after the journal row is inserted and writes the
     /// posting's lots, takes and moves (the member's `open_points` is the decider's:
-    /// `Store.changeMember`); it adds the posting's changes to the flows to `flows`, which
+    /// `Rules.changeMember`); it adds the posting's changes to the flows to `flows`, which
     /// the batch writes once (`BatchState.save`). `lots` is what it does to the member's
     /// open lots.
     case apply(balanceAfter: Points, lots: LotChange, write: (Database, Int64, inout FlowChanges) throws -> Void)
@@ -172,53 +172,39 @@ enum Rules {
         }
     }
 
-    /// Adds `delta` to the member's `open_points` and returns the new value; an earn's
-    /// `firstJournalID` makes the row of a member new to the coalition.
+    /// Adds `delta` to the member's `open_points`; an earn's `firstJournalID` makes the row of
+    /// a member new to the coalition.
     ///
     /// With `expected` (the points of the cached lots the posting was decided from, which
-    /// `open_points` must equal), the row must hold exactly that: an UPDATE with it in the
-    /// WHERE, whose count of changed rows is the check, instead of `RETURNING` (which SQLite
-    /// runs through an ephemeral table: as dear as the update itself). A row that holds
-    /// anything else throws `CachedLotsDisagreement`. Without it, SQLite's value is returned.
-    static func changeMember(
-        _ db: Database, _ member: MemberID, by delta: Int64, expected: Int64?, firstJournalID: Int64?
-    ) throws -> Int64 {
-        guard let expected else {
-            let write: FastStatement
-            if let firstJournalID {
-                write = try FastStatement(
-                    db,
-                    """
-                    INSERT INTO member (member, first_journal_id, open_points) VALUES (?, ?, ?)
-                    ON CONFLICT (member) DO UPDATE SET open_points = open_points + excluded.open_points
-                    RETURNING open_points
-                    """)
-                try write.bind(1, member.rawValue); try write.bind(2, firstJournalID); try write.bind(3, delta)
-            } else {
-                write = try FastStatement(db, "UPDATE member SET open_points = open_points + ? WHERE member = ? RETURNING open_points")
-                try write.bind(1, delta); try write.bind(2, member.rawValue)
-            }
-            guard let after = try write.singleIfAny() else { throw StoreError("member \(member) has no row") }
-            return after
+    /// `open_points` must equal), the row must hold exactly that: the UPDATE has it in its
+    /// WHERE, and its count of changed rows is the check (no read, no `RETURNING`, which
+    /// SQLite runs through an ephemeral table: as dear as the update itself). A row that
+    /// holds anything else throws `CachedLotsDisagreement`.
+    static func changeMember(_ db: Database, _ member: MemberID, by delta: Int64, expected: Int64?, firstJournalID: Int64?) throws {
+        let update: FastStatement
+        if let expected {
+            update = try FastStatement(db, "UPDATE member SET open_points = ? WHERE member = ? AND open_points = ?")
+            try update.bind(1, expected + delta); try update.bind(2, member.rawValue); try update.bind(3, expected)
+        } else {
+            update = try FastStatement(db, "UPDATE member SET open_points = open_points + ? WHERE member = ?")
+            try update.bind(1, delta); try update.bind(2, member.rawValue)
         }
-        let after = expected + delta
-        let update = try FastStatement(db, "UPDATE member SET open_points = ? WHERE member = ? AND open_points = ?")
-        try update.bind(1, after); try update.bind(2, member.rawValue); try update.bind(3, expected)
         try update.done()
-        if db.changesCount == 1 { return after }
-        // No row holds `expected`: a member new to the coalition (no lots, so 0 expected), or a
-        // disagreement (the INSERT then meets the existing row).
-        guard let firstJournalID, expected == 0 else {
+        if db.changesCount == 1 { return }
+        // No row changed: a member new to the coalition (its first earn; no lots, so nothing
+        // expected), or a row that does not hold what the cached lots say (the INSERT then
+        // meets it).
+        guard let firstJournalID, (expected ?? 0) == 0 else {
+            guard let expected else { throw StoreError("member \(member) has no row") }
             throw CachedLotsDisagreement("member \(member) does not hold the \(expected) points its cached lots do")
         }
         let insert = try FastStatement(db, "INSERT INTO member (member, first_journal_id, open_points) VALUES (?, ?, ?)")
-        try insert.bind(1, member.rawValue); try insert.bind(2, firstJournalID); try insert.bind(3, after)
+        try insert.bind(1, member.rawValue); try insert.bind(2, firstJournalID); try insert.bind(3, delta)
         do {
             try insert.done()
-        } catch let error as DatabaseError where error.resultCode == .SQLITE_CONSTRAINT {
+        } catch let error as DatabaseError where error.resultCode == .SQLITE_CONSTRAINT && expected != nil {
             throw CachedLotsDisagreement("member \(member) has a row, but its cached lots are none")
         }
-        return after
     }
 }
 
