@@ -118,6 +118,7 @@ struct Partners: AsyncParsableCommand {
                     "partner \(id): \(p.name); pays \(p.issuePricePer1000) per 1000 issued, credited \(p.redeemCreditPer1000) per 1000 redeemed; \(p.webhookSecrets.count) webhook secret(s); \(mtls)"
                 )
             }
+            for w in c.warnings { print("warning: \(w)") }
             print("ok: \(c.partners.count) partners")
         }
     }

@@ -15,12 +15,12 @@ import ServiceLifecycle
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Serve the partner API over HTTPS until SIGTERM or SIGINT.",
-        discussion: "Needs server.crt, server.key and statement.key (the Ed25519 key that signs statements) in --certs (and ca.crt when a partner uses mutual TLS); ops/certs makes development ones. On SIGTERM it stops accepting, finishes what it has accepted, closes the databases and exits 0.")
+        discussion: "Needs server.crt and server.key in --certs (and ca.crt when a partner uses mutual TLS); ops/certs makes development ones. The Ed25519 key that signs statements is --certs/statement.key when present, else --data/statement.key, made on the first start. On SIGTERM it stops accepting, finishes what it has accepted, closes the databases and exits 0.")
 
     @OptionGroup var locations: Locations
     @Option(help: "Address to listen on.") var host: String = "127.0.0.1"
     @Option(help: "Port to listen on (0: any free port; the chosen one is printed).") var port: Int = 8443
-    @Option(help: "Directory with server.crt, server.key and ca.crt.") var certs: String = "./certs"
+    @Option(help: "Directory with server.crt, server.key, ca.crt and statement.key.") var certs: String = "./certs"
 
     func run() async throws {
         let configuration = try locations.loadConfiguration()
@@ -32,16 +32,31 @@ struct Serve: AsyncParsableCommand {
             printError("clearhouse serve: \(error)")
             throw ExitCode(2)
         }
+        var logger = Logger(label: "clearhouse")
+        logger.logLevel = ProcessInfo.processInfo.environment["CLEARHOUSE_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
+        for w in configuration.warnings { logger.warning("configuration: \(w)") }
+        // The statement key: `<certs>/statement.key` when the operator put one there; otherwise
+        // `<data>/statement.key`, made on the first start and kept (CONTRACT §10 asks only for
+        // the TLS pair in --certs).
         var signer: StatementSigner
         do {
-            signer = try StatementSigner(file: URL(fileURLWithPath: certs).appendingPathComponent("statement.key"))
+            let operatorKey = URL(fileURLWithPath: certs).appendingPathComponent("statement.key")
+            if FileManager.default.fileExists(atPath: operatorKey.path) {
+                signer = try StatementSigner(file: operatorKey)
+            } else {
+                try FileManager.default.createDirectory(at: locations.dataURL, withIntermediateDirectories: true)
+                let dataKey = locations.dataURL.appendingPathComponent("statement.key")
+                let made: Bool
+                (signer, made) = try StatementSigner.loadOrCreate(file: dataKey)
+                logger.warning(
+                    made ? "no statement.key in the certificate directory: made a new statement key" : "no statement.key in the certificate directory: using the data directory's",
+                    metadata: ["file": "\(dataKey.path)", "keyid": "\(signer.keyID)"])
+            }
             try signer.loadRetired(file: URL(fileURLWithPath: certs).appendingPathComponent("statement-retired.pub"))
         } catch {
             printError("clearhouse serve: statement key: \(error)")
             throw ExitCode(2)
         }
-        var logger = Logger(label: "clearhouse")
-        logger.logLevel = ProcessInfo.processInfo.environment["CLEARHOUSE_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
         let store = try locations.openStore(configuration)
         let metrics = IntakeMetrics()
         let writer = PostingWriter(store: store, batchObserver: { metrics.groupCommit(postings: $0) })

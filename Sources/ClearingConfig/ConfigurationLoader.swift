@@ -64,7 +64,16 @@ public struct ConfigurationLoader {
             }
             partners[terms.id] = terms
         }
-        return ClearingConfiguration(coalition: coalition, partners: partners)
+        var configuration = ClearingConfiguration(coalition: coalition, partners: partners)
+        for id in configuration.partnerIDs {
+            let terms = partners[id]!
+            let secrets = terms.webhookSecrets.enumerated().map { ("webhook_secrets[\($0.offset)]", $0.element) } + [("notice_secret", terms.noticeSecret)]
+            for (key, secret) in secrets where secret.bytes.count < Limits.secretBytesRecommendedMin {
+                configuration.warnings.append(
+                    "\(directory.appendingPathComponent("\(id).toml").path): \(key): only \(secret.bytes.count) bytes; Standard Webhooks recommends \(Limits.secretBytesRecommendedMin)-64 random bytes")
+            }
+        }
+        return configuration
     }
 
     func loadCoalition(_ url: URL) throws(ConfigurationError) -> CoalitionTerms {
@@ -116,14 +125,14 @@ public struct ConfigurationLoader {
         for (i, text) in secretTexts.enumerated() {
             secrets.append(try webhookSecret(resolve(text, t, "webhook_secrets[\(i)]"), t, "webhook_secrets[\(i)]"))
         }
-        let token = try hex32(t.string("api_token_sha256"), t, "api_token_sha256")
+        let token = try hex32(resolve(t.string("api_token_sha256"), t, "api_token_sha256"), t, "api_token_sha256")
         let noticeURL = try t.string("notice_url")
         guard let u = URLComponents(string: noticeURL), u.scheme == "https", let host = u.host, !host.isEmpty else {
             throw t.error("notice_url", "must be an https:// URL with a host")
         }
         let noticeSecret = try webhookSecret(resolve(t.string("notice_secret"), t, "notice_secret"), t, "notice_secret")
         let cert = try t.optionalString("client_cert_sha256").map { (s: String) throws(ConfigurationError) in
-            try hex32(s, t, "client_cert_sha256")
+            try hex32(resolve(s, t, "client_cert_sha256"), t, "client_cert_sha256")
         }
         var caFile: String?
         if let ca = try t.optionalString("notice_ca_file") {

@@ -152,8 +152,11 @@ public enum Limits {
     public static let partnersMax = 1_000
     public static let webhookSecretsPerPartnerMax = 8
     public static let configFileBytesMax = 256 * 1024
-    public static let secretBytesMin = 24
-    public static let secretBytesMax = 64
+    /// A webhook or notice secret's bytes (after `whsec_`): any length CONTRACT §2 allows is
+    /// accepted; below the Standard Webhooks recommendation of 24 bytes, with a warning.
+    public static let secretBytesMin = 1
+    public static let secretBytesRecommendedMin = 24
+    public static let secretBytesMax = 1024
 
     // MARK: Command line and simulation
     public static let simulatedEventsMax = 100_000_000

@@ -37,12 +37,13 @@ public enum StatementFormat: String, Sendable, CaseIterable {
     }
 
     /// Bumped whenever the documents' bytes change (part of the ETag and the signed manifest).
-    public static let version = "1"
+    public static let version = "2"  // 2: CSV lines end in LF (1: CRLF)
 
-    public static let csvHeader = "sequence,accepted_at,occurred_at,type,member,points,reference,original_reference,amount_minor\r\n"
+    public static let csvHeader = "sequence,accepted_at,occurred_at,type,member,points,reference,original_reference,amount_minor\n"
 
-    /// One CSV row (RFC 4180: CRLF line ends; fields quoted when they hold a comma, a quote,
-    /// CR or LF, with quotes doubled). Ids are restricted to `[A-Za-z0-9._:-]`, so quoting is a
+    /// One CSV row: LF line ends (what `split("\n")`, `wc -l` and most tools expect; RFC 4180
+    /// readers take them too), fields quoted as RFC 4180 says when they hold a comma, a quote,
+    /// CR or LF, with quotes doubled. Ids are restricted to `[A-Za-z0-9._:-]`, so quoting is a
     /// safeguard rather than a need.
     public static func csvRow(_ e: Entry) -> String {
         var fields: [String] = []
@@ -56,7 +57,7 @@ public enum StatementFormat: String, Sendable, CaseIterable {
         fields.append(e.event.reference.rawValue)
         fields.append(e.event.originalReference?.rawValue ?? "")
         fields.append(e.event.amountMinor.map { String($0.value) } ?? "")
-        return fields.map(csvField).joined(separator: ",") + "\r\n"
+        return fields.map(csvField).joined(separator: ",") + "\n"
     }
 
     public static func csvField(_ s: String) -> String {

@@ -79,6 +79,8 @@ public struct PartnerTerms: Equatable, Sendable {
 public struct ClearingConfiguration: Equatable, Sendable {
     public var coalition: CoalitionTerms
     public var partners: [PartnerID: PartnerTerms]
+    /// What loads but is unwise (a short secret): `partners check` prints it, `serve` logs it.
+    public var warnings: [String] = []
 
     public init(coalition: CoalitionTerms, partners: [PartnerID: PartnerTerms]) {
         self.coalition = coalition

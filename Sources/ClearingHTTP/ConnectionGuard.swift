@@ -161,7 +161,8 @@ final class AddressLimitHandler: ChannelInboundHandler, RemovableChannelHandler 
 
 /// Closes a connection whose request is still being read `requestReadSecondsMax` after its
 /// head arrived, which has stayed unwritable for `responseStallSecondsMax`, or, after its
-/// current response, which has been open for `connectionAgeSecondsMax`.
+/// current response, which has been open for `connectionAgeSecondsMax` or whose response says
+/// `connection: close`.
 final class RequestDeadlineHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPRequestPart
     typealias InboundOut = HTTPRequestPart
@@ -185,7 +186,11 @@ final class RequestDeadlineHandler: ChannelDuplexHandler, RemovableChannelHandle
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         switch unwrapOutboundIn(data) {
         case .head(var response) where response.status.kind != .informational:
-            if let openedAt, context.eventLoop.now - openedAt >= .seconds(Limits.connectionAgeSecondsMax) {
+            if response.headerFields[.connection]?.lowercased() == "close" {
+                // The route decided to close (a body refused unread): after this response.
+                closeAfterResponse = true
+                context.write(data, promise: promise)
+            } else if let openedAt, context.eventLoop.now - openedAt >= .seconds(Limits.connectionAgeSecondsMax) {
                 closeAfterResponse = true
                 response.headerFields[.connection] = "close"
                 context.write(wrapOutboundOut(.head(response)), promise: promise)

@@ -21,7 +21,8 @@ public struct ClearhouseContext: RequestContext {
     /// Closes the connection shortly after the response now being written, so that a client
     /// whose body was refused unread (too large, unsupported, not authorised) cannot keep the
     /// server draining it: Hummingbird otherwise reads the rest of the body to reuse the
-    /// connection. The delay lets the response go out first.
+    /// connection. The response says `connection: close` and ``RequestDeadlineHandler`` closes
+    /// once it is written; this timer is the backstop. The delay lets the response go out first.
     func closeConnectionSoon() {
         guard let channel else { return }
         channel.eventLoop.scheduleTask(in: .milliseconds(Int64(Limits.refusedBodyDrainMillisecondsMax))) {

@@ -113,10 +113,15 @@ public struct Intake: Sendable {
             (terms, body) = try await admitAndRead(request, context)
         } catch {
             // Refused before the body was read. Hummingbird would drain it to reuse the
-            // connection; when it may be large (no length, or over the limit), close instead.
+            // connection; when it may be large (no length, or over the limit), close instead,
+            // and say so (`connection: close`), so that no client sends its next request on a
+            // connection about to close.
             let length = request.headers[.contentLength].flatMap { Int($0) }
-            if length == nil || length! > Limits.eventBodyBytesMax { context.closeConnectionSoon() }
-            throw error
+            guard length == nil || length! > Limits.eventBodyBytesMax else { throw error }
+            var response = Responses.failure(error, request, logger: context.logger)
+            response.headers[.connection] = "close"
+            context.closeConnectionSoon()
+            return response
         }
         let bytes = body.readableBytesView
         let id = request.headers[.webhookID]
@@ -144,6 +149,7 @@ public struct Intake: Sendable {
     func admitAndRead(_ request: Request, _ context: ClearhouseContext) async throws -> (PartnerTerms, ByteBuffer) {
         let terms = try partner(context)
         try await requireCertificateRules(context, terms)
+        try refuseOtherPartnersToken(request, terms)
         try requireJSON(request)
         if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > Limits.eventBodyBytesMax {
             throw Problem(.tooLarge, "the body is \(length) bytes; at most \(Limits.eventBodyBytesMax) are accepted")
@@ -173,6 +179,16 @@ public struct Intake: Sendable {
         }
     }
 
+    /// An event is authenticated by its signature and needs no bearer token; but one sent with
+    /// another partner's token is refused (403 `wrong-partner`, CONTRACT §3), as a read would be.
+    /// Any other `authorization` (this partner's token, or none that is known) changes nothing.
+    func refuseOtherPartnersToken(_ request: Request, _ terms: PartnerTerms) throws(Problem) {
+        guard let header = request.headers[.authorization], let digest = Intake.bearerTokenSHA256(header) else { return }
+        if let owner = tokenOwners[digest], owner != terms.id {
+            throw Problem(.wrongPartner, "this token belongs to another partner")
+        }
+    }
+
     func requireJSON(_ request: Request) throws(Problem) {
         let type = request.headers[.contentType] ?? ""
         // The media type's essence: before any `;`, without spaces or tabs around it, any case.
@@ -193,16 +209,22 @@ public struct Intake: Sendable {
         try await requireCertificateRules(context, terms)
         if terms.clientCertSHA256 != nil { return }  // its certificate was required and matched
         if let header = request.headers[.authorization] {
-            let parts = header.split(separator: " ", maxSplits: 1)
-            guard parts.count == 2, parts[0].lowercased() == "bearer", !parts[1].isEmpty, parts[1].utf8.count <= 512 else {
+            guard let digest = Intake.bearerTokenSHA256(header) else {
                 throw Problem(.unauthorized, "authorization must be \"Bearer <token>\"")
             }
-            let digest = Array(SHA256.hash(data: Array(parts[1].utf8)))
             if constantTimeEqual(digest, terms.apiTokenSHA256) { return }
             if tokenOwners[digest] != nil { throw Problem(.wrongPartner, "this token belongs to another partner") }
             throw Problem(.unauthorized, "the bearer token is not valid")
         }
         throw Problem(.unauthorized, "a bearer token or the partner's client certificate is required")
+    }
+
+    /// SHA-256 of the token of an `authorization: Bearer <token>` header; nil when the header
+    /// is not that (or the token is over 512 bytes).
+    static func bearerTokenSHA256(_ header: String) -> [UInt8]? {
+        let parts = header.split(separator: " ", maxSplits: 1)
+        guard parts.count == 2, parts[0].lowercased() == "bearer", !parts[1].isEmpty, parts[1].utf8.count <= 512 else { return nil }
+        return Array(SHA256.hash(data: Array(parts[1].utf8)))
     }
 
     func balance(_ request: Request, _ context: ClearhouseContext) async throws -> Response {

@@ -1,6 +1,7 @@
 import ClearingDomain
 import Hummingbird
 import HTTPTypes
+import Logging
 import NIOCore
 
 extension HTTPField.Name {
@@ -55,23 +56,33 @@ struct ProblemMiddleware<Context: RequestContext>: RouterMiddleware {
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         do {
             return try await next(request, context)
-        } catch let p as Problem {
-            return Responses.problem(p)
-        } catch is NIOTooManyBytesError {
-            return Responses.problem(Problem(.tooLarge, "the body is larger than \(Limits.eventBodyBytesMax) bytes"))
-        } catch let e as any HTTPResponseError {
-            switch e.status.code {
-            case 404: return Responses.problem(Problem(.notFound, "no such resource: \(request.uri.path)"))
-            case 405: return Responses.problem(Problem(.notFound, "\(request.method) is not served at \(request.uri.path)"))
-            case 413: return Responses.problem(Problem(.tooLarge, "the body is larger than \(Limits.eventBodyBytesMax) bytes"))
-            case 400..<500: return Responses.problem(Problem(.malformed, "the request could not be read"))
-            default:
-                context.logger.error("request failed", metadata: ["status": "\(e.status.code)"])
-                return Responses.problem(Problem(.unavailable, "the request could not be served; retry later"))
-            }
         } catch {
-            context.logger.error("request failed", metadata: ["error": "\(type(of: error))"])
-            return Responses.problem(Problem(.unavailable, "the request could not be served; retry later"))
+            return Responses.failure(error, request, logger: context.logger)
+        }
+    }
+}
+
+extension Responses {
+    /// The problem document for anything a route or Hummingbird throws.
+    static func failure(_ error: any Error, _ request: Request, logger: Logger) -> Response {
+        switch error {
+        case let p as Problem:
+            return problem(p)
+        case is NIOTooManyBytesError:
+            return problem(Problem(.tooLarge, "the body is larger than \(Limits.eventBodyBytesMax) bytes"))
+        case let e as any HTTPResponseError:
+            switch e.status.code {
+            case 404: return problem(Problem(.notFound, "no such resource: \(request.uri.path)"))
+            case 405: return problem(Problem(.notFound, "\(request.method) is not served at \(request.uri.path)"))
+            case 413: return problem(Problem(.tooLarge, "the body is larger than \(Limits.eventBodyBytesMax) bytes"))
+            case 400..<500: return problem(Problem(.malformed, "the request could not be read"))
+            default:
+                logger.error("request failed", metadata: ["status": "\(e.status.code)"])
+                return problem(Problem(.unavailable, "the request could not be served; retry later"))
+            }
+        default:
+            logger.error("request failed", metadata: ["error": "\(type(of: error))"])
+            return problem(Problem(.unavailable, "the request could not be served; retry later"))
         }
     }
 }

@@ -2,6 +2,10 @@ import ClearingDomain
 import Foundation
 import GRDB
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Online backups of a data directory (SQLite's backup API), safe while `serve` writes.
 ///
 /// Order matters: the ledgers are copied first and `coalition.sqlite` (the journal, the truth)
@@ -34,6 +38,7 @@ public enum Backup {
         }
         summary.bytes += try copy(coalition, to: destination.appendingPathComponent("coalition.sqlite"))
         summary.files += 1
+        if try copyStatementKey(from: dataDirectory, to: destination) { summary.files += 1 }
         return summary
     }
 
@@ -51,6 +56,25 @@ public enum Backup {
             try fm.copyItem(at: backup.appendingPathComponent("ledgers/\(name)"), to: dataDirectory.appendingPathComponent("ledgers/\(name)"))
         }
         try fm.copyItem(at: backup.appendingPathComponent("coalition.sqlite"), to: dataDirectory.appendingPathComponent("coalition.sqlite"))
+        try copyStatementKey(from: backup, to: dataDirectory)
+    }
+
+    /// The statement key `serve` made in the data directory (when the certificate directory has
+    /// none) goes with the data: without it, the statements it signed could not be checked
+    /// against a key the restored server publishes. Owner-only, like the original.
+    @discardableResult
+    private static func copyStatementKey(from source: URL, to target: URL) throws -> Bool {
+        let key = source.appendingPathComponent("statement.key")
+        guard FileManager.default.fileExists(atPath: key.path) else { return false }
+        let bytes = Array(try Data(contentsOf: key))
+        let copy = target.appendingPathComponent("statement.key")
+        // Created owner-only from the start: never readable by others, not even for a moment.
+        let fd = open(copy.path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw StoreError("cannot create \(copy.path) (\(String(cString: strerror(errno))))") }
+        defer { close(fd) }
+        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard written == bytes.count, fsync(fd) == 0 else { throw StoreError("cannot write \(copy.path) (\(String(cString: strerror(errno))))") }
+        return true
     }
 
     private static func requireNewOrEmpty(_ directory: URL, _ advice: String) throws {

@@ -6,7 +6,8 @@ import Foundation
 /// `{webhook-id}.{webhook-timestamp}.{raw body}`, keyed with the secret's bytes, base64 in
 /// `webhook-signature` as space-separated `v1,<base64>` entries.
 public enum WebhookSignature {
-    /// Most `webhook-signature` entries looked at; more is refused as malformed.
+    /// Most `webhook-signature` entries looked at; entries past these are not (a sender rotating
+    /// secrets lists two or three).
     public static let entriesMax = 16
     public static let headerBytesMax = 4096
 
@@ -43,7 +44,10 @@ public enum WebhookSignature {
         guard signatures.utf8.count <= headerBytesMax, id.utf8.count <= headerBytesMax else {
             return Problem(.badSignature, "webhook-signature is too long")
         }
-        guard timestamp.utf8.count <= 12, timestamp.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let seconds = Int64(timestamp) else {
+        // Any decimal integer that fits: an authentic message with a far-off (or millisecond)
+        // timestamp is `stale-timestamp`, not `bad-signature`.
+        let digits = timestamp.utf8.first == UInt8(ascii: "-") ? timestamp.utf8.dropFirst() : timestamp.utf8[...]
+        guard !digits.isEmpty, digits.count <= 19, digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let seconds = Int64(timestamp) else {
             return Problem(.badSignature, "webhook-timestamp must be Unix seconds")
         }
         var candidates: [Data] = []
@@ -60,7 +64,10 @@ public enum WebhookSignature {
             }
         }
         guard matched else { return Problem(.badSignature, "no webhook-signature matches this partner's secrets") }
-        let skew = now.millisecondsSinceEpoch / 1000 - seconds
+        let (skew, overflow) = (now.millisecondsSinceEpoch / 1000).subtractingReportingOverflow(seconds)
+        guard !overflow, skew != .min else {
+            return Problem(.staleTimestamp, "webhook-timestamp is far from the server clock; at most \(Limits.signatureToleranceSecondsMax) s are accepted")
+        }
         guard abs(skew) <= Limits.signatureToleranceSecondsMax else {
             return Problem(.staleTimestamp, "webhook-timestamp is \(abs(skew)) s \(skew > 0 ? "behind" : "ahead of") the server clock; at most \(Limits.signatureToleranceSecondsMax) s are accepted")
         }

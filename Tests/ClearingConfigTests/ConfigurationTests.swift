@@ -86,6 +86,30 @@ struct ConfigDir {
         #expect(e.map { "\($0)" }?.contains("\(file): \(key): ") == true, "one line: file, key, reason")
     }
 
+    /// CONTRACT §2 sets no length for a secret: a short one loads, with a warning naming the
+    /// file and key; an empty one is refused. The token hash, like any secret, may come from
+    /// the environment or a file.
+    @Test func shortSecretsLoadWithAWarningAndHashesMayComeFromTheEnvironment() throws {
+        let d = try ConfigDir()
+        let short = "whsec_" + Data("fuel-secret".utf8).base64EncodedString()
+        try d.edit("fuelco.toml") { text in
+            text.split(separator: "\n", omittingEmptySubsequences: false).map { line in
+                line.hasPrefix("webhook_secrets") ? "webhook_secrets = [\"\(short)\"]"
+                    : line.hasPrefix("api_token_sha256") ? #"api_token_sha256 = "env:FUEL_TOKEN_SHA256""# : String(line)
+            }.joined(separator: "\n")
+        }
+        let hash = Hex.sha256("a production token")
+        let c = try d.load(["FUEL_TOKEN_SHA256": hash])
+        let fuel = c.partners[PartnerID("fuelco")!]!
+        #expect(fuel.webhookSecrets[0].bytes == Array("fuel-secret".utf8))
+        #expect(Hex.encode(fuel.apiTokenSHA256) == hash)
+        #expect(c.warnings.count == 1 && c.warnings[0].contains("fuelco.toml: webhook_secrets[0]: only 11 bytes"), "\(c.warnings)")
+        #expect(try ConfigurationLoader(directory: repositoryPartners).load().warnings.isEmpty, "the sample's secrets are long enough")
+        try d.edit("fuelco.toml") { $0.replacingOccurrences(of: short, with: "whsec_") }
+        let e = d.error(["FUEL_TOKEN_SHA256": hash])
+        #expect(e?.key == "webhook_secrets[0]" && e?.reason.contains("1-1024 bytes") == true, "\(String(describing: e))")
+    }
+
     @Test func credentialsSharedBetweenPartnersAreRefused() throws {
         let d = try ConfigDir()
         let fuel = try d.read("fuelco.toml")

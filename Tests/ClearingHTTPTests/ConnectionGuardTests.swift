@@ -84,6 +84,21 @@ import Testing
         #expect(last.headerFields[.connection] == "close")
         #expect(!c.isActive)
     }
+
+    /// A route that answers `connection: close` (a body refused unread) has the connection
+    /// closed once that response is written, and not before.
+    @Test func aResponseSayingCloseClosesTheConnectionOnceWritten() throws {
+        let c = try channel()
+        try c.writeInbound(head)
+        var refused = HTTPResponse(status: .contentTooLarge)
+        refused.headerFields[.connection] = "close"
+        try c.writeOutbound(HTTPResponsePart.head(refused))
+        #expect(c.isActive, "the response is finished first")
+        try c.writeOutbound(HTTPResponsePart.end(nil))
+        guard case .head(let written) = try c.readOutbound(as: HTTPResponsePart.self) else { Issue.record("no head"); return }
+        #expect(written.headerFields[.connection] == "close")
+        #expect(!c.isActive)
+    }
 }
 
 /// The per-address connection limit of `AddressLimitHandler`, on embedded channels sharing one

@@ -257,6 +257,71 @@ func problemType(_ r: TestResponse) -> String? {
     }
 }
 
+@Suite struct IntakeEdgeTests {
+    func post(_ client: any TestClientProtocol, _ partner: String = "fuel", body: String = earn, headers: HTTPFields) async throws -> TestResponse {
+        try await client.execute(uri: "/v1/partners/\(partner)/events", method: .post, headers: headers, body: ByteBuffer(string: body))
+    }
+
+    /// CONTRACT §3, 403: credentials of another partner. An event needs no bearer token, but
+    /// one sent with another partner's token is refused; its own token, or one nobody owns,
+    /// changes nothing (the signature authenticates).
+    @Test func anotherPartnersBearerTokenOnAPostIsRefused() async throws {
+        let s = try Server()
+        try await s.test { client in
+            var h = s.headers(id: "tok1", body: earn)
+            h[.authorization] = "Bearer token-cinema"
+            let refused = try await post(client, headers: h)
+            #expect(refused.status.code == 403 && problemType(refused) == "urn:clearhouse:problem:wrong-partner", "\(String(buffer: refused.body))")
+            h[.authorization] = "Bearer token-fuel"
+            #expect(try await post(client, headers: h).status == .created)
+            let other = earn.replacingOccurrences(of: "R-1", with: "R-2")
+            var unknown = s.headers(id: "tok2", body: other)
+            unknown[.authorization] = "Bearer nobody's"
+            #expect(try await post(client, body: other, headers: unknown).status == .created)
+        }
+        #expect(try s.store.ledgerEntries(fuel).count == 2)
+    }
+
+    /// An authentic message whose timestamp is far off (milliseconds by mistake, negative, the
+    /// extremes of Int64) is `stale-timestamp`; only what is not an integer is `bad-signature`.
+    @Test func authenticMessagesWithFarOffTimestampsAreStale() async throws {
+        let s = try Server()
+        try await s.test { client in
+            func signed(_ timestamp: String) -> HTTPFields {
+                var h = s.headers(id: "ts", body: earn)
+                h[HTTPField.Name("webhook-timestamp")!] = timestamp
+                let mac = HMAC<SHA256>.authenticationCode(for: Array("ts.\(timestamp).\(earn)".utf8), using: SymmetricKey(data: secretA.bytes))
+                h[HTTPField.Name("webhook-signature")!] = "v1," + Data(mac).base64EncodedString()
+                return h
+            }
+            for stale in [String(s.nowSeconds * 1000), "-5", String(Int64.max), String(Int64.min), "0"] {
+                let r = try await post(client, headers: signed(stale))
+                #expect(r.status.code == 401 && problemType(r) == "urn:clearhouse:problem:stale-timestamp", "\(stale): \(String(buffer: r.body))")
+            }
+            for bad in ["99999999999999999999", "1.5", "+5", "-", "1e9", " 5"] {
+                let r = try await post(client, headers: signed(bad))
+                #expect(r.status.code == 401 && problemType(r) == "urn:clearhouse:problem:bad-signature", "\(bad): \(String(buffer: r.body))")
+            }
+        }
+        #expect(try s.store.ledgerEntries(fuel).isEmpty)
+    }
+
+    /// A body refused before it is read (over the limit by its length) closes the connection,
+    /// and the answer says `connection: close`, so no client reuses it; a refusal after a body
+    /// of a known, acceptable length was read keeps the connection.
+    @Test func aBodyRefusedUnreadSaysTheConnectionCloses() async throws {
+        let s = try Server()
+        try await s.test { client in
+            let over = String(repeating: " ", count: Limits.eventBodyBytesMax + 1)
+            let tooLarge = try await post(client, body: over, headers: s.headers(id: "big", body: over))
+            #expect(tooLarge.status.code == 413 && tooLarge.headers[.connection] == "close")
+            #expect(problemType(tooLarge) == "urn:clearhouse:problem:too-large")
+            let plain = try await post(client, headers: s.headers(id: "ct", body: earn, contentType: "text/plain"))
+            #expect(plain.status.code == 415 && plain.headers[.connection] == nil)
+        }
+    }
+}
+
 @Suite struct OpenAPITests {
     /// The document describes exactly the routes the server registers.
     @Test func documentAndRoutesAgree() throws {

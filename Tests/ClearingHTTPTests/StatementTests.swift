@@ -51,7 +51,7 @@ private func tradedServer() throws -> Server {
             let fuelCSV = String(buffer: try await client.execute(uri: "/v1/partners/fuel/statements/R000001.csv", method: .get, headers: bearer(fuel)).body)
             let cinemaCSV = String(buffer: try await client.execute(uri: "/v1/partners/cinema/statements/R000001.csv", method: .get, headers: bearer(cinema)).body)
             #expect(!fuelCSV.contains("C-") && !cinemaCSV.contains("F-"))
-            #expect(fuelCSV.split(separator: "\r\n").count == 1 + 31 && cinemaCSV.split(separator: "\r\n").count == 1 + 13)
+            #expect(fuelCSV.split(separator: "\n").count == 1 + 31 && cinemaCSV.split(separator: "\n").count == 1 + 13)
         }
     }
 
@@ -63,7 +63,7 @@ private func tradedServer() throws -> Server {
                 let json = try JSONSerialization.jsonObject(
                     with: Data(buffer: try await client.execute(uri: "/v1/partners/\(p)/statements/R000001.json", method: .get, headers: bearer(p)).body)
                 ) as! [String: Any]
-                let lines = csv.split(separator: "\r\n")
+                let lines = csv.split(separator: "\n")
                 #expect(lines[0] == "sequence,accepted_at,occurred_at,type,member,points,reference,original_reference,amount_minor")
                 var issued: Int64 = 0, redeemed: Int64 = 0
                 for line in lines.dropFirst() {
@@ -156,9 +156,9 @@ private func tradedServer() throws -> Server {
         try await s.test { client in
             let one = String(buffer: try await client.execute(uri: "/v1/partners/fuel/statements/R000001.csv", method: .get, headers: bearer(fuel)).body)
             let two = String(buffer: try await client.execute(uri: "/v1/partners/fuel/statements/R000002.csv", method: .get, headers: bearer(fuel)).body)
-            let rows = (one.split(separator: "\r\n").dropFirst() + two.split(separator: "\r\n").dropFirst()).map { String($0.split(separator: ",")[0]) }
+            let rows = (one.split(separator: "\n").dropFirst() + two.split(separator: "\n").dropFirst()).map { String($0.split(separator: ",")[0]) }
             #expect(rows == (1...41).map(String.init), "R000001 has sequences 1...31, R000002 32...41: together the whole ledger, once")
-            #expect(two.split(separator: "\r\n").dropFirst().allSatisfy { $0.contains(",M9,7,") })
+            #expect(two.split(separator: "\n").dropFirst().allSatisfy { $0.contains(",M9,7,") })
         }
     }
 
@@ -174,5 +174,26 @@ private func tradedServer() throws -> Server {
             let list = try await client.execute(uri: "/v1/partners/slow/statements", method: .get, headers: bearer(slow))
             #expect(String(buffer: list.body) == "[]")
         }
+    }
+}
+
+/// Without `statement.key` in the certificate directory, `serve` makes one in the data
+/// directory on its first start and keeps it: owner-only, and the same key on every start.
+@Suite struct StatementKeyTests {
+    @Test func aMissingKeyIsMadeOnceOwnerOnlyAndKept() throws {
+        let dir = TemporaryDirectory("clearhouse-key")
+        defer { dir.remove() }
+        let file = dir.url.appendingPathComponent("statement.key")
+        let (made, created) = try StatementSigner.loadOrCreate(file: file)
+        #expect(created)
+        let mode = try FileManager.default.attributesOfItem(atPath: file.path)[.posixPermissions] as? Int
+        #expect(mode == 0o600)
+        let (again, createdAgain) = try StatementSigner.loadOrCreate(file: file)
+        #expect(!createdAgain && again.publicKey == made.publicKey && again.keyID == made.keyID)
+        #expect(try StatementSigner(file: file).publicKey == made.publicKey)
+        // A file that is there but not a key is an error, never replaced.
+        try "not a key\n".write(to: file, atomically: false, encoding: .utf8)
+        #expect(throws: (any Error).self) { try StatementSigner.loadOrCreate(file: file) }
+        #expect(try String(contentsOf: file, encoding: .utf8) == "not a key\n")
     }
 }

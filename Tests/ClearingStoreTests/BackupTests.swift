@@ -28,8 +28,10 @@ import Testing
         let before = acknowledged.withLock { Set($0) }
         let backup = h.dir.url.deletingLastPathComponent().appendingPathComponent("backup-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: backup) }
+        // The statement key serve made in the data directory goes with the data, owner-only.
+        try "a key\n".write(to: h.dir.url.appendingPathComponent("statement.key"), atomically: false, encoding: .utf8)
         let summary = try Backup.run(dataDirectory: h.dir.url, to: backup)
-        #expect(summary.files == 4)
+        #expect(summary.files == 5)
         stop.store(true, ordering: .relaxed)
         _ = await load.value
         writer.shutdown()
@@ -41,6 +43,11 @@ import Testing
         defer { try? FileManager.default.removeItem(at: restored) }
         try Backup.restore(from: backup, to: restored)
         #expect(throws: StoreError.self) { try Backup.restore(from: backup, to: restored) }
+        for dir in [backup, restored] {
+            let key = dir.appendingPathComponent("statement.key").path
+            #expect(try String(contentsOfFile: key, encoding: .utf8) == "a key\n")
+            #expect(try FileManager.default.attributesOfItem(atPath: key)[.posixPermissions] as? Int == 0o600)
+        }
         let store = try Store(dataDirectory: restored, configuration: h.configuration, clock: h.clock)
         var references: [String] = []
         for p in [G, F, C] { references += try store.ledgerEntries(p).map(\.event.reference.rawValue) }

@@ -151,6 +151,61 @@ def test_body_just_under_and_over_64_kib(server):
     assert r.status_code == 413 and slug(r) == "too-large"
 
 
+def test_a_kept_alive_connection_survives_a_refused_body(server):
+    """After a body refused unread (413 by its length, or a chunked body to an unknown
+    partner), the answer says `connection: close`, so a client with a connection pool sends
+    its next request on a new connection: no request of a partner's session fails."""
+    s = session(server)
+    url = f"https://localhost:{server['port']}/v1/partners/fuelco/events"
+    for attempt in range(3):
+        big = "x" * 70_000
+        r = s.post(url, data=big.encode(), headers={"content-type": "application/json"}, timeout=10)
+        assert r.status_code == 413 and r.headers.get("connection") == "close", r.headers
+        chunked = s.post(f"https://localhost:{server['port']}/v1/partners/nobody/events", data=iter([b"{", b"}"]),
+                         headers={"content-type": "application/json"}, timeout=10)
+        assert chunked.status_code == 404 and chunked.headers.get("connection") == "close", chunked.headers
+        time.sleep(0.1)  # past the server's closing of those connections
+        body = earn("LIVE-KA", 3, f"LIVE-KA-{attempt}-{uuid.uuid4().hex[:8]}")
+        msg_id = f"msg_{uuid.uuid4().hex}"
+        when = datetime.datetime.now(tz=datetime.timezone.utc)
+        headers = {"content-type": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(int(when.timestamp())),
+                   "webhook-signature": Webhook(server["fuel_secret"]).sign(msg_id, when, body)}
+        ok = s.post(url, data=body.encode(), headers=headers, timeout=10)
+        assert ok.status_code == 201, ok.text
+
+
+def test_serve_without_a_statement_key_makes_one_in_the_data_directory_and_keeps_it():
+    """CONTRACT §10 asks only for server.crt and server.key: without statement.key, serve
+    starts, makes an owner-only key in --data and signs with the same key after a restart."""
+    tmp = tempfile.mkdtemp(prefix="clearhouse-live-key-")
+    try:
+        certs = os.path.join(tmp, "certs")
+        subprocess.run([os.path.join(ROOT, "ops", "certs"), certs], check=True, capture_output=True, timeout=60)
+        os.remove(os.path.join(certs, "statement.key"))
+        data = os.path.join(tmp, "data")
+        kids = []
+        for _ in range(2):
+            proc = subprocess.Popen([BIN, "serve", "--port", "0", "--data", data, "--partners", os.path.join(ROOT, "partners"),
+                                     "--certs", certs], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                line = proc.stdout.readline()
+                assert "listening on https://" in line, proc.stderr.read() if proc.poll() is not None else line
+                port = int(line.strip().rsplit(":", 1)[1])
+                s = requests.Session()
+                s.trust_env = False
+                s.verify = os.path.join(certs, "ca.crt")
+                kids.append(s.get(f"https://localhost:{port}/v1/keys", timeout=10).json()["keys"][0]["kid"])
+            finally:
+                proc.terminate()
+                assert proc.wait(timeout=30) == 0
+        key = os.path.join(data, "statement.key")
+        assert os.stat(key).st_mode & 0o777 == 0o600
+        assert kids[0] == kids[1], "the same key after a restart"
+        assert not os.path.exists(os.path.join(certs, "statement.key"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def curl(server, *args):
     out = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", os.path.join(server["certs"], "ca.crt"),
                           "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=20)
