@@ -57,7 +57,6 @@ extension Store {
     /// in this run or accepted after its cutoff; the run is wholly recorded or not at all.
     /// A run with nothing in it is still recorded (the period is closed, all figures zero).
     public func settle(through: Instant? = nil, progress: (@Sendable (_ done: Int64, _ total: Int64) -> Void)? = nil) throws -> SettlementRun {
-        let now = clock.now()
         var run: SettlementRun?
         try coalition.writeWithoutTransaction { db in
             // The run expires lots on the writer's own connection (no data_version change).
@@ -69,6 +68,9 @@ extension Store {
             try db.execute(sql: "PRAGMA cache_spill = ON")
             defer { try? db.execute(sql: "PRAGMA cache_spill = OFF") }
             try db.inTransaction(.immediate) {
+                // Read with the journal locked: nothing can be accepted between this instant
+                // and the run's snapshot.
+                let now = clock.now()
                 run = try closeRun(db, through: through ?? now, now: now, progress: progress)
                 return .commit
             }
@@ -83,38 +85,66 @@ extension Store {
     /// are the ones a reversed redemption gave points back to, which the writer records in
     /// `lot_reopened`. So the lots to expire are those with an expiry after the previous
     /// cutoff (through the `lot_expiry` index), and those reopened; no scan of all lots.
+    ///
+    /// A run expires what a lot held **at its cutoff**. Entries accepted after the cutoff (ids
+    /// above `lastJournalID`) belong to the next run; of them, only a redemption reversal can
+    /// change a lot that expired at or before the cutoff (a redemption or an earn reversal
+    /// never touches an expired lot), by giving points back to it. Those points are not
+    /// expired here: they stay in `lot_open`, the lot stays in `lot_reopened`, and the next run
+    /// expires them, as it would had they come back just after this run.
     private func expireLots(
-        _ db: Database, after previousCutoff: Int64?, through cutoff: Instant, _ report: (PartnerID, Int64) throws -> Void
+        _ db: Database, after previousCutoff: Int64?, through cutoff: Instant, lastJournalID: Int64,
+        _ report: (PartnerID, Int64) throws -> Void
     ) throws {
         // Created once per connection and emptied for each run (creating or dropping it each
         // time would change the connection's schema and throw away its prepared statements).
-        // Each expiring lot with the points it holds (`lot_open`, keyed by member and lot).
+        // Each expiring lot with the points it holds now (`held`, its `lot_open` row) and the
+        // points this run expires (`points`: what it held at the cutoff).
         try db.execute(
             sql: """
                 CREATE TEMP TABLE IF NOT EXISTS expiring_lot (
-                  id INTEGER PRIMARY KEY NOT NULL, member TEXT NOT NULL, issuer TEXT NOT NULL, points INTEGER NOT NULL)
+                  id INTEGER PRIMARY KEY NOT NULL, member TEXT NOT NULL, issuer TEXT NOT NULL,
+                  held INTEGER NOT NULL, points INTEGER NOT NULL)
                 """)
         try db.execute(sql: "DELETE FROM temp.expiring_lot")
         try db.execute(
             sql: """
-                INSERT INTO temp.expiring_lot (id, member, issuer, points)
-                  SELECT lot.id, lot.member, lot.issuer, o.remaining FROM lot
+                INSERT INTO temp.expiring_lot (id, member, issuer, held, points)
+                  SELECT lot.id, lot.member, lot.issuer, o.remaining, o.remaining FROM lot
                   JOIN lot_open o ON o.member = lot.member AND o.lot_id = lot.id
                   WHERE lot.expires_at_ms IS NOT NULL AND lot.expires_at_ms > ? AND lot.expires_at_ms <= ?
                 """,
             arguments: [previousCutoff ?? Int64.min, cutoff.millisecondsSinceEpoch])
         try db.execute(
             sql: """
-                INSERT OR IGNORE INTO temp.expiring_lot (id, member, issuer, points)
-                  SELECT lot.id, lot.member, lot.issuer, o.remaining FROM lot_reopened
+                INSERT OR IGNORE INTO temp.expiring_lot (id, member, issuer, held, points)
+                  SELECT lot.id, lot.member, lot.issuer, o.remaining, o.remaining FROM lot_reopened
                   JOIN lot ON lot.id = lot_reopened.lot_id
                   JOIN lot_open o ON o.member = lot.member AND o.lot_id = lot.id
                   WHERE lot.expires_at_ms IS NOT NULL AND lot.expires_at_ms <= ?
                 """,
             arguments: [cutoff.millisecondsSinceEpoch])
+        // What entries after the cutoff moved in these lots: lot_move's points are +k for a
+        // take, −k for a return, so what a lot held at the cutoff is what it holds now plus
+        // their sum. Few rows: the entries after the cutoff, through lot_move's primary key.
+        try db.execute(
+            sql: """
+                UPDATE temp.expiring_lot SET points = expiring_lot.points + later.moved
+                FROM (SELECT lot_id, SUM(points) AS moved FROM lot_move WHERE entry_id > ? GROUP BY lot_id) AS later
+                WHERE expiring_lot.id = later.lot_id
+                """,
+            arguments: [lastJournalID])
+        if let bad = try Row.fetchOne(db, sql: "SELECT id, held, points FROM temp.expiring_lot WHERE points < 0 OR points > held LIMIT 1") {
+            // A take after the cutoff from a lot expired at it, or more given back than it
+            // holds: the rules forbid both; stop rather than expire a wrong amount.
+            throw StoreError("lot \(bad[0] as Int64): holds \(bad[1] as Int64) but would expire \(bad[2] as Int64) at the cutoff")
+        }
         // Every reopened lot is now either expiring here or expires after this cutoff (and so
-        // falls in a later run's range): none needs to stay listed.
+        // falls in a later run's range), except those given points back after this cutoff:
+        // they stay listed, for the next run.
         try db.execute(sql: "DELETE FROM lot_reopened")
+        try db.execute(sql: "INSERT INTO lot_reopened (lot_id) SELECT id FROM temp.expiring_lot WHERE points < held")
+        try db.execute(sql: "DELETE FROM temp.expiring_lot WHERE points = 0")
         for row in try Row.fetchAll(db, sql: "SELECT issuer, SUM(points) FROM temp.expiring_lot GROUP BY issuer ORDER BY issuer") {
             try report(try partnerID(row[0]), row[1] as Int64)
         }
@@ -130,7 +160,12 @@ extension Store {
                 """)
         try db.execute(
             sql: """
-                DELETE FROM lot_open WHERE (member, lot_id) IN (SELECT member, id FROM temp.expiring_lot)
+                DELETE FROM lot_open WHERE (member, lot_id) IN (SELECT member, id FROM temp.expiring_lot WHERE points = held)
+                """)
+        try db.execute(
+            sql: """
+                UPDATE lot_open SET remaining = remaining - e.points FROM temp.expiring_lot e
+                WHERE lot_open.member = e.member AND lot_open.lot_id = e.id AND e.points < e.held
                 """)
     }
 
@@ -206,7 +241,7 @@ extension Store {
         }
         progress?(last - first + 1, last - first + 1)
         // Expiry: every lot whose expiry is at or before the cutoff gives up what is left.
-        try expireLots(db, after: previousCutoff, through: cutoff) { issuer, points in
+        try expireLots(db, after: previousCutoff, through: cutoff, lastJournalID: last) { issuer, points in
             expired[issuer, default: 0] += points
         }
 

@@ -93,6 +93,33 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         #expect(try h.verify().ok)
     }
 
+    /// A run expires what a lot held at its cutoff: points a reversal accepted after the
+    /// cutoff gives back to an expired lot belong to the next run (the nightly
+    /// `settle --through <midnight>` run after midnight), which expires them.
+    @Test func pointsReturnedAfterTheCutoffAreExpiredByTheNextRun() throws {
+        let h = try Harness(expireAfterDays: 1)
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
+        _ = h.post(G, "g2", Fixtures.earn("M2", 50, "G-2"))
+        _ = h.post(C, "c2", Fixtures.redeem("M2", 50, "C-2"))  // M2's lot is empty at the cutoff
+        h.clock.set(Instant(rfc3339: "2026-11-23T11:00:00Z")!)  // both lots expired at 10:00
+        _ = h.post(C, "c3", Fixtures.reverseRedemption("M1", 30, "C-3", of: "C-1"))
+        _ = h.post(C, "c4", Fixtures.reverseRedemption("M2", 20, "C-4", of: "C-2"))
+        let first = try h.store.settle(through: Instant(rfc3339: "2026-11-23T10:30:00Z")!)
+        #expect(first.entryCount == 4)
+        #expect(figures(first, G)?.expiredPoints == Points(70), "what the lot held at the cutoff, not the 30 given back after it")
+        let afterFirst = try h.verify()
+        #expect(afterFirst.ok, "\(afterFirst.breaches.prefix(3))")
+        #expect(try h.balance("M1") == 0 && h.balance("M2") == 0, "points given back to an expired lot are never spendable")
+        let second = try h.store.settle()
+        #expect(second.entryCount == 2)
+        #expect(figures(second, G)?.expiredPoints == Points(50), "the 30 and the 20 given back after the first cutoff")
+        #expect(figures(second, C)?.redeemedPoints == Points(-50))
+        let r = try h.verify()
+        #expect(r.ok, "\(r.breaches.prefix(3))")
+    }
+
     @Test func eachEntryFallsInExactlyOneRunAndRunsNeverChange() throws {
         let h = try Harness()
         h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
@@ -135,7 +162,11 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
             for _ in 0..<Int.random(in: 3...8, using: &rng) {
                 postAndCompare(h, &model, (0..<Int.random(in: 1...12, using: &rng)).map { _ in gen.next() })
                 h.clock.advance(milliseconds: Int64.random(in: 1...(9 * 3_600_000), using: &rng))
-                let run = try h.store.settle(through: Instant(millisecondsSinceEpoch: h.clock.now().millisecondsSinceEpoch - Int64.random(in: 0...1000, using: &rng)))
+                // Cutoffs at or just before now, or hours back (the nightly run after
+                // midnight), so that some entries fall after the cutoff, into the next run.
+                let back = Bool.random(using: &rng) ? Int64.random(in: 0...1000, using: &rng) : Int64.random(in: 0...(6 * 3_600_000), using: &rng)
+                let through = max(previousCutoff.millisecondsSinceEpoch, h.clock.now().millisecondsSinceEpoch - back)
+                let run = try h.store.settle(through: Instant(millisecondsSinceEpoch: through))
                 var sumNet: Int64 = 0
                 var into: [PartnerID: Int64] = [:]
                 for f in run.flows { into[f.redeemer, default: 0] += f.points.value }
@@ -155,10 +186,16 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
                     #expect((figures(run, p)?.issuedPoints.value ?? 0) == iss, "seed \(seed) run \(run.id) \(p) issued")
                     #expect((figures(run, p)?.redeemedPoints.value ?? 0) == red, "seed \(seed) run \(run.id) \(p) redeemed")
                 }
+                let report = try h.verify()
+                #expect(report.ok, "seed \(seed) run \(run.id): \(report.breaches.prefix(3))")
                 previousCutoff = run.cutoff
                 h.clock.advance(milliseconds: Int64.random(in: 1...3_600_000, using: &rng))
             }
-            _ = try h.store.settle()
+            // The last run takes whatever fell after the last random cutoff.
+            for f in try h.store.settle().partners {
+                issued[f.partner, default: 0] += f.issuedPoints.value
+                redeemed[f.partner, default: 0] += f.redeemedPoints.value
+            }
             #expect(issued.values.reduce(0, +) == model.issued, "seed \(seed)")
             #expect(redeemed.values.reduce(0, +) == model.redeemed, "seed \(seed)")
             let r = try h.verify()
