@@ -63,14 +63,16 @@ public enum Rounding {
     /// `round(points × pricePer1000 / 1000)`, to the nearest integer with ties to even,
     /// computed exactly in integers (CONTRACT §6). Points may be negative (reversals that
     /// outweigh earns in a run); the price is non-negative.
+    /// The product is formed in 128 bits (it cannot overflow there), so only a result that does
+    /// not fit in Int64 is an overflow, never an intermediate one.
     public static func priceOf(_ points: Points, per1000 price: MoneyMinor) throws(ArithmeticOverflow) -> MoneyMinor {
-        let (product, o) = points.value.multipliedReportingOverflow(by: price.value)
-        if o { throw ArithmeticOverflow("\(points.value) points × \(price.value) per 1000") }
-        return MoneyMinor(divideRoundingHalfEven(product, by: 1000))
+        let exact = divideRoundingHalfEven(Int128(points.value) * Int128(price.value), by: 1000)
+        guard let minor = Int64(exactly: exact) else { throw ArithmeticOverflow("\(points.value) points × \(price.value) per 1000") }
+        return MoneyMinor(minor)
     }
 
     /// Integer division of `n` by a positive `d`, rounded to nearest, ties to even.
-    public static func divideRoundingHalfEven(_ n: Int64, by d: Int64) -> Int64 {
+    public static func divideRoundingHalfEven<T: FixedWidthInteger & SignedInteger>(_ n: T, by d: T) -> T {
         precondition(d > 0, "divisor must be positive")
         var q = n / d  // truncates toward zero
         var r = n % d  // same sign as n

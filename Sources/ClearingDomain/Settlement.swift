@@ -89,9 +89,13 @@ public struct RunTotals: Equatable, Sendable {
         if gross.value == 0 {
             nettingEfficiencyPPM = 0
         } else {
-            let (scaled, o) = transfers.value.multipliedReportingOverflow(by: 1_000_000)
-            if o { throw ArithmeticOverflow("netting efficiency of \(transfers.value) / \(gross.value)") }
-            nettingEfficiencyPPM = 1_000_000 - Rounding.divideRoundingHalfEven(scaled, by: gross.value)
+            // In 128 bits: transfers × 10^6 cannot overflow there. Σ|net| ≤ Σ|payable| + Σ|receivable|,
+            // so the quotient is at most 10^6.
+            let ratio = Rounding.divideRoundingHalfEven(Int128(transfers.value) * 1_000_000, by: Int128(gross.value))
+            guard let ppm = Int64(exactly: ratio), (0...1_000_000).contains(ppm) else {
+                throw ArithmeticOverflow("netting efficiency of \(transfers.value) / \(gross.value)")
+            }
+            nettingEfficiencyPPM = 1_000_000 - ppm
         }
     }
 

@@ -58,8 +58,35 @@ import Testing
         #expect(try price(0, 1000) == 0)
     }
 
+    /// Only a result that does not fit is an overflow: the product is exact in 128 bits
+    /// (10 maximum earns at the highest price a partner may have: 10^10 × 10^9 / 1000 = 10^16).
+    @Test func largeProductsWhoseResultFitsAreExact() throws {
+        #expect(try price(10_000_000_000, 1_000_000_000) == 10_000_000_000_000_000)
+        #expect(try price(Int64.max, 1000) == Int64.max)
+        #expect(try price(-Int64.max, 1000) == -Int64.max)
+        #expect(try price(27_670_116_110_564_326, 333) == 9_214_148_664_817_921)  // …920.558 -> …921 (Python's integers agree)
+        #expect(try price(9_223_372_036_854_775, 1001) == 9_232_595_408_891_630)  // …629.775 -> …630
+    }
+
+    /// Netting efficiency of a run whose transfers × 10^6 passes Int64 (≈ 9.2·10^12 minor
+    /// units) is computed, not refused.
+    @Test func nettingEfficiencyOfAVeryLargeRun() throws {
+        let terms = PartnerTerms(
+            id: PartnerID("big")!, name: "big", issuePricePer1000: MoneyMinor(1_000_000_000), redeemCreditPer1000: MoneyMinor(1_000_000_000),
+            webhookSecrets: [SecretBytes([1])], apiTokenSHA256: Array(repeating: 0, count: 32), noticeURL: "https://x", noticeSecret: SecretBytes([2]))
+        let issuer = try PartnerFigures(partner: PartnerID("big")!, issued: Points(10_000_000_000), redeemed: Points(0), expired: .zero, terms: terms)
+        let redeemer = try PartnerFigures(partner: PartnerID("big")!, issued: Points(0), redeemed: Points(5_000_000_000), expired: .zero, terms: terms)
+        let totals = try RunTotals([issuer, redeemer])
+        // gross 1.5·10^16, transfers 1.5·10^16: nothing netted.
+        #expect(totals.grossMinor == MoneyMinor(15_000_000_000_000_000) && totals.nettingEfficiencyText == "0.000000")
+        let both = try PartnerFigures(partner: PartnerID("big")!, issued: Points(10_000_000_000), redeemed: Points(5_000_000_000), expired: .zero, terms: terms)
+        #expect(try RunTotals([both]).nettingEfficiencyText == "0.666667")  // 1 − 0.5/1.5
+    }
+
     @Test func overflowIsAnError() {
-        #expect(throws: ArithmeticOverflow.self) { try price(Int64.max / 2, 1000) }
+        #expect(throws: ArithmeticOverflow.self) { try price(Int64.max / 2, 3000) }
+        #expect(throws: ArithmeticOverflow.self) { try price(Int64.max, 1001) }
+        #expect(throws: ArithmeticOverflow.self) { try price(Int64.min + 1, 1001) }
         #expect(throws: ArithmeticOverflow.self) { try Points(Int64.max).adding(Points(1)) }
         #expect(throws: ArithmeticOverflow.self) { try MoneyMinor(Int64.min).negated() }
     }
