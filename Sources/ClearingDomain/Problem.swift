@@ -20,6 +20,8 @@ public struct Problem: Error, Equatable, Sendable, CustomStringConvertible {
         case notFound = "not-found"
         /// Not in the contract's table: no or wrong credentials on a read.
         case unauthorized
+        /// Not in the contract's table: a route served, but not with this method (`allow` says which).
+        case methodNotAllowed = "method-not-allowed"
 
         public var status: Int {
             switch self {
@@ -27,6 +29,7 @@ public struct Problem: Error, Equatable, Sendable, CustomStringConvertible {
             case .badSignature, .staleTimestamp, .unauthorized: 401
             case .wrongPartner: 403
             case .unknownPartner, .notFound: 404
+            case .methodNotAllowed: 405
             case .conflict: 409
             case .tooLarge: 413
             case .unsupportedMediaType: 415
@@ -54,6 +57,7 @@ public struct Problem: Error, Equatable, Sendable, CustomStringConvertible {
             case .unavailable: "Unavailable"
             case .notFound: "Not found"
             case .unauthorized: "Unauthorized"
+            case .methodNotAllowed: "Method not allowed"
             }
         }
     }

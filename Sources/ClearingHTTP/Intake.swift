@@ -61,6 +61,21 @@ public struct Intake: Sendable {
         ("GET", "/metrics"),
     ]
 
+    /// The methods served at a concrete path (for a 405's `allow`): `:name` matches any one
+    /// segment, `{run}.json` any segment with that suffix.
+    static func methods(servedAt path: String) -> [String] {
+        let segments = path.split(separator: "/", omittingEmptySubsequences: false)
+        let methods = routes.filter { route in
+            let pattern = route.path.split(separator: "/", omittingEmptySubsequences: false)
+            return pattern.count == segments.count && zip(pattern, segments).allSatisfy { p, s in
+                if p.hasPrefix(":") { return !s.isEmpty }
+                if p.hasPrefix("{"), let close = p.firstIndex(of: "}") { return s.count > p[p.index(after: close)...].count && s.hasSuffix(p[p.index(after: close)...]) }
+                return p == s
+            }
+        }.map(\.method)
+        return Array(Set(methods)).sorted()
+    }
+
     func handler(_ path: String) -> @Sendable (Request, ClearhouseContext) async throws -> Response {
         switch path {
         case "/v1/partners/:partner/events": return { try await postEvent($0, $1) }

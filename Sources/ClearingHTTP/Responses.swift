@@ -72,8 +72,16 @@ extension Responses {
             return problem(Problem(.tooLarge, "the body is larger than \(Limits.eventBodyBytesMax) bytes"))
         case let e as any HTTPResponseError:
             switch e.status.code {
-            case 404: return problem(Problem(.notFound, "no such resource: \(request.uri.path)"))
-            case 405: return problem(Problem(.notFound, "\(request.method) is not served at \(request.uri.path)"))
+            case 404, 405:
+                // The router answers 404 when no route has this path and method; a path served
+                // with other methods is 405, with `allow` (RFC 9110 §15.5.6).
+                let allowed = Intake.methods(servedAt: request.uri.path)
+                guard !allowed.isEmpty, !allowed.contains(request.method.rawValue) else {
+                    return problem(Problem(.notFound, "no such resource: \(request.uri.path)"))
+                }
+                var response = problem(Problem(.methodNotAllowed, "\(request.method) is not served at \(request.uri.path); \(allowed.joined(separator: ", ")) is"))
+                response.headers[.allow] = allowed.joined(separator: ", ")
+                return response
             case 413: return problem(Problem(.tooLarge, "the body is larger than \(Limits.eventBodyBytesMax) bytes"))
             case 400..<500: return problem(Problem(.malformed, "the request could not be read"))
             default:

@@ -249,6 +249,12 @@ func problemType(_ r: TestResponse) -> String? {
             #expect(try await client.execute(uri: "/readyz", method: .get).status == .ok)
             let missing = try await client.execute(uri: "/v1/nothing", method: .get)
             #expect(missing.status.code == 404 && missing.headers[.contentType] == "application/problem+json")
+            // A served path with another method: 405, and `allow` names the methods served there.
+            let put = try await client.execute(uri: "/v1/partners/fuel/events", method: .put)
+            #expect(put.status.code == 405 && problemType(put) == "urn:clearhouse:problem:method-not-allowed", "\(String(buffer: put.body))")
+            #expect(put.headers[.allow] == "POST")
+            let post = try await client.execute(uri: "/v1/partners/fuel/statements/R000001.csv", method: .post)
+            #expect(post.status.code == 405 && post.headers[.allow] == "GET")
             s.writer.shutdown()
             #expect(try await client.execute(uri: "/readyz", method: .get).status.code == 503)
             let late = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "late", body: earn), body: ByteBuffer(string: earn))
