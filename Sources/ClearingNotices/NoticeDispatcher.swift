@@ -79,6 +79,9 @@ public final class NoticeDispatcher: Sendable {
         var pass = DeliveryPass()
         var configuration: ClearingConfiguration?  // read once per pass, when something is due
         for _ in 0..<Limits.noticeBatchesPerPassMax {
+            // Stopping (SIGTERM) or cancelled: no new batch; the one just sent was recorded, and
+            // what is still due waits in the outbox for the next start.
+            if Task.isCancelled || Task.isShuttingDownGracefully { break }
             // A read first: an idle worker never queues behind the posting writer.
             guard try store.noticeDue(at: clock.now()) else { break }
             let claimed = try store.claimDueNotices(
@@ -87,7 +90,7 @@ public final class NoticeDispatcher: Sendable {
                 ownerAlive: NoticeDispatcher.processAlive, only: only)
             if claimed.isEmpty { break }
             // Every attempt is followed by a delivery, a dead letter or a retry at least 4.5 s
-            // later, so a notice is sent at most once per pass.
+            // later, so a notice is sent again within a pass only when the pass outlasts that.
             if configuration == nil { configuration = currentConfiguration() }
             try await send(claimed, configuration!, into: &pass)
         }
@@ -131,13 +134,15 @@ public final class NoticeDispatcher: Sendable {
     private func send(_ claimed: [ClaimedNotice], _ configuration: ClearingConfiguration, into pass: inout DeliveryPass) async throws {
         var requests: [OutboundRequest] = []
         var sendable: [ClaimedNotice] = []
+        var unsendable: [(ClaimedNotice, OutboundResponse)] = []
         for notice in claimed {
             guard let terms = configuration.partners[notice.partner] else {
                 // The partner left the configuration: the attempt fails and is retried on the
                 // schedule (an operator can restore the partner or let it become a dead letter).
-                try finish(notice, OutboundResponse(
+                // Recorded with the others, below, so one failure to record strands none of them.
+                unsendable.append((notice, OutboundResponse(
                     result: .failure(TransportFailure(.invalidRequest, "partner \(notice.partner) is not in the configuration")),
-                    latencyMilliseconds: 0), into: &pass)
+                    latencyMilliseconds: 0)))
                 continue
             }
             let timestamp = clock.now().millisecondsSinceEpoch / 1000
@@ -161,7 +166,7 @@ public final class NoticeDispatcher: Sendable {
         // Every answer is recorded, even if recording one of them fails (a busy database):
         // each gets a few tries, and the first error is thrown only after all were tried.
         var firstError: (any Error)?
-        for (notice, response) in zip(sendable, responses) {
+        for (notice, response) in unsendable + Array(zip(sendable, responses)) {
             for attempt in 1...Limits.noticeRecordTriesMax {
                 do {
                     try finish(notice, response, into: &pass)

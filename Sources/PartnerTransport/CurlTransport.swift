@@ -163,9 +163,10 @@ private final class Transfer: @unchecked Sendable {
         let latency = Int64(totalMicroseconds) / 1000
         var answered = 0
         _ = ch_easy_getinfo_long(easy, CURLINFO_RESPONSE_CODE, &answered)
-        // A 2xx is success (CONTRACT §7) even when its body was longer than we read.
+        // An answer whose body was longer than we read still has its status (and retry-after):
+        // a 2xx is success (CONTRACT §7), a long 410, 429 or 503 is still what it says.
         let cutOff = tooLarge || code == CURLE_FILESIZE_EXCEEDED
-        if code == CURLE_OK || (cutOff && (200...299).contains(answered)) {
+        if code == CURLE_OK || (cutOff && (100...599).contains(answered)) {
             var status = 0
             var retryAfter: curl_off_t = 0
             var version = 0

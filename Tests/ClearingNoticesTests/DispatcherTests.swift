@@ -36,6 +36,18 @@ final class FakeTransport: OutboundTransport {
     var requests: [OutboundRequest] { seen.withLock { $0 } }
 }
 
+/// Answers 200 and cancels the task that is delivering, as the end of `serve`'s grace period
+/// would, while its first batch is in flight.
+final class CancellingTransport: OutboundTransport {
+    let seen = Mutex(0)
+
+    func perform(_ requests: [OutboundRequest]) async -> [OutboundResponse] {
+        seen.withLock { $0 += requests.count }
+        withUnsafeCurrentTask { $0?.cancel() }
+        return requests.map { _ in FakeTransport.status(200) }
+    }
+}
+
 func header(_ r: OutboundRequest, _ name: String) -> String? { r.headers.first { $0.name == name }?.value }
 
 /// A store with a settled run, and a dispatcher on a manual clock with no jitter.
@@ -174,6 +186,23 @@ final class NoticeHarness {
         #expect(try h.store.noticeCounts() == [.pending: 0, .delivered: 3, .dead: 0])
         // Delivered notices are not sent again.
         #expect(try await h.dispatcher(transport).deliverDue().attempted == 0)
+    }
+
+    /// A stopping sender starts no new batch: the batch in flight is recorded, the rest stays
+    /// due in the outbox for the next start.
+    @Test func aCancelledPassStopsAfterTheBatchInFlight() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let transport = CancellingTransport()
+        var options = NoticeDeliveryOptions()
+        options.inFlightMax = 1
+        let dispatcher = h.dispatcher(transport, options: options)
+        let pass = try await Task { try await dispatcher.deliverDue() }.value
+        #expect(pass.attempted == 1 && pass.delivered == 1)
+        #expect(transport.seen.withLock { $0 } == 1)
+        #expect(try h.store.noticeCounts() == [.pending: 2, .delivered: 1, .dead: 0])
+        // The next start sends the rest.
+        #expect(try await h.dispatcher(FakeTransport()).deliverDue().delivered == 2)
     }
 
     @Test func failuresBackOffOnTheScheduleUntilADeadLetterThenTheOperatorRetries() async throws {
