@@ -47,7 +47,15 @@ struct Locations: ParsableArguments {
 
     /// Opens the store (running recovery). `CLEARHOUSE_CRASH_AT=<fault point>` makes the
     /// process die at that write boundary, as a kill would, for crash tests.
-    func openStore(_ configuration: ClearingConfiguration) throws -> Store {
+    ///
+    /// Only the verbs that accept events (`serve`, `post`, `simulate`) make a new data
+    /// directory; the others refuse one that holds no journal, so that a mistyped `--data`
+    /// is an error rather than a new, empty coalition (and `settle` never closes a run there).
+    func openStore(_ configuration: ClearingConfiguration, creating: Bool = false) throws -> Store {
+        if !creating, !FileManager.default.fileExists(atPath: dataURL.appendingPathComponent("coalition.sqlite").path) {
+            printError("clearhouse: no data in \(data) (no coalition.sqlite): nothing has been accepted there; check --data")
+            throw ExitCode(2)
+        }
         do {
             return try Store(
                 dataDirectory: dataURL, configuration: configuration, faults: Locations.crashFromEnvironment(),
@@ -162,7 +170,7 @@ struct Post: AsyncParsableCommand {
             return .rejected(Problem(.malformed, "webhook-id: must be 1-128 characters of [A-Za-z0-9._:-]"))
         }
         do {
-            let store = try locations.openStore(configuration)
+            let store = try locations.openStore(configuration, creating: true)
             defer { do { try store.close() } catch { printError("close: \(error)") } }
             return store.post([Submission(partner: p, webhookID: wid, event: event)])[0]
         } catch {

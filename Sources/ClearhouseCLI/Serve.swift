@@ -6,6 +6,7 @@ import ClearingNotices
 import ClearingStore
 import Foundation
 import Hummingbird
+import NIOCore
 import HummingbirdTLS
 import Logging
 import PartnerTransport
@@ -57,7 +58,7 @@ struct Serve: AsyncParsableCommand {
             printError("clearhouse serve: statement key: \(error)")
             throw ExitCode(2)
         }
-        let store = try locations.openStore(configuration)
+        let store = try locations.openStore(configuration, creating: true)
         let metrics = IntakeMetrics()
         let writer = PostingWriter(store: store, batchObserver: { metrics.groupCommit(postings: $0) })
         let intake = Intake(configuration: configuration, store: store, writer: writer, metrics: metrics, signer: signer)
@@ -101,7 +102,20 @@ struct Serve: AsyncParsableCommand {
         // writer already took is still decided and committed below.
         groupConfiguration.maximumGracefulShutdownDuration = .seconds(Limits.shutdownGraceSecondsMax)
         let group = ServiceGroup(configuration: groupConfiguration)
-        try await group.run()
+        do {
+            try await group.run()
+        } catch {
+            // Most often the address (in use, or not this machine's): finish what the writer
+            // holds, close the databases, and say it in one line.
+            writer.shutdown()
+            try? store.close()
+            if let io = error as? IOError {
+                printError("clearhouse serve: cannot listen on \(host):\(port): \(String(cString: strerror(io.errnoCode)))")
+            } else {
+                printError("clearhouse serve: \(error)")
+            }
+            throw ExitCode(2)
+        }
         // The server has drained its in-flight requests; finish anything still queued, then
         // close the databases cleanly (checkpointed).
         writer.shutdown()

@@ -21,6 +21,8 @@ struct Simulate: AsyncParsableCommand {
     @Option(help: "Seed of the generator.") var seed: UInt64 = 20_261_122
     @Option(help: "Postings in flight at once.") var inFlight: Int = 1_024
     @Flag(help: "Print the day as JSON lines (partner, webhook_id, body, intent) instead of posting it.") var emit = false
+    @Flag(help: "Post into a data directory that already holds a coalition (simulated entries are real there: permanent, and settled).")
+    var force = false
 
     func validate() throws {
         guard (1...Limits.simulatedMembersMax).contains(members) else { throw ValidationError("--members must be 1...\(Limits.simulatedMembersMax)") }
@@ -49,7 +51,13 @@ struct Simulate: AsyncParsableCommand {
             FileHandle.standardOutput.write(Data(out.utf8))
             return
         }
-        let store = try locations.openStore(configuration)
+        // Fake entries in a real ledger can never be taken out (ledgers are append-only) and
+        // would be settled: only into a new data directory, unless asked.
+        if !force, FileManager.default.fileExists(atPath: locations.dataURL.appendingPathComponent("coalition.sqlite").path) {
+            printError("clearhouse simulate: \(locations.data) already holds a coalition; simulated entries would stay in its ledgers for good and be settled. Use a new --data, or --force")
+            throw ExitCode(2)
+        }
+        let store = try locations.openStore(configuration, creating: true)
         let writer = PostingWriter(store: store, waitMax: nil)  // bounded by its own window
         let sim = DaySimulator(
             partners: configuration.partnerIDs, members: members, events: events, seed: seed, start: SystemClock().now())

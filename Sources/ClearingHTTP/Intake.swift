@@ -257,10 +257,7 @@ public struct Intake: Sendable {
 
 /// Compares two digests without an early exit.
 func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
-    guard a.count == b.count else { return false }
-    var diff: UInt8 = 0
-    for i in 0..<a.count { diff |= a[i] ^ b[i] }
-    return diff == 0
+    WebhookSignature.constantTimeEquals(a, b)
 }
 
 /// One structured log line and one metric sample per request: method, path, status,
@@ -274,12 +271,16 @@ struct RequestLogMiddleware<Context: RequestContext>: RouterMiddleware {
         let elapsed = ContinuousClock.now - start
         let nanos = elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000
         metrics.request(route: context.endpointPath ?? "unmatched", status: Int(response.status.code), nanoseconds: nanos)
-        context.logger.info(
-            "request",
-            metadata: [
-                "method": "\(request.method)", "path": "\(request.uri.path)", "status": "\(response.status.code)",
-                "ms": "\(elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000)",
-            ])
+        // The route's template and the partner, never the path itself: a path names members
+        // (card or account numbers) and runs.
+        var metadata: Logger.Metadata = [
+            "method": "\(request.method)", "route": "\(context.endpointPath ?? "unmatched")", "status": "\(response.status.code)",
+            "ms": "\(elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000)",
+        ]
+        if context.endpointPath != nil, let partner = context.parameters.get("partner").flatMap(PartnerID.init) {
+            metadata["partner"] = "\(partner)"
+        }
+        context.logger.info("request", metadata: metadata)
         return response
     }
 }

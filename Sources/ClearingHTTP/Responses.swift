@@ -3,6 +3,7 @@ import Hummingbird
 import HTTPTypes
 import Logging
 import NIOCore
+import NIOSSL
 
 extension HTTPField.Name {
     static let webhookID = HTTPField.Name("webhook-id")!
@@ -88,6 +89,11 @@ extension Responses {
                 logger.error("request failed", metadata: ["status": "\(e.status.code)"])
                 return problem(Problem(.unavailable, "the request could not be served; retry later"))
             }
+        case is NIOSSLError, is ChannelError, is IOError:
+            // The client closed or broke its connection mid-request (a body cut short): its
+            // failure, not the server's; no 5xx, no error log, and nobody is left to answer.
+            logger.debug("request cut short by the client", metadata: ["error": "\(type(of: error))"])
+            return problem(Problem(.malformed, "the request could not be read: the connection broke"))
         default:
             logger.error("request failed", metadata: ["error": "\(type(of: error))"])
             return problem(Problem(.unavailable, "the request could not be served; retry later"))

@@ -70,6 +70,15 @@ public final class Store: Sendable {
         self.faults = faults
         self.logger = logger
         let fm = FileManager.default
+        // Ledgers without their journal: the truth is gone. Starting a new journal beside them
+        // would hand out their sequences again and the two would silently diverge.
+        if !fm.fileExists(atPath: dataDirectory.appendingPathComponent("coalition.sqlite").path) {
+            let ledgers = ((try? fm.contentsOfDirectory(atPath: dataDirectory.appendingPathComponent("ledgers").path)) ?? [])
+                .filter { $0.hasSuffix(".sqlite") }
+            if !ledgers.isEmpty {
+                throw StoreError("\(dataDirectory.path) holds \(ledgers.count) ledger(s) but no coalition.sqlite: the journal is missing; restore it from a backup (docs/OPERATIONS.md)")
+            }
+        }
         try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         coalition = try Store.openWritable(
             dataDirectory.appendingPathComponent("coalition.sqlite"), cacheKiB: Limits.coalitionCacheKiBMax,

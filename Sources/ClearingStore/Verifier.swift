@@ -21,8 +21,26 @@ public enum Verifier {
     public static func verify(dataDirectory: URL) throws -> VerifyReport {
         var report = VerifyReport()
         let coalitionPath = dataDirectory.appendingPathComponent("coalition.sqlite").path
-        guard FileManager.default.fileExists(atPath: coalitionPath) else {
-            report.checks.append("no coalition.sqlite in \(dataDirectory.path): nothing to verify")
+        let fm = FileManager.default
+        var isDirectory: ObjCBool = false
+        guard fm.fileExists(atPath: dataDirectory.path, isDirectory: &isDirectory), isDirectory.boolValue else {
+            report.breach("\(dataDirectory.path): no such data directory")
+            return report
+        }
+        guard let names = try? fm.contentsOfDirectory(atPath: dataDirectory.path), fm.isReadableFile(atPath: dataDirectory.path) else {
+            report.breach("\(dataDirectory.path): cannot be read")
+            return report
+        }
+        guard fm.fileExists(atPath: coalitionPath) else {
+            // Only a data directory that holds nothing yet has nothing to verify: ledgers
+            // without their journal are damage (the truth is gone), not an empty start.
+            let ledgers = ((try? fm.contentsOfDirectory(atPath: dataDirectory.appendingPathComponent("ledgers").path)) ?? [])
+                .filter { $0.hasSuffix(".sqlite") }
+            if !ledgers.isEmpty {
+                report.breach("\(dataDirectory.path): \(ledgers.count) ledger(s) but no coalition.sqlite: the journal is missing; restore it from a backup")
+            } else {
+                report.checks.append("no coalition.sqlite in \(dataDirectory.path) (\(names.isEmpty ? "empty" : "no ledgers either")): nothing to verify")
+            }
             return report
         }
         let coalition = try DatabasePool(path: coalitionPath, configuration: Store.databaseConfiguration(readonly: true))
@@ -231,9 +249,10 @@ public enum Verifier {
             }
             // A batch may sit between its journal commit and its ledger commit: wait briefly.
             var seen = 0
+            var last: Int64 = 0
             for attempt in 0..<20 {
                 var r = VerifyReport()
-                seen = try verifyLedger(url, p, head, &r)
+                (seen, last) = try verifyLedger(url, p, head, &r)
                 if seen >= head.sequence || attempt == 19 {
                     report.breaches += r.breaches
                     break
@@ -241,16 +260,29 @@ public enum Verifier {
                 Thread.sleep(forTimeInterval: 0.1)
             }
             if seen < head.sequence { report.breach("ledger \(p): ends at sequence \(seen) but the journal has \(head.sequence)") }
+            // Entries past the journal's snapshot were either accepted since (serve is running)
+            // or are not in the journal at all (added to the ledger by hand): ask the journal
+            // again, now.
+            if last > head.sequence {
+                let now = try coalition.read { db in
+                    try Int64.fetchOne(db, sql: "SELECT MAX(sequence) FROM journal WHERE partner = ?", arguments: [p.rawValue]) ?? 0
+                }
+                if now < last {
+                    report.breach("ledger \(p): holds sequence \(last) but the journal ends at \(now) (entries that are in no journal)")
+                }
+            }
             total += min(seen, Int(head.sequence))
         }
         report.checks.append("invariant 3: \(partners.count) ledgers, \(total) entries: gapless, chained, hashes recomputed, each equal to its journal entry")
     }
 
-    static func verifyLedger(_ url: URL, _ p: PartnerID, _ head: Head, _ report: inout VerifyReport) throws -> Int {
+    /// Checks a ledger up to the journal's head; returns how many entries were checked and the
+    /// ledger's last sequence (past the head when it holds more).
+    static func verifyLedger(_ url: URL, _ p: PartnerID, _ head: Head, _ report: inout VerifyReport) throws -> (checked: Int, last: Int64) {
         let db: DatabasePool
         do { db = try DatabasePool(path: url.path, configuration: Store.databaseConfiguration(readonly: true)) } catch {
             report.breach("ledger \(p): cannot open: \(error)")
-            return 0
+            return (0, 0)
         }
         defer { try? db.close() }
         return try db.read { db in
@@ -265,7 +297,11 @@ public enum Verifier {
                 let at = "ledger \(p) sequence \(seq)"
                 if seq != last + 1 { report.breach("\(at): follows sequence \(last) (gap)") }
                 last = seq
-                if seq > head.sequence { break }  // written after the journal snapshot
+                if seq > head.sequence {
+                    // Written after the journal snapshot, or in no journal: the caller asks.
+                    last = try Int64.fetchOne(db, sql: "SELECT MAX(sequence) FROM entry") ?? seq
+                    break
+                }
                 guard let storedData = try? row.blob("hash"), let prevData = try? row.blob("prev_hash"),
                     let journalID = try? row.int64("journal_id")
                 else {
@@ -289,7 +325,7 @@ public enum Verifier {
                 if !webhooks.insert((try? row.text("webhook_id")) ?? "").inserted { report.breach("\(at): webhook-id appears twice") }
                 previous = stored
             }
-            return Int(min(last, head.sequence))
+            return (Int(min(last, head.sequence)), last)
         }
     }
 }

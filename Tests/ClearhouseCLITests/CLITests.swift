@@ -226,6 +226,26 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
             #expect(s.status == 0, "\(s.out)\(s.err)")
             #expect(s.out.contains("accepted:") && s.out.contains("insufficient-points"))
             #expect(try cli.run(["verify"]).status == 0)
+            // Never again into a coalition that exists, unless asked: its entries would be real.
+            let again = try cli.run(["simulate", "--members", "10", "--events", "10", "--seed", "6"])
+            #expect(again.status == 2 && again.err.contains("--force"), "\(again.err)")
+            #expect(try cli.run(["simulate", "--members", "10", "--events", "10", "--seed", "6", "--force"]).status == 0)
+        }
+    }
+
+    /// A mistyped --data: the verbs that only read or settle say there is nothing there (exit 2)
+    /// and make nothing; `verify` finds a breach (exit 1); `post` starts a new coalition.
+    @Test func verbsThatDoNotAcceptEventsRefuseADataDirectoryWithoutAJournal() throws {
+        try withCLI { cli in
+            for verb in [["balance", "M1"], ["settle"], ["runs"], ["notices", "list"], ["statement", "fuelco", "R000001"]] {
+                let r = try cli.run(verb)
+                #expect(r.status == 2 && r.err.contains("no coalition.sqlite"), "\(verb): \(r.status) \(r.err)")
+            }
+            #expect(!FileManager.default.fileExists(atPath: cli.data.path), "nothing was created")
+            let v = try cli.run(["verify"])
+            #expect(v.status == 1 && v.out.contains("no such data directory"), "\(v.out)")
+            #expect(try cli.run(["post", "--partner", "fuelco"], stdin: earnM1).status == 0)
+            #expect(try cli.run(["balance", "M1"]).status == 0)
         }
     }
 }

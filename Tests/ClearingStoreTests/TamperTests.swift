@@ -61,6 +61,43 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(r.breaches.contains { $0.contains("ledger cinema") }, "\(r.breaches)")
     }
 
+    /// An entry appended to a ledger with a correct chain but in no journal (forged, or left by
+    /// a journal restored from an older backup) is a breach, though the ledger alone looks whole.
+    @Test func aChainedEntryAppendedToALedgerButInNoJournalIsABreach() throws {
+        let h = try populated()
+        let ledger = h.store.ledgerURL(G)
+        // Sequence 21, linked to sequence 20 (the ledger's own trigger checks the link and passes it).
+        let added = try SQLiteTool.run(ledger, """
+            INSERT INTO entry (sequence, journal_id, webhook_id, accepted_at_ms, kind, member, points, reference, original_reference,
+              occurred_at_ms, amount_minor, member_balance, prev_hash, hash)
+            SELECT 21, journal_id + 1000, webhook_id || 'x', accepted_at_ms, kind, member, points, reference || 'x', original_reference,
+              occurred_at_ms, amount_minor, member_balance, hash, hash FROM entry WHERE sequence = 20
+            """)
+        #expect(added.status == 0, "\(added.stderr)")
+        let r = try h.verify()
+        #expect(r.breaches.contains { $0.contains("ledger grocer: holds sequence 21 but the journal ends at 20") }, "\(r.breaches)")
+    }
+
+    /// Ledgers without their journal: `verify` says so (it used to find "nothing to verify"),
+    /// and the store refuses to start a new journal beside them.
+    @Test func ledgersWithoutTheirJournalAreABreachAndTheStoreWillNotOpen() throws {
+        let h = try populated()
+        for suffix in ["", "-wal", "-shm"] {
+            try? FileManager.default.removeItem(at: h.dir.url.appendingPathComponent("coalition.sqlite" + suffix))
+        }
+        let r = try h.verify()
+        #expect(!r.ok && r.breaches.contains { $0.contains("no coalition.sqlite: the journal is missing") }, "\(r.breaches)")
+        #expect(throws: StoreError.self) { try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock) }
+        #expect(!FileManager.default.fileExists(atPath: h.dir.url.appendingPathComponent("coalition.sqlite").path), "no new journal was made")
+        // No data directory at all: a breach too (a mistyped --data is not "ok").
+        let missing = try Verifier.verify(dataDirectory: h.dir.url.appendingPathComponent("no-such-dir"))
+        #expect(!missing.ok && missing.breaches[0].contains("no such data directory"))
+        // An empty one: nothing to verify, ok.
+        let empty = h.dir.url.appendingPathComponent("empty")
+        try FileManager.default.createDirectory(at: empty, withIntermediateDirectories: true)
+        #expect(try Verifier.verify(dataDirectory: empty).ok)
+    }
+
     @Test func ledgersRefuseUpdatesDeletesAndGapsThemselves() throws {
         let h = try populated()
         try h.reopen()

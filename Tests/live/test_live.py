@@ -55,6 +55,8 @@ def server():
     with open(os.path.join(tmp, "serve.log")) as f:
         log = f.read()
     assert "status=201" in log, "one structured line per request"
+    import re
+    assert not re.search(r"/members/[^{]", log) and "LIVE-1" not in log, "a path names a member: the log has the route, never the path"
     for secret in ("whsec_", "v1,", "dev-token-", "Bearer", fuel["webhook_secrets"][0][6:20]):
         assert secret not in log, f"the server log contains {secret!r}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -206,6 +208,18 @@ def test_serve_without_a_statement_key_makes_one_in_the_data_directory_and_keeps
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def test_serve_on_a_port_in_use_says_so_in_one_line_and_exits_2(server):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([BIN, "serve", "--port", str(port), "--data", os.path.join(server["tmp"], "data-port"),
+                            "--partners", server["partners"], "--certs", server["certs"]], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert f"clearhouse serve: cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr, r.stderr
+
+
 def curl(server, *args):
     out = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", os.path.join(server["certs"], "ca.crt"),
                           "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=20)
@@ -276,6 +290,23 @@ def test_a_streamed_oversize_body_is_cut_off_early(server):
     # The server stops reading within Limits.refusedBodyDrainMillisecondsMax plus the TLS
     # shutdown timeout (~120 ms); on loopback that is still some tens of MiB.
     assert sent_mib < 256, f"the server kept reading: {sent_mib} MiB went through"
+
+
+def test_a_client_that_breaks_off_mid_body_is_not_a_server_error(server):
+    """A request head and part of its body, then the connection closed: the client's failure.
+    It must not count as a 5xx (the runbook alerts on those) nor log an error."""
+    import socket
+    ctx = ssl.create_default_context(cafile=os.path.join(server["certs"], "ca.crt"))
+    for _ in range(3):
+        with socket.create_connection(("localhost", server["port"]), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.sendall(b"POST /v1/partners/fuelco/events HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+                          b"content-length: 500\r\nwebhook-id: msg_cut\r\nwebhook-timestamp: 1\r\nwebhook-signature: v1,AAAA\r\n\r\n{\"type\":")
+                time.sleep(0.1)
+    time.sleep(0.3)
+    metrics = session(server).get(f"https://localhost:{server['port']}/metrics", timeout=10).text
+    five = [l for l in metrics.splitlines() if l.startswith("clearhouse_http_requests_total") and 'status="5' in l]
+    assert not five, five
 
 
 def test_oversize_headers_are_refused(server):

@@ -38,7 +38,7 @@ def books():
 
     ch("simulate", "--members", "200", "--events", "3000", "--seed", "61")
     ch("settle")
-    ch("simulate", "--members", "200", "--events", "1500", "--seed", "62")
+    ch("simulate", "--members", "200", "--events", "1500", "--seed", "62", "--force")
     ch("settle")
     proc = subprocess.Popen([BIN, "serve", "--port", "0", "--certs", certs, "--data", data, "--partners", partners],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
