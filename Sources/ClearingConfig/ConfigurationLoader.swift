@@ -79,7 +79,10 @@ public struct ConfigurationLoader {
     func loadCoalition(_ url: URL) throws(ConfigurationError) -> CoalitionTerms {
         let t = try Table(
             url: url,
-            allowed: ["currency", "points_expire_after_days", "notice_allow_private_networks", "notice_client_cert_file", "notice_client_key_file"])
+            allowed: [
+                "currency", "points_expire_after_days", "notice_allow_private_networks", "notice_client_cert_file", "notice_client_key_file",
+                "metrics_token_sha256",
+            ])
         let currency = try t.string("currency")
         guard currency.utf8.count == 3, currency.utf8.allSatisfy({ $0 >= 0x41 && $0 <= 0x5A }) else {
             throw t.error("currency", "must be an ISO 4217 code of three capital letters (got \(JSONWriter.quote(currency)))")
@@ -97,9 +100,12 @@ public struct ConfigurationLoader {
         guard clientFiles.count != 1 else {
             throw t.error("notice_client_key_file", "notice_client_cert_file and notice_client_key_file go together")
         }
+        let metricsToken = try t.optionalString("metrics_token_sha256").map { (s: String) throws(ConfigurationError) in
+            try hex32(resolve(s, t, "metrics_token_sha256"), t, "metrics_token_sha256")
+        }
         return CoalitionTerms(
             currency: currency, pointsExpireAfterDays: days, noticeAllowPrivateNetworks: allowPrivate,
-            noticeClientCertificateFile: clientFiles.first, noticeClientKeyFile: clientFiles.last)
+            noticeClientCertificateFile: clientFiles.first, noticeClientKeyFile: clientFiles.last, metricsTokenSHA256: metricsToken)
     }
 
     func loadPartner(_ url: URL) throws(ConfigurationError) -> PartnerTerms {

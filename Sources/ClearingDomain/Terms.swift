@@ -20,16 +20,20 @@ public struct CoalitionTerms: Equatable, Sendable {
     /// endpoints that ask for mutual TLS; nil = none.
     public var noticeClientCertificateFile: String?
     public var noticeClientKeyFile: String?
+    /// SHA-256 of the bearer token that lets a scraper off this host read `/metrics`; nil =
+    /// `/metrics` answers loopback connections only.
+    public var metricsTokenSHA256: [UInt8]?
 
     public init(
         currency: String, pointsExpireAfterDays: Int64, noticeAllowPrivateNetworks: Bool = false,
-        noticeClientCertificateFile: String? = nil, noticeClientKeyFile: String? = nil
+        noticeClientCertificateFile: String? = nil, noticeClientKeyFile: String? = nil, metricsTokenSHA256: [UInt8]? = nil
     ) {
         self.currency = currency
         self.pointsExpireAfterDays = pointsExpireAfterDays
         self.noticeAllowPrivateNetworks = noticeAllowPrivateNetworks
         self.noticeClientCertificateFile = noticeClientCertificateFile
         self.noticeClientKeyFile = noticeClientKeyFile
+        self.metricsTokenSHA256 = metricsTokenSHA256
     }
 
     /// When a lot earned at `acceptedAt` expires; nil = never.

@@ -121,6 +121,12 @@ final class AddressLimitHandler: ChannelInboundHandler, RemovableChannelHandler 
         }
     }
 
+    /// Loopback (IPv4, IPv4-mapped or ::1) or a Unix socket.
+    static func isThisHost(_ address: SocketAddress) -> Bool {
+        if case .unixDomainSocket = address { return true }
+        return client(address) == nil
+    }
+
     /// What a connection is counted under: an IPv4 address (also when it arrives as an
     /// IPv4-mapped IPv6 address), or the /64 an IPv6 address lies in (one host commonly holds
     /// a whole /64 and could pick a new address per connection). nil, not limited: no IP

@@ -90,7 +90,13 @@ public struct Intake: Sendable {
                 writer.isAccepting ? Responses.json(200, #"{"status":"ready"}"#) : Responses.problem(Problem(.unavailable, "shutting down"))
             }
         case "/metrics":
-            return { _, _ in
+            return { request, context in
+                guard Intake.metricsAllowed(
+                    remote: context.channel?.remoteAddress, authorization: request.headers[.authorization],
+                    tokenSHA256: configuration.coalition.metricsTokenSHA256)
+                else {
+                    throw Problem(.unauthorized, "/metrics answers this host, or the operator's bearer token (metrics_token_sha256 in coalition.toml)")
+                }
                 metrics.queueDepth(writer.queueDepth)
                 return Response(
                     status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
@@ -232,6 +238,16 @@ public struct Intake: Sendable {
             throw Problem(.unauthorized, "the bearer token is not valid")
         }
         throw Problem(.unauthorized, "a bearer token or the partner's client certificate is required")
+    }
+
+    /// `/metrics` tells traffic, outcomes and queues: it answers connections from this host (a
+    /// local agent, the operator's tools; also in-process tests, which have no address), and
+    /// others only with the bearer token whose SHA-256 is `metrics_token_sha256`.
+    static func metricsAllowed(remote: SocketAddress?, authorization: String?, tokenSHA256: [UInt8]?) -> Bool {
+        guard let remote else { return true }
+        if AddressLimitHandler.isThisHost(remote) { return true }
+        guard let tokenSHA256, let authorization, let digest = bearerTokenSHA256(authorization) else { return false }
+        return constantTimeEqual(digest, tokenSHA256)
     }
 
     /// SHA-256 of the token of an `authorization: Bearer <token>` header; nil when the header

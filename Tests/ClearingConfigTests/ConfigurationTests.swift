@@ -110,6 +110,17 @@ struct ConfigDir {
         #expect(e?.key == "webhook_secrets[0]" && e?.reason.contains("1-1024 bytes") == true, "\(String(describing: e))")
     }
 
+    /// The optional scraper token for /metrics, as a hash, literal or from the environment.
+    @Test func aMetricsTokenHashMayBeConfigured() throws {
+        let d = try ConfigDir()
+        #expect(try d.load().coalition.metricsTokenSHA256 == nil)
+        try d.edit("coalition.toml") { $0 + "\nmetrics_token_sha256 = \"env:METRICS_TOKEN_SHA256\"\n" }
+        let hash = Hex.sha256("scraper")
+        #expect(try d.load(["METRICS_TOKEN_SHA256": hash]).coalition.metricsTokenSHA256.map(Hex.encode) == hash)
+        try d.edit("coalition.toml") { $0.replacingOccurrences(of: "env:METRICS_TOKEN_SHA256", with: "not hex") }
+        #expect(d.error()?.key == "metrics_token_sha256")
+    }
+
     @Test func credentialsSharedBetweenPartnersAreRefused() throws {
         let d = try ConfigDir()
         let fuel = try d.read("fuelco.toml")

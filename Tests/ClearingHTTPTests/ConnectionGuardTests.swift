@@ -1,4 +1,5 @@
 @testable import ClearingHTTP
+import Crypto
 import ClearingDomain
 import HTTPTypes
 import Logging
@@ -167,5 +168,22 @@ import Testing
         #expect(!second.isActive)
         _ = try channel.close().wait()
         #expect(addresses.count("192.0.2.9") == 0)
+    }
+}
+
+/// `/metrics` answers this host; others only with the operator's token.
+@Suite struct MetricsAccessTests {
+    @Test func loopbackAlwaysOthersOnlyWithTheToken() throws {
+        let token = Array(SHA256.hash(data: Array("scraper-token".utf8)))
+        let here = try SocketAddress(ipAddress: "127.0.0.1", port: 5000), six = try SocketAddress(ipAddress: "::1", port: 5000)
+        let away = try SocketAddress(ipAddress: "10.0.0.5", port: 5000)
+        #expect(Intake.metricsAllowed(remote: nil, authorization: nil, tokenSHA256: nil), "in-process")
+        #expect(Intake.metricsAllowed(remote: here, authorization: nil, tokenSHA256: nil))
+        #expect(Intake.metricsAllowed(remote: six, authorization: nil, tokenSHA256: token))
+        #expect(!Intake.metricsAllowed(remote: away, authorization: nil, tokenSHA256: nil))
+        #expect(!Intake.metricsAllowed(remote: away, authorization: "Bearer scraper-token", tokenSHA256: nil), "no token configured: loopback only")
+        #expect(!Intake.metricsAllowed(remote: away, authorization: nil, tokenSHA256: token))
+        #expect(!Intake.metricsAllowed(remote: away, authorization: "Bearer wrong", tokenSHA256: token))
+        #expect(Intake.metricsAllowed(remote: away, authorization: "Bearer scraper-token", tokenSHA256: token))
     }
 }
