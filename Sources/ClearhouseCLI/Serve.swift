@@ -36,6 +36,12 @@ struct Serve: AsyncParsableCommand {
         var logger = Logger(label: "clearhouse")
         logger.logLevel = ProcessInfo.processInfo.environment["CLEARHOUSE_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
         for w in configuration.warnings { logger.warning("configuration: \(w)") }
+        // The TLS key readable by others: said, not refused (keys made by hand with openssl
+        // often are; the statement key, made by us, must be owner-only).
+        let serverKey = URL(fileURLWithPath: certs).appendingPathComponent("server.key").path
+        if let mode = (try? FileManager.default.attributesOfItem(atPath: serverKey))?[.posixPermissions] as? Int, mode & 0o077 != 0 {
+            logger.warning("the server's TLS key can be read by others; chmod 600 it", metadata: ["file": "\(serverKey)", "mode": "\(String(mode, radix: 8))"])
+        }
         // The statement key: `<certs>/statement.key` when the operator put one there; otherwise
         // `<data>/statement.key`, made on the first start and kept (CONTRACT §10 asks only for
         // the TLS pair in --certs).
