@@ -62,7 +62,7 @@ let package = Package(
         // libcurl (system library) with typed setopt wrappers: Swift cannot call C variadics.
         .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
         // Outbound HTTPS to partners over libcurl: TLS always verified, no redirects, address checks.
-        .target(name: "PartnerTransport", dependencies: ["CCurl"], swiftSettings: strict),
+        .target(name: "PartnerTransport", dependencies: ["CCurl", "ClearingDomain"], swiftSettings: strict),
         // Settlement notices: the outbox's delivery worker, signing, back-off and dead letters.
         .target(
             name: "ClearingNotices",

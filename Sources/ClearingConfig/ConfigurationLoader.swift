@@ -148,7 +148,7 @@ public struct ConfigurationLoader {
             }
             caFile = path
         }
-        let rate = try t.optionalInt("rate_per_second", 1...1_000_000)
+        let rate = try t.optionalInt("rate_per_second", 1...Limits.ratePerSecondMax)
         return PartnerTerms(
             id: id, name: name, issuePricePer1000: MoneyMinor(issue), redeemCreditPer1000: MoneyMinor(credit),
             webhookSecrets: secrets, apiTokenSHA256: token, noticeURL: noticeURL, noticeSecret: noticeSecret,

@@ -61,6 +61,13 @@ public enum Limits {
     public static let connectionAgeSecondsMax: Int64 = 600
     /// Seconds a client is told to wait in `retry-after` when the server sheds load.
     public static let overloadRetryAfterSeconds = 1
+    /// `retry-after` when storage fails (a disk full, a ledger that cannot be written) or the
+    /// server is shutting down: longer than an overload's, since it takes longer to pass.
+    public static let storageRetryAfterSeconds = 5
+    /// Longest bearer token read (reads, `/metrics`, and the check on posts).
+    public static let bearerTokenBytesMax = 512
+    /// Highest `rate_per_second` a partner file may give.
+    public static let ratePerSecondMax: Int64 = 1_000_000
     /// Longest the server waits for in-flight requests when shutting down.
     public static let shutdownGraceSecondsMax: Int64 = 30
 
@@ -124,6 +131,15 @@ public enum Limits {
     public static let noticeResponseBytesMax = 64 * 1024
     /// Deliveries in flight at once (one libcurl multi handle).
     public static let noticesInFlightMax = 8
+    /// A notice attempt whose outcome could not be recorded is recorded again after this many
+    /// milliseconds times the try's number (`noticeRecordTriesMax` tries).
+    public static let noticeRecordRetryStepMilliseconds = 100
+    /// Due notices read per claim, for each one that may be claimed (some are leased by another
+    /// process and skipped), plus a margin.
+    public static let noticeClaimReadFactor = 4
+    public static let noticeClaimReadMargin = 16
+    /// Longest one wait of libcurl's transfer loop: how soon a cancelled sender stops.
+    public static let curlPollMillisecondsMax = 250
     /// A claimed notice's lease outlives its total timeout by this much; a lease whose process
     /// has died is void at once.
     public static let noticeLeaseSlackMilliseconds: Int64 = 5_000

@@ -251,10 +251,10 @@ public struct Intake: Sendable {
     }
 
     /// SHA-256 of the token of an `authorization: Bearer <token>` header; nil when the header
-    /// is not that (or the token is over 512 bytes).
+    /// is not that (or the token is over `Limits.bearerTokenBytesMax` bytes).
     static func bearerTokenSHA256(_ header: String) -> [UInt8]? {
         let parts = header.split(separator: " ", maxSplits: 1)
-        guard parts.count == 2, parts[0].lowercased() == "bearer", !parts[1].isEmpty, parts[1].utf8.count <= 512 else { return nil }
+        guard parts.count == 2, parts[0].lowercased() == "bearer", !parts[1].isEmpty, parts[1].utf8.count <= Limits.bearerTokenBytesMax else { return nil }
         return Array(SHA256.hash(data: Array(parts[1].utf8)))
     }
 

@@ -176,7 +176,7 @@ public final class NoticeDispatcher: Sendable {
                         logger.error("could not record a notice attempt", metadata: ["notice": "\(notice.id)", "error": "\(error)"])
                         firstError = firstError ?? error
                     } else {
-                        try? await Task.sleep(for: .milliseconds(100 * attempt))
+                        try? await Task.sleep(for: .milliseconds(Limits.noticeRecordRetryStepMilliseconds * attempt))
                     }
                 }
             }

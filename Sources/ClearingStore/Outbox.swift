@@ -77,7 +77,7 @@ extension Store {
                     WHERE state = 'pending' AND next_attempt_at_ms <= ?1 AND (?2 IS NULL OR id = ?2)
                     ORDER BY next_attempt_at_ms, id LIMIT ?3
                     """,
-                arguments: [t, only, limit * 4 + 16])
+                arguments: [t, only, limit * Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin])
             for row in rows where claimed.count < limit {
                 let id: String = try row.text("id")
                 let leaseOwner = try row.optionalInt64("lease_owner").map { Int32(truncatingIfNeeded: $0) }

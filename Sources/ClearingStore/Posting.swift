@@ -54,7 +54,7 @@ extension Store {
             if state.closed { return "the store is closed" }
             return nil
         }
-        if let reason = started { return .final(batch.map { _ in .rejected(Problem(.unavailable, reason, retryAfterSeconds: 1)) }) }
+        if let reason = started { return .final(batch.map { _ in .rejected(Problem(.unavailable, reason, retryAfterSeconds: Limits.overloadRetryAfterSeconds)) }) }
         if batch.isEmpty { return .final([]) }
         // A partner whose ledger could not be written takes no posting, new or replayed, until
         // its ledger has caught up from the journal: nothing is written for a posting that
@@ -67,6 +67,11 @@ extension Store {
         do {
             do {
                 (decided, fresh) = try decideAndCommit(batch, isolated: false, blocked: blocked)
+            } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY || error.resultCode == .SQLITE_LOCKED {
+                // Another process (`settle`, `post`, a backup tool) held the journal past the
+                // busy timeout: nothing was written, and deciding posting by posting would
+                // only wait as long again, with every caller of the batch still waiting.
+                throw error
             } catch let error where !(error is SimulatedCrash) {
                 // Something in the batch hit a storage error and the whole transaction rolled
                 // back. Decide it again with each posting in its own savepoint, so that one
@@ -77,13 +82,18 @@ extension Store {
                 (decided, fresh) = try decideAndCommit(batch, isolated: true, blocked: blocked)
             }
         } catch is SimulatedCrash {
-            return .final(batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) })
+            return .final(batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: Limits.overloadRetryAfterSeconds)) })
+        } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY || error.resultCode == .SQLITE_LOCKED {
+            logger.warning("the journal is held by another process past the busy timeout", metadata: ["error": "\(error)"])
+            return .final(batch.map { _ in
+                .rejected(Problem(.unavailable, "the journal is busy (another process holds it); retry later", retryAfterSeconds: Limits.overloadRetryAfterSeconds))
+            })
         } catch {
             logger.error("journal commit failed", metadata: ["error": "\(error)"])
-            return .final(batch.map { _ in .rejected(Problem(.unavailable, "storage is failing; retry later", retryAfterSeconds: 5)) })
+            return .final(batch.map { _ in .rejected(Problem(.unavailable, "storage is failing; retry later", retryAfterSeconds: Limits.storageRetryAfterSeconds)) })
         }
         if crashes(at: .afterJournalCommit) {
-            return .final(batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) })
+            return .final(batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: Limits.overloadRetryAfterSeconds)) })
         }
         return DecidedBatch(outcomes: decided, partners: batch.map(\.partner), fresh: fresh, isFinal: false)
     }
@@ -99,7 +109,7 @@ extension Store {
     /// `unavailable`. Calls must come in the order their batches were decided.
     public func completeInLedgers(_ d: DecidedBatch) -> [PostingOutcome] {
         if d.isFinal { return d.outcomes }
-        let stopped = { d.outcomes.map { _ in PostingOutcome.rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: 1)) } }
+        let stopped = { d.outcomes.map { _ in PostingOutcome.rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: Limits.overloadRetryAfterSeconds)) } }
         // A writer stopped at a fault point is a dead process: it writes and answers nothing more.
         if writerState.withLock({ $0.crashed }) { return stopped() }
         let touched = d.fresh.keys.sorted()
@@ -153,7 +163,7 @@ extension Store {
                 // Created in this batch, or a replay of an entry its ledger may still lack:
                 // not yet acknowledged.
                 if failed.contains(partner) {
-                    return .rejected(Problem(.unavailable, "accepted but not yet in the partner ledger; retry for the result", retryAfterSeconds: 5))
+                    return .rejected(Problem(.unavailable, "accepted but not yet in the partner ledger; retry for the result", retryAfterSeconds: Limits.storageRetryAfterSeconds))
                 }
                 return outcome
             case .rejected: return outcome
@@ -194,7 +204,7 @@ extension Store {
                 var batchState = try BatchState(db, terms: configuration.coalition, lots: takeLotCache(db, enabled: !isolated))
                 for s in batch {
                     if blocked.contains(s.partner) {
-                        decided.append(.rejected(Problem(.unavailable, "this partner's ledger cannot be written; retry later", retryAfterSeconds: 5)))
+                        decided.append(.rejected(Problem(.unavailable, "this partner's ledger cannot be written; retry later", retryAfterSeconds: Limits.storageRetryAfterSeconds)))
                     } else if isolated {
                         decided.append(try decideIsolated(db, s, &batchState, &fresh))
                     } else {
@@ -232,7 +242,7 @@ extension Store {
     private func decideIsolated(
         _ db: Database, _ s: Submission, _ state: inout BatchState, _ fresh: inout [PartnerID: [ChainedEntry]]
     ) throws -> PostingOutcome {
-        var outcome = PostingOutcome.rejected(Problem(.unavailable, "storage is failing; retry later", retryAfterSeconds: 5))
+        var outcome = PostingOutcome.rejected(Problem(.unavailable, "storage is failing; retry later", retryAfterSeconds: Limits.storageRetryAfterSeconds))
         var local = state
         var localFresh: ChainedEntry?
         do {

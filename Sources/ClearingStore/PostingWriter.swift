@@ -20,7 +20,9 @@ public final class PostingWriter: @unchecked Sendable {
     // ledger stage and `shutdown` wait on it). Two conditions, so that queuing a posting
     // wakes the decider only.
     private let store: Store
-    private let condition = NSCondition()
+    /// Monotonic: the group-commit gather's timed wait must not stretch when the wall clock
+    /// steps back (``MonotonicCondition``).
+    private let condition = MonotonicCondition()
     private let stage = NSCondition()
     private var queue: [(Submission, @Sendable (PostingOutcome) -> Void)] = []
     /// When each queued posting was queued (parallel to `queue`).
@@ -81,7 +83,7 @@ public final class PostingWriter: @unchecked Sendable {
         condition.lock()
         if closing {
             condition.unlock()
-            completion(.rejected(Problem(.unavailable, "shutting down", retryAfterSeconds: 5)))
+            completion(.rejected(Problem(.unavailable, "shutting down", retryAfterSeconds: Limits.storageRetryAfterSeconds)))
             return
         }
         if queue.count >= queueMax {
@@ -161,8 +163,7 @@ public final class PostingWriter: @unchecked Sendable {
             if previous >= Limits.postingBatchGatherFrom && !closing && queue.count < Limits.postingBatchGatherTo {
                 // Under load: gather a little longer, so that one commit serves more postings.
                 gathered += 1
-                let (seconds, attoseconds) = gatherMax.components
-                let until = Date(timeIntervalSinceNow: Double(seconds) + Double(attoseconds) / 1e18)
+                let until = MonotonicCondition.deadline(after: gatherMax)
                 while queue.count < Limits.postingBatchGatherTo && !closing && condition.wait(until: until) {}
             }
             if queue.isEmpty && closing {

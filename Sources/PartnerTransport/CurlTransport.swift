@@ -1,5 +1,7 @@
 import CCurl
+import ClearingDomain
 import Foundation
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -20,17 +22,32 @@ public struct CurlTransport: OutboundTransport {
     /// libcurl's version and features, for logs and `--version`.
     public static var version: String { String(cString: curl_version()) }
 
+    /// Cancelling the calling task (the end of `serve`'s grace period) ends the transfers still
+    /// running within one poll interval; they answer as failures (the notices are sent again).
     public func perform(_ requests: [OutboundRequest]) async -> [OutboundResponse] {
         if requests.isEmpty { return [] }
-        return await withCheckedContinuation { continuation in
-            let thread = Thread { continuation.resume(returning: CurlTransport.performBlocking(requests)) }
-            thread.name = "clearhouse-curl"
-            thread.start()
+        let cancelled = CancelFlag()
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                let thread = Thread { continuation.resume(returning: CurlTransport.performBlocking(requests, cancelled: cancelled)) }
+                thread.name = "clearhouse-curl"
+                thread.start()
+            }
+        } onCancel: {
+            cancelled.set()
         }
     }
 
-    /// Runs every request to its end on the calling thread.
-    public static func performBlocking(_ requests: [OutboundRequest]) -> [OutboundResponse] {
+    /// Set from any thread; read by the transfer loop between polls.
+    public final class CancelFlag: Sendable {
+        private let value = Atomic<Bool>(false)
+        public init() {}
+        public func set() { value.store(true, ordering: .relaxed) }
+        public var isSet: Bool { value.load(ordering: .relaxed) }
+    }
+
+    /// Runs every request to its end (or until `cancelled` is set) on the calling thread.
+    public static func performBlocking(_ requests: [OutboundRequest], cancelled: CancelFlag? = nil) -> [OutboundResponse] {
         _ = globalInit
         let transfers = requests.map(Transfer.init)
         guard let multi = curl_multi_init() else {
@@ -46,13 +63,14 @@ public struct CurlTransport: OutboundTransport {
         repeat {
             if curl_multi_perform(multi, &running) != CURLM_OK { break }
             collect(multi, transfers)
-            if running > 0 { _ = curl_multi_poll(multi, nil, 0, 250, nil) }
-        } while running > 0
+            if running > 0 { _ = curl_multi_poll(multi, nil, 0, Int32(Limits.curlPollMillisecondsMax), nil) }
+        } while running > 0 && !(cancelled?.isSet ?? false)
         collect(multi, transfers)
+        let unfinished = cancelled?.isSet == true ? "cancelled: the sender is stopping" : "the transfer did not finish"
         return transfers.map { t in
             if t.added { curl_multi_remove_handle(multi, t.easy) }
             t.close()
-            return t.response ?? OutboundResponse(result: .failure(TransportFailure(.other, "the transfer did not finish")), latencyMilliseconds: 0)
+            return t.response ?? OutboundResponse(result: .failure(TransportFailure(.other, unfinished)), latencyMilliseconds: 0)
         }
     }
 

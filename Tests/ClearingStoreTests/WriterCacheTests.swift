@@ -3,6 +3,7 @@ import ClearingDomain
 @testable import ClearingStore
 import Foundation
 import GRDB
+import Synchronization
 import Testing
 
 /// The writer keeps members' open lots in memory between batches (`LotCache`) and leaves
@@ -203,5 +204,71 @@ import Testing
         #expect(largest < 160 * 4_128, "the WAL grew to \(largest) bytes")
         try tight.close()
         #expect(try Verifier.verify(dataDirectory: dir.url).ok)
+    }
+}
+
+/// The writer's lock and condition: timed waits on the monotonic clock.
+@Suite struct MonotonicConditionTests {
+    @Test func aTimedWaitEndsAtItsDeadlineAndASignalEndsItSooner() async throws {
+        let c = MonotonicCondition()
+        c.lock()
+        let start = ContinuousClock.now
+        let deadline = MonotonicCondition.deadline(after: .milliseconds(30))
+        while c.wait(until: deadline) {}  // no signal: only the deadline ends it
+        let waited = ContinuousClock.now - start
+        c.unlock()
+        #expect(waited >= .milliseconds(29), "\(waited)")
+
+        let flag = Mutex(false)
+        Thread.detachNewThread {
+            Thread.sleep(forTimeInterval: 0.01)
+            c.lock()
+            flag.withLock { $0 = true }
+            c.signal()
+            c.unlock()
+        }
+        c.lock()
+        let far = MonotonicCondition.deadline(after: .seconds(30))
+        while !flag.withLock({ $0 }) {
+            #expect(c.wait(until: far), "a signal, not the deadline, ends this wait")
+        }
+        c.unlock()
+        // A deadline past a second boundary carries into the seconds correctly.
+        let a = MonotonicCondition.deadline(after: .milliseconds(1_999))
+        #expect(a.tv_nsec >= 0 && a.tv_nsec < 1_000_000_000)
+    }
+}
+
+/// Another process holding the journal past the busy timeout: the batch is answered
+/// `unavailable` once, saying so, not decided a second time posting by posting (which would
+/// only wait as long again). Nothing is written; the same posting succeeds once it is free.
+extension PostingOutcome {
+    var isCreated: Bool { if case .created = self { true } else { false } }
+}
+
+@Suite struct JournalBusyTests {
+    @Test func aJournalHeldByAnotherProcessFailsTheBatchOnceAndWritesNothing() throws {
+        let h = try Harness()
+        #expect(h.post(G, "g0", Fixtures.earn("M1", 10, "G-0")).isCreated)
+        var c = GRDB.Configuration()
+        c.busyMode = .immediateError
+        let other = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path, configuration: c)
+        let held = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            try? other.writeWithoutTransaction { db in
+                try db.execute(sql: "BEGIN IMMEDIATE")
+                held.signal()
+                release.wait()
+                try db.execute(sql: "ROLLBACK")
+            }
+        }
+        held.wait()
+        let refused = h.post(G, "g1", Fixtures.earn("M1", 20, "G-1"))
+        release.signal()
+        guard case .rejected(let p) = refused else { Issue.record("expected unavailable, got \(refused)"); return }
+        #expect(p.kind == .unavailable && p.detail.contains("journal is busy"), "\(p)")
+        #expect(try h.store.ledgerEntries(G).count == 1, "nothing written")
+        #expect(h.post(G, "g1", Fixtures.earn("M1", 20, "G-1")).isCreated, "the same posting, once the journal is free")
+        #expect(try h.verify().ok)
     }
 }

@@ -83,6 +83,19 @@ import Testing
         #expect(responses[1].status == 200, "success is any 2xx, however long its body: \(responses[1])")
     }
 
+    /// A stopping sender's transfers end within a poll interval of its cancellation (the
+    /// receiver stalls for 10 s), as failures: the notices are sent again after the restart.
+    @Test func cancellingTheCallerEndsStalledTransfers() async throws {
+        let stalled = request(receiver.url("stall", "fuelco"))
+        let task = Task { await CurlTransport().perform([stalled]) }
+        try await Task.sleep(for: .milliseconds(500))
+        task.cancel()
+        let responses = await task.value
+        // Not the transfer's 5 s timeout nor the receiver's answer after 10 s: the cancellation.
+        guard case .failure(let f) = responses[0].result else { Issue.record("expected a failure, got \(responses[0])"); return }
+        #expect(f.message.contains("cancelled"), "\(f)")
+    }
+
     @Test func aRefusedConnectionIsAConnectFailure() async throws {
         let port = try LoopbackPort.free()
         let r = await CurlTransport().perform([request("https://127.0.0.1:\(port)/ok/fuelco")])[0]
