@@ -83,11 +83,15 @@ public final class NoticeDispatcher: Sendable {
             // what is still due waits in the outbox for the next start.
             if Task.isCancelled || Task.isShuttingDownGracefully { break }
             // A read first: an idle worker never queues behind the posting writer.
-            guard try store.noticeDue(at: clock.now()) else { break }
-            let claimed = try store.claimDueNotices(
-                clock: clock, limit: options.inFlightMax, owner: owner,
-                leaseMilliseconds: Int64(options.connectTimeoutMilliseconds + options.totalTimeoutMilliseconds) + Limits.noticeLeaseSlackMilliseconds,
-                ownerAlive: NoticeDispatcher.processAlive, only: only)
+            let (store, clock, options, owner) = (self.store, self.clock, self.options, self.owner)
+            let now = clock.now()
+            guard try await onDatabaseThread({ try store.noticeDue(at: now) }) else { break }
+            let claimed = try await onDatabaseThread {
+                try store.claimDueNotices(
+                    clock: clock, limit: options.inFlightMax, owner: owner,
+                    leaseMilliseconds: Int64(options.connectTimeoutMilliseconds + options.totalTimeoutMilliseconds) + Limits.noticeLeaseSlackMilliseconds,
+                    ownerAlive: NoticeDispatcher.processAlive, only: only)
+            }
             if claimed.isEmpty { break }
             // Every attempt is followed by a delivery, a dead letter or a retry at least 4.5 s
             // later, so a notice is sent again within a pass only when the pass outlasts that.
@@ -98,7 +102,7 @@ public final class NoticeDispatcher: Sendable {
         // recounted after sending, and at least every `noticeGaugeRefreshMilliseconds`.
         let now = clock.now().millisecondsSinceEpoch
         if pass.attempted > 0 || now - countsPublishedAt.load(ordering: .relaxed) >= Limits.noticeGaugeRefreshMilliseconds {
-            try publishCounts()
+            try await publishCounts()
             countsPublishedAt.store(now, ordering: .relaxed)
         }
         return pass
@@ -117,7 +121,8 @@ public final class NoticeDispatcher: Sendable {
                 logger.error("notice delivery pass failed", metadata: ["error": "\(error)"])
             }
             var nap = options.pollIntervalMilliseconds
-            if let due = try? store.nextNoticeDue() {
+            let store = self.store
+            if let due = try? await onDatabaseThread({ try store.nextNoticeDue() }) {
                 nap = min(nap, max(0, due.millisecondsSinceEpoch - clock.now().millisecondsSinceEpoch))
             }
             // A pass that sent nothing never loops at once (e.g. a notice due but leased by
@@ -169,7 +174,7 @@ public final class NoticeDispatcher: Sendable {
         for (notice, response) in unsendable + Array(zip(sendable, responses)) {
             for attempt in 1...Limits.noticeRecordTriesMax {
                 do {
-                    try finish(notice, response, into: &pass)
+                    try await finish(notice, response, into: &pass)
                     break
                 } catch {
                     if attempt == Limits.noticeRecordTriesMax {
@@ -184,15 +189,18 @@ public final class NoticeDispatcher: Sendable {
         if let firstError { throw firstError }
     }
 
-    private func finish(_ notice: ClaimedNotice, _ response: OutboundResponse, into pass: inout DeliveryPass) throws {
+    private func finish(_ notice: ClaimedNotice, _ response: OutboundResponse, into pass: inout DeliveryPass) async throws {
         let finishedAt = clock.now()
         let failure: TransportFailure? = if case .failure(let f) = response.result { f } else { nil }
         let decision = NoticeSchedule.decide(
             attempt: notice.roundAttempt, result: NoticeAttemptResult(status: response.status, retryAfterSeconds: response.retryAfterSeconds),
             finishedAt: finishedAt, jitterPPM: jitterPPM())
-        try store.finishNoticeAttempt(
-            notice, finishedAt: finishedAt, latencyMilliseconds: response.latencyMilliseconds, httpStatus: response.status,
-            error: failure?.description, decision: decision)
+        let store = self.store
+        try await onDatabaseThread {
+            try store.finishNoticeAttempt(
+                notice, finishedAt: finishedAt, latencyMilliseconds: response.latencyMilliseconds, httpStatus: response.status,
+                error: failure?.description, decision: decision)
+        }
         pass.attempted += 1
         let outcome: String
         var metadata: Logger.Metadata = [
@@ -224,9 +232,21 @@ public final class NoticeDispatcher: Sendable {
         }
     }
 
-    private func publishCounts() throws {
+    /// The outbox's SQLite work, off Swift's cooperative threads: a write may wait for the
+    /// posting writer's batch (or another process's transaction, up to the busy timeout), and
+    /// the HTTP handlers and every posting's answer run on those threads.
+    private func onDatabaseThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { continuation in
+            NoticeDispatcher.databaseQueue.async { continuation.resume(with: Result { try body() }) }
+        }
+    }
+
+    private static let databaseQueue = DispatchQueue(label: "clearhouse-notices-db")
+
+    private func publishCounts() async throws {
         guard let factory = metrics else { return }
-        for (state, n) in try store.noticeCounts() {
+        let store = self.store
+        for (state, n) in try await onDatabaseThread({ try store.noticeCounts() }) {
             Gauge(label: "clearhouse_notices", dimensions: [("state", state.rawValue)], factory: factory).record(n)
         }
     }
