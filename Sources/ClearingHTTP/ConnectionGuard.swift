@@ -5,6 +5,8 @@ import HummingbirdCore
 import Logging
 import NIOCore
 import NIOHTTPTypes
+import NIOSSL
+import NIOTLS
 import Synchronization
 
 /// The HTTP/1.1 channel `serve` runs: slow and idle clients cannot hold connections.
@@ -31,12 +33,14 @@ import Synchronization
 ///   connections is closed at once, before its TLS handshake (``AddressLimitHandler``).
 public enum ServerChannel {
     public static func http1(logger: Logger) -> HTTPServerBuilder {
-        .http1(configuration: configuration(AddressConnections(limit: Limits.connectionsPerAddressMax), logger: logger))
+        .http1(configuration: configuration(AddressConnections(limit: Limits.connectionsPerAddressMax), TLSFailures(), logger: logger))
     }
 
-    static func configuration(_ addresses: AddressConnections, logger: Logger) -> HTTP1Channel.Configuration {
+    static func configuration(_ addresses: AddressConnections, _ failures: TLSFailures, logger: Logger) -> HTTP1Channel.Configuration {
         HTTP1Channel.Configuration(
-            additionalChannelHandlers: [AddressLimitHandler(addresses, logger: logger), RequestDeadlineHandler()],
+            additionalChannelHandlers: [
+                AddressLimitHandler(addresses, logger: logger), TLSHandshakeFailureHandler(failures, logger: logger), RequestDeadlineHandler(),
+            ],
             idleTimeout: .seconds(Limits.connectionIdleSecondsMax),
             httpDecoderConfiguration: .init(
                 maxHeaderFieldSize: Limits.requestHeaderDecodeBytesMax, maxHeaderListSize: Limits.requestHeaderDecodeBytesMax,
@@ -75,6 +79,50 @@ final class AddressConnections: Sendable {
 
     /// Connections counted from `address` now (for tests).
     func count(_ address: String) -> Int { open.withLock { $0[address, default: 0] } }
+}
+
+/// TLS handshakes that failed, counted across the server's connections.
+final class TLSFailures: Sendable {
+    private let count = Atomic<Int>(0)
+    /// Counts one; how many so far.
+    func add() -> Int { count.add(1, ordering: .relaxed).newValue }
+    var total: Int { count.load(ordering: .relaxed) }
+}
+
+/// Says when a connection's TLS handshake fails (a client certificate from another CA, an
+/// old protocol, no shared cipher): the client only sees an alert, and without this the
+/// operator would see nothing while onboarding a partner to mutual TLS. The first failure and
+/// then one in a hundred are logged (a scanner must not flood the log), with the client's
+/// address and the TLS library's reason; nothing of the certificate or the session.
+final class TLSHandshakeFailureHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPRequestPart
+
+    private let failures: TLSFailures
+    private let logger: Logger
+    private var handshakeDone = false
+
+    init(_ failures: TLSFailures, logger: Logger) {
+        self.failures = failures
+        self.logger = logger
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls { handshakeDone = true }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if !handshakeDone, error is NIOSSLError {
+            handshakeDone = true  // one per connection
+            let n = failures.add()
+            if n % 100 == 1 {
+                logger.info(
+                    "TLS handshake failed",
+                    metadata: ["client": "\(context.channel.remoteAddress.map { "\($0)" } ?? "unknown")", "error": "\(error)", "failed_so_far": "\(n)"])
+            }
+        }
+        context.fireErrorCaught(error)
+    }
 }
 
 /// Closes a connection, as soon as it is open, from an address that already holds its

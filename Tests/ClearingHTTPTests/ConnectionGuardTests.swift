@@ -6,6 +6,8 @@ import Logging
 import NIOCore
 import NIOEmbedded
 import NIOHTTPTypes
+import NIOSSL
+import NIOTLS
 import Testing
 
 /// The deadlines of `RequestDeadlineHandler`, on an embedded channel with a virtual clock.
@@ -185,5 +187,23 @@ import Testing
         #expect(!Intake.metricsAllowed(remote: away, authorization: nil, tokenSHA256: token))
         #expect(!Intake.metricsAllowed(remote: away, authorization: "Bearer wrong", tokenSHA256: token))
         #expect(Intake.metricsAllowed(remote: away, authorization: "Bearer scraper-token", tokenSHA256: token))
+    }
+}
+
+/// TLS handshake failures are counted (and logged, the first and one in a hundred); errors
+/// after a completed handshake are not handshake failures.
+@Suite struct TLSHandshakeFailureTests {
+    @Test func aFailureBeforeTheHandshakeCompletesIsCountedOnceAfterItIsNot() throws {
+        let failures = TLSFailures()
+        let failing = EmbeddedChannel(handler: TLSHandshakeFailureHandler(failures, logger: Logger(label: "test")))
+        failing.pipeline.fireErrorCaught(NIOSSLError.handshakeFailed(.sslError([])))
+        failing.pipeline.fireErrorCaught(NIOSSLError.uncleanShutdown)
+        #expect(failures.total == 1, "one per connection")
+        let completed = EmbeddedChannel(handler: TLSHandshakeFailureHandler(failures, logger: Logger(label: "test")))
+        completed.pipeline.fireUserInboundEventTriggered(TLSUserEvent.handshakeCompleted(negotiatedProtocol: nil))
+        completed.pipeline.fireErrorCaught(NIOSSLError.uncleanShutdown)
+        #expect(failures.total == 1, "after the handshake: not a handshake failure")
+        _ = try? failing.finish()
+        _ = try? completed.finish()
     }
 }

@@ -55,6 +55,7 @@ def server():
     with open(os.path.join(tmp, "serve.log")) as f:
         log = f.read()
     assert "status=201" in log, "one structured line per request"
+    assert "TLS handshake failed" in log, "the refused old TLS versions and scans are said in the log"
     import re
     assert not re.search(r"/members/[^{]", log) and "LIVE-1" not in log, "a path names a member: the log has the route, never the path"
     for secret in ("whsec_", "v1,", "dev-token-", "Bearer", fuel["webhook_secrets"][0][6:20]):
