@@ -200,7 +200,7 @@ struct Balance: AsyncParsableCommand {
     @Argument(help: "The member id (coalition card or account number).")
     var member: String
 
-    @Option(help: "The instant (RFC 3339) to compute the balance at; default now.")
+    @Option(help: "Count the member's current lots that are still unexpired at this instant (RFC 3339); default now. Not a balance in the past.")
     var at: String?
 
     func run() async throws {

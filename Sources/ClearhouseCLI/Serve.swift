@@ -23,6 +23,10 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Port to listen on (0: any free port; the chosen one is printed).") var port: Int = 8443
     @Option(help: "Directory with server.crt, server.key, ca.crt and statement.key.") var certs: String = "./certs"
 
+    func validate() throws {
+        guard (0...65_535).contains(port) else { throw ValidationError("--port must be 0...65535 (0: any free port)") }
+    }
+
     func run() async throws {
         let configuration = try locations.loadConfiguration()
         let mutualTLS = configuration.partners.values.contains { $0.clientCertSHA256 != nil }

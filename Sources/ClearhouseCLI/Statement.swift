@@ -11,7 +11,7 @@ struct StatementCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "statement",
         abstract: "Write a partner's statement of a run: the same document the partner downloads.",
-        discussion: "CSV (RFC 4180: a header row, one row per entry) or JSON (figures, flows touching the partner, entries). Written in pieces, so a statement of millions of entries needs little memory.")
+        discussion: "CSV (UTF-8, LF line ends, RFC 4180 quoting; a header row, one row per entry) or JSON (figures, flows touching the partner, entries). Written in pieces, so a statement of millions of entries needs little memory.")
 
     @OptionGroup var locations: Locations
     @Argument(help: "The partner id.") var partner: String

@@ -233,6 +233,14 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
         }
     }
 
+    /// A port out of range is a usage error (it used to wrap: 70000 listened on 4464).
+    @Test func servePortOutOfRangeIsAUsageError() throws {
+        try withCLI { cli in
+            let r = try cli.run(["serve", "--port", "70000"])
+            #expect(r.status == 64 && r.err.contains("--port must be 0...65535"), "\(r.status) \(r.err)")
+        }
+    }
+
     /// A mistyped --data: the verbs that only read or settle say there is nothing there (exit 2)
     /// and make nothing; `verify` finds a breach (exit 1); `post` starts a new coalition.
     @Test func verbsThatDoNotAcceptEventsRefuseADataDirectoryWithoutAJournal() throws {
