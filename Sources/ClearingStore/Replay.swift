@@ -82,8 +82,11 @@ struct ReplayBook {
         switch e.event.kind {
         case .earned:
             guard let days = expiryDays(at: e.journalID) else { return "no expiry terms recorded for this earn" }
-            guard let expiry = try? CoalitionTerms(currency: "XXX", pointsExpireAfterDays: days).lotExpiry(acceptedAt: e.acceptedAt)
-            else { return "expiry overflows" }
+            // nil is "never" (points_expire_after_days = 0), not a failure: only a throw is.
+            let expiry: Instant?
+            do { expiry = try CoalitionTerms(currency: "XXX", pointsExpireAfterDays: days).lotExpiry(acceptedAt: e.acceptedAt) } catch {
+                return "expiry overflows"
+            }
             lots[e.journalID] = Lot(member: member, issuer: e.partner, points: n, remaining: n, reversed: 0, expiresAt: expiry)
             lotsOfMember[member, default: []].append(e.journalID)
             issuedPoints += n

@@ -112,8 +112,10 @@ func requireVerified(_ h: Harness, _ context: String) throws {
             var rng = SeededGenerator(seed: seed &* 7919)
             let crash: CrashAt? = seed % 5 == 0
                 ? CrashAt(FaultPoint.allCases[Int(seed / 5) % 3], occurrence: Int.random(in: 1...3, using: &rng)) : nil
-            let h = try Harness(expireAfterDays: 1, faults: crash?.injector)
-            var model = ReferenceModel(expireAfterDays: 1, partners: [G, F, C])
+            // Points that live a day (so lots expire as time moves), or for ever (0 = never).
+            let days: Int64 = seed % 4 == 3 ? 0 : 1
+            let h = try Harness(expireAfterDays: days, faults: crash?.injector)
+            var model = ReferenceModel(expireAfterDays: days, partners: [G, F, C])
             var posted = 0
             let length = Int.random(in: 20...60, using: &rng)
             while posted < length {

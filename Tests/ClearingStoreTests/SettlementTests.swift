@@ -93,6 +93,27 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         #expect(try h.verify().ok)
     }
 
+    /// `points_expire_after_days = 0`: points never expire, however long they wait; runs
+    /// expire nothing and `verify` agrees (it used to read "never" as an overflow).
+    @Test func pointsThatNeverExpire() throws {
+        let h = try Harness(expireAfterDays: 0)
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(F, "f1", Fixtures.earn("M1", 50, "F-1"))
+        let first = try h.store.settle()
+        #expect(figures(first, G)?.expiredPoints == .zero)
+        h.clock.set(Instant(rfc3339: "2076-11-22T10:00:00Z")!)  // fifty years on
+        #expect(try h.balance("M1") == 150)
+        let redeemed = h.post(C, "c1", Fixtures.redeem("M1", 120, "C-1"))
+        guard case .created(let e) = redeemed else { Issue.record("\(redeemed)"); return }
+        #expect(e.memberBalance == Points(30))
+        let second = try h.store.settle()
+        #expect(second.partners.allSatisfy { $0.expiredPoints == .zero })
+        #expect(second.flows == [Flow(issuer: F, redeemer: C, points: Points(20)), Flow(issuer: G, redeemer: C, points: Points(100))])
+        let r = try h.verify()
+        #expect(r.ok, "\(r.breaches.prefix(3))")
+    }
+
     /// A run expires what a lot held at its cutoff: points a reversal accepted after the
     /// cutoff gives back to an expired lot belong to the next run (the nightly
     /// `settle --through <midnight>` run after midnight), which expires them.
