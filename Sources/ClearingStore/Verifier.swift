@@ -100,7 +100,7 @@ public enum Verifier {
         runs.checkNothingLeftBehind(db, &report)
         let notices = try checkNotices(db, &report)
         report.checks.append("journal: \(entries) entries replayed from nothing; ids gapless, times ordered, rules re-applied")
-        report.checks.append("invariants 4 and 5: \(runs.closed) runs contiguous and unchanged (figures, expiry and flows recomputed), Σ net + margin = 0, flows into each redeemer = its redeemed points")
+        report.checks.append("invariants 4 and 5: \(runs.closed) runs contiguous and unchanged (figures, expiry and flows recomputed), Σ net + margin = 0, gross, net transfers and netting efficiency recomputed, flows into each redeemer = its redeemed points")
         report.checks.append("notices: \(notices) settlement notices, one per partner of each run, each carrying its run's figures")
 
         for row in try Row.fetchAll(db, sql: "SELECT partner, last_sequence, last_hash FROM partner_head") {
@@ -465,6 +465,24 @@ struct RunChecker {
                 sumNet += s.net
             }
             if sumNet + run.margin != 0 { report.breach("\(at): Σ net \(sumNet) + operator margin \(run.margin) ≠ 0") }
+            // The run's totals, recomputed from its partners' recorded figures (what `runs show`,
+            // notices and the books print).
+            let recorded = run.partners.map { p, s in
+                PartnerFigures(
+                    partner: p, issuedPoints: Points(s.issued), redeemedPoints: Points(s.redeemed), expiredPoints: Points(s.expired),
+                    payableMinor: MoneyMinor(s.payable), receivableMinor: MoneyMinor(s.receivable), netMinor: MoneyMinor(s.net))
+            }
+            if let totals = try? RunTotals(recorded) {
+                if totals.grossMinor.value != run.gross { report.breach("\(at): gross \(run.gross) ≠ \(totals.grossMinor.value) from its partners' figures") }
+                if totals.netTransfersMinor.value != run.transfers {
+                    report.breach("\(at): net transfers \(run.transfers) ≠ \(totals.netTransfersMinor.value) from its partners' figures")
+                }
+                if totals.nettingEfficiencyPPM != run.efficiencyPPM {
+                    report.breach("\(at): netting efficiency \(run.efficiencyPPM) ppm ≠ \(totals.nettingEfficiencyPPM) ppm from its partners' figures")
+                }
+            } else {
+                report.breach("\(at): its partners' figures overflow when totalled")
+            }
             let flows = acc.flows.filter { $0.value != 0 }
             if flows != run.flows { report.breach("\(at): flows differ from the journal's lot takes") }
             // The ledger ranges statements read must be exactly the run's entries of each partner.

@@ -114,6 +114,30 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         #expect(r.ok, "\(r.breaches.prefix(3))")
     }
 
+    /// First in, first out by acceptance, not by expiry: after the coalition shortens the
+    /// life of points, a newer lot can expire before an older one; a redemption still takes
+    /// the older lot first (CONTRACT §5).
+    @Test func redemptionsTakeTheOldestLotEvenWhenANewerOneExpiresSooner() throws {
+        let h = try Harness(expireAfterDays: 1095)
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(F, "f1", Fixtures.earn("M1", 100, "F-1"))  // expires in 2029
+        try h.store.close()
+        h.store = try Store(dataDirectory: h.dir.url, configuration: Fixtures.configuration(expireAfterDays: 1), clock: h.clock)
+        h.clock.set(Instant(rfc3339: "2026-11-22T11:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))  // expires tomorrow
+        let redeemed = h.post(C, "c1", Fixtures.redeem("M1", 40, "C-1"))
+        guard case .created = redeemed else { Issue.record("\(redeemed)"); return }
+        let run = try h.store.settle()
+        #expect(run.flows == [Flow(issuer: F, redeemer: C, points: Points(40))], "the oldest lot first: \(run.flows)")
+        // A day later grocer's lot expires whole; fuel's keeps its 60.
+        h.clock.set(Instant(rfc3339: "2026-11-23T12:00:00Z")!)
+        let next = try h.store.settle()
+        #expect(figures(next, G)?.expiredPoints == Points(100))
+        #expect(try h.balance("M1") == 60)
+        let r = try h.verify()
+        #expect(r.ok, "\(r.breaches.prefix(3))")
+    }
+
     /// A run expires what a lot held at its cutoff: points a reversal accepted after the
     /// cutoff gives back to an expired lot belong to the next run (the nightly
     /// `settle --through <midnight>` run after midnight), which expires them.

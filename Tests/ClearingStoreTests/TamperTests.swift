@@ -98,6 +98,29 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(try Verifier.verify(dataDirectory: empty).ok)
     }
 
+    /// Invariant 5 and the run's totals: a run edited around its triggers (margin, gross, net
+    /// transfers, netting efficiency) is a breach naming the run.
+    @Test(arguments: [
+        ("operator_margin_minor = operator_margin_minor + 1", "Σ net"),
+        ("gross_minor = gross_minor + 1", "gross"),
+        ("net_transfers_minor = net_transfers_minor + 1", "net transfers"),
+        ("netting_efficiency_ppm = 999999", "netting efficiency"),
+    ])
+    func anEditedRunTotalIsABreach(edit: String, named: String) throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 1000, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 400, "C-1"))
+        h.clock.advance(milliseconds: 1_000)
+        _ = try h.store.settle()
+        try h.store.close()
+        #expect(try h.verify().ok)
+        let changed = try SQLiteTool.run(
+            h.dir.url.appendingPathComponent("coalition.sqlite"), "DROP TRIGGER run_immutable_u; UPDATE run SET \(edit) WHERE number = 1")
+        #expect(changed.status == 0, "\(changed.stderr)")
+        let r = try h.verify()
+        #expect(r.breaches.contains { $0.contains("run R000001") && $0.contains(named) }, "\(r.breaches)")
+    }
+
     @Test func ledgersRefuseUpdatesDeletesAndGapsThemselves() throws {
         let h = try populated()
         try h.reopen()
