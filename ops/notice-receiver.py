@@ -217,6 +217,16 @@ def main():
     server.daemon_threads = True
     server.socket = context.wrap_socket(server.socket, server_side=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    # Never outlive whoever started us (a test run that was killed, a demo interrupted): once
+    # the parent is gone (we are re-parented), stop.
+    parent = os.getppid()
+
+    def watch_parent():
+        while True:
+            time.sleep(1)
+            if os.getppid() != parent:
+                os._exit(0)
+    threading.Thread(target=watch_parent, daemon=True).start()
     print(f"listening on https://{args.host}:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever(poll_interval=0.1)

@@ -201,6 +201,9 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
             // cinestar redeemed 40 at 1050 per 1000: receivable 42
             #expect(cine["redeemed_points"] as? Int == 40 && cine["receivable_minor"] as? Int == 42)
             #expect(run["operator_margin_minor"] as? Int == 68)
+            // gross = |110| + |42|, net transfers = |−110| + |42|: nothing netted, efficiency 0.
+            #expect(run["gross_minor"] as? Int == 152 && run["net_transfers_minor"] as? Int == 152)
+            #expect((run["netting_efficiency"] as? NSNumber)?.doubleValue == 0 && r.out.contains(#""netting_efficiency":0.000000"#), "\(r.out)")
             let flows = run["flows"] as! [[String: Any]]
             #expect(flows.count == 1 && flows[0]["issuer"] as? String == "fuelco" && flows[0]["redeemer"] as? String == "cinestar" && flows[0]["points"] as? Int == 40)
             // On a terminal, settle draws a progress bar on stderr (here through a pseudo-terminal).

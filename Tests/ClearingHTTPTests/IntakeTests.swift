@@ -169,6 +169,9 @@ func problemType(_ r: TestResponse) -> String? {
             #expect(several.status == .created)
             let edge = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "rot3", body: b.replacingOccurrences(of: "R-1", with: "R-3"), timestamp: s.nowSeconds - 300), body: ByteBuffer(string: b.replacingOccurrences(of: "R-1", with: "R-3")))
             #expect(edge.status == .created, "300 s is still within the tolerance")
+            let ahead = b.replacingOccurrences(of: "R-1", with: "R-4")
+            let future = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "rot4", body: ahead, timestamp: s.nowSeconds + 300), body: ByteBuffer(string: ahead))
+            #expect(future.status == .created, "300 s ahead too")
         }
     }
 

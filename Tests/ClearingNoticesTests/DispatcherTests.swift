@@ -230,7 +230,10 @@ final class NoticeHarness {
                 #expect(n.state == .dead && n.nextAttemptAt == nil && attempts.last?.outcome == .dead)
             }
         }
-        for r in transport.requests where header(r, "webhook-id") == "R000001:grocer" {
+        // Every attempt at grocer's URL carries the same webhook-id and the same body.
+        let toGrocer = transport.requests.filter { $0.url == grocerURL }
+        #expect(toGrocer.count == Limits.noticeAttemptsMax, "one request per attempt")
+        for r in toGrocer {
             bodies.insert(r.body)
             #expect(header(r, "webhook-id") == "R000001:grocer")
         }

@@ -474,7 +474,13 @@ func whileTheWriterWaitsForTheLock(_ h: Harness, _ writer: PostingWriter, first:
     let blocker = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path, configuration: unsafe)
     try blocker.inDatabase { try $0.execute(sql: "BEGIN IMMEDIATE") }
     first()
-    while writer.queueDepth > 0 { usleep(1_000) }  // taken by the writer, which waits for the lock
+    // Taken by the writer, which waits for the lock; bounded, so a regression fails, not hangs.
+    var waited = 0
+    while writer.queueDepth > 0 && waited < 30_000 {
+        usleep(1_000)
+        waited += 1
+    }
+    #expect(writer.queueDepth == 0, "the writer did not take the postings within 30 s")
     try body()
     try blocker.inDatabase { try $0.execute(sql: "ROLLBACK") }
 }

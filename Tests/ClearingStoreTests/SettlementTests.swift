@@ -114,6 +114,27 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         #expect(r.ok, "\(r.breaches.prefix(3))")
     }
 
+    /// At exactly a lot's expiry instant it has expired ("at or before"): points a reversed
+    /// redemption gives back to it then are not spendable, and the next run expires them.
+    @Test func pointsGivenBackAtTheExpiryInstantAreNotSpendable() throws {
+        let h = try Harness(expireAfterDays: 1)
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
+        h.clock.set(Instant(rfc3339: "2026-11-23T10:00:00Z")!)  // the lot's expiry, to the millisecond
+        let back = h.post(C, "c2", Fixtures.reverseRedemption("M1", 30, "C-2", of: "C-1"))
+        guard case .created(let e) = back else { Issue.record("\(back)"); return }
+        #expect(e.memberBalance == .zero, "the lot expired at this very instant")
+        #expect(try h.balance("M1") == 0)
+        let refused = h.post(C, "c3", Fixtures.redeem("M1", 1, "C-3"))
+        guard case .rejected(let p) = refused else { Issue.record("\(refused)"); return }
+        #expect(p.kind == .insufficientPoints)
+        let run = try h.store.settle()
+        #expect(figures(run, G)?.expiredPoints == Points(100))
+        let r = try h.verify()
+        #expect(r.ok, "\(r.breaches.prefix(3))")
+    }
+
     /// First in, first out by acceptance, not by expiry: after the coalition shortens the
     /// life of points, a newer lot can expire before an older one; a redemption still takes
     /// the older lot first (CONTRACT §5).

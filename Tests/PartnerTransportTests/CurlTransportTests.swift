@@ -96,6 +96,34 @@ import Testing
         #expect(f.message.contains("cancelled"), "\(f)")
     }
 
+    /// TLS verification includes the host name: a certificate from the trusted CA, but for
+    /// another name, is refused before anything is sent (CONTRACT §7: never turned off).
+    @Test func aCertificateForAnotherNameIsRefused() async throws {
+        let script = """
+            set -e; cd "$1"
+            openssl ecparam -name prime256v1 -genkey -noout -out other.key 2>/dev/null
+            openssl req -new -key other.key -subj /CN=wrong.example -out other.csr
+            printf 'basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:wrong.example\n' > other.ext
+            openssl x509 -req -in other.csr -CA ca.crt -CAkey ca.key -CAcreateserial -sha256 -days 2 -extfile other.ext -out other.crt 2>/dev/null
+            """
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/bash")
+        p.arguments = ["-c", script, "issue", certs.path]
+        try p.run()
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+        let partners = dir.url.appendingPathComponent("partners")
+        let other = try NoticeReceiver(
+            certificate: certs.appendingPathComponent("other.crt"), key: certs.appendingPathComponent("other.key"),
+            partners: partners, directory: dir.url, clientCA: nil)
+        defer { other.stop() }
+        // https://localhost:<port>/…, while the certificate names only wrong.example.
+        let response = await CurlTransport().perform([request(other.url("ok", "fuelco"))])[0]
+        guard case .failure(let f) = response.result else { Issue.record("expected a TLS failure, got \(response)"); return }
+        #expect(f.kind == .tls, "\(f)")
+        #expect(other.records().isEmpty, "nothing was sent to a server of another name")
+    }
+
     @Test func aRefusedConnectionIsAConnectFailure() async throws {
         let port = try LoopbackPort.free()
         let r = await CurlTransport().perform([request("https://127.0.0.1:\(port)/ok/fuelco")])[0]

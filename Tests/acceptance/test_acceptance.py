@@ -1227,9 +1227,11 @@ def test_more_valid_shapes(env):
     assert r.status_code in (200, 201), r.text
 
 
-def test_statements_empty_list(env):
-    r = env.get("/v1/partners/gamma/statements", "gamma")
-    assert r.status_code == 200 and isinstance(r.json(), list)
+def test_statements_empty_list(fresh):
+    e = fresh()
+    e.start()
+    r = e.get("/v1/partners/gamma/statements", "gamma")
+    assert r.status_code == 200 and r.json() == [], r.text
 
 
 def test_cli_post_too_large(fresh):
