@@ -3,6 +3,7 @@ import ClearingDomain
 import ClearingSimulation
 import ClearingStore
 import Foundation
+import GRDB
 import Synchronization
 import Testing
 
@@ -159,6 +160,18 @@ func requireVerified(_ h: Harness, _ context: String) throws {
                 #expect(try h.store.balance(of: MemberID(m)!, at: now).value == model.balance(m, at: now.millisecondsSinceEpoch), "seed \(seed) member \(m)")
             }
             #expect(model.issued - model.redeemed == model.remainingInLots, "the model's own invariant 2")
+            // The flows issuer → redeemer, against the model's own FIFO (verify replays with the
+            // store's FIFO, so only an independent model can catch a wrong order of lots).
+            var config = GRDB.Configuration()
+            config.readonly = true
+            let coalition = try DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path, configuration: config)
+            let stored = try coalition.read { db in
+                try Row.fetchAll(db, sql: "SELECT issuer, redeemer, points FROM flow WHERE points <> 0").reduce(into: [String: Int64]()) {
+                    $0["\($1[0] as String)>\($1[1] as String)"] = $1[2] as Int64
+                }
+            }
+            try coalition.close()
+            #expect(stored == model.flows.filter { $0.value != 0 }, "seed \(seed): flows")
         }
         #expect(checkedBatches > sequences)
     }
