@@ -110,8 +110,7 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         let second = try h.store.settle()
         #expect(second.partners.allSatisfy { $0.expiredPoints == .zero })
         #expect(second.flows == [Flow(issuer: F, redeemer: C, points: Points(20)), Flow(issuer: G, redeemer: C, points: Points(100))])
-        let r = try h.verify()
-        #expect(r.ok, "\(r.breaches.prefix(3))")
+        try requireVerified(h, #function)
     }
 
     /// At exactly a lot's expiry instant it has expired ("at or before"): points a reversed
@@ -131,8 +130,7 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         #expect(p.kind == .insufficientPoints)
         let run = try h.store.settle()
         #expect(figures(run, G)?.expiredPoints == Points(100))
-        let r = try h.verify()
-        #expect(r.ok, "\(r.breaches.prefix(3))")
+        try requireVerified(h, #function)
     }
 
     /// First in, first out by acceptance, not by expiry: after the coalition shortens the
@@ -155,8 +153,7 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         let next = try h.store.settle()
         #expect(figures(next, G)?.expiredPoints == Points(100))
         #expect(try h.balance("M1") == 60)
-        let r = try h.verify()
-        #expect(r.ok, "\(r.breaches.prefix(3))")
+        try requireVerified(h, #function)
     }
 
     /// A run expires what a lot held at its cutoff: points a reversal accepted after the
@@ -182,8 +179,7 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         #expect(second.entryCount == 2)
         #expect(figures(second, G)?.expiredPoints == Points(50), "the 30 and the 20 given back after the first cutoff")
         #expect(figures(second, C)?.redeemedPoints == Points(-50))
-        let r = try h.verify()
-        #expect(r.ok, "\(r.breaches.prefix(3))")
+        try requireVerified(h, #function)
     }
 
     @Test func eachEntryFallsInExactlyOneRunAndRunsNeverChange() throws {
