@@ -1,4 +1,5 @@
 import ClearingDomain
+import ClearingStore
 import Crypto
 import Foundation
 
@@ -45,31 +46,16 @@ public struct StatementSigner: Sendable {
         self.key = key
     }
 
-    /// Reads the key at `file`, or, when there is no file there, makes one: a new random seed
-    /// written with mode 0600, created exclusively (never over an existing file) and synced, so
-    /// that statements signed now stay checkable after a restart. `created` says which.
+    /// Reads the key at `file`, or, when there is no file there, makes one: a new random seed,
+    /// mode 0600, written whole and synced before it takes its name (a crash leaves no key or
+    /// the whole key, never a short file that would keep `serve` from starting), never over an
+    /// existing file. `created` says which.
     public static func loadOrCreate(file: URL) throws -> (signer: StatementSigner, created: Bool) {
         if FileManager.default.fileExists(atPath: file.path) { return (try StatementSigner(file: file), false) }
         let key = Curve25519.Signing.PrivateKey()
         let text = Array((key.rawRepresentation.base64EncodedString() + "\n").utf8)
-        let fd = open(file.path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        if fd < 0 {
-            // Another process made it first: use that one.
-            if errno == EEXIST { return (try StatementSigner(file: file), false) }
-            throw StatementKeyError("cannot create \(file.path) (\(String(cString: strerror(errno))))")
-        }
-        defer { close(fd) }
-        let written = text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        guard written == text.count, fsync(fd) == 0 else {
-            let reason = String(cString: strerror(errno))
-            unlink(file.path)
-            throw StatementKeyError("cannot write \(file.path) (\(reason))")
-        }
-        // The directory entry too: a key lost in a crash would leave signatures nobody can check.
-        let directory = open(file.deletingLastPathComponent().path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if directory >= 0 {
-            _ = fsync(directory)
-            close(directory)
+        guard try FileSync.createWhole(file, text, mode: 0o600) else {
+            return (try StatementSigner(file: file), false)  // another process made it first
         }
         return (StatementSigner(key: key), true)
     }

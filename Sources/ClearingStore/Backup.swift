@@ -36,9 +36,13 @@ public enum Backup {
             summary.bytes += try copy(ledgerDir.appendingPathComponent(name), to: destination.appendingPathComponent("ledgers/\(name)"))
             summary.files += 1
         }
+        try FileSync.directory(destination.appendingPathComponent("ledgers"))
         summary.bytes += try copy(coalition, to: destination.appendingPathComponent("coalition.sqlite"))
         summary.files += 1
         if try copyStatementKey(from: dataDirectory, to: destination) { summary.files += 1 }
+        // The renames and the new directories themselves: durable before "done" is said.
+        try FileSync.directory(destination)
+        try FileSync.directory(destination.deletingLastPathComponent())
         return summary
     }
 
@@ -66,14 +70,11 @@ public enum Backup {
     private static func copyStatementKey(from source: URL, to target: URL) throws -> Bool {
         let key = source.appendingPathComponent("statement.key")
         guard FileManager.default.fileExists(atPath: key.path) else { return false }
-        let bytes = Array(try Data(contentsOf: key))
+        // Owner-only from the start (never readable by others, not even for a moment), whole.
         let copy = target.appendingPathComponent("statement.key")
-        // Created owner-only from the start: never readable by others, not even for a moment.
-        let fd = open(copy.path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw StoreError("cannot create \(copy.path) (\(String(cString: strerror(errno))))") }
-        defer { close(fd) }
-        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        guard written == bytes.count, fsync(fd) == 0 else { throw StoreError("cannot write \(copy.path) (\(String(cString: strerror(errno))))") }
+        guard try FileSync.createWhole(copy, Array(try Data(contentsOf: key)), mode: 0o600) else {
+            throw StoreError("\(copy.path) exists already")
+        }
         return true
     }
 

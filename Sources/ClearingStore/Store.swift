@@ -296,12 +296,34 @@ public final class Store: Sendable {
         }
         for (maybePartner, last) in heads {
             guard let partner = maybePartner else { throw StoreError("coalition.sqlite names an invalid partner id") }
+            try requireSameHistory(partner, through: last)
             let copied = try catchUpLedger(partner, through: last)
             if copied > 0 {
                 logger.notice("recovered ledger entries", metadata: ["partner": "\(partner)", "entries": "\(copied)"])
             }
         }
         writerState.withLock { $0.laggingLedgers = [] }
+    }
+
+    /// A ledger and its journal must share their history: the ledger's last entry within the
+    /// journal's (at most `last`) must be the journal's entry at that sequence, hash for hash.
+    /// A ledger of the same length but another history (a file restored from another backup)
+    /// would otherwise be taken as current, and the next posting committed to the journal but
+    /// never to that ledger. The chain makes one comparison enough: each hash covers all before.
+    func requireSameHistory(_ partner: PartnerID, through last: Int64) throws {
+        let ledger = try ledger(partner)
+        guard let row = try ledger.read({ db in
+            try Row.fetchOne(db, sql: "SELECT sequence, hash FROM entry WHERE sequence <= ? ORDER BY sequence DESC LIMIT 1", arguments: [last])
+        }) else { return }
+        let sequence: Int64 = row[0]
+        let hash: Data? = row[1]
+        let journal = try coalition.read { db in
+            try Data.fetchOne(db, sql: "SELECT hash FROM journal WHERE partner = ? AND sequence = ?", arguments: [partner.rawValue, sequence])
+        }
+        guard let hash, hash == journal else {
+            throw StoreError(
+                "ledger \(partner): its entry at sequence \(sequence) is not the journal's (another history: a file from another backup?); restore the data directory from one backup")
+        }
     }
 
     /// The last sequence the journal holds for a partner (0 before its first entry).

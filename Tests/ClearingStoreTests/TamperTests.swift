@@ -78,6 +78,28 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(r.breaches.contains { $0.contains("ledger grocer: holds sequence 21 but the journal ends at 20") }, "\(r.breaches)")
     }
 
+    /// A ledger of the same length as its journal but another history (a file from another
+    /// backup): the store refuses to open (it used to accept it and then commit postings to the
+    /// journal that the ledger could never take), and verify names the difference.
+    @Test func aLedgerFromAnotherHistoryIsRefusedAtStart() throws {
+        let h = try populated()
+        let other = try Harness()
+        for i in 1...20 {
+            _ = other.post(G, "g\(i)", Fixtures.earn(i == 20 ? "SOMEONE-ELSE" : (i == 7 ? "MEMBER-7777" : "M\(i % 4)"), Int64(10 * i), "G-\(i)"))
+        }
+        try other.store.close()
+        let mine = h.store.ledgerURL(G)
+        for suffix in ["-wal", "-shm"] { try? FileManager.default.removeItem(atPath: mine.path + suffix) }
+        try FileManager.default.removeItem(at: mine)
+        try FileManager.default.copyItem(at: other.store.ledgerURL(G), to: mine)
+        #expect(throws: StoreError.self) { try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock) }
+        do { _ = try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock) } catch {
+            #expect("\(error)".contains("ledger grocer: its entry at sequence 20 is not the journal's"), "\(error)")
+        }
+        let r = try h.verify()
+        #expect(r.breaches.contains { $0.contains("ledger grocer sequence 20") }, "\(r.breaches)")
+    }
+
     /// Ledgers without their journal: `verify` says so (it used to find "nothing to verify"),
     /// and the store refuses to start a new journal beside them.
     @Test func ledgersWithoutTheirJournalAreABreachAndTheStoreWillNotOpen() throws {

@@ -1,0 +1,41 @@
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Files that must survive a power loss once a verb says they are written: the statement key,
+/// a backup's files. SQLite syncs its own databases; these are the few files written outside
+/// it.
+public enum FileSync {
+    /// Makes `directory`'s entries (files created or renamed in it) durable.
+    public static func directory(_ directory: URL) throws {
+        let fd = open(directory.path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw StoreError("cannot open \(directory.path) to sync it (\(String(cString: strerror(errno))))") }
+        defer { close(fd) }
+        guard fsync(fd) == 0 else { throw StoreError("cannot sync \(directory.path) (\(String(cString: strerror(errno))))") }
+    }
+
+    /// Writes `bytes` to `file` only if no file is there, atomically: into a temporary file
+    /// beside it (mode `mode`), synced, then linked to its name (so a crash leaves either no
+    /// file or the whole one, never a short one), and the directory synced. False when a file
+    /// was already there (another process won); that file is left as it is.
+    public static func createWhole(_ file: URL, _ bytes: [UInt8], mode: mode_t) throws -> Bool {
+        let directory = file.deletingLastPathComponent()
+        let temporary = directory.appendingPathComponent(".\(file.lastPathComponent).\(getpid()).\(UInt32.random(in: 0...UInt32.max)).tmp")
+        let fd = open(temporary.path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
+        guard fd >= 0 else { throw StoreError("cannot create \(temporary.path) (\(String(cString: strerror(errno))))") }
+        defer { unlink(temporary.path) }
+        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        let synced = written == bytes.count && fsync(fd) == 0
+        let reason = String(cString: strerror(errno))
+        close(fd)
+        guard synced else { throw StoreError("cannot write \(temporary.path) (\(reason))") }
+        if link(temporary.path, file.path) != 0 {
+            if errno == EEXIST { return false }
+            throw StoreError("cannot create \(file.path) (\(String(cString: strerror(errno))))")
+        }
+        try FileSync.directory(directory)
+        return true
+    }
+}
