@@ -43,7 +43,7 @@ struct Serve: AsyncParsableCommand {
         // The TLS key readable by others: said, not refused (keys made by hand with openssl
         // often are; the statement key, made by us, must be owner-only).
         let serverKey = URL(fileURLWithPath: certs).appendingPathComponent("server.key").path
-        if let mode = (try? FileManager.default.attributesOfItem(atPath: serverKey))?[.posixPermissions] as? Int, mode & 0o077 != 0 {
+        if let mode = FileSync.modeOpenToOthers(serverKey) {
             logger.warning("the server's TLS key can be read by others; chmod 600 it", metadata: ["file": "\(serverKey)", "mode": "\(String(mode, radix: 8))"])
         }
         // The statement key: `<certs>/statement.key` when the operator put one there; otherwise

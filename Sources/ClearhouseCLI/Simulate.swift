@@ -53,7 +53,7 @@ struct Simulate: AsyncParsableCommand {
         }
         // Fake entries in a real ledger can never be taken out (ledgers are append-only) and
         // would be settled: only into a new data directory, unless asked.
-        if !force, FileManager.default.fileExists(atPath: locations.dataURL.appendingPathComponent("coalition.sqlite").path) {
+        if !force, Store.hasJournal(locations.dataURL) {
             printError("clearhouse simulate: \(locations.data) already holds a coalition; simulated entries would stay in its ledgers for good and be settled. Use a new --data, or --force")
             throw ExitCode(2)
         }

@@ -194,7 +194,7 @@ public struct Intake: Sendable {
             guard let presented else {
                 throw Problem(.wrongPartner, "partner \(terms.id) must use mutual TLS with its client certificate")
             }
-            guard constantTimeEqual(presented, required) else {
+            guard WebhookSignature.constantTimeEquals(presented, required) else {
                 throw Problem(.wrongPartner, "the client certificate is not partner \(terms.id)'s")
             }
         }
@@ -233,7 +233,7 @@ public struct Intake: Sendable {
             guard let digest = Intake.bearerTokenSHA256(header) else {
                 throw Problem(.unauthorized, "authorization must be \"Bearer <token>\"")
             }
-            if constantTimeEqual(digest, terms.apiTokenSHA256) { return }
+            if WebhookSignature.constantTimeEquals(digest, terms.apiTokenSHA256) { return }
             if tokenOwners[digest] != nil { throw Problem(.wrongPartner, "this token belongs to another partner") }
             throw Problem(.unauthorized, "the bearer token is not valid")
         }
@@ -247,7 +247,7 @@ public struct Intake: Sendable {
         guard let remote else { return true }
         if AddressLimitHandler.isThisHost(remote) { return true }
         guard let tokenSHA256, let authorization, let digest = bearerTokenSHA256(authorization) else { return false }
-        return constantTimeEqual(digest, tokenSHA256)
+        return WebhookSignature.constantTimeEquals(digest, tokenSHA256)
     }
 
     /// SHA-256 of the token of an `authorization: Bearer <token>` header; nil when the header
@@ -271,10 +271,7 @@ public struct Intake: Sendable {
     }
 }
 
-/// Compares two digests without an early exit.
-func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
-    WebhookSignature.constantTimeEquals(a, b)
-}
+
 
 /// One structured log line and one metric sample per request: method, path, status,
 /// duration. Never headers or bodies, so no signature, token or secret is ever logged.

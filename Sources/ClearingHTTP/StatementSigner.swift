@@ -3,10 +3,6 @@ import ClearingStore
 import Crypto
 import Foundation
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// The coalition's statement key (Ed25519). Each statement response carries a detached
 /// signature over a manifest naming the partner, the run, the format and the SHA-256 of the
 /// exact body bytes, so a partner can later prove what it was sent (docs/STATEMENTS.md).
@@ -37,7 +33,7 @@ public struct StatementSigner: Sendable {
         do { text = try String(contentsOf: file, encoding: .utf8) } catch {
             throw StatementKeyError("cannot read \(file.path) (\(error.localizedDescription)); ops/certs makes a development statement key")
         }
-        if let mode = (try? FileManager.default.attributesOfItem(atPath: file.path))?[.posixPermissions] as? Int, mode & 0o077 != 0 {
+        if let mode = FileSync.modeOpenToOthers(file.path) {
             throw StatementKeyError("\(file.path) can be read by others (mode \(String(mode, radix: 8))); chmod 600 it")
         }
         guard let seed = Data(base64Encoded: text.trimmingCharacters(in: .whitespacesAndNewlines)), seed.count == 32,

@@ -2,10 +2,6 @@ import ClearingDomain
 import Foundation
 import GRDB
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Online backups of a data directory (SQLite's backup API), safe while `serve` writes.
 ///
 /// Order matters: the ledgers are copied first and `coalition.sqlite` (the journal, the truth)
@@ -24,13 +20,13 @@ public enum Backup {
     public static func run(dataDirectory: URL, to destination: URL) throws -> Summary {
         let fm = FileManager.default
         let coalition = dataDirectory.appendingPathComponent("coalition.sqlite")
-        guard fm.fileExists(atPath: coalition.path) else {
+        guard Store.hasJournal(dataDirectory) else {
             throw StoreError("\(dataDirectory.path) holds no coalition.sqlite: nothing to back up")
         }
         try requireNewOrEmpty(destination, "a backup goes into a new directory")
         try fm.createDirectory(at: destination.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         let ledgerDir = dataDirectory.appendingPathComponent("ledgers")
-        let ledgers = ((try? fm.contentsOfDirectory(atPath: ledgerDir.path)) ?? []).filter { $0.hasSuffix(".sqlite") }.sorted()
+        let ledgers = Store.ledgerFileNames(dataDirectory)
         var summary = Summary(files: 0, bytes: 0)
         for name in ledgers {
             summary.bytes += try copy(ledgerDir.appendingPathComponent(name), to: destination.appendingPathComponent("ledgers/\(name)"))
@@ -50,12 +46,12 @@ public enum Backup {
     /// Open it with `Store` (which recovers ledgers behind their journal) and run `verify`.
     public static func restore(from backup: URL, to dataDirectory: URL) throws {
         let fm = FileManager.default
-        guard fm.fileExists(atPath: backup.appendingPathComponent("coalition.sqlite").path) else {
+        guard Store.hasJournal(backup) else {
             throw StoreError("\(backup.path) is not a backup: it has no coalition.sqlite")
         }
         try requireNewOrEmpty(dataDirectory, "restore into a new data directory")
         try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
-        let names = ((try? fm.contentsOfDirectory(atPath: backup.appendingPathComponent("ledgers").path)) ?? []).filter { $0.hasSuffix(".sqlite") }
+        let names = Store.ledgerFileNames(backup)
         for name in names {
             try fm.copyItem(at: backup.appendingPathComponent("ledgers/\(name)"), to: dataDirectory.appendingPathComponent("ledgers/\(name)"))
         }

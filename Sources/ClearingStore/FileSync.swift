@@ -8,6 +8,15 @@ import Glibc
 /// a backup's files. SQLite syncs its own databases; these are the few files written outside
 /// it.
 public enum FileSync {
+    /// The file's permission bits when a group or others may read or write it; nil when only
+    /// its owner may (or it cannot be read).
+    public static func modeOpenToOthers(_ path: String) -> Int? {
+        guard let mode = (try? FileManager.default.attributesOfItem(atPath: path))?[.posixPermissions] as? Int, mode & 0o077 != 0 else {
+            return nil
+        }
+        return mode
+    }
+
     /// Makes `directory`'s entries (files created or renamed in it) durable.
     public static func directory(_ directory: URL) throws {
         let fd = open(directory.path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)

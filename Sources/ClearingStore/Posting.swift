@@ -67,7 +67,7 @@ extension Store {
         do {
             do {
                 (decided, fresh) = try decideAndCommit(batch, isolated: false, blocked: blocked)
-            } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY || error.resultCode == .SQLITE_LOCKED {
+            } catch let error as DatabaseError where error.isHeldElsewhere {
                 // Another process (`settle`, `post`, a backup tool) held the journal past the
                 // busy timeout: nothing was written, and deciding posting by posting would
                 // only wait as long again, with every caller of the batch still waiting.
@@ -83,7 +83,7 @@ extension Store {
             }
         } catch is SimulatedCrash {
             return .final(batch.map { _ in .rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: Limits.overloadRetryAfterSeconds)) })
-        } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY || error.resultCode == .SQLITE_LOCKED {
+        } catch let error as DatabaseError where error.isHeldElsewhere {
             logger.warning("the journal is held by another process past the busy timeout", metadata: ["error": "\(error)"])
             return .final(batch.map { _ in
                 .rejected(Problem(.unavailable, "the journal is busy (another process holds it); retry later", retryAfterSeconds: Limits.overloadRetryAfterSeconds))
@@ -515,4 +515,9 @@ struct BatchState {
             ).execute(arguments: [partner.rawValue, h.sequence, Data(h.hash), h.totals[0], h.totals[1], h.totals[2], h.totals[3]])
         }
     }
+}
+
+extension DatabaseError {
+    /// Another connection (another process) held the database past the busy timeout.
+    var isHeldElsewhere: Bool { resultCode == .SQLITE_BUSY || resultCode == .SQLITE_LOCKED }
 }

@@ -72,9 +72,8 @@ public final class Store: Sendable {
         let fm = FileManager.default
         // Ledgers without their journal: the truth is gone. Starting a new journal beside them
         // would hand out their sequences again and the two would silently diverge.
-        if !fm.fileExists(atPath: dataDirectory.appendingPathComponent("coalition.sqlite").path) {
-            let ledgers = ((try? fm.contentsOfDirectory(atPath: dataDirectory.appendingPathComponent("ledgers").path)) ?? [])
-                .filter { $0.hasSuffix(".sqlite") }
+        if !Store.hasJournal(dataDirectory) {
+            let ledgers = Store.ledgerFileNames(dataDirectory)
             if !ledgers.isEmpty {
                 throw StoreError("\(dataDirectory.path) holds \(ledgers.count) ledger(s) but no coalition.sqlite: the journal is missing; restore it from a backup (docs/OPERATIONS.md)")
             }
@@ -303,6 +302,18 @@ public final class Store: Sendable {
             }
         }
         writerState.withLock { $0.laggingLedgers = [] }
+    }
+
+    /// Whether a data directory holds a journal (`coalition.sqlite`): one was ever opened there.
+    public static func hasJournal(_ dataDirectory: URL) -> Bool {
+        FileManager.default.fileExists(atPath: dataDirectory.appendingPathComponent("coalition.sqlite").path)
+    }
+
+    /// The ledger files (`<partner>.sqlite`) in a data directory's (or a backup's) `ledgers/`,
+    /// sorted; none when it has no such directory.
+    public static func ledgerFileNames(_ dataDirectory: URL) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: dataDirectory.appendingPathComponent("ledgers").path)) ?? [])
+            .filter { $0.hasSuffix(".sqlite") }.sorted()
     }
 
     /// A ledger and its journal must share their history: the ledger's last entry within the

@@ -31,11 +31,10 @@ public enum Verifier {
             report.breach("\(dataDirectory.path): cannot be read")
             return report
         }
-        guard fm.fileExists(atPath: coalitionPath) else {
+        guard Store.hasJournal(dataDirectory) else {
             // Only a data directory that holds nothing yet has nothing to verify: ledgers
             // without their journal are damage (the truth is gone), not an empty start.
-            let ledgers = ((try? fm.contentsOfDirectory(atPath: dataDirectory.appendingPathComponent("ledgers").path)) ?? [])
-                .filter { $0.hasSuffix(".sqlite") }
+            let ledgers = Store.ledgerFileNames(dataDirectory)
             if !ledgers.isEmpty {
                 report.breach("\(dataDirectory.path): \(ledgers.count) ledger(s) but no coalition.sqlite: the journal is missing; restore it from a backup")
             } else {
@@ -234,9 +233,8 @@ public enum Verifier {
         dataDirectory: URL, heads: [PartnerID: Head], coalition: DatabasePool, _ report: inout VerifyReport
     ) throws {
         let dir = dataDirectory.appendingPathComponent("ledgers")
-        let files = (try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? []
         var partners = Set(heads.keys)
-        for f in files where f.hasSuffix(".sqlite") {
+        for f in Store.ledgerFileNames(dataDirectory) {
             if let p = PartnerID(String(f.dropLast(7))) { partners.insert(p) } else { report.breach("ledgers/\(f): not a partner's ledger") }
         }
         var total = 0

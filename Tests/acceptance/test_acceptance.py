@@ -99,6 +99,21 @@ def _start_fails(e, extra_env=None):
     return p
 
 
+_REMOVED = object()
+# Bad partner files made by changing one key of a good one: case -> (key, new value or _REMOVED).
+_ONE_KEY_CHANGED = {
+    "wrong_type": ("redeem_credit_per_1000", "lots"),
+    "missing_key": ("notice_secret", _REMOVED),
+    "http_url": ("notice_url", "http://127.0.0.1:9/x"),
+    "id_mismatch": ("id", "betaa"),
+    "empty_secrets": ("webhook_secrets", []),
+    "negative_price": ("issue_price_per_1000", -5),
+    "missing_secret_file": ("notice_secret", "file:/nonexistent/clearhouse-acceptance/does-not-exist.secret"),
+    "missing_env_notice_secret": ("notice_secret", "env:ACC_NOT_SET_ANYWHERE"),
+    "bad_secret_prefix": ("webhook_secrets", ["nothex-nosecret"]),
+}
+
+
 @pytest.mark.parametrize("case", ["wrong_type", "missing_key", "http_url", "id_mismatch", "toml_syntax",
                                   "coalition_missing_currency", "bad_secret_prefix", "short_id", "bad_currency",
                                   "negative_expiry", "reserved_id", "empty_secrets",
@@ -108,33 +123,12 @@ def test_config_bad_file_refused(tmp_path, case):
     path = os.path.join(e.pdir, "beta.toml")
     d = dict(e.partners["beta"])
     key = None
-    if case == "wrong_type":
-        d["redeem_credit_per_1000"] = "lots"
-        key = "redeem_credit_per_1000"
-    elif case == "missing_key":
-        del d["notice_secret"]
-        key = "notice_secret"
-    elif case == "http_url":
-        d["notice_url"] = "http://127.0.0.1:9/x"
-        key = "notice_url"
-    elif case == "id_mismatch":
-        d["id"] = "betaa"
-        key = "id"
-    elif case == "empty_secrets":
-        d["webhook_secrets"] = []
-        key = "webhook_secrets"
-    elif case == "negative_price":
-        d["issue_price_per_1000"] = -5
-        key = "issue_price_per_1000"
-    elif case == "missing_secret_file":
-        d["notice_secret"] = "file:/nonexistent/clearhouse-acceptance/does-not-exist.secret"
-        key = "notice_secret"
-    elif case == "missing_env_notice_secret":
-        d["notice_secret"] = "env:ACC_NOT_SET_ANYWHERE"
-        key = "notice_secret"
-    elif case == "bad_secret_prefix":
-        d["webhook_secrets"] = ["nothex-nosecret"]
-        key = "webhook_secrets"
+    if case in _ONE_KEY_CHANGED:
+        key, value = _ONE_KEY_CHANGED[case]
+        if value is _REMOVED:
+            del d[key]
+        else:
+            d[key] = value
     if case in ("short_id", "reserved_id"):
         os.remove(path)
         pid = "b" if case == "short_id" else "coalition2"
