@@ -112,6 +112,8 @@ public enum Limits {
     /// SQLite page cache of each ledger connection (KiB): ledgers are appended to, so little
     /// is needed, and there is one per partner.
     public static let ledgerCacheKiBMax = 2 * 1024
+    /// A restore copies each file through a buffer of this size.
+    public static let fileCopyChunkBytes = 1024 * 1024
     /// How long a writer waits for another process's lock on the coalition database.
     public static let databaseBusyTimeoutSecondsMax = 10
 

@@ -42,21 +42,49 @@ public enum Backup {
         return summary
     }
 
+    /// Where `restore` assembles a data directory before it is put in place: inside the target,
+    /// so that the final renames stay on one file system (the target may be a mount point).
+    public static let restoreStaging = "restore.partial"
+
     /// Puts a backup in place as a new data directory (which must not exist or be empty).
     /// Open it with `Store` (which recovers ledgers behind their journal) and run `verify`.
+    ///
+    /// All or nothing, and durable once it returns: every file is copied into
+    /// `<data>/restore.partial/` and synced, then renamed into place, `coalition.sqlite` (the
+    /// journal, what makes a directory a data directory) last, and the directories synced. A
+    /// restore that dies part way leaves `restore.partial` behind, which `Store` and `restore`
+    /// refuse until the operator empties the directory: never a data directory that looks whole
+    /// but lacks some of the backup.
     public static func restore(from backup: URL, to dataDirectory: URL) throws {
         let fm = FileManager.default
         guard Store.hasJournal(backup) else {
             throw StoreError("\(backup.path) is not a backup: it has no coalition.sqlite")
         }
-        try requireNewOrEmpty(dataDirectory, "restore into a new data directory")
-        try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
-        let names = Store.ledgerFileNames(backup)
-        for name in names {
-            try fm.copyItem(at: backup.appendingPathComponent("ledgers/\(name)"), to: dataDirectory.appendingPathComponent("ledgers/\(name)"))
+        let staging = dataDirectory.appendingPathComponent(restoreStaging)
+        if fm.fileExists(atPath: staging.path) {
+            throw StoreError("\(dataDirectory.path) holds an interrupted restore (\(restoreStaging)); empty the directory and restore again")
         }
-        try fm.copyItem(at: backup.appendingPathComponent("coalition.sqlite"), to: dataDirectory.appendingPathComponent("coalition.sqlite"))
-        try copyStatementKey(from: backup, to: dataDirectory)
+        try requireNewOrEmpty(dataDirectory, "restore into a new data directory")
+        try fm.createDirectory(at: staging.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
+        for name in Store.ledgerFileNames(backup) {
+            try FileSync.copyWhole(backup.appendingPathComponent("ledgers/\(name)"), to: staging.appendingPathComponent("ledgers/\(name)"))
+        }
+        try FileSync.copyWhole(backup.appendingPathComponent("coalition.sqlite"), to: staging.appendingPathComponent("coalition.sqlite"))
+        let hasKey = try copyStatementKey(from: backup, to: staging)
+        try FileSync.directory(staging.appendingPathComponent("ledgers"))
+        try FileSync.directory(staging)
+        try FileSync.directory(dataDirectory)
+        var moves = ["ledgers"]
+        if hasKey { moves.append("statement.key") }
+        moves.append("coalition.sqlite")
+        for name in moves {
+            guard rename(staging.appendingPathComponent(name).path, dataDirectory.appendingPathComponent(name).path) == 0 else {
+                throw StoreError("cannot move \(staging.path)/\(name) into \(dataDirectory.path) (\(String(cString: strerror(errno))))")
+            }
+        }
+        try fm.removeItem(at: staging)
+        try FileSync.directory(dataDirectory)
+        try FileSync.directory(dataDirectory.deletingLastPathComponent())
     }
 
     /// The statement key `serve` made in the data directory (when the certificate directory has

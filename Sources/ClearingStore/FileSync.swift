@@ -1,3 +1,4 @@
+import ClearingDomain
 import Foundation
 
 #if canImport(Glibc)
@@ -46,5 +47,35 @@ public enum FileSync {
         }
         try FileSync.directory(directory)
         return true
+    }
+
+    /// Copies `source` to `target` (which must not exist), owner-only, and syncs the copy; the
+    /// caller syncs the directory once its files are all there.
+    public static func copyWhole(_ source: URL, to target: URL) throws {
+        let input = open(source.path, O_RDONLY | O_CLOEXEC)
+        guard input >= 0 else { throw StoreError("cannot open \(source.path) (\(String(cString: strerror(errno))))") }
+        defer { close(input) }
+        let output = open(target.path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard output >= 0 else { throw StoreError("cannot create \(target.path) (\(String(cString: strerror(errno))))") }
+        defer { close(output) }
+        var buffer = [UInt8](repeating: 0, count: Limits.fileCopyChunkBytes)
+        while true {
+            let count = buffer.withUnsafeMutableBytes { read(input, $0.baseAddress, $0.count) }
+            if count == 0 { break }
+            guard count > 0 else {
+                if errno == EINTR { continue }
+                throw StoreError("cannot read \(source.path) (\(String(cString: strerror(errno))))")
+            }
+            var done = 0
+            while done < count {
+                let wrote = buffer.withUnsafeBytes { write(output, $0.baseAddress! + done, count - done) }
+                guard wrote > 0 else {
+                    if wrote < 0 && errno == EINTR { continue }
+                    throw StoreError("cannot write \(target.path) (\(String(cString: strerror(errno))))")
+                }
+                done += wrote
+            }
+        }
+        guard fsync(output) == 0 else { throw StoreError("cannot sync \(target.path) (\(String(cString: strerror(errno))))") }
     }
 }

@@ -70,6 +70,15 @@ public final class Store: Sendable {
         self.faults = faults
         self.logger = logger
         let fm = FileManager.default
+        // A restore that did not finish: some of the backup may be missing (Backup.restore).
+        // Only an empty leftover beside the journal (the restore died after its last rename)
+        // is harmless.
+        let staging = dataDirectory.appendingPathComponent(Backup.restoreStaging)
+        if fm.fileExists(atPath: staging.path),
+            !Store.hasJournal(dataDirectory) || !((try? fm.contentsOfDirectory(atPath: staging.path))?.isEmpty ?? false)
+        {
+            throw StoreError("\(dataDirectory.path) holds an interrupted restore (\(Backup.restoreStaging)): empty the directory and restore the backup again (docs/OPERATIONS.md)")
+        }
         // Ledgers without their journal: the truth is gone. Starting a new journal beside them
         // would hand out their sequences again and the two would silently diverge.
         if !Store.hasJournal(dataDirectory) {

@@ -59,6 +59,58 @@ import Testing
     }
 }
 
+/// A restore is all or nothing: one that died part way is refused, not taken for the backup.
+@Suite struct RestoreAtomicityTests {
+    @Test func anInterruptedRestoreIsRefusedAndACompleteOneLeavesNoStaging() throws {
+        let h = try Harness()
+        for i in 1...5 { _ = h.post([G, F][i % 2], "w\(i)", Fixtures.earn("M\(i)", 10, "E-\(i)")) }
+        let parent = h.dir.url.deletingLastPathComponent()
+        let backup = parent.appendingPathComponent("backup-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: backup) }
+        try Backup.run(dataDirectory: h.dir.url, to: backup)
+
+        // Into an existing empty directory (a mount point, say): everything in place, no staging left.
+        let target = parent.appendingPathComponent("restored-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: target) }
+        try FileManager.default.createDirectory(at: target, withIntermediateDirectories: false)
+        try Backup.restore(from: backup, to: target)
+        let fm = FileManager.default
+        #expect(!fm.fileExists(atPath: target.appendingPathComponent(Backup.restoreStaging).path))
+        #expect(Store.ledgerFileNames(target) == ["fuel.sqlite", "grocer.sqlite"])
+        for name in Store.ledgerFileNames(target) {
+            #expect(FileSync.modeOpenToOthers(target.appendingPathComponent("ledgers/\(name)").path) == nil, "owner-only")
+        }
+        #expect(try Verifier.verify(dataDirectory: target).ok)
+
+        // As if the restore had died before its last rename: the journal still in staging.
+        let staging = target.appendingPathComponent(Backup.restoreStaging)
+        try fm.createDirectory(at: staging, withIntermediateDirectories: false)
+        try fm.moveItem(at: target.appendingPathComponent("coalition.sqlite"), to: staging.appendingPathComponent("coalition.sqlite"))
+        #expect(throws: StoreError.self) { try Store(dataDirectory: target, configuration: h.configuration, clock: h.clock) }
+        #expect(!Store.hasJournal(target), "the refusal made no new journal")
+        do {
+            try Backup.restore(from: backup, to: target)
+            Issue.record("a restore into an interrupted one must be refused")
+        } catch {
+            #expect("\(error)".contains("interrupted restore"))
+        }
+
+        // Only ledgers in place and an empty staging, no journal: refused too (a new journal
+        // beside the staging would start the coalition over).
+        try fm.removeItem(at: staging.appendingPathComponent("coalition.sqlite"))
+        try fm.removeItem(at: target.appendingPathComponent("ledgers"))
+        #expect(throws: StoreError.self) { try Store(dataDirectory: target, configuration: h.configuration, clock: h.clock) }
+        #expect(!Store.hasJournal(target))
+
+        // Died after the last rename (the journal in place, the staging empty): nothing missing, opens.
+        try fm.removeItem(at: target)
+        try Backup.restore(from: backup, to: target)
+        try fm.createDirectory(at: staging, withIntermediateDirectories: false)
+        let store = try Store(dataDirectory: target, configuration: h.configuration, clock: h.clock)
+        try store.close()
+    }
+}
+
 /// Found by ops/crash-test: a process starting while another writes read the journal's head,
 /// then found the ledger further along (the other process had committed and appended in
 /// between) and refused to start. The ledger is only written after the journal, so a ledger
