@@ -258,6 +258,7 @@ extension Store {
                 try db.cachedStatement(sql: "RELEASE posting").execute()
             } catch {
                 do {
+                    try injectedSavepointUndoFailure()
                     try db.cachedStatement(sql: "ROLLBACK TO posting").execute()
                     try db.cachedStatement(sql: "RELEASE posting").execute()
                 } catch let undo {

@@ -54,6 +54,8 @@ public final class Store: Sendable {
         var laggingLedgers: Set<PartnerID> = []
         /// Set by `close()`; a closed store refuses every write.
         var closed = false
+        /// For tests: undoing the next this many failed postings' savepoints fails.
+        var savepointUndoFailuresToInject = 0
     }
 
     /// Opens (creating if needed) the data directory, migrates, and recovers: any journal
@@ -201,6 +203,21 @@ public final class Store: Sendable {
         var gathered: Int64 = 0, flushes: Int64 = 0
         _ = ch_wal_buffer_stats(db.sqliteConnection, &gathered, &flushes)
         return (Int(gathered), Int(flushes))
+    }
+
+    /// For tests: undoing the savepoint of the next `count` postings that fail in storage fails
+    /// too, as SQLite's `ROLLBACK TO` could (no memory, an I/O error reading the sub-journal).
+    func failSavepointUndos(_ count: Int) {
+        writerState.withLock { $0.savepointUndoFailuresToInject = count }
+    }
+
+    func injectedSavepointUndoFailure() throws {
+        let fail = writerState.withLock { w in
+            guard w.savepointUndoFailuresToInject > 0 else { return false }
+            w.savepointUndoFailuresToInject -= 1
+            return true
+        }
+        if fail { throw StoreError("undoing the savepoint failed (injected)") }
     }
 
     /// For tests: the next `count` writes of the coalition writer's WAL buffer fail as an I/O

@@ -231,4 +231,31 @@ import Testing
         #expect(try h.store.ledgerEntries(G).map(\.sequence) == [1, 2, 3, 4, 5])
         #expect(try h.verify().ok)
     }
+
+    /// A posting fails in storage (here a trigger's RAISE(ABORT)) and undoing its savepoint
+    /// fails too: what it wrote may still be in the transaction, so the batch must not commit.
+    /// Every posting of it is answered 503 and nothing of it is stored; a retry is decided anew.
+    /// Without the undo failing, the same batch costs the failing posting alone.
+    @Test func aFailedSavepointUndoFailsTheWholeBatch() throws {
+        let h = try Harness()
+        #expect(h.store.post(earns(2, prefix: "a")).allSatisfy { $0.httpStatus == 201 })
+        try h.store.coalition.writeWithoutTransaction { db in
+            try db.execute(sql: """
+                CREATE TEMP TRIGGER poison BEFORE INSERT ON main.journal WHEN NEW.reference = 'B-1'
+                BEGIN SELECT RAISE(ABORT, 'poisoned'); END
+                """)
+        }
+        h.store.failSavepointUndos(1)
+        let outcomes = h.store.post(earns(3, prefix: "b"))
+        #expect(outcomes.allSatisfy { $0.httpStatus == 503 }, "\(outcomes.map(slug))")
+        #expect(try h.store.coalition.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM journal") } == 2)
+        #expect(try h.store.ledgerEntries(G).count == 2)
+
+        // The same batch, the undo working: only the poisoned posting fails.
+        #expect(h.store.post(earns(3, prefix: "b")).map(\.httpStatus) == [201, 503, 201])
+        try h.store.coalition.writeWithoutTransaction { try $0.execute(sql: "DROP TRIGGER temp.poison") }
+        #expect(h.store.post(earns(3, prefix: "b")).map(\.httpStatus) == [200, 201, 200])
+        #expect(try h.store.ledgerEntries(G).map(\.event.reference.rawValue) == ["A-0", "A-1", "B-0", "B-2", "B-1"])
+        #expect(try h.verify().ok)
+    }
 }
