@@ -15,8 +15,8 @@ public struct Clearhouse: AsyncParsableCommand {
         commandName: "clearhouse",
         abstract: "Clearhouse: the clearing house of a coalition loyalty program.",
         discussion: """
-            Partners' earns, redemptions and reversals land in per-partner, hash-chained SQLite
-            ledgers, exactly once. Every verb takes --data (default ./data) and --partners
+            Partners' earns, redemptions and reversals land in per-partner, hash-chained SQLite \
+            ledgers, exactly once. Every verb takes --data (default ./data) and --partners \
             (default ./partners).
             """,
         subcommands: [Partners.self, Serve.self, Post.self, Balance.self, Settle.self, Runs.self, Notices.self, StatementCommand.self, Export.self, BackupCommand.self, RestoreCommand.self, Verify.self, Simulate.self])
@@ -138,8 +138,8 @@ struct Post: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Post one event body (read on standard input) exactly as the HTTP route would.",
         discussion: """
-            Prints the success body or the problem document as JSON; exits 0 on success, 1 on a
-            problem. Without --webhook-id, a fresh id is made (the reference still makes a
+            Prints the success body or the problem document as JSON; exits 0 on success, 1 on a \
+            problem. Without --webhook-id, a fresh id is made (the reference still makes a \
             repeat idempotent).
             """)
 
@@ -226,8 +226,8 @@ struct Verify: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Check every invariant from the files on disk; exit 1 on any breach.",
         discussion: """
-            Replays the journal from nothing, recomputes every hash of every chain, compares the
-            lots, balances and flows with the replay, and every partner ledger entry by entry
+            Replays the journal from nothing, recomputes every hash of every chain, compares the \
+            lots, balances and flows with the replay, and every partner ledger entry by entry \
             with the journal. Read-only: may run while serve runs.
             """)
 

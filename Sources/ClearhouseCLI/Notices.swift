@@ -10,9 +10,9 @@ struct Notices: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Watch and send settlement notices: list, show, retry, send.",
         discussion: """
-            Every run writes one notice per partner with activity into the outbox, in the same
-            transaction as the run. `clearhouse serve` delivers them (and retries on the Standard
-            Webhooks schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h);
+            Every run writes one notice per partner with activity into the outbox, in the same \
+            transaction as the run. `clearhouse serve` delivers them (and retries on the Standard \
+            Webhooks schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h); \
             after the last attempt a notice is a dead letter until an operator retries it.
             """,
         subcommands: [List.self, Show.self, Retry.self, Send.self], defaultSubcommand: List.self)

@@ -9,8 +9,8 @@ struct Simulate: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Generate a realistic coalition day and post it through the writer.",
         discussion: """
-            Members earn at every configured partner and redeem elsewhere; refunds reverse
-            earns, some redemptions are undone, and a few postings are deliberately bad. The
+            Members earn at every configured partner and redeem elsewhere; refunds reverse \
+            earns, some redemptions are undone, and a few postings are deliberately bad. The \
             day is the same for the same --seed.
             """)
 
