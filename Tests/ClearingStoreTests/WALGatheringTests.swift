@@ -10,6 +10,20 @@ import Testing
 /// fsync (`CSQLiteConfig/wal_buffer.c`). A commit that returned must be in the WAL file, a
 /// write that fails must fail its commit, and gathering must change no byte of what is stored.
 @Suite struct WALGatheringTests {
+    /// A store holding two earns (A-0, A-1) whose journal insert of reference B-1 fails with
+    /// the trigger's `RAISE(raise, ...)`; `DROP TRIGGER temp.poison` heals it.
+    private func poisonedAfterTwoEarns(raise: String) throws -> Harness {
+        let h = try Harness()
+        #expect(h.store.post(earns(2, prefix: "a")).allSatisfy { $0.httpStatus == 201 })
+        try h.store.coalition.writeWithoutTransaction { db in
+            try db.execute(sql: """
+                CREATE TEMP TRIGGER poison BEFORE INSERT ON main.journal WHEN NEW.reference = 'B-1'
+                BEGIN SELECT RAISE(\(raise), 'poisoned'); END
+                """)
+        }
+        return h
+    }
+
     private func earns(_ count: Int, from: Int = 0, prefix: String = "w") -> [Submission] {
         (from..<(from + count)).map { i in
             Submission(partner: G, webhookID: WebhookID("\(prefix)\(i)")!, event: Fixtures.earn("M\(i % 7)", Int64(10 + i), "\(prefix.uppercased())-\(i)"))
@@ -215,14 +229,7 @@ import Testing
     /// batch fails as a whole (503) and nothing of it is stored; the later postings never
     /// commit on their own, outside the batch's transaction.
     @Test func aTransactionRolledBackBySQLiteFailsTheWholeBatch() throws {
-        let h = try Harness()
-        #expect(h.store.post(earns(2, prefix: "a")).allSatisfy { $0.httpStatus == 201 })
-        try h.store.coalition.writeWithoutTransaction { db in
-            try db.execute(sql: """
-                CREATE TEMP TRIGGER poison BEFORE INSERT ON main.journal WHEN NEW.reference = 'B-1'
-                BEGIN SELECT RAISE(ROLLBACK, 'poisoned'); END
-                """)
-        }
+        let h = try poisonedAfterTwoEarns(raise: "ROLLBACK")
         let outcomes = h.store.post(earns(3, prefix: "b"))
         #expect(outcomes.allSatisfy { $0.httpStatus == 503 }, "\(outcomes.map(slug))")
         try h.store.coalition.writeWithoutTransaction { try $0.execute(sql: "DROP TRIGGER temp.poison") }
@@ -237,14 +244,7 @@ import Testing
     /// Every posting of it is answered 503 and nothing of it is stored; a retry is decided anew.
     /// Without the undo failing, the same batch costs the failing posting alone.
     @Test func aFailedSavepointUndoFailsTheWholeBatch() throws {
-        let h = try Harness()
-        #expect(h.store.post(earns(2, prefix: "a")).allSatisfy { $0.httpStatus == 201 })
-        try h.store.coalition.writeWithoutTransaction { db in
-            try db.execute(sql: """
-                CREATE TEMP TRIGGER poison BEFORE INSERT ON main.journal WHEN NEW.reference = 'B-1'
-                BEGIN SELECT RAISE(ABORT, 'poisoned'); END
-                """)
-        }
+        let h = try poisonedAfterTwoEarns(raise: "ABORT")
         h.store.failSavepointUndos(1)
         let outcomes = h.store.post(earns(3, prefix: "b"))
         #expect(outcomes.allSatisfy { $0.httpStatus == 503 }, "\(outcomes.map(slug))")
