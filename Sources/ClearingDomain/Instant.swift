@@ -80,8 +80,16 @@ public struct Instant: Hashable, Comparable, Sendable, CustomStringConvertible {
         guard i == b.count else { return nil }
         let days = Instant.days(fromCivil: year, month, day)
         let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offsetMinutes * 60
-        millisecondsSinceEpoch = secs * 1000 + milli
+        let ms = secs * 1000 + milli
+        // In UTC too, within the years 0000 to 9999: an offset could carry the instant out of
+        // them, and `rfc3339` (statements, notices) would then write no RFC 3339 date.
+        guard ms >= Instant.formattableMilliseconds.lowerBound, ms <= Instant.formattableMilliseconds.upperBound else { return nil }
+        millisecondsSinceEpoch = ms
     }
+
+    /// The instants `rfc3339` writes as RFC 3339: 0000-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z.
+    public static let formattableMilliseconds: ClosedRange<Int64> =
+        days(fromCivil: 0, 1, 1) * 86_400_000...(days(fromCivil: 10_000, 1, 1) * 86_400_000 - 1)
 
     // MARK: Civil calendar (Howard Hinnant's algorithms)
 

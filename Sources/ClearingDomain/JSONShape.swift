@@ -2,7 +2,9 @@
 /// nesting at most `Limits.jsonDepthMax` deep (the decoder is recursive), no key twice in one
 /// object (the decoder would silently keep one), no escapes in keys (so `"\u0070oints"` cannot
 /// pose as a second `points`), and every number an integer literal (the decoder would turn
-/// `100.0` or `1e2` into 100). Grammar errors are left to the decoder.
+/// `100.0` or `1e2` into 100), UTF-8 only (the decoder would also take UTF-16 and UTF-32,
+/// whose bytes this scan cannot read), and no comma before a closing bracket (the decoder
+/// tolerates one). Other grammar errors are left to the decoder.
 enum JSONShape {
     private enum Frame {
         case object(keys: Set<[UInt8]>, expectingKey: Bool)
@@ -11,10 +13,17 @@ enum JSONShape {
 
     static func check(_ body: some Collection<UInt8>) throws(Problem) {
         let b = Array(body)
+        // RFC 8259 §8.1: UTF-8. A NUL byte is in no JSON text (in a string it must be escaped),
+        // and in every UTF-16 or UTF-32 text of ASCII.
+        guard !b.contains(0), String(validating: b, as: UTF8.self) != nil else {
+            throw Problem(.malformed, "body: JSON must be UTF-8")
+        }
         var stack: [Frame] = []
         var i = 0
+        var previous: UInt8 = 0  // the last byte outside strings and whitespace
         while i < b.count {
             let c = b[i]
+            defer { if c != 0x20 && c != 0x09 && c != 0x0A && c != 0x0D { previous = c } }
             switch c {
             case 0x7B:  // {
                 guard stack.count < Limits.jsonDepthMax else { throw Problem(.malformed, "body: nested deeper than \(Limits.jsonDepthMax)") }
@@ -25,6 +34,7 @@ enum JSONShape {
                 stack.append(.array)
                 i += 1
             case 0x7D, 0x5D:  // } ]
+                guard previous != 0x2C else { throw Problem(.malformed, "body: a comma before a closing bracket") }
                 if !stack.isEmpty { stack.removeLast() }
                 i += 1
             case 0x2C:  // ,

@@ -147,7 +147,7 @@ public struct Intake: Sendable {
         let bytes = body.readableBytesView
         let id = request.headers[.webhookID]
         if let problem = WebhookSignature.verify(
-            id: id, timestamp: request.headers[.webhookTimestamp], signatures: request.headers[.webhookSignature],
+            id: id, timestamp: request.headers[.webhookTimestamp], signatures: Intake.signatureEntries(request.headers),
             body: bytes, secrets: terms.webhookSecrets, now: clock.now())
         {
             throw problem
@@ -163,6 +163,13 @@ public struct Intake: Sendable {
         let outcome = await writer.post(Submission(partner: terms.id, webhookID: webhookID, event: event))
         metrics.posting(outcome)
         return Responses.outcome(outcome)
+    }
+
+    /// Every `webhook-signature` entry of the request, however many lines carry them (a sender
+    /// may send one line per secret): space-separated, as one line would list them.
+    static func signatureEntries(_ headers: HTTPFields) -> String? {
+        let lines = headers[values: .webhookSignature]
+        return lines.isEmpty ? nil : lines.joined(separator: " ")
     }
 
     /// Everything that can refuse a posting before its body is read, then the body itself,
@@ -228,7 +235,12 @@ public struct Intake: Sendable {
     /// Another partner's credentials: 403; none or unknown: 401.
     func authorizeRead(_ request: Request, _ context: ClearhouseContext, for terms: PartnerTerms) async throws(Problem) {
         try await requireCertificateRules(context, terms)
-        if terms.clientCertSHA256 != nil { return }  // its certificate was required and matched
+        if terms.clientCertSHA256 != nil {
+            // Its certificate was required and matched; another partner's token beside it is
+            // still refused, as on a posting.
+            try refuseOtherPartnersToken(request, terms)
+            return
+        }
         if let header = request.headers[.authorization] {
             guard let digest = Intake.bearerTokenSHA256(header) else {
                 throw Problem(.unauthorized, "authorization must be \"Bearer <token>\"")

@@ -49,9 +49,8 @@ public enum WebhookSignature {
         guard let id, let timestamp, let signatures, !id.isEmpty, !timestamp.isEmpty, !signatures.isEmpty else {
             return Problem(.badSignature, "webhook-id, webhook-timestamp and webhook-signature are all required")
         }
-        guard signatures.utf8.count <= headerBytesMax, id.utf8.count <= headerBytesMax else {
-            return Problem(.badSignature, "webhook-signature is too long")
-        }
+        guard id.utf8.count <= headerBytesMax else { return Problem(.badSignature, "webhook-id is too long") }
+        guard signatures.utf8.count <= headerBytesMax else { return Problem(.badSignature, "webhook-signature is too long") }
         // Any decimal integer that fits: an authentic message with a far-off (or millisecond)
         // timestamp is `stale-timestamp`, not `bad-signature`.
         let digits = timestamp.utf8.first == UInt8(ascii: "-") ? timestamp.utf8.dropFirst() : timestamp.utf8[...]
@@ -60,6 +59,9 @@ public enum WebhookSignature {
         }
         var candidates: [Data] = []
         for entry in signatures.split(separator: " ", omittingEmptySubsequences: true).prefix(entriesMax) {
+            // A header sent on several lines reaches here joined by ", " (RFC 9110 §5.3) when a
+            // proxy folded it: the comma is no part of an entry (base64 has none).
+            let entry = entry.last == "," ? entry.dropLast() : entry[...]
             guard entry.hasPrefix("v1,"), let mac = Data(base64Encoded: String(entry.dropFirst(3))), mac.count == 32 else { continue }
             candidates.append(mac)
         }

@@ -120,9 +120,16 @@ import Testing
     @Test func refusesWhatIsNotRFC3339() {
         for bad in ["2026-11-22", "2026-11-22T10:00:00", "2025-02-29T00:00:00Z", "2026-13-01T00:00:00Z",
                     "2026-11-22T24:00:00Z", "2026-11-22T10:00:00.Z", "2026-11-22T10:00:00+0100", "2026-11-22T10:00:00Zjunk",
-                    "yesterday"] {
+                    "yesterday",
+                    // Whose offset carries them out of the years 0000-9999 (statements could not write them).
+                    "0000-01-01T00:00:00+01:00", "9999-12-31T23:59:59-23:59"] {
             #expect(Instant(rfc3339: bad) == nil, "\(bad)")
         }
+        // The edges themselves, each written back as it was read.
+        for edge in ["0000-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"] {
+            #expect(Instant(rfc3339: edge)?.rfc3339 == edge)
+        }
+        #expect(Instant(rfc3339: "0000-01-01T00:59:00+00:59")?.rfc3339 == "0000-01-01T00:00:00.000Z")
     }
 }
 
@@ -177,11 +184,38 @@ import Testing
         (#"{"type":"points.earned","type":"points.redeemed","data":{"member":"M1","points":5,"reference":"R-1"}}"#, "type"),
         (#"{"type":"points.earned","data":{"member":"M1","\u0070oints":5,"reference":"R-1"}}"#, "body"),
         (String(repeating: "[", count: 30_000) + String(repeating: "]", count: 30_000), "body"),
+        // Commas before a closing bracket (Foundation's decoder takes them).
+        (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1",}}"#, "body"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1"} ,\n}"#, "body"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","occurred_at":"9999-12-31T23:59:59-23:59"}}"#, "data.occurred_at"),
+        ("{\"type\":\"points.earned\",\"data\":{\"member\":\"M1\",\"points\":5,\"reference\":\"R-1\"}}\u{0}", "body"),
     ])
     func refusesMalformedBodiesNamingTheField(body: String, field: String) {
         let r = slugAndDetail(body)
         #expect(r?.0 == "malformed", "\(body)")
         #expect(r?.1.hasPrefix(field) == true, "\(body): \(r?.1 ?? "accepted")")
+    }
+
+    /// JSON is UTF-8 (RFC 8259 §8.1). Foundation's decoder would also read UTF-16 and UTF-32,
+    /// whose bytes the strict pre-check cannot see through (`1e1` would pass as 10).
+    @Test func refusesBodiesNotInUTF8() throws {
+        let text = #"{"type":"points.earned","data":{"member":"M1","points":1e1,"reference":"R-1"}}"#
+        var encodings: [[UInt8]] = [
+            Array(text.utf16).flatMap { [UInt8($0 & 0xFF), UInt8($0 >> 8)] },  // UTF-16 LE
+            Array(text.utf16).flatMap { [UInt8($0 >> 8), UInt8($0 & 0xFF)] },  // UTF-16 BE
+            Array(text.unicodeScalars).flatMap { [UInt8($0.value & 0xFF), 0, 0, 0] },  // UTF-32 LE
+        ]
+        encodings.append(Array(#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-"#.utf8) + [0xC3, 0x28] + Array(#""}}"#.utf8))
+        for bytes in encodings {
+            do {
+                _ = try EventParser.parse(bytes)
+                Issue.record("accepted \(bytes.prefix(8))")
+            } catch {
+                #expect(error.kind == .malformed && error.detail == "body: JSON must be UTF-8", "\(error.detail)")
+            }
+        }
+        // The same event in UTF-8, the number an integer: accepted.
+        #expect(try EventParser.parse(Array(text.replacingOccurrences(of: "1e1", with: "10").utf8)).points.value == 10)
     }
 
     @Test func refusesBodiesOver64KiB() {

@@ -172,6 +172,18 @@ func problemType(_ r: TestResponse) -> String? {
             let ahead = b.replacingOccurrences(of: "R-1", with: "R-4")
             let future = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "rot4", body: ahead, timestamp: s.nowSeconds + 300), body: ByteBuffer(string: ahead))
             #expect(future.status == .created, "300 s ahead too")
+
+            // Entries on several header lines (one per secret), in either order, or folded by a
+            // proxy into one line joined with ", ": any matching entry is enough.
+            let bogus = "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+            for i in 0..<3 {
+                let body = b.replacingOccurrences(of: "R-1", with: "R-lines-\(i)")
+                var h = s.headers(id: "lines\(i)", body: body)
+                let good = h[HTTPField.Name("webhook-signature")!]!
+                h[values: HTTPField.Name("webhook-signature")!] = [[bogus, good], [good, bogus], ["\(good), \(bogus)"]][i]
+                let r = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: h, body: ByteBuffer(string: body))
+                #expect(r.status == .created, "\(i): \(String(buffer: r.body))")
+            }
         }
     }
 

@@ -136,6 +136,9 @@ def test_mutual_tls_right_wrong_and_no_certificate(server):
     assert session(server, "medipharm").get(url, timeout=10).json() == {"member": "LIVE-5", "balance": 10}
     bearer_only = session(server).get(url, headers={"authorization": "Bearer dev-token-medipharm"}, timeout=10)
     assert bearer_only.status_code == 403
+    # Its certificate with another partner's token beside it: refused, as on a posting.
+    mixed = session(server, "medipharm").get(url, headers={"authorization": "Bearer dev-token-fuelco"}, timeout=10)
+    assert mixed.status_code == 403 and slug(mixed) == "wrong-partner"
     # The same for its statements: its certificate reads them, its token alone does not, and
     # its certificate reads no other partner's.
     statements = f"https://localhost:{server['port']}/v1/partners/medipharm/statements"
