@@ -241,6 +241,28 @@ def test_curl_reads(server):
     assert curl(server, "-X", "POST", "-H", "content-type: text/plain", "-d", "x", f"{base}/v1/partners/nobody/events")[0] == 404
 
 
+def test_expect_100_continue_gets_its_interim_answer(server):
+    """curl asks `Expect: 100-continue` before a body past 1 KiB and waits (1 s) for the
+    interim answer: the server sends it once nothing before the body refuses the request,
+    and none when the length alone refuses it."""
+    body = earn("LIVE-CONT", 7, "LIVE-CONT-1")
+    body = body[:-2] + "}" + " " * 2000 + "}"
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    when = datetime.datetime.now(tz=datetime.timezone.utc)
+    signature = Webhook(server["fuel_secret"]).sign(msg_id, when, body)
+    url = f"https://localhost:{server['port']}/v1/partners/fuelco/events"
+    out = subprocess.run(["curl", "-sS", "-v", "--max-time", "10", "--expect100-timeout", "8", "--cacert", os.path.join(server["certs"], "ca.crt"),
+                          "-H", "Expect: 100-continue", "-H", "content-type: application/json", "-H", f"webhook-id: {msg_id}",
+                          "-H", f"webhook-timestamp: {int(when.timestamp())}", "-H", f"webhook-signature: {signature}",
+                          "--data-binary", body, "-w", "\n%{http_code}", url], capture_output=True, text=True, timeout=20)
+    assert "< HTTP/1.1 100 Continue" in out.stderr, out.stderr[-2000:]
+    assert out.stdout.rpartition("\n")[2] == "201", out.stdout
+    over = subprocess.run(["curl", "-sS", "-v", "--max-time", "10", "--expect100-timeout", "8", "--cacert", os.path.join(server["certs"], "ca.crt"),
+                           "-H", "Expect: 100-continue", "-H", "content-type: application/json", "--data-binary", "x" * 70_000,
+                           "-w", "\n%{http_code}", url], capture_output=True, text=True, timeout=20)
+    assert "100 Continue" not in over.stderr and over.stdout.rpartition("\n")[2] == "413", over.stderr[-2000:]
+
+
 def test_old_tls_versions_are_refused(server):
     out = subprocess.run(["curl", "-sS", "--max-time", "10", "--tls-max", "1.1", "--cacert", os.path.join(server["certs"], "ca.crt"),
                           f"https://localhost:{server['port']}/healthz"], capture_output=True, text=True, timeout=20)
