@@ -331,6 +331,23 @@ enum Schema {
                       BEGIN SELECT RAISE(ABORT, 'lot_open: points left must lie within a lot of the same member'); END;
                     """)
         }
+        m.registerMigration("v10-coalition-currency") { db in
+            // The currency every run, notice, statement and export of this coalition is in,
+            // recorded by the first store opened after this migration (`Store.recordCurrency`)
+            // and never changed: a closed run's statements must not turn into another currency
+            // when coalition.toml does (CONTRACT §6: a closed run never changes).
+            try db.execute(
+                sql: """
+                    CREATE TABLE coalition_currency (
+                      id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+                      currency TEXT NOT NULL CHECK (length(currency) = 3 AND currency GLOB '[A-Z][A-Z][A-Z]')
+                    );
+                    CREATE TRIGGER coalition_currency_no_update BEFORE UPDATE ON coalition_currency
+                      BEGIN SELECT RAISE(ABORT, 'a coalition''s currency never changes'); END;
+                    CREATE TRIGGER coalition_currency_no_delete BEFORE DELETE ON coalition_currency
+                      BEGIN SELECT RAISE(ABORT, 'a coalition''s currency never changes'); END;
+                    """)
+        }
         return m
     }
 

@@ -71,7 +71,8 @@ extension Store {
                 return Flow(issuer: i, redeemer: d, points: Points(try r.int64("points")))
             }
             let notice = SettlementNotice(
-                run: runID, cutoff: Instant(millisecondsSinceEpoch: try run.int64("cutoff_ms")), currency: configuration.coalition.currency,
+                run: runID, cutoff: Instant(millisecondsSinceEpoch: try run.int64("cutoff_ms")),
+                currency: try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1") ?? configuration.coalition.currency,
                 figures: figures, issuePricePer1000: issuePrice, redeemCreditPer1000: creditPrice)
             return StatementHeader(notice: notice, flows: flows, entryCount: count, firstSequence: first, lastSequence: last)
         }

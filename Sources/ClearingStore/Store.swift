@@ -95,6 +95,7 @@ public final class Store: Sendable {
             walBufferBytes: walBufferBytes)
         try Store.refuseNewerSchema(coalition, Schema.coalition, "coalition.sqlite")
         try Schema.coalition.migrate(coalition)
+        try Store.recordCurrency(coalition, configuration.coalition.currency)
         // From here on, the coalition writer keeps every page a transaction dirties in memory
         // until its COMMIT, however many (a batch is bounded by `Limits.postingBatchMax`, a
         // run by its expiring lots): SQLite 3.40.1 can lose frames written after a `ROLLBACK
@@ -119,6 +120,22 @@ public final class Store: Sendable {
     /// Refuses a database that a newer Clearhouse has migrated further than this binary
     /// knows: this one would write it by rules that no longer hold (since v7, for instance,
     /// the writer must list the expired lots a reversal gives points back to).
+    /// Records the coalition's currency on the first open; afterwards, refuses a configuration
+    /// that names another one (every closed run, notice and statement is in the recorded one).
+    static func recordCurrency(_ db: DatabasePool, _ configured: String) throws {
+        var recorded = try db.read { try String.fetchOne($0, sql: "SELECT currency FROM coalition_currency WHERE id = 1") }
+        if recorded == nil {
+            recorded = try db.write { db in
+                try db.execute(sql: "INSERT OR IGNORE INTO coalition_currency (id, currency) VALUES (1, ?)", arguments: [configured])
+                return try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1")
+            }
+        }
+        guard recorded == configured else {
+            throw StoreError(
+                "coalition.toml: currency: is \(configured), but this coalition settles in \(recorded ?? "?") (recorded in coalition.sqlite); a coalition's currency never changes")
+        }
+    }
+
     static func refuseNewerSchema(_ db: some DatabaseWriter, _ migrator: DatabaseMigrator, _ name: String) throws {
         // Before migrating (a new database has no migrations: nothing to refuse).
         let unknown = try db.read(migrator.appliedIdentifiers).subtracting(migrator.migrations)

@@ -107,8 +107,41 @@ extension MigrationTests {
             ALTER TABLE lot_v7 RENAME TO lot;
             CREATE INDEX lot_open_by_member ON lot(member, id) WHERE remaining > 0;
             CREATE INDEX lot_expiry ON lot(expires_at_ms) WHERE expires_at_ms IS NOT NULL;
-            DELETE FROM grdb_migrations WHERE identifier IN ('v8-open-lots', 'v9-open-lots-within-their-lot');
+            DROP TABLE coalition_currency;
+            DELETE FROM grdb_migrations WHERE identifier IN ('v8-open-lots', 'v9-open-lots-within-their-lot', 'v10-coalition-currency');
             """)
+    }
+
+    /// v10 records the currency on the first open after it; a configuration naming another is
+    /// refused from then on (a closed run's statements would otherwise change currency), and
+    /// the record itself never changes.
+    @Test func theCurrencyIsRecordedOnceAndNeverChanges() throws {
+        let h = try expiredThenReopened()
+        let statement = try h.store.statement(for: G, run: "R000001")
+        #expect(statement?.notice.currency == "EUR")
+        try h.store.close()
+        let url = h.dir.url.appendingPathComponent("coalition.sqlite")
+        // As before v10: no record. The next open records the configured currency.
+        try MigrationTests.rawQueue(url).write { db in
+            try db.execute(sql: "DROP TABLE coalition_currency; DELETE FROM grdb_migrations WHERE identifier = 'v10-coalition-currency'")
+        }
+        try h.reopen()
+        #expect(try h.store.coalition.read { try String.fetchOne($0, sql: "SELECT currency FROM coalition_currency") } == "EUR")
+        try h.store.close()
+
+        var usd = h.configuration
+        usd.coalition.currency = "USD"
+        do {
+            _ = try Store(dataDirectory: h.dir.url, configuration: usd, clock: h.clock)
+            Issue.record("a store opened in another currency")
+        } catch {
+            #expect("\(error)".contains("currency: is USD, but this coalition settles in EUR"), "\(error)")
+        }
+        try h.reopen()
+        #expect(try h.store.statement(for: G, run: "R000001") == statement, "the closed run's statement is as it was")
+        #expect(throws: DatabaseError.self) {
+            try h.store.coalition.write { try $0.execute(sql: "UPDATE coalition_currency SET currency = 'USD'") }
+        }
     }
 
     /// v8 moved each lot's points left out of the lot row into `lot_open`. A directory written
