@@ -77,7 +77,7 @@ public enum BeancountExport {
     ) throws(ArithmeticOverflow) -> String {
         var out = """
             ; The books of the Clearhouse coalition, exported \(generatedAt.rfc3339) by `clearhouse export --format beancount`.
-            ; Amounts in \(currency); points are valued at their issuer's price.
+            ; Amounts in \(currency); points are carried at what their issuer was charged for them (average cost per issuer).
             option "title" "Clearhouse coalition"
             option "operating_currency" "\(currency)"
 
@@ -88,6 +88,30 @@ public enum BeancountExport {
         for p in everyone.sorted() { out += "\(opened) open \(partnerAccount(p)) \(currency)\n" }
         out += "\(opened) open \(liability) \(currency)\n\(opened) open \(margin) \(currency)\n\(opened) open \(breakage) \(currency)\n"
         var price = prices
+        // Each issuer's points outstanding and what they were booked at (their carrying value):
+        // points leave the liability (redeemed, expired) at their average booked cost, not at
+        // today's price, so a price change moves no value between the liability and income, and
+        // the last point out takes the last cent with it.
+        var held: [PartnerID: Int64] = [:], carried: [PartnerID: MoneyMinor] = [:]
+        func release(_ k: Points, of issuer: PartnerID) throws(ArithmeticOverflow) -> MoneyMinor {
+            let h = held[issuer] ?? 0, c = carried[issuer] ?? .zero
+            let value: MoneyMinor
+            if k.value == h {
+                value = c
+            } else if h > 0 {
+                guard let v = Int64(exactly: Rounding.divideRoundingHalfEven(Int128(c.value) * Int128(k.value), by: Int128(h))) else {
+                    throw ArithmeticOverflow("\(k.value) of \(h) points carried at \(c.value)")
+                }
+                value = MoneyMinor(v)
+            } else {
+                value = try Rounding.priceOf(k, per1000: price[issuer] ?? .zero)  // nothing booked to take from
+            }
+            let (left, overflow) = h.subtractingReportingOverflow(k.value)
+            if overflow { throw ArithmeticOverflow("\(h) - \(k.value) points") }
+            held[issuer] = left
+            carried[issuer] = try c.subtracting(value)
+            return value
+        }
         var balances: [String: MoneyMinor] = [:]
         func post(_ account: String, _ v: MoneyMinor) throws(ArithmeticOverflow) -> String {
             balances[account] = try (balances[account] ?? .zero).adding(v)
@@ -100,22 +124,26 @@ public enum BeancountExport {
             let date = day(run.cutoff)
             for (p, v) in run.issuePrices { price[p] = v }
             out += "\n; Run \(run.id), cutoff \(run.cutoff.rfc3339): operator margin \(amount(run.operatorMarginMinor.value, currency)) \(currency), netting efficiency \(run.nettingEfficiency)\n"
-            for f in run.partners where f.payableMinor != .zero {
+            for f in run.partners where f.issuedPoints != .zero || f.payableMinor != .zero {
+                let (points, overflow) = (held[f.partner] ?? 0).addingReportingOverflow(f.issuedPoints.value)
+                if overflow { throw ArithmeticOverflow("points outstanding of \(f.partner)") }
+                held[f.partner] = points
+                carried[f.partner] = try (carried[f.partner] ?? .zero).adding(f.payableMinor)
                 let lines = try post(partnerAccount(f.partner), f.payableMinor) + post(liability, MoneyMinor(0).subtracting(f.payableMinor))
                 out += transaction(date, run.id, f.partner, "\(f.partner) issued \(f.issuedPoints.value) points", lines)
             }
             for f in run.partners where f.redeemedPoints != .zero || f.receivableMinor != .zero {
-                // The redeemed points, valued at the price their issuers were charged.
+                // The redeemed points, valued at what their issuers were charged for them.
                 var value = MoneyMinor.zero
                 for flow in run.flows where flow.redeemer == f.partner {
-                    value = try value.adding(Rounding.priceOf(flow.points, per1000: price[flow.issuer] ?? .zero))
+                    value = try value.adding(release(flow.points, of: flow.issuer))
                 }
                 let lines = try post(liability, value) + post(partnerAccount(f.partner), MoneyMinor(0).subtracting(f.receivableMinor))
                     + post(margin, f.receivableMinor.subtracting(value))
                 out += transaction(date, run.id, f.partner, "\(f.redeemedPoints.value) points redeemed at \(f.partner)", lines)
             }
             for f in run.partners where f.expiredPoints != .zero {
-                let value = try Rounding.priceOf(f.expiredPoints, per1000: price[f.partner] ?? .zero)
+                let value = try release(f.expiredPoints, of: f.partner)
                 let lines = try post(liability, value) + post(breakage, MoneyMinor(0).subtracting(value))
                 out += transaction(date, run.id, f.partner, "breakage, \(f.expiredPoints.value) points issued by \(f.partner) expired", lines)
             }

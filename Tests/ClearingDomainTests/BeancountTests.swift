@@ -47,6 +47,43 @@ import Testing
         #expect(text.contains("2026-11-24 balance Income:Breakage  -6.00 EUR"))
         #expect(text.contains("2026-11-24 balance Income:Margin  0.40 EUR"))
         // And Beancount itself agrees: every transaction balances, every assertion holds.
+        #expect(try beanCheck(text) == 0)
+    }
+
+    /// Points leave the liability at what their issuer was charged for them (average cost per
+    /// issuer), not at a price set since: the liability stays the booked value of the points
+    /// outstanding, and the last point out takes the last cent with it.
+    @Test func pointsLeaveTheLiabilityAtTheirBookedCost() throws {
+        let g = PartnerID("grocer")!, c = PartnerID("cinema")!
+        func figures(_ p: PartnerID, issued: Int64 = 0, redeemed: Int64 = 0, expired: Int64 = 0, payable: Int64 = 0, receivable: Int64 = 0) -> PartnerFigures {
+            PartnerFigures(partner: p, issuedPoints: Points(issued), redeemedPoints: Points(redeemed), expiredPoints: Points(expired),
+                           payableMinor: MoneyMinor(payable), receivableMinor: MoneyMinor(receivable), netMinor: MoneyMinor(receivable - payable))
+        }
+        let day = { (d: Int) in Instant(rfc3339: "2026-11-2\(d)T23:00:00Z")! }
+        // Run 1: grocer issues 1000 points at 10.00 per 1000. Its price then doubles; run 2:
+        // it issues 1 more (0.02), and cinema redeems 1000 (credited 9.50). Run 3: the last point expires.
+        let runs = [
+            BeancountExport.Run(id: "R000001", cutoff: day(1), partners: [figures(g, issued: 1000, payable: 1000)],
+                                issuePrices: [g: MoneyMinor(1000)], flows: [], operatorMarginMinor: MoneyMinor(1000), nettingEfficiency: "0.000000"),
+            BeancountExport.Run(id: "R000002", cutoff: day(2), partners: [figures(g, issued: 1, payable: 2), figures(c, redeemed: 1000, receivable: 950)],
+                                issuePrices: [g: MoneyMinor(2000), c: MoneyMinor(1000)], flows: [Flow(issuer: g, redeemer: c, points: Points(1000))],
+                                operatorMarginMinor: MoneyMinor(-948), nettingEfficiency: "0.000000"),
+            BeancountExport.Run(id: "R000003", cutoff: day(3), partners: [figures(g, expired: 1)],
+                                issuePrices: [g: MoneyMinor(2000)], flows: [], operatorMarginMinor: .zero, nettingEfficiency: "0.000000"),
+        ]
+        let text = try BeancountExport.ledger(runs: runs, currency: "EUR", prices: [g: MoneyMinor(1000), c: MoneyMinor(1000)], generatedAt: day(3))
+        // 1001 points carried at 10.02: the 1000 redeemed leave at 10.01 (not at today's 20.00).
+        #expect(text.contains("  Liabilities:Points:Outstanding  10.01 EUR\n  Assets:Partners:Cinema  -9.50 EUR\n  Income:Margin  -0.51 EUR\n"), "\(text)")
+        #expect(text.contains("2026-11-23 balance Liabilities:Points:Outstanding  -0.01 EUR"))
+        #expect(text.contains("2026-11-23 balance Income:Margin  -0.51 EUR"), "liability + margin = -(10.00 - 9.48) of operator margin")
+        // The last point out takes the last cent: nothing outstanding, nothing left in the liability.
+        #expect(text.contains("  Liabilities:Points:Outstanding  0.01 EUR\n  Income:Breakage  -0.01 EUR\n"))
+        #expect(text.contains("2026-11-24 balance Liabilities:Points:Outstanding  0.00 EUR"))
+        #expect(try beanCheck(text) == 0)
+    }
+
+    /// `bean-check`'s exit status on `text`.
+    func beanCheck(_ text: String) throws -> Int32 {
         let dir = TemporaryDirectory("clearhouse-beancount")
         defer { dir.remove() }
         let file = dir.url.appendingPathComponent("books.beancount")
@@ -56,6 +93,6 @@ import Testing
         check.arguments = [file.path]
         try check.run()
         check.waitUntilExit()
-        #expect(check.terminationStatus == 0)
+        return check.terminationStatus
     }
 }
