@@ -177,7 +177,7 @@ extension Store {
         let previousCutoff: Int64? = previous?[1]
         let first: Int64 = (previous?[2] ?? 0) + 1
         if let p = previousCutoff, cutoff.millisecondsSinceEpoch < p {
-            throw SettlementError(description: "--through \(cutoff) is before the last run's cutoff \(Instant(millisecondsSinceEpoch: p))")
+            throw SettlementError(description: "the cutoff \(cutoff) is before the last run's cutoff \(Instant(millisecondsSinceEpoch: p)) (without --through the cutoff is now: is this machine's clock behind?)")
         }
         guard cutoff <= now else {
             throw SettlementError(description: "--through \(cutoff) is in the future; entries may still be accepted before it")
@@ -249,7 +249,7 @@ extension Store {
         var sequenceRanges: [PartnerID: SequenceRange] = [:]
         for p in Set(issued.keys).union(redeemed.keys).union(expired.keys).sorted() {
             guard let terms = configuration.partners[p] else {
-                throw SettlementError(description: "partner \(p) has entries in the run but no terms in the configuration")
+                throw SettlementError(description: "partner \(p) has entries or expiring points in this run but no terms in the configuration (partners/\(p).toml): put its file back to settle; a partner leaves only once none of its points are outstanding (docs/OPERATIONS.md)")
             }
             // Every partner with an entry in the run, or expired points, has figures (and gets
             // a notice), even when its entries cancel out to zero.
