@@ -72,8 +72,13 @@ public struct DaySimulator: Sendable, IteratorProtocol {
         produced += 1
         let n = produced
         let posting: SimulatedPosting
-        if Int.random(in: 0..<1000, using: &rng) < badPerMille, !recent.isEmpty {
-            posting = bad(n)
+        // A bad posting's victim is a recent ordinary earn: an earn is always accepted, so its
+        // replay is always 200 and its reference always taken. (A refused posting writes
+        // nothing: a "replay" of one is decided anew and may well be accepted.)
+        if Int.random(in: 0..<1000, using: &rng) < badPerMille,
+            case let earns = recent.filter({ $0.intent == nil && $0.event.kind == .earned }), !earns.isEmpty
+        {
+            posting = bad(n, victim: pick(earns))
         } else {
             posting = ordinary(n)
         }
@@ -125,8 +130,7 @@ public struct DaySimulator: Sendable, IteratorProtocol {
             intent: nil)
     }
 
-    private mutating func bad(_ n: Int) -> SimulatedPosting {
-        let victim = pick(recent)
+    private mutating func bad(_ n: Int, victim: SimulatedPosting) -> SimulatedPosting {
         let (wid, ref) = ids(victim.partner, n)
         switch Int.random(in: 0..<5, using: &rng) {
         case 0:
@@ -150,8 +154,8 @@ public struct DaySimulator: Sendable, IteratorProtocol {
                 intent: "reversal of an unknown original")
         default:
             let other = member(Int.random(in: 0..<memberCount, using: &rng))
-            let kind: EventKind = victim.event.kind == .redeemed ? .redemptionReversed : .earnReversed
-            guard other != victim.event.member, victim.event.kind == .earned || victim.event.kind == .redeemed else {
+            let kind: EventKind = .earnReversed
+            guard other != victim.event.member else {
                 var p = victim
                 p.intent = "replay of a delivered webhook"
                 return p
