@@ -48,6 +48,18 @@ struct ReplayBook {
     private(set) var lots: [Int64: Lot] = [:]
     private var lotsOfMember: [MemberID: [Int64]] = [:]
     private(set) var takes: [Int64: [LotTake]] = [:]
+    /// Each redemption's and redemption reversal's moves of points between flows (`lot_move`),
+    /// in position order: +k per take, −k per return.
+    struct Move: Equatable {
+        var lot: Int64
+        var issuer: PartnerID
+        var redeemer: PartnerID
+        var points: Int64
+    }
+    private(set) var moves: [Int64: [Move]] = [:]
+    /// Each partner's points by kind (earned, redeemed, earn_reversed, redemption_reversed)
+    /// and its entries, over every entry replayed so far (`partner_head`, `run_snapshot`).
+    private(set) var kindTotals: [PartnerID: (totals: [Int64], entries: Int64)] = [:]
     private(set) var flows: [FlowKey: Int64] = [:]
     private var originals: [PartnerID: [Reference: (id: Int64, kind: EventKind, member: MemberID)]] = [:]
     /// Σ over entries of earned − earn_reversed, and of redeemed − redemption_reversed.
@@ -78,6 +90,11 @@ struct ReplayBook {
     mutating func apply(_ e: Entry) -> String? {
         let n = e.event.points.value
         let member = e.event.member
+        // Every journal entry counts in its partner's running totals, as the writer keeps them.
+        var k = kindTotals[e.partner] ?? (totals: [0, 0, 0, 0], entries: 0)
+        k.totals[e.event.kind.rawValue - 1] += n
+        k.entries += 1
+        kindTotals[e.partner] = k
         if originals[e.partner]?[e.event.reference] != nil { return "reference \(e.event.reference) appears twice" }
         switch e.event.kind {
         case .earned:
@@ -101,6 +118,7 @@ struct ReplayBook {
                 current.flows[FlowKey(issuer: t.issuer, redeemer: e.partner), default: 0] += t.points.value
             }
             takes[e.journalID] = taken
+            moves[e.journalID] = taken.map { Move(lot: $0.lotID, issuer: $0.issuer, redeemer: e.partner, points: $0.points.value) }
             redeemedPoints += n
             current.redeemed[e.partner, default: 0] += n
         case .earnReversed, .redemptionReversed:
@@ -119,6 +137,7 @@ struct ReplayBook {
                 guard let back = FIFO.giveBack(e.event.points, to: takes[o.id] ?? []) else {
                     return "redemption reversal exceeds what is left to reverse"
                 }
+                moves[e.journalID] = back.map { Move(lot: $0.lotID, issuer: $0.issuer, redeemer: e.partner, points: -$0.points.value) }
                 for r in back {
                     takes[o.id]![r.takeIndex].returned = Points(takes[o.id]![r.takeIndex].returned.value + r.points.value)
                     lots[r.lotID]!.remaining += r.points.value

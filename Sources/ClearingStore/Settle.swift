@@ -260,6 +260,17 @@ extension Store {
         let flows = moved.filter { $0.value != 0 }
             .map { Flow(issuer: $0.key.issuer, redeemer: $0.key.redeemer, points: Points($0.value)) }
             .sorted { ($0.issuer, $0.redeemer) < ($1.issuer, $1.redeemer) }
+        // Invariant 5 before anything is recorded: the figures come from running totals and
+        // flows the writer kept, and a run, once closed, is paid and never changes. Totals that
+        // disagree with each other (a damaged or edited database) stop the run here.
+        var into: [PartnerID: Int64] = [:]
+        for f in flows { into[f.redeemer, default: 0] += f.points.value }
+        for f in figures where (into[f.partner] ?? 0) != f.redeemedPoints.value {
+            throw SettlementError(description: "the coalition database disagrees with itself: flows into \(f.partner) sum to \(into[f.partner] ?? 0) points, its redeemed points are \(f.redeemedPoints.value); nothing was settled. Run `clearhouse verify`")
+        }
+        if let stray = into.keys.first(where: { p in !figures.contains { $0.partner == p } }) {
+            throw SettlementError(description: "the coalition database disagrees with itself: flows into \(stray) sum to \(into[stray]!) points but it redeemed nothing in this run; nothing was settled. Run `clearhouse verify`")
+        }
         let totals = try RunTotals(figures)
         let run = SettlementRun(
             number: number, id: SettlementRun.id(number: number), cutoff: cutoff, firstJournalID: first, lastJournalID: last,

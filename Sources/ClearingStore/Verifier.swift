@@ -31,14 +31,18 @@ public enum Verifier {
             report.breach("\(dataDirectory.path): cannot be read")
             return report
         }
+        if names.contains(Backup.restoreStaging) {
+            report.breach("\(dataDirectory.path): holds an interrupted restore (\(Backup.restoreStaging)): part of the backup may be missing; empty the directory and restore again")
+        }
         guard Store.hasJournal(dataDirectory) else {
-            // Only a data directory that holds nothing yet has nothing to verify: ledgers
-            // without their journal are damage (the truth is gone), not an empty start.
+            // Every data directory that was ever opened has its journal (serve, post and
+            // restore make it first): without one, this is not the data (a mistyped --data, an
+            // empty target), or the truth is gone. Never "ok".
             let ledgers = Store.ledgerFileNames(dataDirectory)
             if !ledgers.isEmpty {
                 report.breach("\(dataDirectory.path): \(ledgers.count) ledger(s) but no coalition.sqlite: the journal is missing; restore it from a backup")
             } else {
-                report.checks.append("no coalition.sqlite in \(dataDirectory.path) (\(names.isEmpty ? "empty" : "no ledgers either")): nothing to verify")
+                report.breach("\(dataDirectory.path): no coalition.sqlite (\(names.isEmpty ? "an empty directory" : "no journal, no ledgers")): not a data directory")
             }
             return report
         }
@@ -102,11 +106,22 @@ public enum Verifier {
         report.checks.append("invariants 4 and 5: \(runs.closed) runs contiguous and unchanged (figures, expiry and flows recomputed), Σ net + margin = 0, gross, net transfers and netting efficiency recomputed, flows into each redeemer = its redeemed points")
         report.checks.append("notices: \(notices) settlement notices, one per partner of each run, each carrying its run's figures")
 
-        for row in try Row.fetchAll(db, sql: "SELECT partner, last_sequence, last_hash FROM partner_head") {
+        let hasTotals = try db.columns(in: "partner_head").contains { $0.name == "earned" }  // from v6 on
+        for row in try Row.fetchAll(
+            db,
+            sql: hasTotals
+                ? "SELECT partner, last_sequence, last_hash, earned, redeemed, earn_reversed, redemption_reversed FROM partner_head"
+                : "SELECT partner, last_sequence, last_hash, 0, 0, 0, 0 FROM partner_head")
+        {
             guard let p = PartnerID(row[0] as String) else { report.breach("partner_head: invalid partner"); continue }
             let h = heads[p]
             if h?.sequence ?? 0 != row[1] as Int64 || (h?.hash ?? []) != Array(row[2] as Data) {
                 report.breach("partner_head \(p): does not match the end of its journal chain")
+            }
+            // The running totals the next run's figures are the differences of.
+            let stored: [Int64] = [row[3], row[4], row[5], row[6]]
+            if hasTotals, stored != book.kindTotals[p]?.totals ?? [0, 0, 0, 0] {
+                report.breach("partner_head \(p): running totals (earned, redeemed, reversed) \(stored) but the journal sums to \(book.kindTotals[p]?.totals ?? [0, 0, 0, 0])")
             }
         }
         for p in heads.keys where try Int.fetchOne(db, sql: "SELECT 1 FROM partner_head WHERE partner = ?", arguments: [p.rawValue]) == nil {
@@ -146,11 +161,13 @@ public enum Verifier {
             openByMember[row[1] as String, default: 0] += remaining
             guard let r = book.lots[id] else { report.breach("lot \(id): no earn in the journal made it"); continue }
             let expires: Int64? = row[7]
-            if r.member.rawValue != row[1] as String || r.issuer.rawValue != row[2] as String || r.points != row[3] as Int64
-                || r.remaining != remaining || r.reversed != row[5] as Int64 || r.expired != row[6] as Int64
-                || r.expiresAt?.millisecondsSinceEpoch != expires
-            {
-                report.breach("lot \(id): holds \(remaining) of \(row[3] as Int64) but the journal gives \(r.remaining) of \(r.points)")
+            let differing = [
+                ("member", r.member.rawValue != row[1] as String), ("issuer", r.issuer.rawValue != row[2] as String),
+                ("points", r.points != row[3] as Int64), ("remaining", r.remaining != remaining), ("reversed", r.reversed != row[5] as Int64),
+                ("expired", r.expired != row[6] as Int64), ("expires_at", r.expiresAt?.millisecondsSinceEpoch != expires),
+            ].filter(\.1).map(\.0)
+            if !differing.isEmpty {
+                report.breach("lot \(id): differs from the journal in \(differing.joined(separator: ", ")) (holds \(remaining) of \(row[3] as Int64); the journal gives \(r.remaining) of \(r.points))")
             }
         }
         if lotRows != book.lots.count { report.breach("lots: \(lotRows) rows but the journal makes \(book.lots.count)") }
@@ -224,7 +241,23 @@ public enum Verifier {
             else { report.breach("lot_take \(row[0] as Int64)/\(pos): differs from the journal"); continue }
         }
         if takeRows != book.takes.values.reduce(0, { $0 + $1.count }) { report.breach("lot_take: row count differs from the journal") }
-        report.checks.append("flows: \(replayed.count) issuer→redeemer flows and \(takeRows) lot takes equal the replay")
+        // The moves between flows, entry by entry: a run's flows are their sums (settle reads
+        // those after its cutoff), so each must be the replay's.
+        var moveRows = 0, movesWrong = 0
+        let moves = try Row.fetchCursor(db, sql: "SELECT entry_id, position, lot_id, issuer, redeemer, points FROM lot_move ORDER BY entry_id, position")
+        while let row = try moves.next() {
+            moveRows += 1
+            let entry: Int64 = row[0], pos: Int = row[1]
+            guard let m = book.moves[entry], pos < m.count, m[pos].lot == row[2] as Int64, m[pos].issuer.rawValue == row[3] as String,
+                m[pos].redeemer.rawValue == row[4] as String, m[pos].points == row[5] as Int64
+            else {
+                movesWrong += 1
+                if movesWrong <= 10 { report.breach("lot_move \(entry)/\(pos): differs from the journal") }
+                continue
+            }
+        }
+        if moveRows != book.moves.values.reduce(0, { $0 + $1.count }) { report.breach("lot_move: row count differs from the journal") }
+        report.checks.append("flows: \(replayed.count) issuer→redeemer flows, \(takeRows) lot takes and \(moveRows) moves equal the replay")
     }
 
     /// The ledger half of invariant 3: each ledger gapless, chained, every hash recomputed,
@@ -385,6 +418,10 @@ struct RunChecker {
         var flows: [ReplayBook.FlowKey: Int64]
         /// The ledger ranges recorded for statements (nil for runs closed before they were).
         var ranges: [PartnerID: (count: Int64, first: Int64?, last: Int64?)]
+        /// The running totals at the cutoff (`run_snapshot`: last sequence, then points by kind)
+        /// and the all-time flows (`run_flow_snapshot`), which the next run subtracts.
+        var snapshot: [PartnerID: [Int64]]
+        var flowSnapshot: [ReplayBook.FlowKey: Int64]
     }
 
     /// The ranges seen while replaying the run now open.
@@ -416,11 +453,23 @@ struct RunChecker {
                     flows[ReplayBook.FlowKey(issuer: i, redeemer: d)] = r["points"]
                 }
             }
+            var snapshot: [PartnerID: [Int64]] = [:]
+            for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_snapshot WHERE run_number = ?", arguments: [number])) ?? [] {
+                if let p = PartnerID(r["partner"] as String) {
+                    snapshot[p] = [r["last_sequence"], r["earned"], r["redeemed"], r["earn_reversed"], r["redemption_reversed"]]
+                }
+            }
+            var flowSnapshot: [ReplayBook.FlowKey: Int64] = [:]
+            for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_flow_snapshot WHERE run_number = ?", arguments: [number])) ?? [] {
+                if let i = PartnerID(r["issuer"] as String), let d = PartnerID(r["redeemer"] as String) {
+                    flowSnapshot[ReplayBook.FlowKey(issuer: i, redeemer: d)] = r["points"]
+                }
+            }
             pending.append(StoredRun(
                 number: number, id: row["id"], cutoff: Instant(millisecondsSinceEpoch: row["cutoff_ms"]), first: row["first_journal_id"],
                 last: row["last_journal_id"], margin: row["operator_margin_minor"], gross: row["gross_minor"],
                 transfers: row["net_transfers_minor"], efficiencyPPM: row["netting_efficiency_ppm"], partners: partners, flows: flows,
-                ranges: ranges))
+                ranges: ranges, snapshot: snapshot, flowSnapshot: flowSnapshot))
         }
     }
 
@@ -491,6 +540,18 @@ struct RunChecker {
                 }
             }
             seen = [:]
+            // The snapshot the next run's figures start from: every partner's running totals
+            // and the flows as they stood at this cutoff. Runs closed before snapshots were
+            // kept (v6) have none; the last run must have one as soon as anything was posted.
+            if !run.snapshot.isEmpty || pending.isEmpty {
+                let expected = book.kindTotals.mapValues { [$0.entries] + $0.totals }
+                for p in Set(expected.keys).union(run.snapshot.keys) where (run.snapshot[p] ?? [0, 0, 0, 0, 0]) != (expected[p] ?? [0, 0, 0, 0, 0]) {
+                    report.breach("\(at): partner \(p)'s snapshot (last sequence, points by kind) \(run.snapshot[p] ?? []) differs from the journal's \(expected[p] ?? [0, 0, 0, 0, 0]) at its cutoff")
+                }
+                if run.flowSnapshot.filter({ $0.value != 0 }) != book.flows.filter({ $0.value != 0 }) {
+                    report.breach("\(at): the flows recorded at its cutoff differ from the journal's")
+                }
+            }
             var into: [PartnerID: Int64] = [:]
             for (k, v) in run.flows { into[k.redeemer, default: 0] += v }
             for (p, s) in run.partners where (into[p] ?? 0) != s.redeemed {

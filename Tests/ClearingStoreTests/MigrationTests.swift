@@ -173,7 +173,7 @@ extension MigrationTests {
         #expect(try h.verify().ok)
         let tamper = try MigrationTests.rawQueue(url)
         try tamper.write { try $0.execute(sql: "UPDATE lot SET remaining = 49 WHERE id = 5") }
-        #expect(try h.verify().breaches.contains { $0.contains("lot 5: holds 49 of 200") })
+        #expect(try h.verify().breaches.contains { $0.contains("lot 5: differs from the journal in remaining") && $0.contains("holds 49 of 200") })
         try tamper.write { try $0.execute(sql: "UPDATE lot SET remaining = 50 WHERE id = 5") }
         try tamper.close()
 
@@ -205,7 +205,7 @@ extension MigrationTests {
         let raw = try MigrationTests.rawQueue(h.dir.url.appendingPathComponent("coalition.sqlite"))
         try raw.write { try $0.execute(sql: "UPDATE lot_open SET remaining = 99 WHERE member = 'M1'") }
         var report = try h.verify()
-        #expect(report.breaches.contains { $0.contains("lot 1: holds 99 of 100") }, "\(report.breaches)")
+        #expect(report.breaches.contains { $0.contains("lot 1: differs from the journal in remaining") && $0.contains("holds 99 of 100") }, "\(report.breaches)")
         // SQLite itself refuses points left beyond their lot or under another member...
         #expect(throws: DatabaseError.self) { try raw.write { try $0.execute(sql: "UPDATE lot_open SET remaining = 101 WHERE member = 'M1'") } }
         #expect(throws: DatabaseError.self) { try raw.write { try $0.execute(sql: "UPDATE lot_open SET remaining = 100, member = 'M2' WHERE member = 'M1'") } }

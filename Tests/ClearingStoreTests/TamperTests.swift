@@ -114,10 +114,14 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         // No data directory at all: a breach too (a mistyped --data is not "ok").
         let missing = try Verifier.verify(dataDirectory: h.dir.url.appendingPathComponent("no-such-dir"))
         #expect(!missing.ok && missing.breaches[0].contains("no such data directory"))
-        // An empty one: nothing to verify, ok.
+        // An empty one (a restore's target before it, a mistyped path made by hand): a breach.
         let empty = h.dir.url.appendingPathComponent("empty")
         try FileManager.default.createDirectory(at: empty, withIntermediateDirectories: true)
-        #expect(try Verifier.verify(dataDirectory: empty).ok)
+        let none = try Verifier.verify(dataDirectory: empty)
+        #expect(!none.ok && none.breaches[0].contains("no coalition.sqlite (an empty directory): not a data directory"), "\(none.breaches)")
+        // What an interrupted restore leaves: a breach naming it.
+        try FileManager.default.createDirectory(at: empty.appendingPathComponent(Backup.restoreStaging), withIntermediateDirectories: true)
+        #expect(try Verifier.verify(dataDirectory: empty).breaches.contains { $0.contains("holds an interrupted restore") })
     }
 
     /// Invariant 5 and the run's totals: a run edited around its triggers (margin, gross, net
@@ -141,6 +145,41 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(changed.status == 0, "\(changed.stderr)")
         let r = try h.verify()
         #expect(r.breaches.contains { $0.contains("run R000001") && $0.contains(named) }, "\(r.breaches)")
+    }
+
+    /// What settle computes a run from besides the journal (each partner's running totals,
+    /// the snapshot at the last cutoff, the moves between flows): each, edited, is a breach
+    /// before any run is made of it; and settle itself refuses figures whose flows do not add
+    /// up to the redeemed points, recording nothing.
+    @Test(arguments: [
+        ("UPDATE partner_head SET earned = earned + 100000 WHERE partner = 'grocer'", "partner_head grocer: running totals"),
+        ("DROP TRIGGER run_snapshot_immutable_u; UPDATE run_snapshot SET redeemed = redeemed + 7 WHERE partner = 'cinema'", "run R000001: partner cinema's snapshot"),
+        ("DROP TRIGGER run_flow_snapshot_immutable_u; UPDATE run_flow_snapshot SET points = points - 50", "run R000001: the flows recorded at its cutoff"),
+        ("UPDATE lot_move SET points = points + 19 WHERE entry_id = (SELECT MAX(entry_id) FROM lot_move)", "lot_move"),
+    ])
+    func whatSettleComputesFromIsVerified(edit: String, named: String) throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 1000, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 400, "C-1"))
+        h.clock.advance(milliseconds: 1_000)
+        _ = try h.store.settle()
+        h.clock.advance(milliseconds: 1_000)
+        _ = h.post(G, "g2", Fixtures.earn("M1", 100, "G-2"))
+        _ = h.post(C, "c2", Fixtures.redeem("M1", 300, "C-2"))
+        // A cutoff before these two: a run then subtracts their moves from the flows.
+        let cutoff = Instant(millisecondsSinceEpoch: h.clock.now().millisecondsSinceEpoch - 1)
+        try h.store.close()
+        #expect(try h.verify().ok)
+        let changed = try SQLiteTool.run(h.dir.url.appendingPathComponent("coalition.sqlite"), edit)
+        #expect(changed.status == 0, "\(changed.stderr)")
+        let r = try h.verify()
+        #expect(!r.ok && r.breaches.contains { $0.contains(named) }, "\(r.breaches)")
+        // A run made of the flows or the snapshot's flows: settle refuses it, and records nothing.
+        if edit.contains("flow") || edit.contains("lot_move") {
+            try h.reopen()
+            #expect(throws: SettlementError.self) { try h.store.settle(through: cutoff) }
+            #expect(try h.store.runs().count == 1, "no second run")
+        }
     }
 
     @Test func ledgersRefuseUpdatesDeletesAndGapsThemselves() throws {
