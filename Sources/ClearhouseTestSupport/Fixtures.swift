@@ -74,17 +74,20 @@ public enum SQLiteTool {
     public struct Result: Sendable {
         public let status: Int32
         public let stderr: String
+        /// What the statements printed (small results only: read after the process ends).
+        public let stdout: String
     }
 
     public static func run(_ database: URL, _ sql: String) throws -> Result {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/sqlite3")
         p.arguments = [database.path, sql]
-        let err = Pipe()
+        let err = Pipe(), out = Pipe()
         p.standardError = err
+        p.standardOutput = out
         try p.run()
         let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         p.waitUntilExit()
-        return Result(status: p.terminationStatus, stderr: text)
+        return Result(status: p.terminationStatus, stderr: text, stdout: String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
     }
 }

@@ -378,10 +378,14 @@ extension Verifier {
             report.breach("run \(try row.int64("run_number")): partner \(try row.text("partner")) has no settlement notice")
         }
         let fields = ["issued_points", "redeemed_points", "expired_points", "payable_minor", "receivable_minor", "net_minor"]
+        // The currency recorded with the coalition (v10); before it, each notice's own.
+        let currency = try db.tableExists("coalition_currency")
+            ? try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1") : nil
         let rows = try Row.fetchAll(
             db,
             sql: """
-                SELECT n.id, n.run_number, n.partner, n.body, r.id AS run_id, r.cutoff_ms, \(fields.map { "rp.\($0)" }.joined(separator: ", "))
+                SELECT n.id, n.run_number, n.partner, n.body, r.id AS run_id, r.cutoff_ms, \(fields.map { "rp.\($0)" }.joined(separator: ", ")),
+                  rp.issue_price_per_1000, rp.redeem_credit_per_1000
                 FROM notice n LEFT JOIN run r ON r.number = n.run_number
                 LEFT JOIN run_partner rp ON rp.run_number = n.run_number AND rp.partner = n.partner
                 """)
@@ -404,6 +408,21 @@ extension Verifier {
             }
             for f in fields where (data[f] as? NSNumber)?.int64Value != (try row.int64(f)) {
                 report.breach("notice \(id): \(f) differs from the run's figures")
+            }
+            // And byte for byte: the notice its run's recorded figures, prices and currency make
+            // (direction, prices and currency are in it too, and a partner pays by it).
+            guard let p = PartnerID(partner) else { continue }
+            let expected = SettlementNotice(
+                run: runID, cutoff: Instant(millisecondsSinceEpoch: try row.int64("cutoff_ms")),
+                currency: currency ?? (data["currency"] as? String ?? ""),
+                figures: PartnerFigures(
+                    partner: p, issuedPoints: Points(try row.int64("issued_points")), redeemedPoints: Points(try row.int64("redeemed_points")),
+                    expiredPoints: Points(try row.int64("expired_points")), payableMinor: MoneyMinor(try row.int64("payable_minor")),
+                    receivableMinor: MoneyMinor(try row.int64("receivable_minor")), netMinor: MoneyMinor(try row.int64("net_minor"))),
+                issuePricePer1000: MoneyMinor(try row.int64("issue_price_per_1000")),
+                redeemCreditPer1000: MoneyMinor(try row.int64("redeem_credit_per_1000")))
+            if Data(expected.body.utf8) != (try row.blob("body")) {
+                report.breach("notice \(id): its body is not the notice its run's figures, prices and currency make")
             }
         }
         return rows.count

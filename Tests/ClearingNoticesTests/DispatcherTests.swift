@@ -164,6 +164,25 @@ final class NoticeHarness {
         #expect(report.breaches.contains("notice R000001:cinema: net_minor differs from the run's figures"), "\(report.breaches)")
         #expect(report.breaches.contains("run 1: partner grocer has no settlement notice"), "\(report.breaches)")
     }
+
+    /// What a partner pays by beyond the figures (the direction, the prices, the currency) is
+    /// checked too: the body must be byte for byte the notice its run makes.
+    @Test(arguments: [
+        ("'partner pays'", "'coalition pays'"), ("'\"EUR\"'", "'\"USD\"'"), ("'\"issue_price_per_1000\":1000'", "'\"issue_price_per_1000\":1001'"),
+    ])
+    func aNoticeWhoseWordsOrPricesChangedIsABreach(find: String, replace: String) throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let db = h.dir.url.appendingPathComponent("coalition.sqlite")
+        let body = try SQLiteTool.run(db, "SELECT CAST(body AS TEXT) FROM notice WHERE id = 'R000001:grocer'").stdout
+        #expect(body.contains(String(find.dropFirst().dropLast())), "\(body)")
+        #expect(try SQLiteTool.run(db, """
+            DROP TRIGGER notice_content_immutable;
+            UPDATE notice SET body = CAST(replace(CAST(body AS TEXT), \(find), \(replace)) AS BLOB) WHERE id = 'R000001:grocer';
+            """).status == 0)
+        let report = try Verifier.verify(dataDirectory: h.dir.url)
+        #expect(report.breaches == ["notice R000001:grocer: its body is not the notice its run's figures, prices and currency make"], "\(report.breaches)")
+    }
 }
 
 @Suite struct DispatcherTests {
