@@ -1,0 +1,31 @@
+"""The operator's scripts in ops/ as the runbook (docs/OPERATIONS.md) uses them."""
+import os
+import subprocess
+
+from liveserver import BIN, ROOT, LiveServer, earn
+
+
+def test_ops_backup_twice_in_one_second_refuses_the_second():
+    """Backups are named by the second: a second one in the same second used to land inside
+    the first (`mv` into an existing directory) and still report success. It is refused, and
+    the first stays whole and restorable."""
+    s = LiveServer()
+    try:
+        r = subprocess.run([BIN, "post", "--partner", "fuelco", "--webhook-id", "ops-1", "--data", s.data, "--partners", s.partners],
+                           input=earn("OPS-1", 10, "OPS-R1"), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        dest = os.path.join(s.tmp, "backups")
+        env = dict(os.environ, CLEARHOUSE_BIN=BIN)
+        frozen = ["faketime", "2026-11-29 12:00:00", os.path.join(ROOT, "ops", "backup"), s.data, dest]
+        first = subprocess.run(frozen, capture_output=True, text=True, timeout=120, env=env)
+        assert first.returncode == 0, first.stderr
+        second = subprocess.run(frozen, capture_output=True, text=True, timeout=120, env=env)
+        assert second.returncode == 1 and "already exists" in second.stderr, (second.returncode, second.stderr)
+        assert sorted(os.listdir(dest)) == ["20261129T120000Z"]
+        backup = os.path.join(dest, "20261129T120000Z")
+        assert sorted(os.listdir(backup)) == ["coalition.sqlite", "ledgers"], os.listdir(backup)
+        restored = os.path.join(s.tmp, "restored")
+        r = subprocess.run([BIN, "restore", backup, "--data", restored, "--partners", s.partners], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        s.close()
