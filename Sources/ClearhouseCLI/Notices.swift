@@ -78,7 +78,8 @@ struct Notices: AsyncParsableCommand {
 
     struct Retry: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Send a dead letter again now (a new round of attempts if it fails again).")
+            abstract: "Send a dead letter again now (a new round of attempts if it fails again).",
+            discussion: "Exit 0 when the notice is delivered now, 1 when it is not (it stays pending, with later attempts, or dead).")
         @OptionGroup var locations: Locations
         @Argument(help: "The notice id, <run>:<partner>.") var id: String
 
@@ -93,6 +94,9 @@ struct Notices: AsyncParsableCommand {
                 .deliverDue(only: id)
             guard let (n, _) = try store.notice(id) else { throw ExitCode(1) }
             print("\(n.id): \(n.state.rawValue) after \(pass.attempted) attempt(s) now; \(n.lastResult ?? "")")
+            // Success is the partner having it: a retry that failed again (dead, or pending
+            // with later attempts scheduled) is exit 1, so `retry && ...` means delivered.
+            if n.state != .delivered { throw ExitCode(1) }
         }
     }
 

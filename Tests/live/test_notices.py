@@ -197,11 +197,14 @@ def test_dead_letters_are_listed_and_sent_again_by_the_operator(env_factory):
     bad = env.ch("notices", "list", "--state", "lost", check=False)
     assert bad.returncode == 1 and "--state" in bad.stderr
     # The partner fixes its endpoint; the operator sends the dead letter again.
+    # A retry before the fix fails again: exit 1, so that `retry && ...` means delivered.
+    failed = env.ch("notices", "retry", "R000001:medipharm", check=False)
+    assert failed.returncode == 1 and "410" in failed.stdout, (failed.returncode, failed.stdout, failed.stderr)
     env.point("medipharm", "ok")
     retried = env.ch("notices", "retry", "R000001:medipharm").stdout
     assert "delivered" in retried, retried
     got = env.received("R000001:medipharm")
-    assert [r["status"] for r in got] == [410, 200] and all(r["verified"] for r in got)
+    assert [r["status"] for r in got] == [410, 410, 200] and all(r["verified"] for r in got)
     again = env.ch("notices", "retry", "R000001:medipharm", check=False)
     assert again.returncode == 1 and "only a dead letter" in again.stderr
     missing = env.ch("notices", "show", "R000009:nobody", check=False)
