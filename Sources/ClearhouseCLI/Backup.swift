@@ -42,9 +42,17 @@ struct RestoreCommand: AsyncParsableCommand {
             printError("clearhouse restore: \(error)")
             throw ExitCode(1)
         }
-        // Opening recovers ledgers that are behind their journal in the backup.
-        let store = try locations.openStore(configuration)
-        try store.close()
+        // Opening recovers ledgers that are behind their journal in the backup. A backup whose
+        // ledgers and journal disagree otherwise (files from two backups) cannot be opened: its
+        // files go back into restore.partial, which every verb refuses, and nothing is restored.
+        do {
+            let store = try Store(dataDirectory: locations.dataURL, configuration: configuration, logger: CLILog.logger("clearhouse.store"))
+            try store.close()
+        } catch {
+            let kept = Backup.unrestore(locations.dataURL)
+            printError("clearhouse restore: \(backup) is not a consistent backup: \(error). Nothing was restored\(kept ? "; its files are in \(locations.data)/\(Backup.restoreStaging) for a look" : "")")
+            throw ExitCode(1)
+        }
         let report = try Verifier.verify(dataDirectory: locations.dataURL)
         for b in report.breaches { print("BREACH   \(b)") }
         print(report.ok ? "restore: \(locations.data) restored from \(backup) and verified" : "restore: \(report.breaches.count) breaches")

@@ -52,6 +52,10 @@ struct Locations: ParsableArguments {
     /// directory; the others refuse one that holds no journal, so that a mistyped `--data`
     /// is an error rather than a new, empty coalition (and `settle` never closes a run there).
     func openStore(_ configuration: ClearingConfiguration, creating: Bool = false) throws -> Store {
+        if FileManager.default.fileExists(atPath: dataURL.appendingPathComponent(Backup.restoreStaging).path), !Store.hasJournal(dataURL) {
+            printError("clearhouse: \(data) holds an interrupted restore (\(Backup.restoreStaging)): empty the directory and restore the backup again")
+            throw ExitCode(2)
+        }
         if !creating, !Store.hasJournal(dataURL) {
             printError("clearhouse: no data in \(data) (no coalition.sqlite): nothing has been accepted there; check --data")
             throw ExitCode(2)

@@ -87,6 +87,22 @@ public enum Backup {
         try FileSync.directory(dataDirectory.deletingLastPathComponent())
     }
 
+    /// Undoes a restore whose data would not open: its files move back into
+    /// `restore.partial` (the journal first), so that no verb takes the directory for data.
+    /// True when they are all there.
+    public static func unrestore(_ dataDirectory: URL) -> Bool {
+        let fm = FileManager.default
+        let staging = dataDirectory.appendingPathComponent(restoreStaging)
+        try? fm.createDirectory(at: staging, withIntermediateDirectories: true)
+        var moved = true
+        for name in ["coalition.sqlite", "coalition.sqlite-wal", "coalition.sqlite-shm", "statement.key", "ledgers"]
+        where fm.fileExists(atPath: dataDirectory.appendingPathComponent(name).path) {
+            moved = rename(dataDirectory.appendingPathComponent(name).path, staging.appendingPathComponent(name).path) == 0 && moved
+        }
+        try? FileSync.directory(dataDirectory)
+        return moved
+    }
+
     /// The statement key `serve` made in the data directory (when the certificate directory has
     /// none) goes with the data: without it, the statements it signed could not be checked
     /// against a key the restored server publishes. Owner-only, like the original.

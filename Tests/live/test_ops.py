@@ -29,3 +29,34 @@ def test_ops_backup_twice_in_one_second_refuses_the_second():
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         s.close()
+
+
+def test_restore_of_an_inconsistent_backup_restores_nothing():
+    """A 'backup' whose ledgers are ahead of its journal (files of two backups mixed) cannot
+    be opened: restore exits 1 naming the backup, and leaves nothing that looks like data
+    (its files go back into restore.partial, which every verb refuses)."""
+    s = LiveServer()
+    try:
+        def post(i):
+            r = subprocess.run([BIN, "post", "--partner", "fuelco", "--webhook-id", f"mix-{i}", "--data", s.data, "--partners", s.partners],
+                               input=earn("MIX-1", 10, f"MIX-R{i}"), capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+        post(1)
+        old, new = os.path.join(s.tmp, "old"), os.path.join(s.tmp, "new")
+        s.ch("backup", old)
+        post(2)
+        s.ch("backup", new)
+        mixed = os.path.join(s.tmp, "mixed")
+        os.makedirs(os.path.join(mixed, "ledgers"))
+        subprocess.run(["cp", os.path.join(old, "coalition.sqlite"), mixed], check=True)
+        subprocess.run(["cp", os.path.join(new, "ledgers", "fuelco.sqlite"), os.path.join(mixed, "ledgers")], check=True)
+        target = os.path.join(s.tmp, "restored")
+        r = subprocess.run([BIN, "restore", mixed, "--data", target, "--partners", s.partners], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "is not a consistent backup" in r.stderr and "Nothing was restored" in r.stderr, (r.returncode, r.stderr)
+        assert os.listdir(target) == ["restore.partial"], os.listdir(target)
+        v = subprocess.run([BIN, "verify", "--data", target, "--partners", s.partners], capture_output=True, text=True, timeout=120)
+        assert v.returncode == 1 and "interrupted restore" in v.stdout, v.stdout
+        runs = subprocess.run([BIN, "runs", "--data", target, "--partners", s.partners], capture_output=True, text=True, timeout=120)
+        assert runs.returncode == 2 and "interrupted restore" in runs.stderr, runs.stderr
+    finally:
+        s.close()
