@@ -28,17 +28,33 @@ public enum Backup {
         let ledgerDir = dataDirectory.appendingPathComponent("ledgers")
         let ledgers = Store.ledgerFileNames(dataDirectory)
         var summary = Summary(files: 0, bytes: 0)
+        // A ledger that cannot be read does not cost the backup its journal (the truth, from
+        // which a restore rebuilds any ledger): it is left out, and the backup then fails
+        // naming it, after everything else is copied.
+        var unreadable: [String] = []
         for name in ledgers {
-            summary.bytes += try copy(ledgerDir.appendingPathComponent(name), to: destination.appendingPathComponent("ledgers/\(name)"))
-            summary.files += 1
+            do {
+                summary.bytes += try copy(ledgerDir.appendingPathComponent(name), to: destination.appendingPathComponent("ledgers/\(name)"))
+                summary.files += 1
+            } catch {
+                unreadable.append("ledgers/\(name) (\(error))")
+            }
         }
         try FileSync.directory(destination.appendingPathComponent("ledgers"))
-        summary.bytes += try copy(coalition, to: destination.appendingPathComponent("coalition.sqlite"))
+        do {
+            summary.bytes += try copy(coalition, to: destination.appendingPathComponent("coalition.sqlite"))
+        } catch {
+            throw StoreError("\(coalition.path) cannot be backed up: \(error)")
+        }
         summary.files += 1
         if try copyStatementKey(from: dataDirectory, to: destination) { summary.files += 1 }
         // The renames and the new directories themselves: durable before "done" is said.
         try FileSync.directory(destination)
         try FileSync.directory(destination.deletingLastPathComponent())
+        if !unreadable.isEmpty {
+            throw StoreError(
+                "backed up without \(unreadable.joined(separator: "; ")): the journal and every other file are in \(destination.path), and a restore rebuilds a missing ledger from the journal; move a damaged ledger aside and the next start rebuilds it too (docs/OPERATIONS.md)")
+        }
         return summary
     }
 

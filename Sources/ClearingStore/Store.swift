@@ -295,7 +295,13 @@ public final class Store: Sendable {
     func ledger(_ partner: PartnerID) throws -> DatabasePool {
         try ledgers.withLock { open in
             if let db = open[partner] { return db }
-            let db = try Store.openWritable(ledgerURL(partner), cacheKiB: Limits.ledgerCacheKiBMax)
+            let db: DatabasePool
+            do {
+                db = try Store.openWritable(ledgerURL(partner), cacheKiB: Limits.ledgerCacheKiBMax)
+            } catch {
+                // Named, with the way out: the journal holds every entry of a ledger.
+                throw StoreError("ledgers/\(partner.rawValue).sqlite cannot be opened (\(error)); if it is damaged, move it aside: the next start rebuilds it from the journal (docs/OPERATIONS.md)")
+            }
             try Store.refuseNewerSchema(db, Schema.ledger, "ledgers/\(partner.rawValue).sqlite")
             try Schema.ledger.migrate(db)
             try db.write { db in

@@ -59,6 +59,47 @@ import Testing
     }
 }
 
+/// One damaged ledger does not cost the backup its journal, and every error names the file.
+@Suite struct DamagedLedgerTests {
+    @Test func aDamagedLedgerIsNamedAndTheJournalIsStillBackedUpAndRebuildsIt() throws {
+        let h = try Harness()
+        for i in 1...6 { _ = h.post([G, F][i % 2], "w\(i)", Fixtures.earn("M\(i)", 10, "E-\(i)")) }
+        try h.store.close()
+        let fuel = h.dir.url.appendingPathComponent("ledgers/fuel.sqlite")
+        #expect(truncate(fuel.path, 4096) == 0)
+        for suffix in ["-wal", "-shm"] { try? FileManager.default.removeItem(atPath: fuel.path + suffix) }
+
+        // Opening names the file and the way out.
+        do {
+            h.store = try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock)
+            Issue.record("a damaged ledger opened")
+        } catch {
+            #expect("\(error)".contains("ledgers/fuel.sqlite cannot be opened") && "\(error)".contains("move it aside"), "\(error)")
+        }
+        h.store = nil
+
+        // The backup copies the rest, the journal included, then fails naming the ledger.
+        let backup = h.dir.url.deletingLastPathComponent().appendingPathComponent("backup-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: backup) }
+        do {
+            try Backup.run(dataDirectory: h.dir.url, to: backup)
+            Issue.record("a backup with a damaged ledger said done")
+        } catch {
+            #expect("\(error)".contains("backed up without ledgers/fuel.sqlite"), "\(error)")
+        }
+        #expect(Store.hasJournal(backup) && Store.ledgerFileNames(backup) == ["grocer.sqlite"])
+
+        // Restored, the missing ledger is rebuilt from the journal, and all verifies.
+        let restored = h.dir.url.deletingLastPathComponent().appendingPathComponent("restored-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: restored) }
+        try Backup.restore(from: backup, to: restored)
+        let store = try Store(dataDirectory: restored, configuration: h.configuration, clock: h.clock)
+        #expect(try store.ledgerEntries(F).count == 3)
+        try store.close()
+        #expect(try Verifier.verify(dataDirectory: restored).ok)
+    }
+}
+
 /// A restore is all or nothing: one that died part way is refused, not taken for the backup.
 @Suite struct RestoreAtomicityTests {
     @Test func anInterruptedRestoreIsRefusedAndACompleteOneLeavesNoStaging() throws {
