@@ -36,21 +36,12 @@ struct RestoreCommand: AsyncParsableCommand {
 
     func run() async throws {
         let configuration = try locations.loadConfiguration()
+        // Copied, opened (ledgers behind their journal caught up; a backup whose files disagree
+        // refused), marked as restored, then put in place: all or nothing (Backup.restore).
         do {
-            try Backup.restore(from: URL(fileURLWithPath: backup), to: locations.dataURL)
+            try Backup.restore(from: URL(fileURLWithPath: backup), to: locations.dataURL, configuration: configuration)
         } catch {
             printError("clearhouse restore: \(error)")
-            throw ExitCode(1)
-        }
-        // Opening recovers ledgers that are behind their journal in the backup. A backup whose
-        // ledgers and journal disagree otherwise (files from two backups) cannot be opened: its
-        // files go back into restore.partial, which every verb refuses, and nothing is restored.
-        do {
-            let store = try Store(dataDirectory: locations.dataURL, configuration: configuration, logger: CLILog.logger("clearhouse.store"))
-            try store.close()
-        } catch {
-            let kept = Backup.unrestore(locations.dataURL)
-            printError("clearhouse restore: \(backup) is not a consistent backup: \(error). Nothing was restored\(kept ? "; its files are in \(locations.data)/\(Backup.restoreStaging) for a look" : "")")
             throw ExitCode(1)
         }
         let report = try Verifier.verify(dataDirectory: locations.dataURL)

@@ -52,7 +52,7 @@ extension Intake {
             try await authorizeRead(request, context, for: terms)
             let runID = context.parameters.get("run") ?? ""
             let digits = runID.utf8.dropFirst()
-            guard runID.utf8.first == 0x52, (6...15).contains(digits.count), digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
+            guard runID.utf8.first == 0x52, (6...18).contains(digits.count), digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
                 let header = try store.statement(for: terms.id, run: runID)
             else { throw Problem(.notFound, "no run \(JSONWriter.quote(runID))") }
             let gzip = Intake.acceptsGzip(request.headers[.acceptEncoding])

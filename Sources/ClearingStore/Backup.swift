@@ -62,16 +62,21 @@ public enum Backup {
     /// so that the final renames stay on one file system (the target may be a mount point).
     public static let restoreStaging = "restore.partial"
 
-    /// Puts a backup in place as a new data directory (which must not exist or be empty).
-    /// Open it with `Store` (which recovers ledgers behind their journal) and run `verify`.
+    /// Puts a backup in place as a new data directory (which must not exist or be empty),
+    /// opened, recovered and marked as restored; run `verify` on it afterwards.
     ///
     /// All or nothing, and durable once it returns: every file is copied into
-    /// `<data>/restore.partial/` and synced, then renamed into place, `coalition.sqlite` (the
-    /// journal, what makes a directory a data directory) last, and the directories synced. A
-    /// restore that dies part way leaves `restore.partial` behind, which `Store` and `restore`
+    /// `<data>/restore.partial/` and synced, opened there as a store (migrated, ledgers behind
+    /// their journal caught up; a backup whose files disagree is refused here), marked with
+    /// the restore's time (`run_naming`: runs closed from now on get ids the lost timeline
+    /// cannot have used), closed, then renamed into place, `coalition.sqlite` (the journal,
+    /// what makes a directory a data directory) last, and the directories synced. A restore
+    /// that fails or dies part way leaves `restore.partial` behind, which `Store` and `restore`
     /// refuse until the operator empties the directory: never a data directory that looks whole
     /// but lacks some of the backup.
-    public static func restore(from backup: URL, to dataDirectory: URL) throws {
+    public static func restore(
+        from backup: URL, to dataDirectory: URL, configuration: ClearingConfiguration, clock: any WallClock = SystemClock()
+    ) throws {
         let fm = FileManager.default
         guard Store.hasJournal(backup) else {
             throw StoreError("\(backup.path) is not a backup: it has no coalition.sqlite")
@@ -87,11 +92,27 @@ public enum Backup {
         }
         try FileSync.copyWhole(backup.appendingPathComponent("coalition.sqlite"), to: staging.appendingPathComponent("coalition.sqlite"))
         let hasKey = try copyStatementKey(from: backup, to: staging)
+        do {
+            let store = try Store(dataDirectory: staging, configuration: configuration, clock: clock)
+            do {
+                try store.markRestored(at: clock.now())
+            } catch {
+                try? store.close()
+                throw error
+            }
+            try store.close()
+        } catch {
+            throw StoreError("\(backup.path) is not a consistent backup: \(error). Nothing was restored; its files are in \(staging.path) for a look")
+        }
         try FileSync.directory(staging.appendingPathComponent("ledgers"))
         try FileSync.directory(staging)
         try FileSync.directory(dataDirectory)
         var moves = ["ledgers"]
         if hasKey { moves.append("statement.key") }
+        // Closed cleanly, the store leaves no -wal or -shm; any that remain go with their database.
+        for suffix in ["-wal", "-shm"] where fm.fileExists(atPath: staging.appendingPathComponent("coalition.sqlite" + suffix).path) {
+            moves.append("coalition.sqlite" + suffix)
+        }
         moves.append("coalition.sqlite")
         for name in moves {
             guard rename(staging.appendingPathComponent(name).path, dataDirectory.appendingPathComponent(name).path) == 0 else {
@@ -101,22 +122,6 @@ public enum Backup {
         try fm.removeItem(at: staging)
         try FileSync.directory(dataDirectory)
         try FileSync.directory(dataDirectory.deletingLastPathComponent())
-    }
-
-    /// Undoes a restore whose data would not open: its files move back into
-    /// `restore.partial` (the journal first), so that no verb takes the directory for data.
-    /// True when they are all there.
-    public static func unrestore(_ dataDirectory: URL) -> Bool {
-        let fm = FileManager.default
-        let staging = dataDirectory.appendingPathComponent(restoreStaging)
-        try? fm.createDirectory(at: staging, withIntermediateDirectories: true)
-        var moved = true
-        for name in ["coalition.sqlite", "coalition.sqlite-wal", "coalition.sqlite-shm", "statement.key", "ledgers"]
-        where fm.fileExists(atPath: dataDirectory.appendingPathComponent(name).path) {
-            moved = rename(dataDirectory.appendingPathComponent(name).path, staging.appendingPathComponent(name).path) == 0 && moved
-        }
-        try? FileSync.directory(dataDirectory)
-        return moved
     }
 
     /// The statement key `serve` made in the data directory (when the certificate directory has

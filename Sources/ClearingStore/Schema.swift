@@ -348,6 +348,19 @@ enum Schema {
                       BEGIN SELECT RAISE(ABORT, 'a coalition''s currency never changes'); END;
                     """)
         }
+        m.registerMigration("v11-run-names-after-a-restore") { db in
+            // Set by `restore`: the partners may hold notices of runs closed after the backup
+            // was taken (a timeline now lost), numbered as the next runs here would be. Runs
+            // closed after a restore carry its time in their id (`R<yyMMddHHmmss><number>`), so
+            // no notice's webhook-id (`<run>:<partner>`) is ever reused for other figures.
+            try db.execute(
+                sql: """
+                    CREATE TABLE run_naming (
+                      id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+                      restored_at TEXT NOT NULL CHECK (length(restored_at) = 12 AND restored_at NOT GLOB '*[^0-9]*')
+                    );
+                    """)
+        }
         return m
     }
 

@@ -19,9 +19,12 @@ public struct SettlementRun: Equatable, Sendable {
 
     public var entryCount: Int64 { max(0, lastJournalID - firstJournalID + 1) }
 
-    static func id(number: Int64) -> String {
+    /// `R` and the number in six digits; after a restore, `R`, the restore's UTC time
+    /// (`yyMMddHHmmss`) and the number in five (`run_naming`).
+    static func id(number: Int64, restoredAt: String? = nil) -> String {
         let n = String(number)
-        return "R" + String(repeating: "0", count: max(0, 6 - n.count)) + n
+        let width = restoredAt == nil ? 6 : 5
+        return "R" + (restoredAt ?? "") + String(repeating: "0", count: max(0, width - n.count)) + n
     }
 }
 
@@ -273,7 +276,9 @@ extension Store {
         }
         let totals = try RunTotals(figures)
         let run = SettlementRun(
-            number: number, id: SettlementRun.id(number: number), cutoff: cutoff, firstJournalID: first, lastJournalID: last,
+            number: number,
+            id: SettlementRun.id(number: number, restoredAt: try String.fetchOne(db, sql: "SELECT restored_at FROM run_naming WHERE id = 1")),
+            cutoff: cutoff, firstJournalID: first, lastJournalID: last,
             partners: figures, flows: flows, totals: totals,
             issuePrices: Dictionary(uniqueKeysWithValues: figures.map { ($0.partner, configuration.partners[$0.partner]!.issuePricePer1000) }),
             redeemCredits: Dictionary(uniqueKeysWithValues: figures.map { ($0.partner, configuration.partners[$0.partner]!.redeemCreditPer1000) }))

@@ -120,6 +120,16 @@ public final class Store: Sendable {
     /// Refuses a database that a newer Clearhouse has migrated further than this binary
     /// knows: this one would write it by rules that no longer hold (since v7, for instance,
     /// the writer must list the expired lots a reversal gives points back to).
+    /// Marks this data directory as restored from a backup at `time`: runs closed from now on
+    /// carry it in their ids (`run_naming`, `SettlementRun.id`).
+    public func markRestored(at time: Instant) throws {
+        let t = Array(time.rfc3339.utf8)  // YYYY-MM-DDTHH:MM:SS.mmmZ
+        let compact = String(decoding: t[2..<4] + t[5..<7] + t[8..<10] + t[11..<13] + t[14..<16] + t[17..<19], as: UTF8.self)
+        try coalition.write { db in
+            try db.execute(sql: "INSERT OR REPLACE INTO run_naming (id, restored_at) VALUES (1, ?)", arguments: [compact])
+        }
+    }
+
     /// Records the coalition's currency on the first open; afterwards, refuses a configuration
     /// that names another one (every closed run, notice and statement is in the recorded one).
     static func recordCurrency(_ db: DatabasePool, _ configured: String) throws {

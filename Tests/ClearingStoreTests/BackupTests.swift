@@ -41,8 +41,8 @@ import Testing
 
         let restored = h.dir.url.deletingLastPathComponent().appendingPathComponent("restored-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: restored) }
-        try Backup.restore(from: backup, to: restored)
-        #expect(throws: StoreError.self) { try Backup.restore(from: backup, to: restored) }
+        try Backup.restore(from: backup, to: restored, configuration: h.configuration, clock: h.clock)
+        #expect(throws: StoreError.self) { try Backup.restore(from: backup, to: restored, configuration: h.configuration, clock: h.clock) }
         for dir in [backup, restored] {
             let key = dir.appendingPathComponent("statement.key").path
             #expect(try String(contentsOfFile: key, encoding: .utf8) == "a key\n")
@@ -92,7 +92,7 @@ import Testing
         // Restored, the missing ledger is rebuilt from the journal, and all verifies.
         let restored = h.dir.url.deletingLastPathComponent().appendingPathComponent("restored-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: restored) }
-        try Backup.restore(from: backup, to: restored)
+        try Backup.restore(from: backup, to: restored, configuration: h.configuration, clock: h.clock)
         let store = try Store(dataDirectory: restored, configuration: h.configuration, clock: h.clock)
         #expect(try store.ledgerEntries(F).count == 3)
         try store.close()
@@ -114,7 +114,7 @@ import Testing
         let target = parent.appendingPathComponent("restored-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: target) }
         try FileManager.default.createDirectory(at: target, withIntermediateDirectories: false)
-        try Backup.restore(from: backup, to: target)
+        try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
         let fm = FileManager.default
         #expect(!fm.fileExists(atPath: target.appendingPathComponent(Backup.restoreStaging).path))
         #expect(Store.ledgerFileNames(target) == ["fuel.sqlite", "grocer.sqlite"])
@@ -130,7 +130,7 @@ import Testing
         #expect(throws: StoreError.self) { try Store(dataDirectory: target, configuration: h.configuration, clock: h.clock) }
         #expect(!Store.hasJournal(target), "the refusal made no new journal")
         do {
-            try Backup.restore(from: backup, to: target)
+            try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
             Issue.record("a restore into an interrupted one must be refused")
         } catch {
             #expect("\(error)".contains("interrupted restore"))
@@ -143,9 +143,20 @@ import Testing
         #expect(throws: StoreError.self) { try Store(dataDirectory: target, configuration: h.configuration, clock: h.clock) }
         #expect(!Store.hasJournal(target))
 
+        // Runs closed after the restore carry its time in their ids: the partners may hold
+        // notices of runs closed after the backup (a lost timeline), numbered as these are.
+        #expect(try h.store.settle().id == "R000001", "the original timeline's first run, notified to the partners")
+        try fm.removeItem(at: target)
+        h.clock.set(Instant(rfc3339: "2026-11-29T21:05:30Z")!)
+        try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
+        let after = try Store(dataDirectory: target, configuration: h.configuration, clock: h.clock)
+        #expect(try after.settle().id == "R26112921053000001")
+        try after.close()
+        #expect(try Verifier.verify(dataDirectory: target).ok)
+
         // Died after the last rename (the journal in place, the staging empty): nothing missing, opens.
         try fm.removeItem(at: target)
-        try Backup.restore(from: backup, to: target)
+        try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
         try fm.createDirectory(at: staging, withIntermediateDirectories: false)
         let store = try Store(dataDirectory: target, configuration: h.configuration, clock: h.clock)
         try store.close()

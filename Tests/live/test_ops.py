@@ -60,3 +60,34 @@ def test_restore_of_an_inconsistent_backup_restores_nothing():
         assert runs.returncode == 2 and "interrupted restore" in runs.stderr, runs.stderr
     finally:
         s.close()
+
+
+def test_runs_closed_after_a_restore_never_reuse_a_notified_run_id():
+    """The partners hold notices of runs closed after the backup; the restored coalition
+    numbers its next runs the same. Their ids (and so the notices' webhook-ids) carry the
+    restore's time, so no partner drops a new notice as a duplicate of an old one."""
+    import json
+    import re
+    s = LiveServer()
+    try:
+        r = subprocess.run([BIN, "post", "--partner", "fuelco", "--webhook-id", "rr-1", "--data", s.data, "--partners", s.partners],
+                           input=earn("RR-1", 10, "RR-R1"), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        backup = os.path.join(s.tmp, "bk")
+        s.ch("backup", backup)
+        lost = json.loads(s.ch("settle", "--json").stdout)
+        assert lost["run"] == "R000001"
+        restored = os.path.join(s.tmp, "restored")
+        r = subprocess.run([BIN, "restore", backup, "--data", restored, "--partners", s.partners], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        again = subprocess.run([BIN, "settle", "--json", "--data", restored, "--partners", s.partners], capture_output=True, text=True, timeout=120)
+        run = json.loads(again.stdout)["run"]
+        assert re.fullmatch(r"R\d{12}00001", run), run
+        notices = subprocess.run([BIN, "notices", "list", "--data", restored, "--partners", s.partners], capture_output=True, text=True, timeout=120)
+        assert f"{run}:fuelco" in notices.stdout and "R000001:fuelco" not in notices.stdout, notices.stdout
+        # Its statement is served under that id.
+        statement = subprocess.run([BIN, "statement", "fuelco", run, "--data", restored, "--partners", s.partners],
+                                   capture_output=True, text=True, timeout=120)
+        assert statement.returncode == 0 and "RR-R1" in statement.stdout, statement.stderr
+    finally:
+        s.close()
