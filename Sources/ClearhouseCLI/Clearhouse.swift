@@ -64,6 +64,10 @@ struct Locations: ParsableArguments {
             return try Store(
                 dataDirectory: dataURL, configuration: configuration, faults: Locations.crashFromEnvironment(),
                 logger: CLILog.logger("clearhouse.store"))
+        } catch where StoreError.isDiskFull(error) {
+            // Opening a store writes (SQLite's WAL set-up), even for a verb that only reads.
+            printError("clearhouse: cannot open the data directory \(data): the disk is full (\(error)); free some space first. A running serve keeps answering reads, and `clearhouse verify` reads without writing")
+            throw ExitCode(2)
         } catch {
             printError("clearhouse: cannot open the data directory \(data): \(error)")
             throw ExitCode(2)

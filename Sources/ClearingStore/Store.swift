@@ -25,6 +25,11 @@ public typealias FaultInjector = @Sendable (FaultPoint) -> Bool
 public struct StoreError: Error, CustomStringConvertible {
     public let description: String
     public init(_ description: String) { self.description = description }
+
+    /// Whether `error` is SQLite's "database or disk is full".
+    public static func isDiskFull(_ error: any Error) -> Bool {
+        (error as? DatabaseError)?.resultCode == .SQLITE_FULL
+    }
 }
 
 /// The databases of one data directory: `coalition.sqlite` (the journal, the truth) and one
@@ -94,7 +99,7 @@ public final class Store: Sendable {
             dataDirectory.appendingPathComponent("coalition.sqlite"), cacheKiB: Limits.coalitionCacheKiBMax,
             walBufferBytes: walBufferBytes)
         try Store.refuseNewerSchema(coalition, Schema.coalition, "coalition.sqlite")
-        try Schema.coalition.migrate(coalition)
+        try Store.migrateIfNeeded(coalition, Schema.coalition)
         try Store.recordCurrency(coalition, configuration.coalition.currency)
         // From here on, the coalition writer keeps every page a transaction dirties in memory
         // until its COMMIT, however many (a batch is bounded by `Limits.postingBatchMax`, a
@@ -144,6 +149,13 @@ public final class Store: Sendable {
             throw StoreError(
                 "coalition.toml: currency: is \(configured), but this coalition settles in \(recorded ?? "?") (recorded in coalition.sqlite); a coalition's currency never changes")
         }
+    }
+
+    /// Migrates only when a migration is pending: a store opened by a verb that only reads
+    /// then writes nothing (on a full disk, even an empty write transaction fails).
+    static func migrateIfNeeded(_ db: DatabasePool, _ migrator: DatabaseMigrator) throws {
+        if try db.read({ try migrator.hasCompletedMigrations($0) }) { return }
+        try migrator.migrate(db)
     }
 
     static func refuseNewerSchema(_ db: some DatabaseWriter, _ migrator: DatabaseMigrator, _ name: String) throws {
@@ -313,7 +325,7 @@ public final class Store: Sendable {
                 throw StoreError("ledgers/\(partner.rawValue).sqlite cannot be opened (\(error)); if it is damaged, move it aside: the next start rebuilds it from the journal (docs/OPERATIONS.md)")
             }
             try Store.refuseNewerSchema(db, Schema.ledger, "ledgers/\(partner.rawValue).sqlite")
-            try Schema.ledger.migrate(db)
+            try Store.migrateIfNeeded(db, Schema.ledger)
             try db.write { db in
                 try db.execute(
                     sql: "INSERT OR IGNORE INTO ledger_info (id, partner, genesis_hash) VALUES (1, ?, ?)",
