@@ -74,7 +74,8 @@ public struct Intake: Sendable {
                 return p == s
             }
         }.map(\.method)
-        return Array(Set(methods)).sorted()
+        // Every GET route answers HEAD too (the router makes it: the GET's answer, no body).
+        return Array(Set(methods + (methods.contains("GET") ? ["HEAD"] : []))).sorted()
     }
 
     func handler(_ path: String) -> @Sendable (Request, ClearhouseContext) async throws -> Response {
@@ -108,7 +109,7 @@ public struct Intake: Sendable {
     }
 
     public func router() -> Router<ClearhouseContext> {
-        let router = Router(context: ClearhouseContext.self)
+        let router = Router(context: ClearhouseContext.self, options: .autoGenerateHeadEndpoints)
         router.add(middleware: RequestLogMiddleware(metrics: metrics))  // outermost: sees every final status
         router.add(middleware: ProblemMiddleware())
         router.add(middleware: HeaderLimitMiddleware())

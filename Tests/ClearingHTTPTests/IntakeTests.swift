@@ -269,7 +269,15 @@ func problemType(_ r: TestResponse) -> String? {
             #expect(put.status.code == 405 && problemType(put) == "urn:clearhouse:problem:method-not-allowed", "\(String(buffer: put.body))")
             #expect(put.headers[.allow] == "POST")
             let post = try await client.execute(uri: "/v1/partners/fuel/statements/R000001.csv", method: .post)
-            #expect(post.status.code == 405 && post.headers[.allow] == "GET")
+            #expect(post.status.code == 405 && post.headers[.allow] == "GET, HEAD")
+            // HEAD on every GET route: the GET's status and headers, no body (RFC 9110 §9.3.2).
+            let head = try await client.execute(uri: "/healthz", method: .head)
+            #expect(head.status == .ok && head.body.readableBytes == 0 && head.headers[.contentType] == "application/json")
+            var auth = HTTPFields()
+            auth[.authorization] = "Bearer token-fuel"
+            let balance = try await client.execute(uri: "/v1/partners/fuel/members/M1/balance", method: .head, headers: auth)
+            #expect(balance.status == .ok && balance.body.readableBytes == 0)
+            #expect(try await client.execute(uri: "/v1/partners/fuel/members/M1/balance", method: .head).status == .unauthorized)
             s.writer.shutdown()
             #expect(try await client.execute(uri: "/readyz", method: .get).status.code == 503)
             let late = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: "late", body: earn), body: ByteBuffer(string: earn))

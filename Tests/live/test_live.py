@@ -239,6 +239,13 @@ def test_curl_reads(server):
     assert curl(server, "-H", "Authorization: Bearer dev-token-cinestar", f"{base}/v1/partners/fuelco/members/LIVE-1/balance")[0] == 403
     assert curl(server, f"{base}/v1/partners/fuelco/members/LIVE-1/balance")[0] == 401
     assert curl(server, "-X", "POST", "-H", "content-type: text/plain", "-d", "x", f"{base}/v1/partners/nobody/events")[0] == 404
+    # HEAD, then GET on the same kept-alive connection: the HEAD answer has no body, so the
+    # connection stays in step.
+    out = subprocess.run(["curl", "-sS", "-v", "--max-time", "10", "--cacert", os.path.join(server["certs"], "ca.crt"),
+                          "-I", f"{base}/healthz", "--next", "--cacert", os.path.join(server["certs"], "ca.crt"), f"{base}/healthz"],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0 and out.stdout.count("HTTP/1.1 200") == 1 and out.stdout.rstrip().endswith('{"status":"ok"}'), out.stdout
+    assert "Re-using existing connection" in out.stderr, out.stderr[-1500:]
 
 
 def test_expect_100_continue_gets_its_interim_answer(server):
