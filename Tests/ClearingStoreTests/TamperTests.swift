@@ -124,6 +124,16 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(try Verifier.verify(dataDirectory: empty).breaches.contains { $0.contains("holds an interrupted restore") })
     }
 
+    /// Grocer issues 1000 points to M1, 400 of them redeemed at the cinema; run R000001 settles them.
+    func settledOnce() throws -> Harness {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 1000, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 400, "C-1"))
+        h.clock.advance(milliseconds: 1_000)
+        _ = try h.store.settle()
+        return h
+    }
+
     /// Invariant 5 and the run's totals: a run edited around its triggers (margin, gross, net
     /// transfers, netting efficiency) is a breach naming the run.
     @Test(arguments: [
@@ -133,11 +143,7 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         ("netting_efficiency_ppm = 999999", "netting efficiency"),
     ])
     func anEditedRunTotalIsABreach(edit: String, named: String) throws {
-        let h = try Harness()
-        _ = h.post(G, "g1", Fixtures.earn("M1", 1000, "G-1"))
-        _ = h.post(C, "c1", Fixtures.redeem("M1", 400, "C-1"))
-        h.clock.advance(milliseconds: 1_000)
-        _ = try h.store.settle()
+        let h = try settledOnce()
         try h.store.close()
         #expect(try h.verify().ok)
         let changed = try SQLiteTool.run(
@@ -158,11 +164,7 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         ("UPDATE lot_move SET points = points + 19 WHERE entry_id = (SELECT MAX(entry_id) FROM lot_move)", "lot_move"),
     ])
     func whatSettleComputesFromIsVerified(edit: String, named: String) throws {
-        let h = try Harness()
-        _ = h.post(G, "g1", Fixtures.earn("M1", 1000, "G-1"))
-        _ = h.post(C, "c1", Fixtures.redeem("M1", 400, "C-1"))
-        h.clock.advance(milliseconds: 1_000)
-        _ = try h.store.settle()
+        let h = try settledOnce()
         h.clock.advance(milliseconds: 1_000)
         _ = h.post(G, "g2", Fixtures.earn("M1", 100, "G-2"))
         _ = h.post(C, "c2", Fixtures.redeem("M1", 300, "C-2"))

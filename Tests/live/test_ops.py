@@ -5,15 +5,20 @@ import subprocess
 from liveserver import BIN, ROOT, LiveServer, earn
 
 
+def post_cli(s, webhook_id, member, points, reference):
+    """One earn at fuelco through `clearhouse post` (no server needed)."""
+    r = subprocess.run([BIN, "post", "--partner", "fuelco", "--webhook-id", webhook_id, "--data", s.data, "--partners", s.partners],
+                       input=earn(member, points, reference), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
 def test_ops_backup_twice_in_one_second_refuses_the_second():
     """Backups are named by the second: a second one in the same second used to land inside
     the first (`mv` into an existing directory) and still report success. It is refused, and
     the first stays whole and restorable."""
     s = LiveServer()
     try:
-        r = subprocess.run([BIN, "post", "--partner", "fuelco", "--webhook-id", "ops-1", "--data", s.data, "--partners", s.partners],
-                           input=earn("OPS-1", 10, "OPS-R1"), capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
+        post_cli(s, "ops-1", "OPS-1", 10, "OPS-R1")
         dest = os.path.join(s.tmp, "backups")
         env = dict(os.environ, CLEARHOUSE_BIN=BIN)
         frozen = ["faketime", "2026-11-29 12:00:00", os.path.join(ROOT, "ops", "backup"), s.data, dest]
@@ -37,14 +42,10 @@ def test_restore_of_an_inconsistent_backup_restores_nothing():
     (its files go back into restore.partial, which every verb refuses)."""
     s = LiveServer()
     try:
-        def post(i):
-            r = subprocess.run([BIN, "post", "--partner", "fuelco", "--webhook-id", f"mix-{i}", "--data", s.data, "--partners", s.partners],
-                               input=earn("MIX-1", 10, f"MIX-R{i}"), capture_output=True, text=True, timeout=60)
-            assert r.returncode == 0, r.stderr
-        post(1)
+        post_cli(s, "mix-1", "MIX-1", 10, "MIX-R1")
         old, new = os.path.join(s.tmp, "old"), os.path.join(s.tmp, "new")
         s.ch("backup", old)
-        post(2)
+        post_cli(s, "mix-2", "MIX-1", 10, "MIX-R2")
         s.ch("backup", new)
         mixed = os.path.join(s.tmp, "mixed")
         os.makedirs(os.path.join(mixed, "ledgers"))
@@ -70,9 +71,7 @@ def test_runs_closed_after_a_restore_never_reuse_a_notified_run_id():
     import re
     s = LiveServer()
     try:
-        r = subprocess.run([BIN, "post", "--partner", "fuelco", "--webhook-id", "rr-1", "--data", s.data, "--partners", s.partners],
-                           input=earn("RR-1", 10, "RR-R1"), capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
+        post_cli(s, "rr-1", "RR-1", 10, "RR-R1")
         backup = os.path.join(s.tmp, "bk")
         s.ch("backup", backup)
         lost = json.loads(s.ch("settle", "--json").stdout)
