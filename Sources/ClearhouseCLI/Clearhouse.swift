@@ -51,7 +51,10 @@ struct Locations: ParsableArguments {
     /// Only the verbs that accept events (`serve`, `post`, `simulate`) make a new data
     /// directory; the others refuse one that holds no journal, so that a mistyped `--data`
     /// is an error rather than a new, empty coalition (and `settle` never closes a run there).
-    func openStore(_ configuration: ClearingConfiguration, creating: Bool = false) throws -> Store {
+    /// - Parameter readOnly: for verbs that only read: the store is opened without writing
+    ///   anything (so they answer on a full disk), unless the directory needs a write first
+    ///   (a migration, a ledger behind its journal), when it is opened as usual.
+    func openStore(_ configuration: ClearingConfiguration, creating: Bool = false, readOnly: Bool = false) throws -> Store {
         if FileManager.default.fileExists(atPath: dataURL.appendingPathComponent(Backup.restoreStaging).path), !Store.hasJournal(dataURL) {
             printError("clearhouse: \(data) holds an interrupted restore (\(Backup.restoreStaging)): empty the directory and restore the backup again")
             throw ExitCode(2)
@@ -61,6 +64,11 @@ struct Locations: ParsableArguments {
             throw ExitCode(2)
         }
         do {
+            if readOnly {
+                do {
+                    return try Store(dataDirectory: dataURL, configuration: configuration, logger: CLILog.logger("clearhouse.store"), readOnly: true)
+                } catch is Store.NeedsWriting {}
+            }
             return try Store(
                 dataDirectory: dataURL, configuration: configuration, faults: Locations.crashFromEnvironment(),
                 logger: CLILog.logger("clearhouse.store"))
@@ -218,7 +226,7 @@ struct Balance: AsyncParsableCommand {
             throw ExitCode(1)
         }
         let instant = try instantOption(at, verb: "balance", option: "--at")
-        let store = try locations.openStore(configuration)
+        let store = try locations.openStore(configuration, readOnly: true)
         defer { try? store.close() }
         let b = try store.balance(of: m, at: instant)
         var w = JSONWriter()

@@ -19,7 +19,7 @@ struct Export: AsyncParsableCommand {
             throw ExitCode(1)
         }
         let configuration = try locations.loadConfiguration()
-        let store = try locations.openStore(configuration)
+        let store = try locations.openStore(configuration, readOnly: true)
         defer { try? store.close() }
         let runs = try store.runs().map {
             BeancountExport.Run(

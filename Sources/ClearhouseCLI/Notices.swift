@@ -30,7 +30,7 @@ struct Notices: AsyncParsableCommand {
                 }
                 return st
             }
-            let store = try locations.openStore(try locations.loadConfiguration())
+            let store = try locations.openStore(try locations.loadConfiguration(), readOnly: true)
             defer { try? store.close() }
             print("notice                     state      attempts  next attempt / finished   last result")
             var shown = try store.notices(state: wanted, limit: Limits.noticeListRowsMax + 1)
@@ -52,7 +52,7 @@ struct Notices: AsyncParsableCommand {
         @Argument(help: "The notice id, <run>:<partner>, e.g. R000001:fuelco.") var id: String
 
         func run() async throws {
-            let store = try locations.openStore(try locations.loadConfiguration())
+            let store = try locations.openStore(try locations.loadConfiguration(), readOnly: true)
             defer { try? store.close() }
             guard let (n, attempts) = try store.notice(id) else {
                 printError("clearhouse notices show: no notice \(JSONWriter.quote(id))")

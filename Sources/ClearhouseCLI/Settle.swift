@@ -46,7 +46,7 @@ struct Runs: AsyncParsableCommand {
 
         func run() async throws {
             let configuration = try locations.loadConfiguration()
-            let store = try locations.openStore(configuration)
+            let store = try locations.openStore(configuration, readOnly: true)
             defer { try? store.close() }
             print("run      cutoff                    entries  partners  margin (minor)  netting efficiency")
             for r in try store.runs() {
@@ -63,7 +63,7 @@ struct Runs: AsyncParsableCommand {
 
         func run() async throws {
             let configuration = try locations.loadConfiguration()
-            let store = try locations.openStore(configuration)
+            let store = try locations.openStore(configuration, readOnly: true)
             defer { try? store.close() }
             guard let r = try store.runs().first(where: { $0.id == run }) else {
                 printError("clearhouse runs show: no run \(JSONWriter.quote(run))")

@@ -29,7 +29,7 @@ struct StatementCommand: AsyncParsableCommand {
             printError("clearhouse statement: no partner \(JSONWriter.quote(partner)) in \(locations.partners)")
             throw ExitCode(1)
         }
-        let store = try locations.openStore(configuration)
+        let store = try locations.openStore(configuration, readOnly: true)
         defer { try? store.close() }
         guard let header = try store.statement(for: id, run: run) else {
             printError("clearhouse statement: no run \(JSONWriter.quote(run))")

@@ -40,7 +40,10 @@ public final class Store: Sendable {
     public let configuration: ClearingConfiguration
     let coalition: DatabasePool
     /// Copies the coalition's WAL into its database file off the writer's thread.
-    let checkpointer: Checkpointer
+    /// Nil on a read-only store (nothing to checkpoint).
+    let checkpointer: Checkpointer?
+    /// Opened by a verb that only reads: no connection can write, and opening wrote nothing.
+    public let readOnly: Bool
     let ledgers: Mutex<[PartnerID: DatabasePool]>
     let clock: any WallClock
     let faults: FaultInjector?
@@ -68,9 +71,11 @@ public final class Store: Sendable {
     public init(
         dataDirectory: URL, configuration: ClearingConfiguration, clock: any WallClock = SystemClock(),
         faults: FaultInjector? = nil, logger: Logger = Logger(label: "clearhouse.store"),
-        walFramesMax: Int32 = Limits.coalitionWALFramesMax, walBufferBytes: Int = Limits.coalitionWALBufferBytes
+        walFramesMax: Int32 = Limits.coalitionWALFramesMax, walBufferBytes: Int = Limits.coalitionWALBufferBytes,
+        readOnly: Bool = false
     ) throws {
         Store.configureSQLite
+        self.readOnly = readOnly
         self.dataDirectory = dataDirectory
         self.configuration = configuration
         self.clock = clock
@@ -94,6 +99,33 @@ public final class Store: Sendable {
                 throw StoreError("\(dataDirectory.path) holds \(ledgers.count) ledger(s) but no coalition.sqlite: the journal is missing; restore it from a backup (docs/OPERATIONS.md)")
             }
         }
+        if readOnly {
+            // For the verbs that only read (runs, notices list, balance, statement, export):
+            // opening writes nothing, so they answer on a full disk or a read-only mount. A
+            // directory that needs writing first (a migration, a currency to record, a ledger
+            // behind its journal) is `NeedsWriting`: the caller opens it writable instead.
+            guard Store.hasJournal(dataDirectory) else { throw NeedsWriting() }
+            coalition = try DatabasePool(
+                path: dataDirectory.appendingPathComponent("coalition.sqlite").path,
+                configuration: Store.databaseConfiguration(readonly: true, cacheKiB: Limits.ledgerCacheKiBMax))
+            checkpointer = nil
+            ledgers = Mutex([:])
+            try Store.refuseNewerSchema(coalition, Schema.coalition, "coalition.sqlite")
+            let current = try coalition.read { db -> Bool in
+                guard try Schema.coalition.hasCompletedMigrations(db) else { return false }
+                let recorded = try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1")
+                if let recorded, recorded != configuration.coalition.currency {
+                    throw StoreError(
+                        "coalition.toml: currency: is \(configuration.coalition.currency), but this coalition settles in \(recorded) (recorded in coalition.sqlite); a coalition's currency never changes")
+                }
+                return recorded != nil
+            }
+            guard current, try ledgersCaughtUp() else {
+                try? coalition.close()
+                throw NeedsWriting()
+            }
+            return
+        }
         try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         coalition = try Store.openWritable(
             dataDirectory.appendingPathComponent("coalition.sqlite"), cacheKiB: Limits.coalitionCacheKiBMax,
@@ -107,8 +139,9 @@ public final class Store: Sendable {
         // TO` that follows a spill (docs/DURABILITY.md), and the savepoint path rolls back.
         // Not during migrations, which may rebuild a whole table in one transaction.
         try coalition.writeWithoutTransaction { try $0.execute(sql: "PRAGMA cache_spill = OFF") }
-        checkpointer = try Checkpointer(
+        let checkpointer = try Checkpointer(
             dataDirectory.appendingPathComponent("coalition.sqlite"), framesMax: walFramesMax, logger: logger)
+        self.checkpointer = checkpointer
         ledgers = Mutex([:])
         do {
             try recover()
@@ -119,7 +152,24 @@ public final class Store: Sendable {
         }
         // After recovery (which commits under SQLite's own autocheckpoint): from here on the
         // writer's commits schedule checkpoints on the checkpointer's connection.
-        coalition.writeWithoutTransaction { [checkpointer] in checkpointer.install(on: $0) }
+        coalition.writeWithoutTransaction { checkpointer.install(on: $0) }
+    }
+
+    /// A read-only store cannot be opened on this directory as it is: it must be opened
+    /// writable once (and is, by `Locations.openStore`).
+    public struct NeedsWriting: Error {}
+
+    /// Whether every ledger holds its journal's entries (else recovery must copy them).
+    private func ledgersCaughtUp() throws -> Bool {
+        let heads = try coalition.read { db in
+            try Row.fetchAll(db, sql: "SELECT partner, last_sequence FROM partner_head").map { ($0[0] as String, $0[1] as Int64) }
+        }
+        for (text, last) in heads where last > 0 {
+            guard let partner = PartnerID(text), FileManager.default.fileExists(atPath: ledgerURL(partner).path) else { return false }
+            let held = try ledger(partner).read { try Int64.fetchOne($0, sql: "SELECT MAX(sequence) FROM entry") } ?? 0
+            if held < last { return false }
+        }
+        return true
     }
 
     /// Refuses a database that a newer Clearhouse has migrated further than this binary
@@ -279,10 +329,10 @@ public final class Store: Sendable {
 
     /// Checkpoints of the coalition's WAL since open: in the background, and by the writer
     /// at `Limits.coalitionWALFramesMax`.
-    public var checkpointCounts: (background: Int, synchronous: Int) { checkpointer.counts }
+    public var checkpointCounts: (background: Int, synchronous: Int) { checkpointer?.counts ?? (0, 0) }
 
     /// Pages the writer's commits have appended to the coalition's WAL since open (statistics).
-    public var coalitionWALFramesWritten: Int { checkpointer.framesWritten }
+    public var coalitionWALFramesWritten: Int { checkpointer?.framesWritten ?? 0 }
 
     /// How many batches the writer decided again because its lot cache disagreed with a
     /// member's `open_points` (a bug, or a write to lots behind the cache's back; 0 expected).
@@ -319,6 +369,11 @@ public final class Store: Sendable {
             if let db = open[partner] { return db }
             let db: DatabasePool
             do {
+                if readOnly {
+                    db = try DatabasePool(path: ledgerURL(partner).path, configuration: Store.databaseConfiguration(readonly: true))
+                    open[partner] = db
+                    return db
+                }
                 db = try Store.openWritable(ledgerURL(partner), cacheKiB: Limits.ledgerCacheKiBMax)
             } catch {
                 // Named, with the way out: the journal holds every entry of a ledger.
@@ -535,14 +590,16 @@ public final class Store: Sendable {
         }
         ledgers.withLock { open in
             for db in open.values {
-                step { _ = try db.writeWithoutTransaction { try $0.checkpoint(.truncate) } }
+                if !readOnly { step { _ = try db.writeWithoutTransaction { try $0.checkpoint(.truncate) } } }
                 step { try db.close() }
             }
             open.removeAll()
         }
-        coalition.writeWithoutTransaction { checkpointer.uninstall(from: $0) }
-        step { try checkpointer.stop() }
-        step { _ = try coalition.writeWithoutTransaction { try $0.checkpoint(.truncate) } }
+        if let checkpointer {
+            coalition.writeWithoutTransaction { checkpointer.uninstall(from: $0) }
+            step { try checkpointer.stop() }
+        }
+        if !readOnly { step { _ = try coalition.writeWithoutTransaction { try $0.checkpoint(.truncate) } } }
         step { try coalition.close() }
         if let firstError { throw firstError }
     }

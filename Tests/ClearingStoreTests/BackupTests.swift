@@ -59,6 +59,43 @@ import Testing
     }
 }
 
+/// The verbs that only read open the store read-only: nothing is written on opening (they
+/// answer on a full disk), and a directory that needs a write first says so.
+@Suite struct ReadOnlyStoreTests {
+    @Test func aReadOnlyStoreReadsEverythingAndCannotWrite() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 1000, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 400, "C-1"))
+        h.clock.advance(milliseconds: 1_000)
+        _ = try h.store.settle()
+        try h.store.close()
+        h.store = nil
+        let coalition = h.dir.url.appendingPathComponent("coalition.sqlite")
+        let before = try Data(contentsOf: coalition)
+
+        let store = try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock, readOnly: true)
+        #expect(store.readOnly)
+        #expect(try store.runs().map(\.id) == ["R000001"])
+        #expect(try store.balance(of: MemberID("M1")!).value == 600)
+        #expect(try store.statement(for: C, run: "R000001")?.notice.figures.redeemedPoints == Points(400))
+        #expect(try store.notice("R000001:cinema") != nil)
+        // A posting cannot be written through it.
+        #expect(store.post([Submission(partner: G, webhookID: WebhookID("g2")!, event: Fixtures.earn("M1", 5, "G-2"))])[0].httpStatus == 503)
+        try store.close()
+        #expect(try Data(contentsOf: coalition) == before, "nothing written")
+
+        // A ledger behind its journal needs recovery, a write: refused read-only.
+        try FileManager.default.removeItem(at: h.dir.url.appendingPathComponent("ledgers/cinema.sqlite"))
+        #expect(throws: Store.NeedsWriting.self) {
+            try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock, readOnly: true)
+        }
+        // Another currency is refused read-only too.
+        var usd = h.configuration
+        usd.coalition.currency = "USD"
+        #expect(throws: StoreError.self) { try Store(dataDirectory: h.dir.url, configuration: usd, clock: h.clock, readOnly: true) }
+    }
+}
+
 /// One damaged ledger does not cost the backup its journal, and every error names the file.
 @Suite struct DamagedLedgerTests {
     @Test func aDamagedLedgerIsNamedAndTheJournalIsStillBackedUpAndRebuildsIt() throws {
