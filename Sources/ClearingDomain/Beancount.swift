@@ -125,11 +125,23 @@ public enum BeancountExport {
             for (p, v) in run.issuePrices { price[p] = v }
             out += "\n; Run \(run.id), cutoff \(run.cutoff.rfc3339): operator margin \(amount(run.operatorMarginMinor.value, currency)) \(currency), netting efficiency \(run.nettingEfficiency)\n"
             for f in run.partners where f.issuedPoints != .zero || f.payableMinor != .zero {
-                let (points, overflow) = (held[f.partner] ?? 0).addingReportingOverflow(f.issuedPoints.value)
-                if overflow { throw ArithmeticOverflow("points outstanding of \(f.partner)") }
-                held[f.partner] = points
-                carried[f.partner] = try (carried[f.partner] ?? .zero).adding(f.payableMinor)
-                let lines = try post(partnerAccount(f.partner), f.payableMinor) + post(liability, MoneyMinor(0).subtracting(f.payableMinor))
+                let lines: String
+                if f.issuedPoints.value >= 0 {
+                    let (points, overflow) = (held[f.partner] ?? 0).addingReportingOverflow(f.issuedPoints.value)
+                    if overflow { throw ArithmeticOverflow("points outstanding of \(f.partner)") }
+                    held[f.partner] = points
+                    carried[f.partner] = try (carried[f.partner] ?? .zero).adding(f.payableMinor)
+                    lines = try post(partnerAccount(f.partner), f.payableMinor) + post(liability, MoneyMinor(0).subtracting(f.payableMinor))
+                } else {
+                    // More earns reversed than made in the run: the points leave the liability
+                    // at their booked cost, the partner is credited at the run's price (its
+                    // negative payable), and the difference is the coalition's margin.
+                    let (reversed, overflow) = Int64(0).subtractingReportingOverflow(f.issuedPoints.value)
+                    if overflow { throw ArithmeticOverflow("points reversed by \(f.partner)") }
+                    let value = try release(Points(reversed), of: f.partner)
+                    lines = try post(partnerAccount(f.partner), f.payableMinor) + post(liability, value)
+                        + post(margin, MoneyMinor(0).subtracting(f.payableMinor).subtracting(value))
+                }
                 out += transaction(date, run.id, f.partner, "\(f.partner) issued \(f.issuedPoints.value) points", lines)
             }
             for f in run.partners where f.redeemedPoints != .zero || f.receivableMinor != .zero {

@@ -101,6 +101,11 @@ public enum Backup {
                 throw error
             }
             try store.close()
+        } catch let mismatch as Store.CurrencyMismatch {
+            // The configuration is at fault, not the backup: nothing to look at, nothing kept.
+            try? fm.removeItem(at: staging)
+            throw StoreError(
+                "--partners names currency \(mismatch.configured) in coalition.toml, but \(backup.path) is of a coalition that settles in \(mismatch.recorded): nothing was restored; restore with that coalition's configuration")
         } catch {
             throw StoreError("\(backup.path) is not a consistent backup: \(error). Nothing was restored; its files are in \(staging.path) for a look")
         }

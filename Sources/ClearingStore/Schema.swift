@@ -333,19 +333,27 @@ enum Schema {
         }
         m.registerMigration("v10-coalition-currency") { db in
             // The currency every run, notice, statement and export of this coalition is in,
-            // recorded by the first store opened after this migration (`Store.recordCurrency`)
-            // and never changed: a closed run's statements must not turn into another currency
-            // when coalition.toml does (CONTRACT §6: a closed run never changes).
+            // recorded by the first writable store opened after this migration
+            // (`Store.recordCurrency`: the last run's currency when there is one, else the
+            // configured one) and never changed: a closed run's statements must not turn into
+            // another currency when coalition.toml does (CONTRACT §6: a closed run never
+            // changes). Each run keeps its own too: runs closed before this migration, when a
+            // configuration could still change it, are in the currency their notices carry.
             try db.execute(
                 sql: """
                     CREATE TABLE coalition_currency (
                       id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
-                      currency TEXT NOT NULL CHECK (length(currency) = 3 AND currency GLOB '[A-Z][A-Z][A-Z]')
+                      currency TEXT NOT NULL CHECK (length(currency) = 3 AND currency NOT GLOB '*[^A-Z]*')
                     );
                     CREATE TRIGGER coalition_currency_no_update BEFORE UPDATE ON coalition_currency
                       BEGIN SELECT RAISE(ABORT, 'a coalition''s currency never changes'); END;
                     CREATE TRIGGER coalition_currency_no_delete BEFORE DELETE ON coalition_currency
                       BEGIN SELECT RAISE(ABORT, 'a coalition''s currency never changes'); END;
+                    ALTER TABLE run ADD COLUMN currency TEXT CHECK (currency IS NULL OR (length(currency) = 3 AND currency NOT GLOB '*[^A-Z]*'));
+                    DROP TRIGGER run_immutable_u;
+                    UPDATE run SET currency = (
+                      SELECT json_extract(CAST(n.body AS TEXT), '$.data.currency') FROM notice n WHERE n.run_number = run.number LIMIT 1);
+                    CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
                     """)
         }
         m.registerMigration("v11-run-names-after-a-restore") { db in

@@ -314,13 +314,13 @@ extension Store {
         try db.execute(
             sql: """
                 INSERT INTO run (number, id, cutoff_ms, first_journal_id, last_journal_id, created_at_ms,
-                  operator_margin_minor, gross_minor, net_transfers_minor, netting_efficiency_ppm)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                  operator_margin_minor, gross_minor, net_transfers_minor, netting_efficiency_ppm, currency)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """,
             arguments: [
                 run.number, run.id, run.cutoff.millisecondsSinceEpoch, run.firstJournalID, run.lastJournalID, now.millisecondsSinceEpoch,
                 run.totals.operatorMarginMinor.value, run.totals.grossMinor.value, run.totals.netTransfersMinor.value,
-                run.totals.nettingEfficiencyPPM,
+                run.totals.nettingEfficiencyPPM, configuration.coalition.currency,
             ])
         for f in run.partners {
             try db.execute(

@@ -32,7 +32,7 @@ extension Store {
     /// nothing in an existing run gets an empty statement with zero figures.
     public func statement(for partner: PartnerID, run runID: String) throws -> StatementHeader? {
         try coalition.read { db -> StatementHeader? in
-            guard let run = try Row.fetchOne(db, sql: "SELECT number, id, cutoff_ms, first_journal_id, last_journal_id FROM run WHERE id = ?", arguments: [runID])
+            guard let run = try Row.fetchOne(db, sql: "SELECT number, id, cutoff_ms, first_journal_id, last_journal_id, currency FROM run WHERE id = ?", arguments: [runID])
             else { return nil }
             let number = try run.int64("number")
             let row = try Row.fetchOne(
@@ -72,7 +72,7 @@ extension Store {
             }
             let notice = SettlementNotice(
                 run: runID, cutoff: Instant(millisecondsSinceEpoch: try run.int64("cutoff_ms")),
-                currency: try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1") ?? configuration.coalition.currency,
+                currency: try run.optionalText("currency") ?? Store.historicCurrency(db) ?? configuration.coalition.currency,
                 figures: figures, issuePricePer1000: issuePrice, redeemCreditPer1000: creditPrice)
             return StatementHeader(notice: notice, flows: flows, entryCount: count, firstSequence: first, lastSequence: last)
         }

@@ -111,16 +111,14 @@ public final class Store: Sendable {
             checkpointer = nil
             ledgers = Mutex([:])
             try Store.refuseNewerSchema(coalition, Schema.coalition, "coalition.sqlite")
-            let current = try coalition.read { db -> Bool in
-                guard try Schema.coalition.hasCompletedMigrations(db) else { return false }
-                let recorded = try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1")
-                if let recorded, recorded != configuration.coalition.currency {
-                    throw StoreError(
-                        "coalition.toml: currency: is \(configuration.coalition.currency), but this coalition settles in \(recorded) (recorded in coalition.sqlite); a coalition's currency never changes")
-                }
-                return recorded != nil
+            // A read-only store records nothing (not even a currency: a mistyped --partners of
+            // a read must do no lasting harm), and checks what the history already says.
+            guard try coalition.read({ try Schema.coalition.hasCompletedMigrations($0) }) else {
+                try? coalition.close()
+                throw NeedsWriting()
             }
-            guard current, try ledgersCaughtUp() else {
+            try Store.recordCurrency(coalition, configuration.coalition.currency, write: false)
+            guard try ledgersCaughtUp() else {
                 try? coalition.close()
                 throw NeedsWriting()
             }
@@ -132,7 +130,7 @@ public final class Store: Sendable {
             walBufferBytes: walBufferBytes)
         try Store.refuseNewerSchema(coalition, Schema.coalition, "coalition.sqlite")
         try Store.migrateIfNeeded(coalition, Schema.coalition)
-        try Store.recordCurrency(coalition, configuration.coalition.currency)
+        try Store.recordCurrency(coalition, configuration.coalition.currency, write: true)
         // From here on, the coalition writer keeps every page a transaction dirties in memory
         // until its COMMIT, however many (a batch is bounded by `Limits.postingBatchMax`, a
         // run by its expiring lots): SQLite 3.40.1 can lose frames written after a `ROLLBACK
@@ -185,19 +183,33 @@ public final class Store: Sendable {
         }
     }
 
-    /// Records the coalition's currency on the first open; afterwards, refuses a configuration
-    /// that names another one (every closed run, notice and statement is in the recorded one).
-    static func recordCurrency(_ db: DatabasePool, _ configured: String) throws {
-        var recorded = try db.read { try String.fetchOne($0, sql: "SELECT currency FROM coalition_currency WHERE id = 1") }
-        if recorded == nil {
-            recorded = try db.write { db in
-                try db.execute(sql: "INSERT OR IGNORE INTO coalition_currency (id, currency) VALUES (1, ?)", arguments: [configured])
-                return try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1")
-            }
+    /// The configuration names another currency than the coalition's history.
+    public struct CurrencyMismatch: Error, CustomStringConvertible {
+        public let configured: String
+        public let recorded: String
+        public var description: String {
+            "coalition.toml: currency: is \(configured), but this coalition settles in \(recorded) (recorded in coalition.sqlite); a coalition's currency never changes"
         }
-        guard recorded == configured else {
-            throw StoreError(
-                "coalition.toml: currency: is \(configured), but this coalition settles in \(recorded ?? "?") (recorded in coalition.sqlite); a coalition's currency never changes")
+    }
+
+    /// The coalition's currency as its history has it: the recorded one, else the last run's
+    /// (runs closed before v10), else nil (nothing settled yet).
+    static func historicCurrency(_ db: Database) throws -> String? {
+        if let recorded = try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1") { return recorded }
+        return try String.fetchOne(db, sql: "SELECT currency FROM run WHERE currency IS NOT NULL ORDER BY number DESC LIMIT 1")
+    }
+
+    /// Refuses a configuration whose currency is not the history's; on a writable store,
+    /// records it the first time (the history's, or the configured one for a new coalition).
+    static func recordCurrency(_ db: DatabasePool, _ configured: String, write: Bool) throws {
+        let (historic, recorded) = try db.read { db in
+            (try historicCurrency(db), try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1"))
+        }
+        if let historic, historic != configured { throw CurrencyMismatch(configured: configured, recorded: historic) }
+        if recorded == nil, write {
+            try db.write { db in
+                try db.execute(sql: "INSERT OR IGNORE INTO coalition_currency (id, currency) VALUES (1, ?)", arguments: [configured])
+            }
         }
     }
 

@@ -31,8 +31,16 @@ public enum Verifier {
             report.breach("\(dataDirectory.path): cannot be read")
             return report
         }
+        // The same rule as the store's: a restore that stopped before its last rename left
+        // files in staging (part of the backup is missing); an empty staging beside the journal
+        // is only a leftover of one that finished its renames, and the data are whole.
         if names.contains(Backup.restoreStaging) {
-            report.breach("\(dataDirectory.path): holds an interrupted restore (\(Backup.restoreStaging)): part of the backup may be missing; empty the directory and restore again")
+            let staged = (try? fm.contentsOfDirectory(atPath: dataDirectory.appendingPathComponent(Backup.restoreStaging).path)) ?? []
+            if !staged.isEmpty || !Store.hasJournal(dataDirectory) {
+                report.breach("\(dataDirectory.path): holds an interrupted restore (\(Backup.restoreStaging)): part of the backup may be missing; empty the directory and restore again")
+            } else {
+                report.checks.append("\(Backup.restoreStaging): an empty leftover of a restore that finished; it may be removed")
+            }
         }
         guard Store.hasJournal(dataDirectory) else {
             // Every data directory that was ever opened has its journal (serve, post and
@@ -378,14 +386,15 @@ extension Verifier {
             report.breach("run \(try row.int64("run_number")): partner \(try row.text("partner")) has no settlement notice")
         }
         let fields = ["issued_points", "redeemed_points", "expired_points", "payable_minor", "receivable_minor", "net_minor"]
-        // The currency recorded with the coalition (v10); before it, each notice's own.
-        let currency = try db.tableExists("coalition_currency")
-            ? try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1") : nil
+        // Each run's currency (v10: recorded with the run, and for runs closed before, taken
+        // from their notices); a run that has none yet (a directory not opened since v10) is
+        // checked against its notices' own.
+        let runCurrency = try db.columns(in: "run").contains { $0.name == "currency" } ? "r.currency" : "NULL"
         let rows = try Row.fetchAll(
             db,
             sql: """
                 SELECT n.id, n.run_number, n.partner, n.body, r.id AS run_id, r.cutoff_ms, \(fields.map { "rp.\($0)" }.joined(separator: ", ")),
-                  rp.issue_price_per_1000, rp.redeem_credit_per_1000
+                  rp.issue_price_per_1000, rp.redeem_credit_per_1000, \(runCurrency) AS currency
                 FROM notice n LEFT JOIN run r ON r.number = n.run_number
                 LEFT JOIN run_partner rp ON rp.run_number = n.run_number AND rp.partner = n.partner
                 """)
@@ -414,7 +423,7 @@ extension Verifier {
             guard let p = PartnerID(partner) else { continue }
             let expected = SettlementNotice(
                 run: runID, cutoff: Instant(millisecondsSinceEpoch: try row.int64("cutoff_ms")),
-                currency: currency ?? (data["currency"] as? String ?? ""),
+                currency: try row.optionalText("currency") ?? (data["currency"] as? String ?? ""),
                 figures: PartnerFigures(
                     partner: p, issuedPoints: Points(try row.int64("issued_points")), redeemedPoints: Points(try row.int64("redeemed_points")),
                     expiredPoints: Points(try row.int64("expired_points")), payableMinor: MoneyMinor(try row.int64("payable_minor")),

@@ -82,6 +82,33 @@ import Testing
         #expect(try beanCheck(text) == 0)
     }
 
+    /// An earn reversed in a later run, after the price changed: the points leave the liability
+    /// at their booked cost, the partner gets the run's price back, and the difference is
+    /// margin; nothing outstanding, nothing left in the liability. (Also with rounding only.)
+    @Test func earnsReversedInALaterRunLeaveAtTheirBookedCost() throws {
+        let f = PartnerID("fuel")!
+        func run(_ n: Int, issued: Int64, payable: Int64, price: Int64) -> BeancountExport.Run {
+            BeancountExport.Run(
+                id: "R00000\(n)", cutoff: Instant(rfc3339: "2026-11-2\(n)T23:00:00Z")!,
+                partners: [PartnerFigures(partner: f, issuedPoints: Points(issued), redeemedPoints: .zero, expiredPoints: .zero,
+                                          payableMinor: MoneyMinor(payable), receivableMinor: .zero, netMinor: MoneyMinor(-payable))],
+                issuePrices: [f: MoneyMinor(price)], flows: [], operatorMarginMinor: MoneyMinor(payable), nettingEfficiency: "0.000000")
+        }
+        // 1000 points at 10.00, reversed after the price doubled (the partner gets 20.00 back).
+        let priced = try BeancountExport.ledger(
+            runs: [run(1, issued: 1000, payable: 1000, price: 1000), run(2, issued: -1000, payable: -2000, price: 2000)],
+            currency: "EUR", prices: [f: MoneyMinor(1000)], generatedAt: Instant(rfc3339: "2026-11-23T00:00:00Z")!)
+        #expect(priced.contains("  Assets:Partners:Fuel  -20.00 EUR\n  Liabilities:Points:Outstanding  10.00 EUR\n  Income:Margin  10.00 EUR\n"), "\(priced)")
+        #expect(priced.contains("2026-11-23 balance Liabilities:Points:Outstanding  0.00 EUR"))
+        #expect(try beanCheck(priced) == 0)
+        // Price 0.50 per 1000: 3 points booked at 0.00 (rounded), then reversed 1 and 2.
+        let rounded = try BeancountExport.ledger(
+            runs: [run(1, issued: 3, payable: 2, price: 500), run(2, issued: -1, payable: 0, price: 500), run(3, issued: -2, payable: -1, price: 500)],
+            currency: "EUR", prices: [f: MoneyMinor(500)], generatedAt: Instant(rfc3339: "2026-11-24T00:00:00Z")!)
+        #expect(rounded.contains("2026-11-24 balance Liabilities:Points:Outstanding  0.00 EUR"), "\(rounded)")
+        #expect(try beanCheck(rounded) == 0)
+    }
+
     /// `bean-check`'s exit status on `text`.
     func beanCheck(_ text: String) throws -> Int32 {
         let dir = TemporaryDirectory("clearhouse-beancount")

@@ -191,12 +191,27 @@ import Testing
         try after.close()
         #expect(try Verifier.verify(dataDirectory: target).ok)
 
+        // Restored with another coalition's configuration (another currency): the configuration
+        // is blamed, not the backup, and nothing is left behind.
+        var usd = h.configuration
+        usd.coalition.currency = "USD"
+        let elsewhere = parent.appendingPathComponent("restored-usd-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: elsewhere) }
+        do {
+            try Backup.restore(from: backup, to: elsewhere, configuration: usd, clock: h.clock)
+            Issue.record("restored under another currency")
+        } catch {
+            #expect("\(error)".contains("names currency USD") && !"\(error)".contains("not a consistent backup"), "\(error)")
+        }
+        #expect((try? fm.contentsOfDirectory(atPath: elsewhere.path)) ?? [] == [])
+
         // Died after the last rename (the journal in place, the staging empty): nothing missing, opens.
         try fm.removeItem(at: target)
         try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
         try fm.createDirectory(at: staging, withIntermediateDirectories: false)
         let store = try Store(dataDirectory: target, configuration: h.configuration, clock: h.clock)
         try store.close()
+        #expect(try Verifier.verify(dataDirectory: target).ok, "the same rule in verify: whole data, no breach")
     }
 }
 

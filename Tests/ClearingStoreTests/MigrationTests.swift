@@ -108,40 +108,66 @@ extension MigrationTests {
             CREATE INDEX lot_open_by_member ON lot(member, id) WHERE remaining > 0;
             CREATE INDEX lot_expiry ON lot(expires_at_ms) WHERE expires_at_ms IS NOT NULL;
             DROP TABLE coalition_currency;
-            DELETE FROM grdb_migrations WHERE identifier IN ('v8-open-lots', 'v9-open-lots-within-their-lot', 'v10-coalition-currency');
+            DROP TRIGGER run_immutable_u;
+            ALTER TABLE run DROP COLUMN currency;
+            CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+            DROP TABLE run_naming;
+            DELETE FROM grdb_migrations WHERE identifier IN ('v8-open-lots', 'v9-open-lots-within-their-lot', 'v10-coalition-currency', 'v11-run-names-after-a-restore');
             """)
     }
 
-    /// v10 records the currency on the first open after it; a configuration naming another is
-    /// refused from then on (a closed run's statements would otherwise change currency), and
-    /// the record itself never changes.
-    @Test func theCurrencyIsRecordedOnceAndNeverChanges() throws {
+    /// v10 records the currency: from the history when there is one (each run's from its
+    /// notices, the coalition's from the last run), else the configured one; a configuration
+    /// naming another is refused from then on, by writable and read-only stores alike (a closed
+    /// run's statements would otherwise change currency), and the record never changes.
+    @Test func theCurrencyIsRecordedOnceFromTheHistoryAndNeverChanges() throws {
         let h = try expiredThenReopened()
         let statement = try h.store.statement(for: G, run: "R000001")
         #expect(statement?.notice.currency == "EUR")
         try h.store.close()
         let url = h.dir.url.appendingPathComponent("coalition.sqlite")
-        // As before v10: no record. The next open records the configured currency.
-        try MigrationTests.rawQueue(url).write { db in
-            try db.execute(sql: "DROP TABLE coalition_currency; DELETE FROM grdb_migrations WHERE identifier = 'v10-coalition-currency'")
+        var usd = h.configuration
+        usd.coalition.currency = "USD"
+        func refusesUSD(readOnly: Bool) {
+            do {
+                _ = try Store(dataDirectory: h.dir.url, configuration: usd, clock: h.clock, readOnly: readOnly)
+                Issue.record("a store opened in another currency (read-only: \(readOnly))")
+            } catch {
+                #expect("\(error)".contains("currency: is USD, but this coalition settles in EUR"), "\(error)")
+            }
         }
+        // As before v10: no record, no currency with the runs. A read-only open (a verb that
+        // only reads) with another currency neither records it nor opens.
+        try MigrationTests.rawQueue(url).write { db in
+            try db.execute(sql: """
+                DROP TABLE coalition_currency;
+                DROP TRIGGER run_immutable_u;
+                ALTER TABLE run DROP COLUMN currency;
+                CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                DELETE FROM grdb_migrations WHERE identifier IN ('v10-coalition-currency', 'v11-run-names-after-a-restore');
+                DROP TABLE run_naming;
+                """)
+        }
+        #expect(throws: Store.NeedsWriting.self) { try Store(dataDirectory: h.dir.url, configuration: usd, clock: h.clock, readOnly: true) }
+        // The first writable open migrates: the history (R000001's notices say EUR) refuses USD…
+        refusesUSD(readOnly: false)
+        let (runCurrency, recorded) = try MigrationTests.rawQueue(url).read { db in
+            (try String.fetchOne(db, sql: "SELECT currency FROM run WHERE number = 1"), try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency"))
+        }
+        #expect(runCurrency == "EUR", "each run's currency from its notices")
+        #expect(recorded == nil, "nothing recorded by a refused open")
+        // …and records EUR.
         try h.reopen()
         #expect(try h.store.coalition.read { try String.fetchOne($0, sql: "SELECT currency FROM coalition_currency") } == "EUR")
         try h.store.close()
-
-        var usd = h.configuration
-        usd.coalition.currency = "USD"
-        do {
-            _ = try Store(dataDirectory: h.dir.url, configuration: usd, clock: h.clock)
-            Issue.record("a store opened in another currency")
-        } catch {
-            #expect("\(error)".contains("currency: is USD, but this coalition settles in EUR"), "\(error)")
-        }
+        refusesUSD(readOnly: false)
+        refusesUSD(readOnly: true)
         try h.reopen()
         #expect(try h.store.statement(for: G, run: "R000001") == statement, "the closed run's statement is as it was")
         #expect(throws: DatabaseError.self) {
             try h.store.coalition.write { try $0.execute(sql: "UPDATE coalition_currency SET currency = 'USD'") }
         }
+        #expect(try h.verify().ok)
     }
 
     /// v8 moved each lot's points left out of the lot row into `lot_open`. A directory written
