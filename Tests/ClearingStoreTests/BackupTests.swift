@@ -92,7 +92,7 @@ import Testing
         // Another currency is refused read-only too.
         var usd = h.configuration
         usd.coalition.currency = "USD"
-        #expect(throws: StoreError.self) { try Store(dataDirectory: h.dir.url, configuration: usd, clock: h.clock, readOnly: true) }
+        #expect(throws: Store.CurrencyMismatch.self) { try Store(dataDirectory: h.dir.url, configuration: usd, clock: h.clock, readOnly: true) }
     }
 }
 
