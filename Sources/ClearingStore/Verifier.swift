@@ -43,14 +43,14 @@ public enum Verifier {
             }
         }
         guard Store.hasJournal(dataDirectory) else {
-            // Every data directory that was ever opened has its journal (serve, post and
-            // restore make it first): without one, this is not the data (a mistyped --data, an
-            // empty target), or the truth is gone. Never "ok".
+            // Ledgers without their journal are damage (the truth is gone). A directory that
+            // holds neither has nothing in it to break an invariant (CONTRACT §10: exit 0 when
+            // every invariant holds), and says so plainly.
             let ledgers = Store.ledgerFileNames(dataDirectory)
             if !ledgers.isEmpty {
                 report.breach("\(dataDirectory.path): \(ledgers.count) ledger(s) but no coalition.sqlite: the journal is missing; restore it from a backup")
             } else {
-                report.breach("\(dataDirectory.path): no coalition.sqlite (\(names.isEmpty ? "an empty directory" : "no journal, no ledgers")): not a data directory")
+                report.checks.append("no coalition.sqlite in \(dataDirectory.path) (\(names.isEmpty ? "an empty directory" : "no journal, no ledgers")): nothing has been accepted there, nothing to verify")
             }
             return report
         }
