@@ -69,10 +69,12 @@ struct Locations: ParsableArguments {
                     return try Store(dataDirectory: dataURL, configuration: configuration, logger: CLILog.logger("clearhouse.store"), readOnly: true)
                 } catch is Store.NeedsWriting {}
             }
+            // A read verb that must open writable (a migration, a ledger to catch up) still
+            // records no currency: a mistyped --partners of a read must do no lasting harm.
             return try Store(
                 dataDirectory: dataURL, configuration: configuration, faults: Locations.crashFromEnvironment(),
-                logger: CLILog.logger("clearhouse.store"))
-        } catch where StoreError.isDiskFull(error) {
+                logger: CLILog.logger("clearhouse.store"), recordsCurrency: !readOnly)
+        } catch where StoreError.isDiskFull(error, under: dataURL) {
             // Opening a store writes (SQLite's WAL set-up), even for a verb that only reads.
             printError("clearhouse: cannot open the data directory \(data): the disk is full (\(error)); free some space first. A running serve keeps answering reads, and `clearhouse verify` reads without writing")
             throw ExitCode(2)

@@ -26,8 +26,15 @@ struct Export: AsyncParsableCommand {
                 id: $0.id, cutoff: $0.cutoff, partners: $0.partners, issuePrices: $0.issuePrices, flows: $0.flows,
                 operatorMarginMinor: $0.totals.operatorMarginMinor, nettingEfficiency: $0.totals.nettingEfficiencyText)
         }
+        // The books are in one currency: the runs' own (runs closed before v10 carry the one
+        // their notices were in), not today's configuration's.
+        let currencies = try store.runCurrencies()
+        guard currencies.count <= 1 else {
+            printError("clearhouse export: the runs are in several currencies (\(currencies.sorted().joined(separator: ", "))); Beancount books here are in one")
+            throw ExitCode(1)
+        }
         let text = try BeancountExport.ledger(
-            runs: runs, currency: configuration.coalition.currency,
+            runs: runs, currency: currencies.first ?? configuration.coalition.currency,
             prices: configuration.partners.mapValues(\.issuePricePer1000), generatedAt: SystemClock().now())
         if let output {
             do { try text.write(toFile: output, atomically: true, encoding: .utf8) } catch {

@@ -333,27 +333,20 @@ enum Schema {
         }
         m.registerMigration("v10-coalition-currency") { db in
             // The currency every run, notice, statement and export of this coalition is in,
-            // recorded by the first writable store opened after this migration
-            // (`Store.recordCurrency`: the last run's currency when there is one, else the
-            // configured one) and never changed: a closed run's statements must not turn into
-            // another currency when coalition.toml does (CONTRACT §6: a closed run never
-            // changes). Each run keeps its own too: runs closed before this migration, when a
-            // configuration could still change it, are in the currency their notices carry.
+            // recorded by the first store opened after this migration (`Store.recordCurrency`)
+            // and never changed: a closed run's statements must not turn into another currency
+            // when coalition.toml does (CONTRACT §6: a closed run never changes).
+            // (Applied as it is: a migration never changes once released; v12 adds to it.)
             try db.execute(
                 sql: """
                     CREATE TABLE coalition_currency (
                       id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
-                      currency TEXT NOT NULL CHECK (length(currency) = 3 AND currency NOT GLOB '*[^A-Z]*')
+                      currency TEXT NOT NULL CHECK (length(currency) = 3 AND currency GLOB '[A-Z][A-Z][A-Z]')
                     );
                     CREATE TRIGGER coalition_currency_no_update BEFORE UPDATE ON coalition_currency
                       BEGIN SELECT RAISE(ABORT, 'a coalition''s currency never changes'); END;
                     CREATE TRIGGER coalition_currency_no_delete BEFORE DELETE ON coalition_currency
                       BEGIN SELECT RAISE(ABORT, 'a coalition''s currency never changes'); END;
-                    ALTER TABLE run ADD COLUMN currency TEXT CHECK (currency IS NULL OR (length(currency) = 3 AND currency NOT GLOB '*[^A-Z]*'));
-                    DROP TRIGGER run_immutable_u;
-                    UPDATE run SET currency = (
-                      SELECT json_extract(CAST(n.body AS TEXT), '$.data.currency') FROM notice n WHERE n.run_number = run.number LIMIT 1);
-                    CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
                     """)
         }
         m.registerMigration("v11-run-names-after-a-restore") { db in
@@ -367,6 +360,20 @@ enum Schema {
                       id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
                       restored_at TEXT NOT NULL CHECK (length(restored_at) = 12 AND restored_at NOT GLOB '*[^0-9]*')
                     );
+                    """)
+        }
+        m.registerMigration("v12-run-currency") { db in
+            // Each run keeps its own currency: runs closed before v10, when a configuration could
+            // still change it, are in the currency their notices carry (a run without notices,
+            // an empty one, has none: the coalition's applies). The coalition's currency is
+            // then recorded from the history (`Store.recordCurrency`), not from a configuration.
+            try db.execute(
+                sql: """
+                    ALTER TABLE run ADD COLUMN currency TEXT CHECK (currency IS NULL OR (length(currency) = 3 AND currency GLOB '[A-Z][A-Z][A-Z]'));
+                    DROP TRIGGER run_immutable_u;
+                    UPDATE run SET currency = (
+                      SELECT json_extract(CAST(n.body AS TEXT), '$.data.currency') FROM notice n WHERE n.run_number = run.number LIMIT 1);
+                    CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
                     """)
         }
         return m

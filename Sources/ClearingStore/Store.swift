@@ -26,9 +26,15 @@ public struct StoreError: Error, CustomStringConvertible {
     public let description: String
     public init(_ description: String) { self.description = description }
 
-    /// Whether `error` is SQLite's "database or disk is full".
-    public static func isDiskFull(_ error: any Error) -> Bool {
-        (error as? DatabaseError)?.resultCode == .SQLITE_FULL
+    /// Whether `error` is SQLite's "database or disk is full", or an I/O or open error on a
+    /// file system under `directory` with no space left (SQLite reports a `-shm` it cannot
+    /// grow as an I/O error).
+    public static func isDiskFull(_ error: any Error, under directory: URL) -> Bool {
+        guard let e = error as? DatabaseError else { return false }
+        if e.resultCode == .SQLITE_FULL { return true }
+        guard e.resultCode == .SQLITE_IOERR || e.resultCode == .SQLITE_CANTOPEN else { return false }
+        var fs = statvfs()
+        return statvfs(directory.path, &fs) == 0 && fs.f_bavail == 0
     }
 }
 
@@ -72,7 +78,7 @@ public final class Store: Sendable {
         dataDirectory: URL, configuration: ClearingConfiguration, clock: any WallClock = SystemClock(),
         faults: FaultInjector? = nil, logger: Logger = Logger(label: "clearhouse.store"),
         walFramesMax: Int32 = Limits.coalitionWALFramesMax, walBufferBytes: Int = Limits.coalitionWALBufferBytes,
-        readOnly: Bool = false
+        readOnly: Bool = false, recordsCurrency: Bool = true
     ) throws {
         Store.configureSQLite
         self.readOnly = readOnly
@@ -118,7 +124,7 @@ public final class Store: Sendable {
                 throw NeedsWriting()
             }
             try Store.recordCurrency(coalition, configuration.coalition.currency, write: false)
-            guard try ledgersCaughtUp() else {
+            guard ledgersCaughtUp() else {
                 try? coalition.close()
                 throw NeedsWriting()
             }
@@ -130,7 +136,7 @@ public final class Store: Sendable {
             walBufferBytes: walBufferBytes)
         try Store.refuseNewerSchema(coalition, Schema.coalition, "coalition.sqlite")
         try Store.migrateIfNeeded(coalition, Schema.coalition)
-        try Store.recordCurrency(coalition, configuration.coalition.currency, write: true)
+        try Store.recordCurrency(coalition, configuration.coalition.currency, write: recordsCurrency)
         // From here on, the coalition writer keeps every page a transaction dirties in memory
         // until its COMMIT, however many (a batch is bounded by `Limits.postingBatchMax`, a
         // run by its expiring lots): SQLite 3.40.1 can lose frames written after a `ROLLBACK
@@ -157,17 +163,31 @@ public final class Store: Sendable {
     /// writable once (and is, by `Locations.openStore`).
     public struct NeedsWriting: Error {}
 
-    /// Whether every ledger holds its journal's entries (else recovery must copy them).
-    private func ledgersCaughtUp() throws -> Bool {
-        let heads = try coalition.read { db in
-            try Row.fetchAll(db, sql: "SELECT partner, last_sequence FROM partner_head").map { ($0[0] as String, $0[1] as Int64) }
+    /// Whether every ledger holds exactly its journal's history (else opening must recover,
+    /// or refuse it by name): present, not behind the journal, not ahead of it (a ledger ahead
+    /// of a stale read of the journal is re-checked against the journal as it is now), and the
+    /// journal's entry at its head, hash for hash. Any error reading a ledger counts as no.
+    private func ledgersCaughtUp() -> Bool {
+        do {
+            let heads = try coalition.read { db in
+                try Row.fetchAll(db, sql: "SELECT partner, last_sequence FROM partner_head").map { ($0[0] as String, $0[1] as Int64) }
+            }
+            for (text, last) in heads where last > 0 {
+                guard let partner = PartnerID(text), FileManager.default.fileExists(atPath: ledgerURL(partner).path) else { return false }
+                let held = try ledger(partner).read { try Int64.fetchOne($0, sql: "SELECT MAX(sequence) FROM entry") } ?? 0
+                if held < last { return false }
+                if held > last {
+                    let now = try coalition.read {
+                        try Int64.fetchOne($0, sql: "SELECT last_sequence FROM partner_head WHERE partner = ?", arguments: [text])
+                    } ?? 0
+                    if held > now { return false }
+                }
+                try requireSameHistory(partner, through: last)
+            }
+            return true
+        } catch {
+            return false
         }
-        for (text, last) in heads where last > 0 {
-            guard let partner = PartnerID(text), FileManager.default.fileExists(atPath: ledgerURL(partner).path) else { return false }
-            let held = try ledger(partner).read { try Int64.fetchOne($0, sql: "SELECT MAX(sequence) FROM entry") } ?? 0
-            if held < last { return false }
-        }
-        return true
     }
 
     /// Refuses a database that a newer Clearhouse has migrated further than this binary
@@ -189,6 +209,14 @@ public final class Store: Sendable {
         public let recorded: String
         public var description: String {
             "coalition.toml: currency: is \(configured), but this coalition settles in \(recorded) (recorded in coalition.sqlite); a coalition's currency never changes"
+        }
+    }
+
+    /// The currencies of the closed runs (each its own, else the coalition's), for the books.
+    public func runCurrencies() throws -> Set<String> {
+        try coalition.read { db in
+            let fallback = try Store.historicCurrency(db) ?? configuration.coalition.currency
+            return Set(try String?.fetchAll(db, sql: "SELECT currency FROM run").map { $0 ?? fallback })
         }
     }
 

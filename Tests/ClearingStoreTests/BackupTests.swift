@@ -93,6 +93,42 @@ import Testing
         var usd = h.configuration
         usd.coalition.currency = "USD"
         #expect(throws: Store.CurrencyMismatch.self) { try Store(dataDirectory: h.dir.url, configuration: usd, clock: h.clock, readOnly: true) }
+
+        // An empty ledger file, or a ledger of another history (longer, so not behind): not
+        // served read-only; the writable open then recovers it or refuses it by name.
+        let fm = FileManager.default
+        let cinema = h.dir.url.appendingPathComponent("ledgers/cinema.sqlite")
+        #expect(fm.createFile(atPath: cinema.path, contents: Data()))
+        #expect(throws: Store.NeedsWriting.self) { try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock, readOnly: true) }
+        let other = try Harness()
+        for i in 1...3 { _ = other.post(C, "o\(i)", Fixtures.earn("X\(i)", 7, "O-\(i)")) }
+        try other.store.close()
+        other.store = nil
+        try fm.removeItem(at: cinema)
+        try fm.copyItem(at: other.dir.url.appendingPathComponent("ledgers/cinema.sqlite"), to: cinema)
+        #expect(throws: Store.NeedsWriting.self) { try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock, readOnly: true) }
+        #expect(throws: StoreError.self) { try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock) }
+    }
+
+    /// A read verb that must open writable (a pending migration) records no currency: a wrong
+    /// --partners on a read does no lasting harm.
+    @Test func aReadThatMustOpenWritableRecordsNoCurrency() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 10, "G-1"))
+        try h.store.close()
+        h.store = nil
+        let url = h.dir.url.appendingPathComponent("coalition.sqlite")
+        try MigrationTests.rawQueue(url).write { db in
+            try db.execute(sql: "DROP TABLE coalition_currency; DELETE FROM grdb_migrations WHERE identifier = 'v10-coalition-currency'")
+        }
+        var jpy = h.configuration
+        jpy.coalition.currency = "JPY"
+        let read = try Store(dataDirectory: h.dir.url, configuration: jpy, clock: h.clock, recordsCurrency: false)
+        try read.close()
+        #expect(try MigrationTests.rawQueue(url).read { try String.fetchOne($0, sql: "SELECT currency FROM coalition_currency") } == nil)
+        let store = try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock)
+        try store.close()
+        #expect(try MigrationTests.rawQueue(url).read { try String.fetchOne($0, sql: "SELECT currency FROM coalition_currency") } == "EUR")
     }
 }
 

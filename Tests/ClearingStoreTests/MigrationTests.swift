@@ -112,7 +112,7 @@ extension MigrationTests {
             ALTER TABLE run DROP COLUMN currency;
             CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
             DROP TABLE run_naming;
-            DELETE FROM grdb_migrations WHERE identifier IN ('v8-open-lots', 'v9-open-lots-within-their-lot', 'v10-coalition-currency', 'v11-run-names-after-a-restore');
+            DELETE FROM grdb_migrations WHERE identifier IN ('v8-open-lots', 'v9-open-lots-within-their-lot', 'v10-coalition-currency', 'v11-run-names-after-a-restore', 'v12-run-currency');
             """)
     }
 
@@ -144,7 +144,7 @@ extension MigrationTests {
                 DROP TRIGGER run_immutable_u;
                 ALTER TABLE run DROP COLUMN currency;
                 CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
-                DELETE FROM grdb_migrations WHERE identifier IN ('v10-coalition-currency', 'v11-run-names-after-a-restore');
+                DELETE FROM grdb_migrations WHERE identifier IN ('v10-coalition-currency', 'v11-run-names-after-a-restore', 'v12-run-currency');
                 DROP TABLE run_naming;
                 """)
         }
@@ -167,6 +167,24 @@ extension MigrationTests {
         #expect(throws: DatabaseError.self) {
             try h.store.coalition.write { try $0.execute(sql: "UPDATE coalition_currency SET currency = 'USD'") }
         }
+        #expect(try h.verify().ok)
+
+        // A directory v10 reached before v12 existed (a recorded currency, no run currency):
+        // v12 adds it, and runs settle and statements read as before.
+        try h.store.close()
+        try MigrationTests.rawQueue(url).write { db in
+            try db.execute(sql: """
+                DROP TRIGGER run_immutable_u;
+                ALTER TABLE run DROP COLUMN currency;
+                CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                DELETE FROM grdb_migrations WHERE identifier = 'v12-run-currency';
+                """)
+        }
+        try h.reopen()
+        h.clock.advance(milliseconds: 1_000)
+        #expect(try h.store.settle().id == "R000002")
+        #expect(try h.store.statement(for: G, run: "R000001") == statement)
+        #expect(try h.store.statement(for: G, run: "R000002")?.notice.currency == "EUR")
         #expect(try h.verify().ok)
     }
 

@@ -90,3 +90,24 @@ def test_runs_closed_after_a_restore_never_reuse_a_notified_run_id():
         assert statement.returncode == 0 and "RR-R1" in statement.stdout, statement.stderr
     finally:
         s.close()
+
+
+def test_export_refuses_books_of_several_currencies():
+    """Runs closed before the currency was recorded may be in another currency (their notices
+    say which): the books are not written in today's currency over them."""
+    s = LiveServer()
+    try:
+        post_cli(s, "cur-1", "CUR-1", 10, "CUR-R1")
+        s.ch("settle")
+        post_cli(s, "cur-2", "CUR-1", 10, "CUR-R2")
+        s.ch("settle")
+        assert s.ch("export").returncode == 0
+        # As a history settled first in USD, then in EUR, under a version that let the currency change.
+        db = os.path.join(s.data, "coalition.sqlite")
+        subprocess.run(["sqlite3", db, "DROP TRIGGER run_immutable_u; UPDATE run SET currency = 'USD' WHERE number = 1; "
+                        "CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;"],
+                       check=True, capture_output=True, timeout=60)
+        r = s.ch("export", check=False)
+        assert r.returncode == 1 and "several currencies (EUR, USD)" in r.stderr, (r.returncode, r.stderr)
+    finally:
+        s.close()
