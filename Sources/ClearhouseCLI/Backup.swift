@@ -8,7 +8,7 @@ struct BackupCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "backup",
         abstract: "Back up every database of --data into a new directory, online (safe while serve runs).",
-        discussion: "Uses SQLite's backup API: each file is a consistent snapshot. The ledgers are copied first and coalition.sqlite (the journal, the truth) last; `clearhouse restore` puts a backup back and verifies it.")
+        discussion: "Uses SQLite's backup API: each file is a consistent snapshot. The ledgers are copied first and coalition.sqlite (the journal, the truth) last; `clearhouse restore` puts a backup back and verifies it. A ledger that cannot be read is left out: everything else is copied, then exit 1 naming it.")
 
     @OptionGroup var locations: Locations
     @Argument(help: "The new directory to write the backup into.") var directory: String
@@ -29,7 +29,7 @@ struct RestoreCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "restore",
         abstract: "Restore a backup into --data (which must be new or empty), recover and verify it.",
-        discussion: "Exit 0 when every invariant holds in the restored data, 1 otherwise.")
+        discussion: "All or nothing: staged in <data>/restore.partial, opened there, then put in place. A refused backup (files that disagree, another currency) restores nothing and exits 1. Runs closed afterwards are named R<yyMMddHHmmss><nnnnn>. Exit 0 when every invariant holds in the restored data, 1 otherwise.")
 
     @OptionGroup var locations: Locations
     @Argument(help: "The directory `clearhouse backup` wrote.") var backup: String

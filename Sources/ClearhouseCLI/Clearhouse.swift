@@ -246,7 +246,10 @@ struct Verify: AsyncParsableCommand {
         discussion: """
             Replays the journal from nothing, recomputes every hash of every chain, compares the \
             lots, balances and flows with the replay, and every partner ledger entry by entry \
-            with the journal. Read-only: may run while serve runs.
+            with the journal, each partner's running totals, the run snapshots and lot moves \
+            with the replay, and each notice byte for byte. An empty directory is exit 0; a \
+            missing one or an interrupted restore is a breach. Read-only: may run while serve \
+            runs.
             """)
 
     @OptionGroup var locations: Locations

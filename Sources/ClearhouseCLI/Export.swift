@@ -7,7 +7,7 @@ import Foundation
 struct Export: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Export the coalition's books of every closed run (Beancount).",
-        discussion: "Each partner's receivable or payable per run (Assets:Partners:<Id>), the points liability (Liabilities:Points:Outstanding), the coalition's margin on redemptions (Income:Margin) and breakage (Income:Breakage), with the operator's margin per run, and balance assertions that bean-check verifies. See docs/STATEMENTS.md.")
+        discussion: "Each partner's receivable or payable per run (Assets:Partners:<Id>), the points liability (Liabilities:Points:Outstanding), the coalition's margin on redemptions (Income:Margin) and breakage (Income:Breakage), with the operator's margin per run, and balance assertions that bean-check verifies. Refuses (exit 1) runs in several currencies. See docs/STATEMENTS.md.")
 
     @OptionGroup var locations: Locations
     @Option(help: "The format: beancount.") var format: String = "beancount"
