@@ -55,7 +55,7 @@ struct Locations: ParsableArguments {
     ///   anything (so they answer on a full disk), unless the directory needs a write first
     ///   (a migration, a ledger behind its journal), when it is opened as usual.
     func openStore(_ configuration: ClearingConfiguration, creating: Bool = false, readOnly: Bool = false) throws -> Store {
-        if FileManager.default.fileExists(atPath: dataURL.appendingPathComponent(Backup.restoreStaging).path), !Store.hasJournal(dataURL) {
+        if Backup.interruptedRestore(in: dataURL) {
             printError("clearhouse: \(data) holds an interrupted restore (\(Backup.restoreStaging)): empty the directory and restore the backup again")
             throw ExitCode(2)
         }

@@ -62,6 +62,16 @@ public enum Backup {
     /// so that the final renames stay on one file system (the target may be a mount point).
     public static let restoreStaging = "restore.partial"
 
+    /// Whether `dataDirectory` holds what a restore that stopped before its last rename leaves:
+    /// files in `restore.partial`, or `restore.partial` without a journal (part of the backup
+    /// may be missing). An empty leftover beside the journal (the restore died after its last
+    /// rename) is harmless.
+    public static func interruptedRestore(in dataDirectory: URL) -> Bool {
+        let staging = dataDirectory.appendingPathComponent(restoreStaging)
+        guard FileManager.default.fileExists(atPath: staging.path) else { return false }
+        return !Store.hasJournal(dataDirectory) || !((try? FileManager.default.contentsOfDirectory(atPath: staging.path))?.isEmpty ?? false)
+    }
+
     /// Puts a backup in place as a new data directory (which must not exist or be empty),
     /// opened, recovered and marked as restored; run `verify` on it afterwards.
     ///

@@ -88,18 +88,14 @@ public final class Store: Sendable {
         self.faults = faults
         self.logger = logger
         let fm = FileManager.default
+        let hasJournal = Store.hasJournal(dataDirectory)
         // A restore that did not finish: some of the backup may be missing (Backup.restore).
-        // Only an empty leftover beside the journal (the restore died after its last rename)
-        // is harmless.
-        let staging = dataDirectory.appendingPathComponent(Backup.restoreStaging)
-        if fm.fileExists(atPath: staging.path),
-            !Store.hasJournal(dataDirectory) || !((try? fm.contentsOfDirectory(atPath: staging.path))?.isEmpty ?? false)
-        {
+        if Backup.interruptedRestore(in: dataDirectory) {
             throw StoreError("\(dataDirectory.path) holds an interrupted restore (\(Backup.restoreStaging)): empty the directory and restore the backup again (docs/OPERATIONS.md)")
         }
         // Ledgers without their journal: the truth is gone. Starting a new journal beside them
         // would hand out their sequences again and the two would silently diverge.
-        if !Store.hasJournal(dataDirectory) {
+        if !hasJournal {
             let ledgers = Store.ledgerFileNames(dataDirectory)
             if !ledgers.isEmpty {
                 throw StoreError("\(dataDirectory.path) holds \(ledgers.count) ledger(s) but no coalition.sqlite: the journal is missing; restore it from a backup (docs/OPERATIONS.md)")
@@ -110,7 +106,7 @@ public final class Store: Sendable {
             // opening writes nothing, so they answer on a full disk or a read-only mount. A
             // directory that needs writing first (a migration, a currency to record, a ledger
             // behind its journal) is `NeedsWriting`: the caller opens it writable instead.
-            guard Store.hasJournal(dataDirectory) else { throw NeedsWriting() }
+            guard hasJournal else { throw NeedsWriting() }
             coalition = try DatabasePool(
                 path: dataDirectory.appendingPathComponent("coalition.sqlite").path,
                 configuration: Store.databaseConfiguration(readonly: true, cacheKiB: Limits.ledgerCacheKiBMax))
@@ -176,12 +172,7 @@ public final class Store: Sendable {
                 guard let partner = PartnerID(text), FileManager.default.fileExists(atPath: ledgerURL(partner).path) else { return false }
                 let held = try ledger(partner).read { try Int64.fetchOne($0, sql: "SELECT MAX(sequence) FROM entry") } ?? 0
                 if held < last { return false }
-                if held > last {
-                    let now = try coalition.read {
-                        try Int64.fetchOne($0, sql: "SELECT last_sequence FROM partner_head WHERE partner = ?", arguments: [text])
-                    } ?? 0
-                    if held > now { return false }
-                }
+                if held > last, held > (try journalHead(partner)) { return false }
                 try requireSameHistory(partner, through: last)
             }
             return true
@@ -190,9 +181,6 @@ public final class Store: Sendable {
         }
     }
 
-    /// Refuses a database that a newer Clearhouse has migrated further than this binary
-    /// knows: this one would write it by rules that no longer hold (since v7, for instance,
-    /// the writer must list the expired lots a reversal gives points back to).
     /// Marks this data directory as restored from a backup at `time`: runs closed from now on
     /// carry it in their ids (`run_naming`, `SettlementRun.id`).
     public func markRestored(at time: Instant) throws {
@@ -223,17 +211,24 @@ public final class Store: Sendable {
     /// The coalition's currency as its history has it: the recorded one, else the last run's
     /// (runs closed before v10), else nil (nothing settled yet).
     static func historicCurrency(_ db: Database) throws -> String? {
-        if let recorded = try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1") { return recorded }
-        return try String.fetchOne(db, sql: "SELECT currency FROM run WHERE currency IS NOT NULL ORDER BY number DESC LIMIT 1")
+        try recordedCurrency(db) ?? lastRunCurrency(db)
+    }
+
+    private static func recordedCurrency(_ db: Database) throws -> String? {
+        try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1")
+    }
+
+    private static func lastRunCurrency(_ db: Database) throws -> String? {
+        try String.fetchOne(db, sql: "SELECT currency FROM run WHERE currency IS NOT NULL ORDER BY number DESC LIMIT 1")
     }
 
     /// Refuses a configuration whose currency is not the history's; on a writable store,
     /// records it the first time (the history's, or the configured one for a new coalition).
     static func recordCurrency(_ db: DatabasePool, _ configured: String, write: Bool) throws {
-        let (historic, recorded) = try db.read { db in
-            (try historicCurrency(db), try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1"))
+        let recorded = try db.read(recordedCurrency)
+        if let historic = try recorded ?? db.read(lastRunCurrency), historic != configured {
+            throw CurrencyMismatch(configured: configured, recorded: historic)
         }
-        if let historic, historic != configured { throw CurrencyMismatch(configured: configured, recorded: historic) }
         if recorded == nil, write {
             try db.write { db in
                 try db.execute(sql: "INSERT OR IGNORE INTO coalition_currency (id, currency) VALUES (1, ?)", arguments: [configured])
@@ -248,6 +243,9 @@ public final class Store: Sendable {
         try migrator.migrate(db)
     }
 
+    /// Refuses a database that a newer Clearhouse has migrated further than this binary
+    /// knows: this one would write it by rules that no longer hold (since v7, for instance,
+    /// the writer must list the expired lots a reversal gives points back to).
     static func refuseNewerSchema(_ db: some DatabaseWriter, _ migrator: DatabaseMigrator, _ name: String) throws {
         // Before migrating (a new database has no migrations: nothing to refuse).
         let unknown = try db.read(migrator.appliedIdentifiers).subtracting(migrator.migrations)
@@ -409,15 +407,16 @@ public final class Store: Sendable {
             if let db = open[partner] { return db }
             let db: DatabasePool
             do {
-                if readOnly {
-                    db = try DatabasePool(path: ledgerURL(partner).path, configuration: Store.databaseConfiguration(readonly: true))
-                    open[partner] = db
-                    return db
-                }
-                db = try Store.openWritable(ledgerURL(partner), cacheKiB: Limits.ledgerCacheKiBMax)
+                db = readOnly
+                    ? try DatabasePool(path: ledgerURL(partner).path, configuration: Store.databaseConfiguration(readonly: true))
+                    : try Store.openWritable(ledgerURL(partner), cacheKiB: Limits.ledgerCacheKiBMax)
             } catch {
                 // Named, with the way out: the journal holds every entry of a ledger.
                 throw StoreError("ledgers/\(partner.rawValue).sqlite cannot be opened (\(error)); if it is damaged, move it aside: the next start rebuilds it from the journal (docs/OPERATIONS.md)")
+            }
+            if readOnly {
+                open[partner] = db
+                return db
             }
             try Store.refuseNewerSchema(db, Schema.ledger, "ledgers/\(partner.rawValue).sqlite")
             try Store.migrateIfNeeded(db, Schema.ledger)

@@ -35,8 +35,7 @@ public enum Verifier {
         // files in staging (part of the backup is missing); an empty staging beside the journal
         // is only a leftover of one that finished its renames, and the data are whole.
         if names.contains(Backup.restoreStaging) {
-            let staged = (try? fm.contentsOfDirectory(atPath: dataDirectory.appendingPathComponent(Backup.restoreStaging).path)) ?? []
-            if !staged.isEmpty || !Store.hasJournal(dataDirectory) {
+            if Backup.interruptedRestore(in: dataDirectory) {
                 report.breach("\(dataDirectory.path): holds an interrupted restore (\(Backup.restoreStaging)): part of the backup may be missing; empty the directory and restore again")
             } else {
                 report.checks.append("\(Backup.restoreStaging): an empty leftover of a restore that finished; it may be removed")

@@ -8,6 +8,16 @@ import Testing
 func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.partners.first { $0.partner == p } }
 
 @Suite struct SettlementTests {
+    /// Points live one day; at 2026-11-22T10:00Z grocer issues M1 a lot of 100, and 30 of it
+    /// are redeemed at the cinema (the lot expires 2026-11-23T10:00Z).
+    func dailyLotPartlyRedeemed() throws -> Harness {
+        let h = try Harness(expireAfterDays: 1)
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
+        return h
+    }
+
     /// The worked example of docs/SETTLEMENT.md ("Example 1").
     @Test func handComputedRunWithFlows() throws {
         let h = try Harness()
@@ -74,10 +84,7 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
 
     /// A lot whose expiry is at or before the cutoff is expired by the run ("Example 3").
     @Test func expiryAtExactlyTheCutoff() throws {
-        let h = try Harness(expireAfterDays: 1)
-        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
-        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
-        _ = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
+        let h = try dailyLotPartlyRedeemed()
         h.clock.set(Instant(rfc3339: "2026-11-24T00:00:00Z")!)
         let before = try h.store.settle(through: Instant(rfc3339: "2026-11-23T09:59:59.999Z")!)
         #expect(figures(before, G)?.expiredPoints == Points(0))
@@ -116,10 +123,7 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
     /// At exactly a lot's expiry instant it has expired ("at or before"): points a reversed
     /// redemption gives back to it then are not spendable, and the next run expires them.
     @Test func pointsGivenBackAtTheExpiryInstantAreNotSpendable() throws {
-        let h = try Harness(expireAfterDays: 1)
-        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
-        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
-        _ = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
+        let h = try dailyLotPartlyRedeemed()
         h.clock.set(Instant(rfc3339: "2026-11-23T10:00:00Z")!)  // the lot's expiry, to the millisecond
         let back = h.post(C, "c2", Fixtures.reverseRedemption("M1", 30, "C-2", of: "C-1"))
         guard case .created(let e) = back else { Issue.record("\(back)"); return }
@@ -160,10 +164,7 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
     /// cutoff gives back to an expired lot belong to the next run (the nightly
     /// `settle --through <midnight>` run after midnight), which expires them.
     @Test func pointsReturnedAfterTheCutoffAreExpiredByTheNextRun() throws {
-        let h = try Harness(expireAfterDays: 1)
-        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
-        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
-        _ = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
+        let h = try dailyLotPartlyRedeemed()
         _ = h.post(G, "g2", Fixtures.earn("M2", 50, "G-2"))
         _ = h.post(C, "c2", Fixtures.redeem("M2", 50, "C-2"))  // M2's lot is empty at the cutoff
         h.clock.set(Instant(rfc3339: "2026-11-23T11:00:00Z")!)  // both lots expired at 10:00
