@@ -60,7 +60,10 @@ public struct ReferenceModel {
             return earlier.event == e ? .replayed(sequence: earlier.sequence) : .refused("conflict")
         }
         if let earlier = byReference[partner]?[e.reference.rawValue] {
-            return earlier.event == e ? .replayed(sequence: earlier.sequence) : .refused("conflict")
+            guard earlier.event == e else { return .refused("conflict") }
+            // Answered with that entry: from now on this webhook-id is that entry's (§3).
+            byWebhook[partner, default: [:]][webhookID] = e.reference.rawValue
+            return .replayed(sequence: earlier.sequence)
         }
         let member = e.event_member
         let n = e.points.value

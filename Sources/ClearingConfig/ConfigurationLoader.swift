@@ -136,6 +136,20 @@ public struct ConfigurationLoader {
         guard let u = URLComponents(string: noticeURL), u.scheme == "https", let host = u.host, !host.isEmpty else {
             throw t.error("notice_url", "must be an https:// URL with a host")
         }
+        // What libcurl would refuse at every attempt (until the notice is a dead letter), or
+        // what would put a credential into the configuration and the logs, is refused here.
+        guard noticeURL.utf8.count <= Limits.noticeURLBytesMax else {
+            throw t.error("notice_url", "must be at most \(Limits.noticeURLBytesMax) bytes")
+        }
+        guard u.user == nil && u.password == nil else {
+            throw t.error("notice_url", "must not carry a user name or password (authenticate the coalition by the notice's signature, or by mutual TLS)")
+        }
+        if let port = u.port, !(1...65535).contains(port) {
+            throw t.error("notice_url", "port \(port) is not between 1 and 65535")
+        }
+        guard u.fragment == nil else {
+            throw t.error("notice_url", "must not have a #fragment (it is never sent)")
+        }
         let noticeSecret = try webhookSecret(resolve(t.string("notice_secret"), t, "notice_secret"), t, "notice_secret")
         let cert = try t.optionalString("client_cert_sha256").map { (s: String) throws(ConfigurationError) in
             try hex32(resolve(s, t, "client_cert_sha256"), t, "client_cert_sha256")

@@ -131,7 +131,9 @@ public enum Limits {
     public static let noticeTotalTimeoutMillisecondsMax = 30_000
     /// The most of a partner's response body read (and discarded).
     public static let noticeResponseBytesMax = 64 * 1024
-    /// Deliveries in flight at once (one libcurl multi handle).
+    /// Longest `notice_url` a partner file may give.
+    public static let noticeURLBytesMax = 2_048
+    /// Deliveries in flight at once: the lanes of a delivery pass, each one transfer at a time.
     public static let noticesInFlightMax = 8
     /// A notice attempt whose outcome could not be recorded is recorded again after this many
     /// milliseconds times the try's number (`noticeRecordTriesMax` tries).
@@ -153,8 +155,8 @@ public enum Limits {
     public static let noticeGaugeRefreshMilliseconds: Int64 = 30_000
     /// Tries to record one attempt's result (a busy database) before the pass gives up on it.
     public static let noticeRecordTriesMax = 5
-    /// Batches of `noticesInFlightMax` one delivery pass sends at most.
-    public static let noticeBatchesPerPassMax = 1_000
+    /// Notices one delivery pass claims at most (each is attempted at most once per pass).
+    public static let noticeClaimsPerPassMax = 8_000
     /// Most notices `notices list` prints.
     public static let noticeListRowsMax = 10_000
     /// Longest error text kept for one attempt.

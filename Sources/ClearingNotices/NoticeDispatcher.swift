@@ -31,6 +31,13 @@ public struct DeliveryPass: Equatable, Sendable {
     public var dead = 0
 
     public init() {}
+
+    mutating func add(_ other: DeliveryPass) {
+        attempted += other.attempted
+        delivered += other.delivered
+        retrying += other.retrying
+        dead += other.dead
+    }
 }
 
 /// Sends the outbox's notices: claims those due, posts them (several at once), and records
@@ -72,40 +79,110 @@ public final class NoticeDispatcher: Sendable {
         owner = getpid()
     }
 
-    /// One pass: everything due now, `inFlightMax` at a time, until nothing is due.
+    /// One pass: every notice due, each sent at most once, `inFlightMax` at a time.
     /// `only` limits the pass to one notice (the operator's `notices retry`).
+    ///
+    /// `inFlightMax` lanes each claim one notice, send it, record its answer and claim the
+    /// next: a slow or silent partner holds up one lane (up to the transfer's timeout), never
+    /// the other partners' notices, and each answer is recorded when it comes.
     @discardableResult
     public func deliverDue(only: String? = nil) async throws -> DeliveryPass {
         var pass = DeliveryPass()
-        var configuration: ClearingConfiguration?  // read once per pass, when something is due
-        for _ in 0..<Limits.noticeBatchesPerPassMax {
-            // Stopping (SIGTERM) or cancelled: no new batch; the one just sent was recorded, and
-            // what is still due waits in the outbox for the next start.
-            if Task.isCancelled || Task.isShuttingDownGracefully { break }
-            // A read first: an idle worker never queues behind the posting writer.
-            let (store, clock, options, owner) = (self.store, self.clock, self.options, self.owner)
-            let now = clock.now()
-            guard try await onDatabaseThread({ try store.noticeDue(at: now) }) else { break }
-            let claimed = try await onDatabaseThread {
-                try store.claimDueNotices(
-                    clock: clock, limit: options.inFlightMax, owner: owner,
-                    leaseMilliseconds: Int64(options.connectTimeoutMilliseconds + options.totalTimeoutMilliseconds) + Limits.noticeLeaseSlackMilliseconds,
-                    ownerAlive: NoticeDispatcher.processAlive, only: only)
+        // A read first: an idle worker never queues behind the posting writer.
+        let (store, now) = (self.store, clock.now())
+        if try await onDatabaseThread({ try store.noticeDue(at: now) }) {
+            let shared = PassState()
+            // A lane that fails (its answer could not be recorded) stops alone: the others
+            // finish what they are sending (a thrown error would cancel their transfers), and
+            // the pass then throws the first failure.
+            let (total, failure) = await withTaskGroup(of: (DeliveryPass, (any Error)?).self) { group in
+                for _ in 0..<max(1, options.inFlightMax) {
+                    group.addTask { await self.lane(only: only, shared) }
+                }
+                var total = DeliveryPass()
+                var failure: (any Error)?
+                for await (lane, error) in group {
+                    total.add(lane)
+                    failure = failure ?? error
+                }
+                return (total, failure)
             }
-            if claimed.isEmpty { break }
-            // Every attempt is followed by a delivery, a dead letter or a retry at least 4.5 s
-            // later, so a notice is sent again within a pass only when the pass outlasts that.
-            if configuration == nil { configuration = currentConfiguration() }
-            try await send(claimed, configuration!, into: &pass)
+            pass = total
+            if let failure { throw failure }
         }
         // Counts change when this process sends, or when another one does (`notices retry`):
         // recounted after sending, and at least every `noticeGaugeRefreshMilliseconds`.
-        let now = clock.now().millisecondsSinceEpoch
-        if pass.attempted > 0 || now - countsPublishedAt.load(ordering: .relaxed) >= Limits.noticeGaugeRefreshMilliseconds {
+        let after = clock.now().millisecondsSinceEpoch
+        if pass.attempted > 0 || after - countsPublishedAt.load(ordering: .relaxed) >= Limits.noticeGaugeRefreshMilliseconds {
             try await publishCounts()
-            countsPublishedAt.store(now, ordering: .relaxed)
+            countsPublishedAt.store(after, ordering: .relaxed)
         }
         return pass
+    }
+
+    /// What the lanes of one pass share: the notices already attempted (none is sent twice in
+    /// a pass, however long it lasts), how many claims are left, and the partners' terms,
+    /// read once per pass, when the first notice is claimed.
+    private final class PassState: Sendable {
+        private struct State {
+            var attempted: Set<String> = []
+            var claimsLeft = Limits.noticeClaimsPerPassMax
+            var configuration: ClearingConfiguration?
+        }
+        private let state = Mutex(State())
+
+        var attempted: Set<String> { state.withLock { $0.attempted } }
+
+        /// Takes one claim of the pass's budget; false once it is spent.
+        func takeClaim() -> Bool {
+            state.withLock { s in
+                guard s.claimsLeft > 0 else { return false }
+                s.claimsLeft -= 1
+                return true
+            }
+        }
+
+        func record(_ id: String) { state.withLock { _ = $0.attempted.insert(id) } }
+
+        func configuration(_ read: () -> ClearingConfiguration) -> ClearingConfiguration {
+            state.withLock { s in
+                if let c = s.configuration { return c }
+                let c = read()
+                s.configuration = c
+                return c
+            }
+        }
+    }
+
+    /// One lane of a pass: claims a notice, sends it, records the answer; again until nothing
+    /// is due that this pass has not yet attempted.
+    private func lane(only: String?, _ shared: PassState) async -> (DeliveryPass, (any Error)?) {
+        var pass = DeliveryPass()
+        do {
+            try await laneLoop(only: only, shared, &pass)
+            return (pass, nil)
+        } catch {
+            return (pass, error)
+        }
+    }
+
+    private func laneLoop(only: String?, _ shared: PassState, _ pass: inout DeliveryPass) async throws {
+        let (store, clock, options, owner) = (self.store, self.clock, self.options, self.owner)
+        // Stopping (SIGTERM) or cancelled: no new claim; the notice just sent was recorded, and
+        // what is still due waits in the outbox for the next start.
+        while !Task.isCancelled && !Task.isShuttingDownGracefully && shared.takeClaim() {
+            let excluding = shared.attempted
+            let claimed = try await onDatabaseThread {
+                try store.claimDueNotices(
+                    clock: clock, limit: 1, owner: owner,
+                    leaseMilliseconds: Int64(options.connectTimeoutMilliseconds + options.totalTimeoutMilliseconds) + Limits.noticeLeaseSlackMilliseconds,
+                    ownerAlive: NoticeDispatcher.processAlive, only: only, excluding: excluding)
+            }
+            guard !claimed.isEmpty else { break }
+            for notice in claimed { shared.record(notice.id) }
+            let configuration = shared.configuration(currentConfiguration)
+            try await send(claimed, configuration, into: &pass)
+        }
     }
 
     /// Delivers until the task is cancelled or a graceful shutdown begins: a pass, then a nap

@@ -63,7 +63,8 @@ extension Store {
     /// `now + leaseMilliseconds`. An in-flight attempt left by a sender that died is recorded
     /// as interrupted; its notice is due again at once.
     public func claimDueNotices(
-        clock: any WallClock, limit: Int, owner: Int32, leaseMilliseconds: Int64, ownerAlive: (Int32) -> Bool, only: String? = nil
+        clock: any WallClock, limit: Int, owner: Int32, leaseMilliseconds: Int64, ownerAlive: (Int32) -> Bool, only: String? = nil,
+        excluding: Set<String> = []
     ) throws -> [ClaimedNotice] {
         try coalition.write { db in
             // Read inside the transaction: time spent waiting for the lock does not shorten the lease.
@@ -77,9 +78,10 @@ extension Store {
                     WHERE state = 'pending' AND next_attempt_at_ms <= ?1 AND (?2 IS NULL OR id = ?2)
                     ORDER BY next_attempt_at_ms, id LIMIT ?3
                     """,
-                arguments: [t, only, limit * Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin])
+                arguments: [t, only, (limit + excluding.count) * Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin])
             for row in rows where claimed.count < limit {
                 let id: String = try row.text("id")
+                if excluding.contains(id) { continue }
                 let leaseOwner = try row.optionalInt64("lease_owner").map { Int32(truncatingIfNeeded: $0) }
                 let leaseUntil = try row.optionalInt64("lease_until_ms")
                 if let o = leaseOwner, let u = leaseUntil, u > t, ownerAlive(o) { continue }

@@ -308,7 +308,7 @@ extension Store {
             {
                 throw lotCacheMismatch(s.event.member, cached: openPointsOf(cached), detail: "a refusal for want of points; the stored lots differ")
             }
-            return try earlierOutcome(db, s) ?? .rejected(problem)
+            return try earlierOutcome(db, s, &state) ?? .rejected(problem)
         }
         guard case .apply(let balanceAfter, let lotChange, let write) = effects else { preconditionFailure() }
         // The member's cached lots, as this posting was decided from them (nil: not cached).
@@ -319,12 +319,17 @@ extension Store {
             journalID: journalID, partner: s.partner, sequence: head.sequence + 1, webhookID: s.webhookID,
             acceptedAt: now, event: s.event, memberBalance: balanceAfter)
         let hash = Store.chainHash(previous: head.hash, entry: entry)
+        // A webhook-id bound to an earlier entry as an alias is not in the journal's unique
+        // index: checked here, and only once the coalition has any alias at all.
+        if state.hasAliases, try Lookup.isAlias(db, s.partner, s.webhookID), let earlier = try earlierOutcome(db, s, &state) {
+            return earlier
+        }
         do {
             try Lookup.insertJournal(db, entry, hash: hash)
         } catch let error as DatabaseError where error.resultCode == .SQLITE_CONSTRAINT {
             // SQLite undid the failed INSERT alone (nothing of this posting was written yet);
             // the transaction goes on.
-            guard let earlier = try earlierOutcome(db, s) else { throw error }
+            guard let earlier = try earlierOutcome(db, s, &state) else { throw error }
             return earlier
         }
         let n = s.event.points.value
@@ -359,9 +364,12 @@ extension Store {
 }
 
 extension Store {
-    /// The outcome an earlier entry of the partner under the same webhook id or reference
-    /// dictates (replay with the original entry, or conflict), or nil when there is none.
-    fileprivate func earlierOutcome(_ db: Database, _ s: Submission) throws -> PostingOutcome? {
+    /// The outcome an earlier entry of the partner under the same webhook id (its own, or
+    /// one bound to it as an alias) or reference dictates (replay with the original entry, or
+    /// conflict), or nil when there is none. A replay by reference under a new webhook-id binds
+    /// that webhook-id to the entry (`webhook_alias`): it was answered with this entry, so it
+    /// replays it from then on, and is a conflict with any other content.
+    fileprivate func earlierOutcome(_ db: Database, _ s: Submission, _ state: inout BatchState) throws -> PostingOutcome? {
         let (byWebhook, byReference) = try Lookup.earlier(db, s.partner, s.webhookID, s.event.reference)
         if let earlier = byWebhook {
             if earlier.event == s.event { return .replayed(earlier) }
@@ -369,7 +377,11 @@ extension Store {
                 "webhook-id \(s.webhookID) was already used for different content (sequence \(earlier.sequence))"))
         }
         if let earlier = byReference {
-            if earlier.event == s.event { return .replayed(earlier) }
+            if earlier.event == s.event {
+                try Lookup.recordAlias(db, s.partner, s.webhookID, journalID: earlier.journalID)
+                state.hasAliases = true
+                return .replayed(earlier)
+            }
             return .rejected(Problem(.conflict,
                 "reference \(s.event.reference) was already used for different content (sequence \(earlier.sequence))"))
         }
@@ -455,9 +467,13 @@ struct BatchState {
     var lots: LotCache
     /// What the batch's accepted postings changed in the flows, written by `save`.
     var flows = FlowChanges()
+    /// Whether any webhook-id is bound to an entry as an alias (then each new entry's
+    /// webhook-id is looked up among them; until then, no posting pays for the look-up).
+    var hasAliases: Bool
 
     init(_ db: Database, terms: CoalitionTerms, lots: LotCache) throws {
         self.lots = lots
+        hasAliases = try Bool.fetchOne(db.cachedStatement(sql: "SELECT EXISTS (SELECT 1 FROM webhook_alias)")) ?? false
         let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT id, accepted_at_ms FROM journal ORDER BY id DESC LIMIT 1"))
         lastJournalID = row?[0] ?? 0
         // Every new entry falls after the last run's cutoff, even if the clock stepped back.

@@ -257,14 +257,34 @@ enum Lookup {
             db.cachedStatement(
                 sql: "SELECT \(JournalRow.columns) FROM journal WHERE partner = ? AND (webhook_id = ? OR reference = ?)"),
             arguments: [partner.rawValue, id.rawValue, reference.rawValue])
-        if rows.isEmpty { return (nil, nil) }
         var byID: Entry?, byRef: Entry?
         for row in rows {
             let e = try JournalRow.journalEntry(row).0
             if e.webhookID == id { byID = e }
             if e.event.reference == reference { byRef = e }
         }
+        if byID == nil, let row = try Row.fetchOne(
+            db.cachedStatement(
+                sql: "SELECT \(JournalRow.columns) FROM journal WHERE id = (SELECT journal_id FROM webhook_alias WHERE partner = ? AND webhook_id = ?)"),
+            arguments: [partner.rawValue, id.rawValue])
+        {
+            byID = try JournalRow.journalEntry(row).0
+        }
         return (byID, byRef)
+    }
+
+    /// Whether this webhook-id of the partner is bound to an earlier entry as an alias (v14).
+    static func isAlias(_ db: Database, _ partner: PartnerID, _ id: WebhookID) throws -> Bool {
+        try Bool.fetchOne(
+            db.cachedStatement(sql: "SELECT EXISTS (SELECT 1 FROM webhook_alias WHERE partner = ? AND webhook_id = ?)"),
+            arguments: [partner.rawValue, id.rawValue]) ?? false
+    }
+
+    /// Binds a webhook-id answered as a replay of `journalID` (same reference and content) to
+    /// that entry, so that it replays it again, and conflicts with other content.
+    static func recordAlias(_ db: Database, _ partner: PartnerID, _ id: WebhookID, journalID: Int64) throws {
+        try db.cachedStatement(sql: "INSERT INTO webhook_alias (partner, webhook_id, journal_id) VALUES (?, ?, ?)")
+            .execute(arguments: [partner.rawValue, id.rawValue, journalID])
     }
 
     /// What a reversal needs of its original: the columns it checks, not the whole entry.

@@ -376,6 +376,47 @@ enum Schema {
                     CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
                     """)
         }
+        m.registerMigration("v13-open-lot-check-on-growth") { db in
+            // v9's check on an update of `lot_open`, now only where it can fail: a row that
+            // keeps its member and lot and holds fewer points (every partial take of a
+            // redemption) stays within its lot, since it was before and CHECK keeps it at 1 or
+            // more. Every other update (more points, or another member or lot) is checked as
+            // before. The look-up of the lot row it saves was a random read of an old lot for
+            // every partial take.
+            try db.execute(
+                sql: """
+                    DROP TRIGGER lot_open_update_within_its_lot;
+                    CREATE TRIGGER lot_open_update_within_its_lot BEFORE UPDATE ON lot_open
+                      WHEN (NEW.remaining > OLD.remaining OR NEW.member IS NOT OLD.member OR NEW.lot_id IS NOT OLD.lot_id)
+                        AND NOT EXISTS (SELECT 1 FROM lot WHERE id = NEW.lot_id AND member = NEW.member AND points >= NEW.remaining)
+                      BEGIN SELECT RAISE(ABORT, 'lot_open: points left must lie within a lot of the same member'); END;
+                    """)
+        }
+        m.registerMigration("v14-webhook-id-aliases") { db in
+            // A webhook-id that was answered as a replay of an earlier entry with the same
+            // reference and content (a partner's retry under a new webhook-id) is bound to that
+            // entry: the same webhook-id again replays it, and with other content is a conflict
+            // (CONTRACT §3), never a new entry. The journal's own webhook-ids are not repeated
+            // here; an alias never names a webhook-id of the journal (this trigger) and the
+            // writer checks a new entry's webhook-id against the aliases (`verify` re-checks).
+            try db.execute(
+                sql: """
+                    CREATE TABLE webhook_alias (
+                      partner TEXT NOT NULL,
+                      webhook_id TEXT NOT NULL,
+                      journal_id INTEGER NOT NULL REFERENCES journal(id),
+                      PRIMARY KEY (partner, webhook_id)
+                    ) WITHOUT ROWID;
+                    CREATE TRIGGER webhook_alias_of_a_journal_entry BEFORE INSERT ON webhook_alias
+                      WHEN EXISTS (SELECT 1 FROM journal WHERE partner = NEW.partner AND webhook_id = NEW.webhook_id)
+                        OR NOT EXISTS (SELECT 1 FROM journal WHERE id = NEW.journal_id AND partner = NEW.partner)
+                      BEGIN SELECT RAISE(ABORT, 'webhook_alias: the webhook-id is in the journal, or the entry is not of this partner'); END;
+                    CREATE TRIGGER webhook_alias_no_update BEFORE UPDATE ON webhook_alias
+                      BEGIN SELECT RAISE(ABORT, 'webhook_alias: never changes'); END;
+                    CREATE TRIGGER webhook_alias_no_delete BEFORE DELETE ON webhook_alias
+                      BEGIN SELECT RAISE(ABORT, 'webhook_alias: never changes'); END;
+                    """)
+        }
         return m
     }
 

@@ -182,6 +182,12 @@ extension Store {
         if let p = previousCutoff, cutoff.millisecondsSinceEpoch < p {
             throw SettlementError(description: "the cutoff \(cutoff) is before the last run's cutoff \(Instant(millisecondsSinceEpoch: p)) (without --through the cutoff is now: is this machine's clock behind?)")
         }
+        if let p = previousCutoff, cutoff.millisecondsSinceEpoch == p {
+            // A second run through the same instant would close an empty period: a night job
+            // run twice with the same --through records nothing the second time.
+            let id = try String.fetchOne(db, sql: "SELECT id FROM run WHERE number = ?", arguments: [number - 1]) ?? "the last run"
+            throw SettlementError(description: "run \(id) already closed the period through \(cutoff); nothing recorded (see `clearhouse runs show \(id)`)")
+        }
         guard cutoff <= now else {
             throw SettlementError(description: "--through \(cutoff) is in the future; entries may still be accepted before it")
         }

@@ -135,6 +135,7 @@ public enum Verifier {
             report.breach("partner_head \(p): missing")
         }
         report.checks.append("journal: hash chains of \(heads.count) partners recomputed; heads agree")
+        if try db.tableExists("webhook_alias") { try checkAliases(db, &report) }
 
         try compareDerived(db, book, &report)
         return heads
@@ -365,6 +366,32 @@ public enum Verifier {
             }
             return (Int(min(last, head.sequence)), last)
         }
+    }
+}
+
+extension Verifier {
+    /// Each webhook-id bound to an entry as an alias (v14) names an entry of its own partner
+    /// and is none of that partner's journal webhook-ids (the writer answers a webhook-id by
+    /// one entry only).
+    static func checkAliases(_ db: Database, _ report: inout VerifyReport) throws {
+        let rows = try Row.fetchAll(
+            db,
+            sql: """
+                SELECT a.partner, a.webhook_id, a.journal_id, j.partner AS entry_partner,
+                  EXISTS (SELECT 1 FROM journal k WHERE k.partner = a.partner AND k.webhook_id = a.webhook_id) AS in_journal
+                FROM webhook_alias a LEFT JOIN journal j ON j.id = a.journal_id
+                """)
+        for row in rows {
+            let at = "webhook_alias \((try? row.text("partner")) ?? "?") \(JSONWriter.quote((try? row.text("webhook_id")) ?? "?"))"
+            let journalID = (try? row.int64("journal_id")) ?? 0
+            if let owner = try? row.optionalText("entry_partner") {
+                if owner != (try? row.text("partner")) { report.breach("\(at): bound to journal id \(journalID), an entry of \(owner)") }
+            } else {
+                report.breach("\(at): bound to journal id \(journalID), which does not exist")
+            }
+            if (try? row.int64("in_journal")) == 1 { report.breach("\(at): is also a webhook-id of an entry in the journal") }
+        }
+        report.checks.append("webhook-id aliases: \(rows.count), each bound to an entry of its partner, none repeating a journal webhook-id")
     }
 }
 

@@ -89,4 +89,9 @@ public enum AddressPolicy {
         if allowPrivateNetworks && (c == .loopback || c == .private) { return nil }
         return "\(c.rawValue) address"
     }
+
+    /// "a loopback address", "an unspecified address": the refusal with its article.
+    public static func withArticle(_ reason: String) -> String {
+        ("aeiou".contains(reason.first ?? "x") ? "an " : "a ") + reason
+    }
 }

@@ -249,7 +249,7 @@ private let transferOpenSocket: curl_opensocket_callback = { user, _, address in
         return CURL_SOCKET_BAD
     }
     if let reason = AddressPolicy.refusal(ip, allowPrivateNetworks: t.request.allowPrivateNetworks) {
-        t.refusedAddress = "\(ip), a \(reason)"
+        t.refusedAddress = "\(ip), \(AddressPolicy.withArticle(reason))"
         return CURL_SOCKET_BAD
     }
     return socket(address.pointee.family, address.pointee.socktype, address.pointee.protocol)

@@ -384,6 +384,85 @@ final class NoticeHarness {
     }
 }
 
+/// Holds the requests to one URL until released (a partner that answers slowly); answers
+/// every other request with 200 at once.
+final class SlowPartnerTransport: OutboundTransport {
+    let slowURL: String
+    let released = Mutex(false)
+    let seen = Mutex<[String]>([])
+
+    init(slowURL: String) { self.slowURL = slowURL }
+
+    func perform(_ requests: [OutboundRequest]) async -> [OutboundResponse] {
+        seen.withLock { $0 += requests.map(\.url) }
+        if requests.contains(where: { $0.url == slowURL }) {
+            // Bounded: a test that never releases still ends (after 20 s).
+            for _ in 0..<2_000 where !released.withLock({ $0 }) { try? await Task.sleep(for: .milliseconds(10)) }
+        }
+        return requests.map { _ in FakeTransport.status(200) }
+    }
+}
+
+/// Advances the clock as a slow transfer would, and answers 500: each notice's retry falls
+/// due while the same pass is still sending the others.
+final class SlowFailingTransport: OutboundTransport {
+    let clock: ManualClock
+    let seen = Mutex(0)
+
+    init(clock: ManualClock) { self.clock = clock }
+
+    func perform(_ requests: [OutboundRequest]) async -> [OutboundResponse] {
+        seen.withLock { $0 += requests.count }
+        clock.advance(milliseconds: 20_000)
+        return requests.map { _ in FakeTransport.status(500) }
+    }
+}
+
+@Suite struct DeliveryLaneTests {
+    /// A partner that answers slowly holds up its own notice only: the others are sent and
+    /// recorded while it is still in flight (with fewer lanes than notices, so that a batch
+    /// waiting for its slowest member would hold them back).
+    @Test func aSlowPartnerHoldsUpNoOtherPartnersNotice() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let transport = SlowPartnerTransport(slowURL: h.configuration.partners[C]!.noticeURL)
+        var options = NoticeDeliveryOptions()
+        options.inFlightMax = 2
+        let dispatcher = h.dispatcher(transport, options: options)
+        let pass = Task { try await dispatcher.deliverDue() }
+        var othersDelivered = false
+        for _ in 0..<1_000 where !othersDelivered {
+            try await Task.sleep(for: .milliseconds(10))
+            othersDelivered = try h.notice("R000001:fuel").0.state == .delivered && h.notice("R000001:grocer").0.state == .delivered
+        }
+        let cinemaWhileOthersDelivered = try h.notice("R000001:cinema").0.state
+        transport.released.withLock { $0 = true }
+        let result = try await pass.value
+        #expect(othersDelivered, "fuel and grocer are delivered while cinema's partner is still answering")
+        #expect(cinemaWhileOthersDelivered == .pending)
+        #expect(result.attempted == 3 && result.delivered == 3)
+        #expect(try h.store.noticeCounts() == [.pending: 0, .delivered: 3, .dead: 0])
+    }
+
+    /// One pass attempts each notice once, however long it lasts (`notices send`: one pass
+    /// over everything due); a retry that fell due meanwhile is for the next pass.
+    @Test func aPassAttemptsEachNoticeOnce() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let transport = SlowFailingTransport(clock: h.clock)
+        var options = NoticeDeliveryOptions()
+        options.inFlightMax = 1
+        let pass = try await h.dispatcher(transport, options: options).deliverDue()
+        #expect(pass.attempted == 3 && pass.retrying == 3)
+        #expect(transport.seen.withLock { $0 } == 3)
+        for id in ["R000001:cinema", "R000001:fuel", "R000001:grocer"] {
+            #expect(try h.notice(id).1.count == 1, "\(id): one attempt")
+        }
+        // The next pass takes them again (each is due by now).
+        #expect(try await h.dispatcher(transport, options: options).deliverDue().attempted == 3)
+    }
+}
+
 extension WebhookSignature {
     static func verifies(_ r: OutboundRequest, secret: SecretBytes) -> Bool {
         var headers: [String: String] = [:]

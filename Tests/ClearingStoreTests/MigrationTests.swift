@@ -112,7 +112,8 @@ extension MigrationTests {
             ALTER TABLE run DROP COLUMN currency;
             CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
             DROP TABLE run_naming;
-            DELETE FROM grdb_migrations WHERE identifier IN ('v8-open-lots', 'v9-open-lots-within-their-lot', 'v10-coalition-currency', 'v11-run-names-after-a-restore', 'v12-run-currency');
+            DELETE FROM grdb_migrations WHERE identifier IN ('v8-open-lots', 'v9-open-lots-within-their-lot', 'v10-coalition-currency', 'v11-run-names-after-a-restore', 'v12-run-currency', 'v13-open-lot-check-on-growth', 'v14-webhook-id-aliases');
+            DROP TABLE webhook_alias;
             """)
     }
 
@@ -144,7 +145,8 @@ extension MigrationTests {
                 DROP TRIGGER run_immutable_u;
                 ALTER TABLE run DROP COLUMN currency;
                 CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
-                DELETE FROM grdb_migrations WHERE identifier IN ('v10-coalition-currency', 'v11-run-names-after-a-restore', 'v12-run-currency');
+                DELETE FROM grdb_migrations WHERE identifier IN ('v10-coalition-currency', 'v11-run-names-after-a-restore', 'v12-run-currency', 'v13-open-lot-check-on-growth', 'v14-webhook-id-aliases');
+                DROP TABLE webhook_alias;
                 DROP TABLE run_naming;
                 """)
         }
@@ -177,7 +179,8 @@ extension MigrationTests {
                 DROP TRIGGER run_immutable_u;
                 ALTER TABLE run DROP COLUMN currency;
                 CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
-                DELETE FROM grdb_migrations WHERE identifier = 'v12-run-currency';
+                DELETE FROM grdb_migrations WHERE identifier IN ('v12-run-currency', 'v13-open-lot-check-on-growth', 'v14-webhook-id-aliases');
+                DROP TABLE webhook_alias;
                 """)
         }
         try h.reopen()
@@ -254,6 +257,12 @@ extension MigrationTests {
         #expect(throws: DatabaseError.self) { try raw.write { try $0.execute(sql: "UPDATE lot_open SET remaining = 101 WHERE member = 'M1'") } }
         #expect(throws: DatabaseError.self) { try raw.write { try $0.execute(sql: "UPDATE lot_open SET remaining = 100, member = 'M2' WHERE member = 'M1'") } }
         #expect(throws: DatabaseError.self) { try raw.write { try $0.execute(sql: "INSERT INTO lot_open (member, lot_id, remaining) VALUES ('M1', 2, 5)") } }
+        // (v13 checks an update only where it can fail: fewer points in the same lot of the
+        // same member are within it; a move to another lot is checked, and refused here since
+        // lot 2 is M2's.)
+        #expect(throws: DatabaseError.self) { try raw.write { try $0.execute(sql: "UPDATE lot_open SET lot_id = 2, remaining = 50 WHERE member = 'M1'") } }
+        try raw.write { try $0.execute(sql: "UPDATE lot_open SET remaining = 98 WHERE member = 'M1'") }
+        #expect(try raw.read { try Int.fetchOne($0, sql: "SELECT remaining FROM lot_open WHERE member = 'M1'") } == 98)
         // ...so a hand that edits the file drops its triggers first; verify still names it.
         try raw.write { db in
             try db.execute(sql: "DROP TRIGGER lot_open_update_within_its_lot")

@@ -87,6 +87,42 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         #expect(again.httpStatus == 200 && again.bodyJSON == first.bodyJSON)
     }
 
+    /// A webhook-id answered 200 as a replay by reference is that entry's from then on: the
+    /// same webhook-id with other content is a conflict (§3: reused with different content),
+    /// never a new entry, and the partner's identical retry of the 200 replays again.
+    @Test func aWebhookIDAnsweredAsAReplayIsBoundToThatEntry() throws {
+        let h = try Harness()
+        let first = h.post(F, "A", Fixtures.earn("M1", 10, "R-1"))
+        #expect(h.post(F, "B", Fixtures.earn("M1", 10, "R-1")).bodyJSON == first.bodyJSON)
+        #expect(slug(h.post(F, "B", Fixtures.earn("M1", 10, "R-2"))) == "conflict", "B was answered with R-1's entry")
+        #expect(slug(h.post(F, "B", Fixtures.redeem("M1", 5_000, "R-3"))) == "conflict", "before a refusal of its own")
+        let retry = h.post(F, "B", Fixtures.earn("M1", 10, "R-1"))
+        #expect(retry.httpStatus == 200 && retry.bodyJSON == first.bodyJSON)
+        // In another batch with other postings, after a reopen (the binding is in the
+        // journal's database), and at another partner (webhook-ids are per partner).
+        try h.reopen()
+        let outcomes = h.store.post([
+            Submission(partner: F, webhookID: WebhookID("C")!, event: Fixtures.earn("M2", 5, "R-4")),
+            Submission(partner: F, webhookID: WebhookID("B")!, event: Fixtures.earn("M2", 5, "R-5")),
+            Submission(partner: G, webhookID: WebhookID("B")!, event: Fixtures.earn("M2", 5, "R-5")),
+        ])
+        #expect(outcomes.map(\.httpStatus) == [201, 409, 201])
+        #expect(try h.store.ledgerEntries(F).map(\.event.reference.rawValue) == ["R-1", "R-4"])
+        #expect(try h.balance("M1") == 10 && h.balance("M2") == 10)
+        var report = try h.verify()
+        #expect(report.ok && report.checks.contains { $0.contains("webhook-id aliases: 1") }, "\(report)")
+        // SQLite refuses an alias that repeats a journal webhook-id; one slipped in anyway is a breach.
+        let raw = try MigrationTests.rawQueue(h.dir.url.appendingPathComponent("coalition.sqlite"))
+        #expect(throws: DatabaseError.self) { try raw.write { try $0.execute(sql: "INSERT INTO webhook_alias VALUES ('fuel', 'C', 1)") } }
+        #expect(throws: DatabaseError.self) { try raw.write { try $0.execute(sql: "DELETE FROM webhook_alias") } }
+        try raw.write { db in
+            try db.execute(sql: "DROP TRIGGER webhook_alias_of_a_journal_entry; INSERT INTO webhook_alias VALUES ('fuel', 'C', 1)")
+        }
+        try raw.close()
+        report = try h.verify()
+        #expect(report.breaches.contains { $0.contains(#"webhook_alias fuel "C": is also a webhook-id of an entry in the journal"#) }, "\(report.breaches)")
+    }
+
     @Test func conflicts() throws {
         let h = try Harness()
         _ = h.post(F, "w1", Fixtures.earn("M1", 100, "R-1"))

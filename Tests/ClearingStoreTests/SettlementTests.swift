@@ -190,12 +190,16 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         h.clock.set(Instant(rfc3339: "2026-11-22T11:00:00Z")!)
         let r1 = try h.store.settle()
         _ = h.post(G, "g2", Fixtures.earn("M1", 20, "G-2"))  // at the cutoff instant: belongs after it
-        let r2 = try h.store.settle(through: Instant(rfc3339: "2026-11-22T11:00:00Z")!)
-        #expect(r1.entryCount == 1 && r2.entryCount == 0)
+        #expect(r1.entryCount == 1)
+        // A second run through the same instant (a night job run twice) records nothing.
+        #expect { try h.store.settle(through: Instant(rfc3339: "2026-11-22T11:00:00Z")!) } throws: { error in
+            "\(error)".contains("run R000001 already closed the period through 2026-11-22T11:00:00.000Z; nothing recorded")
+        }
+        #expect(try h.store.runs().map(\.id) == ["R000001"])
         h.clock.set(Instant(rfc3339: "2026-11-22T12:00:00Z")!)
         let r3 = try h.store.settle()
         #expect(r3.entryCount == 1 && figures(r3, G)?.issuedPoints == Points(20))
-        #expect(try h.store.runs().map(\.id) == ["R000001", "R000002", "R000003"])
+        #expect(try h.store.runs().map(\.id) == ["R000001", "R000002"])
         #expect(throws: SettlementError.self) { try h.store.settle(through: Instant(rfc3339: "2026-11-22T11:30:00Z")!) }
         #expect(throws: SettlementError.self) { try h.store.settle(through: Instant(rfc3339: "2027-01-01T00:00:00Z")!) }
         try h.store.close()
@@ -228,7 +232,7 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
                 // Cutoffs at or just before now, or hours back (the nightly run after
                 // midnight), so that some entries fall after the cutoff, into the next run.
                 let back = Bool.random(using: &rng) ? Int64.random(in: 0...1000, using: &rng) : Int64.random(in: 0...(6 * 3_600_000), using: &rng)
-                let through = max(previousCutoff.millisecondsSinceEpoch, h.clock.now().millisecondsSinceEpoch - back)
+                let through = max(previousCutoff.millisecondsSinceEpoch + 1, h.clock.now().millisecondsSinceEpoch - back)
                 let run = try h.store.settle(through: Instant(millisecondsSinceEpoch: through))
                 var sumNet: Int64 = 0
                 var into: [PartnerID: Int64] = [:]

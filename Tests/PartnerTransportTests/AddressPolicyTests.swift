@@ -56,5 +56,8 @@ private func v6(_ groups: [UInt16]) -> IPAddress {
         #expect(AddressPolicy.refusal(v4("169.254.3.4"), allowPrivateNetworks: true) == "link-local address")
         #expect(AddressPolicy.refusal(v4("0.0.0.0"), allowPrivateNetworks: true) == "unspecified address")
         #expect(AddressPolicy.refusal(v4("224.0.0.1"), allowPrivateNetworks: true) == "multicast address")
+        // As the notice's attempt says it.
+        #expect(AddressPolicy.withArticle("unspecified address") == "an unspecified address")
+        #expect(AddressPolicy.withArticle("loopback address") == "a loopback address")
     }
 }

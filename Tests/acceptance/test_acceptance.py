@@ -253,6 +253,20 @@ def test_replay_same_reference_new_webhook_id_200_identical(env):
     assert r3.status_code == 200 and r3.content == r1.content
 
 
+def test_webhook_id_answered_as_a_replay_is_bound_to_that_entry(env):
+    m, ref, a, b = uid("M"), uid("R"), uid("msg"), uid("msg")
+    r1 = env.post("alpha", earn(m, 7, ref), webhook_id=a)
+    assert r1.status_code == 201
+    r2 = env.post("alpha", earn(m, 7, ref), webhook_id=b)  # replay by reference under b
+    assert r2.status_code == 200 and r2.content == r1.content
+    # b was used (answered with r1's entry): other content under b is a conflict, not an entry
+    assert_problem(env.post("alpha", earn(m, 9, uid("R")), webhook_id=b), 409, "conflict")
+    # and the partner's identical retry of the 200 replays again
+    r3 = env.post("alpha", earn(m, 7, ref), webhook_id=b)
+    assert r3.status_code == 200 and r3.content == r1.content
+    assert env.balance("alpha", m) == 7
+
+
 def test_conflicts(env):
     m, ref, wid = uid("M"), uid("R"), uid("msg")
     assert env.post("alpha", earn(m, 7, ref), webhook_id=wid).status_code == 201
@@ -678,6 +692,10 @@ def test_settle_through_splits_runs(fresh):
     # a cutoff before the last one cannot reopen anything
     r = e.cli("settle", "--json", "--through", cut)
     assert r.returncode == 1 and b"before the last run's cutoff" in r.stderr, (r.returncode, r.stdout, r.stderr)
+    # nor a second run through the same instant (an empty period), and nothing is recorded
+    r = e.cli("settle", "--json", "--through", run2["cutoff"])
+    assert r.returncode == 1 and b"already closed the period" in r.stderr, (r.returncode, r.stdout, r.stderr)
+    assert e.cli("runs").stdout.count(b"R0000") == 2
     v = e.cli("verify")
     assert v.returncode == 0, v.stdout + v.stderr
 
