@@ -109,12 +109,19 @@ public struct Intake: Sendable {
     }
 
     public func router() -> Router<ClearhouseContext> {
-        let router = Router(context: ClearhouseContext.self, options: .autoGenerateHeadEndpoints)
+        let router = Router(context: ClearhouseContext.self)
         router.add(middleware: RequestLogMiddleware(metrics: metrics))  // outermost: sees every final status
         router.add(middleware: ProblemMiddleware())
         router.add(middleware: HeaderLimitMiddleware())
         for route in Intake.routes {
-            router.on(RouterPath(route.path), method: HTTPRequest.Method(route.method)!, use: handler(route.path))
+            let handle = handler(route.path)
+            router.on(RouterPath(route.path), method: HTTPRequest.Method(route.method)!, use: handle)
+            if route.method == "GET" {
+                // Every GET route answers HEAD: the GET's answer without its body
+                // (`Responses.head(of:)`; Hummingbird's own would say `content-length: 0` for a
+                // streamed statement).
+                router.on(RouterPath(route.path), method: .head) { request, context in Responses.head(of: try await handle(request, context)) }
+            }
         }
         return router
     }

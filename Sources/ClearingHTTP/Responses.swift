@@ -58,8 +58,20 @@ struct ProblemMiddleware<Context: RequestContext>: RouterMiddleware {
         do {
             return try await next(request, context)
         } catch {
-            return Responses.failure(error, request, logger: context.logger)
+            let response = Responses.failure(error, request, logger: context.logger)
+            return request.method == .head ? Responses.head(of: response) : response
         }
+    }
+}
+
+extension Responses {
+    /// The answer to HEAD: the GET's status and headers, no body. A GET answered with a length
+    /// keeps its `content-length`; a streamed one (a statement) has none to give, so the HEAD
+    /// says none rather than 0 (RFC 9110 §9.3.2), and NIO frames it as `chunked` with no body.
+    static func head(of response: Response) -> Response {
+        var head = Response(status: response.status, headers: response.headers, body: ResponseBody())
+        if response.body.contentLength == nil { head.headers[.contentLength] = nil }
+        return head
     }
 }
 

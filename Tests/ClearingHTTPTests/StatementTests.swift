@@ -55,6 +55,32 @@ private func tradedServer() throws -> Server {
         }
     }
 
+    /// HEAD answers what GET would, without a body: a streamed statement has no length to
+    /// give, so no `content-length` (never 0); a list keeps its length; a refusal keeps its
+    /// status. Over a real connection (NIO frames the streamed one as chunked with no body),
+    /// the GET sent next on the same connection is read whole.
+    @Test func headSaysWhatGetWouldWithoutABody() async throws {
+        let s = try tradedServer()
+        let app = Application(router: s.intake.router())
+        try await app.test(.live) { client in
+            let csvPath = "/v1/partners/fuel/statements/R000001.csv"
+            let head = try await client.execute(uri: csvPath, method: .head, headers: bearer(fuel))
+            #expect(head.status == .ok && head.body.readableBytes == 0)
+            #expect(head.headers[.contentLength] == nil, "\(head.headers)")
+            #expect(head.headers[.transferEncoding] == "chunked", "\(head.headers)")
+            #expect(head.headers[.contentType] == "text/csv; charset=utf-8; header=present" && head.headers[.eTag] != nil)
+            let get = try await client.execute(uri: csvPath, method: .get, headers: bearer(fuel))
+            #expect(get.status == .ok && String(buffer: get.body).split(separator: "\n").count == 1 + 31)
+            #expect(get.headers[.eTag] == head.headers[.eTag])
+            let listHead = try await client.execute(uri: "/v1/partners/fuel/statements", method: .head, headers: bearer(fuel))
+            let list = try await client.execute(uri: "/v1/partners/fuel/statements", method: .get, headers: bearer(fuel))
+            #expect(listHead.body.readableBytes == 0 && listHead.headers[.contentLength] == String(list.body.readableBytes))
+            let refused = try await client.execute(uri: csvPath, method: .head)
+            #expect(refused.status == .unauthorized && refused.body.readableBytes == 0)
+            #expect(try await client.execute(uri: "/healthz", method: .get).status == .ok)
+        }
+    }
+
     @Test func theFiguresAreReproducibleFromTheCSVRows() async throws {
         let s = try tradedServer()
         try await s.test { client in
