@@ -79,22 +79,24 @@ public final class NoticeDispatcher: Sendable {
         owner = getpid()
     }
 
-    /// One pass: every notice due, each sent at most once, `inFlightMax` at a time.
-    /// `only` limits the pass to one notice (the operator's `notices retry`).
+    /// One pass: every notice due when it starts, each sent at most once, `inFlightMax` at a
+    /// time, one at a time per partner. `only` limits the pass to one notice (the operator's
+    /// `notices retry`).
     ///
     /// `inFlightMax` lanes each claim one notice, send it, record its answer and claim the
-    /// next: a slow or silent partner holds up one lane (up to the transfer's timeout), never
-    /// the other partners' notices, and each answer is recorded when it comes.
+    /// next. A lane never takes a partner another lane is sending to, so a slow or silent
+    /// partner (even with a backlog) holds up one lane, up to the transfer's timeout, never the
+    /// other partners' notices; and each answer is recorded when it comes.
     @discardableResult
     public func deliverDue(only: String? = nil) async throws -> DeliveryPass {
         var pass = DeliveryPass()
         // A read first: an idle worker never queues behind the posting writer.
-        let (store, now) = (self.store, clock.now())
-        if try await onDatabaseThread({ try store.noticeDue(at: now) }) {
-            let shared = PassState()
-            // A lane that fails (its answer could not be recorded) stops alone: the others
-            // finish what they are sending (a thrown error would cancel their transfers), and
-            // the pass then throws the first failure.
+        let (store, start) = (self.store, clock.now())
+        if try await onDatabaseThread({ try store.noticeDue(at: start) }) {
+            let shared = PassState(start: start)
+            // A lane that fails (an answer that could not be recorded) stops the pass: no lane
+            // claims another notice, those in flight finish (a thrown error would cancel their
+            // transfers), and the pass then throws the first failure.
             let (total, failure) = await withTaskGroup(of: (DeliveryPass, (any Error)?).self) { group in
                 for _ in 0..<max(1, options.inFlightMax) {
                     group.addTask { await self.lane(only: only, shared) }
@@ -120,29 +122,43 @@ public final class NoticeDispatcher: Sendable {
         return pass
     }
 
-    /// What the lanes of one pass share: the notices already attempted (none is sent twice in
-    /// a pass, however long it lasts), how many claims are left, and the partners' terms,
-    /// read once per pass, when the first notice is claimed.
+    /// What the lanes of one pass share: when it started (it claims what was due then), how
+    /// many claims are left, the partners being sent to, whether a lane failed, and the
+    /// partners' terms, read once per pass, when the first notice is claimed.
     private final class PassState: Sendable {
         private struct State {
-            var attempted: Set<String> = []
             var claimsLeft = Limits.noticeClaimsPerPassMax
+            var sending: Set<PartnerID> = []
+            var stopped = false
             var configuration: ClearingConfiguration?
         }
+        let start: Instant
         private let state = Mutex(State())
 
-        var attempted: Set<String> { state.withLock { $0.attempted } }
+        init(start: Instant) { self.start = start }
 
-        /// Takes one claim of the pass's budget; false once it is spent.
+        /// Takes one claim of the pass's budget; false once it is spent or the pass stopped.
         func takeClaim() -> Bool {
             state.withLock { s in
-                guard s.claimsLeft > 0 else { return false }
+                guard s.claimsLeft > 0, !s.stopped else { return false }
                 s.claimsLeft -= 1
                 return true
             }
         }
 
-        func record(_ id: String) { state.withLock { _ = $0.attempted.insert(id) } }
+        func stop() { state.withLock { $0.stopped = true } }
+
+        /// Runs `claim` with the partners being sent to, and marks those it claimed. Callers
+        /// run one claim at a time (the serial database queue), so no two claim the same
+        /// partner; the lock is not held during the claim (a database write that may wait).
+        func claiming(_ claim: (Set<PartnerID>) throws -> [ClaimedNotice]) rethrows -> [ClaimedNotice] {
+            let sending = state.withLock { $0.sending }
+            let claimed = try claim(sending)
+            state.withLock { s in for n in claimed { s.sending.insert(n.partner) } }
+            return claimed
+        }
+
+        func sent(_ notices: [ClaimedNotice]) { state.withLock { s in for n in notices { s.sending.remove(n.partner) } } }
 
         func configuration(_ read: () -> ClearingConfiguration) -> ClearingConfiguration {
             state.withLock { s in
@@ -155,33 +171,35 @@ public final class NoticeDispatcher: Sendable {
     }
 
     /// One lane of a pass: claims a notice, sends it, records the answer; again until nothing
-    /// is due that this pass has not yet attempted.
+    /// this pass may take is left.
     private func lane(only: String?, _ shared: PassState) async -> (DeliveryPass, (any Error)?) {
         var pass = DeliveryPass()
         do {
             try await laneLoop(only: only, shared, &pass)
             return (pass, nil)
         } catch {
+            shared.stop()
             return (pass, error)
         }
     }
 
     private func laneLoop(only: String?, _ shared: PassState, _ pass: inout DeliveryPass) async throws {
         let (store, clock, options, owner) = (self.store, self.clock, self.options, self.owner)
+        let lease = Int64(options.connectTimeoutMilliseconds + options.totalTimeoutMilliseconds) + Limits.noticeLeaseSlackMilliseconds
         // Stopping (SIGTERM) or cancelled: no new claim; the notice just sent was recorded, and
         // what is still due waits in the outbox for the next start.
         while !Task.isCancelled && !Task.isShuttingDownGracefully && shared.takeClaim() {
-            let excluding = shared.attempted
+            // On the serial database queue, so that no two lanes claim for the same partner.
             let claimed = try await onDatabaseThread {
-                try store.claimDueNotices(
-                    clock: clock, limit: 1, owner: owner,
-                    leaseMilliseconds: Int64(options.connectTimeoutMilliseconds + options.totalTimeoutMilliseconds) + Limits.noticeLeaseSlackMilliseconds,
-                    ownerAlive: NoticeDispatcher.processAlive, only: only, excluding: excluding)
+                try shared.claiming { sending in
+                    try store.claimDueNotices(
+                        clock: clock, limit: 1, owner: owner, leaseMilliseconds: lease, ownerAlive: NoticeDispatcher.processAlive,
+                        only: only, dueThrough: shared.start, skippingPartners: sending)
+                }
             }
             guard !claimed.isEmpty else { break }
-            for notice in claimed { shared.record(notice.id) }
-            let configuration = shared.configuration(currentConfiguration)
-            try await send(claimed, configuration, into: &pass)
+            defer { shared.sent(claimed) }
+            try await send(claimed, shared.configuration(currentConfiguration), into: &pass)
         }
     }
 

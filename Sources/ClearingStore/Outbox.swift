@@ -58,30 +58,39 @@ public struct NoticeError: Error, CustomStringConvertible {
 }
 
 extension Store {
-    /// Takes up to `limit` notices that are due at `now` and not leased by a live sender,
-    /// records an in-flight attempt for each and leases them to `owner` (a process id) until
-    /// `now + leaseMilliseconds`. An in-flight attempt left by a sender that died is recorded
-    /// as interrupted; its notice is due again at once.
+    /// Takes up to `limit` notices that are due at `now` (or at `dueThrough`, when earlier) and
+    /// not leased by a live sender, records an in-flight attempt for each and leases them to
+    /// `owner` (a process id) until `now + leaseMilliseconds`. An in-flight attempt left by a
+    /// sender that died is recorded as interrupted; its notice is due again at once.
+    ///
+    /// `dueThrough` is a delivery pass's start: an attempt made during the pass schedules its
+    /// notice after it, so no notice is sent twice in one pass. Notices of `skippingPartners`
+    /// (those the caller is sending to right now) are left for later: one notice at a time
+    /// per partner, so that a partner that does not answer holds up no other partner's.
     public func claimDueNotices(
         clock: any WallClock, limit: Int, owner: Int32, leaseMilliseconds: Int64, ownerAlive: (Int32) -> Bool, only: String? = nil,
-        excluding: Set<String> = []
+        dueThrough: Instant? = nil, skippingPartners: Set<PartnerID> = []
     ) throws -> [ClaimedNotice] {
         try coalition.write { db in
             // Read inside the transaction: time spent waiting for the lock does not shorten the lease.
             let now = clock.now()
             let t = now.millisecondsSinceEpoch
+            let due = min(t, dueThrough?.millisecondsSinceEpoch ?? t)
             var claimed: [ClaimedNotice] = []
+            let skipping = skippingPartners.map(\.rawValue).sorted()
+            let notIn = skipping.isEmpty ? "" : " AND partner NOT IN (\(skipping.indices.map { "?\($0 + 4)" }.joined(separator: ", ")))"
+            // Without the bodies: most rows read may be leased by another sender and skipped.
             let rows = try Row.fetchAll(
                 db,
                 sql: """
-                    SELECT id, partner, body, attempts, round_attempts, lease_owner, lease_until_ms FROM notice
-                    WHERE state = 'pending' AND next_attempt_at_ms <= ?1 AND (?2 IS NULL OR id = ?2)
+                    SELECT id, partner, attempts, round_attempts, lease_owner, lease_until_ms FROM notice
+                    WHERE state = 'pending' AND next_attempt_at_ms <= ?1 AND (?2 IS NULL OR id = ?2)\(notIn)
                     ORDER BY next_attempt_at_ms, id LIMIT ?3
                     """,
-                arguments: [t, only, (limit + excluding.count) * Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin])
+                arguments: StatementArguments([due, only, limit * Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin] as [(any DatabaseValueConvertible)?])
+                    + StatementArguments(skipping))
             for row in rows where claimed.count < limit {
                 let id: String = try row.text("id")
-                if excluding.contains(id) { continue }
                 let leaseOwner = try row.optionalInt64("lease_owner").map { Int32(truncatingIfNeeded: $0) }
                 let leaseUntil = try row.optionalInt64("lease_until_ms")
                 if let o = leaseOwner, let u = leaseUntil, u > t, ownerAlive(o) { continue }
@@ -104,9 +113,11 @@ extension Store {
                 guard let partner = PartnerID(try row.text("partner")) else {
                     throw NoticeError("notice \(id) names an invalid partner")
                 }
+                guard let body = try Data.fetchOne(db, sql: "SELECT body FROM notice WHERE id = ?", arguments: [id]) else {
+                    throw NoticeError("notice \(id) has no body")
+                }
                 claimed.append(ClaimedNotice(
-                    id: id, partner: partner, body: Array(try row.blob("body")), attempt: attempt,
-                    roundAttempt: round, owner: owner))
+                    id: id, partner: partner, body: Array(body), attempt: attempt, roundAttempt: round, owner: owner))
             }
             return claimed
         }

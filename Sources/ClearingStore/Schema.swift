@@ -385,7 +385,7 @@ enum Schema {
             // every partial take.
             try db.execute(
                 sql: """
-                    DROP TRIGGER lot_open_update_within_its_lot;
+                    DROP TRIGGER IF EXISTS lot_open_update_within_its_lot;
                     CREATE TRIGGER lot_open_update_within_its_lot BEFORE UPDATE ON lot_open
                       WHEN (NEW.remaining > OLD.remaining OR NEW.member IS NOT OLD.member OR NEW.lot_id IS NOT OLD.lot_id)
                         AND NOT EXISTS (SELECT 1 FROM lot WHERE id = NEW.lot_id AND member = NEW.member AND points >= NEW.remaining)

@@ -242,6 +242,46 @@ extension MigrationTests {
         #expect(try h.verify().ok)
     }
 
+    /// A directory as v12 left it (v9's trigger on `lot_open`, no aliases) upgrades through v13
+    /// and v14: the trigger checks as before where it can fail, aliases work, verify passes.
+    @Test func aV12DirectoryUpgradesThroughV13AndV14() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
+        try h.store.close()
+        let url = h.dir.url.appendingPathComponent("coalition.sqlite")
+        try MigrationTests.rawQueue(url).write { db in
+            try db.execute(sql: """
+                DROP TRIGGER lot_open_update_within_its_lot;
+                CREATE TRIGGER lot_open_update_within_its_lot BEFORE UPDATE ON lot_open
+                  WHEN NOT EXISTS (SELECT 1 FROM lot WHERE id = NEW.lot_id AND member = NEW.member AND points >= NEW.remaining)
+                  BEGIN SELECT RAISE(ABORT, 'lot_open: points left must lie within a lot of the same member'); END;
+                DROP TABLE webhook_alias;
+                DELETE FROM grdb_migrations WHERE identifier IN ('v13-open-lot-check-on-growth', 'v14-webhook-id-aliases');
+                """)
+        }
+        try h.reopen()
+        let trigger = try h.store.coalition.read {
+            try String.fetchOne($0, sql: "SELECT sql FROM sqlite_schema WHERE name = 'lot_open_update_within_its_lot'")
+        }
+        #expect(trigger?.contains("NEW.remaining > OLD.remaining") == true, "v13's trigger: \(trigger ?? "none")")
+        #expect(h.post(C, "c2", Fixtures.redeem("M1", 20, "C-2")).httpStatus == 201, "a partial take under v13's trigger")
+        #expect(h.post(C, "c3", Fixtures.redeem("M1", 20, "C-2")).httpStatus == 200, "a replay by reference binds c3")
+        #expect(slug(h.post(C, "c3", Fixtures.redeem("M1", 5, "C-9"))) == "conflict")
+        #expect(try h.balance("M1") == 50)
+        #expect(try h.verify().ok)
+        // A v12 directory whose trigger was dropped by hand still upgrades (v13 recreates it).
+        try h.store.close()
+        try MigrationTests.rawQueue(url).write { db in
+            try db.execute(sql: """
+                DROP TRIGGER lot_open_update_within_its_lot;
+                DELETE FROM grdb_migrations WHERE identifier = 'v13-open-lot-check-on-growth';
+                """)
+        }
+        try h.reopen()
+        #expect(try h.store.coalition.read { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'lot_open_update_within_its_lot'") } == 1)
+    }
+
     /// `verify` reads each lot's points left from `lot_open`: a changed amount, or points held
     /// under a member the lot is not of, is a breach that names the lot.
     @Test func verifyNamesOpenLotsThatDisagree() throws {
