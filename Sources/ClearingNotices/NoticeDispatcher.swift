@@ -79,27 +79,36 @@ public final class NoticeDispatcher: Sendable {
         owner = getpid()
     }
 
-    /// One pass: every notice due when it starts, each sent at most once, `inFlightMax` at a
-    /// time, one at a time per partner. `only` limits the pass to one notice (the operator's
-    /// `notices retry`).
+    /// One pass (`notices send`, `notices retry`): every notice due, each attempted at most
+    /// once, `inFlightMax` at a time, one at a time per partner. `only` limits the pass to one
+    /// notice.
     ///
     /// `inFlightMax` lanes each claim one notice, send it, record its answer and claim the
-    /// next. A lane never takes a partner another lane is sending to, so a slow or silent
-    /// partner (even with a backlog) holds up one lane, up to the transfer's timeout, never the
-    /// other partners' notices; and each answer is recorded when it comes.
+    /// next, until nothing the pass may take is left. A lane never takes a partner another
+    /// lane is sending to, so a slow or silent partner (even with a backlog) holds up one lane,
+    /// never the other partners' notices; each answer is recorded when it comes.
     @discardableResult
     public func deliverDue(only: String? = nil) async throws -> DeliveryPass {
         var pass = DeliveryPass()
         // A read first: an idle worker never queues behind the posting writer.
         let (store, start) = (self.store, clock.now())
         if try await onDatabaseThread({ try store.noticeDue(at: start) }) {
-            let shared = PassState(start: start)
+            let shared = LaneState(passStart: start, claims: Limits.noticeClaimsPerPassMax)
             // A lane that fails (an answer that could not be recorded) stops the pass: no lane
             // claims another notice, those in flight finish (a thrown error would cancel their
             // transfers), and the pass then throws the first failure.
             let (total, failure) = await withTaskGroup(of: (DeliveryPass, (any Error)?).self) { group in
                 for _ in 0..<max(1, options.inFlightMax) {
-                    group.addTask { await self.lane(only: only, shared) }
+                    group.addTask {
+                        var lane = DeliveryPass()
+                        do {
+                            while try await self.deliverOne(only: only, shared, into: &lane) {}
+                            return (lane, nil)
+                        } catch {
+                            shared.stop()
+                            return (lane, error)
+                        }
+                    }
                 }
                 var total = DeliveryPass()
                 var failure: (any Error)?
@@ -112,32 +121,89 @@ public final class NoticeDispatcher: Sendable {
             pass = total
             if let failure { throw failure }
         }
-        // Counts change when this process sends, or when another one does (`notices retry`):
-        // recounted after sending, and at least every `noticeGaugeRefreshMilliseconds`.
-        let after = clock.now().millisecondsSinceEpoch
-        if pass.attempted > 0 || after - countsPublishedAt.load(ordering: .relaxed) >= Limits.noticeGaugeRefreshMilliseconds {
-            try await publishCounts()
-            countsPublishedAt.store(after, ordering: .relaxed)
-        }
+        try await publishCountsIfDue(sent: pass.attempted > 0)
         return pass
     }
 
-    /// What the lanes of one pass share: when it started (it claims what was due then), how
-    /// many claims are left, the partners being sent to, whether a lane failed, and the
-    /// partners' terms, read once per pass, when the first notice is claimed.
-    private final class PassState: Sendable {
+    /// Recounts the outbox gauges: after sending (counts changed), and at least every
+    /// `noticeGaugeRefreshMilliseconds` (another process may have sent, or settled).
+    private func publishCountsIfDue(sent: Bool) async throws {
+        let now = clock.now().millisecondsSinceEpoch
+        if sent || now - countsPublishedAt.load(ordering: .relaxed) >= Limits.noticeGaugeRefreshMilliseconds {
+            try await publishCounts()
+            countsPublishedAt.store(now, ordering: .relaxed)
+        }
+    }
+
+    /// Delivers until the task is cancelled or a graceful shutdown begins (`clearhouse serve`):
+    /// `inFlightMax` lanes, each claiming the next notice due as soon as it has recorded its
+    /// last one, and napping (at most the poll interval: `settle` runs in other processes and
+    /// adds notices) while nothing it may take is due. A new run's notices go out at once
+    /// even while another partner's lane waits on a slow endpoint.
+    public func run() async {
+        logger.info("notice delivery started", metadata: ["transport": "\(CurlTransport.version)"])
+        let shared = LaneState(passStart: nil, claims: Int.max)
+        await withTaskGroup(of: Void.self) { group in
+            for _ in 0..<max(1, options.inFlightMax) {
+                group.addTask { await self.serveLane(shared) }
+            }
+            group.addTask {
+                while !Task.isCancelled && !Task.isShuttingDownGracefully {
+                    do { try await self.publishCountsIfDue(sent: shared.takeSent()) } catch {
+                        self.logger.error("notice gauges could not be recounted", metadata: ["error": "\(error)"])
+                    }
+                    let nap = self.options.pollIntervalMilliseconds
+                    try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .milliseconds(nap)) }
+                }
+            }
+        }
+        logger.info("notice delivery stopped")
+    }
+
+    private func serveLane(_ shared: LaneState) async {
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            var ignored = DeliveryPass()
+            var sent = false
+            do {
+                sent = try await deliverOne(only: nil, shared, into: &ignored)
+            } catch {
+                logger.error("notice delivery failed", metadata: ["error": "\(error)"])
+            }
+            if sent { continue }
+            // Nothing this lane may take: nap until the next notice is due (a leased one not
+            // before its lease runs out), at least `noticeIdleNapMillisecondsMin`, at most the
+            // poll interval.
+            var nap = options.pollIntervalMilliseconds
+            let store = self.store
+            if let due = try? await onDatabaseThread({ try store.nextNoticeDue() }) {
+                nap = min(nap, max(0, due.millisecondsSinceEpoch - clock.now().millisecondsSinceEpoch))
+            }
+            let wait = max(nap, Limits.noticeIdleNapMillisecondsMin)
+            try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .milliseconds(wait)) }
+        }
+    }
+
+    /// What the lanes share: the pass's start (a pass takes no notice attempted since; nil for
+    /// `serve`'s lanes), how many claims are left, the partners being sent to, whether a lane
+    /// failed, whether anything was sent since the gauges were last recounted, and the
+    /// partners' terms (read again at most every poll interval, outside the lock).
+    private final class LaneState: Sendable {
         private struct State {
-            var claimsLeft = Limits.noticeClaimsPerPassMax
+            var claimsLeft: Int
             var sending: Set<PartnerID> = []
             var stopped = false
-            var configuration: ClearingConfiguration?
+            var sentSinceRecount = false
+            var configuration: (ClearingConfiguration, ContinuousClock.Instant)?
         }
-        let start: Instant
-        private let state = Mutex(State())
+        let passStart: Instant?
+        private let state: Mutex<State>
 
-        init(start: Instant) { self.start = start }
+        init(passStart: Instant?, claims: Int) {
+            self.passStart = passStart
+            state = Mutex(State(claimsLeft: claims))
+        }
 
-        /// Takes one claim of the pass's budget; false once it is spent or the pass stopped.
+        /// Takes one claim of the budget; false once it is spent or a lane failed.
         func takeClaim() -> Bool {
             state.withLock { s in
                 guard s.claimsLeft > 0, !s.stopped else { return false }
@@ -148,87 +214,54 @@ public final class NoticeDispatcher: Sendable {
 
         func stop() { state.withLock { $0.stopped = true } }
 
-        /// Runs `claim` with the partners being sent to, and marks those it claimed. Callers
-        /// run one claim at a time (the serial database queue), so no two claim the same
-        /// partner; the lock is not held during the claim (a database write that may wait).
-        func claiming(_ claim: (Set<PartnerID>) throws -> [ClaimedNotice]) rethrows -> [ClaimedNotice] {
-            let sending = state.withLock { $0.sending }
-            let claimed = try claim(sending)
-            state.withLock { s in for n in claimed { s.sending.insert(n.partner) } }
-            return claimed
+        var sending: Set<PartnerID> { state.withLock { $0.sending } }
+
+        /// Marks the partners of what a claim took. Claims run one at a time (the serial
+        /// database queue), so no two lanes take the same partner.
+        func claimed(_ notices: [ClaimedNotice]) { state.withLock { s in for n in notices { s.sending.insert(n.partner) } } }
+
+        func sent(_ notices: [ClaimedNotice]) {
+            state.withLock { s in
+                for n in notices { s.sending.remove(n.partner) }
+                s.sentSinceRecount = s.sentSinceRecount || !notices.isEmpty
+            }
         }
 
-        func sent(_ notices: [ClaimedNotice]) { state.withLock { s in for n in notices { s.sending.remove(n.partner) } } }
+        /// Whether anything was sent since the last call.
+        func takeSent() -> Bool { state.withLock { s in defer { s.sentSinceRecount = false }; return s.sentSinceRecount } }
 
         func configuration(_ read: () -> ClearingConfiguration) -> ClearingConfiguration {
-            state.withLock { s in
-                if let c = s.configuration { return c }
-                let c = read()
-                s.configuration = c
-                return c
-            }
+            let now = ContinuousClock.now
+            if let (c, at) = state.withLock({ $0.configuration }), now - at < .milliseconds(Limits.noticePollIntervalMilliseconds) { return c }
+            let c = read()
+            state.withLock { $0.configuration = (c, now) }
+            return c
         }
     }
 
-    /// One lane of a pass: claims a notice, sends it, records the answer; again until nothing
-    /// this pass may take is left.
-    private func lane(only: String?, _ shared: PassState) async -> (DeliveryPass, (any Error)?) {
-        var pass = DeliveryPass()
-        do {
-            try await laneLoop(only: only, shared, &pass)
-            return (pass, nil)
-        } catch {
-            shared.stop()
-            return (pass, error)
-        }
-    }
-
-    private func laneLoop(only: String?, _ shared: PassState, _ pass: inout DeliveryPass) async throws {
-        let (store, clock, options, owner) = (self.store, self.clock, self.options, self.owner)
-        let lease = Int64(options.connectTimeoutMilliseconds + options.totalTimeoutMilliseconds) + Limits.noticeLeaseSlackMilliseconds
+    /// Claims one notice this lane may take, sends it and records the answer; false when there
+    /// was none (or the budget is spent, or the sender is stopping).
+    private func deliverOne(only: String?, _ shared: LaneState, into pass: inout DeliveryPass) async throws -> Bool {
         // Stopping (SIGTERM) or cancelled: no new claim; the notice just sent was recorded, and
         // what is still due waits in the outbox for the next start.
-        while !Task.isCancelled && !Task.isShuttingDownGracefully && shared.takeClaim() {
-            // On the serial database queue, so that no two lanes claim for the same partner.
-            let claimed = try await onDatabaseThread {
-                try shared.claiming { sending in
-                    try store.claimDueNotices(
-                        clock: clock, limit: 1, owner: owner, leaseMilliseconds: lease, ownerAlive: NoticeDispatcher.processAlive,
-                        only: only, dueThrough: shared.start, skippingPartners: sending)
-                }
-            }
-            guard !claimed.isEmpty else { break }
-            defer { shared.sent(claimed) }
-            try await send(claimed, shared.configuration(currentConfiguration), into: &pass)
+        guard !Task.isCancelled && !Task.isShuttingDownGracefully && shared.takeClaim() else { return false }
+        let (store, clock, options, owner) = (self.store, self.clock, self.options, self.owner)
+        let lease = Int64(options.connectTimeoutMilliseconds + options.totalTimeoutMilliseconds) + Limits.noticeLeaseSlackMilliseconds
+        let since = shared.passStart
+        let claimed = try await onDatabaseThread { () throws -> [ClaimedNotice] in
+            // A read first: a lane with nothing to take does not queue behind the posting writer.
+            let sending = shared.sending
+            if only == nil, try !store.claimableNoticeExists(at: clock.now(), notAttemptedSince: since, skippingPartners: sending) { return [] }
+            let claimed = try store.claimDueNotices(
+                clock: clock, limit: 1, owner: owner, leaseMilliseconds: lease, ownerAlive: NoticeDispatcher.processAlive,
+                only: only, notAttemptedSince: since, skippingPartners: sending)
+            shared.claimed(claimed)
+            return claimed
         }
-    }
-
-    /// Delivers until the task is cancelled or a graceful shutdown begins: a pass, then a nap
-    /// until the next notice is due (at most the poll interval, since `settle` runs in other
-    /// processes and adds notices to the outbox).
-    public func run() async {
-        logger.info("notice delivery started", metadata: ["transport": "\(CurlTransport.version)"])
-        while !Task.isCancelled && !Task.isShuttingDownGracefully {
-            var attempted = 0
-            do {
-                attempted = try await deliverDue().attempted
-            } catch {
-                logger.error("notice delivery pass failed", metadata: ["error": "\(error)"])
-            }
-            var nap = options.pollIntervalMilliseconds
-            let store = self.store
-            if let due = try? await onDatabaseThread({ try store.nextNoticeDue() }) {
-                nap = min(nap, max(0, due.millisecondsSinceEpoch - clock.now().millisecondsSinceEpoch))
-            }
-            // A pass that sent nothing never loops at once (e.g. a notice due but leased by
-            // another process whose lease has not run out).
-            if attempted == 0 { nap = max(nap, Limits.noticeIdleNapMillisecondsMin) }
-            if nap > 0 {
-                let wait = nap
-                try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .milliseconds(wait)) }
-            }
-        }
-        logger.info("notice delivery stopped")
+        if claimed.isEmpty { return false }
+        defer { shared.sent(claimed) }
+        try await send(claimed, shared.configuration(currentConfiguration), into: &pass)
+        return true
     }
 
     private func send(_ claimed: [ClaimedNotice], _ configuration: ClearingConfiguration, into pass: inout DeliveryPass) async throws {
@@ -287,10 +320,19 @@ public final class NoticeDispatcher: Sendable {
     private func finish(_ notice: ClaimedNotice, _ response: OutboundResponse, into pass: inout DeliveryPass) async throws {
         let finishedAt = clock.now()
         let failure: TransportFailure? = if case .failure(let f) = response.result { f } else { nil }
+        let store = self.store
+        if let failure, failure.kind == .cancelled {
+            // This sender is stopping and cut the transfer short: no answer, and not the
+            // partner's failure. Recorded as interrupted (as after a crash); the round keeps
+            // its attempts, and the notice is due again at the next start.
+            try await onDatabaseThread { try store.interruptNoticeAttempt(notice, reason: "the sender stopped before the answer came") }
+            logger.notice("notice attempt interrupted by a stop; due again at the next start",
+                          metadata: ["notice": "\(notice.id)", "partner": "\(notice.partner)", "attempt": "\(notice.attempt)"])
+            return
+        }
         let decision = NoticeSchedule.decide(
             attempt: notice.roundAttempt, result: NoticeAttemptResult(status: response.status, retryAfterSeconds: response.retryAfterSeconds),
             finishedAt: finishedAt, jitterPPM: jitterPPM())
-        let store = self.store
         try await onDatabaseThread {
             try store.finishNoticeAttempt(
                 notice, finishedAt: finishedAt, latencyMilliseconds: response.latencyMilliseconds, httpStatus: response.status,

@@ -58,37 +58,34 @@ public struct NoticeError: Error, CustomStringConvertible {
 }
 
 extension Store {
-    /// Takes up to `limit` notices that are due at `now` (or at `dueThrough`, when earlier) and
-    /// not leased by a live sender, records an in-flight attempt for each and leases them to
-    /// `owner` (a process id) until `now + leaseMilliseconds`. An in-flight attempt left by a
-    /// sender that died is recorded as interrupted; its notice is due again at once.
+    /// Takes up to `limit` notices that are due at `now` and not leased by a live sender,
+    /// records an in-flight attempt for each and leases them to `owner` (a process id) until
+    /// `now + leaseMilliseconds`. An in-flight attempt left by a sender that died is recorded
+    /// as interrupted; its notice is due again at once.
     ///
-    /// `dueThrough` is a delivery pass's start: an attempt made during the pass schedules its
-    /// notice after it, so no notice is sent twice in one pass. Notices of `skippingPartners`
-    /// (those the caller is sending to right now) are left for later: one notice at a time
-    /// per partner, so that a partner that does not answer holds up no other partner's.
+    /// `notAttemptedSince` is a delivery pass's start: a notice with an attempt started since
+    /// is left alone, so no notice is sent twice in one pass (`notices send`). Notices of
+    /// `skippingPartners` (those the caller is sending to right now) are left for later: one
+    /// notice at a time per partner, so that a partner that does not answer holds up no other
+    /// partner's.
     public func claimDueNotices(
         clock: any WallClock, limit: Int, owner: Int32, leaseMilliseconds: Int64, ownerAlive: (Int32) -> Bool, only: String? = nil,
-        dueThrough: Instant? = nil, skippingPartners: Set<PartnerID> = []
+        notAttemptedSince: Instant? = nil, skippingPartners: Set<PartnerID> = []
     ) throws -> [ClaimedNotice] {
         try coalition.write { db in
             // Read inside the transaction: time spent waiting for the lock does not shorten the lease.
             let now = clock.now()
             let t = now.millisecondsSinceEpoch
-            let due = min(t, dueThrough?.millisecondsSinceEpoch ?? t)
             var claimed: [ClaimedNotice] = []
-            let skipping = skippingPartners.map(\.rawValue).sorted()
-            let notIn = skipping.isEmpty ? "" : " AND partner NOT IN (\(skipping.indices.map { "?\($0 + 4)" }.joined(separator: ", ")))"
+            let (clause, arguments) = Store.claimableNotices(at: now, only: only, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners)
             // Without the bodies: most rows read may be leased by another sender and skipped.
             let rows = try Row.fetchAll(
                 db,
                 sql: """
                     SELECT id, partner, attempts, round_attempts, lease_owner, lease_until_ms FROM notice
-                    WHERE state = 'pending' AND next_attempt_at_ms <= ?1 AND (?2 IS NULL OR id = ?2)\(notIn)
-                    ORDER BY next_attempt_at_ms, id LIMIT ?3
+                    WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(limit * Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)
                     """,
-                arguments: StatementArguments([due, only, limit * Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin] as [(any DatabaseValueConvertible)?])
-                    + StatementArguments(skipping))
+                arguments: arguments)
             for row in rows where claimed.count < limit {
                 let id: String = try row.text("id")
                 let leaseOwner = try row.optionalInt64("lease_owner").map { Int32(truncatingIfNeeded: $0) }
@@ -120,6 +117,59 @@ extension Store {
                     id: id, partner: partner, body: Array(body), attempt: attempt, roundAttempt: round, owner: owner))
             }
             return claimed
+        }
+    }
+
+    /// The notices a claim may take (due at `now`, pending, and as `claimDueNotices` says), as
+    /// a WHERE clause and its arguments.
+    static func claimableNotices(
+        at now: Instant, only: String?, notAttemptedSince: Instant?, skippingPartners: Set<PartnerID>
+    ) -> (String, StatementArguments) {
+        var clause = "state = 'pending' AND next_attempt_at_ms <= ?"
+        var arguments: StatementArguments = [now.millisecondsSinceEpoch]
+        if let only {
+            clause += " AND id = ?"
+            arguments += [only]
+        }
+        if let since = notAttemptedSince {
+            // Attempts that ended with an answer or a failure; one cut short by a crash or a stop
+            // (in flight, interrupted) is no attempt at the partner.
+            clause += " AND NOT EXISTS (SELECT 1 FROM notice_attempt a WHERE a.notice_id = notice.id AND a.started_at_ms >= ? AND a.outcome NOT IN ('in-flight', 'interrupted'))"
+            arguments += [since.millisecondsSinceEpoch]
+        }
+        if !skippingPartners.isEmpty {
+            let partners = skippingPartners.map(\.rawValue).sorted()
+            clause += " AND partner NOT IN (\(partners.map { _ in "?" }.joined(separator: ", ")))"
+            arguments += StatementArguments(partners)
+        }
+        return (clause, arguments)
+    }
+
+    /// Whether a claim with these terms would find anything (a read: an idle sender does not
+    /// queue behind the posting writer). Leases are not looked at.
+    public func claimableNoticeExists(
+        at now: Instant, notAttemptedSince: Instant? = nil, skippingPartners: Set<PartnerID> = []
+    ) throws -> Bool {
+        let (clause, arguments) = Store.claimableNotices(at: now, only: nil, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners)
+        return try coalition.read { db in
+            try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM notice WHERE \(clause))", arguments: arguments) ?? false
+        }
+    }
+
+    /// An attempt the sender gave up before its answer (it is stopping: the transfer was
+    /// cancelled) is recorded as interrupted, as after a crash, and does not count against the
+    /// notice's round: the notice is due again at once, for the next sender.
+    public func interruptNoticeAttempt(_ notice: ClaimedNotice, reason: String) throws {
+        try coalition.write { db in
+            try db.execute(
+                sql: "UPDATE notice_attempt SET outcome = 'interrupted', error = ? WHERE notice_id = ? AND number = ? AND outcome = 'in-flight'",
+                arguments: [String(reason.utf8.prefix(Limits.noticeErrorBytesMax)) ?? "", notice.id, notice.attempt])
+            try db.execute(
+                sql: """
+                    UPDATE notice SET round_attempts = round_attempts - 1, lease_owner = NULL, lease_until_ms = NULL
+                    WHERE id = ? AND state = 'pending' AND lease_owner = ? AND attempts = ? AND round_attempts >= 1
+                    """,
+                arguments: [notice.id, notice.owner, notice.attempt])
         }
     }
 

@@ -66,11 +66,12 @@ public struct CurlTransport: OutboundTransport {
             if running > 0 { _ = curl_multi_poll(multi, nil, 0, Int32(Limits.curlPollMillisecondsMax), nil) }
         } while running > 0 && !(cancelled?.isSet ?? false)
         collect(multi, transfers)
-        let unfinished = cancelled?.isSet == true ? "cancelled: the sender is stopping" : "the transfer did not finish"
+        let unfinished = cancelled?.isSet == true
+            ? TransportFailure(.cancelled, "cancelled: the sender is stopping") : TransportFailure(.other, "the transfer did not finish")
         return transfers.map { t in
             if t.added { curl_multi_remove_handle(multi, t.easy) }
             t.close()
-            return t.response ?? OutboundResponse(result: .failure(TransportFailure(.other, unfinished)), latencyMilliseconds: 0)
+            return t.response ?? OutboundResponse(result: .failure(unfinished), latencyMilliseconds: 0)
         }
     }
 

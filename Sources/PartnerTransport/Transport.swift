@@ -57,6 +57,8 @@ public struct TransportFailure: Error, Equatable, Sendable, CustomStringConverti
         case tls
         /// The response was longer than the limit.
         case responseTooLarge = "response-too-large"
+        /// The sender stopped (cancelled) before the answer came: not the partner's failure.
+        case cancelled
         case other
     }
 

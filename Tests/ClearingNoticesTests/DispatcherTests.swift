@@ -424,6 +424,32 @@ final class SlowFailingTransport: OutboundTransport {
     }
 }
 
+/// Answers 200, except at `stopAt`'s URL the first time: there the sender is stopped (its
+/// task cancelled, as at the end of `serve`'s grace period) and the transfer comes back
+/// cancelled, as libcurl's does.
+final class StoppingTransport: OutboundTransport {
+    let stopAt: String
+    let sender = Mutex<Task<DeliveryPass, any Error>?>(nil)
+    let stopped = Mutex(false)
+
+    init(stopAt: String) { self.stopAt = stopAt }
+
+    func perform(_ requests: [OutboundRequest]) async -> [OutboundResponse] {
+        var answers: [OutboundResponse] = []
+        for r in requests {
+            guard r.url == stopAt, !stopped.withLock({ s in defer { s = true }; return s }) else {
+                answers.append(FakeTransport.status(200))
+                continue
+            }
+            // The test hands over the sender's task just after starting it.
+            for _ in 0..<500 where sender.withLock({ $0 == nil }) { try? await Task.sleep(for: .milliseconds(10)) }
+            sender.withLock { $0?.cancel() }
+            answers.append(OutboundResponse(result: .failure(TransportFailure(.cancelled, "cancelled: the sender is stopping")), latencyMilliseconds: 0))
+        }
+        return answers
+    }
+}
+
 @Suite struct DeliveryLaneTests {
     /// A partner that answers slowly holds up its own notice only: the others are sent and
     /// recorded while it is still in flight (with fewer lanes than notices, so that a batch
@@ -455,6 +481,59 @@ final class SlowFailingTransport: OutboundTransport {
         let counts = try h.store.noticeCounts()
         #expect(result.attempted == counts[.delivered]! && result.delivered == counts[.delivered]! && counts[.pending] == 0)
         #expect(transport.slowInFlight.withLock { $0.most } == 1, "one notice at a time to a partner")
+    }
+
+    /// `serve`'s lanes: while one waits on a slow partner, a new run's notices to the others
+    /// go out at once (not after the slow one's pass).
+    @Test func serveSendsANewRunsNoticesWhileASlowPartnerIsBusy() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let transport = SlowPartnerTransport(slowURL: h.configuration.partners[C]!.noticeURL)
+        var options = NoticeDeliveryOptions()
+        options.pollIntervalMilliseconds = 50
+        let dispatcher = h.dispatcher(transport, options: options)
+        let worker = Task { await dispatcher.run() }
+        func delivered(_ id: String) async throws -> Bool {
+            for _ in 0..<1_000 {
+                if try h.store.notice(id)?.0.state == .delivered { return true }
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            return false
+        }
+        let grocer = try await delivered("R000001:grocer"), fuel = try await delivered("R000001:fuel")
+        #expect(grocer && fuel)
+        // A second run while cinema's partner still holds its first notice.
+        h.post(G, "g2", Fixtures.earn("M3", 70, "G-2"))
+        h.clock.advance(milliseconds: 60_000)
+        _ = try h.store.settle()
+        #expect(try await delivered("R000002:grocer"), "sent while cinema's lane waits")
+        #expect(try h.notice("R000001:cinema").0.state == .pending)
+        transport.released.withLock { $0 = true }
+        #expect(try await delivered("R000001:cinema"))
+        worker.cancel()
+        await worker.value
+    }
+
+    /// A transfer cut short because this sender is stopping is no attempt at the partner: it
+    /// is recorded as interrupted, the round keeps its attempts, and the next start sends it.
+    @Test func aTransferCancelledByAStopDoesNotCountAgainstTheRound() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let transport = StoppingTransport(stopAt: h.configuration.partners[G]!.noticeURL)
+        var options = NoticeDeliveryOptions()
+        options.inFlightMax = 1
+        let dispatcher = h.dispatcher(transport, options: options)
+        let pass = Task { try await dispatcher.deliverDue() }
+        transport.sender.withLock { $0 = pass }
+        let first = try await pass.value
+        #expect(first.delivered == 2 && first.retrying == 0 && first.dead == 0)
+        var (n, attempts) = try h.notice("R000001:grocer")
+        #expect(n.state == .pending && n.roundAttempts == 0 && n.attempts == 1 && n.nextAttemptAt == h.clock.now())
+        #expect(attempts.map(\.outcome) == [.interrupted])
+        #expect(try h.store.nextNoticeDue() == h.clock.now(), "no lease left behind")
+        #expect(try await h.dispatcher(transport).deliverDue().delivered == 1)
+        (n, attempts) = try h.notice("R000001:grocer")
+        #expect(n.state == .delivered && n.roundAttempts == 1 && attempts.map(\.outcome) == [.interrupted, .delivered])
     }
 
     /// One pass attempts each notice once, however long it lasts (`notices send`: one pass
