@@ -173,9 +173,11 @@ public final class NoticeDispatcher: Sendable {
             // Nothing this lane may take: nap until the next notice is due (a leased one not
             // before its lease runs out), at least `noticeIdleNapMillisecondsMin`, at most the
             // poll interval.
+            // The partners other lanes are sending to are not this lane's to take: their notices
+            // do not wake it (else it would wake at the floor while a slow partner's backlog lasts).
             var nap = options.pollIntervalMilliseconds
-            let store = self.store
-            if let due = try? await onDatabaseThread({ try store.nextNoticeDue() }) {
+            let (store, busy) = (self.store, shared.sending)
+            if let due = try? await onDatabaseThread({ try store.nextNoticeDue(skippingPartners: busy) }) {
                 nap = min(nap, max(0, due.millisecondsSinceEpoch - clock.now().millisecondsSinceEpoch))
             }
             let wait = max(nap, Limits.noticeIdleNapMillisecondsMin)
@@ -251,10 +253,18 @@ public final class NoticeDispatcher: Sendable {
         let claimed = try await onDatabaseThread { () throws -> [ClaimedNotice] in
             // A read first: a lane with nothing to take does not queue behind the posting writer.
             let sending = shared.sending
-            if only == nil, try !store.claimableNoticeExists(at: clock.now(), notAttemptedSince: since, skippingPartners: sending) { return [] }
+            if only == nil, try !store.claimableNoticeExists(
+                at: clock.now(), owner: owner, ownerAlive: NoticeDispatcher.processAlive, notAttemptedSince: since,
+                skippingPartners: sending, ownLeasesAreStale: true)
+            {
+                return []
+            }
+            // This process's own notices in flight are all of partners in `sending` (marked in
+            // this same block, before their leases could be seen): a lease in its name on any
+            // other notice is an earlier process's with the same pid.
             let claimed = try store.claimDueNotices(
                 clock: clock, limit: 1, owner: owner, leaseMilliseconds: lease, ownerAlive: NoticeDispatcher.processAlive,
-                only: only, notAttemptedSince: since, skippingPartners: sending)
+                only: only, notAttemptedSince: since, skippingPartners: sending, ownLeasesAreStale: true)
             shared.claimed(claimed)
             return claimed
         }

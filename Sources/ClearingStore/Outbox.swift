@@ -70,7 +70,7 @@ extension Store {
     /// partner's.
     public func claimDueNotices(
         clock: any WallClock, limit: Int, owner: Int32, leaseMilliseconds: Int64, ownerAlive: (Int32) -> Bool, only: String? = nil,
-        notAttemptedSince: Instant? = nil, skippingPartners: Set<PartnerID> = []
+        notAttemptedSince: Instant? = nil, skippingPartners: Set<PartnerID> = [], ownLeasesAreStale: Bool = false
     ) throws -> [ClaimedNotice] {
         try coalition.write { db in
             // Read inside the transaction: time spent waiting for the lock does not shorten the lease.
@@ -90,7 +90,7 @@ extension Store {
                 let id: String = try row.text("id")
                 let leaseOwner = try row.optionalInt64("lease_owner").map { Int32(truncatingIfNeeded: $0) }
                 let leaseUntil = try row.optionalInt64("lease_until_ms")
-                if let o = leaseOwner, let u = leaseUntil, u > t, ownerAlive(o) { continue }
+                if let o = leaseOwner, let u = leaseUntil, u > t, Store.leaseHeld(by: o, caller: owner, ownLeasesAreStale, ownerAlive) { continue }
                 if leaseOwner != nil {
                     try db.execute(
                         sql: """
@@ -145,14 +145,31 @@ extension Store {
         return (clause, arguments)
     }
 
-    /// Whether a claim with these terms would find anything (a read: an idle sender does not
-    /// queue behind the posting writer). Leases are not looked at.
+    /// Whether a lease still holds: its process lives. `ownLeasesAreStale`: the caller skips
+    /// every partner it is sending to, so a lease in its own name on a notice it may claim was
+    /// left by an earlier process that had the same pid (a restarted container's pid 1).
+    static func leaseHeld(by leaseOwner: Int32, caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool) -> Bool {
+        if leaseOwner == caller && ownLeasesAreStale { return false }
+        return ownerAlive(leaseOwner)
+    }
+
+    /// Whether a claim with these terms would find anything: a read, so that an idle sender
+    /// does not queue behind the posting writer; it skips leases as the claim does.
     public func claimableNoticeExists(
-        at now: Instant, notAttemptedSince: Instant? = nil, skippingPartners: Set<PartnerID> = []
+        at now: Instant, owner: Int32, ownerAlive: (Int32) -> Bool, notAttemptedSince: Instant? = nil,
+        skippingPartners: Set<PartnerID> = [], ownLeasesAreStale: Bool = false
     ) throws -> Bool {
         let (clause, arguments) = Store.claimableNotices(at: now, only: nil, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners)
-        return try coalition.read { db in
-            try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM notice WHERE \(clause))", arguments: arguments) ?? false
+        let t = now.millisecondsSinceEpoch
+        let rows = try coalition.read { db in
+            try Row.fetchAll(
+                db, sql: "SELECT lease_owner, lease_until_ms FROM notice WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)",
+                arguments: arguments)
+        }
+        return try rows.contains { row in
+            guard let o = try row.optionalInt64("lease_owner").map({ Int32(truncatingIfNeeded: $0) }), let u = try row.optionalInt64("lease_until_ms"), u > t
+            else { return true }
+            return !Store.leaseHeld(by: o, caller: owner, ownLeasesAreStale, ownerAlive)
         }
     }
 
@@ -283,13 +300,17 @@ extension Store {
         }
     }
 
-    /// When the earliest pending notice is due, or nil when none is pending.
-    public func nextNoticeDue() throws -> Instant? {
-        try coalition.read { db in
+    /// When the earliest pending notice (of a partner not in `skippingPartners`) is due, or nil
+    /// when none is pending.
+    public func nextNoticeDue(skippingPartners: Set<PartnerID> = []) throws -> Instant? {
+        let partners = skippingPartners.map(\.rawValue).sorted()
+        let notIn = partners.isEmpty ? "" : " AND partner NOT IN (\(partners.map { _ in "?" }.joined(separator: ", ")))"
+        return try coalition.read { db in
             // A leased notice is not due before its lease runs out (or its holder dies, which
             // the poll interval notices).
             try Int64.fetchOne(
-                db, sql: "SELECT MIN(MAX(next_attempt_at_ms, COALESCE(lease_until_ms, 0))) FROM notice WHERE state = 'pending'")
+                db, sql: "SELECT MIN(MAX(next_attempt_at_ms, COALESCE(lease_until_ms, 0))) FROM notice WHERE state = 'pending'\(notIn)",
+                arguments: StatementArguments(partners))
                 .map(Instant.init(millisecondsSinceEpoch:))
         }
     }

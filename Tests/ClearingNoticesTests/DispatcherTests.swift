@@ -401,8 +401,8 @@ final class SlowPartnerTransport: OutboundTransport {
         let slow = requests.filter { $0.url == slowURL }.count
         if slow > 0 {
             slowInFlight.withLock { $0.now += slow; $0.most = max($0.most, $0.now) }
-            // Bounded: a test that never releases still ends (after 20 s).
-            for _ in 0..<2_000 where !released.withLock({ $0 }) { try? await Task.sleep(for: .milliseconds(10)) }
+            // Bounded: a test that never releases still ends (after 60 s).
+            for _ in 0..<6_000 where !released.withLock({ $0 }) { try? await Task.sleep(for: .milliseconds(10)) }
             slowInFlight.withLock { $0.now -= slow }
         }
         return requests.map { _ in FakeTransport.status(200) }
@@ -534,6 +534,36 @@ final class StoppingTransport: OutboundTransport {
         #expect(try await h.dispatcher(transport).deliverDue().delivered == 1)
         (n, attempts) = try h.notice("R000001:grocer")
         #expect(n.state == .delivered && n.roundAttempts == 1 && attempts.map(\.outcome) == [.interrupted, .delivered])
+    }
+
+    /// A lease in this process's own name on a notice it is not sending was left by an earlier
+    /// process with the same pid (a restarted container's pid 1): taken over at once, its
+    /// attempt recorded as interrupted.
+    @Test func aLeaseInThisProcesssOwnNameIsAnEarlierProcesss() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        _ = try h.store.claimDueNotices(clock: h.clock, limit: 8, owner: getpid(), leaseMilliseconds: 45_000, ownerAlive: { _ in true })
+        let pass = try await h.dispatcher(FakeTransport()).deliverDue()
+        #expect(pass.delivered == 3)
+        #expect(try h.notice("R000001:grocer").1.map(\.outcome) == [.interrupted, .delivered])
+    }
+
+    /// What wakes an idle lane: a notice it may take. Notices of partners other lanes are
+    /// sending to, or leased by another live sender, do not (else idle lanes would poll at
+    /// their floor, and write, for as long as a slow partner's backlog lasts).
+    @Test func idleLanesAreNotWokenByNoticesTheyMayNotTake() throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let now = h.clock.now()
+        #expect(try h.store.nextNoticeDue(skippingPartners: [C, F, G]) == nil)
+        #expect(try h.store.nextNoticeDue(skippingPartners: [C]) == now)
+        #expect(try h.store.claimableNoticeExists(at: now, owner: getpid(), ownerAlive: { _ in true }, skippingPartners: [C, F]))
+        #expect(try !h.store.claimableNoticeExists(at: now, owner: getpid(), ownerAlive: { _ in true }, skippingPartners: [C, F, G]))
+        // Leased by another live sender: not claimable, and not due before the lease runs out.
+        _ = try h.store.claimDueNotices(clock: h.clock, limit: 8, owner: getppid(), leaseMilliseconds: 45_000, ownerAlive: { _ in true })
+        #expect(try !h.store.claimableNoticeExists(at: now, owner: getpid(), ownerAlive: { _ in true }))
+        #expect(try h.store.claimableNoticeExists(at: now, owner: getpid(), ownerAlive: { _ in false }), "a dead sender's lease is void")
+        #expect(try h.store.nextNoticeDue()?.millisecondsSinceEpoch == now.millisecondsSinceEpoch + 45_000)
     }
 
     /// One pass attempts each notice once, however long it lasts (`notices send`: one pass
