@@ -170,11 +170,10 @@ public final class NoticeDispatcher: Sendable {
                 logger.error("notice delivery failed", metadata: ["error": "\(error)"])
             }
             if sent { continue }
-            // Nothing this lane may take: nap until the next notice is due (a leased one not
-            // before its lease runs out), at least `noticeIdleNapMillisecondsMin`, at most the
-            // poll interval.
-            // The partners other lanes are sending to are not this lane's to take: their notices
-            // do not wake it (else it would wake at the floor while a slow partner's backlog lasts).
+            // Nothing this lane may take: nap until the next notice it may take is due (a leased
+            // one not before its lease runs out; those of partners other lanes are sending to do
+            // not count, else it would wake at the floor while a slow partner's backlog lasts),
+            // at least `noticeIdleNapMillisecondsMin`, at most the poll interval.
             var nap = options.pollIntervalMilliseconds
             let (store, busy) = (self.store, shared.sending)
             if let due = try? await onDatabaseThread({ try store.nextNoticeDue(skippingPartners: busy) }) {
@@ -333,8 +332,8 @@ public final class NoticeDispatcher: Sendable {
         let store = self.store
         if let failure, failure.kind == .cancelled {
             // This sender is stopping and cut the transfer short: no answer, and not the
-            // partner's failure. Recorded as interrupted (as after a crash); the round keeps
-            // its attempts, and the notice is due again at the next start.
+            // partner's failure. Recorded as interrupted, given back to the round (unlike a
+            // crash's), and due again at the next start.
             try await onDatabaseThread { try store.interruptNoticeAttempt(notice, reason: "the sender stopped before the answer came") }
             logger.notice("notice attempt interrupted by a stop; due again at the next start",
                           metadata: ["notice": "\(notice.id)", "partner": "\(notice.partner)", "attempt": "\(notice.attempt)"])

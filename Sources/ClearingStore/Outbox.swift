@@ -88,9 +88,8 @@ extension Store {
                 arguments: arguments)
             for row in rows where claimed.count < limit {
                 let id: String = try row.text("id")
-                let leaseOwner = try row.optionalInt64("lease_owner").map { Int32(truncatingIfNeeded: $0) }
-                let leaseUntil = try row.optionalInt64("lease_until_ms")
-                if let o = leaseOwner, let u = leaseUntil, u > t, Store.leaseHeld(by: o, caller: owner, ownLeasesAreStale, ownerAlive) { continue }
+                let leaseOwner = try row.optionalInt64("lease_owner")
+                if try Store.leaseHolds(row, at: t, caller: owner, ownLeasesAreStale, ownerAlive) { continue }
                 if leaseOwner != nil {
                     try db.execute(
                         sql: """
@@ -137,20 +136,27 @@ extension Store {
             clause += " AND NOT EXISTS (SELECT 1 FROM notice_attempt a WHERE a.notice_id = notice.id AND a.started_at_ms >= ? AND a.outcome NOT IN ('in-flight', 'interrupted'))"
             arguments += [since.millisecondsSinceEpoch]
         }
-        if !skippingPartners.isEmpty {
-            let partners = skippingPartners.map(\.rawValue).sorted()
-            clause += " AND partner NOT IN (\(partners.map { _ in "?" }.joined(separator: ", ")))"
-            arguments += StatementArguments(partners)
-        }
-        return (clause, arguments)
+        let (notIn, partners) = partnersOtherThan(skippingPartners)
+        return (clause + notIn, arguments + partners)
     }
 
-    /// Whether a lease still holds: its process lives. `ownLeasesAreStale`: the caller skips
-    /// every partner it is sending to, so a lease in its own name on a notice it may claim was
-    /// left by an earlier process that had the same pid (a restarted container's pid 1).
-    static func leaseHeld(by leaseOwner: Int32, caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool) -> Bool {
-        if leaseOwner == caller && ownLeasesAreStale { return false }
-        return ownerAlive(leaseOwner)
+    /// " AND partner NOT IN (?, …)" and its arguments; nothing for no partners.
+    static func partnersOtherThan(_ skipping: Set<PartnerID>) -> (String, StatementArguments) {
+        if skipping.isEmpty { return ("", []) }
+        let partners = skipping.map(\.rawValue).sorted()
+        return (" AND partner NOT IN (\(partners.map { _ in "?" }.joined(separator: ", ")))", StatementArguments(partners))
+    }
+
+    /// Whether a notice row's lease (`lease_owner`, `lease_until_ms`) still holds at `t`: it has
+    /// not run out and its process lives. `ownLeasesAreStale`: the caller skips every partner it
+    /// is sending to, so a lease in its own name on a notice it may claim was left by an earlier
+    /// process that had the same pid (a restarted container's pid 1).
+    static func leaseHolds(_ row: Row, at t: Int64, caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool) throws -> Bool {
+        guard let owner = try row.optionalInt64("lease_owner").map({ Int32(truncatingIfNeeded: $0) }),
+            let until = try row.optionalInt64("lease_until_ms"), until > t
+        else { return false }
+        if owner == caller && ownLeasesAreStale { return false }
+        return ownerAlive(owner)
     }
 
     /// Whether a claim with these terms would find anything: a read, so that an idle sender
@@ -166,16 +172,12 @@ extension Store {
                 db, sql: "SELECT lease_owner, lease_until_ms FROM notice WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)",
                 arguments: arguments)
         }
-        return try rows.contains { row in
-            guard let o = try row.optionalInt64("lease_owner").map({ Int32(truncatingIfNeeded: $0) }), let u = try row.optionalInt64("lease_until_ms"), u > t
-            else { return true }
-            return !Store.leaseHeld(by: o, caller: owner, ownLeasesAreStale, ownerAlive)
-        }
+        return try rows.contains { try !Store.leaseHolds($0, at: t, caller: owner, ownLeasesAreStale, ownerAlive) }
     }
 
     /// An attempt the sender gave up before its answer (it is stopping: the transfer was
-    /// cancelled) is recorded as interrupted, as after a crash, and does not count against the
-    /// notice's round: the notice is due again at once, for the next sender.
+    /// cancelled) is recorded as interrupted, as a crash's is, but unlike a crash's it does not
+    /// count against the notice's round: the notice is due again at once, for the next sender.
     public func interruptNoticeAttempt(_ notice: ClaimedNotice, reason: String) throws {
         try coalition.write { db in
             try db.execute(
@@ -303,14 +305,13 @@ extension Store {
     /// When the earliest pending notice (of a partner not in `skippingPartners`) is due, or nil
     /// when none is pending.
     public func nextNoticeDue(skippingPartners: Set<PartnerID> = []) throws -> Instant? {
-        let partners = skippingPartners.map(\.rawValue).sorted()
-        let notIn = partners.isEmpty ? "" : " AND partner NOT IN (\(partners.map { _ in "?" }.joined(separator: ", ")))"
+        let (notIn, partners) = Store.partnersOtherThan(skippingPartners)
         return try coalition.read { db in
             // A leased notice is not due before its lease runs out (or its holder dies, which
             // the poll interval notices).
             try Int64.fetchOne(
                 db, sql: "SELECT MIN(MAX(next_attempt_at_ms, COALESCE(lease_until_ms, 0))) FROM notice WHERE state = 'pending'\(notIn)",
-                arguments: StatementArguments(partners))
+                arguments: partners)
                 .map(Instant.init(millisecondsSinceEpoch:))
         }
     }

@@ -370,7 +370,7 @@ extension Store {
     /// that webhook-id to the entry (`webhook_alias`): it was answered with this entry, so it
     /// replays it from then on, and is a conflict with any other content.
     fileprivate func earlierOutcome(_ db: Database, _ s: Submission, _ state: inout BatchState) throws -> PostingOutcome? {
-        let (byWebhook, byReference) = try Lookup.earlier(db, s.partner, s.webhookID, s.event.reference)
+        let (byWebhook, byReference) = try Lookup.earlier(db, s.partner, s.webhookID, s.event.reference, aliases: state.hasAliases)
         if let earlier = byWebhook {
             if earlier.event == s.event { return .replayed(earlier) }
             return .rejected(Problem(.conflict,

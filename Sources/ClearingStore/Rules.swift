@@ -252,7 +252,8 @@ struct CachedLotsDisagreement: Error, CustomStringConvertible {
 enum Lookup {
     /// The earlier entries of a partner under this webhook id and under this reference, in
     /// one query (SQLite answers it from the two unique indexes).
-    static func earlier(_ db: Database, _ partner: PartnerID, _ id: WebhookID, _ reference: Reference) throws -> (Entry?, Entry?) {
+    /// `aliases`: whether any webhook-id alias exists (else the alias table is not read).
+    static func earlier(_ db: Database, _ partner: PartnerID, _ id: WebhookID, _ reference: Reference, aliases: Bool) throws -> (Entry?, Entry?) {
         let rows = try Row.fetchAll(
             db.cachedStatement(
                 sql: "SELECT \(JournalRow.columns) FROM journal WHERE partner = ? AND (webhook_id = ? OR reference = ?)"),
@@ -263,7 +264,7 @@ enum Lookup {
             if e.webhookID == id { byID = e }
             if e.event.reference == reference { byRef = e }
         }
-        if byID == nil, let row = try Row.fetchOne(
+        if byID == nil, aliases, let row = try Row.fetchOne(
             db.cachedStatement(
                 sql: "SELECT \(JournalRow.columns) FROM journal WHERE id = (SELECT journal_id FROM webhook_alias WHERE partner = ? AND webhook_id = ?)"),
             arguments: [partner.rawValue, id.rawValue])

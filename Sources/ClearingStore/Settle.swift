@@ -175,7 +175,7 @@ extension Store {
     private func closeRun(
         _ db: Database, through cutoff: Instant, now: Instant, progress: (@Sendable (Int64, Int64) -> Void)?
     ) throws -> SettlementRun {
-        let previous = try Row.fetchOne(db, sql: "SELECT number, cutoff_ms, last_journal_id FROM run ORDER BY number DESC LIMIT 1")
+        let previous = try Row.fetchOne(db, sql: "SELECT number, cutoff_ms, last_journal_id, id FROM run ORDER BY number DESC LIMIT 1")
         let number: Int64 = (previous?[0] ?? 0) + 1
         let previousCutoff: Int64? = previous?[1]
         let first: Int64 = (previous?[2] ?? 0) + 1
@@ -185,7 +185,7 @@ extension Store {
         if let p = previousCutoff, cutoff.millisecondsSinceEpoch == p {
             // A second run through the same instant would close an empty period: a night job
             // run twice with the same --through records nothing the second time.
-            let id = try String.fetchOne(db, sql: "SELECT id FROM run WHERE number = ?", arguments: [number - 1]) ?? "the last run"
+            let id: String = previous?[3] ?? "the last run"
             throw SettlementError(description: "run \(id) already closed the period through \(cutoff); nothing recorded (see `clearhouse runs show \(id)`)")
         }
         guard cutoff <= now else {

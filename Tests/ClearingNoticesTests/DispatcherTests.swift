@@ -90,6 +90,15 @@ final class NoticeHarness {
     }
 
     func notice(_ id: String) throws -> (NoticeRecord, [NoticeAttemptRecord]) { try #require(try store.notice(id)) }
+
+    /// Waits (up to 10 s) until every one of these notices is delivered; false if they are not.
+    func delivered(_ ids: String...) async throws -> Bool {
+        for _ in 0..<1_000 {
+            if try ids.allSatisfy({ try store.notice($0)?.0.state == .delivered }) { return true }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        return false
+    }
 }
 
 @Suite struct OutboxTests {
@@ -468,11 +477,7 @@ final class StoppingTransport: OutboundTransport {
         options.inFlightMax = 3
         let dispatcher = h.dispatcher(transport, options: options)
         let pass = Task { try await dispatcher.deliverDue() }
-        var othersDelivered = false
-        for _ in 0..<1_000 where !othersDelivered {
-            try await Task.sleep(for: .milliseconds(10))
-            othersDelivered = try h.notice("R000001:fuel").0.state == .delivered && h.notice("R000001:grocer").0.state == .delivered
-        }
+        let othersDelivered = try await h.delivered("R000001:fuel", "R000001:grocer")
         let cinemaWhileOthersDelivered = try h.notice("R000001:cinema").0.state
         transport.released.withLock { $0 = true }
         let result = try await pass.value
@@ -493,23 +498,16 @@ final class StoppingTransport: OutboundTransport {
         options.pollIntervalMilliseconds = 50
         let dispatcher = h.dispatcher(transport, options: options)
         let worker = Task { await dispatcher.run() }
-        func delivered(_ id: String) async throws -> Bool {
-            for _ in 0..<1_000 {
-                if try h.store.notice(id)?.0.state == .delivered { return true }
-                try await Task.sleep(for: .milliseconds(10))
-            }
-            return false
-        }
-        let grocer = try await delivered("R000001:grocer"), fuel = try await delivered("R000001:fuel")
+        let grocer = try await h.delivered("R000001:grocer"), fuel = try await h.delivered("R000001:fuel")
         #expect(grocer && fuel)
         // A second run while cinema's partner still holds its first notice.
         h.post(G, "g2", Fixtures.earn("M3", 70, "G-2"))
         h.clock.advance(milliseconds: 60_000)
         _ = try h.store.settle()
-        #expect(try await delivered("R000002:grocer"), "sent while cinema's lane waits")
+        #expect(try await h.delivered("R000002:grocer"), "sent while cinema's lane waits")
         #expect(try h.notice("R000001:cinema").0.state == .pending)
         transport.released.withLock { $0 = true }
-        #expect(try await delivered("R000001:cinema"))
+        #expect(try await h.delivered("R000001:cinema"))
         worker.cancel()
         await worker.value
     }
