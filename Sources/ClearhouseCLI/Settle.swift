@@ -108,7 +108,7 @@ enum RunReport {
         var out = "Settlement run \(r.id), cutoff \(r.cutoff.rfc3339), \(r.entryCount) entries (\(cur))\n\n"
         out += "partner     " + col("issued", 11) + col("redeemed", 11) + col("expired", 10) + col("payable", 14) + col("receivable", 14) + col("net", 14) + "  direction\n"
         for f in r.partners {
-            let dir = f.netMinor.value > 0 ? "coalition pays" : f.netMinor.value < 0 ? "partner pays" : "nothing due"
+            let dir = f.netMinor.value > 0 ? "coalition pays" : f.netMinor.value < 0 ? "partner pays" : "nothing to pay"
             out += f.partner.rawValue.padding(toLength: 12, withPad: " ", startingAt: 0)
                 + col(String(f.issuedPoints.value), 11) + col(String(f.redeemedPoints.value), 11) + col(String(f.expiredPoints.value), 10)
                 + col(money(f.payableMinor), 14) + col(money(f.receivableMinor), 14) + col(money(f.netMinor), 14) + "  \(dir)\n"

@@ -25,12 +25,16 @@ struct StatementCommand: AsyncParsableCommand {
             throw ExitCode(1)
         }
         let configuration = try locations.loadConfiguration()
-        guard let id = PartnerID(partner), configuration.partners[id] != nil else {
-            printError("clearhouse statement: no partner \(JSONWriter.quote(partner)) in \(locations.partners)")
-            throw ExitCode(1)
-        }
         let store = try locations.openStore(configuration, readOnly: true)
         defer { try? store.close() }
+        // A partner that has left the coalition (no file in partners/ any more) keeps its
+        // ledger, and its past statements: they depend on nothing in today's configuration.
+        guard let id = PartnerID(partner),
+            configuration.partners[id] != nil || FileManager.default.fileExists(atPath: store.ledgerURL(id).path)
+        else {
+            printError("clearhouse statement: no partner \(JSONWriter.quote(partner)) in \(locations.partners), and no ledger of one in \(locations.data)")
+            throw ExitCode(1)
+        }
         guard let header = try store.statement(for: id, run: run) else {
             printError("clearhouse statement: no run \(JSONWriter.quote(run))")
             throw ExitCode(1)

@@ -4,7 +4,9 @@ import Hummingbird
 import HummingbirdCore
 import Logging
 import NIOCore
+import NIOHTTP1
 import NIOHTTPTypes
+import NIOHTTPTypesHTTP1
 import NIOSSL
 import NIOTLS
 import Synchronization
@@ -31,6 +33,8 @@ import Synchronization
 ///   built; `HeaderLimitMiddleware` then answers the smaller limit with a problem.
 /// - A connection from an address that already holds `connectionsPerAddressMax` open
 ///   connections is closed at once, before its TLS handshake (``AddressLimitHandler``).
+/// - An HTTP/1.0 request, or one saying `connection: close` in any letter case, has its
+///   connection closed after its response, which says so (``HTTP1ConnectionHandler``).
 public enum ServerChannel {
     public static func http1(logger: Logger) -> HTTPServerBuilder {
         .http1(configuration: configuration(AddressConnections(limit: Limits.connectionsPerAddressMax), TLSFailures(), logger: logger))
@@ -40,6 +44,7 @@ public enum ServerChannel {
         HTTP1Channel.Configuration(
             additionalChannelHandlers: [
                 AddressLimitHandler(addresses, logger: logger), TLSHandshakeFailureHandler(failures, logger: logger), RequestDeadlineHandler(),
+                HTTP1ConnectionHandler.Installer(),
             ],
             idleTimeout: .seconds(Limits.connectionIdleSecondsMax),
             httpDecoderConfiguration: .init(
@@ -306,5 +311,73 @@ final class RequestDeadlineHandler: ChannelDuplexHandler, RemovableChannelHandle
     func channelInactive(context: ChannelHandlerContext) {
         cancelAll()
         context.fireChannelInactive()
+    }
+}
+
+/// What the HTTP/1 message says about its connection, which the version-free HTTP types the
+/// router sees cannot carry; it sits between NIO's HTTP/1 codec and the HTTP-types codec.
+///
+/// - An HTTP/1.0 request is answered as HTTP/1.0 (its body delimited by a length, or by the
+///   close: an HTTP/1.0 client cannot read chunks), with `connection: close`, and its
+///   connection closed after the response (RFC 9112 §9.3). Its `expect` is dropped: a server
+///   must ignore `100-continue` from an HTTP/1.0 client (RFC 9110 §10.1.1).
+/// - A request whose `connection` lists `close` in any letter case (RFC 9110 §7.6.1: the
+///   tokens are case-insensitive) reaches the router as exactly `connection: close`, which is
+///   the only spelling Hummingbird closes on, and its response says `connection: close`.
+///
+/// Without it such a connection stayed open until the idle timeout, and a client waiting for
+/// the close to end a response waited `connectionIdleSecondsMax`.
+final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    /// For each request read and not yet answered (several when a client pipelines), in order:
+    /// how its response must be framed.
+    private var unanswered = CircularBuffer<(version: HTTPVersion, close: Bool)>(initialCapacity: 2)
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard case .head(var head) = unwrapInboundIn(data) else {
+            context.fireChannelRead(data)
+            return
+        }
+        let legacy = head.version.major < 1 || (head.version.major == 1 && head.version.minor == 0)
+        let close = legacy || !head.isKeepAlive
+        if legacy { head.headers.remove(name: "expect") }
+        if close { head.headers.replaceOrAdd(name: "connection", value: "close") }
+        // Bounded by the requests a client can pipeline before it reads an answer: the
+        // channel stops reading when the router's inbound buffer is full.
+        unanswered.append((legacy ? head.version : .http1_1, close))
+        context.fireChannelRead(wrapInboundOut(.head(head)))
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        guard case .head(var response) = unwrapOutboundIn(data), response.status.code >= 200,
+            let request = unanswered.popFirst()
+        else {
+            context.write(data, promise: promise)
+            return
+        }
+        response.version = request.version
+        if request.close { response.headers.replaceOrAdd(name: "Connection", value: "close") }
+        context.write(wrapOutboundOut(.head(response)), promise: promise)
+    }
+
+    /// Added with the router's channel handlers (after the HTTP-types codec), it puts an
+    /// ``HTTP1ConnectionHandler`` just before that codec, where HTTP/1 messages pass.
+    final class Installer: ChannelInboundHandler, RemovableChannelHandler {
+        typealias InboundIn = HTTPRequestPart
+
+        func handlerAdded(context: ChannelHandlerContext) {
+            let pipeline = context.pipeline.syncOperations
+            do {
+                let codec = try pipeline.handler(type: HTTP1ToHTTPServerCodec.self)
+                try pipeline.addHandler(HTTP1ConnectionHandler(), position: .before(codec))
+            } catch {
+                // Hummingbird builds the pipeline; the live tests would see this at once.
+                assertionFailure("no HTTP1ToHTTPServerCodec in the pipeline: \(error)")
+            }
+        }
     }
 }

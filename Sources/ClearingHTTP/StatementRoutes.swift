@@ -108,15 +108,20 @@ extension Intake {
         }
     }
 
+    /// Whether `accept-encoding` allows gzip: its own entry decides, else `*` does (RFC 9110
+    /// §12.5.3: `*;q=0, gzip` allows it, `gzip;q=0, *` does not).
     static func acceptsGzip(_ header: String?) -> Bool {
         guard let header else { return false }
+        var wildcard: Bool?
         for part in header.lowercased().split(separator: ",") {
             let items = part.split(separator: ";").map { $0.trimmingCharacters(in: .whitespaces) }
             guard items.first == "gzip" || items.first == "*" else { continue }
             let q = items.dropFirst().first { $0.hasPrefix("q=") }.map { $0.dropFirst(2) }
-            return q.map { Double($0) ?? 0 } ?? 1 > 0
+            let allowed = q.map { Double($0) ?? 0 } ?? 1 > 0
+            if items.first == "gzip" { return allowed }
+            wildcard = wildcard ?? allowed
         }
-        return false
+        return wildcard ?? false
     }
 
     static func etagMatches(_ header: String, _ etag: String) -> Bool {

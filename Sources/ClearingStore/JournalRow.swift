@@ -16,6 +16,16 @@ enum JournalRow {
         original_reference, occurred_at_ms, amount_minor, member_balance, hash
         """
 
+    /// A column that is 1 when one of `columns` (text) holds a NUL byte. SQLite keeps the bytes
+    /// after a NUL, but a text read stops at it: the entry decoded from such a row, and the hash
+    /// recomputed from it, would be those of the row before the edit. No id the rules accept
+    /// contains one, so a NUL is tampering (verify says so).
+    static func nulInText(_ columns: [String]) -> String {
+        "(" + columns.map { "instr(CAST(COALESCE(\($0), '') AS BLOB), x'00') > 0" }.joined(separator: " OR ") + ") AS \(nulInTextColumn)"
+    }
+
+    static let nulInTextColumn = "nul_in_text"
+
     /// Builds an entry from a row; a row that does not make a valid entry is damage, reported
     /// as an error (never a crash, even when a column holds a value of the wrong type).
     static func entry(from row: Row, partner: PartnerID, journalID: Int64) throws -> Entry {

@@ -231,7 +231,7 @@ extension Store {
     @discardableResult
     public func retryDeadNotice(_ id: String, now: Instant) throws -> NoticeRecord {
         try coalition.write { db in
-            guard let row = try Row.fetchOne(db, sql: "SELECT * FROM notice WHERE id = ?", arguments: [id]) else {
+            guard let row = try Row.fetchOne(db, sql: "\(Store.noticeRows) WHERE notice.id = ?", arguments: [id]) else {
                 throw NoticeError("no notice \(id)")
             }
             let record = try Store.noticeRecord(row)
@@ -245,7 +245,7 @@ extension Store {
                     WHERE id = ?
                     """,
                 arguments: [now.millisecondsSinceEpoch, "retried by the operator after: \(record.lastResult ?? "no result")", id])
-            return try Store.noticeRecord(Row.fetchOne(db, sql: "SELECT * FROM notice WHERE id = ?", arguments: [id])!)
+            return try Store.noticeRecord(Row.fetchOne(db, sql: "\(Store.noticeRows) WHERE notice.id = ?", arguments: [id])!)
         }
     }
 
@@ -255,9 +255,9 @@ extension Store {
             let rows: [Row]
             if let state {
                 rows = try Row.fetchAll(
-                    db, sql: "SELECT * FROM notice WHERE state = ? ORDER BY run_number, partner LIMIT ?", arguments: [state.rawValue, limit])
+                    db, sql: "\(Store.noticeRows) WHERE notice.state = ? ORDER BY notice.run_number, notice.partner LIMIT ?", arguments: [state.rawValue, limit])
             } else {
-                rows = try Row.fetchAll(db, sql: "SELECT * FROM notice ORDER BY run_number, partner LIMIT ?", arguments: [limit])
+                rows = try Row.fetchAll(db, sql: "\(Store.noticeRows) ORDER BY notice.run_number, notice.partner LIMIT ?", arguments: [limit])
             }
             return try rows.map(Store.noticeRecord)
         }
@@ -266,7 +266,7 @@ extension Store {
     /// One notice and its attempts, or nil.
     public func notice(_ id: String) throws -> (NoticeRecord, [NoticeAttemptRecord])? {
         try coalition.read { db in
-            guard let row = try Row.fetchOne(db, sql: "SELECT * FROM notice WHERE id = ?", arguments: [id]) else { return nil }
+            guard let row = try Row.fetchOne(db, sql: "\(Store.noticeRows) WHERE notice.id = ?", arguments: [id]) else { return nil }
             let attempts = try Row.fetchAll(db, sql: "SELECT * FROM notice_attempt WHERE notice_id = ? ORDER BY number", arguments: [id]).map { r in
                 guard let outcome = NoticeAttemptRecord.Outcome(rawValue: try r.text("outcome")) else {
                     throw NoticeError("notice \(id): an attempt has an unknown outcome")
@@ -316,13 +316,17 @@ extension Store {
         }
     }
 
+    /// A notice's row with its run's id (which carries the restore's time for a run closed
+    /// after a restore: the number alone does not make it).
+    static let noticeRows = "SELECT notice.*, run.id AS run_id FROM notice JOIN run ON run.number = notice.run_number"
+
     static func noticeRecord(_ row: Row) throws -> NoticeRecord {
         let id = try row.text("id")
         guard let partner = PartnerID(try row.text("partner")),
             let state = NoticeState(rawValue: try row.text("state"))
         else { throw NoticeError("notice \(id) has an invalid partner or state") }
         return NoticeRecord(
-            id: id, run: SettlementRun.id(number: try row.int64("run_number")), partner: partner,
+            id: id, run: try row.text("run_id"), partner: partner,
             body: Array(try row.blob("body")),
             createdAt: Instant(millisecondsSinceEpoch: try row.int64("created_at_ms")), state: state,
             attempts: Int(try row.int64("attempts")), roundAttempts: Int(try row.int64("round_attempts")),

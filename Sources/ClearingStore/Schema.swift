@@ -417,6 +417,24 @@ enum Schema {
                       BEGIN SELECT RAISE(ABORT, 'webhook_alias: never changes'); END;
                     """)
         }
+        m.registerMigration("v15-takes-and-moves-fixed") { db in
+            // What a redemption took from each lot, and each move between flows, are written once
+            // with their entry; only a take's `returned` grows (a reversal gives points back).
+            // A reversal reads the issuer it gives back to from its take, so an edited issuer
+            // would move points between the wrong partners (`verify` also compares each take
+            // with the replay of the journal).
+            try db.execute(
+                sql: """
+                    CREATE TRIGGER lot_take_only_returned_changes BEFORE UPDATE OF redemption_id, position, lot_id, issuer, points ON lot_take
+                      BEGIN SELECT RAISE(ABORT, 'lot_take: only returned changes'); END;
+                    CREATE TRIGGER lot_take_never_deleted BEFORE DELETE ON lot_take
+                      BEGIN SELECT RAISE(ABORT, 'lot_take: never deleted'); END;
+                    CREATE TRIGGER lot_move_no_update BEFORE UPDATE ON lot_move
+                      BEGIN SELECT RAISE(ABORT, 'lot_move: never changes'); END;
+                    CREATE TRIGGER lot_move_no_delete BEFORE DELETE ON lot_move
+                      BEGIN SELECT RAISE(ABORT, 'lot_move: never changes'); END;
+                    """)
+        }
         return m
     }
 

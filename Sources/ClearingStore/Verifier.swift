@@ -55,6 +55,18 @@ public enum Verifier {
         }
         let coalition = try DatabasePool(path: coalitionPath, configuration: Store.databaseConfiguration(readonly: true))
         defer { try? coalition.close() }
+        // A first start that stopped before its schema was made leaves an empty file: nothing
+        // was accepted. Any other database without a journal is not Clearhouse's.
+        let tables = try coalition.read { try String.fetchAll($0, sql: "SELECT name FROM sqlite_schema WHERE type = 'table'") }
+        guard tables.contains("journal") else {
+            let ledgers = Store.ledgerFileNames(dataDirectory)
+            if tables.isEmpty && ledgers.isEmpty {
+                report.checks.append("coalition.sqlite in \(dataDirectory.path) has no tables yet (a first start stopped before making them): nothing has been accepted there, nothing to verify")
+            } else {
+                report.breach("\(coalitionPath): holds no journal (\(tables.isEmpty ? "no tables" : "not a Clearhouse database")) beside \(ledgers.count) ledger(s); restore it from a backup")
+            }
+            return report
+        }
         // One snapshot of the coalition database for everything below.
         let heads = try coalition.read { db in try verifyJournal(db, &report) }
         try verifyLedgers(dataDirectory: dataDirectory, heads: heads, coalition: coalition, &report)
@@ -79,7 +91,8 @@ public enum Verifier {
         var lastID: Int64 = 0
         var lastAccepted = Int64.min
         var runs = RunChecker(try Row.fetchAll(db, sql: "SELECT * FROM run ORDER BY number"), db: db)
-        let cursor = try Row.fetchCursor(db, sql: "SELECT \(JournalRow.columns) FROM journal ORDER BY id")
+        let nul = JournalRow.nulInText(["partner", "webhook_id", "member", "reference", "original_reference"])
+        let cursor = try Row.fetchCursor(db, sql: "SELECT \(JournalRow.columns), \(nul) FROM journal ORDER BY id")
         while let row = try cursor.next() {
             entries += 1
             let id: Int64 = row["id"]
@@ -90,6 +103,7 @@ public enum Verifier {
                 continue
             }
             let at = "journal \(e.partner) sequence \(e.sequence)"
+            if row[JournalRow.nulInTextColumn] as Bool? != false { report.breach("\(at): a text column holds a NUL byte (the entry was altered)") }
             if id != lastID + 1 { report.breach("\(at): journal id \(id) follows \(lastID) (gap)") }
             lastID = id
             if e.acceptedAt.millisecondsSinceEpoch < lastAccepted { report.breach("\(at): accepted_at goes backwards") }
@@ -146,6 +160,7 @@ public enum Verifier {
         var lotRows = 0
         var remainingSum: Int64 = 0
         var expiredSum: Int64 = 0
+        var lotsOverflow = false
         var openByMember: [String: Int64] = [:]
         // A lot's points left are in `lot_open` (no row: none left), under the lot's member;
         // in a directory not yet opened by a version with v8, in the lot's own `remaining`.
@@ -164,9 +179,17 @@ public enum Verifier {
             lotRows += 1
             let id: Int64 = row[0]
             let remaining: Int64 = row[4]
-            remainingSum += remaining
-            expiredSum += row[6] as Int64
-            openByMember[row[1] as String, default: 0] += remaining
+            // Summed with overflow checked: altered figures are a breach, never a crash.
+            let sums = [
+                remainingSum.addingReportingOverflow(remaining), expiredSum.addingReportingOverflow(row[6] as Int64),
+                openByMember[row[1] as String, default: 0].addingReportingOverflow(remaining),
+            ]
+            if sums.contains(where: \.overflow) {
+                lotsOverflow = true
+            } else {
+                (remainingSum, expiredSum) = (sums[0].partialValue, sums[1].partialValue)
+                openByMember[row[1] as String] = sums[2].partialValue
+            }
             guard let r = book.lots[id] else { report.breach("lot \(id): no earn in the journal made it"); continue }
             let expires: Int64? = row[7]
             let differing = [
@@ -179,6 +202,7 @@ public enum Verifier {
             }
         }
         if lotRows != book.lots.count { report.breach("lots: \(lotRows) rows but the journal makes \(book.lots.count)") }
+        if lotsOverflow { report.breach("lots: their points overflow when totalled (no journal makes that many; a lot was altered)") }
         // Points left under another member than the lot's, or in no lot, are nobody's.
         for row in try !migrated ? [] : Row.fetchAll(
             db,
@@ -206,8 +230,11 @@ public enum Verifier {
         report.checks.append("invariant 1: \(memberRows) member balances equal the sums of their \(lotRows) lots, none below 0, all equal to the replay")
 
         if expiredSum != book.expiredPoints { report.breach("expired points: the lots say \(expiredSum), the runs' expiry gives \(book.expiredPoints)") }
-        let lhs = book.issuedPoints - book.redeemedPoints - expiredSum
-        if lhs != remainingSum {
+        let (net, netOverflow) = book.issuedPoints.subtractingReportingOverflow(book.redeemedPoints)
+        let (lhs, lhsOverflow) = net.subtractingReportingOverflow(expiredSum)
+        if netOverflow || lhsOverflow {
+            report.breach("invariant 2: issued \(book.issuedPoints) − redeemed \(book.redeemedPoints) − expired \(expiredSum) overflows")
+        } else if lhs != remainingSum {
             report.breach("invariant 2: issued \(book.issuedPoints) − redeemed \(book.redeemedPoints) − expired \(expiredSum) = \(lhs), but the lots hold \(remainingSum)")
         }
         report.checks.append("invariant 2: issued \(book.issuedPoints) − redeemed \(book.redeemedPoints) − expired \(expiredSum) = remaining \(remainingSum)")
@@ -240,12 +267,13 @@ public enum Verifier {
         let replayed = book.flows.filter { $0.value != 0 }
         if storedFlows.filter({ $0.value != 0 }) != replayed { report.breach("flows: the flow table differs from the journal's lot takes") }
         var takeRows = 0
-        for row in try Row.fetchAll(db, sql: "SELECT redemption_id, position, lot_id, points, returned FROM lot_take") {
+        for row in try Row.fetchAll(db, sql: "SELECT redemption_id, position, lot_id, points, returned, issuer FROM lot_take") {
             takeRows += 1
             let t = book.takes[row[0] as Int64]
             let pos: Int = row[1]
+            // The issuer too: a reversal gives its points back to the issuer its take names.
             guard let t, pos < t.count, t[pos].lotID == row[2] as Int64, t[pos].points.value == row[3] as Int64,
-                t[pos].returned.value == row[4] as Int64
+                t[pos].returned.value == row[4] as Int64, t[pos].issuer.rawValue == row[5] as String
             else { report.breach("lot_take \(row[0] as Int64)/\(pos): differs from the journal"); continue }
         }
         if takeRows != book.takes.values.reduce(0, { $0 + $1.count }) { report.breach("lot_take: row count differs from the journal") }
@@ -330,7 +358,8 @@ public enum Verifier {
             var previous = Store.genesisHash(p)
             var last: Int64 = 0
             var references = Set<String>(), webhooks = Set<String>()
-            let cursor = try Row.fetchCursor(db, sql: "SELECT * FROM entry ORDER BY sequence")
+            let nul = JournalRow.nulInText(["webhook_id", "member", "reference", "original_reference"])
+            let cursor = try Row.fetchCursor(db, sql: "SELECT *, \(nul) FROM entry ORDER BY sequence")
             while let row = try cursor.next() {
                 let seq: Int64 = row["sequence"]
                 let at = "ledger \(p) sequence \(seq)"
@@ -349,6 +378,7 @@ public enum Verifier {
                 }
                 let stored = Array(storedData)
                 if Array(prevData) != previous { report.breach("\(at): prev_hash does not link to the entry before") }
+                if row[JournalRow.nulInTextColumn] as Bool? != false { report.breach("\(at): a text column holds a NUL byte (the entry was altered)") }
                 do {
                     let e = try JournalRow.entry(from: row, partner: p, journalID: journalID)
                     if Store.chainHash(previous: previous, entry: e) != stored {
@@ -547,8 +577,14 @@ struct RunChecker {
             if run.first != previousLast + 1 { report.breach("\(at): starts at journal id \(run.first), not \(previousLast + 1) (a gap or an overlap)") }
             if run.cutoff.millisecondsSinceEpoch < previousCutoff { report.breach("\(at): cutoff before the previous run's") }
             let (acc, expired) = book.closeRun(cutoff: run.cutoff)
-            if acc.entries != max(0, run.last - run.first + 1) { report.breach("\(at): covers \(run.last - run.first + 1) ids but the journal has \(acc.entries) there") }
+            let (span, spanOverflow) = run.last.subtractingReportingOverflow(run.first)
+            if spanOverflow || span == .max {
+                report.breach("\(at): its journal ids \(run.first)…\(run.last) are not a range")
+            } else if acc.entries != max(0, span + 1) {
+                report.breach("\(at): covers \(span + 1) ids but the journal has \(acc.entries) there")
+            }
             var sumNet: Int64 = 0
+            var netOverflow = false
             let names = Set(run.partners.keys).union(acc.issued.keys).union(acc.redeemed.keys).union(expired.keys)
             for p in names {
                 let issued = acc.issued[p] ?? 0, redeemed = acc.redeemed[p] ?? 0, exp = expired[p] ?? 0
@@ -556,16 +592,23 @@ struct RunChecker {
                     if issued != 0 || redeemed != 0 || exp != 0 { report.breach("\(at): partner \(p) had activity but has no figures") }
                     continue
                 }
-                let payable = try Rounding.priceOf(Points(issued), per1000: MoneyMinor(s.issuePrice)).value
-                let receivable = try Rounding.priceOf(Points(redeemed), per1000: MoneyMinor(s.creditPrice)).value
+                guard let payable = try? Rounding.priceOf(Points(issued), per1000: MoneyMinor(s.issuePrice)).value,
+                    let receivable = try? Rounding.priceOf(Points(redeemed), per1000: MoneyMinor(s.creditPrice)).value
+                else {
+                    report.breach("\(at): partner \(p)'s prices overflow when applied to its points")
+                    continue
+                }
                 if s.issued != issued || s.redeemed != redeemed || s.expired != exp || s.payable != payable || s.receivable != receivable
                     || s.net != receivable - payable
                 {
                     report.breach("\(at): partner \(p)'s figures differ from a recomputation from the journal")
                 }
-                sumNet += s.net
+                let (sum, overflow) = sumNet.addingReportingOverflow(s.net)
+                if overflow { netOverflow = true } else { sumNet = sum }
             }
-            if sumNet + run.margin != 0 { report.breach("\(at): Σ net \(sumNet) + operator margin \(run.margin) ≠ 0") }
+            if netOverflow || sumNet.addingReportingOverflow(run.margin).overflow {
+                report.breach("\(at): Σ net + operator margin overflows")
+            } else if sumNet + run.margin != 0 { report.breach("\(at): Σ net \(sumNet) + operator margin \(run.margin) ≠ 0") }
             // The run's totals, recomputed from its partners' recorded figures (what `runs show`,
             // notices and the books print).
             let recorded = run.partners.map { p, s in
@@ -607,7 +650,10 @@ struct RunChecker {
                 }
             }
             var into: [PartnerID: Int64] = [:]
-            for (k, v) in run.flows { into[k.redeemer, default: 0] += v }
+            for (k, v) in run.flows {
+                let (sum, overflow) = into[k.redeemer, default: 0].addingReportingOverflow(v)
+                if overflow { report.breach("\(at): flows into \(k.redeemer) overflow when totalled") } else { into[k.redeemer] = sum }
+            }
             for (p, s) in run.partners where (into[p] ?? 0) != s.redeemed {
                 report.breach("\(at): flows into \(p) sum to \(into[p] ?? 0), its redeemed points are \(s.redeemed)")
             }

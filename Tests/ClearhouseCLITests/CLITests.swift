@@ -156,6 +156,25 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
         #expect(!FileManager.default.fileExists(atPath: dir.url.appendingPathComponent("data").path), "nothing written")
     }
 
+    /// A partner that left the coalition (its file removed from partners/) keeps its past
+    /// statements, the same document as before; a partner that never was is still refused.
+    @Test func aPartnerThatLeftKeepsItsStatements() throws {
+        let dir = TemporaryDirectory("clearhouse-cli-left")
+        defer { dir.remove() }
+        let partners = dir.url.appendingPathComponent("partners")
+        try FileManager.default.copyItem(at: packageRoot.appendingPathComponent("partners"), to: partners)
+        let cli = CLI(data: dir.url.appendingPathComponent("data"), partners: partners)
+        #expect(try cli.run(["post", "--partner", "medipharm", "--webhook-id", "left-1"], stdin: earnM1).status == 0)
+        #expect(try cli.run(["settle"]).status == 0)
+        let before = try cli.run(["statement", "medipharm", "R000001"])
+        #expect(before.status == 0 && before.out.contains("R-1"), "\(before.err)")
+        try FileManager.default.removeItem(at: partners.appendingPathComponent("medipharm.toml"))
+        let after = try cli.run(["statement", "medipharm", "R000001"])
+        #expect(after.status == 0 && after.out == before.out, "\(after.err)")
+        let never = try cli.run(["statement", "nosuchpartner", "R000001"])
+        #expect(never.status == 1 && never.err.contains("no partner \"nosuchpartner\""), "\(never.err)")
+    }
+
     @Test func serveRefusesToStartWithoutACertificateAndSaysHowToMakeOne() throws {
         try withCLI { cli in
             let empty = cli.data.deletingLastPathComponent().appendingPathComponent("no-certs")

@@ -1,10 +1,12 @@
 @testable import ClearingHTTP
 import Crypto
 import ClearingDomain
+import ClearingStore
 import HTTPTypes
 import Logging
 import NIOCore
 import NIOEmbedded
+import NIOHTTP1
 import NIOHTTPTypes
 import NIOSSL
 import NIOTLS
@@ -101,6 +103,61 @@ import Testing
         guard case .head(let written) = try c.readOutbound(as: HTTPResponsePart.self) else { Issue.record("no head"); return }
         #expect(written.headerFields[.connection] == "close")
         #expect(!c.isActive)
+    }
+}
+
+/// `HTTP1ConnectionHandler`: what an HTTP/1 head says about its connection reaches the router
+/// and the response.
+@Suite struct HTTP1ConnectionTests {
+    func request(_ version: HTTPVersion, _ headers: [(String, String)] = []) -> HTTPServerRequestPart {
+        .head(HTTPRequestHead(version: version, method: .POST, uri: "/v1/partners/fuelco/events", headers: HTTPHeaders(headers)))
+    }
+
+    /// Sends `request` in, answers it with a 201 (and a `100 Continue` first when `informational`),
+    /// and returns the head the router saw and the final head written.
+    func exchange(_ c: EmbeddedChannel, _ request: HTTPServerRequestPart) throws -> (HTTPRequestHead, HTTPResponseHead) {
+        try c.writeInbound(request)
+        guard case .head(let seen) = try c.readInbound(as: HTTPServerRequestPart.self) else { throw StoreError("no head read") }
+        try c.writeOutbound(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .created)))
+        guard case .head(let written) = try c.readOutbound(as: HTTPServerResponsePart.self) else { throw StoreError("no head written") }
+        return (seen, written)
+    }
+
+    @Test func anHTTP10RequestIsAnsweredInHTTP10WithCloseAndWithoutItsExpectation() throws {
+        let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+        for asked in [[("expect", "100-continue")], [("connection", "keep-alive")]] {
+            let (seen, written) = try exchange(c, request(.http1_0, asked))
+            #expect(seen.headers["expect"].isEmpty, "RFC 9110 10.1.1: ignored for HTTP/1.0")
+            #expect(seen.headers["connection"] == ["close"], "Hummingbird closes after the response on exactly this")
+            #expect(written.version == .http1_0, "so that NIO frames the body by length or by the close, never in chunks")
+            #expect(written.headers["connection"] == ["close"])
+        }
+    }
+
+    @Test func closeInAnyLetterCaseReachesTheRouterAsCloseAndIsAnswered() throws {
+        let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+        for spelling in ["Close", "CLOSE", "keep-alive, Close"] {
+            let (seen, written) = try exchange(c, request(.http1_1, [("Connection", spelling)]))
+            #expect(seen.headers["connection"] == ["close"], "\(spelling)")
+            #expect(written.version == .http1_1 && written.headers["connection"] == ["close"])
+        }
+    }
+
+    @Test func pipelinedRequestsAreAnsweredInOrderAndAKeptConnectionIsLeftAlone() throws {
+        let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+        try c.writeInbound(request(.http1_1, [("expect", "100-continue")]))
+        try c.writeInbound(request(.http1_1, [("connection", "close")]))
+        guard case .head(let first) = try c.readInbound(as: HTTPServerRequestPart.self) else { Issue.record("no head"); return }
+        #expect(first.headers["expect"] == ["100-continue"] && first.headers["connection"].isEmpty)
+        // A 100 Continue is not the answer: the first request's final answer comes after it.
+        try c.writeOutbound(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .continue)))
+        try c.writeOutbound(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .created)))
+        try c.writeOutbound(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .ok)))
+        let written = try (0..<3).map { _ -> HTTPResponseHead in
+            guard case .head(let h) = try c.readOutbound(as: HTTPServerResponsePart.self) else { throw StoreError("no head") }
+            return h
+        }
+        #expect(written.map(\.headers["connection"]) == [[], [], ["close"]], "only the second request said close")
     }
 }
 

@@ -1,6 +1,6 @@
 import ClearhouseTestSupport
 import ClearingDomain
-import ClearingHTTP
+@testable import ClearingHTTP
 import ClearingStore
 import CompressNIO
 import Crypto
@@ -172,6 +172,16 @@ private func tradedServer() throws -> Server {
             refused[.acceptEncoding] = "gzip;q=0"
             #expect(try await client.execute(uri: path, method: .get, headers: refused).headers[.contentEncoding] == nil)
         }
+    }
+
+    /// An explicit gzip entry outranks `*`, whichever comes first (RFC 9110 §12.5.3).
+    @Test func gzipsOwnEntryOutranksTheWildcard() {
+        #expect(Intake.acceptsGzip("*;q=0, gzip"))
+        #expect(!Intake.acceptsGzip("gzip;q=0, *"))
+        #expect(!Intake.acceptsGzip("*, gzip;q=0"))
+        #expect(Intake.acceptsGzip("br, *;q=0.1"))
+        #expect(!Intake.acceptsGzip("br, *;q=0"))
+        #expect(!Intake.acceptsGzip("identity") && !Intake.acceptsGzip(nil))
     }
 
     @Test func eachRunsStatementHoldsExactlyThatRunsEntries() async throws {

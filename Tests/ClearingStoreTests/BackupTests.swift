@@ -224,6 +224,8 @@ import Testing
         try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
         let after = try Store(dataDirectory: target, configuration: h.configuration, clock: h.clock)
         #expect(try after.settle().id == "R26112921053000001")
+        let notices = try after.notices()
+        #expect(!notices.isEmpty && notices.allSatisfy { $0.run == "R26112921053000001" && $0.id.hasPrefix("R26112921053000001:") }, "\(notices.map(\.run))")
         try after.close()
         #expect(try Verifier.verify(dataDirectory: target).ok)
 

@@ -112,7 +112,8 @@ extension MigrationTests {
             ALTER TABLE run DROP COLUMN currency;
             CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
             DROP TABLE run_naming;
-            DELETE FROM grdb_migrations WHERE identifier IN ('v8-open-lots', 'v9-open-lots-within-their-lot', 'v10-coalition-currency', 'v11-run-names-after-a-restore', 'v12-run-currency', 'v13-open-lot-check-on-growth', 'v14-webhook-id-aliases');
+            DELETE FROM grdb_migrations WHERE identifier IN ('v8-open-lots', 'v9-open-lots-within-their-lot', 'v10-coalition-currency', 'v11-run-names-after-a-restore', 'v12-run-currency', 'v13-open-lot-check-on-growth', 'v14-webhook-id-aliases', 'v15-takes-and-moves-fixed');
+                DROP TRIGGER lot_take_only_returned_changes; DROP TRIGGER lot_take_never_deleted; DROP TRIGGER lot_move_no_update; DROP TRIGGER lot_move_no_delete;
             DROP TABLE webhook_alias;
             """)
     }
@@ -145,7 +146,8 @@ extension MigrationTests {
                 DROP TRIGGER run_immutable_u;
                 ALTER TABLE run DROP COLUMN currency;
                 CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
-                DELETE FROM grdb_migrations WHERE identifier IN ('v10-coalition-currency', 'v11-run-names-after-a-restore', 'v12-run-currency', 'v13-open-lot-check-on-growth', 'v14-webhook-id-aliases');
+                DELETE FROM grdb_migrations WHERE identifier IN ('v10-coalition-currency', 'v11-run-names-after-a-restore', 'v12-run-currency', 'v13-open-lot-check-on-growth', 'v14-webhook-id-aliases', 'v15-takes-and-moves-fixed');
+                DROP TRIGGER lot_take_only_returned_changes; DROP TRIGGER lot_take_never_deleted; DROP TRIGGER lot_move_no_update; DROP TRIGGER lot_move_no_delete;
                 DROP TABLE webhook_alias;
                 DROP TABLE run_naming;
                 """)
@@ -179,7 +181,8 @@ extension MigrationTests {
                 DROP TRIGGER run_immutable_u;
                 ALTER TABLE run DROP COLUMN currency;
                 CREATE TRIGGER run_immutable_u BEFORE UPDATE ON run BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
-                DELETE FROM grdb_migrations WHERE identifier IN ('v12-run-currency', 'v13-open-lot-check-on-growth', 'v14-webhook-id-aliases');
+                DELETE FROM grdb_migrations WHERE identifier IN ('v12-run-currency', 'v13-open-lot-check-on-growth', 'v14-webhook-id-aliases', 'v15-takes-and-moves-fixed');
+                DROP TRIGGER lot_take_only_returned_changes; DROP TRIGGER lot_take_never_deleted; DROP TRIGGER lot_move_no_update; DROP TRIGGER lot_move_no_delete;
                 DROP TABLE webhook_alias;
                 """)
         }
@@ -243,8 +246,9 @@ extension MigrationTests {
     }
 
     /// A directory as v12 left it (v9's trigger on `lot_open`, no aliases) upgrades through v13
-    /// and v14: the trigger checks as before where it can fail, aliases work, verify passes.
-    @Test func aV12DirectoryUpgradesThroughV13AndV14() throws {
+    /// to v15: the trigger checks as before where it can fail, aliases work, takes and moves are
+    /// fixed, verify passes.
+    @Test func aV12DirectoryUpgradesThroughV13ToV15() throws {
         let h = try Harness()
         _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
         _ = h.post(C, "c1", Fixtures.redeem("M1", 30, "C-1"))
@@ -257,7 +261,8 @@ extension MigrationTests {
                   WHEN NOT EXISTS (SELECT 1 FROM lot WHERE id = NEW.lot_id AND member = NEW.member AND points >= NEW.remaining)
                   BEGIN SELECT RAISE(ABORT, 'lot_open: points left must lie within a lot of the same member'); END;
                 DROP TABLE webhook_alias;
-                DELETE FROM grdb_migrations WHERE identifier IN ('v13-open-lot-check-on-growth', 'v14-webhook-id-aliases');
+                DELETE FROM grdb_migrations WHERE identifier IN ('v13-open-lot-check-on-growth', 'v14-webhook-id-aliases', 'v15-takes-and-moves-fixed');
+                DROP TRIGGER lot_take_only_returned_changes; DROP TRIGGER lot_take_never_deleted; DROP TRIGGER lot_move_no_update; DROP TRIGGER lot_move_no_delete;
                 """)
         }
         try h.reopen()
@@ -270,6 +275,10 @@ extension MigrationTests {
         #expect(slug(h.post(C, "c3", Fixtures.redeem("M1", 5, "C-9"))) == "conflict")
         #expect(try h.balance("M1") == 50)
         #expect(try h.verify().ok)
+        let fixed = try h.store.coalition.read {
+            try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM sqlite_schema WHERE name IN ('lot_take_only_returned_changes', 'lot_take_never_deleted', 'lot_move_no_update', 'lot_move_no_delete')")
+        }
+        #expect(fixed == 4, "v15's triggers")
         // A v12 directory whose trigger was dropped by hand still upgrades (v13 recreates it).
         try h.store.close()
         try MigrationTests.rawQueue(url).write { db in

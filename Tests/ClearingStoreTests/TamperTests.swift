@@ -119,6 +119,16 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         try FileManager.default.createDirectory(at: empty, withIntermediateDirectories: true)
         let none = try Verifier.verify(dataDirectory: empty)
         #expect(none.ok && none.checks.contains { $0.contains("nothing has been accepted there, nothing to verify") }, "\(none.checks)")
+        // An empty coalition.sqlite (a first start that stopped before its schema): nothing was
+        // accepted; beside ledgers, the journal is missing.
+        let blank = h.dir.url.appendingPathComponent("blank")
+        try FileManager.default.createDirectory(at: blank, withIntermediateDirectories: true)
+        FileManager.default.createFile(atPath: blank.appendingPathComponent("coalition.sqlite").path, contents: Data())
+        let unmade = try Verifier.verify(dataDirectory: blank)
+        #expect(unmade.ok && unmade.checks.contains { $0.contains("has no tables yet") }, "\(unmade.breaches)")
+        try FileManager.default.createDirectory(at: blank.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
+        try FileManager.default.copyItem(at: h.store.ledgerURL(G), to: blank.appendingPathComponent("ledgers/grocer.sqlite"))
+        #expect(try Verifier.verify(dataDirectory: blank).breaches.contains { $0.contains("holds no journal (no tables) beside 1 ledger(s)") })
         // What an interrupted restore leaves: a breach naming it.
         try FileManager.default.createDirectory(at: empty.appendingPathComponent(Backup.restoreStaging), withIntermediateDirectories: true)
         #expect(try Verifier.verify(dataDirectory: empty).breaches.contains { $0.contains("holds an interrupted restore") })
@@ -161,7 +171,7 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         ("UPDATE partner_head SET earned = earned + 100000 WHERE partner = 'grocer'", "partner_head grocer: running totals"),
         ("DROP TRIGGER run_snapshot_immutable_u; UPDATE run_snapshot SET redeemed = redeemed + 7 WHERE partner = 'cinema'", "run R000001: partner cinema's snapshot"),
         ("DROP TRIGGER run_flow_snapshot_immutable_u; UPDATE run_flow_snapshot SET points = points - 50", "run R000001: the flows recorded at its cutoff"),
-        ("UPDATE lot_move SET points = points + 19 WHERE entry_id = (SELECT MAX(entry_id) FROM lot_move)", "lot_move"),
+        ("DROP TRIGGER lot_move_no_update; UPDATE lot_move SET points = points + 19 WHERE entry_id = (SELECT MAX(entry_id) FROM lot_move)", "lot_move"),
     ])
     func whatSettleComputesFromIsVerified(edit: String, named: String) throws {
         let h = try settledOnce()
@@ -182,6 +192,63 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
             #expect(throws: SettlementError.self) { try h.store.settle(through: cutoff) }
             #expect(try h.store.runs().count == 1, "no second run")
         }
+    }
+
+    /// A reversal gives its points back to the issuer its take names: SQLite refuses to change
+    /// a take but its `returned`, or any move, and a take edited around that is a breach.
+    @Test func aTakeOrAMoveIsFixedOnceWrittenAndAnEditedIssuerIsABreach() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(F, "f1", Fixtures.earn("M1", 100, "F-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 150, "C-1"))
+        try h.store.close()
+        let url = h.dir.url.appendingPathComponent("coalition.sqlite")
+        for sql in [
+            "UPDATE lot_take SET issuer = 'fuel' WHERE position = 0", "UPDATE lot_take SET points = 1", "DELETE FROM lot_take",
+            "UPDATE lot_move SET issuer = 'fuel'", "DELETE FROM lot_move",
+        ] {
+            let r = try SQLiteTool.run(url, sql)
+            #expect(r.status != 0 && (r.stderr.contains("lot_take:") || r.stderr.contains("lot_move:")), "\(sql): \(r.stderr)")
+        }
+        #expect(try h.verify().ok)
+        let edit = try SQLiteTool.run(url, "DROP TRIGGER lot_take_only_returned_changes; UPDATE lot_take SET issuer = 'fuel' WHERE position = 0")
+        #expect(edit.status == 0, "\(edit.stderr)")
+        let r = try h.verify()
+        #expect(r.breaches.contains { $0.contains("lot_take 3/0") }, "\(r.breaches)")
+    }
+
+    /// A text read stops at a NUL byte, so text edited after one would decode, and hash, as
+    /// before: the NUL itself is the breach, in the journal and in a ledger. (With such a
+    /// reference, a reversal naming the real one was refused, and a new earn reusing it taken.)
+    @Test(arguments: [
+        ("coalition.sqlite", "DROP TRIGGER journal_no_update; UPDATE journal SET reference = reference || char(0) || 'X' WHERE id = 3", "journal grocer sequence 2"),
+        ("ledgers/grocer.sqlite", "DROP TRIGGER entry_append_only_update; UPDATE entry SET member = member || char(0) || 'X' WHERE sequence = 4", "ledger grocer sequence 4"),
+    ])
+    func textAlteredAfterANulByteIsABreach(file: String, edit: String, named: String) throws {
+        let h = try populated()
+        #expect(try h.verify().ok)
+        let r = try SQLiteTool.run(h.dir.url.appendingPathComponent(file), edit)
+        #expect(r.status == 0, "\(r.stderr)")
+        let report = try h.verify()
+        #expect(report.breaches.contains { $0.contains(named) && $0.contains("NUL") }, "\(report.breaches)")
+    }
+
+    /// Figures altered to the edge of Int64 are breaches, never an arithmetic trap in verify.
+    @Test(arguments: [
+        "PRAGMA ignore_check_constraints = ON; DROP TRIGGER run_partner_immutable_u; UPDATE run_partner SET net_minor = 9223372036854775807",
+        "DROP TRIGGER run_partner_immutable_u; UPDATE run_partner SET issue_price_per_1000 = 9223372036854775807",
+        "PRAGMA ignore_check_constraints = ON; DROP TRIGGER run_immutable_u; UPDATE run SET last_journal_id = 9223372036854775807, first_journal_id = -9223372036854775807",
+        "DROP TRIGGER run_flow_immutable_u; UPDATE run_flow SET points = 9223372036854775807; INSERT INTO run_flow SELECT run_number, 'fuel', redeemer, 9223372036854775807 FROM run_flow",
+        "PRAGMA ignore_check_constraints = ON; DROP TRIGGER lot_open_update_within_its_lot; DROP TRIGGER lot_open_insert_within_its_lot; UPDATE lot_open SET remaining = 9223372036854775807",
+    ])
+    func figuresAtTheEdgeOfInt64AreBreachesNotACrash(edit: String) throws {
+        let h = try settledOnce()
+        _ = h.post(G, "g2", Fixtures.earn("M1", 5, "G-2"))
+        try h.store.close()
+        #expect(try h.verify().ok)
+        let r = try SQLiteTool.run(h.dir.url.appendingPathComponent("coalition.sqlite"), edit)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(try !h.verify().ok)
     }
 
     @Test func ledgersRefuseUpdatesDeletesAndGapsThemselves() throws {

@@ -259,6 +259,72 @@ def test_a_chunked_body_past_64_kib_is_cut_off(server):
     assert_still_serving(server)
 
 
+# MARK: how an HTTP/1 message ends its connection
+
+def until_closed(server, data, timeout=10):
+    """Sends `data` over a fresh TLS connection and reads until the server closes it; returns
+    (response bytes, whether the server closed it before `timeout`, which is below the idle
+    timeout of CONNECTION_IDLE_SECONDS that would close it anyway)."""
+    assert timeout < CONNECTION_IDLE_SECONDS
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        with tls_context(server).wrap_socket(sock, server_hostname="localhost") as tls:
+            tls.sendall(data)
+            response = b""
+            try:
+                while part := tls.recv(65536):
+                    response += part
+            except (socket.timeout, TimeoutError):
+                return response, False
+            except (ConnectionResetError, ssl.SSLError):
+                pass
+    return response, True
+
+
+def head_of(response):
+    head = response.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    return head[0], {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:])}
+
+
+def test_an_http_1_0_request_is_answered_in_http_1_0_and_its_connection_closed(server):
+    response, closed = until_closed(server, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert closed, "an HTTP/1.0 request without keep-alive ends with its connection"
+    status, headers = head_of(response)
+    assert status == "HTTP/1.0 200 OK", response[:300]
+    assert headers["connection"] == "close"
+    assert response.endswith(b'{"status":"ok"}')
+    # Keep-alive asked for in HTTP/1.0 is not given either: a response without a length
+    # could not end otherwise.
+    response, closed = until_closed(server, b"GET /healthz HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+    assert closed and head_of(response)[0] == "HTTP/1.0 200 OK", response[:300]
+
+
+def test_connection_close_in_any_letter_case_closes_after_the_response(server):
+    for spelling in (b"close", b"Close", b"CLOSE", b"keep-alive, Close"):
+        response, closed = until_closed(server, request("GET", "/healthz", [b"connection: " + spelling]))
+        assert closed, spelling
+        status, headers = head_of(response)
+        assert status == "HTTP/1.1 200 OK" and headers["connection"] == "close", response[:300]
+    # Without it, two pipelined requests get two answers on the one connection.
+    two = request("GET", "/healthz") + request("GET", "/healthz", [b"connection: close"])
+    response, closed = until_closed(server, two)
+    assert closed and response.count(b"HTTP/1.1 200 OK") == 2, response[:600]
+    assert response.lower().count(b"connection: close") == 1, "only the second answer closes"
+
+
+def test_an_http_1_0_post_expecting_100_continue_gets_only_its_answer(server):
+    body = earn("H10", 5, "h10-ref").encode()
+    headers = sign_bytes(server.secrets["fuelco"], "h10-expect", body)
+    lines = [b"POST /v1/partners/fuelco/events HTTP/1.0", b"expect: 100-continue", b"content-length: %d" % len(body)]
+    lines += [f"{k}: {v}".encode() for k, v in headers.items()]
+    response, closed = until_closed(server, b"\r\n".join(lines) + b"\r\n\r\n" + body)
+    assert closed
+    assert b" 100 " not in response.split(b"\r\n", 1)[0], "RFC 9110 10.1.1: ignore 100-continue from HTTP/1.0"
+    status, headers = head_of(response)
+    assert status == "HTTP/1.0 201 Created", response[:400]
+    server.accepted.add("h10-expect")
+    assert json.loads(response.partition(b"\r\n\r\n")[2])["member_balance"] == 5
+
+
 # MARK: slow clients
 
 def test_slow_clients_are_cut_off_while_others_are_served(server):

@@ -167,3 +167,26 @@ def test_bad_statement_and_export_requests_name_what_is_wrong(books):
                         (("export", "--format", "ledger"), "--format")]:
         r = run(*args)
         assert r.returncode == 1 and words in r.stderr, (args, r.stderr)
+
+
+def test_a_statement_streamed_to_an_http_1_0_client_is_not_chunked(books):
+    """An HTTP/1.0 client cannot read chunks: the streamed statement ends with the connection."""
+    import re
+    import socket
+    import ssl
+    whole = get(books, "/v1/partners/fuelco/statements/R000001.csv", headers={"Accept-Encoding": "identity"})
+    assert whole.status_code == 200
+    port = int(books["url"].rsplit(":", 1)[1])
+    ctx = ssl.create_default_context(cafile=books["session"].verify)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /v1/partners/fuelco/statements/R000001.csv HTTP/1.0\r\n"
+                        b"authorization: Bearer dev-token-fuelco\r\n\r\n")
+            response = b""
+            while part := tls.recv(65536):  # the server's close ends it (a timeout fails the test)
+                response += part
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 "), head
+    assert not re.search(rb"(?im)^transfer-encoding:", head), head
+    assert re.search(rb"(?im)^connection: close", head), head
+    assert body == whole.content
