@@ -52,7 +52,9 @@ enum JSONShape {
                     guard !escaped else { throw Problem(.malformed, "body: object keys may not contain escapes") }
                     let key = Array(b[start..<min(j, b.count)])
                     guard keys.insert(key).inserted else {
-                        throw Problem(.malformed, "\(String(decoding: key, as: UTF8.self)): the key appears twice")
+                        // Named as the parser names fields: `data.points` inside `data`.
+                        let name = String(decoding: key, as: UTF8.self)
+                        throw Problem(.malformed, "\(stack.count > 1 ? "data." : "")\(name): the key appears twice")
                     }
                     stack[stack.count - 1] = .object(keys: keys, expectingKey: false)
                 }

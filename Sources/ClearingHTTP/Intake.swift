@@ -126,8 +126,16 @@ public struct Intake: Sendable {
         return router
     }
 
+    /// A path segment as the id it names: percent-decoded (RFC 3986 §6.2.2.2: `G%31` is `G1`,
+    /// and `%2E%2E` the member `..`, which a client would otherwise normalise away); then
+    /// checked against its id's pattern like any other, so a decoded `/` or NUL is refused.
+    static func pathParameter(_ context: some RequestContext, _ name: String) -> String {
+        let raw = context.parameters.get(name) ?? ""
+        return raw.utf8.contains(UInt8(ascii: "%")) ? (raw.removingPercentEncoding ?? raw) : raw
+    }
+
     func partner(_ context: ClearhouseContext) throws(Problem) -> PartnerTerms {
-        let text = context.parameters.get("partner") ?? ""
+        let text = Intake.pathParameter(context, "partner")
         guard let id = PartnerID(text), let terms = configuration.partners[id] else {
             throw Problem(.unknownPartner, "no partner \(JSONWriter.quote(text)) in this coalition")
         }
@@ -145,9 +153,12 @@ public struct Intake: Sendable {
             // Refused before the body was read. Hummingbird would drain it to reuse the
             // connection; when it may be large (no length, or over the limit), close instead,
             // and say so (`connection: close`), so that no client sends its next request on a
-            // connection about to close.
+            // connection about to close. Close too when the client waits for `100 Continue`
+            // before its body: it may never send it, and the server would read its next request
+            // as that body (RFC 9110 §10.1.1).
             let length = request.headers[.contentLength].flatMap { Int($0) }
-            guard length == nil || length! > Limits.eventBodyBytesMax else { throw error }
+            let awaitsContinue = request.headers[.expect]?.lowercased() == "100-continue"
+            guard length == nil || length! > Limits.eventBodyBytesMax || awaitsContinue else { throw error }
             var response = Responses.failure(error, request, logger: context.logger)
             response.headers[.connection] = "close"
             context.closeConnectionSoon()
@@ -240,6 +251,12 @@ public struct Intake: Sendable {
         guard trimmed.count == 16, zip(trimmed, "application/json".utf8).allSatisfy({ lower($0) == $1 }) else {
             throw Problem(.unsupportedMediaType, "content-type must be application/json (got \(JSONWriter.quote(type)))")
         }
+        // The body is signed and read as sent: a coded one (gzip) is not decoded, so it is
+        // refused as such rather than parsed as broken JSON (RFC 9110 §15.5.16).
+        let coding = request.headers[values: .contentEncoding].joined(separator: ",")
+        if coding.split(separator: ",").contains(where: { $0.trimmingCharacters(in: .whitespaces).lowercased() != "identity" }) {
+            throw Problem(.unsupportedMediaType, "content-encoding \(JSONWriter.quote(coding)) is not accepted: send the JSON body as it is, not encoded")
+        }
     }
 
     // MARK: Reads (CONTRACT §4)
@@ -287,7 +304,7 @@ public struct Intake: Sendable {
     func balance(_ request: Request, _ context: ClearhouseContext) async throws -> Response {
         let terms = try partner(context)
         try await authorizeRead(request, context, for: terms)
-        let text = context.parameters.get("member") ?? ""
+        let text = Intake.pathParameter(context, "member")
         guard let member = MemberID(text) else { throw Problem(.malformed, "member: must match ^[A-Za-z0-9._-]{1,64}$") }
         let points = try store.balance(of: member)
         var w = JSONWriter()
@@ -316,7 +333,7 @@ struct RequestLogMiddleware<Context: RequestContext>: RouterMiddleware {
             "method": "\(request.method)", "route": "\(context.endpointPath ?? "unmatched")", "status": "\(response.status.code)",
             "ms": "\(elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000)",
         ]
-        if context.endpointPath != nil, let partner = context.parameters.get("partner").flatMap(PartnerID.init) {
+        if context.endpointPath != nil, let partner = PartnerID(Intake.pathParameter(context, "partner")) {
             metadata["partner"] = "\(partner)"
         }
         context.logger.info("request", metadata: metadata)

@@ -50,7 +50,7 @@ extension Intake {
         { request, context in
             let terms = try partner(context)
             try await authorizeRead(request, context, for: terms)
-            let runID = context.parameters.get("run") ?? ""
+            let runID = Intake.pathParameter(context, "run")
             let digits = runID.utf8.dropFirst()
             guard runID.utf8.first == 0x52, (6...18).contains(digits.count), digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
                 let header = try store.statement(for: terms.id, run: runID)

@@ -6,9 +6,9 @@ import Foundation
 /// `{webhook-id}.{webhook-timestamp}.{raw body}`, keyed with the secret's bytes, base64 in
 /// `webhook-signature` as space-separated `v1,<base64>` entries.
 public enum WebhookSignature {
-    /// Most `webhook-signature` entries looked at; entries past these are not (a sender rotating
-    /// secrets lists two or three).
-    public static let entriesMax = 16
+    /// The longest `webhook-id` and `webhook-signature` looked at. Every entry of the signature
+    /// header is looked at (CONTRACT §3: any listed signature); this bounds how many there are
+    /// (at most 87 of `v1,<44 base64 characters>`), and one HMAC per secret serves them all.
     public static let headerBytesMax = 4096
 
     /// The signed content.
@@ -58,7 +58,7 @@ public enum WebhookSignature {
             return Problem(.badSignature, "webhook-timestamp must be Unix seconds")
         }
         var candidates: [Data] = []
-        for entry in signatures.split(separator: " ", omittingEmptySubsequences: true).prefix(entriesMax) {
+        for entry in signatures.split(separator: " ", omittingEmptySubsequences: true) {
             // A header sent on several lines reaches here joined by ", " (RFC 9110 §5.3) when a
             // proxy folded it: the comma is no part of an entry (base64 has none).
             let entry = entry.last == "," ? entry.dropLast() : entry[...]
@@ -67,8 +67,8 @@ public enum WebhookSignature {
         }
         let signed = content(id: id, timestamp: timestamp, body: body)
         var matched = false
-        // One HMAC per secret (not per secret and candidate: a body of 64 KiB with 16 entries
-        // would cost 16 times over), each candidate compared with it in constant time.
+        // One HMAC per secret (not per secret and candidate: a body of 64 KiB with 87 entries
+        // would cost 87 times over), each candidate compared with it in constant time.
         for secret in secrets {
             let expected = Array(HMAC<SHA256>.authenticationCode(for: signed, using: SymmetricKey(data: secret.bytes)))
             for mac in candidates where constantTimeEquals(expected, mac) {

@@ -180,7 +180,7 @@ import Testing
         (#"{"type":5,"data":{}}"#, "type"),
         (#"{"type":"points.earned","data":{"member":"M1","points":100.0,"reference":"R-1"}}"#, "body"),
         (#"{"type":"points.earned","data":{"member":"M1","points":1e2,"reference":"R-1"}}"#, "body"),
-        (#"{"type":"points.earned","data":{"member":"M1","points":5,"points":500,"reference":"R-1"}}"#, "points"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":5,"points":500,"reference":"R-1"}}"#, "data.points"),
         (#"{"type":"points.earned","type":"points.redeemed","data":{"member":"M1","points":5,"reference":"R-1"}}"#, "type"),
         (#"{"type":"points.earned","data":{"member":"M1","\u0070oints":5,"reference":"R-1"}}"#, "body"),
         (String(repeating: "[", count: 30_000) + String(repeating: "]", count: 30_000), "body"),

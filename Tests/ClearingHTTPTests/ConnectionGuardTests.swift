@@ -113,8 +113,7 @@ import Testing
         .head(HTTPRequestHead(version: version, method: .POST, uri: "/v1/partners/fuelco/events", headers: HTTPHeaders(headers)))
     }
 
-    /// Sends `request` in, answers it with a 201 (and a `100 Continue` first when `informational`),
-    /// and returns the head the router saw and the final head written.
+    /// Sends `request` in, answers it with a 201, and returns the head the router saw and the final head written.
     func exchange(_ c: EmbeddedChannel, _ request: HTTPServerRequestPart) throws -> (HTTPRequestHead, HTTPResponseHead) {
         try c.writeInbound(request)
         guard case .head(let seen) = try c.readInbound(as: HTTPServerRequestPart.self) else { throw StoreError("no head read") }

@@ -109,7 +109,14 @@ func problemType(_ r: TestResponse) -> String? {
             noSig[HTTPField.Name("webhook-signature")!] = nil
             let tampered = earn.replacingOccurrences(of: "100", with: "900")
             let redeem101 = #"{"type":"points.redeemed","data":{"member":"M1","points":101,"reference":"C-1"}}"#
+            var gzipped = s.headers(id: "ce", body: earn)
+            gzipped[.contentEncoding] = "gzip"
+            var identity = s.headers(id: "ce2", body: earn2.replacingOccurrences(of: "R-5", with: "R-6"))
+            identity[.contentEncoding] = "Identity"
+            let plainIdentity = try await post("fuel", "ce2", earn2.replacingOccurrences(of: "R-5", with: "R-6"), identity)
+            #expect(plainIdentity.status == .created, "identity is no coding: \(String(buffer: plainIdentity.body))")
             let cases: [(TestResponse, Int, String)] = [
+                (try await post("fuel", "ce", earn, gzipped), 415, "unsupported-media-type"),
                 (try await post("fuel", "m1", "{not json"), 400, "malformed"),
                 (try await post("fuel", "m2", #"{"type":"points.earned","data":{"member":"M1","points":0,"reference":"R-9"}}"#), 400, "malformed"),
                 (try await post("fuel", "bad id!", earn.replacingOccurrences(of: "R-1", with: "R-8")), 400, "malformed"),
@@ -138,7 +145,7 @@ func problemType(_ r: TestResponse) -> String? {
             }
         }
         // Nothing of any refused request was written.
-        #expect(try s.store.ledgerEntries(fuel).count == 2)
+        #expect(try s.store.ledgerEntries(fuel).count == 3, "ok, ct0 and ce2")
         #expect(try s.store.ledgerEntries(cinema).isEmpty)
     }
 
@@ -184,6 +191,14 @@ func problemType(_ r: TestResponse) -> String? {
                 let r = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: h, body: ByteBuffer(string: body))
                 #expect(r.status == .created, "\(i): \(String(buffer: r.body))")
             }
+            // Any listed signature: the matching one may come after many others (as many as
+            // the 4 KiB header holds).
+            let late = b.replacingOccurrences(of: "R-1", with: "R-late")
+            var lateHeaders = s.headers(id: "late", body: late)
+            let lateGood = lateHeaders[HTTPField.Name("webhook-signature")!]!
+            lateHeaders[HTTPField.Name("webhook-signature")!] = Array(repeating: bogus, count: 80).joined(separator: " ") + " " + lateGood
+            let lateAnswer = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: lateHeaders, body: ByteBuffer(string: late))
+            #expect(lateAnswer.status == .created, "\(String(buffer: lateAnswer.body))")
         }
     }
 
@@ -225,6 +240,14 @@ func problemType(_ r: TestResponse) -> String? {
             let none = try await get("/v1/partners/fuel/members/M1/balance", nil)
             #expect(none.status.code == 401 && problemType(none) == "urn:clearhouse:problem:unauthorized")
             #expect(try await get("/v1/partners/fuel/members/M%201/balance", "token-fuel").status.code == 400)
+            // Percent-encoded segments are the ids they encode (RFC 3986 §6.2.2.2), partner too.
+            let encoded = try await get("/v1/partners/f%75el/members/%4D1/balance", "token-fuel")
+            #expect(String(buffer: encoded.body) == #"{"member":"M1","balance":100}"#)
+            let dots = try await get("/v1/partners/fuel/members/%2E%2E/balance", "token-fuel")
+            #expect(String(buffer: dots.body) == #"{"member":"..","balance":0}"#, "`..` is a member id; encoded, no client normalises it away")
+            for refused in ["M%2F1", "M%001", "%ff"] {
+                #expect(try await get("/v1/partners/fuel/members/\(refused)/balance", "token-fuel").status.code == 400, "\(refused)")
+            }
             #expect(try await get("/v1/partners/nobody/members/M1/balance", "token-fuel").status.code == 404)
         }
     }

@@ -311,6 +311,20 @@ def test_connection_close_in_any_letter_case_closes_after_the_response(server):
     assert response.lower().count(b"connection: close") == 1, "only the second answer closes"
 
 
+def test_a_refusal_before_100_continue_closes_the_connection(server):
+    """The client waits for `100 Continue` before its body; refused before that (no such
+    partner, not JSON), it may never send the body, so the server must not read its next
+    request as one (RFC 9110 10.1.1): it says `connection: close` and closes."""
+    for path, ctype, status in (("/v1/partners/nope/events", "application/json", 404),
+                                ("/v1/partners/fuelco/events", "text/plain", 415)):
+        head = request("POST", path, [f"content-type: {ctype}".encode(), b"content-length: 40", b"expect: 100-continue"])
+        response, closed = until_closed(server, head)
+        assert closed, response[:300]
+        line, headers = head_of(response)
+        assert line.startswith(f"HTTP/1.1 {status} ") and headers["connection"] == "close", response[:400]
+        assert b" 100 Continue" not in response
+
+
 def test_an_http_1_0_post_expecting_100_continue_gets_only_its_answer(server):
     body = earn("H10", 5, "h10-ref").encode()
     headers = sign_bytes(server.secrets["fuelco"], "h10-expect", body)
