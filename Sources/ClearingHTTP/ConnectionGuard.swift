@@ -344,17 +344,22 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
         }
         let legacy = head.version.major < 1 || (head.version.major == 1 && head.version.minor == 0)
         let close = legacy || !head.isKeepAlive
-        if legacy { head.headers.remove(name: "expect") }
-        if close { head.headers.replaceOrAdd(name: "connection", value: "close") }
         // Bounded by the requests a client can pipeline before it reads an answer: the
         // channel stops reading when the router's inbound buffer is full.
         unanswered.append((legacy ? head.version : .http1_1, close))
+        guard close else {
+            // The common case, an HTTP/1.1 keep-alive request: passed on as it came.
+            context.fireChannelRead(data)
+            return
+        }
+        if legacy { head.headers.remove(name: "expect") }
+        head.headers.replaceOrAdd(name: "connection", value: "close")
         context.fireChannelRead(wrapInboundOut(.head(head)))
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         guard case .head(var response) = unwrapOutboundIn(data), response.status.code >= 200,
-            let request = unanswered.popFirst()
+            let request = unanswered.popFirst(), request.close
         else {
             context.write(data, promise: promise)
             return

@@ -67,7 +67,9 @@ extension Store {
     /// is left alone, so no notice is sent twice in one pass (`notices send`). Notices of
     /// `skippingPartners` (those the caller is sending to right now) are left for later: one
     /// notice at a time per partner, so that a partner that does not answer holds up no other
-    /// partner's.
+    /// partner's. So are those of a partner another live sender holds a notice of (a
+    /// `notices send` beside `serve`): one at a time per partner across processes too, and at
+    /// most one per partner per claim.
     public func claimDueNotices(
         clock: any WallClock, limit: Int, owner: Int32, leaseMilliseconds: Int64, ownerAlive: (Int32) -> Bool, only: String? = nil,
         notAttemptedSince: Instant? = nil, skippingPartners: Set<PartnerID> = [], ownLeasesAreStale: Bool = false
@@ -86,10 +88,12 @@ extension Store {
                     WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(limit * Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)
                     """,
                 arguments: arguments)
+            var held = try Store.partnersUnderLease(db, at: t, caller: owner, ownLeasesAreStale, ownerAlive)
             for row in rows where claimed.count < limit {
                 let id: String = try row.text("id")
                 let leaseOwner = try row.optionalInt64("lease_owner")
                 if try Store.leaseHolds(row, at: t, caller: owner, ownLeasesAreStale, ownerAlive) { continue }
+                guard held.insert(try row.text("partner")).inserted else { continue }
                 if leaseOwner != nil {
                     try db.execute(
                         sql: """
@@ -159,6 +163,21 @@ extension Store {
         return ownerAlive(owner)
     }
 
+    /// The partners with a notice under a lease that holds at `t` (see `leaseHolds`): no other
+    /// notice of theirs may be claimed meanwhile. Pending notices only, through `notice_state`.
+    static func partnersUnderLease(
+        _ db: Database, at t: Int64, caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool
+    ) throws -> Set<String> {
+        var partners = Set<String>()
+        for row in try Row.fetchAll(
+            db, sql: "SELECT partner, lease_owner, lease_until_ms FROM notice WHERE state = 'pending' AND lease_owner IS NOT NULL AND lease_until_ms > ?",
+            arguments: [t])
+        where try leaseHolds(row, at: t, caller: caller, ownLeasesAreStale, ownerAlive) {
+            partners.insert(try row.text("partner"))
+        }
+        return partners
+    }
+
     /// Whether a claim with these terms would find anything: a read, so that an idle sender
     /// does not queue behind the posting writer; it skips leases as the claim does.
     public func claimableNoticeExists(
@@ -167,12 +186,15 @@ extension Store {
     ) throws -> Bool {
         let (clause, arguments) = Store.claimableNotices(at: now, only: nil, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners)
         let t = now.millisecondsSinceEpoch
-        let rows = try coalition.read { db in
-            try Row.fetchAll(
-                db, sql: "SELECT lease_owner, lease_until_ms FROM notice WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)",
-                arguments: arguments)
+        let (rows, held) = try coalition.read { db in
+            (
+                try Row.fetchAll(
+                    db, sql: "SELECT partner, lease_owner, lease_until_ms FROM notice WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)",
+                    arguments: arguments),
+                try Store.partnersUnderLease(db, at: t, caller: owner, ownLeasesAreStale, ownerAlive)
+            )
         }
-        return try rows.contains { try !Store.leaseHolds($0, at: t, caller: owner, ownLeasesAreStale, ownerAlive) }
+        return try rows.contains { try !held.contains($0.text("partner")) && !Store.leaseHolds($0, at: t, caller: owner, ownLeasesAreStale, ownerAlive) }
     }
 
     /// An attempt the sender gave up before its answer (it is stopping: the transfer was
@@ -307,10 +329,15 @@ extension Store {
     public func nextNoticeDue(skippingPartners: Set<PartnerID> = []) throws -> Instant? {
         let (notIn, partners) = Store.partnersOtherThan(skippingPartners)
         return try coalition.read { db in
-            // A leased notice is not due before its lease runs out (or its holder dies, which
-            // the poll interval notices).
+            // A leased notice, or one of a partner with a leased notice, is not due before that
+            // lease runs out (or its holder dies, which the poll interval notices).
             try Int64.fetchOne(
-                db, sql: "SELECT MIN(MAX(next_attempt_at_ms, COALESCE(lease_until_ms, 0))) FROM notice WHERE state = 'pending'\(notIn)",
+                db,
+                sql: """
+                    SELECT MIN(MAX(next_attempt_at_ms, COALESCE(
+                      (SELECT MAX(l.lease_until_ms) FROM notice l WHERE l.state = 'pending' AND l.partner = notice.partner), 0)))
+                    FROM notice WHERE state = 'pending'\(notIn)
+                    """,
                 arguments: partners)
                 .map(Instant.init(millisecondsSinceEpoch:))
         }

@@ -351,6 +351,30 @@ final class NoticeHarness {
         #expect(try await h.dispatcher(transport).deliverDue().attempted == 1, "a lease that ran out is void")
     }
 
+    /// One notice at a time per partner across processes too: while another live sender (a
+    /// `notices send` beside `serve`) holds grocer's first notice, grocer's next one waits, is
+    /// not due before that lease runs out, and the other partners' notices go.
+    @Test func anotherSendersLeaseHoldsBackThePartnersOtherNotices() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        h.post(G, "g2", Fixtures.earn("M1", 10, "G-2"))
+        h.clock.advance(milliseconds: 60_000)
+        #expect(try h.store.settle().id == "R000002")
+        let leaseEnd = h.clock.now().millisecondsSinceEpoch + 40_000
+        let other = try h.store.claimDueNotices(
+            clock: h.clock, limit: 1, owner: getppid(), leaseMilliseconds: 40_000, ownerAlive: { _ in true }, only: "R000001:grocer")
+        #expect(other.map(\.id) == ["R000001:grocer"])
+        let transport = FakeTransport()
+        _ = try await h.dispatcher(transport).deliverDue()
+        #expect(transport.requests.compactMap { header($0, "webhook-id") }.sorted() == ["R000001:cinema", "R000001:fuel"])
+        #expect(try h.notice("R000002:grocer").1.isEmpty, "not attempted while the other sender holds grocer")
+        #expect(try h.store.nextNoticeDue()?.millisecondsSinceEpoch == leaseEnd, "grocer's next notice is not due before the lease ends")
+        h.clock.advance(milliseconds: 40_001)
+        _ = try await h.dispatcher(transport).deliverDue()
+        #expect(try h.notice("R000002:grocer").0.state == .delivered)
+        #expect(try h.notice("R000001:grocer").0.state == .delivered)
+    }
+
     @Test func aSenderWhoseLeaseRanOutCannotOverwriteTheNextSendersClaim() async throws {
         let h = try NoticeHarness()
         _ = try h.settleADay()
