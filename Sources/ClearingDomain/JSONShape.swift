@@ -19,6 +19,14 @@ enum JSONShape {
             throw Problem(.malformed, "body: JSON must be UTF-8")
         }
         var stack: [Frame] = []
+        // The keys leading to the innermost open object or array (`[]` for an array's element),
+        // to name a repeated key as the parser names fields (`data.points`).
+        var path: [String] = []
+        var lastKey = ""
+        func enter() {
+            guard let parent = stack.last else { return }
+            if case .array = parent { path.append("[]") } else { path.append(lastKey) }
+        }
         var i = 0
         var previous: UInt8 = 0  // the last byte outside strings and whitespace
         while i < b.count {
@@ -27,15 +35,18 @@ enum JSONShape {
             switch c {
             case 0x7B:  // {
                 guard stack.count < Limits.jsonDepthMax else { throw Problem(.malformed, "body: nested deeper than \(Limits.jsonDepthMax)") }
+                enter()
                 stack.append(.object(keys: [], expectingKey: true))
                 i += 1
             case 0x5B:  // [
                 guard stack.count < Limits.jsonDepthMax else { throw Problem(.malformed, "body: nested deeper than \(Limits.jsonDepthMax)") }
+                enter()
                 stack.append(.array)
                 i += 1
             case 0x7D, 0x5D:  // } ]
                 guard previous != 0x2C else { throw Problem(.malformed, "body: a comma before a closing bracket") }
                 if !stack.isEmpty { stack.removeLast() }
+                if !path.isEmpty && stack.count == path.count { path.removeLast() }
                 i += 1
             case 0x2C:  // ,
                 if case .object(let keys, _) = stack.last { stack[stack.count - 1] = .object(keys: keys, expectingKey: true) }
@@ -51,10 +62,10 @@ enum JSONShape {
                 if case .object(var keys, true) = stack.last {
                     guard !escaped else { throw Problem(.malformed, "body: object keys may not contain escapes") }
                     let key = Array(b[start..<min(j, b.count)])
+                    lastKey = String(decoding: key, as: UTF8.self)
                     guard keys.insert(key).inserted else {
                         // Named as the parser names fields: `data.points` inside `data`.
-                        let name = String(decoding: key, as: UTF8.self)
-                        throw Problem(.malformed, "\(stack.count > 1 ? "data." : "")\(name): the key appears twice")
+                        throw Problem(.malformed, "\((path + [lastKey]).joined(separator: ".")): the key appears twice")
                     }
                     stack[stack.count - 1] = .object(keys: keys, expectingKey: false)
                 }

@@ -57,7 +57,12 @@ public enum Verifier {
         defer { try? coalition.close() }
         // A first start that stopped before its schema was made leaves an empty file: nothing
         // was accepted. Any other database without a journal is not Clearhouse's.
-        let tables = try coalition.read { try String.fetchAll($0, sql: "SELECT name FROM sqlite_schema WHERE type = 'table'") }
+        // (GRDB makes its `grdb_migrations` before the first migration's transaction: empty,
+        // it is no table of ours.)
+        let tables = try coalition.read { db in
+            let migrated = try db.tableExists("grdb_migrations") ? try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM grdb_migrations") ?? 0 : 0
+            return try String.fetchAll(db, sql: "SELECT name FROM sqlite_schema WHERE type = 'table'").filter { $0 != "grdb_migrations" || migrated > 0 }
+        }
         guard tables.contains("journal") else {
             let ledgers = Store.ledgerFileNames(dataDirectory)
             if tables.isEmpty && ledgers.isEmpty {
@@ -104,12 +109,12 @@ public enum Verifier {
             }
             let at = "journal \(e.partner) sequence \(e.sequence)"
             if row[JournalRow.nulInTextColumn] as Bool? != false { report.breach("\(at): a text column holds a NUL byte (the entry was altered)") }
-            if id != lastID + 1 { report.breach("\(at): journal id \(id) follows \(lastID) (gap)") }
+            if id != lastID &+ 1 { report.breach("\(at): journal id \(id) follows \(lastID) (gap)") }
             lastID = id
             if e.acceptedAt.millisecondsSinceEpoch < lastAccepted { report.breach("\(at): accepted_at goes backwards") }
             lastAccepted = e.acceptedAt.millisecondsSinceEpoch
             var head = heads[e.partner] ?? Head(hash: Store.genesisHash(e.partner))
-            if e.sequence != head.sequence + 1 { report.breach("\(at): follows sequence \(head.sequence) (gap)") }
+            if e.sequence != head.sequence &+ 1 { report.breach("\(at): follows sequence \(head.sequence) (gap)") }
             let expected = Store.chainHash(previous: head.hash, entry: e)
             if expected != hash { report.breach("\(at): hash does not match its contents and chain") }
             head.sequence = e.sequence
@@ -120,6 +125,8 @@ public enum Verifier {
             if let why = book.apply(e) { report.breach("\(at): \(why)") }
             runs.observe(e.acceptedAt, id: e.journalID, partner: e.partner, sequence: e.sequence, &report)
         }
+        let beyond = runs.pending.filter { $0.last > lastID }.count
+        if beyond > 0 { report.breach("runs: \(beyond) runs cover journal ids that do not exist (the journal ends at \(lastID))") }
         try runs.closeRuns(before: Int64.max, &book, &report)
         runs.checkNothingLeftBehind(db, &report)
         let notices = try checkNotices(db, &report)
@@ -363,7 +370,7 @@ public enum Verifier {
             while let row = try cursor.next() {
                 let seq: Int64 = row["sequence"]
                 let at = "ledger \(p) sequence \(seq)"
-                if seq != last + 1 { report.breach("\(at): follows sequence \(last) (gap)") }
+                if seq != last &+ 1 { report.breach("\(at): follows sequence \(last) (gap)") }
                 last = seq
                 if seq > head.sequence {
                     // Written after the journal snapshot, or in no journal: the caller asks.
@@ -569,12 +576,14 @@ struct RunChecker {
         }
     }
 
+    /// Checks the runs that end before journal id `id`; `Int64.max` (after the last entry):
+    /// every run left, whatever its last id says.
     mutating func closeRuns(before id: Int64, _ book: inout ReplayBook, _ report: inout VerifyReport) throws {
-        while let run = pending.first, run.last < id {
+        while let run = pending.first, run.last < id || id == .max {
             pending.removeFirst()
             closed += 1
             let at = "run \(run.id)"
-            if run.first != previousLast + 1 { report.breach("\(at): starts at journal id \(run.first), not \(previousLast + 1) (a gap or an overlap)") }
+            if run.first != previousLast &+ 1 { report.breach("\(at): starts at journal id \(run.first), not \(previousLast &+ 1) (a gap or an overlap)") }
             if run.cutoff.millisecondsSinceEpoch < previousCutoff { report.breach("\(at): cutoff before the previous run's") }
             let (acc, expired) = book.closeRun(cutoff: run.cutoff)
             let (span, spanOverflow) = run.last.subtractingReportingOverflow(run.first)
@@ -669,6 +678,5 @@ struct RunChecker {
         let stray = (try? Int64.fetchOne(
             db, sql: "SELECT COUNT(*) FROM journal WHERE id > ? AND accepted_at_ms <= ?", arguments: [previousLast, cutoff])) ?? 0
         if stray > 0 { report.breach("invariant 4: \(stray) entries accepted at or before the last cutoff are in no run") }
-        if !pending.isEmpty { report.breach("runs: \(pending.count) runs cover journal ids that do not exist") }
     }
 }

@@ -182,6 +182,8 @@ import Testing
         (#"{"type":"points.earned","data":{"member":"M1","points":1e2,"reference":"R-1"}}"#, "body"),
         (#"{"type":"points.earned","data":{"member":"M1","points":5,"points":500,"reference":"R-1"}}"#, "data.points"),
         (#"{"type":"points.earned","type":"points.redeemed","data":{"member":"M1","points":5,"reference":"R-1"}}"#, "type"),
+        (#"{"type":"points.earned","extra":{"a":1,"a":2},"data":{"member":"M1","points":5,"reference":"R-1"}}"#, "extra.a: the key appears twice"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","x":[{"k":1,"k":2}]}}"#, "data.x.[].k: the key appears twice"),
         (#"{"type":"points.earned","data":{"member":"M1","\u0070oints":5,"reference":"R-1"}}"#, "body"),
         (String(repeating: "[", count: 30_000) + String(repeating: "]", count: 30_000), "body"),
         // Commas before a closing bracket (Foundation's decoder takes them).

@@ -126,6 +126,9 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         FileManager.default.createFile(atPath: blank.appendingPathComponent("coalition.sqlite").path, contents: Data())
         let unmade = try Verifier.verify(dataDirectory: blank)
         #expect(unmade.ok && unmade.checks.contains { $0.contains("has no tables yet") }, "\(unmade.breaches)")
+        // GRDB makes its (empty) table of migrations before the first one runs.
+        #expect(try SQLiteTool.run(blank.appendingPathComponent("coalition.sqlite"), "CREATE TABLE grdb_migrations (identifier TEXT NOT NULL PRIMARY KEY)").status == 0)
+        #expect(try Verifier.verify(dataDirectory: blank).ok)
         try FileManager.default.createDirectory(at: blank.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         try FileManager.default.copyItem(at: h.store.ledgerURL(G), to: blank.appendingPathComponent("ledgers/grocer.sqlite"))
         #expect(try Verifier.verify(dataDirectory: blank).breaches.contains { $0.contains("holds no journal (no tables) beside 1 ledger(s)") })
@@ -238,6 +241,9 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         "PRAGMA ignore_check_constraints = ON; DROP TRIGGER run_partner_immutable_u; UPDATE run_partner SET net_minor = 9223372036854775807",
         "DROP TRIGGER run_partner_immutable_u; UPDATE run_partner SET issue_price_per_1000 = 9223372036854775807",
         "PRAGMA ignore_check_constraints = ON; DROP TRIGGER run_immutable_u; UPDATE run SET last_journal_id = 9223372036854775807, first_journal_id = -9223372036854775807",
+        "DROP TRIGGER run_immutable_u; UPDATE run SET last_journal_id = 9223372036854775807",
+        "DROP TRIGGER journal_no_update; UPDATE journal SET sequence = 9223372036854775807 WHERE id = 2",
+        "DROP TRIGGER journal_no_update; UPDATE journal SET id = 9223372036854775807 WHERE id = 2",
         "DROP TRIGGER run_flow_immutable_u; UPDATE run_flow SET points = 9223372036854775807; INSERT INTO run_flow SELECT run_number, 'fuel', redeemer, 9223372036854775807 FROM run_flow",
         "PRAGMA ignore_check_constraints = ON; DROP TRIGGER lot_open_update_within_its_lot; DROP TRIGGER lot_open_insert_within_its_lot; UPDATE lot_open SET remaining = 9223372036854775807",
     ])

@@ -315,9 +315,11 @@ def test_a_refusal_before_100_continue_closes_the_connection(server):
     """The client waits for `100 Continue` before its body; refused before that (no such
     partner, not JSON), it may never send the body, so the server must not read its next
     request as one (RFC 9110 10.1.1): it says `connection: close` and closes."""
-    for path, ctype, status in (("/v1/partners/nope/events", "application/json", 404),
-                                ("/v1/partners/fuelco/events", "text/plain", 415)):
-        head = request("POST", path, [f"content-type: {ctype}".encode(), b"content-length: 40", b"expect: 100-continue"])
+    for method, path, ctype, status in (("POST", "/v1/partners/nope/events", "application/json", 404),
+                                        ("POST", "/v1/partners/fuelco/events", "text/plain", 415),
+                                        ("PUT", "/v1/partners/fuelco/events", "application/json", 405),
+                                        ("POST", "/v1/nowhere", "application/json", 404)):
+        head = request(method, path, [f"content-type: {ctype}".encode(), b"content-length: 40", b"expect: 100-continue"])
         response, closed = until_closed(server, head)
         assert closed, response[:300]
         line, headers = head_of(response)
