@@ -3,6 +3,7 @@ import Hummingbird
 import HTTPTypes
 import Logging
 import NIOCore
+import NIOHTTP1
 import NIOSSL
 
 extension HTTPField.Name {
@@ -108,6 +109,9 @@ extension Responses {
                 logger.error("request failed", metadata: ["status": "\(e.status.code)"])
                 return problem(Problem(.unavailable, "the request could not be served; retry later"))
             }
+        case is HTTPParserError:
+            // A body the HTTP parser could not read (a malformed chunk): the client's fault.
+            return problem(Problem(.malformed, "the request's body could not be read: \(error)"))
         case is NIOSSLError, is ChannelError, is IOError:
             // The client closed or broke its connection mid-request (a body cut short): its
             // failure, not the server's; no 5xx, no error log, and nobody is left to answer.

@@ -341,6 +341,17 @@ def test_an_http_1_0_post_expecting_100_continue_gets_only_its_answer(server):
     assert json.loads(response.partition(b"\r\n\r\n")[2])["member_balance"] == 5
 
 
+def test_a_malformed_chunk_is_the_clients_fault(server):
+    """A chunk size the HTTP parser cannot read: 400 `malformed`, not a 503 and an error log."""
+    head = request("POST", "/v1/partners/fuelco/events",
+                   [b"content-type: application/json", b"transfer-encoding: chunked",
+                    b"webhook-id: badchunk", b"webhook-timestamp: 1", b"webhook-signature: v1,x"])
+    status, response, _ = raw(server, head + b"zz\r\nabc\r\n0\r\n\r\n")
+    assert status == 400 and b"urn:clearhouse:problem:malformed" in response, response[:400]
+    assert "request failed" not in server.read_log(), "no error logged for a client's mistake"
+    assert_still_serving(server)
+
+
 # MARK: slow clients
 
 def test_slow_clients_are_cut_off_while_others_are_served(server):
