@@ -120,7 +120,9 @@ public struct ConfigurationLoader {
         }
         guard idText == stem else { throw t.error("id", "must equal the file name \(JSONWriter.quote(stem))") }
         let name = try t.string("name")
-        guard !name.isEmpty, name.count <= 200 else { throw t.error("name", "must be 1-200 characters") }
+        guard !name.isEmpty, name.count <= Limits.partnerNameCharactersMax else {
+            throw t.error("name", "must be 1-\(Limits.partnerNameCharactersMax) characters")
+        }
         let issue = try t.int("issue_price_per_1000", 0...Limits.pricePer1000MinorMax)
         let credit = try t.int("redeem_credit_per_1000", 0...Limits.pricePer1000MinorMax)
         let secretTexts = try t.stringArray("webhook_secrets")

@@ -171,6 +171,8 @@ public enum Limits {
     // MARK: Configuration
     public static let partnersMax = 1_000
     public static let webhookSecretsPerPartnerMax = 8
+    /// Characters in a partner's display `name` (partners/<id>.toml).
+    public static let partnerNameCharactersMax = 200
     public static let configFileBytesMax = 256 * 1024
     /// A webhook or notice secret's bytes (after `whsec_`): any length CONTRACT §2 allows is
     /// accepted; below the Standard Webhooks recommendation of 24 bytes, with a warning.

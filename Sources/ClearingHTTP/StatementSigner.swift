@@ -20,11 +20,19 @@ public struct StatementSigner: Sendable {
         for (n, line) in text.split(separator: "\n").enumerated() {
             let t = line.trimmingCharacters(in: .whitespaces)
             if t.isEmpty || t.hasPrefix("#") { continue }
-            guard let raw = Data(base64Encoded: t), raw.count == 32 else {
-                throw StatementKeyError("\(file.path) line \(n + 1): not a base64 Ed25519 public key")
+            guard let raw = StatementSigner.publicKeyBytes(t), raw.count == 32 else {
+                throw StatementKeyError("\(file.path) line \(n + 1): not an Ed25519 public key in base64 (or base64url, as the `x` of GET /v1/keys)")
             }
             retiredPublicKeys.append(Array(raw))
         }
+    }
+
+    /// A public key as written in `statement-retired.pub`: base64, or base64url with or without
+    /// padding (the `x` that `GET /v1/keys` served while the key was current).
+    static func publicKeyBytes(_ text: String) -> Data? {
+        var b64 = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        b64 += String(repeating: "=", count: (4 - b64.utf8.count % 4) % 4)
+        return Data(base64Encoded: b64)
     }
 
     /// Reads a key file: the 32-byte Ed25519 seed, base64 (what `ops/certs` writes).

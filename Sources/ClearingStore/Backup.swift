@@ -124,7 +124,7 @@ public enum Backup {
         try FileSync.directory(dataDirectory)
         var moves = ["ledgers"]
         if hasKey { moves.append("statement.key") }
-        // Closed cleanly, the store leaves no -wal or -shm; any that remain go with their database.
+        // Closed cleanly, the store leaves an empty -wal and the -shm; they go with their database.
         for suffix in ["-wal", "-shm"] where fm.fileExists(atPath: staging.appendingPathComponent("coalition.sqlite" + suffix).path) {
             moves.append("coalition.sqlite" + suffix)
         }

@@ -232,4 +232,22 @@ private func tradedServer() throws -> Server {
         #expect(throws: (any Error).self) { try StatementSigner.loadOrCreate(file: file) }
         #expect(try String(contentsOf: file, encoding: .utf8) == "not a key\n")
     }
+
+    /// Rotation: the old key's public half goes into `statement-retired.pub`, as `/v1/keys`
+    /// served it (base64url without padding) or in plain base64; `/v1/keys` then lists both.
+    @Test func retiredKeysAreReadAsV1KeysShowedThemOrInBase64() throws {
+        let dir = TemporaryDirectory("clearhouse-key")
+        defer { dir.remove() }
+        let old = StatementSigner(key: Curve25519.Signing.PrivateKey()), older = StatementSigner(key: Curve25519.Signing.PrivateKey())
+        let served = try #require(try JSONSerialization.jsonObject(with: Data(old.jwks.utf8)) as? [String: Any])
+        let x = try #require((served["keys"] as? [[String: Any]])?.first?["x"] as? String)
+        let retired = dir.url.appendingPathComponent("statement-retired.pub")
+        try "# retired 2026-11\n\(x)\n\(Data(older.publicKey).base64EncodedString())\n".write(to: retired, atomically: true, encoding: .utf8)
+        var current = StatementSigner(key: Curve25519.Signing.PrivateKey())
+        try current.loadRetired(file: retired)
+        #expect(current.retiredPublicKeys == [old.publicKey, older.publicKey])
+        #expect(current.jwks.contains(old.keyID) && current.jwks.contains(older.keyID))
+        try "not-a-key\n".write(to: retired, atomically: true, encoding: .utf8)
+        #expect(throws: (any Error).self) { try current.loadRetired(file: retired) }
+    }
 }

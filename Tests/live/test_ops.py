@@ -59,6 +59,16 @@ def test_restore_of_an_inconsistent_backup_restores_nothing():
         assert v.returncode == 1 and "interrupted restore" in v.stdout, v.stdout
         runs = subprocess.run([BIN, "runs", "--data", target, "--partners", s.partners], capture_output=True, text=True, timeout=120)
         assert runs.returncode == 2 and "interrupted restore" in runs.stderr, runs.stderr
+        # serve refuses it too, before writing anything there (a statement key, say).
+        import shutil
+        certs = os.path.join(s.tmp, "certs-without-key")
+        shutil.copytree(s.certs, certs)
+        if os.path.exists(os.path.join(certs, "statement.key")):
+            os.remove(os.path.join(certs, "statement.key"))
+        served = subprocess.run([BIN, "serve", "--port", "0", "--certs", certs, "--data", target, "--partners", s.partners],
+                                capture_output=True, text=True, timeout=60)
+        assert served.returncode == 2 and "interrupted restore" in served.stderr, (served.returncode, served.stderr)
+        assert os.listdir(target) == ["restore.partial"], os.listdir(target)
     finally:
         s.close()
 
@@ -109,5 +119,31 @@ def test_export_refuses_books_of_several_currencies():
                        check=True, capture_output=True, timeout=60)
         r = s.ch("export", check=False)
         assert r.returncode == 1 and "several currencies (EUR, USD)" in r.stderr, (r.returncode, r.stderr)
+    finally:
+        s.close()
+
+
+def test_the_nightly_settle_unit_closes_the_previous_utc_day_exactly():
+    """ops/systemd/clearhouse-settle.service, fired by its timer at 00:05 UTC, settles through
+    the last millisecond of the day before: an entry of 23:59:59 is in the run, one of 00:01
+    of the new day is not (with no --through it would be, the cutoff being "now")."""
+    import re
+    import shlex
+    s = LiveServer()
+    try:
+        def post_at(when, webhook_id, reference):
+            r = subprocess.run(["faketime", when, BIN, "post", "--partner", "fuelco", "--webhook-id", webhook_id,
+                                "--data", s.data, "--partners", s.partners],
+                               input=earn("NIGHT-1", 10, reference), capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+        post_at("2026-11-29 23:59:59", "night-1", "NIGHT-R1")
+        post_at("2026-11-30 00:01:00", "night-2", "NIGHT-R2")
+        unit = open(os.path.join(ROOT, "ops", "systemd", "clearhouse-settle.service")).read()
+        line = next(l for l in unit.splitlines() if l.startswith("ExecStart="))
+        command = (line.removeprefix("ExecStart=").replace("%%", "%").replace("/usr/local/bin/clearhouse", BIN)
+                   .replace("/var/lib/clearhouse/data", s.data).replace("/etc/clearhouse/partners", s.partners))
+        r = subprocess.run(["faketime", "2026-11-30 00:05:07", *shlex.split(command)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert re.search(r"cutoff 2026-11-29T23:59:59\.999Z, 1 entries", r.stdout), r.stdout
     finally:
         s.close()
