@@ -76,6 +76,37 @@ struct Notices: AsyncParsableCommand {
         }
     }
 
+    /// Runs a delivery pass that SIGTERM or SIGINT stops as `serve`'s shutdown does: no more
+    /// claims, transfers in flight cut short and recorded as interrupted (not counted against
+    /// their round: the notice is due again at once), every answer already in recorded.
+    /// Without this a signal killed the process, which counts as a crash. Whether it was
+    /// stopped comes back with the pass.
+    static func stoppable(_ pass: @escaping @Sendable () async throws -> DeliveryPass) async throws -> (DeliveryPass, Bool) {
+        let task = Task { try await pass() }
+        let signalled = CurlTransport.CancelFlag()
+        let sources = [SIGTERM, SIGINT].map { number -> any DispatchSourceSignal in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler {
+                signalled.set()
+                task.cancel()
+            }
+            source.resume()
+            return source
+        }
+        defer {
+            for source in sources { source.cancel() }
+            signal(SIGTERM, SIG_DFL)
+            signal(SIGINT, SIG_DFL)
+        }
+        let result = try await task.value
+        return (result, signalled.isSet)
+    }
+
+    static func sayStopped(_ verb: String) {
+        printError("clearhouse notices \(verb): stopped by a signal; attempts cut short are recorded as interrupted and are due again (not counted against their round)")
+    }
+
     struct Retry: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Send a dead letter again now (a new round of attempts if it fails again).",
@@ -90,8 +121,9 @@ struct Notices: AsyncParsableCommand {
                 printError("clearhouse notices retry: \(e)")
                 throw ExitCode(1)
             }
-            let pass = try await NoticeDispatcher(store: store, transport: CurlTransport(), logger: CLILog.logger("clearhouse.notices"))
-                .deliverDue(only: id)
+            let dispatcher = NoticeDispatcher(store: store, transport: CurlTransport(), logger: CLILog.logger("clearhouse.notices"))
+            let (pass, stopped) = try await Notices.stoppable { try await dispatcher.deliverDue(only: id) }
+            if stopped { Notices.sayStopped("retry") }
             guard let (n, _) = try store.notice(id) else { throw ExitCode(1) }
             print("\(n.id): \(n.state.rawValue) after \(pass.attempted) attempt(s) now; \(n.lastResult ?? "")")
             // Success is the partner having it: a retry that failed again (dead, or pending
@@ -108,12 +140,14 @@ struct Notices: AsyncParsableCommand {
         func run() async throws {
             let store = try locations.openStore(try locations.loadConfiguration())
             defer { try? store.close() }
-            let pass = try await NoticeDispatcher(store: store, transport: CurlTransport(), logger: CLILog.logger("clearhouse.notices"))
-                .deliverDue()
+            let dispatcher = NoticeDispatcher(store: store, transport: CurlTransport(), logger: CLILog.logger("clearhouse.notices"))
+            let (pass, stopped) = try await Notices.stoppable { try await dispatcher.deliverDue() }
+            if stopped { Notices.sayStopped("send") }
             let counts = try store.noticeCounts()
             print(
                 "notices: \(pass.attempted) attempted, \(pass.delivered) delivered, \(pass.retrying) to retry later, \(pass.dead) dead letters now; outbox: \(counts[.pending] ?? 0) pending, \(counts[.delivered] ?? 0) delivered, \(counts[.dead] ?? 0) dead"
             )
+            if stopped { throw ExitCode(1) }
         }
     }
 }

@@ -105,7 +105,7 @@ enum RunReport {
         let cur = c.coalition.currency
         func money(_ m: MoneyMinor) -> String { BeancountExport.amount(m.value, cur) }
         let col = padLeft
-        var out = "Settlement run \(r.id), cutoff \(r.cutoff.rfc3339), \(r.entryCount) entries (\(cur))\n\n"
+        var out = "Settlement run \(r.id), cutoff \(r.cutoff.rfc3339), \(r.entryCount) \(r.entryCount == 1 ? "entry" : "entries") (\(cur))\n\n"
         out += "partner     " + col("issued", 11) + col("redeemed", 11) + col("expired", 10) + col("payable", 14) + col("receivable", 14) + col("net", 14) + "  direction\n"
         for f in r.partners {
             let dir = f.netMinor.value > 0 ? "coalition pays" : f.netMinor.value < 0 ? "partner pays" : "nothing to pay"

@@ -79,7 +79,11 @@ extension Store {
             let now = clock.now()
             let t = now.millisecondsSinceEpoch
             var claimed: [ClaimedNotice] = []
-            let (clause, arguments) = Store.claimableNotices(at: now, only: only, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners)
+            // Partners another live sender holds are left out in the query itself: filtered
+            // after its LIMIT, one partner's backlog would hide every other partner's notices.
+            let held = try Store.partnersUnderLease(db, at: t, caller: owner, ownLeasesAreStale, ownerAlive)
+            let (clause, arguments) = Store.claimableNotices(
+                at: now, only: only, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners.union(held))
             // Without the bodies: most rows read may be leased by another sender and skipped.
             let rows = try Row.fetchAll(
                 db,
@@ -88,12 +92,12 @@ extension Store {
                     WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(limit * Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)
                     """,
                 arguments: arguments)
-            var held = try Store.partnersUnderLease(db, at: t, caller: owner, ownLeasesAreStale, ownerAlive)
+            var partnersClaimed = Set<String>()
             for row in rows where claimed.count < limit {
                 let id: String = try row.text("id")
                 let leaseOwner = try row.optionalInt64("lease_owner")
                 if try Store.leaseHolds(row, at: t, caller: owner, ownLeasesAreStale, ownerAlive) { continue }
-                guard held.insert(try row.text("partner")).inserted else { continue }
+                guard partnersClaimed.insert(try row.text("partner")).inserted else { continue }
                 if leaseOwner != nil {
                     try db.execute(
                         sql: """
@@ -145,10 +149,10 @@ extension Store {
     }
 
     /// " AND partner NOT IN (?, …)" and its arguments; nothing for no partners.
-    static func partnersOtherThan(_ skipping: Set<PartnerID>) -> (String, StatementArguments) {
+    static func partnersOtherThan(_ skipping: Set<PartnerID>, column: String = "partner") -> (String, StatementArguments) {
         if skipping.isEmpty { return ("", []) }
         let partners = skipping.map(\.rawValue).sorted()
-        return (" AND partner NOT IN (\(partners.map { _ in "?" }.joined(separator: ", ")))", StatementArguments(partners))
+        return (" AND \(column) NOT IN (\(partners.map { _ in "?" }.joined(separator: ", ")))", StatementArguments(partners))
     }
 
     /// Whether a notice row's lease (`lease_owner`, `lease_until_ms`) still holds at `t`: it has
@@ -167,13 +171,14 @@ extension Store {
     /// notice of theirs may be claimed meanwhile. Pending notices only, through `notice_state`.
     static func partnersUnderLease(
         _ db: Database, at t: Int64, caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool
-    ) throws -> Set<String> {
-        var partners = Set<String>()
+    ) throws -> Set<PartnerID> {
+        var partners = Set<PartnerID>()
         for row in try Row.fetchAll(
             db, sql: "SELECT partner, lease_owner, lease_until_ms FROM notice WHERE state = 'pending' AND lease_owner IS NOT NULL AND lease_until_ms > ?",
             arguments: [t])
         where try leaseHolds(row, at: t, caller: caller, ownLeasesAreStale, ownerAlive) {
-            partners.insert(try row.text("partner"))
+            guard let p = PartnerID(try row.text("partner")) else { throw NoticeError("a notice names an invalid partner") }
+            partners.insert(p)
         }
         return partners
     }
@@ -184,17 +189,16 @@ extension Store {
         at now: Instant, owner: Int32, ownerAlive: (Int32) -> Bool, notAttemptedSince: Instant? = nil,
         skippingPartners: Set<PartnerID> = [], ownLeasesAreStale: Bool = false
     ) throws -> Bool {
-        let (clause, arguments) = Store.claimableNotices(at: now, only: nil, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners)
         let t = now.millisecondsSinceEpoch
-        let (rows, held) = try coalition.read { db in
-            (
-                try Row.fetchAll(
-                    db, sql: "SELECT partner, lease_owner, lease_until_ms FROM notice WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)",
-                    arguments: arguments),
-                try Store.partnersUnderLease(db, at: t, caller: owner, ownLeasesAreStale, ownerAlive)
-            )
+        let rows = try coalition.read { db in
+            let held = try Store.partnersUnderLease(db, at: t, caller: owner, ownLeasesAreStale, ownerAlive)
+            let (clause, arguments) = Store.claimableNotices(
+                at: now, only: nil, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners.union(held))
+            return try Row.fetchAll(
+                db, sql: "SELECT lease_owner, lease_until_ms FROM notice WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)",
+                arguments: arguments)
         }
-        return try rows.contains { try !held.contains($0.text("partner")) && !Store.leaseHolds($0, at: t, caller: owner, ownLeasesAreStale, ownerAlive) }
+        return try rows.contains { try !Store.leaseHolds($0, at: t, caller: owner, ownLeasesAreStale, ownerAlive) }
     }
 
     /// An attempt the sender gave up before its answer (it is stopping: the transfer was
@@ -327,16 +331,21 @@ extension Store {
     /// When the earliest pending notice (of a partner not in `skippingPartners`) is due, or nil
     /// when none is pending.
     public func nextNoticeDue(skippingPartners: Set<PartnerID> = []) throws -> Instant? {
-        let (notIn, partners) = Store.partnersOtherThan(skippingPartners)
+        let (notIn, partners) = Store.partnersOtherThan(skippingPartners, column: "n.partner")
         return try coalition.read { db in
             // A leased notice, or one of a partner with a leased notice, is not due before that
-            // lease runs out (or its holder dies, which the poll interval notices).
+            // lease runs out (or its holder dies, which the poll interval notices). The leases
+            // are grouped by partner once (a subquery per notice grew with the square of a
+            // backlog).
             try Int64.fetchOne(
                 db,
                 sql: """
-                    SELECT MIN(MAX(next_attempt_at_ms, COALESCE(
-                      (SELECT MAX(l.lease_until_ms) FROM notice l WHERE l.state = 'pending' AND l.partner = notice.partner), 0)))
-                    FROM notice WHERE state = 'pending'\(notIn)
+                    WITH held AS (
+                      SELECT partner, MAX(lease_until_ms) AS until FROM notice
+                      WHERE state = 'pending' AND lease_until_ms IS NOT NULL GROUP BY partner)
+                    SELECT MIN(MAX(n.next_attempt_at_ms, COALESCE(h.until, 0)))
+                    FROM notice n LEFT JOIN held h ON h.partner = n.partner
+                    WHERE n.state = 'pending'\(notIn)
                     """,
                 arguments: partners)
                 .map(Instant.init(millisecondsSinceEpoch:))

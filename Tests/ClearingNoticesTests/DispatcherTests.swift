@@ -375,6 +375,25 @@ final class NoticeHarness {
         #expect(try h.notice("R000001:grocer").0.state == .delivered)
     }
 
+    /// Another sender holding a partner with a long backlog hides no other partner's notice:
+    /// the held partner is left out of the claim's query, not filtered after its limit.
+    @Test func aHeldPartnersBacklogHidesNoOtherPartnersNotice() async throws {
+        let h = try NoticeHarness()
+        for i in 1...(Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin + 5) {
+            h.post(G, "g\(i)", Fixtures.earn("M1", 10, "G-\(i)"))
+            h.clock.advance(milliseconds: 60_000)
+            _ = try h.store.settle()
+        }
+        h.post(C, "c1", Fixtures.earn("M2", 10, "C-1"))
+        h.clock.advance(milliseconds: 60_000)
+        let last = try h.store.settle()
+        _ = try h.store.claimDueNotices(
+            clock: h.clock, limit: 1, owner: getppid(), leaseMilliseconds: 40_000, ownerAlive: { _ in true }, only: "R000001:grocer")
+        let transport = FakeTransport()
+        _ = try await h.dispatcher(transport).deliverDue()
+        #expect(transport.requests.compactMap { header($0, "webhook-id") } == ["\(last.id):cinema"])
+    }
+
     @Test func aSenderWhoseLeaseRanOutCannotOverwriteTheNextSendersClaim() async throws {
         let h = try NoticeHarness()
         _ = try h.settleADay()

@@ -133,6 +133,26 @@ def test_killed_in_the_middle_of_a_delivery_the_notice_still_arrives_once(env_fa
     env.ch("verify")
 
 
+def test_notices_send_stopped_by_sigterm_records_an_interrupted_attempt_that_does_not_count(env_factory):
+    """SIGTERM (or Ctrl-C) stops `notices send` as a stop, not a crash: the transfer in flight
+    is cut short, recorded as interrupted and given back to the round; the next send delivers."""
+    env = env_factory({"fuelco": "hang-once"})
+    env.earn("fuelco", "TERM-1", 300, "TERM-R1")
+    env.ch("settle")
+    sender = subprocess.Popen([BIN, "notices", "send", "--data", env.data, "--partners", env.partners],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: env.received("R000001:fuelco"), 30, "the first attempt to arrive")
+    sender.send_signal(signal.SIGTERM)
+    out, err = sender.communicate(timeout=30)
+    assert sender.returncode == 1 and "stopped by a signal" in err, (sender.returncode, out, err)
+    shown = env.ch("notices", "show", "R000001:fuelco").stdout
+    assert re.search(r"attempts +1 \(0 in this round", shown) and "interrupted" in shown, shown
+    out = env.ch("notices", "send").stdout
+    assert "1 delivered" in out, out
+    shown = env.ch("notices", "show", "R000001:fuelco").stdout
+    assert re.search(r"attempts +2 \(1 in this round", shown), shown
+
+
 def test_killed_after_the_partner_stored_it_the_resent_notice_is_a_duplicate_by_id(env_factory):
     # The partner has stored the notice but not answered yet when Clearhouse dies.
     env = kill_sender_after_first_arrival(env_factory, "late-20")

@@ -144,6 +144,6 @@ def test_the_nightly_settle_unit_closes_the_previous_utc_day_exactly():
                    .replace("/var/lib/clearhouse/data", s.data).replace("/etc/clearhouse/partners", s.partners))
         r = subprocess.run(["faketime", "2026-11-30 00:05:07", *shlex.split(command)], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
-        assert re.search(r"cutoff 2026-11-29T23:59:59\.999Z, 1 entries", r.stdout), r.stdout
+        assert re.search(r"cutoff 2026-11-29T23:59:59\.999Z, 1 entry ", r.stdout), r.stdout
     finally:
         s.close()
