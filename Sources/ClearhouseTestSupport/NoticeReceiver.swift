@@ -43,7 +43,9 @@ public final class NoticeReceiver: @unchecked Sendable {
     ///   - anyTime: accept signatures made on a manual clock far from the real one.
     public init(certificate: URL, key: URL, partners: URL, directory: URL, clientCA: URL? = nil, stallSeconds: Double = 10, anyTime: Bool = true) throws {
         log = directory.appendingPathComponent("receiver-\(UUID().uuidString).jsonl")
-        FileManager.default.createFile(atPath: log.path, contents: nil)
+        guard FileManager.default.createFile(atPath: log.path, contents: nil) else {
+            throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: log.path])
+        }
         process = Process()
         process.executableURL = URL(fileURLWithPath: NoticeReceiver.python)
         var args = [

@@ -123,7 +123,7 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         // accepted; beside ledgers, the journal is missing.
         let blank = h.dir.url.appendingPathComponent("blank")
         try FileManager.default.createDirectory(at: blank, withIntermediateDirectories: true)
-        FileManager.default.createFile(atPath: blank.appendingPathComponent("coalition.sqlite").path, contents: Data())
+        #expect(FileManager.default.createFile(atPath: blank.appendingPathComponent("coalition.sqlite").path, contents: Data()))
         let unmade = try Verifier.verify(dataDirectory: blank)
         #expect(unmade.ok && unmade.checks.contains { $0.contains("has no tables yet") }, "\(unmade.breaches)")
         // GRDB makes its (empty) table of migrations before the first one runs.
