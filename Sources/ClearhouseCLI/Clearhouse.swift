@@ -54,11 +54,17 @@ struct Locations: ParsableArguments {
     /// - Parameter readOnly: for verbs that only read: the store is opened without writing
     ///   anything (so they answer on a full disk), unless the directory needs a write first
     ///   (a migration, a ledger behind its journal), when it is opened as usual.
-    func openStore(_ configuration: ClearingConfiguration, creating: Bool = false, readOnly: Bool = false) throws -> Store {
+    /// Exit 2 when the data directory holds an interrupted restore: no verb may use it, nor
+    /// write anything into it.
+    func refuseInterruptedRestore() throws {
         if Backup.interruptedRestore(in: dataURL) {
             printError("clearhouse: \(data) holds an interrupted restore (\(Backup.restoreStaging)): empty the directory and restore the backup again")
             throw ExitCode(2)
         }
+    }
+
+    func openStore(_ configuration: ClearingConfiguration, creating: Bool = false, readOnly: Bool = false) throws -> Store {
+        try refuseInterruptedRestore()
         if !creating, !Store.hasJournal(dataURL) {
             printError("clearhouse: no data in \(data) (no coalition.sqlite): nothing has been accepted there; check --data")
             throw ExitCode(2)

@@ -4,6 +4,7 @@ import ClearingNotices
 import ClearingStore
 import Foundation
 import PartnerTransport
+import Synchronization
 
 /// `clearhouse notices`: the settlement notices' outbox (CONTRACT §7).
 struct Notices: AsyncParsableCommand {
@@ -82,25 +83,37 @@ struct Notices: AsyncParsableCommand {
     /// Without this a signal killed the process, which counts as a crash. Whether it was
     /// stopped comes back with the pass.
     static func stoppable(_ pass: @escaping @Sendable () async throws -> DeliveryPass) async throws -> (DeliveryPass, Bool) {
-        let task = Task { try await pass() }
-        let signalled = CurlTransport.CancelFlag()
-        let sources = [SIGTERM, SIGINT].map { number -> any DispatchSourceSignal in
-            signal(number, SIG_IGN)
+        let stopping = StopBox()
+        // The handlers first, then the pass. A signal ignored when the process started (SIGINT
+        // of a background job) stays ignored, as is the convention.
+        var sources: [(Int32, any DispatchSourceSignal)] = []
+        for number in [SIGTERM, SIGINT] {
+            let previous = signal(number, SIG_IGN)
+            if let previous, unsafeBitCast(previous, to: Int.self) == unsafeBitCast(SIG_IGN, to: Int.self) { continue }
             let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler {
-                signalled.set()
-                task.cancel()
-            }
+            source.setEventHandler { stopping.stop() }
             source.resume()
-            return source
+            sources.append((number, source))
         }
         defer {
-            for source in sources { source.cancel() }
-            signal(SIGTERM, SIG_DFL)
-            signal(SIGINT, SIG_DFL)
+            for (number, source) in sources {
+                source.cancel()
+                signal(number, SIG_DFL)
+            }
         }
+        let task = Task { try await pass() }
+        stopping.watch(task)
         let result = try await task.value
-        return (result, signalled.isSet)
+        return (result, stopping.stopped)
+    }
+
+    /// Whether a signal asked the pass to stop, and the pass to cancel when it did (the signal
+    /// may come before the pass's task exists).
+    final class StopBox: Sendable {
+        private let state = Mutex<(task: Task<DeliveryPass, any Error>?, stopped: Bool)>((nil, false))
+        func stop() { state.withLock { $0.stopped = true; $0.task?.cancel() } }
+        func watch(_ task: Task<DeliveryPass, any Error>) { state.withLock { $0.task = task; if $0.stopped { task.cancel() } } }
+        var stopped: Bool { state.withLock { $0.stopped } }
     }
 
     static func sayStopped(_ verb: String) {

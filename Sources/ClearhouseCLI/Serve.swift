@@ -46,9 +46,9 @@ struct Serve: AsyncParsableCommand {
         if let mode = FileSync.modeOpenToOthers(serverKey) {
             logger.warning("the server's TLS key can be read by others; chmod 600 it", metadata: ["file": "\(serverKey)", "mode": "\(String(mode, radix: 8))"])
         }
-        // The data first: a directory that may not be opened (an interrupted restore, another
-        // coalition's) is refused before anything is written into it, a statement key included.
-        let store = try locations.openStore(configuration, creating: true)
+        // A directory holding an interrupted restore is refused before anything is written
+        // into it, a statement key included.
+        try locations.refuseInterruptedRestore()
         // The statement key: `<certs>/statement.key` when the operator put one there; otherwise
         // `<data>/statement.key`, made on the first start and kept (CONTRACT §10 asks only for
         // the TLS pair in --certs).
@@ -68,10 +68,10 @@ struct Serve: AsyncParsableCommand {
             }
             try signer.loadRetired(file: URL(fileURLWithPath: certs).appendingPathComponent("statement-retired.pub"))
         } catch {
-            try? store.close()
             printError("clearhouse serve: statement key: \(error)")
             throw ExitCode(2)
         }
+        let store = try locations.openStore(configuration, creating: true)
         let metrics = IntakeMetrics()
         let writer = PostingWriter(store: store, batchObserver: { metrics.groupCommit(postings: $0) })
         let intake = Intake(configuration: configuration, store: store, writer: writer, metrics: metrics, signer: signer)

@@ -20,7 +20,7 @@ def test_ops_backup_twice_in_one_second_refuses_the_second():
     try:
         post_cli(s, "ops-1", "OPS-1", 10, "OPS-R1")
         dest = os.path.join(s.tmp, "backups")
-        env = dict(os.environ, CLEARHOUSE_BIN=BIN)
+        env = dict(os.environ, CLEARHOUSE_BIN=BIN, TZ="UTC")  # faketime reads its time in the local zone
         frozen = ["faketime", "2026-11-29 12:00:00", os.path.join(ROOT, "ops", "backup"), s.data, dest]
         first = subprocess.run(frozen, capture_output=True, text=True, timeout=120, env=env)
         assert first.returncode == 0, first.stderr
@@ -130,11 +130,12 @@ def test_the_nightly_settle_unit_closes_the_previous_utc_day_exactly():
     import re
     import shlex
     s = LiveServer()
+    utc = dict(os.environ, TZ="UTC")  # faketime reads its times in the local zone
     try:
         def post_at(when, webhook_id, reference):
             r = subprocess.run(["faketime", when, BIN, "post", "--partner", "fuelco", "--webhook-id", webhook_id,
                                 "--data", s.data, "--partners", s.partners],
-                               input=earn("NIGHT-1", 10, reference), capture_output=True, text=True, timeout=60)
+                               input=earn("NIGHT-1", 10, reference), capture_output=True, text=True, timeout=60, env=utc)
             assert r.returncode == 0, r.stderr
         post_at("2026-11-29 23:59:59", "night-1", "NIGHT-R1")
         post_at("2026-11-30 00:01:00", "night-2", "NIGHT-R2")
@@ -142,7 +143,7 @@ def test_the_nightly_settle_unit_closes_the_previous_utc_day_exactly():
         line = next(l for l in unit.splitlines() if l.startswith("ExecStart="))
         command = (line.removeprefix("ExecStart=").replace("%%", "%").replace("/usr/local/bin/clearhouse", BIN)
                    .replace("/var/lib/clearhouse/data", s.data).replace("/etc/clearhouse/partners", s.partners))
-        r = subprocess.run(["faketime", "2026-11-30 00:05:07", *shlex.split(command)], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(["faketime", "2026-11-30 00:05:07", *shlex.split(command)], capture_output=True, text=True, timeout=120, env=utc)
         assert r.returncode == 0, r.stdout + r.stderr
         assert re.search(r"cutoff 2026-11-29T23:59:59\.999Z, 1 entry ", r.stdout), r.stdout
     finally:
