@@ -354,7 +354,12 @@ extension Store {
 
     /// A notice's row with its run's id (which carries the restore's time for a run closed
     /// after a restore: the number alone does not make it).
-    static let noticeRows = "SELECT notice.*, run.id AS run_id FROM notice JOIN run ON run.number = notice.run_number"
+    /// A notice whose run row is gone (only by tampering; `verify` says so) is still listed,
+    /// under its run's number.
+    static let noticeRows = """
+        SELECT notice.*, COALESCE(run.id, printf('R%06d', notice.run_number)) AS run_id
+        FROM notice LEFT JOIN run ON run.number = notice.run_number
+        """
 
     static func noticeRecord(_ row: Row) throws -> NoticeRecord {
         let id = try row.text("id")

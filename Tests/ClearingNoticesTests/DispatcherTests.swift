@@ -394,6 +394,21 @@ final class NoticeHarness {
         #expect(transport.requests.compactMap { header($0, "webhook-id") } == ["\(last.id):cinema"])
     }
 
+    /// A notice whose run row was removed (tampering, which `verify` reports) is still listed
+    /// and shown, under its run's number: the operator must see every notice.
+    @Test func aNoticeWithoutItsRunIsStillListed() throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        try h.store.close()
+        let edit = try SQLiteTool.run(
+            h.dir.url.appendingPathComponent("coalition.sqlite"), "PRAGMA foreign_keys = OFF; DROP TRIGGER run_immutable_d; DELETE FROM run")
+        #expect(edit.status == 0, "\(edit.stderr)")
+        try h.reopen()
+        let listed = try h.store.notices()
+        #expect(listed.count == 3 && listed.allSatisfy { $0.run == "R000001" }, "\(listed.map(\.id))")
+        #expect(try h.store.notice("R000001:grocer") != nil)
+    }
+
     @Test func aSenderWhoseLeaseRanOutCannotOverwriteTheNextSendersClaim() async throws {
         let h = try NoticeHarness()
         _ = try h.settleADay()
