@@ -173,6 +173,10 @@ public enum Limits {
     public static let webhookSecretsPerPartnerMax = 8
     /// Characters in a partner's display `name` (partners/<id>.toml).
     public static let partnerNameCharactersMax = 200
+    /// Tries at opening a database (switching a new file to WAL) or at its pending migrations
+    /// when another process does the same at the same moment (each failed try rolls back; the
+    /// next sees what the other did).
+    public static let databaseOpenAttemptsMax = 10
     public static let configFileBytesMax = 256 * 1024
     /// A webhook or notice secret's bytes (after `whsec_`): any length CONTRACT §2 allows is
     /// accepted; below the Standard Webhooks recommendation of 24 bytes, with a warning.

@@ -327,6 +327,12 @@ final class RequestDeadlineHandler: ChannelDuplexHandler, RemovableChannelHandle
 ///
 /// Without it such a connection stayed open until the idle timeout, and a client waiting for
 /// the close to end a response waited `connectionIdleSecondsMax`.
+///
+/// - Once the connection is being closed (its idle timeout, the server stopping, a response
+///   that said `close`), a request that still arrives is dropped unread: TLS keeps passing
+///   data up while it waits for the client's close_notify, and the router would decide a
+///   posting whose answer could never be written (durable, and unanswered). Dropped, it was
+///   never accepted; the client sees the connection close and retries.
 final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias InboundOut = HTTPServerRequestPart
@@ -336,8 +342,17 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
     /// For each request read and not yet answered (several when a client pipelines), in order:
     /// how its response must be framed.
     private var unanswered = CircularBuffer<(version: HTTPVersion, close: Bool)>(initialCapacity: 2)
+    /// Set when a close of the connection (or of its output) has passed on its way out.
+    private var closing = false
+
+    func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        if mode != .input { closing = true }
+        context.close(mode: mode, promise: promise)
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // Nothing read after the close began reaches the router (see above).
+        if closing { return }
         guard case .head(var head) = unwrapInboundIn(data) else {
             context.fireChannelRead(data)
             return

@@ -95,6 +95,16 @@ public enum Backup {
         if fm.fileExists(atPath: staging.path) {
             throw StoreError("\(dataDirectory.path) holds an interrupted restore (\(restoreStaging)); empty the directory and restore again")
         }
+        // A backup's files are whole databases. A `-wal` with frames in it holds commits its
+        // database file lacks (a directory copied while in use, or left by a crash): copying the
+        // `.sqlite` files alone would silently lose them.
+        for name in ["coalition.sqlite"] + Store.ledgerFileNames(backup).map({ "ledgers/\($0)" }) {
+            let wal = backup.appendingPathComponent(name + "-wal")
+            if let size = (try? fm.attributesOfItem(atPath: wal.path))?[.size] as? Int, size > 0 {
+                throw StoreError(
+                    "\(backup.path) is not a backup made by `clearhouse backup`: \(name)-wal holds commits its database file does not (a directory copied while in use, or one a crash left); nothing was restored. Restore from a backup, or start the service on that directory itself (its start-up recovers it)")
+            }
+        }
         try requireNewOrEmpty(dataDirectory, "restore into a new data directory")
         try fm.createDirectory(at: staging.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         for name in Store.ledgerFileNames(backup) {

@@ -165,11 +165,10 @@ public final class Store: Sendable {
     /// journal's entry at its head, hash for hash. Any error reading a ledger counts as no.
     private func ledgersCaughtUp() -> Bool {
         do {
-            let heads = try coalition.read { db in
-                try Row.fetchAll(db, sql: "SELECT partner, last_sequence FROM partner_head").map { ($0[0] as String, $0[1] as Int64) }
-            }
-            for (text, last) in heads where last > 0 {
-                guard let partner = PartnerID(text), FileManager.default.fileExists(atPath: ledgerURL(partner).path) else { return false }
+            for (partner, last) in try partnersToRecover() {
+                let exists = FileManager.default.fileExists(atPath: ledgerURL(partner).path)
+                if last == 0 && !exists { continue }
+                guard exists else { return false }
                 let held = try ledger(partner).read { try Int64.fetchOne($0, sql: "SELECT MAX(sequence) FROM entry") } ?? 0
                 if held < last { return false }
                 if held > last, held > (try journalHead(partner)) { return false }
@@ -238,9 +237,22 @@ public final class Store: Sendable {
 
     /// Migrates only when a migration is pending: a store opened by a verb that only reads
     /// then writes nothing (on a full disk, even an empty write transaction fails).
+    ///
+    /// Two processes may open a new database at once (`serve` and a `post` beside it, both the
+    /// first to touch a new partner's ledger): both see a migration pending, one applies it,
+    /// and the other's attempt fails on what the first made ("already exists") and rolls back.
+    /// It then looks again: the schema is complete, or it applies what is still pending.
     static func migrateIfNeeded(_ db: DatabasePool, _ migrator: DatabaseMigrator) throws {
-        if try db.read({ try migrator.hasCompletedMigrations($0) }) { return }
-        try migrator.migrate(db)
+        for attempt in 1...Limits.databaseOpenAttemptsMax {
+            if try db.read({ try migrator.hasCompletedMigrations($0) }) { return }
+            do {
+                try migrator.migrate(db)
+                return
+            } catch {
+                if attempt == Limits.databaseOpenAttemptsMax { throw error }
+                Thread.sleep(forTimeInterval: 0.02 * Double(attempt))
+            }
+        }
     }
 
     /// Refuses a database that a newer Clearhouse has migrated further than this binary
@@ -305,7 +317,19 @@ public final class Store: Sendable {
     ///   case before the commit is published to other connections (`CSQLiteConfig/wal_buffer.c`):
     ///   what a returned commit leaves on disk is what it would be without gathering.
     static func openWritable(_ url: URL, cacheKiB: Int, walBufferBytes: Int = 0) throws -> DatabasePool {
-        let pool = try DatabasePool(path: url.path, configuration: databaseConfiguration(cacheKiB: cacheKiB))
+        // A new file is switched to WAL as it opens, which needs the file to itself: another
+        // process opening it at the same instant makes that busy (SQLite does not wait for it).
+        var attempt = 0
+        var opened: DatabasePool?
+        while opened == nil {
+            attempt += 1
+            do {
+                opened = try DatabasePool(path: url.path, configuration: databaseConfiguration(cacheKiB: cacheKiB))
+            } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY && attempt < Limits.databaseOpenAttemptsMax {
+                Thread.sleep(forTimeInterval: 0.02 * Double(attempt))
+            }
+        }
+        let pool = opened!
         try pool.writeWithoutTransaction { db in
             try db.execute(sql: "PRAGMA synchronous = FULL")
             let level = try Int.fetchOne(db, sql: "PRAGMA synchronous")
@@ -453,13 +477,7 @@ public final class Store: Sendable {
     /// sequence order. Refuses to go on when a ledger holds more than the journal (that is not
     /// a crash; it is damage, and an operator must restore).
     public func recover() throws {
-        let heads = try coalition.read { db in
-            try Row.fetchAll(db, sql: "SELECT partner, last_sequence FROM partner_head").map {
-                (PartnerID($0[0] as String), $0[1] as Int64)
-            }
-        }
-        for (maybePartner, last) in heads {
-            guard let partner = maybePartner else { throw StoreError("coalition.sqlite names an invalid partner id") }
+        for (partner, last) in try partnersToRecover() {
             try requireSameHistory(partner, through: last)
             let copied = try catchUpLedger(partner, through: last)
             if copied > 0 {
@@ -467,6 +485,23 @@ public final class Store: Sendable {
             }
         }
         writerState.withLock { $0.laggingLedgers = [] }
+    }
+
+    /// Every partner with a chain head in the journal, with its last sequence, and every
+    /// partner with a ledger file, with 0 when the journal holds none of its entries: a ledger
+    /// holding entries its journal does not know (the journal's `-wal` lost, an older journal
+    /// copied back) must be refused, not taken as the start of a new history whose entries it
+    /// would silently skip.
+    func partnersToRecover() throws -> [(PartnerID, Int64)] {
+        var heads: [PartnerID: Int64] = [:]
+        for row in try coalition.read({ try Row.fetchAll($0, sql: "SELECT partner, last_sequence FROM partner_head") }) {
+            guard let partner = PartnerID(row[0] as String) else { throw StoreError("coalition.sqlite names an invalid partner id") }
+            heads[partner] = row[1]
+        }
+        for name in Store.ledgerFileNames(dataDirectory) {
+            if let partner = PartnerID(String(name.dropLast(".sqlite".count))), heads[partner] == nil { heads[partner] = 0 }
+        }
+        return heads.sorted { $0.key.rawValue < $1.key.rawValue }.map { ($0.key, $0.value) }
     }
 
     /// Whether a data directory holds a journal (`coalition.sqlite`): one was ever opened there.
@@ -627,9 +662,16 @@ public final class Store: Sendable {
         func step(_ work: () throws -> Void) {
             do { try work() } catch { if firstError == nil { firstError = error } }
         }
+        // Another process with the database open (serve beside a CLI verb) keeps the checkpoint
+        // from finishing: nothing is lost (the WAL holds every commit, and that process or the
+        // next start checkpoints it), so that is no error of this close.
+        func checkpoint(_ db: DatabasePool) throws {
+            do { _ = try db.writeWithoutTransaction { try $0.checkpoint(.truncate) } } catch let e as DatabaseError
+                where e.resultCode == .SQLITE_BUSY || e.resultCode == .SQLITE_LOCKED {}
+        }
         ledgers.withLock { open in
             for db in open.values {
-                if !readOnly { step { _ = try db.writeWithoutTransaction { try $0.checkpoint(.truncate) } } }
+                if !readOnly { step { try checkpoint(db) } }
                 step { try db.close() }
             }
             open.removeAll()
@@ -638,7 +680,7 @@ public final class Store: Sendable {
             coalition.writeWithoutTransaction { checkpointer.uninstall(from: $0) }
             step { try checkpointer.stop() }
         }
-        if !readOnly { step { _ = try coalition.writeWithoutTransaction { try $0.checkpoint(.truncate) } } }
+        if !readOnly { step { try checkpoint(coalition) } }
         step { try coalition.close() }
         if let firstError { throw firstError }
     }

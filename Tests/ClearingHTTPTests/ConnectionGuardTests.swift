@@ -142,6 +142,18 @@ import Testing
         }
     }
 
+    /// A request that arrives once the connection is closing (its idle timeout, a stop) is
+    /// dropped: it would be decided, and its answer never written.
+    @Test func nothingReadAfterTheCloseBeganReachesTheRouter() throws {
+        let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+        try c.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        _ = try exchange(c, request(.http1_1))
+        c.pipeline.close(mode: .output, promise: nil)
+        try c.writeInbound(request(.http1_1))
+        try c.writeInbound(HTTPServerRequestPart.end(nil))
+        #expect(try c.readInbound(as: HTTPServerRequestPart.self) == nil, "a request after the close began is not read")
+    }
+
     @Test func pipelinedRequestsAreAnsweredInOrderAndAKeptConnectionIsLeftAlone() throws {
         let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
         try c.writeInbound(request(.http1_1, [("expect", "100-continue")]))

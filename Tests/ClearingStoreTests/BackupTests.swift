@@ -175,6 +175,65 @@ import Testing
 
 /// A restore is all or nothing: one that died part way is refused, not taken for the backup.
 @Suite struct RestoreAtomicityTests {
+    /// A directory copied while in use (or left by a crash) is no backup: its `-wal` holds
+    /// commits its database files lack. Restore refuses it and writes nothing, rather than
+    /// copying the `.sqlite` files alone and losing those commits.
+    @Test(arguments: ["coalition.sqlite-wal", "ledgers/grocer.sqlite-wal"])
+    func aCopyWithAWriteAheadLogIsNotRestored(wal: String) throws {
+        let h = try Harness()
+        for i in 1...5 { _ = h.post(G, "w\(i)", Fixtures.earn("M\(i)", 10, "E-\(i)")) }
+        try h.store.close()
+        let parent = h.dir.url.deletingLastPathComponent()
+        let copy = parent.appendingPathComponent("copy-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: copy) }
+        try FileManager.default.copyItem(at: h.dir.url, to: copy)
+        // As the copy of a directory in use has: frames in a log (an empty one is a clean stop's).
+        try Data(repeating: 0x37, count: 4096).write(to: copy.appendingPathComponent(wal))
+        let target = parent.appendingPathComponent("restored-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: target) }
+        #expect {
+            try Backup.restore(from: copy, to: target, configuration: h.configuration, clock: h.clock)
+        } throws: { "\($0)".contains("is not a backup made by `clearhouse backup`") && "\($0)".contains(wal) }
+        #expect(!FileManager.default.fileExists(atPath: target.path), "nothing written")
+        // Emptied (a clean stop leaves an empty -wal), the same copy restores.
+        try Data().write(to: copy.appendingPathComponent(wal))
+        try Backup.restore(from: copy, to: target, configuration: h.configuration, clock: h.clock)
+        #expect(try Verifier.verify(dataDirectory: target).ok)
+    }
+
+    /// Several processes opening a new data directory at once (serve and `post` beside it)
+    /// all open it: the one that loses the race to a migration finds it applied and goes on
+    /// (each store here has its own connections, as a process has).
+    @Test func storesOpeningANewDirectoryAtOnceAllOpenIt() throws {
+        for _ in 0..<5 {
+            let dir = TemporaryDirectory("clearhouse-race")
+            defer { dir.remove() }
+            let configuration = Fixtures.configuration()
+            let opened = Mutex<[Result<Store, any Error>]>([])
+            let threads = (0..<4).map { i in
+                Thread {
+                    let r = Result { try Store(dataDirectory: dir.url, configuration: configuration, clock: ManualClock()) }
+                    if case .success(let store) = r {
+                        // Each one's first posting for a partner opens (and migrates) that ledger.
+                        _ = store.post([Submission(partner: Fixtures.grocer, webhookID: WebhookID("race-\(i)")!, event: Fixtures.earn("M\(i)", 10, "RACE-\(i)"))])
+                    }
+                    opened.withLock { $0.append(r) }
+                }
+            }
+            threads.forEach { $0.start() }
+            for _ in 0..<2_000 where opened.withLock({ $0.count }) < threads.count { Thread.sleep(forTimeInterval: 0.005) }
+            let results = opened.withLock { $0 }
+            #expect(results.count == threads.count)
+            for r in results {
+                switch r {
+                case .success(let store): try store.close()
+                case .failure(let e): Issue.record("a store did not open: \(e)")
+                }
+            }
+            #expect(try Verifier.verify(dataDirectory: dir.url).ok)
+        }
+    }
+
     @Test func anInterruptedRestoreIsRefusedAndACompleteOneLeavesNoStaging() throws {
         let h = try Harness()
         for i in 1...5 { _ = h.post([G, F][i % 2], "w\(i)", Fixtures.earn("M\(i)", 10, "E-\(i)")) }

@@ -257,6 +257,31 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(try !h.verify().ok)
     }
 
+    /// A ledger with entries of a partner the journal holds none of (the journal's `-wal` lost,
+    /// an older journal copied back) is refused at start, by writers and readers alike: taken
+    /// as a new history, its old entries would make the ledger skip the new ones silently.
+    @Test func aLedgerWhosePartnerTheJournalDoesNotKnowIsRefused() throws {
+        let h = try Harness()
+        _ = h.post(F, "f1", Fixtures.earn("M1", 10, "F-1"))
+        try h.store.close()
+        let journal = h.dir.url.appendingPathComponent("coalition.sqlite")
+        let elsewhere = TemporaryDirectory("clearhouse-older-journal")
+        defer { elsewhere.remove() }
+        let older = elsewhere.url.appendingPathComponent("coalition.sqlite")
+        try FileManager.default.copyItem(at: journal, to: older)
+        try h.reopen()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 10, "G-1"))
+        _ = h.post(G, "g2", Fixtures.earn("M2", 10, "G-2"))
+        try h.store.close()
+        for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(at: h.dir.url.appendingPathComponent("coalition.sqlite" + suffix)) }
+        try FileManager.default.copyItem(at: older, to: journal)
+        #expect {
+            try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock)
+        } throws: { "\($0)".contains("ledger grocer holds sequence 2 but the journal ends at 0") }
+        #expect(throws: (any Error).self) { try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock, readOnly: true) }
+        #expect(try h.verify().breaches.contains { $0.contains("ledger grocer") })
+    }
+
     @Test func ledgersRefuseUpdatesDeletesAndGapsThemselves() throws {
         let h = try populated()
         try h.reopen()

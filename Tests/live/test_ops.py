@@ -148,3 +148,23 @@ def test_the_nightly_settle_unit_closes_the_previous_utc_day_exactly():
         assert re.search(r"cutoff 2026-11-29T23:59:59\.999Z, 1 entry ", r.stdout), r.stdout
     finally:
         s.close()
+
+
+def test_ops_backup_keeps_the_newest_and_prunes_only_its_own_backups():
+    """KEEP newest backups stay; older ones go, and nothing else: a destination whose name
+    holds a space used to be split, and a sibling directory named by its first word removed."""
+    s = LiveServer()
+    try:
+        post_cli(s, "keep-1", "KEEP-1", 10, "KEEP-R1")
+        dest = os.path.join(s.tmp, "back ups")
+        sibling = os.path.join(s.tmp, "back")
+        os.makedirs(sibling)
+        env = dict(os.environ, CLEARHOUSE_BIN=BIN, TZ="UTC", KEEP="2")
+        for second in ("00", "01", "02"):
+            r = subprocess.run(["faketime", f"2026-11-29 12:00:{second}", os.path.join(ROOT, "ops", "backup"), s.data, dest],
+                               capture_output=True, text=True, timeout=120, env=env, cwd=s.tmp)
+            assert r.returncode == 0, r.stderr
+        assert sorted(os.listdir(dest)) == ["20261129T120001Z", "20261129T120002Z"], os.listdir(dest)
+        assert os.path.isdir(sibling), "a directory that is no backup is never pruned"
+    finally:
+        s.close()
