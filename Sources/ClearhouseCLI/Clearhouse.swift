@@ -82,7 +82,7 @@ struct Locations: ParsableArguments {
                 logger: CLILog.logger("clearhouse.store"), recordsCurrency: !readOnly)
         } catch where StoreError.isDiskFull(error, under: dataURL) {
             // Opening a store writes (SQLite's WAL set-up), even for a verb that only reads.
-            printError("clearhouse: cannot open the data directory \(data): the disk is full (\(error)); free some space first. A running serve keeps answering reads, and `clearhouse verify` reads without writing")
+            printError("clearhouse: cannot open the data directory \(data): the disk is full (\(error)); free some space first. A running serve keeps answering reads")
             throw ExitCode(2)
         } catch {
             printError("clearhouse: cannot open the data directory \(data): \(error)")

@@ -324,15 +324,25 @@ public enum Verifier {
             // A batch may sit between its journal commit and its ledger commit: wait briefly.
             var seen = 0
             var last: Int64 = 0
+            var unreadable = false
             for attempt in 0..<20 {
                 var r = VerifyReport()
-                (seen, last) = try verifyLedger(url, p, head, &r)
+                do {
+                    (seen, last) = try verifyLedger(url, p, head, &r)
+                } catch {
+                    // Not a ledger any more (no tables, not a database, truncated): a breach
+                    // naming it, and the other ledgers are still checked.
+                    report.breach("ledger \(p): cannot be read as a ledger (\(error))")
+                    unreadable = true
+                    break
+                }
                 if seen >= head.sequence || attempt == 19 {
                     report.breaches += r.breaches
                     break
                 }
                 Thread.sleep(forTimeInterval: 0.1)
             }
+            if unreadable { continue }
             if seen < head.sequence { report.breach("ledger \(p): ends at sequence \(seen) but the journal has \(head.sequence)") }
             // Entries past the journal's snapshot were either accepted since (serve is running)
             // or are not in the journal at all (added to the ledger by hand): ask the journal

@@ -54,6 +54,17 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(r.breaches.contains { $0.contains("ledger grocer sequence 5") }, "\(r.breaches)")
     }
 
+    /// A ledger file that is a database but no ledger (its tables gone) is a breach naming it,
+    /// and the other ledgers are still checked; never an error of verify.
+    @Test func aLedgerWithoutItsTablesIsABreachNamingIt() throws {
+        let h = try populated()
+        for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: h.store.ledgerURL(G).path + suffix) }
+        #expect(try SQLiteTool.run(h.store.ledgerURL(G), "PRAGMA journal_mode = WAL; CREATE TABLE other (x); DROP TABLE other").status == 0)
+        let r = try h.verify()
+        #expect(r.breaches.contains { $0.contains("ledger grocer: cannot be read as a ledger") }, "\(r.breaches)")
+        #expect(r.checks.contains { $0.contains("invariant 3") }, "the other ledgers were checked")
+    }
+
     @Test func aMissingLedgerIsABreach() throws {
         let h = try populated()
         try FileManager.default.removeItem(at: h.store.ledgerURL(C))
