@@ -342,7 +342,8 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
     /// For each request read and not yet answered (several when a client pipelines), in order:
     /// how its response must be framed.
     private var unanswered = CircularBuffer<(version: HTTPVersion, close: Bool)>(initialCapacity: 2)
-    /// Set when a close of the connection (or of its output) has passed on its way out.
+    /// Set when a close of the connection (or of its output) has passed on its way out, or an
+    /// answer saying `connection: close` has.
     private var closing = false
 
     func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
@@ -374,13 +375,21 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         guard case .head(var response) = unwrapOutboundIn(data), response.status.code >= 200,
-            let request = unanswered.popFirst(), request.close
+            let request = unanswered.popFirst()
         else {
             context.write(data, promise: promise)
             return
         }
+        guard request.close else {
+            // An answer that says `close` itself (a body refused unread, an old connection):
+            // nothing read from now on is a request to decide; the close follows its end.
+            if !response.isKeepAlive { closing = true }
+            context.write(data, promise: promise)
+            return
+        }
+        closing = true
         response.version = request.version
-        if request.close { response.headers.replaceOrAdd(name: "Connection", value: "close") }
+        response.headers.replaceOrAdd(name: "Connection", value: "close")
         context.write(wrapOutboundOut(.head(response)), promise: promise)
     }
 

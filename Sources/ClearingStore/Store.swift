@@ -169,6 +169,13 @@ public final class Store: Sendable {
                 let exists = FileManager.default.fileExists(atPath: ledgerURL(partner).path)
                 if last == 0 && !exists { continue }
                 guard exists else { return false }
+                if last == 0 {
+                    // A ledger the journal has no entry of must hold none; one that cannot be
+                    // read as a ledger yet (made, not written: a first batch in flight) holds none.
+                    let held = (try? ledger(partner).read { try Int64.fetchOne($0, sql: "SELECT MAX(sequence) FROM entry") }) ?? nil
+                    if let held, held > 0, held > (try journalHead(partner)) { return false }
+                    continue
+                }
                 let held = try ledger(partner).read { try Int64.fetchOne($0, sql: "SELECT MAX(sequence) FROM entry") } ?? 0
                 if held < last { return false }
                 if held > last, held > (try journalHead(partner)) { return false }
@@ -244,12 +251,16 @@ public final class Store: Sendable {
     /// It then looks again: the schema is complete, or it applies what is still pending.
     static func migrateIfNeeded(_ db: DatabasePool, _ migrator: DatabaseMigrator) throws {
         for attempt in 1...Limits.databaseOpenAttemptsMax {
+            let applied = try db.read { try migrator.appliedIdentifiers($0) }
             if try db.read({ try migrator.hasCompletedMigrations($0) }) { return }
             do {
                 try migrator.migrate(db)
                 return
             } catch {
-                if attempt == Limits.databaseOpenAttemptsMax { throw error }
+                // Tried again only when another process applied migrations meanwhile; any
+                // other failure (a full disk, a damaged file) is this one's, reported at once.
+                let now = try? db.read { try migrator.appliedIdentifiers($0) }
+                guard attempt < Limits.databaseOpenAttemptsMax, let now, now.count > applied.count else { throw error }
                 Thread.sleep(forTimeInterval: 0.02 * Double(attempt))
             }
         }
@@ -319,13 +330,18 @@ public final class Store: Sendable {
     static func openWritable(_ url: URL, cacheKiB: Int, walBufferBytes: Int = 0) throws -> DatabasePool {
         // A new file is switched to WAL as it opens, which needs the file to itself: another
         // process opening it at the same instant makes that busy (SQLite does not wait for it).
+        // Only a busy that came at once is that race: one that waited out the busy timeout is a
+        // lock held for long (a stopped process), reported after that one wait.
         var attempt = 0
         var opened: DatabasePool?
         while opened == nil {
             attempt += 1
+            let started = ContinuousClock.now
             do {
                 opened = try DatabasePool(path: url.path, configuration: databaseConfiguration(cacheKiB: cacheKiB))
-            } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY && attempt < Limits.databaseOpenAttemptsMax {
+            } catch let error as DatabaseError
+                where error.resultCode == .SQLITE_BUSY && attempt < Limits.databaseOpenAttemptsMax && ContinuousClock.now - started < .seconds(1)
+            {
                 Thread.sleep(forTimeInterval: 0.02 * Double(attempt))
             }
         }
@@ -498,8 +514,14 @@ public final class Store: Sendable {
             guard let partner = PartnerID(row[0] as String) else { throw StoreError("coalition.sqlite names an invalid partner id") }
             heads[partner] = row[1]
         }
+        // The configured partners' ledgers only: another file there (a copy kept by hand,
+        // `fuelco-old.sqlite`) is no partner's ledger and is left alone, as before.
         for name in Store.ledgerFileNames(dataDirectory) {
-            if let partner = PartnerID(String(name.dropLast(".sqlite".count))), heads[partner] == nil { heads[partner] = 0 }
+            if let partner = PartnerID(String(name.dropLast(".sqlite".count))), heads[partner] == nil,
+                configuration.partners[partner] != nil
+            {
+                heads[partner] = 0
+            }
         }
         return heads.sorted { $0.key.rawValue < $1.key.rawValue }.map { ($0.key, $0.value) }
     }

@@ -330,8 +330,13 @@ public enum Verifier {
                 do {
                     (seen, last) = try verifyLedger(url, p, head, &r)
                 } catch {
-                    // Not a ledger any more (no tables, not a database, truncated): a breach
-                    // naming it, and the other ledgers are still checked.
+                    // Not a ledger (no tables, not a database, truncated), after the same waits
+                    // as a ledger behind (serve may be making it): a breach naming it, and the
+                    // other ledgers are still checked.
+                    if attempt < 19 {
+                        Thread.sleep(forTimeInterval: 0.1)
+                        continue
+                    }
                     report.breach("ledger \(p): cannot be read as a ledger (\(error))")
                     unreadable = true
                     break

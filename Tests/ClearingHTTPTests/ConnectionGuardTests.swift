@@ -123,8 +123,8 @@ import Testing
     }
 
     @Test func anHTTP10RequestIsAnsweredInHTTP10WithCloseAndWithoutItsExpectation() throws {
-        let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
         for asked in [[("expect", "100-continue")], [("connection", "keep-alive")]] {
+            let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())  // each closes its connection
             let (seen, written) = try exchange(c, request(.http1_0, asked))
             #expect(seen.headers["expect"].isEmpty, "RFC 9110 10.1.1: ignored for HTTP/1.0")
             #expect(seen.headers["connection"] == ["close"], "Hummingbird closes after the response on exactly this")
@@ -134,8 +134,8 @@ import Testing
     }
 
     @Test func closeInAnyLetterCaseReachesTheRouterAsCloseAndIsAnswered() throws {
-        let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
         for spelling in ["Close", "CLOSE", "keep-alive, Close"] {
+            let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())  // each closes its connection
             let (seen, written) = try exchange(c, request(.http1_1, [("Connection", spelling)]))
             #expect(seen.headers["connection"] == ["close"], "\(spelling)")
             #expect(written.version == .http1_1 && written.headers["connection"] == ["close"])
@@ -152,6 +152,17 @@ import Testing
         try c.writeInbound(request(.http1_1))
         try c.writeInbound(HTTPServerRequestPart.end(nil))
         #expect(try c.readInbound(as: HTTPServerRequestPart.self) == nil, "a request after the close began is not read")
+    }
+
+    /// An answer that itself says `close` (a body refused unread): a request pipelined behind
+    /// it is not read, since its answer could never be written after the close.
+    @Test func nothingReadAfterAnAnswerSayingCloseReachesTheRouter() throws {
+        let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+        try c.writeInbound(request(.http1_1))
+        _ = try c.readInbound(as: HTTPServerRequestPart.self)
+        try c.writeOutbound(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .notFound, headers: ["connection": "close"])))
+        try c.writeInbound(request(.http1_1))
+        #expect(try c.readInbound(as: HTTPServerRequestPart.self) == nil)
     }
 
     @Test func pipelinedRequestsAreAnsweredInOrderAndAKeptConnectionIsLeftAlone() throws {

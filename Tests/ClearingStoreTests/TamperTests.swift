@@ -293,6 +293,22 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(try h.verify().breaches.contains { $0.contains("ledger grocer") })
     }
 
+    /// What is no configured partner's ledger is left alone at start (a copy kept by hand), and
+    /// an empty file for a partner with no entry yet (a first batch in flight) opens read-only
+    /// without being written.
+    @Test func strayAndEmptyLedgerFilesDoNotStopAStart() throws {
+        let h = try populated()
+        let ledgers = h.dir.url.appendingPathComponent("ledgers")
+        try FileManager.default.copyItem(at: h.store.ledgerURL(G), to: ledgers.appendingPathComponent("grocer-old.sqlite"))
+        #expect(FileManager.default.createFile(atPath: h.store.ledgerURL(F).path, contents: Data()))
+        let reader = try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock, readOnly: true)
+        #expect(try reader.balance(of: MemberID("M1")!).value > 0)
+        try reader.close()
+        #expect(try FileManager.default.attributesOfItem(atPath: h.store.ledgerURL(F).path)[.size] as? Int == 0, "nothing written")
+        try h.reopen()
+        #expect(h.post(F, "f1", Fixtures.earn("M1", 10, "F-1")).httpStatus == 201)
+    }
+
     @Test func ledgersRefuseUpdatesDeletesAndGapsThemselves() throws {
         let h = try populated()
         try h.reopen()
