@@ -157,8 +157,7 @@ public struct Intake: Sendable {
             // before its body: it may never send it, and the server would read its next request
             // as that body (RFC 9110 §10.1.1).
             let length = request.headers[.contentLength].flatMap { Int($0) }
-            let awaitsContinue = request.headers[.expect]?.lowercased() == "100-continue"
-            guard length == nil || length! > Limits.eventBodyBytesMax || awaitsContinue else { throw error }
+            guard length == nil || length! > Limits.eventBodyBytesMax || Intake.awaitsContinue(request) else { throw error }
             var response = Responses.failure(error, request, logger: context.logger)
             response.headers[.connection] = "close"
             context.closeConnectionSoon()
@@ -185,6 +184,11 @@ public struct Intake: Sendable {
         return Responses.outcome(outcome)
     }
 
+    /// Whether the client waits for `100 Continue` before it sends its body.
+    static func awaitsContinue(_ request: Request) -> Bool {
+        request.headers[.expect]?.lowercased() == "100-continue"
+    }
+
     /// Every `webhook-signature` entry of the request, however many lines carry them (a sender
     /// may send one line per secret): space-separated, as one line would list them.
     static func signatureEntries(_ headers: HTTPFields) -> String? {
@@ -204,7 +208,7 @@ public struct Intake: Sendable {
         }
         // A client that waits for `100 Continue` before its body (curl does, past 1 KiB) gets it
         // now, once nothing known before the body refuses it, instead of waiting out its timeout.
-        if let expect = request.headers[.expect], expect.lowercased() == "100-continue", let channel = context.channel {
+        if Intake.awaitsContinue(request), let channel = context.channel {
             try await channel.writeAndFlush(HTTPResponsePart.head(HTTPResponse(status: .continue)))
         }
         var request = request

@@ -60,7 +60,7 @@ struct ProblemMiddleware<Context: RequestContext>: RouterMiddleware {
             return try await next(request, context)
         } catch {
             var response = Responses.failure(error, request, logger: context.logger)
-            if request.headers[.expect]?.lowercased() == "100-continue" {
+            if Intake.awaitsContinue(request) {
                 // Refused (404, 405, headers too large, …) while the client may still be waiting
                 // for `100 Continue` before its body: it may never send it, so the server must
                 // not read its next request as that body (RFC 9110 §10.1.1). After this answer

@@ -79,11 +79,9 @@ extension Store {
             let now = clock.now()
             let t = now.millisecondsSinceEpoch
             var claimed: [ClaimedNotice] = []
-            // Partners another live sender holds are left out in the query itself: filtered
-            // after its LIMIT, one partner's backlog would hide every other partner's notices.
-            let held = try Store.partnersUnderLease(db, at: t, caller: owner, ownLeasesAreStale, ownerAlive)
-            let (clause, arguments) = Store.claimableNotices(
-                at: now, only: only, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners.union(held))
+            let (clause, arguments) = try Store.claimableNotices(
+                db, at: now, only: only, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners,
+                caller: owner, ownLeasesAreStale, ownerAlive)
             // Without the bodies: most rows read may be leased by another sender and skipped.
             let rows = try Row.fetchAll(
                 db,
@@ -128,10 +126,14 @@ extension Store {
     }
 
     /// The notices a claim may take (due at `now`, pending, and as `claimDueNotices` says), as
-    /// a WHERE clause and its arguments.
+    /// a WHERE clause and its arguments. Partners another live sender holds are left out in the
+    /// query itself: filtered after its LIMIT, one partner's backlog would hide every other
+    /// partner's notices.
     static func claimableNotices(
-        at now: Instant, only: String?, notAttemptedSince: Instant?, skippingPartners: Set<PartnerID>
-    ) -> (String, StatementArguments) {
+        _ db: Database, at now: Instant, only: String?, notAttemptedSince: Instant?, skippingPartners: Set<PartnerID>,
+        caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool
+    ) throws -> (String, StatementArguments) {
+        let held = try partnersUnderLease(db, at: now.millisecondsSinceEpoch, caller: caller, ownLeasesAreStale, ownerAlive)
         var clause = "state = 'pending' AND next_attempt_at_ms <= ?"
         var arguments: StatementArguments = [now.millisecondsSinceEpoch]
         if let only {
@@ -144,7 +146,7 @@ extension Store {
             clause += " AND NOT EXISTS (SELECT 1 FROM notice_attempt a WHERE a.notice_id = notice.id AND a.started_at_ms >= ? AND a.outcome NOT IN ('in-flight', 'interrupted'))"
             arguments += [since.millisecondsSinceEpoch]
         }
-        let (notIn, partners) = partnersOtherThan(skippingPartners)
+        let (notIn, partners) = partnersOtherThan(skippingPartners.union(held))
         return (clause + notIn, arguments + partners)
     }
 
@@ -191,9 +193,9 @@ extension Store {
     ) throws -> Bool {
         let t = now.millisecondsSinceEpoch
         let rows = try coalition.read { db in
-            let held = try Store.partnersUnderLease(db, at: t, caller: owner, ownLeasesAreStale, ownerAlive)
-            let (clause, arguments) = Store.claimableNotices(
-                at: now, only: nil, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners.union(held))
+            let (clause, arguments) = try Store.claimableNotices(
+                db, at: now, only: nil, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners,
+                caller: owner, ownLeasesAreStale, ownerAlive)
             return try Row.fetchAll(
                 db, sql: "SELECT lease_owner, lease_until_ms FROM notice WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)",
                 arguments: arguments)

@@ -251,8 +251,8 @@ public final class Store: Sendable {
     /// It then looks again: the schema is complete, or it applies what is still pending.
     static func migrateIfNeeded(_ db: DatabasePool, _ migrator: DatabaseMigrator) throws {
         for attempt in 1...Limits.databaseOpenAttemptsMax {
-            let applied = try db.read { try migrator.appliedIdentifiers($0) }
             if try db.read({ try migrator.hasCompletedMigrations($0) }) { return }
+            let applied = try db.read { try migrator.appliedIdentifiers($0) }
             do {
                 try migrator.migrate(db)
                 return
@@ -517,7 +517,7 @@ public final class Store: Sendable {
         // The configured partners' ledgers only: another file there (a copy kept by hand,
         // `fuelco-old.sqlite`) is no partner's ledger and is left alone, as before.
         for name in Store.ledgerFileNames(dataDirectory) {
-            if let partner = PartnerID(String(name.dropLast(".sqlite".count))), heads[partner] == nil,
+            if let partner = Store.ledgerPartner(fileName: name), heads[partner] == nil,
                 configuration.partners[partner] != nil
             {
                 heads[partner] = 0
@@ -536,6 +536,11 @@ public final class Store: Sendable {
     public static func ledgerFileNames(_ dataDirectory: URL) -> [String] {
         ((try? FileManager.default.contentsOfDirectory(atPath: dataDirectory.appendingPathComponent("ledgers").path)) ?? [])
             .filter { $0.hasSuffix(".sqlite") }.sorted()
+    }
+
+    /// The partner a ledger file (`<partner>.sqlite`) is named for; nil for another name.
+    static func ledgerPartner(fileName: String) -> PartnerID? {
+        fileName.hasSuffix(".sqlite") ? PartnerID(String(fileName.dropLast(".sqlite".count))) : nil
     }
 
     /// A ledger and its journal must share their history: the ledger's last entry within the

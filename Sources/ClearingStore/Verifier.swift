@@ -127,7 +127,7 @@ public enum Verifier {
         }
         let beyond = runs.pending.filter { $0.last > lastID }.count
         if beyond > 0 { report.breach("runs: \(beyond) runs cover journal ids that do not exist (the journal ends at \(lastID))") }
-        try runs.closeRuns(before: Int64.max, &book, &report)
+        try runs.closeRuns(before: nil, &book, &report)
         runs.checkNothingLeftBehind(db, &report)
         let notices = try checkNotices(db, &report)
         report.checks.append("journal: \(entries) entries replayed from nothing; ids gapless, times ordered, rules re-applied")
@@ -311,7 +311,7 @@ public enum Verifier {
         let dir = dataDirectory.appendingPathComponent("ledgers")
         var partners = Set(heads.keys)
         for f in Store.ledgerFileNames(dataDirectory) {
-            if let p = PartnerID(String(f.dropLast(7))) { partners.insert(p) } else { report.breach("ledgers/\(f): not a partner's ledger") }
+            if let p = Store.ledgerPartner(fileName: f) { partners.insert(p) } else { report.breach("ledgers/\(f): not a partner's ledger") }
         }
         var total = 0
         for p in partners.sorted() {
@@ -591,10 +591,10 @@ struct RunChecker {
         }
     }
 
-    /// Checks the runs that end before journal id `id`; `Int64.max` (after the last entry):
-    /// every run left, whatever its last id says.
-    mutating func closeRuns(before id: Int64, _ book: inout ReplayBook, _ report: inout VerifyReport) throws {
-        while let run = pending.first, run.last < id || id == .max {
+    /// Checks the runs that end before journal id `id`; nil (after the last entry): every run
+    /// left, whatever its last id says.
+    mutating func closeRuns(before id: Int64?, _ book: inout ReplayBook, _ report: inout VerifyReport) throws {
+        while let run = pending.first, id.map({ run.last < $0 }) ?? true {
             pending.removeFirst()
             closed += 1
             let at = "run \(run.id)"
