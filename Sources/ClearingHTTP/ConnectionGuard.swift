@@ -333,6 +333,12 @@ final class RequestDeadlineHandler: ChannelDuplexHandler, RemovableChannelHandle
 ///   data up while it waits for the client's close_notify, and the router would decide a
 ///   posting whose answer could never be written (durable, and unanswered). Dropped, it was
 ///   never accepted; the client sees the connection close and retries.
+/// - A request pipelined behind another (sent before the other's answer came) is held here,
+///   and the connection read no further, until the other's answer has been written to its
+///   end; then it is passed on, or dropped unread if that answer said `close` (RFC 9112 §9.6:
+///   after a response saying `close` the server must process no further request). Without
+///   it, the router read it from its buffer behind a refusal that closes the connection and
+///   decided it while the connection closed: durable, and perhaps never answered.
 final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias InboundOut = HTTPServerRequestPart
@@ -345,23 +351,65 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
     /// Set when a close of the connection (or of its output) has passed on its way out, or an
     /// answer saying `connection: close` has.
     private var closing = false
+    /// Whether a request has been passed on whose answer has not yet been written to its end.
+    private var answering = false
+    /// What was read behind a request still being answered (see above), in order. Bounded: no
+    /// read is asked of the channel while anything waits here, so it holds at most what the
+    /// reads before had brought.
+    private var held = CircularBuffer<Held>(initialCapacity: 0)
+    /// A read the pipeline asked for while requests were held, made once they are passed on.
+    private var readPending = false
+
+    private enum Held {
+        case part(NIOAny)
+        case error(any Error)
+        case event(Any)
+    }
 
     func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
-        if mode != .input { closing = true }
+        if mode != .input {
+            closing = true
+            held.removeAll()
+        }
         context.close(mode: mode, promise: promise)
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if held.isEmpty {
+            context.read()
+        } else {
+            readPending = true
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         // Nothing read after the close began reaches the router (see above).
         if closing { return }
+        // A request behind one still being answered waits for that answer's end, and so
+        // does everything read after it.
+        if !held.isEmpty || (answering && isHead(data)) {
+            held.append(.part(data))
+            return
+        }
+        pass(context: context, data)
+    }
+
+    private func isHead(_ data: NIOAny) -> Bool {
+        if case .head = unwrapInboundIn(data) { return true }
+        return false
+    }
+
+    /// Passes a part on to the router; a request's head as its connection must be answered.
+    private func pass(context: ChannelHandlerContext, _ data: NIOAny) {
         guard case .head(var head) = unwrapInboundIn(data) else {
             context.fireChannelRead(data)
             return
         }
+        answering = true
         let legacy = head.version.major < 1 || (head.version.major == 1 && head.version.minor == 0)
         let close = legacy || !head.isKeepAlive
-        // Bounded by the requests a client can pipeline before it reads an answer: the
-        // channel stops reading when the router's inbound buffer is full.
+        // At most two: a request being answered, and one behind it whose predecessor was
+        // answered before its own body had all been read.
         unanswered.append((legacy ? head.version : .http1_1, close))
         guard close else {
             // The common case, an HTTP/1.1 keep-alive request: passed on as it came.
@@ -373,10 +421,65 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
         context.fireChannelRead(wrapInboundOut(.head(head)))
     }
 
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // In order with the parts around it: a parse error behind a held request waits too.
+        if held.isEmpty { context.fireErrorCaught(error) } else { held.append(.error(error)) }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // The client's half-close, behind the requests it sent before it.
+        if !held.isEmpty, let e = event as? ChannelEvent, e == .inputClosed {
+            held.append(.event(event))
+        } else {
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        held.removeAll()
+        context.fireChannelInactive()
+    }
+
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        guard case .head(var response) = unwrapOutboundIn(data), response.status.code >= 200,
-            let request = unanswered.popFirst()
-        else {
+        switch unwrapOutboundIn(data) {
+        case .end:
+            context.write(data, promise: promise)
+            answering = false
+            passHeld(context: context)
+        case .head(let response) where response.status.code >= 200:
+            writeHead(context: context, response, data, promise: promise)
+        case .head, .body:
+            context.write(data, promise: promise)
+        }
+    }
+
+    /// After an answer's end: what was held behind its request is passed on, up to the next
+    /// request still to wait (or all of it dropped, when the connection is closing); then the
+    /// read held back meanwhile is made.
+    private func passHeld(context: ChannelHandlerContext) {
+        var passed = false
+        while !closing, let next = held.first {
+            if case .part(let data) = next, answering, isHead(data) { break }
+            held.removeFirst()
+            passed = true
+            switch next {
+            case .part(let data): pass(context: context, data)
+            case .error(let error): context.fireErrorCaught(error)
+            case .event(let event): context.fireUserInboundEventTriggered(event)
+            }
+        }
+        // The router's channel hands reads on to its task at the end of a read.
+        if passed { context.fireChannelReadComplete() }
+        if closing { held.removeAll() }
+        if held.isEmpty && readPending {
+            readPending = false
+            context.read()
+        }
+    }
+
+    private func writeHead(context: ChannelHandlerContext, _ response: HTTPResponseHead, _ data: NIOAny, promise: EventLoopPromise<Void>?) {
+        var response = response
+        guard let request = unanswered.popFirst() else {
             context.write(data, promise: promise)
             return
         }

@@ -165,21 +165,85 @@ import Testing
         #expect(try c.readInbound(as: HTTPServerRequestPart.self) == nil)
     }
 
+    func respond(_ c: EmbeddedChannel, _ status: HTTPResponseStatus, _ headers: HTTPHeaders = [:]) throws {
+        try c.writeOutbound(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers)))
+        try c.writeOutbound(HTTPServerResponsePart.end(nil))
+    }
+
+    func heads(_ c: EmbeddedChannel) throws -> [HTTPRequestHead] {
+        var seen: [HTTPRequestHead] = []
+        while let part = try c.readInbound(as: HTTPServerRequestPart.self) {
+            if case .head(let h) = part { seen.append(h) }
+        }
+        return seen
+    }
+
+    /// Pipelined requests reach the router one at a time: the next once the answer before it
+    /// has been written to its end (a 100 Continue is not that answer).
     @Test func pipelinedRequestsAreAnsweredInOrderAndAKeptConnectionIsLeftAlone() throws {
         let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
         try c.writeInbound(request(.http1_1, [("expect", "100-continue")]))
+        try c.writeInbound(HTTPServerRequestPart.end(nil))
         try c.writeInbound(request(.http1_1, [("connection", "close")]))
-        guard case .head(let first) = try c.readInbound(as: HTTPServerRequestPart.self) else { Issue.record("no head"); return }
-        #expect(first.headers["expect"] == ["100-continue"] && first.headers["connection"].isEmpty)
-        // A 100 Continue is not the answer: the first request's final answer comes after it.
+        try c.writeInbound(HTTPServerRequestPart.end(nil))
+        let first = try heads(c)
+        #expect(first.count == 1, "the second request waits for the first one's answer")
+        #expect(first.first?.headers["expect"] == ["100-continue"] && first.first?.headers["connection"].isEmpty == true)
         try c.writeOutbound(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .continue)))
         try c.writeOutbound(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .created)))
-        try c.writeOutbound(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .ok)))
-        let written = try (0..<3).map { _ -> HTTPResponseHead in
-            guard case .head(let h) = try c.readOutbound(as: HTTPServerResponsePart.self) else { throw StoreError("no head") }
-            return h
+        #expect(try heads(c).isEmpty, "still waiting: the answer has not ended")
+        try c.writeOutbound(HTTPServerResponsePart.end(nil))
+        let second = try heads(c)
+        #expect(second.count == 1 && second.first?.headers["connection"] == ["close"])
+        try respond(c, .ok)
+        var written: [HTTPResponseHead] = []
+        while let part = try c.readOutbound(as: HTTPServerResponsePart.self) {
+            if case .head(let h) = part { written.append(h) }
         }
         #expect(written.map(\.headers["connection"]) == [[], [], ["close"]], "only the second request said close")
+    }
+
+    /// RFC 9112 9.6: a request pipelined behind one whose answer says `close` (a body refused
+    /// unread) is never passed on: it would be decided, and its answer never written.
+    @Test func aRequestPipelinedBehindAnAnswerSayingCloseIsDroppedUnread() throws {
+        let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+        try c.writeInbound(request(.http1_1))
+        try c.writeInbound(HTTPServerRequestPart.body(ByteBuffer(string: "{}")))
+        try c.writeInbound(HTTPServerRequestPart.end(nil))
+        try c.writeInbound(request(.http1_1))
+        try c.writeInbound(HTTPServerRequestPart.end(nil))
+        #expect(try heads(c).count == 1)
+        try respond(c, .unsupportedMediaType, ["connection": "close"])
+        #expect(try c.readInbound(as: HTTPServerRequestPart.self) == nil, "the request behind is dropped")
+        try c.writeInbound(request(.http1_1))
+        #expect(try c.readInbound(as: HTTPServerRequestPart.self) == nil, "and so is anything read later")
+    }
+
+    /// While a request waits behind another, nothing more is read from the connection (the
+    /// held parts stay bounded); the read is made once they have been passed on.
+    @Test func noReadIsMadeWhileARequestIsHeld() throws {
+        final class Reads: ChannelOutboundHandler {
+            typealias OutboundIn = Any
+            var count = 0
+            func read(context: ChannelHandlerContext) {
+                count += 1
+                context.read()
+            }
+        }
+        let reads = Reads()
+        let c = EmbeddedChannel()
+        try c.pipeline.syncOperations.addHandler(reads)
+        try c.pipeline.syncOperations.addHandler(HTTP1ConnectionHandler())
+        try c.writeInbound(request(.http1_1))
+        try c.writeInbound(HTTPServerRequestPart.end(nil))
+        c.read()
+        #expect(reads.count == 1, "nothing held: reads pass")
+        try c.writeInbound(request(.http1_1))
+        c.read()
+        #expect(reads.count == 1, "a request held: no read")
+        try respond(c, .created)
+        #expect(reads.count == 2, "the held request passed on: the read is made")
+        #expect(try heads(c).count == 2)
     }
 }
 

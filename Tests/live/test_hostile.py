@@ -327,6 +327,46 @@ def test_a_refusal_before_100_continue_closes_the_connection(server):
         assert b" 100 Continue" not in response
 
 
+def signed_post(server, msg_id, body, extra=()):
+    headers = sign_bytes(server.secrets["fuelco"], msg_id, body)
+    lines = [f"{k}: {v}".encode() for k, v in headers.items()] + [b"content-length: %d" % len(body), *extra]
+    return request("POST", "/v1/partners/fuelco/events", lines, body)
+
+
+def test_a_request_pipelined_behind_an_answer_that_closes_is_never_decided(server):
+    """RFC 9112 9.6: after an answer saying `close` the server processes no further request.
+    A POST refused before its body (here: not JSON, `100-continue` awaited) is answered with
+    `close`; a signed earn the client pipelined behind it, in the same write, must be neither
+    answered nor posted, so that the client's retry is a new posting (201), not a replay."""
+    refused = request("POST", "/v1/partners/fuelco/events",
+                      [b"content-type: text/plain", b"content-length: 40", b"expect: 100-continue"], b"x" * 40)
+    behind = signed_post(server, "pipe-behind-close", earn("PIPE1", 7, "pipe-ref-1").encode())
+    response, closed = until_closed(server, refused + behind)
+    assert closed, response[:400]
+    line, headers = head_of(response)
+    assert line.startswith("HTTP/1.1 415 ") and headers["connection"] == "close", response[:400]
+    assert response.count(b"HTTP/1.1 ") == 1, f"one answer only: {response[:800]!r}"
+    r = server.post("fuelco", earn("PIPE1", 7, "pipe-ref-1"), msg_id="pipe-behind-close")
+    assert r.status_code == 201, ("the pipelined earn must not have been posted", r.status_code, r.text)
+    server.accepted.add("pipe-behind-close")
+
+
+def test_pipelined_postings_are_each_decided_and_answered_in_order(server):
+    """Keep-alive pipelining: three signed earns in one write, the last saying `close`, get
+    three answers in order (each decided only once the one before it is answered)."""
+    ids = [f"pipe-keep-{k}" for k in range(3)]
+    data = b"".join(signed_post(server, m, earn("PIPE2", 10, f"pipe-keep-ref-{k}").encode(),
+                                [b"connection: close"] if k == 2 else [])
+                    for k, m in enumerate(ids))
+    response, closed = until_closed(server, data)
+    assert closed, response[:600]
+    answers = [a for a in response.split(b"HTTP/1.1 ") if a]
+    assert len(answers) == 3 and all(a.startswith(b"201 ") for a in answers), response[:1500]
+    balances = [json.loads(a.partition(b"\r\n\r\n")[2])["member_balance"] for a in answers]
+    assert balances == [10, 20, 30], response[:1500]
+    server.accepted.update(ids)
+
+
 def test_an_http_1_0_post_expecting_100_continue_gets_only_its_answer(server):
     body = earn("H10", 5, "h10-ref").encode()
     headers = sign_bytes(server.secrets["fuelco"], "h10-expect", body)
