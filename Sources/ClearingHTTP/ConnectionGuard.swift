@@ -359,6 +359,8 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var held = CircularBuffer<Held>(initialCapacity: 0)
     /// A read the pipeline asked for while requests were held, made once they are passed on.
     private var readPending = false
+    /// Set when the server began to stop (`ChannelShouldQuiesceEvent`).
+    private var quiescing = false
 
     private enum Held {
         case part(NIOAny)
@@ -427,6 +429,10 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // The server is stopping: Hummingbird closes the connection after the answer being
+        // written, so that answer says `close`, and nothing held behind it is passed on (it
+        // would be decided, and its answer never written).
+        if event is ChannelShouldQuiesceEvent { quiescing = true }
         // The client's half-close, behind the requests it sent before it.
         if !held.isEmpty, let e = event as? ChannelEvent, e == .inputClosed {
             held.append(.event(event))
@@ -445,6 +451,8 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
         case .end:
             context.write(data, promise: promise)
             answering = false
+            // Stopping since this answer's head passed: the connection closes after it.
+            if quiescing { closing = true }
             passHeld(context: context)
         case .head(let response) where response.status.code >= 200:
             writeHead(context: context, response, data, promise: promise)
@@ -483,7 +491,7 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
             context.write(data, promise: promise)
             return
         }
-        guard request.close else {
+        guard request.close || quiescing else {
             // An answer that says `close` itself (a body refused unread, an old connection):
             // nothing read from now on is a request to decide; the close follows its end.
             if !response.isKeepAlive { closing = true }

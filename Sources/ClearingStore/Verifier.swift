@@ -53,6 +53,17 @@ public enum Verifier {
             }
             return report
         }
+        do {
+            try verifyCoalition(coalitionPath, dataDirectory: dataDirectory, &report)
+        } catch let error as DatabaseError {
+            // Damage in the journal's own file (not a database, a corrupt page): a breach that
+            // names the file, with what was checked before it.
+            report.breach("\(coalitionPath): cannot be read: SQLite error \(error.resultCode.rawValue): \(error.message ?? "\(error.resultCode)"); restore it from a backup")
+        }
+        return report
+    }
+
+    private static func verifyCoalition(_ coalitionPath: String, dataDirectory: URL, _ report: inout VerifyReport) throws {
         let coalition = try DatabasePool(path: coalitionPath, configuration: Store.databaseConfiguration(readonly: true))
         defer { try? coalition.close() }
         // A first start that stopped before its schema was made leaves an empty file: nothing
@@ -70,12 +81,11 @@ public enum Verifier {
             } else {
                 report.breach("\(coalitionPath): holds no journal (\(tables.isEmpty ? "no tables" : "not a Clearhouse database")) beside \(ledgers.count) ledger(s); restore it from a backup")
             }
-            return report
+            return
         }
         // One snapshot of the coalition database for everything below.
         let heads = try coalition.read { db in try verifyJournal(db, &report) }
         try verifyLedgers(dataDirectory: dataDirectory, heads: heads, coalition: coalition, &report)
-        return report
     }
 
     struct Head {

@@ -219,6 +219,71 @@ import Testing
         #expect(try c.readInbound(as: HTTPServerRequestPart.self) == nil, "and so is anything read later")
     }
 
+    /// Three pipelined: each passed on after the answer before it; the third is dropped
+    /// when the second's answer says `close`.
+    @Test func aRequestHeldBehindTwoIsDroppedWhenTheSecondAnswerSaysClose() throws {
+        let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+        for _ in 0..<3 {
+            try c.writeInbound(request(.http1_1))
+            try c.writeInbound(HTTPServerRequestPart.end(nil))
+        }
+        #expect(try heads(c).count == 1)
+        try respond(c, .created)
+        #expect(try heads(c).count == 1, "the second, and only the second")
+        try respond(c, .unsupportedMediaType, ["connection": "close"])
+        #expect(try c.readInbound(as: HTTPServerRequestPart.self) == nil, "the third is dropped")
+    }
+
+    /// The server stopping (Hummingbird closes after the answer being written): that answer
+    /// says `close` and a request held behind it is never passed on, whether the stop came
+    /// before the answer's head or between its head and its end.
+    @Test func aRequestHeldWhenTheServerStopsIsDroppedAndTheAnswerSaysClose() throws {
+        for stopBeforeHead in [true, false] {
+            let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+            try c.writeInbound(request(.http1_1))
+            try c.writeInbound(HTTPServerRequestPart.end(nil))
+            try c.writeInbound(request(.http1_1))
+            try c.writeInbound(HTTPServerRequestPart.end(nil))
+            #expect(try heads(c).count == 1)
+            if stopBeforeHead { c.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent()) }
+            try c.writeOutbound(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .created)))
+            if !stopBeforeHead { c.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent()) }
+            try c.writeOutbound(HTTPServerResponsePart.end(nil))
+            #expect(try c.readInbound(as: HTTPServerRequestPart.self) == nil, "held request passed on while stopping (\(stopBeforeHead))")
+            guard case .head(let written) = try c.readOutbound(as: HTTPServerResponsePart.self) else { Issue.record("no head"); return }
+            #expect(written.headers["connection"] == (stopBeforeHead ? ["close"] : []))
+        }
+    }
+
+    /// An error and the client's half-close read behind a held request reach the router after
+    /// that request, in order, not before it.
+    @Test func errorsAndHalfCloseBehindAHeldRequestKeepTheirPlace() throws {
+        final class Record: ChannelInboundHandler {
+            typealias InboundIn = HTTPServerRequestPart
+            var seen: [String] = []
+            func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+                if case .head = unwrapInboundIn(data) { seen.append("head") }
+                if case .end = unwrapInboundIn(data) { seen.append("end") }
+            }
+            func errorCaught(context: ChannelHandlerContext, error: any Error) { seen.append("error") }
+            func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+                if let e = event as? ChannelEvent, e == .inputClosed { seen.append("inputClosed") }
+            }
+        }
+        let record = Record()
+        let c = EmbeddedChannel()
+        try c.pipeline.syncOperations.addHandler(HTTP1ConnectionHandler())
+        try c.pipeline.syncOperations.addHandler(record)
+        try c.writeInbound(request(.http1_1))
+        try c.writeInbound(HTTPServerRequestPart.end(nil))
+        try c.writeInbound(request(.http1_1))
+        c.pipeline.fireErrorCaught(HTTPParserError.invalidChunkSize)
+        c.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        #expect(record.seen == ["head", "end"])
+        try respond(c, .created)
+        #expect(record.seen == ["head", "end", "head", "error", "inputClosed"])
+    }
+
     /// While a request waits behind another, nothing more is read from the connection (the
     /// held parts stay bounded); the read is made once they have been passed on.
     @Test func noReadIsMadeWhileARequestIsHeld() throws {

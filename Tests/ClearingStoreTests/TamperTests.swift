@@ -143,6 +143,16 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         try FileManager.default.createDirectory(at: blank.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         try FileManager.default.copyItem(at: h.store.ledgerURL(G), to: blank.appendingPathComponent("ledgers/grocer.sqlite"))
         #expect(try Verifier.verify(dataDirectory: blank).breaches.contains { $0.contains("holds no journal (no tables) beside 1 ledger(s)") })
+        // A coalition.sqlite that is no database (overwritten, truncated garbage): a breach
+        // naming the file, not a raw SQLite error.
+        let garbage = h.dir.url.appendingPathComponent("garbage")
+        try FileManager.default.createDirectory(at: garbage, withIntermediateDirectories: true)
+        #expect(FileManager.default.createFile(
+            atPath: garbage.appendingPathComponent("coalition.sqlite").path, contents: Data("SQLite format 3\u{0}".utf8) + Data(repeating: 0x5A, count: 8000)))
+        let unreadable = try Verifier.verify(dataDirectory: garbage)
+        #expect(!unreadable.ok && unreadable.breaches.contains {
+            $0.contains("garbage/coalition.sqlite: cannot be read: SQLite error 26") && $0.contains("restore it from a backup")
+        }, "\(unreadable.breaches)")
         // What an interrupted restore leaves: a breach naming it.
         try FileManager.default.createDirectory(at: empty.appendingPathComponent(Backup.restoreStaging), withIntermediateDirectories: true)
         #expect(try Verifier.verify(dataDirectory: empty).breaches.contains { $0.contains("holds an interrupted restore") })

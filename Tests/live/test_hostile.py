@@ -367,6 +367,39 @@ def test_pipelined_postings_are_each_decided_and_answered_in_order(server):
     server.accepted.update(ids)
 
 
+def test_a_request_pipelined_when_the_server_stops_is_never_decided():
+    """SIGTERM while a posting's body is still arriving: the server finishes that posting
+    (its answer says `close`) and stops; an earn pipelined behind it in the same write must be
+    neither decided nor answered, so that its retry on the restarted server is new (201)."""
+    s = LiveServer(rate_limits=False).start()
+    try:
+        first = signed_post(s, "stop-1", earn("STOP1", 5, "stop-ref-1").encode())
+        behind = signed_post(s, "stop-2", earn("STOP1", 7, "stop-ref-2").encode())
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            with tls_context(s).wrap_socket(sock, server_hostname="localhost") as tls:
+                tls.sendall(first[:-10])
+                time.sleep(0.5)  # the first posting is being read
+                s.proc.terminate()
+                time.sleep(0.5)  # the server is stopping, waiting for that posting
+                tls.sendall(first[-10:] + behind)
+                response = b""
+                try:
+                    while part := tls.recv(65536):
+                        response += part
+                except (socket.timeout, ConnectionResetError, ssl.SSLError):
+                    pass
+        assert s.proc.wait(timeout=40) == 0
+        s.proc = None
+        line, headers = head_of(response)
+        assert line == "HTTP/1.1 201 Created" and headers["connection"] == "close", response[:400]
+        assert response.count(b"HTTP/1.1 ") == 1, response[:800]
+        s.start()
+        r = s.post("fuelco", earn("STOP1", 7, "stop-ref-2"), msg_id="stop-2")
+        assert r.status_code == 201 and r.json()["member_balance"] == 12, (r.status_code, r.text)
+    finally:
+        s.close()
+
+
 def test_an_http_1_0_post_expecting_100_continue_gets_only_its_answer(server):
     body = earn("H10", 5, "h10-ref").encode()
     headers = sign_bytes(server.secrets["fuelco"], "h10-expect", body)
