@@ -2,18 +2,28 @@ import ClearingDomain
 import Foundation
 import Synchronization
 
-/// A clock the test sets and advances by hand.
+/// A clock the test sets and advances by hand. Time passing (`advance`, `set`) moves the wall
+/// clock and the lease clock alike; a step of the wall clock (`step`) moves the wall clock alone.
 public final class ManualClock: WallClock {
-    private let current: Mutex<Instant>
+    private let current: Mutex<(wall: Instant, lease: Int64)>
 
-    public init(_ start: Instant = Instant(rfc3339: "2026-11-22T09:00:00Z")!) { current = Mutex(start) }
+    public init(_ start: Instant = Instant(rfc3339: "2026-11-22T09:00:00Z")!) { current = Mutex((start, 1_000_000)) }
 
-    public func now() -> Instant { current.withLock { $0 } }
+    public func now() -> Instant { current.withLock { $0.wall } }
 
-    public func set(_ t: Instant) { current.withLock { $0 = t } }
+    public func leaseTime() -> LeaseTime { LeaseTime(boot: "manual-clock", milliseconds: current.withLock { $0.lease }) }
+
+    public func set(_ t: Instant) {
+        current.withLock { $0 = (t, $0.lease + max(0, t.millisecondsSinceEpoch - $0.wall.millisecondsSinceEpoch)) }
+    }
 
     public func advance(milliseconds: Int64) {
-        current.withLock { $0 = Instant(millisecondsSinceEpoch: $0.millisecondsSinceEpoch + milliseconds) }
+        current.withLock { $0 = (Instant(millisecondsSinceEpoch: $0.wall.millisecondsSinceEpoch + milliseconds), $0.lease + milliseconds) }
+    }
+
+    /// The wall clock steps (NTP, `date -s`) while no time passes.
+    public func step(milliseconds: Int64) {
+        current.withLock { $0.wall = Instant(millisecondsSinceEpoch: $0.wall.millisecondsSinceEpoch + milliseconds) }
     }
 }
 

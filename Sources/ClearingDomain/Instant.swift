@@ -131,6 +131,23 @@ private func pad(_ v: Int64, _ width: Int) -> String {
 /// The source of "now". Live code reads the system clock; tests inject a fixed or stepping one.
 public protocol WallClock: Sendable {
     func now() -> Instant
+    /// The time leases between processes of this host run on (`LeaseTime`).
+    func leaseTime() -> LeaseTime
+}
+
+/// A time for leases between the processes of one host that no step of the wall clock moves
+/// (an NTP step, an operator's `date -s`): milliseconds since the machine booted, tagged with
+/// that boot, so that a lease taken before a reboot (its process gone) is never taken for a
+/// live one. Processes sharing a SQLite database in WAL mode share a host, hence this clock.
+public struct LeaseTime: Sendable, Equatable {
+    /// The boot the milliseconds count from (Linux: `/proc/sys/kernel/random/boot_id`).
+    public var boot: String
+    public var milliseconds: Int64
+
+    public init(boot: String, milliseconds: Int64) {
+        self.boot = boot
+        self.milliseconds = milliseconds
+    }
 }
 
 #if canImport(Glibc)
@@ -147,4 +164,28 @@ public struct SystemClock: WallClock {
         clock_gettime(CLOCK_REALTIME, &ts)
         return Instant(millisecondsSinceEpoch: Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000)
     }
+
+    /// CLOCK_BOOTTIME (monotonic, counting suspended time too) and this boot's id. Without a
+    /// boot id (not Linux), the wall clock, as every process of the host then reads it.
+    public func leaseTime() -> LeaseTime {
+        #if os(Linux)
+        if let boot = SystemClock.bootID {
+            var ts = timespec()
+            clock_gettime(CLOCK_BOOTTIME, &ts)
+            return LeaseTime(boot: boot, milliseconds: Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000)
+        }
+        #endif
+        return LeaseTime(boot: "wall-clock", milliseconds: now().millisecondsSinceEpoch)
+    }
+
+    /// Read once per process: it changes only with a reboot.
+    static let bootID: String? = {
+        guard let f = fopen("/proc/sys/kernel/random/boot_id", "r") else { return nil }
+        defer { fclose(f) }
+        var buffer = [CChar](repeating: 0, count: 64)
+        guard fgets(&buffer, Int32(buffer.count), f) != nil else { return nil }
+        let id = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            .filter { $0.isHexDigit || $0 == "-" }
+        return id.count >= 32 ? id : nil
+    }()
 }

@@ -253,7 +253,7 @@ public final class NoticeDispatcher: Sendable {
             // A read first: a lane with nothing to take does not queue behind the posting writer.
             let sending = shared.sending
             if only == nil, try !store.claimableNoticeExists(
-                at: clock.now(), owner: owner, ownerAlive: NoticeDispatcher.processAlive, notAttemptedSince: since,
+                clock: clock, owner: owner, ownerAlive: NoticeDispatcher.processAlive, notAttemptedSince: since,
                 skippingPartners: sending, ownLeasesAreStale: true)
             {
                 return []

@@ -59,9 +59,10 @@ public struct NoticeError: Error, CustomStringConvertible {
 
 extension Store {
     /// Takes up to `limit` notices that are due at `now` and not leased by a live sender,
-    /// records an in-flight attempt for each and leases them to `owner` (a process id) until
-    /// `now + leaseMilliseconds`. An in-flight attempt left by a sender that died is recorded
-    /// as interrupted; its notice is due again at once.
+    /// records an in-flight attempt for each and leases them to `owner` (a process id) for
+    /// `leaseMilliseconds` on the clock's lease time (a step of the wall clock does not end a
+    /// lease). An in-flight attempt left by a sender that died is recorded as interrupted; its
+    /// notice is due again at once.
     ///
     /// `notAttemptedSince` is a delivery pass's start: a notice with an attempt started since
     /// is left alone, so no notice is sent twice in one pass (`notices send`). Notices of
@@ -78,15 +79,16 @@ extension Store {
             // Read inside the transaction: time spent waiting for the lock does not shorten the lease.
             let now = clock.now()
             let t = now.millisecondsSinceEpoch
+            let lease = clock.leaseTime()
             var claimed: [ClaimedNotice] = []
             let (clause, arguments) = try Store.claimableNotices(
-                db, at: now, only: only, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners,
+                db, at: now, lease: lease, only: only, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners,
                 caller: owner, ownLeasesAreStale, ownerAlive)
             // Without the bodies: most rows read may be leased by another sender and skipped.
             let rows = try Row.fetchAll(
                 db,
                 sql: """
-                    SELECT id, partner, attempts, round_attempts, lease_owner, lease_until_ms FROM notice
+                    SELECT id, partner, attempts, round_attempts, \(Store.leaseColumns) FROM notice
                     WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(limit * Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)
                     """,
                 arguments: arguments)
@@ -94,7 +96,7 @@ extension Store {
             for row in rows where claimed.count < limit {
                 let id: String = try row.text("id")
                 let leaseOwner = try row.optionalInt64("lease_owner")
-                if try Store.leaseHolds(row, at: t, caller: owner, ownLeasesAreStale, ownerAlive) { continue }
+                if try Store.leaseHolds(row, at: lease, wall: t, caller: owner, ownLeasesAreStale, ownerAlive) { continue }
                 guard partnersClaimed.insert(try row.text("partner")).inserted else { continue }
                 if leaseOwner != nil {
                     try db.execute(
@@ -107,8 +109,11 @@ extension Store {
                 let attempt = Int(try row.int64("attempts")) + 1
                 let round = Int(try row.int64("round_attempts")) + 1
                 try db.execute(
-                    sql: "UPDATE notice SET attempts = ?, round_attempts = ?, lease_owner = ?, lease_until_ms = ? WHERE id = ?",
-                    arguments: [attempt, round, owner, t + leaseMilliseconds, id])
+                    sql: """
+                        UPDATE notice SET attempts = ?, round_attempts = ?, lease_owner = ?, lease_until_ms = ?,
+                          lease_boot = ?, lease_until_boot_ms = ? WHERE id = ?
+                        """,
+                    arguments: [attempt, round, owner, t + leaseMilliseconds, lease.boot, lease.milliseconds + leaseMilliseconds, id])
                 try db.execute(
                     sql: "INSERT INTO notice_attempt (notice_id, number, started_at_ms, outcome) VALUES (?, ?, ?, 'in-flight')",
                     arguments: [id, attempt, t])
@@ -130,10 +135,10 @@ extension Store {
     /// query itself: filtered after its LIMIT, one partner's backlog would hide every other
     /// partner's notices.
     static func claimableNotices(
-        _ db: Database, at now: Instant, only: String?, notAttemptedSince: Instant?, skippingPartners: Set<PartnerID>,
+        _ db: Database, at now: Instant, lease: LeaseTime, only: String?, notAttemptedSince: Instant?, skippingPartners: Set<PartnerID>,
         caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool
     ) throws -> (String, StatementArguments) {
-        let held = try partnersUnderLease(db, at: now.millisecondsSinceEpoch, caller: caller, ownLeasesAreStale, ownerAlive)
+        let held = try partnersUnderLease(db, at: lease, wall: now.millisecondsSinceEpoch, caller: caller, ownLeasesAreStale, ownerAlive)
         var clause = "state = 'pending' AND next_attempt_at_ms <= ?"
         var arguments: StatementArguments = [now.millisecondsSinceEpoch]
         if let only {
@@ -157,14 +162,22 @@ extension Store {
         return (" AND \(column) NOT IN (\(partners.map { _ in "?" }.joined(separator: ", ")))", StatementArguments(partners))
     }
 
-    /// Whether a notice row's lease (`lease_owner`, `lease_until_ms`) still holds at `t`: it has
-    /// not run out and its process lives. `ownLeasesAreStale`: the caller skips every partner it
-    /// is sending to, so a lease in its own name on a notice it may claim was left by an earlier
-    /// process that had the same pid (a restarted container's pid 1).
-    static func leaseHolds(_ row: Row, at t: Int64, caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool) throws -> Bool {
-        guard let owner = try row.optionalInt64("lease_owner").map({ Int32(truncatingIfNeeded: $0) }),
-            let until = try row.optionalInt64("lease_until_ms"), until > t
-        else { return false }
+    /// The columns `leaseHolds` reads.
+    static let leaseColumns = "lease_owner, lease_until_ms, lease_boot, lease_until_boot_ms"
+
+    /// Whether a notice row's lease (`leaseColumns`) still holds at `lease`: it has not run out
+    /// on this boot's clock and its process lives. A lease of another boot never holds (its
+    /// process is gone, whatever now has its pid); one without a boot (an earlier build's) ends
+    /// at its wall-clock time. `ownLeasesAreStale`: the caller skips every partner it is sending
+    /// to, so a lease in its own name on a notice it may claim was left by an earlier process
+    /// that had the same pid (a restarted container's pid 1).
+    static func leaseHolds(_ row: Row, at lease: LeaseTime, wall t: Int64, caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool) throws -> Bool {
+        guard let owner = try row.optionalInt64("lease_owner").map({ Int32(truncatingIfNeeded: $0) }) else { return false }
+        if let boot = try row.optionalText("lease_boot") {
+            guard boot == lease.boot, let until = try row.optionalInt64("lease_until_boot_ms"), until > lease.milliseconds else { return false }
+        } else {
+            guard let until = try row.optionalInt64("lease_until_ms"), until > t else { return false }
+        }
         if owner == caller && ownLeasesAreStale { return false }
         return ownerAlive(owner)
     }
@@ -172,13 +185,13 @@ extension Store {
     /// The partners with a notice under a lease that holds at `t` (see `leaseHolds`): no other
     /// notice of theirs may be claimed meanwhile. Pending notices only, through `notice_state`.
     static func partnersUnderLease(
-        _ db: Database, at t: Int64, caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool
+        _ db: Database, at lease: LeaseTime, wall t: Int64, caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool
     ) throws -> Set<PartnerID> {
         var partners = Set<PartnerID>()
+        // At most a few rows: one leased notice per partner and sender.
         for row in try Row.fetchAll(
-            db, sql: "SELECT partner, lease_owner, lease_until_ms FROM notice WHERE state = 'pending' AND lease_owner IS NOT NULL AND lease_until_ms > ?",
-            arguments: [t])
-        where try leaseHolds(row, at: t, caller: caller, ownLeasesAreStale, ownerAlive) {
+            db, sql: "SELECT partner, \(leaseColumns) FROM notice WHERE state = 'pending' AND lease_owner IS NOT NULL")
+        where try leaseHolds(row, at: lease, wall: t, caller: caller, ownLeasesAreStale, ownerAlive) {
             guard let p = PartnerID(try row.text("partner")) else { throw NoticeError("a notice names an invalid partner") }
             partners.insert(p)
         }
@@ -188,19 +201,19 @@ extension Store {
     /// Whether a claim with these terms would find anything: a read, so that an idle sender
     /// does not queue behind the posting writer; it skips leases as the claim does.
     public func claimableNoticeExists(
-        at now: Instant, owner: Int32, ownerAlive: (Int32) -> Bool, notAttemptedSince: Instant? = nil,
+        clock: any WallClock, owner: Int32, ownerAlive: (Int32) -> Bool, notAttemptedSince: Instant? = nil,
         skippingPartners: Set<PartnerID> = [], ownLeasesAreStale: Bool = false
     ) throws -> Bool {
-        let t = now.millisecondsSinceEpoch
+        let (now, lease) = (clock.now(), clock.leaseTime())
         let rows = try coalition.read { db in
             let (clause, arguments) = try Store.claimableNotices(
-                db, at: now, only: nil, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners,
+                db, at: now, lease: lease, only: nil, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners,
                 caller: owner, ownLeasesAreStale, ownerAlive)
             return try Row.fetchAll(
-                db, sql: "SELECT lease_owner, lease_until_ms FROM notice WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)",
+                db, sql: "SELECT \(Store.leaseColumns) FROM notice WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)",
                 arguments: arguments)
         }
-        return try rows.contains { try !Store.leaseHolds($0, at: t, caller: owner, ownLeasesAreStale, ownerAlive) }
+        return try rows.contains { try !Store.leaseHolds($0, at: lease, wall: now.millisecondsSinceEpoch, caller: owner, ownLeasesAreStale, ownerAlive) }
     }
 
     /// An attempt the sender gave up before its answer (it is stopping: the transfer was
@@ -213,7 +226,7 @@ extension Store {
                 arguments: [String(reason.utf8.prefix(Limits.noticeErrorBytesMax)) ?? "", notice.id, notice.attempt])
             try db.execute(
                 sql: """
-                    UPDATE notice SET round_attempts = round_attempts - 1, lease_owner = NULL, lease_until_ms = NULL
+                    UPDATE notice SET round_attempts = round_attempts - 1, lease_owner = NULL, lease_until_ms = NULL, lease_boot = NULL, lease_until_boot_ms = NULL
                     WHERE id = ? AND state = 'pending' AND lease_owner = ? AND attempts = ? AND round_attempts >= 1
                     """,
                 arguments: [notice.id, notice.owner, notice.attempt])
@@ -245,7 +258,7 @@ extension Store {
             try db.execute(
                 sql: """
                     UPDATE notice SET state = ?, next_attempt_at_ms = ?, finished_at_ms = ?, last_result = ?,
-                      lease_owner = NULL, lease_until_ms = NULL
+                      lease_owner = NULL, lease_until_ms = NULL, lease_boot = NULL, lease_until_boot_ms = NULL
                     WHERE id = ? AND state = 'pending' AND lease_owner = ? AND attempts = ?
                     """,
                 arguments: [state.rawValue, next, finished, result, notice.id, notice.owner, notice.attempt])
@@ -269,7 +282,7 @@ extension Store {
             try db.execute(
                 sql: """
                     UPDATE notice SET state = 'pending', round_attempts = 0, next_attempt_at_ms = ?, finished_at_ms = NULL,
-                      last_result = ?, lease_owner = NULL, lease_until_ms = NULL
+                      last_result = ?, lease_owner = NULL, lease_until_ms = NULL, lease_boot = NULL, lease_until_boot_ms = NULL
                     WHERE id = ?
                     """,
                 arguments: [now.millisecondsSinceEpoch, "retried by the operator after: \(record.lastResult ?? "no result")", id])

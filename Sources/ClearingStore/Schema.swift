@@ -435,6 +435,18 @@ enum Schema {
                       BEGIN SELECT RAISE(ABORT, 'lot_move: never changes'); END;
                     """)
         }
+        m.registerMigration("v16-notice-lease-boot-time") { db in
+            // A notice's lease also ends at a time on the host's boot clock (`LeaseTime`), which
+            // no step of the wall clock moves: a forward step during an attempt let another
+            // process take the notice and send it at the same moment. `lease_until_ms` (wall)
+            // stays for the scheduling of the next attempt; a lease without a boot (taken by an
+            // earlier build) ends by it, as before.
+            try db.execute(
+                sql: """
+                    ALTER TABLE notice ADD COLUMN lease_boot TEXT;
+                    ALTER TABLE notice ADD COLUMN lease_until_boot_ms INTEGER;
+                    """)
+        }
         return m
     }
 

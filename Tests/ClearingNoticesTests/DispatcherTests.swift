@@ -430,6 +430,40 @@ final class NoticeHarness {
         #expect(attempts.first?.httpStatus == 410)
     }
 
+    /// A lease runs on the host's boot clock: the wall clock stepping forward by an hour while
+    /// another live sender's attempts are in flight does not let a second sender take them (it
+    /// did: both sent the same notice at once).
+    @Test func aStepOfTheWallClockDoesNotEndALease() throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let taken = try h.store.claimDueNotices(clock: h.clock, limit: 8, owner: getppid(), leaseMilliseconds: 45_000, ownerAlive: { _ in true })
+        #expect(taken.count == 3)
+        h.clock.step(milliseconds: 3_600_000)
+        #expect(try !h.store.claimableNoticeExists(clock: h.clock, owner: getpid(), ownerAlive: { _ in true }))
+        #expect(try h.store.claimDueNotices(clock: h.clock, limit: 8, owner: getpid(), leaseMilliseconds: 45_000, ownerAlive: { _ in true }).isEmpty)
+        // Once the lease's 45 s have passed (the first sender hung), another sender takes over.
+        h.clock.advance(milliseconds: 45_001)
+        #expect(try h.store.claimDueNotices(clock: h.clock, limit: 8, owner: getpid(), leaseMilliseconds: 45_000, ownerAlive: { _ in true }).count == 3)
+    }
+
+    /// A lease taken on another boot never holds (its process is gone, whatever has its pid
+    /// now); one taken by an earlier build, without a boot, ends at its wall-clock time.
+    @Test func aLeaseOfAnotherBootIsVoidAndOneWithoutABootEndsByTheWallClock() throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        _ = try h.store.claimDueNotices(clock: h.clock, limit: 8, owner: getppid(), leaseMilliseconds: 45_000, ownerAlive: { _ in true })
+        #expect(try !h.store.claimableNoticeExists(clock: h.clock, owner: getpid(), ownerAlive: { _ in true }))
+        try h.store.close()
+        let file = h.dir.url.appendingPathComponent("coalition.sqlite")
+        #expect(try SQLiteTool.run(file, "UPDATE notice SET lease_boot = 'an-earlier-boot' WHERE partner = 'grocer'").status == 0)
+        #expect(try SQLiteTool.run(file, "UPDATE notice SET lease_boot = NULL, lease_until_boot_ms = NULL WHERE partner <> 'grocer'").status == 0)
+        try h.reopen()
+        let claim = { try h.store.claimDueNotices(clock: h.clock, limit: 8, owner: getpid(), leaseMilliseconds: 45_000, ownerAlive: { _ in true }) }
+        #expect(try claim().map(\.partner) == [G], "only the other boot's lease is void")
+        h.clock.step(milliseconds: 45_001)
+        #expect(try claim().count == 2, "without a boot, the wall clock ends the lease")
+    }
+
     @Test func aLeasedNoticeIsNotDueBeforeItsLeaseRunsOut() throws {
         let h = try NoticeHarness()
         _ = try h.settleADay()
@@ -613,12 +647,12 @@ final class StoppingTransport: OutboundTransport {
         let now = h.clock.now()
         #expect(try h.store.nextNoticeDue(skippingPartners: [C, F, G]) == nil)
         #expect(try h.store.nextNoticeDue(skippingPartners: [C]) == now)
-        #expect(try h.store.claimableNoticeExists(at: now, owner: getpid(), ownerAlive: { _ in true }, skippingPartners: [C, F]))
-        #expect(try !h.store.claimableNoticeExists(at: now, owner: getpid(), ownerAlive: { _ in true }, skippingPartners: [C, F, G]))
+        #expect(try h.store.claimableNoticeExists(clock: h.clock, owner: getpid(), ownerAlive: { _ in true }, skippingPartners: [C, F]))
+        #expect(try !h.store.claimableNoticeExists(clock: h.clock, owner: getpid(), ownerAlive: { _ in true }, skippingPartners: [C, F, G]))
         // Leased by another live sender: not claimable, and not due before the lease runs out.
         _ = try h.store.claimDueNotices(clock: h.clock, limit: 8, owner: getppid(), leaseMilliseconds: 45_000, ownerAlive: { _ in true })
-        #expect(try !h.store.claimableNoticeExists(at: now, owner: getpid(), ownerAlive: { _ in true }))
-        #expect(try h.store.claimableNoticeExists(at: now, owner: getpid(), ownerAlive: { _ in false }), "a dead sender's lease is void")
+        #expect(try !h.store.claimableNoticeExists(clock: h.clock, owner: getpid(), ownerAlive: { _ in true }))
+        #expect(try h.store.claimableNoticeExists(clock: h.clock, owner: getpid(), ownerAlive: { _ in false }), "a dead sender's lease is void")
         #expect(try h.store.nextNoticeDue()?.millisecondsSinceEpoch == now.millisecondsSinceEpoch + 45_000)
     }
 
