@@ -109,7 +109,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
-        .executableTarget(name: "clearhouse", dependencies: ["ClearhouseCLI"], swiftSettings: strict),
+        .executableTarget(name: "clearhouse", dependencies: ["ClearhouseCLI", "CSQLiteConfig"], swiftSettings: strict),
         .executableTarget(
             name: "ClearhouseBench",
             dependencies: [

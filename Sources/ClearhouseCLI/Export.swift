@@ -42,7 +42,10 @@ struct Export: AsyncParsableCommand {
                 throw ExitCode(1)
             }
         } else {
-            print(text, terminator: "")
+            do { try FileHandle.standardOutput.write(contentsOf: Data(text.utf8)) } catch {
+                printError("clearhouse export: standard output: \(error.localizedDescription)")
+                throw ExitCode(1)
+            }
         }
     }
 }

@@ -256,15 +256,32 @@ extension Store {
 
         var figures: [PartnerFigures] = []
         var sequenceRanges: [PartnerID: SequenceRange] = [:]
+        var issuePrices: [PartnerID: MoneyMinor] = [:], redeemCredits: [PartnerID: MoneyMinor] = [:]
         for p in Set(issued.keys).union(redeemed.keys).union(expired.keys).sorted() {
-            guard let terms = configuration.partners[p] else {
-                throw SettlementError(description: "partner \(p) has entries or expiring points in this run but no terms in the configuration (partners/\(p).toml): put its file back to settle; a partner leaves only once none of its points are outstanding (docs/OPERATIONS.md)")
-            }
             // Every partner with an entry in the run, or expired points, has figures (and gets
             // a notice), even when its entries cancel out to zero.
             if let r = ranges[p] { sequenceRanges[p] = r }
-            figures.append(try PartnerFigures(
-                partner: p, issued: Points(issued[p] ?? 0), redeemed: Points(redeemed[p] ?? 0), expired: Points(expired[p] ?? 0), terms: terms))
+            if let terms = configuration.partners[p] {
+                (issuePrices[p], redeemCredits[p]) = (terms.issuePricePer1000, terms.redeemCreditPer1000)
+                figures.append(try PartnerFigures(
+                    partner: p, issued: Points(issued[p] ?? 0), redeemed: Points(redeemed[p] ?? 0), expired: Points(expired[p] ?? 0), terms: terms))
+            } else if ranges[p] == nil {
+                // A partner that has left, with nothing in this run but the breakage of its lots
+                // (points a reversal at another partner gave back to them after it left, which
+                // then expired): reported, never priced, at the prices of its last run. Its
+                // notice waits for a `notice_url` like any partner's missing from the
+                // configuration (docs/OPERATIONS.md).
+                let last = try Row.fetchOne(
+                    db, sql: "SELECT issue_price_per_1000, redeem_credit_per_1000 FROM run_partner WHERE partner = ? ORDER BY run_number DESC LIMIT 1",
+                    arguments: [p.rawValue])
+                issuePrices[p] = MoneyMinor(last?["issue_price_per_1000"] ?? 0)
+                redeemCredits[p] = MoneyMinor(last?["redeem_credit_per_1000"] ?? 0)
+                figures.append(PartnerFigures(
+                    partner: p, issuedPoints: .zero, redeemedPoints: .zero, expiredPoints: Points(expired[p] ?? 0),
+                    payableMinor: .zero, receivableMinor: .zero, netMinor: .zero))
+            } else {
+                throw SettlementError(description: "partner \(p) has entries in this run but no terms in the configuration (partners/\(p).toml): put its file back to settle; a partner leaves only once none of its points are outstanding (docs/OPERATIONS.md)")
+            }
         }
         let flows = moved.filter { $0.value != 0 }
             .map { Flow(issuer: $0.key.issuer, redeemer: $0.key.redeemer, points: Points($0.value)) }
@@ -286,8 +303,7 @@ extension Store {
             id: SettlementRun.id(number: number, restoredAt: try String.fetchOne(db, sql: "SELECT restored_at FROM run_naming WHERE id = 1")),
             cutoff: cutoff, firstJournalID: first, lastJournalID: last,
             partners: figures, flows: flows, totals: totals,
-            issuePrices: Dictionary(uniqueKeysWithValues: figures.map { ($0.partner, configuration.partners[$0.partner]!.issuePricePer1000) }),
-            redeemCredits: Dictionary(uniqueKeysWithValues: figures.map { ($0.partner, configuration.partners[$0.partner]!.redeemCreditPer1000) }))
+            issuePrices: issuePrices, redeemCredits: redeemCredits)
         try record(db, run, ranges: sequenceRanges, now: now)
         for (p, snap) in snapshot {
             try db.execute(
@@ -338,17 +354,16 @@ extension Store {
                     """,
                 arguments: [
                     run.number, f.partner.rawValue, f.issuedPoints.value, f.redeemedPoints.value, f.expiredPoints.value,
-                    configuration.partners[f.partner]!.issuePricePer1000.value, configuration.partners[f.partner]!.redeemCreditPer1000.value,
+                    run.issuePrices[f.partner]!.value, run.redeemCredits[f.partner]!.value,
                     f.payableMinor.value, f.receivableMinor.value, f.netMinor.value,
                     ranges[f.partner]?.count ?? 0, ranges[f.partner]?.first, ranges[f.partner]?.last,
                 ])
         }
         // The notices' outbox, in the same transaction: the run never exists without them.
         for f in run.partners {
-            let terms = configuration.partners[f.partner]!
             let notice = SettlementNotice(
                 run: run.id, cutoff: run.cutoff, currency: configuration.coalition.currency, figures: f,
-                issuePricePer1000: terms.issuePricePer1000, redeemCreditPer1000: terms.redeemCreditPer1000)
+                issuePricePer1000: run.issuePrices[f.partner]!, redeemCreditPer1000: run.redeemCredits[f.partner]!)
             try db.execute(
                 sql: """
                     INSERT INTO notice (id, run_number, partner, body, created_at_ms, state, next_attempt_at_ms)

@@ -670,6 +670,10 @@ struct RunChecker {
                     report.breach("\(at): partner \(p)'s statement range differs from its entries in the run")
                 }
             }
+            // A partner with entries has figures (and a notice) even when they cancel out.
+            for (p, actual) in seen.sorted(by: { $0.key < $1.key }) where actual.count > 0 && run.partners[p] == nil {
+                report.breach("\(at): partner \(p) has \(actual.count) entries in the run but no figures")
+            }
             seen = [:]
             // The snapshot the next run's figures start from: every partner's running totals
             // and the flows as they stood at this cutoff. Runs closed before snapshots were

@@ -82,6 +82,44 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         #expect(try h.verify().ok)
     }
 
+    /// A partner that left once its points were spent: a redemption reversed later at another
+    /// partner gives points back to its lot, which then expires. The run reports that breakage
+    /// for it (unpriced, at its last run's prices) instead of refusing to close, which held up
+    /// every partner's money until its file came back. A departed partner with entries in
+    /// the run still stops the run, naming it.
+    @Test func aDepartedPartnersBreakageDoesNotBlockSettlement() throws {
+        let h = try Harness(expireAfterDays: 1)
+        h.clock.set(Instant(rfc3339: "2026-11-22T10:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 100, "C-1"))
+        _ = try h.store.settle()
+        // Grocer leaves: its points are all spent.
+        var without = h.configuration
+        without.partners[G] = nil
+        try h.store.close()
+        h.store = try Store(dataDirectory: h.dir.url, configuration: without, clock: h.clock)
+        h.clock.set(Instant(rfc3339: "2026-11-22T11:00:00Z")!)
+        _ = h.post(C, "c2", Fixtures.reverseRedemption("M1", 100, "C-2", of: "C-1"))
+        #expect(try h.balance("M1") == 100, "the points are back in grocer's lot")
+        h.clock.set(Instant(rfc3339: "2026-11-24T00:00:00Z")!)
+        let run = try h.store.settle()
+        #expect(figures(run, G) == PartnerFigures(
+            partner: G, issuedPoints: .zero, redeemedPoints: .zero, expiredPoints: Points(100),
+            payableMinor: .zero, receivableMinor: .zero, netMinor: .zero))
+        #expect(figures(run, C)?.redeemedPoints == Points(-100))
+        #expect(run.issuePrices[G] == h.configuration.partners[G]!.issuePricePer1000, "its last run's prices")
+        #expect(try h.store.notice("\(run.id):grocer") != nil, "its notice waits for a notice_url, as any missing partner's")
+        #expect(try h.verify().ok)
+        // Entries of a partner no longer configured (accepted before it left) stop the run.
+        try h.store.close()
+        h.store = try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock)
+        _ = h.post(G, "g2", Fixtures.earn("M2", 10, "G-2"))
+        try h.store.close()
+        h.store = try Store(dataDirectory: h.dir.url, configuration: without, clock: h.clock)
+        h.clock.advance(milliseconds: 1_000)
+        #expect { try h.store.settle() } throws: { "\($0)".contains("partner grocer has entries in this run but no terms") }
+    }
+
     /// A lot whose expiry is at or before the cutoff is expired by the run ("Example 3").
     @Test func expiryAtExactlyTheCutoff() throws {
         let h = try dailyLotPartlyRedeemed()

@@ -158,6 +158,25 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(try Verifier.verify(dataDirectory: empty).breaches.contains { $0.contains("holds an interrupted restore") })
     }
 
+    /// A partner whose entries cancel out still has figures and a notice; a run whose row for
+    /// it is gone (with its notice) is a breach naming it.
+    @Test func aPartnerWithEntriesButNoFiguresIsABreach() throws {
+        let h = try Harness()
+        _ = h.post(F, "f1", Fixtures.earn("M1", 10, "F-1"))
+        _ = h.post(F, "f2", Fixtures.reverseEarn("M1", 10, "F-2", of: "F-1"))
+        h.clock.advance(milliseconds: 1_000)
+        let run = try h.store.settle()
+        #expect(run.partners.contains { $0.partner == F && $0.issuedPoints == .zero })
+        try h.store.close()
+        #expect(try h.verify().ok)
+        let edit = try SQLiteTool.run(
+            h.dir.url.appendingPathComponent("coalition.sqlite"),
+            "DROP TRIGGER run_partner_immutable_d; DROP TRIGGER notice_never_deleted; DELETE FROM notice WHERE partner = 'fuel'; DELETE FROM run_partner WHERE partner = 'fuel'")
+        #expect(edit.status == 0, "\(edit.stderr)")
+        let r = try h.verify()
+        #expect(r.breaches.contains { $0.contains("partner fuel has 2 entries in the run but no figures") }, "\(r.breaches)")
+    }
+
     /// Grocer issues 1000 points to M1, 400 of them redeemed at the cinema; run R000001 settles them.
     func settledOnce() throws -> Harness {
         let h = try Harness()

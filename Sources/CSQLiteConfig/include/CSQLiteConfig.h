@@ -34,4 +34,9 @@ int ch_wal_buffer_stats(sqlite3 *db, long long *gathered, long long *flushes);
 /// would (the buffer is dropped, nothing written), to show that the commit then fails.
 int ch_wal_buffer_fail_flushes(sqlite3 *db, int count);
 
+/// Writes out what stdio still holds for standard output; nonzero if that, or any earlier
+/// write to it, failed (a full disk, a closed pipe). Here because Swift 6 refuses to touch
+/// the C global `stdout`.
+int ch_stdout_failed(void);
+
 #endif
