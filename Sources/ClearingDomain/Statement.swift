@@ -12,13 +12,23 @@ public struct StatementHeader: Equatable, Sendable {
     /// The ledger sequences of the run's entries (nil when it has none).
     public var firstSequence: Int64?
     public var lastSequence: Int64?
+    /// Whether the run recorded which lots it expired (runs closed before `v17-run-expiries`
+    /// recorded only `expired_points`).
+    public var expiredLotsRecorded: Bool
+    /// The run's number, for reading its expired lots.
+    public var runNumber: Int64
 
-    public init(notice: SettlementNotice, flows: [Flow], entryCount: Int64, firstSequence: Int64?, lastSequence: Int64?) {
+    public init(
+        notice: SettlementNotice, flows: [Flow], entryCount: Int64, firstSequence: Int64?, lastSequence: Int64?,
+        expiredLotsRecorded: Bool = true, runNumber: Int64 = 0
+    ) {
         self.notice = notice
         self.flows = flows
         self.entryCount = entryCount
         self.firstSequence = firstSequence
         self.lastSequence = lastSequence
+        self.expiredLotsRecorded = expiredLotsRecorded
+        self.runNumber = runNumber
     }
 
     public var partner: PartnerID { notice.figures.partner }
@@ -37,7 +47,8 @@ public enum StatementFormat: String, Sendable, CaseIterable {
     }
 
     /// Bumped whenever the documents' bytes change (part of the ETag and the signed manifest).
-    public static let version = "2"  // 2: CSV lines end in LF (1: CRLF)
+    /// 3: the JSON document lists the lots the run expired (2: CSV lines end in LF; 1: CRLF).
+    public static let version = "3"
 
     public static let csvHeader = "sequence,accepted_at,occurred_at,type,member,points,reference,original_reference,amount_minor\n"
 
@@ -65,14 +76,34 @@ public enum StatementFormat: String, Sendable, CaseIterable {
         return "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\""
     }
 
-    /// The JSON document is `{<figures>,"flows":[...],"entries":[` + entries + `]}`.
+    /// The JSON document is `{<figures>,"flows":[...],"entries":[` + entries +
+    /// `],"expired":[` + expired lots + `]}` (`"expired":null` for a run that did not record them).
     public static func jsonOpening(_ h: StatementHeader) -> String {
         var figures = h.notice.figuresJSON
         figures.removeLast()  // the closing brace: flows and entries follow
         return figures + ",\"entry_count\":\(h.entryCount),\"flows\":[" + h.flows.map(\.json).joined(separator: ",") + "],\"entries\":["
     }
 
-    public static let jsonClosing = "]}"
+    /// Between the entries and the expired lots.
+    public static func jsonExpiredOpening(_ h: StatementHeader) -> String {
+        h.expiredLotsRecorded ? "],\"expired\":[" : "],\"expired\":null"
+    }
+
+    public static func jsonClosing(_ h: StatementHeader) -> String {
+        h.expiredLotsRecorded ? "]}" : "}"
+    }
+
+    /// One lot of the partner's that the run expired: its earn (the partner's own ledger
+    /// sequence, time and reference), the member, and the points it gave up.
+    public static func jsonExpired(_ e: ExpiredLot) -> String {
+        var w = JSONWriter()
+        w.int("sequence", e.sequence)
+        w.string("accepted_at", e.acceptedAt.rfc3339)
+        w.string("member", e.member.rawValue)
+        w.string("reference", e.reference.rawValue)
+        w.int("points", e.points.value)
+        return w.finish()
+    }
 
     public static func jsonEntry(_ e: Entry) -> String {
         var w = JSONWriter()
@@ -86,5 +117,23 @@ public enum StatementFormat: String, Sendable, CaseIterable {
         if let o = e.event.originalReference { w.string("original_reference", o.rawValue) } else { w.null("original_reference") }
         if let a = e.event.amountMinor { w.int("amount_minor", a.value) } else { w.null("amount_minor") }
         return w.finish()
+    }
+}
+
+/// A lot a run expired, as its issuer's statement shows it.
+public struct ExpiredLot: Equatable, Sendable {
+    /// The earn's sequence in the issuer's ledger.
+    public var sequence: Int64
+    public var acceptedAt: Instant
+    public var member: MemberID
+    public var reference: Reference
+    public var points: Points
+
+    public init(sequence: Int64, acceptedAt: Instant, member: MemberID, reference: Reference, points: Points) {
+        self.sequence = sequence
+        self.acceptedAt = acceptedAt
+        self.member = member
+        self.reference = reference
+        self.points = points
     }
 }

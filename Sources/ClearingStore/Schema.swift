@@ -447,6 +447,32 @@ enum Schema {
                     ALTER TABLE notice ADD COLUMN lease_until_boot_ms INTEGER;
                     """)
         }
+        m.registerMigration("v17-run-expiries") { db in
+            // Which lots each run expired, and how many points of each: an issuer's
+            // `expired_points` is then reproducible lot by lot (its JSON statement lists them;
+            // CONTRACT §8). Runs closed before this migration recorded only the totals:
+            // `run_expiry_recorded.from_run` is the first run with the lots.
+            try db.execute(
+                sql: """
+                    CREATE TABLE run_expiry (
+                      run_number INTEGER NOT NULL REFERENCES run(number),
+                      issuer TEXT NOT NULL,
+                      lot_id INTEGER NOT NULL REFERENCES lot(id),
+                      member TEXT NOT NULL,
+                      points INTEGER NOT NULL CHECK (points BETWEEN 1 AND 1000000000),
+                      PRIMARY KEY (run_number, issuer, lot_id)
+                    ) WITHOUT ROWID;
+                    CREATE TRIGGER run_expiry_immutable_u BEFORE UPDATE ON run_expiry BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                    CREATE TRIGGER run_expiry_immutable_d BEFORE DELETE ON run_expiry BEGIN SELECT RAISE(ABORT, 'a closed run never changes'); END;
+                    CREATE TABLE run_expiry_recorded (
+                      id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+                      from_run INTEGER NOT NULL CHECK (from_run >= 1)
+                    );
+                    INSERT INTO run_expiry_recorded (id, from_run) SELECT 1, COALESCE(MAX(number), 0) + 1 FROM run;
+                    CREATE TRIGGER run_expiry_recorded_immutable_u BEFORE UPDATE ON run_expiry_recorded BEGIN SELECT RAISE(ABORT, 'never changes'); END;
+                    CREATE TRIGGER run_expiry_recorded_immutable_d BEFORE DELETE ON run_expiry_recorded BEGIN SELECT RAISE(ABORT, 'never changes'); END;
+                    """)
+        }
         return m
     }
 

@@ -305,6 +305,10 @@ extension Store {
             partners: figures, flows: flows, totals: totals,
             issuePrices: issuePrices, redeemCredits: redeemCredits)
         try record(db, run, ranges: sequenceRanges, now: now)
+        // The lots this run expired (left in `temp.expiring_lot` by `expireLots`), lot by lot.
+        try db.execute(
+            sql: "INSERT INTO run_expiry (run_number, issuer, lot_id, member, points) SELECT ?, issuer, id, member, points FROM temp.expiring_lot",
+            arguments: [number])
         for (p, snap) in snapshot {
             try db.execute(
                 sql: """

@@ -74,7 +74,10 @@ extension Store {
                 run: runID, cutoff: Instant(millisecondsSinceEpoch: try run.int64("cutoff_ms")),
                 currency: try run.optionalText("currency") ?? Store.historicCurrency(db) ?? configuration.coalition.currency,
                 figures: figures, issuePricePer1000: issuePrice, redeemCreditPer1000: creditPrice)
-            return StatementHeader(notice: notice, flows: flows, entryCount: count, firstSequence: first, lastSequence: last)
+            let recordedFrom = try Int64.fetchOne(db, sql: "SELECT from_run FROM run_expiry_recorded WHERE id = 1") ?? 1
+            return StatementHeader(
+                notice: notice, flows: flows, entryCount: count, firstSequence: first, lastSequence: last,
+                expiredLotsRecorded: number >= recordedFrom, runNumber: number)
         }
     }
 
@@ -132,7 +135,52 @@ extension Store {
             try Task.checkCancellation()
             await Task.yield()
         }
-        if format == .json { try await sink(StatementFormat.jsonClosing) }
+        if format == .json {
+            try await sink(StatementFormat.jsonExpiredOpening(header))
+            if header.expiredLotsRecorded {
+                var afterLot: Int64 = 0
+                var firstLot = true
+                while true {
+                    let lots = try statementExpiredLots(header, afterLot: afterLot, limit: Limits.statementBatchEntries)
+                    guard let last = lots.last else { break }
+                    var chunk = ""
+                    for (_, lot) in lots {
+                        if !firstLot { chunk += "," }
+                        chunk += StatementFormat.jsonExpired(lot)
+                        firstLot = false
+                    }
+                    try await sink(chunk)
+                    afterLot = last.lotID
+                    try Task.checkCancellation()
+                    await Task.yield()
+                }
+            }
+            try await sink(StatementFormat.jsonClosing(header))
+        }
+    }
+
+    /// Up to `limit` of the lots of the statement's partner that its run expired, after lot
+    /// `afterLot`, in lot (acceptance) order, each with its earn as the partner's ledger has it.
+    public func statementExpiredLots(_ header: StatementHeader, afterLot: Int64, limit: Int) throws -> [(lotID: Int64, lot: ExpiredLot)] {
+        try coalition.read { db in
+            try Row.fetchAll(
+                db,
+                sql: """
+                    SELECT e.lot_id, j.sequence, j.accepted_at_ms, e.member, j.reference, e.points FROM run_expiry e
+                    JOIN journal j ON j.id = e.lot_id
+                    WHERE e.run_number = ? AND e.issuer = ? AND e.lot_id > ? ORDER BY e.lot_id LIMIT ?
+                    """,
+                arguments: [header.runNumber, header.partner.rawValue, afterLot, limit]
+            ).map { r in
+                let id = try r.int64("lot_id")
+                guard let member = MemberID(try r.text("member")), let reference = Reference(try r.text("reference")) else {
+                    throw StoreError("expired lot \(id) has an invalid member or reference")
+                }
+                return (id, ExpiredLot(
+                    sequence: try r.int64("sequence"), acceptedAt: Instant(millisecondsSinceEpoch: try r.int64("accepted_at_ms")),
+                    member: member, reference: reference, points: Points(try r.int64("points"))))
+            }
+        }
     }
 
 }

@@ -140,6 +140,9 @@ public enum Verifier {
         try runs.closeRuns(before: nil, &book, &report)
         runs.checkNothingLeftBehind(db, &report)
         let notices = try checkNotices(db, &report)
+        if let lots = try checkRunExpiries(db, &report) {
+            report.checks.append("expired lots: \(lots) recorded lot by lot, each a lot of its issuer and member, summing to each issuer's expired_points in each run")
+        }
         report.checks.append("journal: \(entries) entries replayed from nothing; ids gapless, times ordered, rules re-applied")
         report.checks.append("invariants 4 and 5: \(runs.closed) runs contiguous and unchanged (figures, expiry and flows recomputed), Σ net + margin = 0, gross, net transfers and netting efficiency recomputed, flows into each redeemer = its redeemed points")
         report.checks.append("notices: \(notices) settlement notices, one per partner of each run, each carrying its run's figures")
@@ -463,6 +466,40 @@ extension Verifier {
 extension Verifier {
     /// Every partner of every run has exactly one notice (`<run>:<partner>`), and its body
     /// carries the run's figures for that partner. Returns how many notices there are.
+    /// The lots each run expired (`run_expiry`, from `v17-run-expiries` on): each is a lot of
+    /// the issuer and member it names, and they sum, per run and issuer, to the issuer's
+    /// `expired_points` (which the replay recomputes). Nil for a directory not yet migrated.
+    static func checkRunExpiries(_ db: Database, _ report: inout VerifyReport) throws -> Int? {
+        guard try db.tableExists("run_expiry"), let from = try Int64.fetchOne(db, sql: "SELECT from_run FROM run_expiry_recorded WHERE id = 1") else {
+            return nil
+        }
+        for row in try Row.fetchAll(
+            db,
+            sql: """
+                SELECT r.id, rp.partner, rp.expired_points, COALESCE(SUM(e.points), 0) AS listed
+                FROM run_partner rp JOIN run r ON r.number = rp.run_number
+                LEFT JOIN run_expiry e ON e.run_number = rp.run_number AND e.issuer = rp.partner
+                WHERE rp.run_number >= ? GROUP BY rp.run_number, rp.partner HAVING rp.expired_points <> listed
+                """,
+            arguments: [from])
+        {
+            report.breach("run \(try row.text("id")): partner \(try row.text("partner"))'s expired lots sum to \(try row.int64("listed")) points, its expired_points are \(try row.int64("expired_points"))")
+        }
+        for row in try Row.fetchAll(
+            db,
+            sql: """
+                SELECT e.run_number, e.issuer, e.lot_id FROM run_expiry e
+                LEFT JOIN run_partner rp ON rp.run_number = e.run_number AND rp.partner = e.issuer
+                LEFT JOIN lot ON lot.id = e.lot_id
+                WHERE e.run_number < ? OR rp.partner IS NULL OR lot.id IS NULL OR lot.issuer <> e.issuer OR lot.member <> e.member
+                """,
+            arguments: [from])
+        {
+            report.breach("run number \(try row.int64("run_number")): expired lot \(try row.int64("lot_id")) of \(try row.text("issuer")) is not a lot of that issuer and member in a run with its figures")
+        }
+        return try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM run_expiry") ?? 0
+    }
+
     static func checkNotices(_ db: Database, _ report: inout VerifyReport) throws -> Int {
         for row in try Row.fetchAll(
             db,

@@ -138,6 +138,45 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         #expect(try h.verify().ok)
     }
 
+    /// The JSON statement of a partner's run, as `clearhouse statement` and the route write it.
+    func jsonStatement(_ h: Harness, _ p: PartnerID, _ run: String) async throws -> [String: Any] {
+        let header = try #require(try h.store.statement(for: p, run: run))
+        var text = ""
+        try await h.store.writeStatement(header, .json) { text += $0 }
+        return try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
+    }
+
+    /// An issuer's `expired_points` are reproducible lot by lot (CONTRACT §8): its JSON
+    /// statement lists each lot the run expired (the earn's sequence, time and reference, the
+    /// member, the points), and `verify` checks the list against the figures and the lots.
+    @Test func theLotsARunExpiredAreListedInTheIssuersStatement() async throws {
+        let h = try dailyLotPartlyRedeemed()
+        h.clock.set(Instant(rfc3339: "2026-11-24T00:00:00Z")!)
+        _ = try h.store.settle(through: Instant(rfc3339: "2026-11-23T09:59:59.999Z")!)
+        let at = try h.store.settle(through: Instant(rfc3339: "2026-11-23T10:00:00Z")!)
+        let grocer = try await jsonStatement(h, G, at.id)
+        let expired = try #require(grocer["expired"] as? [[String: Any]])
+        #expect(expired.count == 1)
+        #expect(expired.first?["sequence"] as? Int == 1 && expired.first?["reference"] as? String == "G-1")
+        #expect(expired.first?["member"] as? String == "M1" && expired.first?["points"] as? Int == 70)
+        #expect(expired.first?["accepted_at"] as? String == "2026-11-22T10:00:00.000Z")
+        #expect(grocer["expired_points"] as? Int == 70)
+        #expect((try await jsonStatement(h, C, at.id)["expired"] as? [Any])?.isEmpty == true, "the cinema's lots expired nothing")
+        // Points given back to the lot later expire in the next run, listed there.
+        _ = h.post(C, "c2", Fixtures.reverseRedemption("M1", 30, "C-2", of: "C-1"))
+        let after = try h.store.settle()
+        #expect((try await jsonStatement(h, G, after.id)["expired"] as? [[String: Any]])?.map { $0["points"] as? Int } == [30])
+        try h.store.close()
+        #expect(try h.verify().ok)
+        let file = h.dir.url.appendingPathComponent("coalition.sqlite")
+        #expect(try SQLiteTool.run(file, "DROP TRIGGER run_expiry_immutable_u; UPDATE run_expiry SET points = 69 WHERE run_number = 2").status == 0)
+        #expect(try h.verify().breaches.contains { $0.contains("grocer's expired lots sum to 69 points, its expired_points are 70") })
+        // A run closed before the lots were recorded: its statement says so (null), not [].
+        #expect(try SQLiteTool.run(file, "DROP TRIGGER run_expiry_recorded_immutable_u; UPDATE run_expiry_recorded SET from_run = 3").status == 0)
+        try h.reopen()
+        #expect(try await jsonStatement(h, G, at.id)["expired"] is NSNull)
+    }
+
     /// `points_expire_after_days = 0`: points never expire, however long they wait; runs
     /// expire nothing and `verify` agrees (it used to read "never" as an overflow).
     @Test func pointsThatNeverExpire() throws {
