@@ -113,49 +113,43 @@ extension Store {
         _ header: StatementHeader, _ format: StatementFormat, _ sink: (String) async throws -> Void
     ) async throws {
         try await sink(format == .csv ? StatementFormat.csvHeader : StatementFormat.jsonOpening(header))
+        try await streamBatches(
+            { after in try statementEntries(header, after: after, limit: Limits.statementBatchEntries).map { ($0.sequence, $0) } },
+            separator: format == .csv ? "" : ",", sink
+        ) { format == .csv ? StatementFormat.csvRow($0) : StatementFormat.jsonEntry($0) }
+        guard format == .json else { return }
+        try await sink(StatementFormat.jsonExpiredOpening(header))
+        if header.expiredLotsRecorded {
+            try await streamBatches(
+                { after in try statementExpiredLots(header, afterLot: after, limit: Limits.statementBatchEntries) }, separator: ",", sink,
+                StatementFormat.jsonExpired)
+        }
+        try await sink(StatementFormat.jsonClosing(header))
+    }
+
+    /// Writes what `batch(after)` returns, batch after batch (each item keyed by what the next
+    /// batch starts after) until one is empty, items joined by `separator`, one chunk a batch.
+    private func streamBatches<Item>(
+        _ batch: (Int64) throws -> [(Int64, Item)], separator: String, _ sink: (String) async throws -> Void,
+        _ render: (Item) -> String
+    ) async throws {
         var after: Int64 = 0
         var first = true
         while true {
-            let entries = try statementEntries(header, after: after, limit: Limits.statementBatchEntries)
-            guard let last = entries.last else { break }
+            let items = try batch(after)
+            guard let last = items.last else { return }
             var chunk = ""
-            chunk.reserveCapacity(entries.count * 128)
-            for e in entries {
-                if format == .csv {
-                    chunk += StatementFormat.csvRow(e)
-                } else {
-                    if !first { chunk += "," }
-                    chunk += StatementFormat.jsonEntry(e)
-                    first = false
-                }
+            chunk.reserveCapacity(items.count * 128)
+            for (_, item) in items {
+                if !first { chunk += separator }
+                chunk += render(item)
+                first = false
             }
             try await sink(chunk)
-            after = last.sequence
+            after = last.0
             // Between batches: stop if the client went away, and let other requests run.
             try Task.checkCancellation()
             await Task.yield()
-        }
-        if format == .json {
-            try await sink(StatementFormat.jsonExpiredOpening(header))
-            if header.expiredLotsRecorded {
-                var afterLot: Int64 = 0
-                var firstLot = true
-                while true {
-                    let lots = try statementExpiredLots(header, afterLot: afterLot, limit: Limits.statementBatchEntries)
-                    guard let last = lots.last else { break }
-                    var chunk = ""
-                    for (_, lot) in lots {
-                        if !firstLot { chunk += "," }
-                        chunk += StatementFormat.jsonExpired(lot)
-                        firstLot = false
-                    }
-                    try await sink(chunk)
-                    afterLot = last.lotID
-                    try Task.checkCancellation()
-                    await Task.yield()
-                }
-            }
-            try await sink(StatementFormat.jsonClosing(header))
         }
     }
 
