@@ -133,6 +133,8 @@ struct Serve: AsyncParsableCommand {
         // close the databases cleanly (checkpointed).
         writer.shutdown()
         try store.close()
-        print("clearhouse: stopped")
+        // On standard error: a standard output gone (a closed pipe) must not turn a clean
+        // stop into exit 1 (`Entry` checks what the verb printed there).
+        printError("clearhouse: stopped")
     }
 }

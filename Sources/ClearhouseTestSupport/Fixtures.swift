@@ -25,6 +25,12 @@ public final class ManualClock: WallClock {
     public func step(milliseconds: Int64) {
         current.withLock { $0.wall = Instant(millisecondsSinceEpoch: $0.wall.millisecondsSinceEpoch + milliseconds) }
     }
+
+    /// The lease (boot) clock alone reads otherwise: as in a process whose boot clock is faked
+    /// (libfaketime) or offset (a time namespace).
+    public func stepLeaseClock(milliseconds: Int64) {
+        current.withLock { $0.lease += milliseconds }
+    }
 }
 
 /// A fresh temporary directory, removed by `remove()`.

@@ -46,7 +46,8 @@ public enum StatementFormat: String, Sendable, CaseIterable {
         }
     }
 
-    /// Bumped whenever the documents' bytes change (part of the ETag and the signed manifest).
+    /// Bumped whenever the documents' bytes change (part of the ETag; the signed manifest
+    /// names the body's digest, which changes with them).
     /// 3: the JSON document lists the lots the run expired (2: CSV lines end in LF; 1: CRLF).
     public static let version = "3"
 

@@ -165,19 +165,20 @@ extension Store {
     /// The columns `leaseHolds` reads.
     static let leaseColumns = "lease_owner, lease_until_ms, lease_boot, lease_until_boot_ms"
 
-    /// Whether a notice row's lease (`leaseColumns`) still holds at `lease`: it has not run out
-    /// on this boot's clock and its process lives. A lease of another boot never holds (its
-    /// process is gone, whatever now has its pid); one without a boot (an earlier build's) ends
-    /// at its wall-clock time. `ownLeasesAreStale`: the caller skips every partner it is sending
-    /// to, so a lease in its own name on a notice it may claim was left by an earlier process
-    /// that had the same pid (a restarted container's pid 1).
+    /// Whether a notice row's lease (`leaseColumns`) still holds: its process lives, and it has
+    /// not run out by either clock: the boot clock of the boot it was taken on (which no step
+    /// of the wall clock moves), or the wall clock. Either is enough: a process whose boot
+    /// clock is faked or offset (libfaketime, a time namespace) still sees a live sender's
+    /// lease by the wall clock, and a forward step of the wall clock does not end it while the
+    /// boot clock says it holds. A lease without a boot (an earlier build's) or of another
+    /// boot ends by the wall clock. `ownLeasesAreStale`: the caller skips every partner it is
+    /// sending to, so a lease in its own name on a notice it may claim was left by an earlier
+    /// process that had the same pid (a restarted container's pid 1).
     static func leaseHolds(_ row: Row, at lease: LeaseTime, wall t: Int64, caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool) throws -> Bool {
         guard let owner = try row.optionalInt64("lease_owner").map({ Int32(truncatingIfNeeded: $0) }) else { return false }
-        if let boot = try row.optionalText("lease_boot") {
-            guard boot == lease.boot, let until = try row.optionalInt64("lease_until_boot_ms"), until > lease.milliseconds else { return false }
-        } else {
-            guard let until = try row.optionalInt64("lease_until_ms"), until > t else { return false }
-        }
+        let byBoot = try row.optionalText("lease_boot") == lease.boot && (try row.optionalInt64("lease_until_boot_ms")).map { $0 > lease.milliseconds } == true
+        let byWall = (try row.optionalInt64("lease_until_ms")).map { $0 > t } == true
+        guard byBoot || byWall else { return false }
         if owner == caller && ownLeasesAreStale { return false }
         return ownerAlive(owner)
     }

@@ -26,16 +26,20 @@ struct ReplayBook {
 
     /// Expires every lot whose expiry is at or before `cutoff`, as a run does; returns the
     /// points expired per issuer, and starts a new run accumulator.
-    mutating func closeRun(cutoff: Instant) -> (RunAccumulator, [PartnerID: Int64]) {
+    /// Closes the run open at `cutoff`: what it accumulated, the points it expired by issuer,
+    /// and lot by lot.
+    mutating func closeRun(cutoff: Instant) -> (RunAccumulator, [PartnerID: Int64], lots: [Int64: Int64]) {
         var expired: [PartnerID: Int64] = [:]
+        var expiredLots: [Int64: Int64] = [:]
         for (id, lot) in lots where lot.remaining > 0 && (lot.expiresAt.map { $0 <= cutoff } ?? false) {
             expired[lot.issuer, default: 0] += lot.remaining
+            expiredLots[id] = lot.remaining
             lots[id]!.expired += lot.remaining
             lots[id]!.remaining = 0
         }
         expiredPoints += expired.values.reduce(0, +)
         defer { current = RunAccumulator() }
-        return (current, expired)
+        return (current, expired, expiredLots)
     }
 
     private(set) var expiredPoints: Int64 = 0

@@ -436,11 +436,10 @@ enum Schema {
                     """)
         }
         m.registerMigration("v16-notice-lease-boot-time") { db in
-            // A notice's lease also ends at a time on the host's boot clock (`LeaseTime`), which
-            // no step of the wall clock moves: a forward step during an attempt let another
-            // process take the notice and send it at the same moment. `lease_until_ms` (wall)
-            // stays for the scheduling of the next attempt; a lease without a boot (taken by an
-            // earlier build) ends by it, as before.
+            // A notice's lease also runs on the host's boot clock (`LeaseTime`), which no step
+            // of the wall clock moves: a forward step during an attempt let another process take
+            // the notice and send it at the same moment. It holds while either clock says so
+            // (`Store.leaseHolds`); `lease_until_ms` (wall) also schedules the next attempt.
             try db.execute(
                 sql: """
                     ALTER TABLE notice ADD COLUMN lease_boot TEXT;

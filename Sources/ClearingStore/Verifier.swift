@@ -464,11 +464,10 @@ extension Verifier {
 /// run did, recomputes the run's figures and flows from the replayed entries (with the prices
 /// stored in the run) and compares them with what the run recorded (invariants 4 and 5).
 extension Verifier {
-    /// Every partner of every run has exactly one notice (`<run>:<partner>`), and its body
-    /// carries the run's figures for that partner. Returns how many notices there are.
     /// The lots each run expired (`run_expiry`, from `v17-run-expiries` on): each is a lot of
     /// the issuer and member it names, and they sum, per run and issuer, to the issuer's
-    /// `expired_points` (which the replay recomputes). Nil for a directory not yet migrated.
+    /// `expired_points` (the points of each lot are compared with the replay's in
+    /// `RunChecker.closeRuns`). Nil for a directory not yet migrated.
     static func checkRunExpiries(_ db: Database, _ report: inout VerifyReport) throws -> Int? {
         guard try db.tableExists("run_expiry"), let from = try Int64.fetchOne(db, sql: "SELECT from_run FROM run_expiry_recorded WHERE id = 1") else {
             return nil
@@ -500,6 +499,8 @@ extension Verifier {
         return try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM run_expiry") ?? 0
     }
 
+    /// Every partner of every run has exactly one notice (`<run>:<partner>`), and its body
+    /// carries the run's figures for that partner. Returns how many notices there are.
     static func checkNotices(_ db: Database, _ report: inout VerifyReport) throws -> Int {
         for row in try Row.fetchAll(
             db,
@@ -575,6 +576,8 @@ struct RunChecker {
         /// and the all-time flows (`run_flow_snapshot`), which the next run subtracts.
         var snapshot: [PartnerID: [Int64]]
         var flowSnapshot: [ReplayBook.FlowKey: Int64]
+        /// The lots it expired, with their points (`run_expiry`; nil for runs closed before).
+        var expiredLots: [Int64: Int64]?
     }
 
     /// The ranges seen while replaying the run now open.
@@ -587,6 +590,8 @@ struct RunChecker {
     var lastCutoffClosed: Int64?
 
     init(_ rows: [Row], db: Database) {
+        let expiriesFrom = (try? db.tableExists("run_expiry")) == true
+            ? (try? Int64.fetchOne(db, sql: "SELECT from_run FROM run_expiry_recorded WHERE id = 1")) ?? nil : nil
         for row in rows {
             let number: Int64 = row["number"]
             var partners: [PartnerID: (Int64, Int64, Int64, Int64, Int64, Int64, Int64, Int64)] = [:]
@@ -618,11 +623,18 @@ struct RunChecker {
                     flowSnapshot[ReplayBook.FlowKey(issuer: i, redeemer: d)] = r["points"]
                 }
             }
+            var expiredLots: [Int64: Int64]?
+            if let from = expiriesFrom, number >= from {
+                expiredLots = [:]
+                for r in (try? Row.fetchAll(db, sql: "SELECT lot_id, points FROM run_expiry WHERE run_number = ?", arguments: [number])) ?? [] {
+                    expiredLots?[r["lot_id"] as Int64, default: 0] += r["points"] as Int64
+                }
+            }
             pending.append(StoredRun(
                 number: number, id: row["id"], cutoff: Instant(millisecondsSinceEpoch: row["cutoff_ms"]), first: row["first_journal_id"],
                 last: row["last_journal_id"], margin: row["operator_margin_minor"], gross: row["gross_minor"],
                 transfers: row["net_transfers_minor"], efficiencyPPM: row["netting_efficiency_ppm"], partners: partners, flows: flows,
-                ranges: ranges, snapshot: snapshot, flowSnapshot: flowSnapshot))
+                ranges: ranges, snapshot: snapshot, flowSnapshot: flowSnapshot, expiredLots: expiredLots))
         }
     }
 
@@ -647,7 +659,13 @@ struct RunChecker {
             let at = "run \(run.id)"
             if run.first != previousLast &+ 1 { report.breach("\(at): starts at journal id \(run.first), not \(previousLast &+ 1) (a gap or an overlap)") }
             if run.cutoff.millisecondsSinceEpoch < previousCutoff { report.breach("\(at): cutoff before the previous run's") }
-            let (acc, expired) = book.closeRun(cutoff: run.cutoff)
+            let (acc, expired, expiredLots) = book.closeRun(cutoff: run.cutoff)
+            // The lots the run recorded as expired, each with its points, are the replay's.
+            if let recorded = run.expiredLots, recorded != expiredLots {
+                let differing = Set(recorded.keys).union(expiredLots.keys).filter { recorded[$0] != expiredLots[$0] }.sorted()
+                let shown = differing.prefix(5).map { "lot \($0): recorded \(recorded[$0] ?? 0), replayed \(expiredLots[$0] ?? 0)" }
+                report.breach("\(at): the lots it expired differ from the replay's (\(shown.joined(separator: "; "))\(differing.count > 5 ? "; …" : ""))")
+            }
             let (span, spanOverflow) = run.last.subtractingReportingOverflow(run.first)
             if spanOverflow || span == .max {
                 report.breach("\(at): its journal ids \(run.first)…\(run.last) are not a range")

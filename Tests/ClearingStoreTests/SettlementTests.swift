@@ -151,16 +151,18 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
     /// member, the points), and `verify` checks the list against the figures and the lots.
     @Test func theLotsARunExpiredAreListedInTheIssuersStatement() async throws {
         let h = try dailyLotPartlyRedeemed()
+        _ = h.post(G, "g2", Fixtures.earn("M2", 40, "G-2"))
         h.clock.set(Instant(rfc3339: "2026-11-24T00:00:00Z")!)
         _ = try h.store.settle(through: Instant(rfc3339: "2026-11-23T09:59:59.999Z")!)
         let at = try h.store.settle(through: Instant(rfc3339: "2026-11-23T10:00:00Z")!)
         let grocer = try await jsonStatement(h, G, at.id)
         let expired = try #require(grocer["expired"] as? [[String: Any]])
-        #expect(expired.count == 1)
+        #expect(expired.count == 2)
         #expect(expired.first?["sequence"] as? Int == 1 && expired.first?["reference"] as? String == "G-1")
         #expect(expired.first?["member"] as? String == "M1" && expired.first?["points"] as? Int == 70)
         #expect(expired.first?["accepted_at"] as? String == "2026-11-22T10:00:00.000Z")
-        #expect(grocer["expired_points"] as? Int == 70)
+        #expect(expired.last?["reference"] as? String == "G-2" && expired.last?["points"] as? Int == 40)
+        #expect(grocer["expired_points"] as? Int == 110)
         #expect((try await jsonStatement(h, C, at.id)["expired"] as? [Any])?.isEmpty == true, "the cinema's lots expired nothing")
         // Points given back to the lot later expire in the next run, listed there.
         _ = h.post(C, "c2", Fixtures.reverseRedemption("M1", 30, "C-2", of: "C-1"))
@@ -169,8 +171,16 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         try h.store.close()
         #expect(try h.verify().ok)
         let file = h.dir.url.appendingPathComponent("coalition.sqlite")
-        #expect(try SQLiteTool.run(file, "DROP TRIGGER run_expiry_immutable_u; UPDATE run_expiry SET points = 69 WHERE run_number = 2").status == 0)
-        #expect(try h.verify().breaches.contains { $0.contains("grocer's expired lots sum to 69 points, its expired_points are 70") })
+        #expect(try SQLiteTool.run(file, "DROP TRIGGER run_expiry_immutable_u; UPDATE run_expiry SET points = 69 WHERE run_number = 2 AND lot_id = 1").status == 0)
+        #expect(try h.verify().breaches.contains { $0.contains("grocer's expired lots sum to 109 points, its expired_points are 110") })
+        // Points moved between two lots (the sum kept): the replay's lots disagree.
+        #expect(try SQLiteTool.run(file, "UPDATE run_expiry SET points = 60 WHERE run_number = 2 AND lot_id = 1; UPDATE run_expiry SET points = 50 WHERE run_number = 2 AND lot_id = 3").status == 0)
+        let moved = try h.verify()
+        #expect(moved.breaches.contains { $0.contains("the lots it expired differ from the replay's (lot 1: recorded 60, replayed 70; lot 3: recorded 50, replayed 40)") }, "\(moved.breaches)")
+        #expect(!moved.breaches.contains { $0.contains("sum to") })
+        // A lot listed under another member than its own.
+        #expect(try SQLiteTool.run(file, "UPDATE run_expiry SET points = 70 WHERE lot_id = 1 AND run_number = 2; UPDATE run_expiry SET points = 40 WHERE lot_id = 3; UPDATE run_expiry SET member = 'M9' WHERE lot_id = 3").status == 0)
+        #expect(try h.verify().breaches == ["run number 2: expired lot 3 of grocer is not a lot of that issuer and member in a run with its figures"])
         // A run closed before the lots were recorded: its statement says so (null), not [].
         #expect(try SQLiteTool.run(file, "DROP TRIGGER run_expiry_recorded_immutable_u; UPDATE run_expiry_recorded SET from_run = 3").status == 0)
         try h.reopen()
