@@ -361,6 +361,8 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var readPending = false
     /// Set when the server began to stop (`ChannelShouldQuiesceEvent`).
     private var quiescing = false
+    /// Between a request's head and its end, as passed on to the router.
+    private var midRequest = false
 
     private enum Held {
         case part(NIOAny)
@@ -404,10 +406,12 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
     /// Passes a part on to the router; a request's head as its connection must be answered.
     private func pass(context: ChannelHandlerContext, _ data: NIOAny) {
         guard case .head(var head) = unwrapInboundIn(data) else {
+            if case .end = unwrapInboundIn(data) { midRequest = false }
             context.fireChannelRead(data)
             return
         }
         answering = true
+        midRequest = true
         let legacy = head.version.major < 1 || (head.version.major == 1 && head.version.minor == 0)
         let close = legacy || !head.isKeepAlive
         // At most two: a request being answered, and one behind it whose predecessor was
@@ -425,7 +429,40 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         // In order with the parts around it: a parse error behind a held request waits too.
-        if held.isEmpty { context.fireErrorCaught(error) } else { held.append(.error(error)) }
+        if !held.isEmpty {
+            held.append(.error(error))
+            return
+        }
+        // A request head the HTTP parser refused (over `requestHeaderDecodeBytesMax`, over
+        // `requestHeaderFieldsMax` fields, a bad token), between requests: answered here with a
+        // problem document, as every refusal is (Hummingbird would write a bare 400), and the
+        // connection closed (the parser cannot find the next request).
+        if let parse = error as? HTTPParserError, !answering, !midRequest, !closing {
+            refuseUnreadableHead(context: context, parse)
+            return
+        }
+        context.fireErrorCaught(error)
+    }
+
+    private func refuseUnreadableHead(context: ChannelHandlerContext, _ error: HTTPParserError) {
+        let detail = switch error {
+        case .headerOverflow:
+            "the request head is too large: at most \(Limits.requestHeaderDecodeBytesMax / 1024) KiB in \(Limits.requestHeaderFieldsMax) fields"
+        default:
+            "the request head could not be read as HTTP/1.1 (\(error))"
+        }
+        let body = ByteBuffer(string: Problem(.malformed, detail).json)
+        let head = HTTPResponseHead(
+            version: .http1_1, status: .badRequest,
+            headers: [
+                "content-type": "application/problem+json", "cache-control": "no-store",
+                "content-length": String(body.readableBytes), "connection": "close",
+            ])
+        closing = true
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in loopBound.value.close(promise: nil) }
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {

@@ -284,6 +284,31 @@ import Testing
         #expect(record.seen == ["head", "end", "head", "error", "inputClosed"])
     }
 
+    /// A request head the HTTP parser refuses (too large, too many fields) gets a problem
+    /// document like every refusal (Hummingbird wrote a bare 400), and the connection closes;
+    /// a parse error in a request's body is left to the route reading it.
+    @Test func anUnreadableHeadGetsAProblemDocumentAndTheConnectionCloses() throws {
+        let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+        try c.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        c.pipeline.fireErrorCaught(HTTPParserError.headerOverflow)
+        guard case .head(let head) = try c.readOutbound(as: HTTPServerResponsePart.self) else { Issue.record("no head"); return }
+        #expect(head.status == .badRequest && head.headers["content-type"] == ["application/problem+json"])
+        #expect(head.headers["connection"] == ["close"])
+        guard case .body(.byteBuffer(let body)) = try c.readOutbound(as: HTTPServerResponsePart.self) else { Issue.record("no body"); return }
+        let text = String(buffer: body)
+        #expect(text.contains("urn:clearhouse:problem:malformed") && text.contains("at most 32 KiB in 100 fields"), "\(text)")
+        #expect(head.headers["content-length"] == ["\(body.readableBytes)"])
+        #expect(!c.isActive, "closed once written")
+
+        let mid = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+        try mid.writeInbound(request(.http1_1))
+        #expect(throws: HTTPParserError.self) {
+            mid.pipeline.fireErrorCaught(HTTPParserError.invalidChunkSize)
+            try mid.throwIfErrorCaught()
+        }
+        #expect(try mid.readOutbound(as: HTTPServerResponsePart.self) == nil, "the route answers a body it cannot read")
+    }
+
     /// While a request waits behind another, nothing more is read from the connection (the
     /// held parts stay bounded); the read is made once they have been passed on.
     @Test func noReadIsMadeWhileARequestIsHeld() throws {

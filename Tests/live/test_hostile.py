@@ -229,6 +229,23 @@ def test_malformed_heads_get_4xx_or_a_closed_connection(server, headers):
     assert_still_serving(server)
 
 
+@pytest.mark.parametrize("headers", [
+    [b"x-big: " + b"a" * 40000],
+    [f"x-h{i}: v".encode() for i in range(101)],
+])
+def test_a_head_the_parser_refuses_gets_a_problem_document(server, headers):
+    """Over 32 KiB or 100 fields, the HTTP decoder refuses the head: a 400 problem document
+    (`malformed`, naming the limits) like every refusal, not a bare 400, and the connection
+    closes."""
+    response, closed = until_closed(server, request("GET", "/healthz", headers))
+    assert closed, response[:300]
+    line, head = head_of(response)
+    assert line == "HTTP/1.1 400 Bad Request" and head["content-type"] == "application/problem+json", response[:400]
+    problem = json.loads(response.partition(b"\r\n\r\n")[2])
+    assert problem["type"] == "urn:clearhouse:problem:malformed" and "at most 32 KiB in 100 fields" in problem["detail"]
+    assert_still_serving(server)
+
+
 @pytest.mark.parametrize("path", [
     "/v1/partners/..%2f..%2fetc%2fpasswd/events",
     "/v1/partners/../../coalition.sqlite/events",
