@@ -88,7 +88,12 @@ struct Serve: AsyncParsableCommand {
                 let port = channel.localAddress?.port ?? 0
                 // Written straight to the file descriptor, unbuffered, so a parent waiting for
                 // it (ops/demo, tests) sees it at once.
-                FileHandle.standardOutput.write(Data("clearhouse: listening on https://\(host):\(port)\n".utf8))
+                // A standard output that cannot take it (a full disk) costs the line, not the
+                // server (the line is also in the log).
+                let line = "clearhouse: listening on https://\(host):\(port)\n"
+                if (try? FileHandle.standardOutput.write(contentsOf: Data(line.utf8))) == nil {
+                    _ = try? FileHandle.standardError.write(contentsOf: Data("clearhouse: standard output could not be written; \(line)".utf8))
+                }
             },
             logger: logger)
         // Settlement notices: delivered from the outbox while the server runs (settle, in

@@ -62,7 +62,7 @@ struct StatementCommand: AsyncParsableCommand {
                 throw ExitCode(1)
             }
         } else {
-            // Standard output that cannot take it (a full disk, a closed pipe) is an error
+            // Standard output that cannot take it (a full disk) is an error
             // naming it, not a crash.
             struct StandardOutputFailed: Error { var error: any Error }
             do {

@@ -437,8 +437,9 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
         // `requestHeaderFieldsMax` fields, a bad token), between requests: answered here with a
         // problem document, as every refusal is (Hummingbird would write a bare 400), and the
         // connection closed (the parser cannot find the next request).
-        if let parse = error as? HTTPParserError, !answering, !midRequest, !closing {
-            refuseUnreadableHead(context: context, parse)
+        if let parse = error as? HTTPParserError, !midRequest, !closing {
+            // Behind an answer still being written: refused once it has ended.
+            if answering { held.append(.error(error)) } else { refuseUnreadableHead(context: context, parse) }
             return
         }
         context.fireErrorCaught(error)
@@ -504,12 +505,20 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
     private func passHeld(context: ChannelHandlerContext) {
         var passed = false
         while !closing, let next = held.first {
-            if case .part(let data) = next, answering, isHead(data) { break }
+            // The next request, or an unreadable head behind it, waits for its answer's end.
+            if answering, case .part(let data) = next, isHead(data) { break }
+            if answering, !midRequest, case .error(let error) = next, error is HTTPParserError { break }
             held.removeFirst()
             passed = true
             switch next {
             case .part(let data): pass(context: context, data)
-            case .error(let error): context.fireErrorCaught(error)
+            case .error(let error):
+                // An unreadable head behind the requests passed on: refused here too.
+                if let parse = error as? HTTPParserError, !midRequest {
+                    refuseUnreadableHead(context: context, parse)
+                } else {
+                    context.fireErrorCaught(error)
+                }
             case .event(let event): context.fireUserInboundEventTriggered(event)
             }
         }

@@ -74,7 +74,8 @@ extension Store {
                 run: runID, cutoff: Instant(millisecondsSinceEpoch: try run.int64("cutoff_ms")),
                 currency: try run.optionalText("currency") ?? Store.historicCurrency(db) ?? configuration.coalition.currency,
                 figures: figures, issuePricePer1000: issuePrice, redeemCreditPer1000: creditPrice)
-            let recordedFrom = try Int64.fetchOne(db, sql: "SELECT from_run FROM run_expiry_recorded WHERE id = 1") ?? 1
+            // Without its row (only by tampering, which verify reports), no run claims a list.
+            let recordedFrom = try Int64.fetchOne(db, sql: "SELECT from_run FROM run_expiry_recorded WHERE id = 1") ?? Int64.max
             return StatementHeader(
                 notice: notice, flows: flows, entryCount: count, firstSequence: first, lastSequence: last,
                 expiredLotsRecorded: number >= recordedFrom, runNumber: number)

@@ -56,9 +56,16 @@ public enum Verifier {
         do {
             try verifyCoalition(coalitionPath, dataDirectory: dataDirectory, &report)
         } catch let error as DatabaseError {
-            // Damage in the journal's own file (not a database, a corrupt page): a breach that
-            // names the file, with what was checked before it.
-            report.breach("\(coalitionPath): cannot be read: SQLite error \(error.resultCode.rawValue): \(error.message ?? "\(error.resultCode)"); restore it from a backup")
+            // A breach that names the file, with what was checked before it. Only damage in the
+            // file itself (not a database, a corrupt page) calls for a backup; anything else
+            // (permissions, a lock, the disk) stopped the check, and a restore would throw away
+            // what was accepted since the backup.
+            let sqlite = "SQLite error \(error.resultCode.rawValue): \(error.message ?? "\(error.resultCode)")"
+            if error.resultCode == .SQLITE_NOTADB || error.resultCode == .SQLITE_CORRUPT {
+                report.breach("\(coalitionPath): cannot be read: \(sqlite); the file is damaged: restore it from a backup")
+            } else {
+                report.breach("\(coalitionPath): cannot be read: \(sqlite); verification could not finish: check that this user may read the data directory, and the disk, then run verify again")
+            }
         }
         return report
     }
@@ -469,7 +476,9 @@ extension Verifier {
     /// `expired_points` (the points of each lot are compared with the replay's in
     /// `RunChecker.closeRuns`). Nil for a directory not yet migrated.
     static func checkRunExpiries(_ db: Database, _ report: inout VerifyReport) throws -> Int? {
-        guard try db.tableExists("run_expiry"), let from = try Int64.fetchOne(db, sql: "SELECT from_run FROM run_expiry_recorded WHERE id = 1") else {
+        guard try db.tableExists("run_expiry") else { return nil }
+        guard let from = try Int64.fetchOne(db, sql: "SELECT from_run FROM run_expiry_recorded WHERE id = 1") else {
+            report.breach("run_expiry_recorded: its row is gone (from which run on the expired lots are recorded)")
             return nil
         }
         for row in try Row.fetchAll(

@@ -16,7 +16,7 @@ enum Entry {
         umask(0o077)
         await Clearhouse.main()
         // A verb that succeeded has printed its output into stdio's buffer: written only now, it
-        // may fail (a full disk, a closed pipe, /dev/full), and an export or a run's figures cut
+        // may fail (a full disk, /dev/full), and an export or a run's figures cut
         // short must not end with exit 0.
         if ch_stdout_failed() != 0 {
             let reason = String(cString: strerror(errno))

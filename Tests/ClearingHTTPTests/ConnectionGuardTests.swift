@@ -234,9 +234,9 @@ import Testing
         #expect(try c.readInbound(as: HTTPServerRequestPart.self) == nil, "the third is dropped")
     }
 
-    /// The server stopping (Hummingbird closes after the answer being written): that answer
-    /// says `close` and a request held behind it is never passed on, whether the stop came
-    /// before the answer's head or between its head and its end.
+    /// The server stopping (Hummingbird closes after the answer being written): a request held
+    /// behind that answer is never passed on, whether the stop came before the answer's head
+    /// (which then says `close`) or between its head and its end (already sent without it).
     @Test func aRequestHeldWhenTheServerStopsIsDroppedAndTheAnswerSaysClose() throws {
         for stopBeforeHead in [true, false] {
             let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
@@ -307,6 +307,39 @@ import Testing
             try mid.throwIfErrorCaught()
         }
         #expect(try mid.readOutbound(as: HTTPServerResponsePart.self) == nil, "the route answers a body it cannot read")
+    }
+
+    /// An unreadable head pipelined behind requests (held, or read while an answer is being
+    /// written) is refused with the problem document once the answers before it have ended.
+    @Test func anUnreadableHeadBehindRequestsIsRefusedAfterTheirAnswers() throws {
+        let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+        try c.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        try c.writeInbound(request(.http1_1))
+        try c.writeInbound(HTTPServerRequestPart.end(nil))
+        try c.writeInbound(request(.http1_1))
+        try c.writeInbound(HTTPServerRequestPart.end(nil))
+        c.pipeline.fireErrorCaught(HTTPParserError.invalidContentLength)  // held behind the second
+        #expect(try heads(c).count == 1)
+        try respond(c, .ok)
+        #expect(try heads(c).count == 1, "the second passed on; the error waits for its answer")
+        var statuses: [UInt] = []
+        while let part = try c.readOutbound(as: HTTPServerResponsePart.self) { if case .head(let h) = part { statuses.append(h.status.code) } }
+        #expect(statuses == [200])
+        try respond(c, .ok)
+        var after: [HTTPResponseHead] = []
+        while let part = try c.readOutbound(as: HTTPServerResponsePart.self) { if case .head(let h) = part { after.append(h) } }
+        #expect(after.map(\.status.code) == [200, 400] && after.last?.headers["content-type"] == ["application/problem+json"])
+        #expect(!c.isActive)
+        // Read while the only answer is being written (nothing held): the same.
+        let d = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+        try d.writeInbound(request(.http1_1))
+        try d.writeInbound(HTTPServerRequestPart.end(nil))
+        d.pipeline.fireErrorCaught(HTTPParserError.headerOverflow)
+        #expect(try d.readOutbound(as: HTTPServerResponsePart.self) == nil, "not before the answer in flight")
+        try respond(d, .created)
+        var codes: [UInt] = []
+        while let part = try d.readOutbound(as: HTTPServerResponsePart.self) { if case .head(let h) = part { codes.append(h.status.code) } }
+        #expect(codes == [201, 400])
     }
 
     /// While a request waits behind another, nothing more is read from the connection (the

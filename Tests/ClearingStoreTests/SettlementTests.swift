@@ -185,6 +185,12 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         #expect(try SQLiteTool.run(file, "DROP TRIGGER run_expiry_recorded_immutable_u; UPDATE run_expiry_recorded SET from_run = 3").status == 0)
         try h.reopen()
         #expect(try await jsonStatement(h, G, at.id)["expired"] is NSNull)
+        // Its row gone: a breach, and no statement claims a list.
+        try h.store.close()
+        #expect(try SQLiteTool.run(file, "DROP TRIGGER run_expiry_recorded_immutable_d; DELETE FROM run_expiry_recorded").status == 0)
+        #expect(try h.verify().breaches.contains { $0.contains("run_expiry_recorded: its row is gone") })
+        try h.reopen()
+        #expect(try await jsonStatement(h, G, after.id)["expired"] is NSNull)
     }
 
     /// `points_expire_after_days = 0`: points never expire, however long they wait; runs

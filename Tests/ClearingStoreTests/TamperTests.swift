@@ -151,8 +151,14 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
             atPath: garbage.appendingPathComponent("coalition.sqlite").path, contents: Data("SQLite format 3\u{0}".utf8) + Data(repeating: 0x5A, count: 8000)))
         let unreadable = try Verifier.verify(dataDirectory: garbage)
         #expect(!unreadable.ok && unreadable.breaches.contains {
-            $0.contains("garbage/coalition.sqlite: cannot be read: SQLite error 26") && $0.contains("restore it from a backup")
+            $0.contains("garbage/coalition.sqlite: cannot be read: SQLite error 26") && $0.contains("the file is damaged: restore it from a backup")
         }, "\(unreadable.breaches)")
+        // One that cannot be opened (here a directory; as another user, permissions): the check
+        // could not finish, and no restore is advised (it would lose what came since the backup).
+        let blocked = h.dir.url.appendingPathComponent("blocked")
+        try FileManager.default.createDirectory(at: blocked.appendingPathComponent("coalition.sqlite"), withIntermediateDirectories: true)
+        let unopened = try Verifier.verify(dataDirectory: blocked)
+        #expect(!unopened.ok && unopened.breaches.allSatisfy { $0.contains("verification could not finish") && !$0.contains("restore") }, "\(unopened.breaches)")
         // What an interrupted restore leaves: a breach naming it.
         try FileManager.default.createDirectory(at: empty.appendingPathComponent(Backup.restoreStaging), withIntermediateDirectories: true)
         #expect(try Verifier.verify(dataDirectory: empty).breaches.contains { $0.contains("holds an interrupted restore") })
