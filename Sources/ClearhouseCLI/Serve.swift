@@ -16,7 +16,7 @@ import ServiceLifecycle
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Serve the partner API over HTTPS until SIGTERM or SIGINT.",
-        discussion: "Needs server.crt and server.key in --certs (and ca.crt when a partner uses mutual TLS); ops/certs makes development ones. The Ed25519 key that signs statements is --certs/statement.key when present, else --data/statement.key, made on the first start. On SIGTERM it stops accepting, finishes what it has accepted, closes the databases and exits 0.")
+        discussion: "Needs server.crt and server.key in --certs (and ca.crt when a partner uses mutual TLS); ops/certs makes development ones. The Ed25519 key that signs statements is --certs/statement.key when present, else --data/statement.key, made on the first start. On SIGTERM it answers /readyz and new postings with 503 for one second, then stops accepting, finishes what it has accepted, closes the databases and exits 0.")
 
     @OptionGroup var locations: Locations
     @Option(help: "Address to listen on.") var host: String = "127.0.0.1"
@@ -112,10 +112,12 @@ struct Serve: AsyncParsableCommand {
                     return configuration
                 }
             }))
-        // The group stops its services last first: the intake stops taking requests before the
+        // The group stops its services last first: on SIGTERM the drain first (readiness 503,
+        // new postings 503, still listening), then the intake stops taking requests, before the
         // notice worker finishes its batch.
         var groupConfiguration = ServiceGroupConfiguration(
-            services: [notices, app], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
+            services: [notices, app, StopDrain(intake: intake, logger: logger)], gracefulShutdownSignals: [.sigterm, .sigint],
+            cancellationSignals: [], logger: logger)
         // In-flight requests get this long to finish; then they are cancelled. Anything the
         // writer already took is still decided and committed below.
         groupConfiguration.maximumGracefulShutdownDuration = .seconds(Limits.shutdownGraceSecondsMax)
@@ -141,5 +143,20 @@ struct Serve: AsyncParsableCommand {
         // On standard error: a standard output gone (a closed pipe) must not turn a clean
         // stop into exit 1 (`Entry` checks what the verb printed there).
         printError("clearhouse: stopped")
+    }
+}
+
+/// The first step of a graceful stop: `/readyz` turns 503 and new postings get 503 with
+/// `retry-after` for `Limits.shutdownDrainMilliseconds` while the server still listens; then the
+/// group stops the intake (listener closed, in-flight requests finished).
+struct StopDrain: Service {
+    let intake: Intake
+    let logger: Logger
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        intake.beginStopping()
+        logger.notice("stopping: readiness 503, new postings refused", metadata: ["drain_ms": "\(Limits.shutdownDrainMilliseconds)"])
+        try? await Task.sleep(for: .milliseconds(Limits.shutdownDrainMilliseconds))
     }
 }

@@ -70,6 +70,10 @@ public enum Limits {
     public static let ratePerSecondMax: Int64 = 1_000_000
     /// Longest the server waits for in-flight requests when shutting down.
     public static let shutdownGraceSecondsMax: Int64 = 30
+    /// On SIGTERM, how long the server keeps listening with `/readyz` at 503 and new postings
+    /// refused with 503 and `retry-after`, before it closes its listener and drains: a load
+    /// balancer polling readiness sees the stop, and a client sees a 503, not a refused connection.
+    public static let shutdownDrainMilliseconds: Int64 = 1_000
 
     // MARK: Posting writer (group commit)
     /// Most postings decided in one coalition transaction (one fsync of the journal).

@@ -8,6 +8,7 @@ import Hummingbird
 import Logging
 import NIOCore
 import NIOHTTPTypes
+import Synchronization
 
 /// The routes of CONTRACT §3 and §4 over the posting API, and the operational ones.
 public struct Intake: Sendable {
@@ -24,6 +25,14 @@ public struct Intake: Sendable {
     /// Signs statements; its public key is at `/v1/keys`.
     let signer: StatementSigner
     let statementDigests = StatementDigests()
+    /// Set when the server begins to stop (`beginStopping`).
+    let stopping = StopFlag()
+
+    /// The server is stopping: `/readyz` answers 503 and a posting that arrives from now on gets
+    /// 503 `unavailable` with `retry-after` and its connection closed; postings already being
+    /// read or decided finish (`serve` keeps listening for `Limits.shutdownDrainMilliseconds`,
+    /// then drains and stops).
+    public func beginStopping() { stopping.set() }
 
     /// - Parameter signer: the coalition's statement key (`serve` reads `<certs>/statement.key`);
     ///   without one, a key made for this process only (tests).
@@ -89,7 +98,8 @@ public struct Intake: Sendable {
         case "/healthz": return { _, _ in Responses.json(200, #"{"status":"ok"}"#) }
         case "/readyz":
             return { _, _ in
-                writer.isAccepting ? Responses.json(200, #"{"status":"ready"}"#) : Responses.problem(Problem(.unavailable, "shutting down"))
+                writer.isAccepting && !stopping.isSet
+                    ? Responses.json(200, #"{"status":"ready"}"#) : Responses.problem(Problem(.unavailable, "shutting down"))
             }
         case "/metrics":
             return { request, context in
@@ -145,6 +155,14 @@ public struct Intake: Sendable {
     // MARK: POST /v1/partners/{partner}/events
 
     func postEvent(_ request: Request, _ context: ClearhouseContext) async throws -> Response {
+        if stopping.isSet {
+            // Arrived after the stop began: not taken (its body is left unread), and this
+            // connection closes; the client retries once the server is back.
+            var response = Responses.problem(Problem(.unavailable, "the server is stopping; retry later", retryAfterSeconds: Limits.overloadRetryAfterSeconds))
+            response.headers[.connection] = "close"
+            context.closeConnectionSoon()
+            return response
+        }
         let terms: PartnerTerms
         let body: ByteBuffer
         do {
@@ -343,4 +361,11 @@ struct RequestLogMiddleware<Context: RequestContext>: RouterMiddleware {
         context.logger.info("request", metadata: metadata)
         return response
     }
+}
+
+/// Set once, read by every request.
+final class StopFlag: Sendable {
+    private let value = Atomic<Bool>(false)
+    func set() { value.store(true, ordering: .relaxed) }
+    var isSet: Bool { value.load(ordering: .relaxed) }
 }
