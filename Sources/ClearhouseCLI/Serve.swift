@@ -118,8 +118,8 @@ struct Serve: AsyncParsableCommand {
         var groupConfiguration = ServiceGroupConfiguration(
             services: [notices, app, StopDrain(intake: intake, logger: logger)], gracefulShutdownSignals: [.sigterm, .sigint],
             cancellationSignals: [], logger: logger)
-        // In-flight requests get this long to finish; then they are cancelled. Anything the
-        // writer already took is still decided and committed below.
+        // The drain and the in-flight requests get this long together; then they are
+        // cancelled. Anything the writer already took is still decided and committed below.
         groupConfiguration.maximumGracefulShutdownDuration = .seconds(Limits.shutdownGraceSecondsMax)
         let group = ServiceGroup(configuration: groupConfiguration)
         do {
@@ -154,7 +154,9 @@ struct StopDrain: Service {
     let logger: Logger
 
     func run() async throws {
-        try? await gracefulShutdown()
+        // Cancelled rather than stopped (the server failed to start, a service failed): no
+        // drain to make.
+        do { try await gracefulShutdown() } catch { return }
         intake.beginStopping()
         logger.notice("stopping: readiness 503, new postings refused", metadata: ["drain_ms": "\(Limits.shutdownDrainMilliseconds)"])
         try? await Task.sleep(for: .milliseconds(Limits.shutdownDrainMilliseconds))
