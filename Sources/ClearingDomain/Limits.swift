@@ -68,6 +68,8 @@ public enum Limits {
     public static let bearerTokenBytesMax = 512
     /// Highest `rate_per_second` a partner file may give.
     public static let ratePerSecondMax: Int64 = 1_000_000
+    /// Below this many free bytes, a storage error is logged as the disk being full.
+    public static let diskFullBytes: Int64 = 4 * 1024 * 1024
     /// Longest the server waits for in-flight requests when shutting down.
     public static let shutdownGraceSecondsMax: Int64 = 30
     /// On SIGTERM, how long the server keeps listening with `/readyz` at 503 and new postings

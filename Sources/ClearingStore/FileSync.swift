@@ -79,3 +79,34 @@ public enum FileSync {
         guard fsync(output) == 0 else { throw StoreError("cannot sync \(target.path) (\(String(cString: strerror(errno))))") }
     }
 }
+
+extension Store {
+    /// What the file system under the data directory says after a storage error, for the log:
+    /// SQLite often reports a full disk or a read-only one as "disk I/O error". Asks the file
+    /// system (free space), then tries a one-byte write of a probe file (removed again). Nil
+    /// when nothing is wrong there.
+    public func diskCondition() -> String? {
+        let dir = dataDirectory.path
+        var st = statvfs()
+        if statvfs(dir, &st) == 0 {
+            if st.f_flag & UInt(ST_RDONLY) != 0 { return "the file system holding \(dir) is read-only" }
+            let free = UInt64(st.f_bavail) * UInt64(st.f_frsize)
+            if free < UInt64(Limits.diskFullBytes) { return "the disk holding \(dir) is full (\(free) bytes free)" }
+        }
+        let probe = dataDirectory.appendingPathComponent(".disk-probe-\(getpid())").path
+        let fd = open(probe, O_CREAT | O_WRONLY | O_TRUNC, 0o600)
+        var failure = fd < 0 ? errno : 0
+        if fd >= 0 {
+            var byte: UInt8 = 0
+            if write(fd, &byte, 1) != 1 || fsync(fd) != 0 { failure = errno }
+            Glibc.close(fd)
+            unlink(probe)
+        }
+        switch failure {
+        case 0: return nil
+        case EROFS: return "the file system holding \(dir) is read-only"
+        case ENOSPC, EDQUOT: return "the disk holding \(dir) is full"
+        default: return "a test write into \(dir) fails: \(String(cString: strerror(failure)))"
+        }
+    }
+}

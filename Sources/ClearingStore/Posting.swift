@@ -89,7 +89,7 @@ extension Store {
                 .rejected(Problem(.unavailable, "the journal is busy (another process holds it); retry later", retryAfterSeconds: Limits.overloadRetryAfterSeconds))
             })
         } catch {
-            logger.error("journal commit failed", metadata: ["error": "\(error)"])
+            logger.error("journal commit failed", metadata: ["error": "\(error)", "disk": "\(diskCondition() ?? "no trouble seen")"])
             return .final(batch.map { _ in .rejected(Problem(.unavailable, "storage is failing; retry later", retryAfterSeconds: Limits.storageRetryAfterSeconds)) })
         }
         if crashes(at: .afterJournalCommit) {
@@ -118,7 +118,7 @@ extension Store {
             do {
                 try self.appendToLedger(self.ledger(partner), d.fresh[partner]!)
             } catch {
-                self.logger.error("ledger commit failed", metadata: ["partner": "\(partner)", "error": "\(error)"])
+                self.logger.error("ledger commit failed", metadata: ["partner": "\(partner)", "error": "\(error)", "disk": "\(self.diskCondition() ?? "no trouble seen")"])
                 failures.withLock { _ = $0.insert(partner) }
             }
         }

@@ -154,6 +154,8 @@ def test_a_full_disk_refuses_postings_keeps_reads_and_recovers_when_space_return
         during = post_until_refused(server, 200)
         assert_refused_unavailable(during)
         assert server.alive()
+        # SQLite often says only "disk I/O error": the log names the cause for the operator.
+        assert "the disk holding" in server.read_log() and "is full" in server.read_log()
         assert_reads_answered(server)
         # A verb that opens the store answers, or (when opening must write: SQLite's WAL set-up
         # on an empty WAL) says what is wrong, not a bare SQLite error.
@@ -180,6 +182,7 @@ def test_a_data_directory_turned_read_only_refuses_postings_keeps_reads_and_reco
         during = post_all(server, range(100, 200))
         assert all(r.status_code == 503 for r in during.values())
         assert_refused_unavailable(during)
+        assert "is read-only" in server.read_log()
         assert server.alive()
         assert_reads_answered(server)
         # Stopping cannot checkpoint a read-only file system, but it must still stop.
