@@ -119,6 +119,15 @@ func printError(_ line: String) {
     FileHandle.standardError.write(Data((line + "\n").utf8))
 }
 
+/// Writes a verb's output to standard output, unbuffered. One that cannot take it (a full disk)
+/// is an error naming it, exit 1, not a crash.
+func writeStandardOutput(_ text: String, verb: String) throws {
+    do { try FileHandle.standardOutput.write(contentsOf: Data(text.utf8)) } catch {
+        printError("clearhouse \(verb): standard output: \(error.localizedDescription)")
+        throw ExitCode(1)
+    }
+}
+
 enum CLILog {
     static func logger(_ label: String) -> Logger {
         var l = Logger(label: label)

@@ -42,10 +42,7 @@ struct Export: AsyncParsableCommand {
                 throw ExitCode(1)
             }
         } else {
-            do { try FileHandle.standardOutput.write(contentsOf: Data(text.utf8)) } catch {
-                printError("clearhouse export: standard output: \(error.localizedDescription)")
-                throw ExitCode(1)
-            }
+            try writeStandardOutput(text, verb: "export")
         }
     }
 }

@@ -30,15 +30,6 @@ struct Simulate: AsyncParsableCommand {
         guard (1...Limits.postingQueueMax).contains(inFlight) else { throw ValidationError("--in-flight must be 1...\(Limits.postingQueueMax)") }
     }
 
-    /// Writes emitted lines to standard output; one that cannot take them (a full disk) is an
-    /// error naming it, not a crash.
-    private func emit(_ text: String) throws {
-        do { try FileHandle.standardOutput.write(contentsOf: Data(text.utf8)) } catch {
-            printError("clearhouse simulate: standard output: \(error.localizedDescription)")
-            throw ExitCode(1)
-        }
-    }
-
     func run() async throws {
         let configuration = try locations.loadConfiguration()
         if emit {
@@ -53,11 +44,11 @@ struct Simulate: AsyncParsableCommand {
                 if let intent = p.intent { w.string("intent", intent) } else { w.null("intent") }
                 out += w.finish() + "\n"
                 if out.utf8.count > 1 << 20 {
-                    try emit(out)
+                    try writeStandardOutput(out, verb: "simulate")
                     out = ""
                 }
             }
-            try emit(out)
+            try writeStandardOutput(out, verb: "simulate")
             return
         }
         // Fake entries in a real ledger can never be taken out (ledgers are append-only) and

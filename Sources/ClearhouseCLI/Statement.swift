@@ -62,17 +62,7 @@ struct StatementCommand: AsyncParsableCommand {
                 throw ExitCode(1)
             }
         } else {
-            // Standard output that cannot take it (a full disk) is an error
-            // naming it, not a crash.
-            struct StandardOutputFailed: Error { var error: any Error }
-            do {
-                try await store.writeStatement(header, format) { chunk in
-                    do { try FileHandle.standardOutput.write(contentsOf: Data(chunk.utf8)) } catch { throw StandardOutputFailed(error: error) }
-                }
-            } catch let failed as StandardOutputFailed {
-                printError("clearhouse statement: standard output: \(failed.error.localizedDescription)")
-                throw ExitCode(1)
-            }
+            try await store.writeStatement(header, format) { try writeStandardOutput($0, verb: "statement") }
         }
     }
 }

@@ -428,21 +428,31 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // In order with the parts around it: a parse error behind a held request waits too.
-        if !held.isEmpty {
+        // In order with the parts around it: an error behind a held request waits too, and so
+        // does an unreadable head behind an answer still being written.
+        if !held.isEmpty || waits(error) {
             held.append(.error(error))
             return
         }
-        // A request head the HTTP parser refused (over `requestHeaderDecodeBytesMax`, over
-        // `requestHeaderFieldsMax` fields, a bad token), between requests: answered here with a
-        // problem document, as every refusal is (Hummingbird would write a bare 400), and the
-        // connection closed (the parser cannot find the next request).
+        deliver(context: context, error)
+    }
+
+    /// A request head the HTTP parser refused, between requests, while an answer is still
+    /// being written: refused once that answer has ended.
+    private func waits(_ error: any Error) -> Bool {
+        answering && !midRequest && !closing && error is HTTPParserError
+    }
+
+    /// A request head the HTTP parser refused (over `requestHeaderDecodeBytesMax`, over
+    /// `requestHeaderFieldsMax` fields, a bad token), between requests: answered here with a
+    /// problem document, as every refusal is (Hummingbird would write a bare 400), and the
+    /// connection closed (the parser cannot find the next request). Any other error goes on.
+    private func deliver(context: ChannelHandlerContext, _ error: any Error) {
         if let parse = error as? HTTPParserError, !midRequest, !closing {
-            // Behind an answer still being written: refused once it has ended.
-            if answering { held.append(.error(error)) } else { refuseUnreadableHead(context: context, parse) }
-            return
+            refuseUnreadableHead(context: context, parse)
+        } else {
+            context.fireErrorCaught(error)
         }
-        context.fireErrorCaught(error)
     }
 
     private func refuseUnreadableHead(context: ChannelHandlerContext, _ error: HTTPParserError) {
@@ -507,18 +517,12 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
         while !closing, let next = held.first {
             // The next request, or an unreadable head behind it, waits for its answer's end.
             if answering, case .part(let data) = next, isHead(data) { break }
-            if answering, !midRequest, case .error(let error) = next, error is HTTPParserError { break }
+            if case .error(let error) = next, waits(error) { break }
             held.removeFirst()
             passed = true
             switch next {
             case .part(let data): pass(context: context, data)
-            case .error(let error):
-                // An unreadable head behind the requests passed on: refused here too.
-                if let parse = error as? HTTPParserError, !midRequest {
-                    refuseUnreadableHead(context: context, parse)
-                } else {
-                    context.fireErrorCaught(error)
-                }
+            case .error(let error): deliver(context: context, error)
             case .event(let event): context.fireUserInboundEventTriggered(event)
             }
         }

@@ -8,7 +8,6 @@ import Hummingbird
 import Logging
 import NIOCore
 import NIOHTTPTypes
-import Synchronization
 
 /// The routes of CONTRACT §3 and §4 over the posting API, and the operational ones.
 public struct Intake: Sendable {
@@ -26,7 +25,7 @@ public struct Intake: Sendable {
     let signer: StatementSigner
     let statementDigests = StatementDigests()
     /// Set when the server begins to stop (`beginStopping`).
-    let stopping = StopFlag()
+    let stopping = OnceFlag()
 
     /// The server is stopping: `/readyz` answers 503 and a posting that arrives from now on gets
     /// 503 `unavailable` with `retry-after` and its connection closed; postings already being
@@ -361,11 +360,4 @@ struct RequestLogMiddleware<Context: RequestContext>: RouterMiddleware {
         context.logger.info("request", metadata: metadata)
         return response
     }
-}
-
-/// Set once, read by every request.
-final class StopFlag: Sendable {
-    private let value = Atomic<Bool>(false)
-    func set() { value.store(true, ordering: .relaxed) }
-    var isSet: Bool { value.load(ordering: .relaxed) }
 }

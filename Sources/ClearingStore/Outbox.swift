@@ -84,11 +84,12 @@ extension Store {
             let (clause, arguments) = try Store.claimableNotices(
                 db, at: now, lease: lease, only: only, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners,
                 caller: owner, ownLeasesAreStale, ownerAlive)
-            // Without the bodies: most rows read may be leased by another sender and skipped.
+            // Without the bodies: a partner's notices past its first are read and skipped (a
+            // lease that holds keeps its partner out of the query itself).
             let rows = try Row.fetchAll(
                 db,
                 sql: """
-                    SELECT id, partner, attempts, round_attempts, \(Store.leaseColumns) FROM notice
+                    SELECT id, partner, attempts, round_attempts, lease_owner FROM notice
                     WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(limit * Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)
                     """,
                 arguments: arguments)
@@ -96,7 +97,6 @@ extension Store {
             for row in rows where claimed.count < limit {
                 let id: String = try row.text("id")
                 let leaseOwner = try row.optionalInt64("lease_owner")
-                if try Store.leaseHolds(row, at: lease, wall: t, caller: owner, ownLeasesAreStale, ownerAlive) { continue }
                 guard partnersClaimed.insert(try row.text("partner")).inserted else { continue }
                 if leaseOwner != nil {
                     try db.execute(
@@ -164,6 +164,8 @@ extension Store {
 
     /// The columns `leaseHolds` reads.
     static let leaseColumns = "lease_owner, lease_until_ms, lease_boot, lease_until_boot_ms"
+    /// A notice's lease released: every lease column cleared together.
+    static let leaseReleased = "lease_owner = NULL, lease_until_ms = NULL, lease_boot = NULL, lease_until_boot_ms = NULL"
 
     /// Whether a notice row's lease (`leaseColumns`) still holds: its process lives, and it has
     /// not run out by either clock: the boot clock of the boot it was taken on (which no step
@@ -200,21 +202,18 @@ extension Store {
     }
 
     /// Whether a claim with these terms would find anything: a read, so that an idle sender
-    /// does not queue behind the posting writer; it skips leases as the claim does.
+    /// does not queue behind the posting writer; it leaves out leases as the claim does.
     public func claimableNoticeExists(
         clock: any WallClock, owner: Int32, ownerAlive: (Int32) -> Bool, notAttemptedSince: Instant? = nil,
         skippingPartners: Set<PartnerID> = [], ownLeasesAreStale: Bool = false
     ) throws -> Bool {
         let (now, lease) = (clock.now(), clock.leaseTime())
-        let rows = try coalition.read { db in
+        return try coalition.read { db in
             let (clause, arguments) = try Store.claimableNotices(
                 db, at: now, lease: lease, only: nil, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners,
                 caller: owner, ownLeasesAreStale, ownerAlive)
-            return try Row.fetchAll(
-                db, sql: "SELECT \(Store.leaseColumns) FROM notice WHERE \(clause) ORDER BY next_attempt_at_ms, id LIMIT \(Limits.noticeClaimReadFactor + Limits.noticeClaimReadMargin)",
-                arguments: arguments)
+            return try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM notice WHERE \(clause))", arguments: arguments) ?? false
         }
-        return try rows.contains { try !Store.leaseHolds($0, at: lease, wall: now.millisecondsSinceEpoch, caller: owner, ownLeasesAreStale, ownerAlive) }
     }
 
     /// An attempt the sender gave up before its answer (it is stopping: the transfer was
@@ -227,7 +226,7 @@ extension Store {
                 arguments: [String(reason.utf8.prefix(Limits.noticeErrorBytesMax)) ?? "", notice.id, notice.attempt])
             try db.execute(
                 sql: """
-                    UPDATE notice SET round_attempts = round_attempts - 1, lease_owner = NULL, lease_until_ms = NULL, lease_boot = NULL, lease_until_boot_ms = NULL
+                    UPDATE notice SET round_attempts = round_attempts - 1, \(Store.leaseReleased)
                     WHERE id = ? AND state = 'pending' AND lease_owner = ? AND attempts = ? AND round_attempts >= 1
                     """,
                 arguments: [notice.id, notice.owner, notice.attempt])
@@ -259,7 +258,7 @@ extension Store {
             try db.execute(
                 sql: """
                     UPDATE notice SET state = ?, next_attempt_at_ms = ?, finished_at_ms = ?, last_result = ?,
-                      lease_owner = NULL, lease_until_ms = NULL, lease_boot = NULL, lease_until_boot_ms = NULL
+                      \(Store.leaseReleased)
                     WHERE id = ? AND state = 'pending' AND lease_owner = ? AND attempts = ?
                     """,
                 arguments: [state.rawValue, next, finished, result, notice.id, notice.owner, notice.attempt])
@@ -283,7 +282,7 @@ extension Store {
             try db.execute(
                 sql: """
                     UPDATE notice SET state = 'pending', round_attempts = 0, next_attempt_at_ms = ?, finished_at_ms = NULL,
-                      last_result = ?, lease_owner = NULL, lease_until_ms = NULL, lease_boot = NULL, lease_until_boot_ms = NULL
+                      last_result = ?, \(Store.leaseReleased)
                     WHERE id = ?
                     """,
                 arguments: [now.millisecondsSinceEpoch, "retried by the operator after: \(record.lastResult ?? "no result")", id])

@@ -75,7 +75,7 @@ extension Store {
                 currency: try run.optionalText("currency") ?? Store.historicCurrency(db) ?? configuration.coalition.currency,
                 figures: figures, issuePricePer1000: issuePrice, redeemCreditPer1000: creditPrice)
             // Without its row (only by tampering, which verify reports), no run claims a list.
-            let recordedFrom = try Int64.fetchOne(db, sql: "SELECT from_run FROM run_expiry_recorded WHERE id = 1") ?? Int64.max
+            let recordedFrom = try Store.expiredLotsRecordedFrom(db) ?? Int64.max
             return StatementHeader(
                 notice: notice, flows: flows, entryCount: count, firstSequence: first, lastSequence: last,
                 expiredLotsRecorded: number >= recordedFrom, runNumber: number)
@@ -152,6 +152,12 @@ extension Store {
             try Task.checkCancellation()
             await Task.yield()
         }
+    }
+
+    /// The first run that recorded its expired lots (`run_expiry_recorded`); nil when its row
+    /// is gone.
+    static func expiredLotsRecordedFrom(_ db: Database) throws -> Int64? {
+        try Int64.fetchOne(db, sql: "SELECT from_run FROM run_expiry_recorded WHERE id = 1")
     }
 
     /// Up to `limit` of the lots of the statement's partner that its run expired, after lot

@@ -172,11 +172,11 @@ public final class Store: Sendable {
                 if last == 0 {
                     // A ledger the journal has no entry of must hold none; one that cannot be
                     // read as a ledger yet (made, not written: a first batch in flight) holds none.
-                    let held = (try? ledger(partner).read { try Int64.fetchOne($0, sql: "SELECT MAX(sequence) FROM entry") }) ?? nil
-                    if let held, held > 0, held > (try journalHead(partner)) { return false }
+                    let held = (try? ledgerHead(partner)) ?? 0
+                    if held > 0, held > (try journalHead(partner)) { return false }
                     continue
                 }
-                let held = try ledger(partner).read { try Int64.fetchOne($0, sql: "SELECT MAX(sequence) FROM entry") } ?? 0
+                let held = try ledgerHead(partner)
                 if held < last { return false }
                 if held > last, held > (try journalHead(partner)) { return false }
                 try requireSameHistory(partner, through: last)
@@ -501,6 +501,11 @@ public final class Store: Sendable {
             }
         }
         writerState.withLock { $0.laggingLedgers = [] }
+    }
+
+    /// The last sequence in a partner's ledger (0 when it holds none).
+    private func ledgerHead(_ partner: PartnerID) throws -> Int64 {
+        try ledger(partner).read { try Int64.fetchOne($0, sql: "SELECT MAX(sequence) FROM entry") } ?? 0
     }
 
     /// Every partner with a chain head in the journal, with its last sequence, and every

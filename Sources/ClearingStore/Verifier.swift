@@ -477,7 +477,7 @@ extension Verifier {
     /// `RunChecker.closeRuns`). Nil for a directory not yet migrated.
     static func checkRunExpiries(_ db: Database, _ report: inout VerifyReport) throws -> Int? {
         guard try db.tableExists("run_expiry") else { return nil }
-        guard let from = try Int64.fetchOne(db, sql: "SELECT from_run FROM run_expiry_recorded WHERE id = 1") else {
+        guard let from = try Store.expiredLotsRecordedFrom(db) else {
             report.breach("run_expiry_recorded: its row is gone (from which run on the expired lots are recorded)")
             return nil
         }
@@ -600,7 +600,7 @@ struct RunChecker {
 
     init(_ rows: [Row], db: Database) {
         let expiriesFrom = (try? db.tableExists("run_expiry")) == true
-            ? (try? Int64.fetchOne(db, sql: "SELECT from_run FROM run_expiry_recorded WHERE id = 1")) ?? nil : nil
+            ? (try? Store.expiredLotsRecordedFrom(db)) ?? nil : nil
         for row in rows {
             let number: Int64 = row["number"]
             var partners: [PartnerID: (Int64, Int64, Int64, Int64, Int64, Int64, Int64, Int64)] = [:]

@@ -1,7 +1,6 @@
 import CCurl
 import ClearingDomain
 import Foundation
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -39,12 +38,7 @@ public struct CurlTransport: OutboundTransport {
     }
 
     /// Set from any thread; read by the transfer loop between polls.
-    public final class CancelFlag: Sendable {
-        private let value = Atomic<Bool>(false)
-        public init() {}
-        public func set() { value.store(true, ordering: .relaxed) }
-        public var isSet: Bool { value.load(ordering: .relaxed) }
-    }
+    public typealias CancelFlag = OnceFlag
 
     /// Runs every request to its end (or until `cancelled` is set) on the calling thread.
     public static func performBlocking(_ requests: [OutboundRequest], cancelled: CancelFlag? = nil) -> [OutboundResponse] {
