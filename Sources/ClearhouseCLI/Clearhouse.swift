@@ -128,6 +128,83 @@ func writeStandardOutput(_ text: String, verb: String) throws {
     }
 }
 
+/// A file a verb writes on the operator's behalf (`statement --output`, `export --output`):
+/// written beside its target (owner-only), synced, then renamed into place, so a reader never
+/// sees half of it. Refused before anything is written, naming the reason: a target inside
+/// the data directory (a typo must never replace a ledger or the journal), one that is not a
+/// regular file (a directory, a device, a link), and an SQLite database wherever it is (a
+/// backup's copy).
+struct OutputFile {
+    let path: String
+    let verb: String
+    private let target: URL
+    private let partial: URL
+
+    init(_ path: String, verb: String, dataDirectory: URL) throws {
+        self.path = path
+        self.verb = verb
+        target = URL(fileURLWithPath: path).standardizedFileURL
+        partial = target.deletingLastPathComponent().appendingPathComponent(".\(target.lastPathComponent).partial")
+        if let reason = OutputFile.refusal(target, dataDirectory: dataDirectory) {
+            printError("clearhouse \(verb): --output \(path): \(reason); nothing was written")
+            throw ExitCode(1)
+        }
+    }
+
+    /// Why `target` may not be written, or nil.
+    private static func refusal(_ target: URL, dataDirectory: URL) -> String? {
+        let directory = target.deletingLastPathComponent()
+        guard let realDirectory = realPath(directory.path) else { return "its directory \(directory.path) does not exist" }
+        if let data = realPath(dataDirectory.path), realDirectory == data || realDirectory.hasPrefix(data + "/") {
+            return "it is inside the data directory \(dataDirectory.path), which holds the journal and the ledgers; write it elsewhere"
+        }
+        var st = stat()
+        guard lstat(target.path, &st) == 0 else { return nil }  // a new file
+        guard st.st_mode & S_IFMT == S_IFREG else {
+            return "it exists and is not a regular file (leave out --output to write to standard output)"
+        }
+        if let handle = FileHandle(forReadingAtPath: target.path) {
+            defer { try? handle.close() }
+            if let head = try? handle.read(upToCount: 16), head == Data("SQLite format 3\0".utf8) {
+                return "it is an SQLite database, which this would replace"
+            }
+        }
+        return nil
+    }
+
+    private static func realPath(_ path: String) -> String? {
+        guard let p = realpath(path, nil) else { return nil }
+        defer { free(p) }
+        return String(cString: p)
+    }
+
+    /// Writes what `produce` hands to its writer, then puts the file in place; exit 1 naming
+    /// the file and the reason if any step fails (the partial file is removed).
+    func write(_ produce: (_ write: (String) throws -> Void) async throws -> Void) async throws {
+        unlink(partial.path)  // one a crashed earlier run left behind
+        let fd = open(partial.path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            printError("clearhouse \(verb): --output \(path): cannot create \(partial.path): \(String(cString: strerror(errno)))")
+            throw ExitCode(1)
+        }
+        let handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
+        do {
+            try await produce { try handle.write(contentsOf: Data($0.utf8)) }
+            try handle.synchronize()
+            try handle.close()
+            guard rename(partial.path, target.path) == 0 else {
+                throw StoreError("cannot rename \(partial.lastPathComponent) into place: \(String(cString: strerror(errno)))")
+            }
+            try FileSync.directory(target.deletingLastPathComponent())
+        } catch {
+            try? handle.close()
+            unlink(partial.path)
+            printError("clearhouse \(verb): --output \(path): \(error)")
+            throw ExitCode(1)
+        }
+    }
+}
+
 enum CLILog {
     static func logger(_ label: String) -> Logger {
         var l = Logger(label: label)

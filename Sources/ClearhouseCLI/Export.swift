@@ -11,7 +11,7 @@ struct Export: AsyncParsableCommand {
 
     @OptionGroup var locations: Locations
     @Option(help: "The format: beancount.") var format: String = "beancount"
-    @Option(help: "Write to this file instead of standard output.") var output: String?
+    @Option(help: "Write to this file (owner-only) instead of standard output; it appears only when complete. Never inside --data, never over an SQLite database.") var output: String?
 
     func run() async throws {
         guard format == "beancount" else {
@@ -37,10 +37,7 @@ struct Export: AsyncParsableCommand {
             runs: runs, currency: currencies.first ?? configuration.coalition.currency,
             prices: configuration.partners.mapValues(\.issuePricePer1000), generatedAt: SystemClock().now())
         if let output {
-            do { try text.write(toFile: output, atomically: true, encoding: .utf8) } catch {
-                printError("clearhouse export: --output \(output): \(error)")
-                throw ExitCode(1)
-            }
+            try await OutputFile(output, verb: "export", dataDirectory: locations.dataURL).write { write in try write(text) }
         } else {
             try writeStandardOutput(text, verb: "export")
         }

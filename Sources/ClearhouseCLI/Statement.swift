@@ -17,7 +17,7 @@ struct StatementCommand: AsyncParsableCommand {
     @Argument(help: "The partner id.") var partner: String
     @Argument(help: "The run id, e.g. R000001.") var run: String
     @Option(help: "csv or json.") var format: String = "csv"
-    @Option(help: "Write to this file instead of standard output (replaced only when complete).") var output: String?
+    @Option(help: "Write to this file (owner-only) instead of standard output; it appears only when complete. Never inside --data, never over an SQLite database.") var output: String?
 
     func run() async throws {
         guard let format = StatementFormat(rawValue: format) else {
@@ -40,27 +40,9 @@ struct StatementCommand: AsyncParsableCommand {
             throw ExitCode(1)
         }
         if let output {
-            // Written beside the target, then renamed: a reader never sees half a statement.
-            let target = URL(fileURLWithPath: output)
-            let partial = target.deletingLastPathComponent().appendingPathComponent(".\(target.lastPathComponent).partial")
-            // Statements name members: readable by the operator only.
-            guard FileManager.default.createFile(atPath: partial.path, contents: nil, attributes: [.posixPermissions: 0o600]),
-                let handle = try? FileHandle(forWritingTo: partial)
-            else {
-                printError("clearhouse statement: --output \(output): cannot write there")
-                throw ExitCode(1)
-            }
-            do {
-                try await store.writeStatement(header, format) { try handle.write(contentsOf: Data($0.utf8)) }
-                try handle.synchronize()
-                try handle.close()
-                guard rename(partial.path, target.path) == 0 else { throw StoreError("cannot rename into place (errno \(errno))") }
-            } catch {
-                try? handle.close()
-                try? FileManager.default.removeItem(at: partial)
-                printError("clearhouse statement: --output \(output): \(error)")
-                throw ExitCode(1)
-            }
+            // Statements name members: the file is readable by the operator only.
+            try await OutputFile(output, verb: "statement", dataDirectory: locations.dataURL)
+                .write { write in try await store.writeStatement(header, format, write) }
         } else {
             try await store.writeStatement(header, format) { try writeStandardOutput($0, verb: "statement") }
         }

@@ -32,9 +32,9 @@ struct LotCache {
     }
 
     /// A member's lots with points left, oldest first (as `Lookup.openLots` reads them).
-    mutating func openLots(_ db: Database, _ member: MemberID) throws -> [OpenLot] {
+    mutating func openLots(_ w: WriterStatements, _ member: MemberID) throws -> [OpenLot] {
         if let cached = lots[member] { return cached }
-        let stored = try Lookup.openLots(db, member)
+        let stored = try Lookup.openLots(w, member)
         guard enabled else { return stored }
         if lots.count >= Limits.lotCacheMembersMax || lotCount + stored.count > Limits.lotCacheLotsMax {
             lots.removeAll(keepingCapacity: true)

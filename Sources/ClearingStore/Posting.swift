@@ -202,14 +202,15 @@ extension Store {
             var lotsAfter: LotCache?
             try db.inTransaction(.immediate) {
                 var batchState = try BatchState(db, terms: configuration.coalition, lots: takeLotCache(db, enabled: !isolated))
+                let statements = WriterStatements(db)
                 for s in batch {
                     if blocked.contains(s.partner) {
                         decided.append(.rejected(Problem(.unavailable, "this partner's ledger cannot be written; retry later", retryAfterSeconds: Limits.storageRetryAfterSeconds)))
                     } else if isolated {
-                        decided.append(try decideIsolated(db, s, &batchState, &fresh))
+                        decided.append(try decideIsolated(statements, s, &batchState, &fresh))
                     } else {
                         var entry: ChainedEntry?
-                        decided.append(try decide(db, s, &batchState, &entry))
+                        decided.append(try decide(statements, s, &batchState, &entry))
                         if let entry { fresh[s.partner, default: []].append(entry) }
                     }
                 }
@@ -240,8 +241,9 @@ extension Store {
     /// the batch's earlier postings are then gone too, so the batch fails as a whole (throws)
     /// rather than go on outside a transaction.
     private func decideIsolated(
-        _ db: Database, _ s: Submission, _ state: inout BatchState, _ fresh: inout [PartnerID: [ChainedEntry]]
+        _ w: WriterStatements, _ s: Submission, _ state: inout BatchState, _ fresh: inout [PartnerID: [ChainedEntry]]
     ) throws -> PostingOutcome {
+        let db = w.db
         var outcome = PostingOutcome.rejected(Problem(.unavailable, "storage is failing; retry later", retryAfterSeconds: Limits.storageRetryAfterSeconds))
         var local = state
         var localFresh: ChainedEntry?
@@ -250,7 +252,7 @@ extension Store {
             try db.cachedStatement(sql: "SAVEPOINT posting").execute()
             let decided: PostingOutcome
             do {
-                decided = try decide(db, s, &local, &localFresh)
+                decided = try decide(w, s, &local, &localFresh)
                 // Its flow changes too are written inside its savepoint: a flow that cannot
                 // take them fails this posting alone, not the batch at its end.
                 try local.flows.save(db)
@@ -283,8 +285,9 @@ extension Store {
     /// Decides one posting inside the batch transaction. Every check happens before any write
     /// for this posting, so a refusal leaves nothing behind.
     private func decide(
-        _ db: Database, _ s: Submission, _ state: inout BatchState, _ fresh: inout ChainedEntry?
+        _ w: WriterStatements, _ s: Submission, _ state: inout BatchState, _ fresh: inout ChainedEntry?
     ) throws -> PostingOutcome {
+        let db = w.db
         guard configuration.partners[s.partner] != nil else {
             return .rejected(Problem(.unknownPartner, "no partner \(JSONWriter.quote(s.partner.rawValue)) in this coalition"))
         }
@@ -295,16 +298,16 @@ extension Store {
         let journalID = state.nextJournalID
         let effects: Effects
         switch s.event.kind {
-        case .earned: effects = try Rules.earn(db, s, journalID: journalID, now: now, terms: configuration.coalition, &state.lots)
-        case .redeemed: effects = try Rules.redeem(db, s, now: now, &state.lots)
-        case .earnReversed: effects = try Rules.reverseEarn(db, s, now: now, &state.lots)
-        case .redemptionReversed: effects = try Rules.reverseRedemption(db, s, now: now, &state.lots)
+        case .earned: effects = try Rules.earn(w, s, journalID: journalID, now: now, terms: configuration.coalition, &state.lots)
+        case .redeemed: effects = try Rules.redeem(w, s, now: now, &state.lots)
+        case .earnReversed: effects = try Rules.reverseEarn(w, s, now: now, &state.lots)
+        case .redemptionReversed: effects = try Rules.reverseRedemption(w, s, now: now, &state.lots)
         }
         if case .refused(let problem) = effects {
             // A refusal for want of points decided from cached lots is checked against SQLite
             // (refusals are few; a stale cache must not refuse a member who has the points).
             if problem.kind == .insufficientPoints, let cached = state.lots.cached(s.event.member),
-                try cached != Lookup.openLots(db, s.event.member)
+                try cached != Lookup.openLots(w, s.event.member)
             {
                 throw lotCacheMismatch(s.event.member, cached: openPointsOf(cached), detail: "a refusal for want of points; the stored lots differ")
             }
@@ -325,7 +328,7 @@ extension Store {
             return earlier
         }
         do {
-            try Lookup.insertJournal(db, entry, hash: hash)
+            try Lookup.insertJournal(w, entry, hash: hash)
         } catch let error as DatabaseError where error.resultCode == .SQLITE_CONSTRAINT {
             // SQLite undid the failed INSERT alone (nothing of this posting was written yet);
             // the transaction goes on.
@@ -342,9 +345,9 @@ extension Store {
         // what the cached lots it was decided from say. If not, something wrote lots behind
         // the cache's back; nothing of this batch commits, and it is decided again from SQLite.
         do {
-            try write(db, journalID, &state.flows)
+            try write(w, journalID, &state.flows)
             try Rules.changeMember(
-                db, s.event.member, by: change, expected: cachedBefore, firstJournalID: s.event.kind == .earned ? journalID : nil)
+                w, s.event.member, by: change, expected: cachedBefore, firstJournalID: s.event.kind == .earned ? journalID : nil)
         } catch let error as CachedLotsDisagreement where cachedBefore != nil {
             throw lotCacheMismatch(s.event.member, cached: cachedBefore!, detail: error.description)
         }
@@ -355,7 +358,7 @@ extension Store {
             let check = try Store.spendableBalance(db, member: s.event.member, at: now)
             precondition(check == balanceAfter, "balance after posting disagrees with the lots")
             if let cached = state.lots.cached(s.event.member) {
-                let stored = try Lookup.openLots(db, s.event.member)
+                let stored = try Lookup.openLots(w, s.event.member)
                 precondition(cached == stored, "the lot cache disagrees with the lots")
             }
         }

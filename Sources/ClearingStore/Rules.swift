@@ -5,69 +5,67 @@ import GRDB
 /// What deciding one posting came to: refused, or its balance and the writes that apply it.
 enum Effects {
     case refused(Problem)
-    /// `write(db, journalID, &flows)` runs after the journal row is inserted and writes the
+    /// `write(statements, journalID, &flows)` runs after the journal row is inserted and writes the
     /// posting's lots, takes and moves (the member's `open_points` is the decider's:
     /// `Rules.changeMember`); it adds the posting's changes to the flows to `flows`, which
     /// the batch writes once (`BatchState.save`). `lots` is what it does to the member's
     /// open lots.
-    case apply(balanceAfter: Points, lots: LotChange, write: (Database, Int64, inout FlowChanges) throws -> Void)
+    case apply(balanceAfter: Points, lots: LotChange, write: (WriterStatements, Int64, inout FlowChanges) throws -> Void)
 }
 
 /// The business rules of CONTRACT §5, over the coalition database. Each function reads what
 /// it needs, checks everything, and only returns writes when the posting is accepted.
 enum Rules {
     static func earn(
-        _ db: Database, _ s: Submission, journalID: Int64, now: Instant, terms: CoalitionTerms, _ cache: inout LotCache
+        _ w: WriterStatements, _ s: Submission, journalID: Int64, now: Instant, terms: CoalitionTerms, _ cache: inout LotCache
     ) throws -> Effects {
         let n = s.event.points
         let expires = try terms.lotExpiry(acceptedAt: now)
-        let before = FIFO.balance(try cache.openLots(db, s.event.member), at: now)
+        let before = FIFO.balance(try cache.openLots(w, s.event.member), at: now)
         let after = try before.adding(n)
         let lot = OpenLot(id: journalID, issuer: s.partner, remaining: n, expiresAt: expires)
-        return .apply(balanceAfter: after, lots: .earned(lot)) { db, id, _ in
-            let lot = try FastStatement(
-                db, "INSERT INTO lot (id, member, issuer, points, expires_at_ms) VALUES (?, ?, ?, ?, ?)")
+        return .apply(balanceAfter: after, lots: .earned(lot)) { w, id, _ in
+            let lot = try w(.insertLot)
             try lot.bind(1, id); try lot.bind(2, s.event.member.rawValue); try lot.bind(3, s.partner.rawValue)
             try lot.bind(4, n.value); try lot.bind(5, expires?.millisecondsSinceEpoch)
             try lot.done()
-            try changeOpenLot(db, s.event.member, id, by: n.value, holding: 0)
+            try changeOpenLot(w, s.event.member, id, by: n.value, holding: 0)
         }
     }
 
-    static func redeem(_ db: Database, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
+    static func redeem(_ w: WriterStatements, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
         let n = s.event.points
-        let lots = try cache.openLots(db, s.event.member)
+        let lots = try cache.openLots(w, s.event.member)
         let before = FIFO.balance(lots, at: now)
         guard let takes = FIFO.take(n, from: lots, at: now) else {
             return .refused(Problem(.insufficientPoints,
                 "member \(s.event.member) has \(before) spendable points; \(n) were asked for"))
         }
-        return .apply(balanceAfter: try before.subtracting(n), lots: .took(takes)) { db, id, flows in
+        return .apply(balanceAfter: try before.subtracting(n), lots: .took(takes)) { w, id, flows in
             for (i, t) in takes.enumerated() {
                 // The lot's points before this take, as the take was decided from them.
                 guard let held = lots.first(where: { $0.id == t.lotID })?.remaining.value else {
                     throw CachedLotsDisagreement("take from lot \(t.lotID), which is not among member \(s.event.member)'s open lots")
                 }
-                try changeOpenLot(db, s.event.member, t.lotID, by: -t.points.value, holding: held)
-                let take = try FastStatement(
-                    db, "INSERT INTO lot_take (redemption_id, position, lot_id, issuer, points) VALUES (?, ?, ?, ?, ?)")
+                try changeOpenLot(w, s.event.member, t.lotID, by: -t.points.value, holding: held)
+                let take = try w(.insertTake)
                 try take.bind(1, id); try take.bind(2, Int64(i)); try take.bind(3, t.lotID); try take.bind(4, t.issuer.rawValue); try take.bind(5, t.points.value)
                 try take.done()
-                try move(db, entry: id, position: i, lot: t.lotID, issuer: t.issuer, redeemer: s.partner, points: t.points.value, &flows)
+                try move(w, entry: id, position: i, lot: t.lotID, issuer: t.issuer, redeemer: s.partner, points: t.points.value, &flows)
             }
         }
     }
 
-    static func reverseEarn(_ db: Database, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
+    static func reverseEarn(_ w: WriterStatements, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
         let n = s.event.points
         let original: Lookup.Original
-        switch try Lookup.original(db, s) {
+        switch try Lookup.original(w, s) {
         case .failure(let p): return .refused(p)
         case .success(let e): original = e
         }
         // The earn's member is this reversal's (`Lookup.original` refused any other).
         guard let lot = try Row.fetchOne(
-            db.cachedStatement(
+            w.db.cachedStatement(
                 sql: """
                     SELECT COALESCE(o.remaining, 0), lot.expires_at_ms FROM lot
                     LEFT JOIN lot_open o ON o.member = lot.member AND o.lot_id = lot.id
@@ -82,27 +80,27 @@ enum Rules {
             return .refused(Problem(.reversalExceedsOriginal,
                 "only \(left) points of \(original.reference)'s lot are left to reverse; \(n) were asked for"))
         }
-        let before = FIFO.balance(try cache.openLots(db, s.event.member), at: now)
-        return .apply(balanceAfter: try before.subtracting(n), lots: .reread) { db, _, _ in
-            try db.cachedStatement(sql: "UPDATE lot SET reversed = reversed + ? WHERE id = ?")
+        let before = FIFO.balance(try cache.openLots(w, s.event.member), at: now)
+        return .apply(balanceAfter: try before.subtracting(n), lots: .reread) { w, _, _ in
+            try w.db.cachedStatement(sql: "UPDATE lot SET reversed = reversed + ? WHERE id = ?")
                 .execute(arguments: [n.value, original.journalID])
-            try changeOpenLot(db, s.event.member, original.journalID, by: -n.value, holding: remaining)
+            try changeOpenLot(w, s.event.member, original.journalID, by: -n.value, holding: remaining)
         }
     }
 
-    static func reverseRedemption(_ db: Database, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
+    static func reverseRedemption(_ w: WriterStatements, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
         let n = s.event.points
         let original: Lookup.Original
-        switch try Lookup.original(db, s) {
+        switch try Lookup.original(w, s) {
         case .failure(let p): return .refused(p)
         case .success(let e): original = e
         }
-        let takes = try Lookup.takes(db, redemption: original.journalID)
+        let takes = try Lookup.takes(w.db, redemption: original.journalID)
         guard let returns = FIFO.giveBack(n, to: takes) else {
             return .refused(Problem(.reversalExceedsOriginal,
                 "only \(FIFO.reversible(takes)) points of \(original.reference) are left to reverse; \(n) were asked for"))
         }
-        let before = FIFO.balance(try cache.openLots(db, s.event.member), at: now)
+        let before = FIFO.balance(try cache.openLots(w, s.event.member), at: now)
         var gain = Points.zero
         // Lots whose expiry has passed: the points given back to them are not spendable, and
         // the next run expires them (`lot_reopened`; the run finds the other expiring lots by
@@ -110,38 +108,37 @@ enum Rules {
         var reopened: [Int64] = []
         for r in returns {
             let expires = try Int64?.fetchOne(
-                db.cachedStatement(sql: "SELECT expires_at_ms FROM lot WHERE id = ?"), arguments: [r.lotID]) ?? nil
+                w.db.cachedStatement(sql: "SELECT expires_at_ms FROM lot WHERE id = ?"), arguments: [r.lotID]) ?? nil
             if expires.map({ $0 > now.millisecondsSinceEpoch }) ?? true {
                 gain = try gain.adding(r.points)
             } else {
                 reopened.append(r.lotID)
             }
         }
-        return .apply(balanceAfter: try before.adding(gain), lots: .reread) { db, id, flows in
+        return .apply(balanceAfter: try before.adding(gain), lots: .reread) { w, id, flows in
             for (j, r) in returns.enumerated() {
-                try db.cachedStatement(sql: "UPDATE lot_take SET returned = returned + ? WHERE redemption_id = ? AND position = ?")
+                try w.db.cachedStatement(sql: "UPDATE lot_take SET returned = returned + ? WHERE redemption_id = ? AND position = ?")
                     .execute(arguments: [r.points.value, original.journalID, r.takeIndex])
                 // Points given back to a lot that lost its last ones, or to one with some left.
-                try db.cachedStatement(
+                try w.db.cachedStatement(
                     sql: """
                         INSERT INTO lot_open (member, lot_id, remaining) VALUES (?, ?, ?)
                         ON CONFLICT (member, lot_id) DO UPDATE SET remaining = remaining + excluded.remaining
                         """)
                     .execute(arguments: [s.event.member.rawValue, r.lotID, r.points.value])
-                try move(db, entry: id, position: j, lot: r.lotID, issuer: r.issuer, redeemer: s.partner, points: -r.points.value, &flows)
+                try move(w, entry: id, position: j, lot: r.lotID, issuer: r.issuer, redeemer: s.partner, points: -r.points.value, &flows)
             }
             for lot in reopened {
-                try db.cachedStatement(sql: "INSERT OR IGNORE INTO lot_reopened (lot_id) VALUES (?)").execute(arguments: [lot])
+                try w.db.cachedStatement(sql: "INSERT OR IGNORE INTO lot_reopened (lot_id) VALUES (?)").execute(arguments: [lot])
             }
         }
     }
 
     private static func move(
-        _ db: Database, entry: Int64, position: Int, lot: Int64, issuer: PartnerID, redeemer: PartnerID, points: Int64,
+        _ w: WriterStatements, entry: Int64, position: Int, lot: Int64, issuer: PartnerID, redeemer: PartnerID, points: Int64,
         _ flows: inout FlowChanges
     ) throws {
-        let move = try FastStatement(
-            db, "INSERT INTO lot_move (entry_id, position, lot_id, issuer, redeemer, points) VALUES (?, ?, ?, ?, ?, ?)")
+        let move = try w(.insertMove)
         try move.bind(1, entry); try move.bind(2, Int64(position)); try move.bind(3, lot)
         try move.bind(4, issuer.rawValue); try move.bind(5, redeemer.rawValue); try move.bind(6, points)
         try move.done()
@@ -152,22 +149,22 @@ enum Rules {
     /// decided from) by `delta`: a new row for a new lot, an update, or the row's deletion when
     /// none are left. The row must hold exactly `held`; if it does not, the decision was made
     /// from something other than the database, and the posting (with its batch) fails.
-    private static func changeOpenLot(_ db: Database, _ member: MemberID, _ lot: Int64, by delta: Int64, holding held: Int64) throws {
+    private static func changeOpenLot(_ w: WriterStatements, _ member: MemberID, _ lot: Int64, by delta: Int64, holding held: Int64) throws {
         let after = held + delta
         guard after >= 0 else { throw StoreError("lot \(lot) would hold \(after) points") }
         let write: FastStatement
         if held == 0 {
-            write = try FastStatement(db, "INSERT INTO lot_open (member, lot_id, remaining) VALUES (?, ?, ?)")
+            write = try w(.insertOpenLot)
             try write.bind(1, member.rawValue); try write.bind(2, lot); try write.bind(3, after)
         } else if after == 0 {
-            write = try FastStatement(db, "DELETE FROM lot_open WHERE member = ? AND lot_id = ? AND remaining = ?")
+            write = try w(.deleteOpenLot)
             try write.bind(1, member.rawValue); try write.bind(2, lot); try write.bind(3, held)
         } else {
-            write = try FastStatement(db, "UPDATE lot_open SET remaining = ? WHERE member = ? AND lot_id = ? AND remaining = ?")
+            write = try w(.updateOpenLot)
             try write.bind(1, after); try write.bind(2, member.rawValue); try write.bind(3, lot); try write.bind(4, held)
         }
         try write.done()
-        guard db.changesCount == 1 else {
+        guard w.db.changesCount == 1 else {
             throw CachedLotsDisagreement("lot \(lot) of member \(member) does not hold the \(held) points the posting was decided from")
         }
     }
@@ -180,17 +177,17 @@ enum Rules {
     /// WHERE, and its count of changed rows is the check (no read, no `RETURNING`, which
     /// SQLite runs through an ephemeral table: as dear as the update itself). A row that
     /// holds anything else throws `CachedLotsDisagreement`.
-    static func changeMember(_ db: Database, _ member: MemberID, by delta: Int64, expected: Int64?, firstJournalID: Int64?) throws {
+    static func changeMember(_ w: WriterStatements, _ member: MemberID, by delta: Int64, expected: Int64?, firstJournalID: Int64?) throws {
         let update: FastStatement
         if let expected {
-            update = try FastStatement(db, "UPDATE member SET open_points = ? WHERE member = ? AND open_points = ?")
+            update = try w(.updateMemberFrom)
             try update.bind(1, expected + delta); try update.bind(2, member.rawValue); try update.bind(3, expected)
         } else {
-            update = try FastStatement(db, "UPDATE member SET open_points = open_points + ? WHERE member = ?")
+            update = try w(.addToMember)
             try update.bind(1, delta); try update.bind(2, member.rawValue)
         }
         try update.done()
-        if db.changesCount == 1 { return }
+        if w.db.changesCount == 1 { return }
         // No row changed: a member new to the coalition (its first earn; no lots, so nothing
         // expected), or a row that does not hold what the cached lots say (the INSERT then
         // meets it).
@@ -198,7 +195,7 @@ enum Rules {
             guard let expected else { throw StoreError("member \(member) has no row") }
             throw CachedLotsDisagreement("member \(member) does not hold the \(expected) points its cached lots do")
         }
-        let insert = try FastStatement(db, "INSERT INTO member (member, first_journal_id, open_points) VALUES (?, ?, ?)")
+        let insert = try w(.insertMember)
         try insert.bind(1, member.rawValue); try insert.bind(2, firstJournalID); try insert.bind(3, delta)
         do {
             try insert.done()
@@ -297,11 +294,11 @@ enum Lookup {
 
     /// The original of a reversal: an earlier event of the same partner, of the matching
     /// kind, naming the same member.
-    static func original(_ db: Database, _ s: Submission) throws -> Result<Original, Problem> {
+    static func original(_ w: WriterStatements, _ s: Submission) throws -> Result<Original, Problem> {
         guard let ref = s.event.originalReference, let wanted = s.event.kind.originalKind else {
             preconditionFailure("original() of a non-reversal")
         }
-        let select = try FastStatement(db, "SELECT id, sequence, kind, member FROM journal WHERE partner = ? AND reference = ?")
+        let select = try w(.selectOriginal)
         try select.bind(1, s.partner.rawValue); try select.bind(2, ref.rawValue)
         defer { select.finish() }
         guard try select.step(), try select.int64(2) == Int64(wanted.rawValue) else {
@@ -317,12 +314,14 @@ enum Lookup {
     }
 
     static func openLots(_ db: Database, _ member: MemberID) throws -> [OpenLot] {
-        let select = try FastStatement(
-            db,
-            """
-            SELECT o.lot_id, lot.issuer, o.remaining, lot.expires_at_ms FROM lot_open o JOIN lot ON lot.id = o.lot_id
-            WHERE o.member = ? ORDER BY o.lot_id
-            """)
+        try openLots(FastStatement(db, WriterStatements.Key.selectOpenLots.sql), member)
+    }
+
+    static func openLots(_ w: WriterStatements, _ member: MemberID) throws -> [OpenLot] {
+        try openLots(w(.selectOpenLots), member)
+    }
+
+    private static func openLots(_ select: FastStatement, _ member: MemberID) throws -> [OpenLot] {
         try select.bind(1, member.rawValue)
         defer { select.finish() }
         var lots: [OpenLot] = []
@@ -346,14 +345,8 @@ enum Lookup {
         }
     }
 
-    static func insertJournal(_ db: Database, _ e: Entry, hash: [UInt8]) throws {
-        let insert = try FastStatement(
-            db,
-            """
-            INSERT INTO journal (id, partner, sequence, webhook_id, accepted_at_ms, kind, member, points, reference,
-              original_reference, occurred_at_ms, amount_minor, member_balance, hash)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-            """)
+    static func insertJournal(_ w: WriterStatements, _ e: Entry, hash: [UInt8]) throws {
+        let insert = try w(.insertJournal)
         try insert.bind(1, e.journalID); try insert.bind(2, e.partner.rawValue); try insert.bind(3, e.sequence)
         try insert.bind(4, e.webhookID.rawValue); try insert.bind(5, e.acceptedAt.millisecondsSinceEpoch)
         try insert.bind(6, Int64(e.event.kind.rawValue)); try insert.bind(7, e.event.member.rawValue); try insert.bind(8, e.event.points.value)

@@ -169,6 +169,49 @@ def test_bad_statement_and_export_requests_name_what_is_wrong(books):
         assert r.returncode == 1 and words in r.stderr, (args, r.stderr)
 
 
+def test_output_never_replaces_the_data_a_database_or_a_device(books):
+    """A typo in --output must not cost the journal, a ledger, a backup's copy or /dev/null."""
+    import hashlib
+    data = os.path.join(books["tmp"], "data")
+
+    def run(*args):
+        return subprocess.run([BIN, *args, "--data", data, "--partners", os.path.join(books["tmp"], "partners")],
+                              capture_output=True, text=True, timeout=60)
+
+    def digest(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    journal = os.path.join(data, "coalition.sqlite")
+    ledger = os.path.join(data, "ledgers", "fuelco.sqlite")
+    elsewhere = os.path.join(books["tmp"], "a-backup-copy.sqlite")
+    with open(journal, "rb") as f, open(elsewhere, "wb") as g:
+        g.write(f.read(4096))
+    folder = os.path.join(books["tmp"], "a-folder")
+    os.makedirs(folder, exist_ok=True)
+    before = {p: digest(p) for p in (journal, ledger, elsewhere)}
+    for args, words in [(("statement", "fuelco", "R000001", "--output", journal), "inside the data directory"),
+                        (("export", "--output", ledger), "inside the data directory"),
+                        (("statement", "fuelco", "R000001", "--output", os.path.join(data, "new.csv")), "inside the data directory"),
+                        (("export", "--output", elsewhere), "SQLite database"),
+                        (("statement", "fuelco", "R000001", "--output", "/dev/null"), "not a regular file"),
+                        (("export", "--output", folder), "not a regular file")]:
+        r = run(*args)
+        assert r.returncode == 1 and words in r.stderr and "nothing was written" in r.stderr, (args, r.stderr)
+    assert {p: digest(p) for p in before} == before
+    assert not os.path.exists(os.path.join(data, "new.csv"))
+    assert os.path.isdir(folder) and os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    # An earlier statement of the operator's is replaced, whole, owner-only.
+    out = os.path.join(books["tmp"], "again.csv")
+    with open(out, "w") as f:
+        f.write("old")
+    assert run("statement", "fuelco", "R000001", "--output", out).returncode == 0
+    with open(out, "rb") as f:
+        assert f.read() == get(books, "/v1/partners/fuelco/statements/R000001.csv").content
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    assert not [n for n in os.listdir(books["tmp"]) if n.endswith(".partial")]
+
+
 def test_a_statement_streamed_to_an_http_1_0_client_is_not_chunked(books):
     """An HTTP/1.0 client cannot read chunks: the streamed statement ends with the connection."""
     import re
