@@ -154,8 +154,11 @@ struct OutputFile {
     /// Why `target` may not be written, or nil.
     private static func refusal(_ target: URL, dataDirectory: URL) -> String? {
         let directory = target.deletingLastPathComponent()
-        guard let realDirectory = realPath(directory.path) else { return "its directory \(directory.path) does not exist" }
-        if let data = realPath(dataDirectory.path), realDirectory == data || realDirectory.hasPrefix(data + "/") {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: directory.path, isDirectory: &isDirectory), isDirectory.boolValue else {
+            return "its directory \(directory.path) does not exist"
+        }
+        if FileSync.lies(target, inside: dataDirectory) {
             return "it is inside the data directory \(dataDirectory.path), which holds the journal and the ledgers; write it elsewhere"
         }
         var st = stat()
@@ -170,12 +173,6 @@ struct OutputFile {
             }
         }
         return nil
-    }
-
-    private static func realPath(_ path: String) -> String? {
-        guard let p = realpath(path, nil) else { return nil }
-        defer { free(p) }
-        return String(cString: p)
     }
 
     /// Writes what `produce` hands to its writer, then puts the file in place; exit 1 naming
@@ -310,7 +307,7 @@ struct Balance: AsyncParsableCommand {
     @Argument(help: "The member id (coalition card or account number).")
     var member: String
 
-    @Option(help: "Count the member's current lots that are still unexpired at this instant (RFC 3339); default now. Not a balance in the past.")
+    @Option(parsing: .unconditional, help: "Count the member's current lots that are still unexpired at this instant (RFC 3339); default now. Not a balance in the past.")
     var at: String?
 
     func run() async throws {

@@ -20,7 +20,7 @@ struct Serve: AsyncParsableCommand {
 
     @OptionGroup var locations: Locations
     @Option(help: "Address to listen on.") var host: String = "127.0.0.1"
-    @Option(help: "Port to listen on (0: any free port; the chosen one is printed).") var port: Int = 8443
+    @Option(parsing: .unconditional, help: "Port to listen on (0: any free port; the chosen one is printed).") var port: Int = 8443
     @Option(help: "Directory with server.crt, server.key, ca.crt and statement.key.") var certs: String = "./certs"
 
     func validate() throws {

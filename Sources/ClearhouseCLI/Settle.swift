@@ -27,6 +27,11 @@ struct Settle: AsyncParsableCommand {
         do { run = try store.settle(through: cutoff, progress: bar) } catch let e as SettlementError {
             printError("clearhouse settle: \(e)")
             throw ExitCode(1)
+        } catch {
+            // A storage error (an unreadable page of coalition.sqlite, a full disk): the run's
+            // transaction rolled back.
+            printError("clearhouse settle: nothing was settled: \(error). If coalition.sqlite in \(locations.data) is damaged, `clearhouse verify` says where; restore it from a backup")
+            throw ExitCode(1)
         }
         print(json ? RunReport.json(run) : RunReport.table(run, configuration))
         if !json && !run.partners.isEmpty {

@@ -16,10 +16,10 @@ struct Simulate: AsyncParsableCommand {
 
     @OptionGroup var locations: Locations
 
-    @Option(help: "How many members.") var members: Int = 3_000
-    @Option(help: "How many postings.") var events: Int = 30_000
-    @Option(help: "Seed of the generator.") var seed: UInt64 = 20_261_122
-    @Option(help: "Postings in flight at once.") var inFlight: Int = 1_024
+    @Option(parsing: .unconditional, help: "How many members.") var members: Int = 3_000
+    @Option(parsing: .unconditional, help: "How many postings.") var events: Int = 30_000
+    @Option(parsing: .unconditional, help: "Seed of the generator.") var seed: UInt64 = 20_261_122
+    @Option(parsing: .unconditional, help: "Postings in flight at once.") var inFlight: Int = 1_024
     @Flag(help: "Print the day as JSON lines (partner, webhook_id, body, intent) instead of posting it.") var emit = false
     @Flag(help: "Post into a data directory that already holds a coalition (simulated entries are real there: permanent, and settled).")
     var force = false

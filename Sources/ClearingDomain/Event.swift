@@ -173,7 +173,8 @@ public enum EventParser {
     /// Parses a raw body. Throws `Problem` (`malformed` or `too-large`) and nothing else.
     public static func parse(_ body: some Collection<UInt8>) throws(Problem) -> Event {
         guard body.count <= Limits.eventBodyBytesMax else {
-            throw Problem(.tooLarge, "body is \(body.count) bytes; at most \(Limits.eventBodyBytesMax) are accepted")
+            // A caller may hand over only the first bytes past the limit (`post` reads no more).
+            throw Problem(.tooLarge, "the body is more than \(Limits.eventBodyBytesMax) bytes, the most accepted")
         }
         try JSONShape.check(body)
         do {

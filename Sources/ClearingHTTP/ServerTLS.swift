@@ -29,8 +29,16 @@ public enum ServerTLS {
         where !FileManager.default.isReadableFile(atPath: path) {
             throw MissingCertificate(description: "no \(what) at \(path); run ops/certs to make development certificates")
         }
-        let chain = try NIOSSLCertificate.fromPEMFile(crt)
-        let privateKey = try NIOSSLPrivateKey(file: key, format: .pem)
+        let chain: [NIOSSLCertificate], privateKey: NIOSSLPrivateKey
+        do { chain = try NIOSSLCertificate.fromPEMFile(crt) } catch {
+            throw MissingCertificate(description: "\(crt) holds no PEM certificate that can be read (\(error)); run ops/certs to make development certificates")
+        }
+        do { privateKey = try NIOSSLPrivateKey(file: key, format: .pem) } catch {
+            throw MissingCertificate(description: "\(key) holds no PEM private key that can be read (\(error)); run ops/certs to make development certificates")
+        }
+        guard !chain.isEmpty else {
+            throw MissingCertificate(description: "\(crt) holds no certificate; run ops/certs to make development certificates")
+        }
         var tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(privateKey))
         tls.minimumTLSVersion = .tlsv12
         tls.maximumTLSVersion = .tlsv13

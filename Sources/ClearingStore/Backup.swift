@@ -23,6 +23,9 @@ public enum Backup {
         guard Store.hasJournal(dataDirectory) else {
             throw StoreError("\(dataDirectory.path) holds no coalition.sqlite: nothing to back up")
         }
+        if FileSync.lies(destination, inside: dataDirectory) {
+            throw StoreError("\(destination.path) is inside the data directory \(dataDirectory.path): a backup there is lost with it; write it elsewhere (nothing was written)")
+        }
         try requireNewOrEmpty(destination, "a backup goes into a new directory")
         try fm.createDirectory(at: destination.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         let ledgerDir = dataDirectory.appendingPathComponent("ledgers")

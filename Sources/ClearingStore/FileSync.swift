@@ -18,6 +18,27 @@ public enum FileSync {
         return mode
     }
 
+    /// Whether `path` (which need not exist yet) lies in `directory` or below it, links
+    /// resolved: the deepest part of `path` that exists is resolved, the rest appended.
+    public static func lies(_ path: URL, inside directory: URL) -> Bool {
+        guard let dir = realPath(directory.standardizedFileURL.path) else { return false }
+        var existing = path.standardizedFileURL
+        var rest: [String] = []
+        while realPath(existing.path) == nil, existing.path != "/" {
+            rest.insert(existing.lastPathComponent, at: 0)
+            existing = existing.deletingLastPathComponent()
+        }
+        guard let base = realPath(existing.path) else { return false }
+        let full = ([base == "/" ? "" : base] + rest).joined(separator: "/")
+        return full == dir || full.hasPrefix(dir == "/" ? "/" : dir + "/")
+    }
+
+    private static func realPath(_ path: String) -> String? {
+        guard let p = realpath(path, nil) else { return nil }
+        defer { free(p) }
+        return String(cString: p)
+    }
+
     /// Makes `directory`'s entries (files created or renamed in it) durable.
     public static func directory(_ directory: URL) throws {
         let fd = open(directory.path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)

@@ -283,6 +283,7 @@ extension Store {
                 throw SettlementError(description: "partner \(p) has entries in this run but no terms in the configuration (partners/\(p).toml): put its file back to settle; a partner leaves only once none of its points are outstanding (docs/OPERATIONS.md)")
             }
         }
+        try confirmAgainstEntries(db, first: first, last: last, ranges: ranges, issued: issued, redeemed: redeemed, moved: moved)
         let flows = moved.filter { $0.value != 0 }
             .map { Flow(issuer: $0.key.issuer, redeemer: $0.key.redeemer, points: Points($0.value)) }
             .sorted { ($0.issuer, $0.redeemer) < ($1.issuer, $1.redeemer) }
@@ -323,6 +324,66 @@ extension Store {
                 arguments: [number, k.issuer.rawValue, k.redeemer.rawValue, v])
         }
         return run
+    }
+
+    /// Before anything is recorded, the run's figures (differences of the running totals the
+    /// writer keeps) are confirmed against the entries themselves: the journal rows of the run
+    /// (ids `first...last`), re-added per partner and kind, and their lot moves per issuer and
+    /// redeemer. A journal edited or damaged since it was written (a row's points, kind or
+    /// partner changed, a row gone, a page unreadable) stops the run: once its notices go out,
+    /// a run is paid and never changes. Costs one pass over the run's rows (their primary key
+    /// range), not over the whole journal; `verify` still checks everything else (the hash
+    /// chains, the ledgers, every earlier run).
+    private func confirmAgainstEntries(
+        _ db: Database, first: Int64, last: Int64, ranges: [PartnerID: SequenceRange],
+        issued: [PartnerID: Int64], redeemed: [PartnerID: Int64], moved: [ReplayBook.FlowKey: Int64]
+    ) throws {
+        func disagree(_ what: String) -> SettlementError {
+            SettlementError(description: "the coalition database disagrees with itself: \(what); nothing was settled. Run `clearhouse verify`")
+        }
+        var byKind: [PartnerID: [Int64]] = [:]
+        var count: [PartnerID: Int64] = [:], lowest: [PartnerID: Int64] = [:], highest: [PartnerID: Int64] = [:]
+        for row in try Row.fetchAll(
+            db,
+            sql: """
+                SELECT partner, kind, SUM(points) AS points, COUNT(*) AS n, MIN(sequence) AS low, MAX(sequence) AS high
+                FROM journal WHERE id BETWEEN ? AND ? GROUP BY partner, kind
+                """,
+            arguments: [first, last])
+        {
+            let p = try partnerID(row.text("partner"))
+            guard let kind = EventKind(rawValue: Int(try row.int64("kind"))) else { throw disagree("the journal holds an unknown kind") }
+            byKind[p, default: [0, 0, 0, 0]][kind.rawValue - 1] += try row.int64("points")
+            count[p, default: 0] += try row.int64("n")
+            lowest[p] = min(lowest[p] ?? Int64.max, try row.int64("low"))
+            highest[p] = max(highest[p] ?? Int64.min, try row.int64("high"))
+        }
+        for p in Set(byKind.keys).union(ranges.keys).sorted() {
+            let k = byKind[p] ?? [0, 0, 0, 0]
+            let range = ranges[p]
+            let expected = range.map { $0.last - $0.first + 1 } ?? 0
+            if count[p] ?? 0 != expected || lowest[p] != range?.first || highest[p] != range?.last {
+                let held = count[p].map { "\($0) entries (sequences \(lowest[p]!)...\(highest[p]!))" } ?? "no entries"
+                let kept = range.map { "\(expected) (sequences \($0.first)...\($0.last))" } ?? "none"
+                throw disagree("the journal holds \(held) of \(p) in this run, the running totals \(kept)")
+            }
+            if k[0] - k[2] != issued[p] ?? 0 || k[1] - k[3] != redeemed[p] ?? 0 {
+                throw disagree("\(p)'s entries in this run add up to \(k[0] - k[2]) issued and \(k[1] - k[3]) redeemed points, the running totals to \(issued[p] ?? 0) and \(redeemed[p] ?? 0)")
+            }
+        }
+        var flows: [ReplayBook.FlowKey: Int64] = [:]
+        for row in try Row.fetchAll(
+            db, sql: "SELECT issuer, redeemer, SUM(points) AS points FROM lot_move WHERE entry_id BETWEEN ? AND ? GROUP BY issuer, redeemer",
+            arguments: [first, last])
+        {
+            let points = try row.int64("points")
+            if points != 0 { flows[try flowKey(row)] = points }
+        }
+        if let key = Set(flows.keys).union(moved.keys).sorted(by: { ($0.issuer, $0.redeemer) < ($1.issuer, $1.redeemer) })
+            .first(where: { flows[$0] ?? 0 != moved[$0] ?? 0 })
+        {
+            throw disagree("the lot moves \(key.issuer) -> \(key.redeemer) of this run add up to \(flows[key] ?? 0) points, the running flows to \(moved[key] ?? 0)")
+        }
     }
 
     private func flowKey(_ row: Row) throws -> ReplayBook.FlowKey {

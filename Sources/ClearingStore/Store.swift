@@ -95,10 +95,14 @@ public final class Store: Sendable {
         }
         // Ledgers without their journal: the truth is gone. Starting a new journal beside them
         // would hand out their sequences again and the two would silently diverge.
-        if !hasJournal {
+        // An empty coalition.sqlite (0 bytes: truncated, or a failed copy) is no journal either,
+        // and nothing is written into it.
+        let journalPath = dataDirectory.appendingPathComponent("coalition.sqlite").path
+        let emptyJournal = hasJournal && ((try? fm.attributesOfItem(atPath: journalPath))?[.size] as? Int) == 0
+        if !hasJournal || emptyJournal {
             let ledgers = Store.ledgerFileNames(dataDirectory)
             if !ledgers.isEmpty {
-                throw StoreError("\(dataDirectory.path) holds \(ledgers.count) ledger(s) but no coalition.sqlite: the journal is missing; restore it from a backup (docs/OPERATIONS.md)")
+                throw StoreError("\(dataDirectory.path) holds \(ledgers.count) ledger(s) but \(emptyJournal ? "an empty coalition.sqlite (0 bytes)" : "no coalition.sqlite"): the journal is missing; restore it from a backup (docs/OPERATIONS.md); nothing was written")
             }
         }
         if readOnly {
@@ -131,6 +135,13 @@ public final class Store: Sendable {
             dataDirectory.appendingPathComponent("coalition.sqlite"), cacheKiB: Limits.coalitionCacheKiBMax,
             walBufferBytes: walBufferBytes)
         try Store.refuseNewerSchema(coalition, Schema.coalition, "coalition.sqlite")
+        // A journal with no tables (a first start that stopped before its schema, or a file
+        // replaced) beside ledgers: no new journal is started there either.
+        let ledgerFiles = Store.ledgerFileNames(dataDirectory)
+        if !ledgerFiles.isEmpty, try coalition.read({ try !$0.tableExists("journal") }) {
+            try? coalition.close()
+            throw StoreError("\(dataDirectory.path) holds \(ledgerFiles.count) ledger(s) but coalition.sqlite holds no journal (no tables): the journal is missing; restore it from a backup (docs/OPERATIONS.md)")
+        }
         try Store.migrateIfNeeded(coalition, Schema.coalition)
         try Store.recordCurrency(coalition, configuration.coalition.currency, write: recordsCurrency)
         // From here on, the coalition writer keeps every page a transaction dirties in memory
@@ -494,9 +505,16 @@ public final class Store: Sendable {
     /// a crash; it is damage, and an operator must restore).
     public func recover() throws {
         for (partner, last) in try partnersToRecover() {
+            // A ledger file missing or empty (0 bytes) is rebuilt whole from the journal: said
+            // as a warning, which every verb prints (a crash leaves at most one batch to copy;
+            // a whole ledger rebuilt means the file was lost or replaced).
+            let size = (try? FileManager.default.attributesOfItem(atPath: ledgerURL(partner).path))?[.size] as? Int
             try requireSameHistory(partner, through: last)
             let copied = try catchUpLedger(partner, through: last)
-            if copied > 0 {
+            if copied > 0 && (size ?? 0) == 0 {
+                logger.warning("ledger file was missing or empty: rebuilt from the journal", metadata: [
+                    "partner": "\(partner)", "file": "\(ledgerURL(partner).path)", "entries": "\(copied)"])
+            } else if copied > 0 {
                 logger.notice("recovered ledger entries", metadata: ["partner": "\(partner)", "entries": "\(copied)"])
             }
         }

@@ -161,6 +161,16 @@ import Testing
             #expect("\(error)".contains("backed up without ledgers/fuel.sqlite"), "\(error)")
         }
         #expect(Store.hasJournal(backup) && Store.ledgerFileNames(backup) == ["grocer.sqlite"])
+        // A backup inside the data directory (it would be lost with it) is refused, and
+        // nothing is made there.
+        let inside = h.dir.url.appendingPathComponent("backups/tonight")
+        do {
+            try Backup.run(dataDirectory: h.dir.url, to: inside)
+            Issue.record("a backup inside the data directory was taken")
+        } catch {
+            #expect("\(error)".contains("is inside the data directory") && "\(error)".contains("nothing was written"), "\(error)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: h.dir.url.appendingPathComponent("backups").path))
 
         // Restored, the missing ledger is rebuilt from the journal, and all verifies.
         let restored = h.dir.url.deletingLastPathComponent().appendingPathComponent("restored-\(UUID().uuidString)")

@@ -193,6 +193,41 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         #expect(try await jsonStatement(h, G, after.id)["expired"] is NSNull)
     }
 
+    /// A run's figures come from running totals; before anything is recorded they are
+    /// confirmed against the run's own journal rows and lot moves. A journal edited since
+    /// (points, kind, a row gone) or a lot move changed stops the run: nothing recorded, no
+    /// notice queued. An untouched journal settles as before.
+    @Test func aRunIsConfirmedAgainstItsEntriesBeforeItIsRecorded() throws {
+        let file = { (h: Harness) in h.dir.url.appendingPathComponent("coalition.sqlite") }
+        func edited(_ sql: String) throws -> (Harness, any Error) {
+            let h = try Harness()
+            _ = h.post(G, "g1", Fixtures.earn("M1", 1000, "G-1"))
+            _ = h.post(F, "f1", Fixtures.earn("M1", 500, "F-1"))
+            _ = h.post(F, "f2", Fixtures.earn("M2", 100, "F-2"))  // F-1 is not fuel's last entry (checked at every open)
+            _ = h.post(C, "c1", Fixtures.redeem("M1", 1200, "C-1"))
+            try h.store.close()
+            #expect(try SQLiteTool.run(file(h), sql).status == 0)
+            try h.reopen()
+            let error = try #require(throws: SettlementError.self) { try h.store.settle() }
+            #expect(try h.store.runs().isEmpty)
+            #expect(try SQLiteTool.run(file(h), "SELECT COUNT(*) FROM notice").stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "0")
+            return (h, error)
+        }
+        let points = try edited("DROP TRIGGER journal_no_update; UPDATE journal SET points = 900 WHERE reference = 'G-1'")
+        #expect("\(points.1)".contains("grocer's entries in this run add up to 900 issued and 0 redeemed points, the running totals to 1000 and 0; nothing was settled"), "\(points.1)")
+        let kind = try edited("DROP TRIGGER journal_no_update; UPDATE journal SET kind = 3, original_reference = 'F-0' WHERE reference = 'F-1'")
+        #expect("\(kind.1)".contains("fuel's entries in this run add up to -400 issued and 0 redeemed points, the running totals to 600 and 0"), "\(kind.1)")
+        let gone = try edited("DROP TRIGGER journal_no_delete; DELETE FROM journal WHERE reference = 'F-1'")
+        #expect("\(gone.1)".contains("the journal holds 1 entries (sequences 2...2) of fuel in this run, the running totals 2 (sequences 1...2)"), "\(gone.1)")
+        let move = try edited("DROP TRIGGER lot_move_no_update; UPDATE lot_move SET points = points - 1 WHERE issuer = 'fuel'")
+        #expect("\(move.1)".contains("the lot moves fuel -> cinema of this run add up to 199 points, the running flows to 200"), "\(move.1)")
+        // The same day untouched settles.
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 1000, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 600, "C-1"))
+        #expect(try h.store.settle().entryCount == 2)
+    }
+
     /// `points_expire_after_days = 0`: points never expire, however long they wait; runs
     /// expire nothing and `verify` agrees (it used to read "never" as an overflow).
     @Test func pointsThatNeverExpire() throws {

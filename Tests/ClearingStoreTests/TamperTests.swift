@@ -143,6 +143,25 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         try FileManager.default.createDirectory(at: blank.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         try FileManager.default.copyItem(at: h.store.ledgerURL(G), to: blank.appendingPathComponent("ledgers/grocer.sqlite"))
         #expect(try Verifier.verify(dataDirectory: blank).breaches.contains { $0.contains("holds no journal (no tables) beside 1 ledger(s)") })
+        // No verb starts a journal there: the store refuses, and the file keeps no schema.
+        do {
+            _ = try Store(dataDirectory: blank, configuration: h.configuration, clock: h.clock)
+            Issue.record("a journal with no tables beside a ledger was opened")
+        } catch {
+            #expect("\(error)".contains("holds 1 ledger(s) but coalition.sqlite holds no journal (no tables)"), "\(error)")
+        }
+        #expect(try SQLiteTool.run(blank.appendingPathComponent("coalition.sqlite"), "SELECT name FROM sqlite_master WHERE name = 'journal'").stdout.isEmpty)
+        // Truncated to 0 bytes beside a ledger: refused before anything is written into it.
+        let zero = blank.appendingPathComponent("coalition.sqlite")
+        try FileManager.default.removeItem(at: zero)
+        #expect(FileManager.default.createFile(atPath: zero.path, contents: Data()))
+        do {
+            _ = try Store(dataDirectory: blank, configuration: h.configuration, clock: h.clock)
+            Issue.record("an empty journal beside a ledger was opened")
+        } catch {
+            #expect("\(error)".contains("holds 1 ledger(s) but an empty coalition.sqlite (0 bytes)"), "\(error)")
+        }
+        #expect(try FileManager.default.attributesOfItem(atPath: zero.path)[.size] as? Int == 0)
         // A coalition.sqlite that is no database (overwritten, truncated garbage): a breach
         // naming the file, not a raw SQLite error.
         let garbage = h.dir.url.appendingPathComponent("garbage")
