@@ -65,9 +65,13 @@ struct Locations: ParsableArguments {
 
     func openStore(_ configuration: ClearingConfiguration, creating: Bool = false, readOnly: Bool = false) throws -> Store {
         try refuseInterruptedRestore()
-        if !creating, !Store.hasJournal(dataURL) {
-            printError("clearhouse: no data in \(data) (no coalition.sqlite): nothing has been accepted there; check --data")
-            throw ExitCode(2)
+        if !Store.hasJournal(dataURL) {
+            guard creating else {
+                printError("clearhouse: no data in \(data) (no coalition.sqlite): nothing has been accepted there; check --data")
+                throw ExitCode(2)
+            }
+            // Said, so that a mistyped --data is seen at once rather than at the next settle.
+            printError("clearhouse: no coalition.sqlite in \(data): starting a new coalition there (if you meant another one, check --data)")
         }
         do {
             if readOnly {

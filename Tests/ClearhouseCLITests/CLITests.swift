@@ -274,8 +274,48 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
             #expect(!FileManager.default.fileExists(atPath: cli.data.path), "nothing was created")
             let v = try cli.run(["verify"])
             #expect(v.status == 1 && v.out.contains("no such data directory"), "\(v.out)")
-            #expect(try cli.run(["post", "--partner", "fuelco"], stdin: earnM1).status == 0)
+            let first = try cli.run(["post", "--partner", "fuelco"], stdin: earnM1)
+            #expect(first.status == 0 && first.err.contains("no coalition.sqlite in \(cli.data.path): starting a new coalition there"), "\(first.err)")
             #expect(try cli.run(["balance", "M1"]).status == 0)
+            let second = try cli.run(["post", "--partner", "fuelco"], stdin: earnM1.replacingOccurrences(of: "R-1", with: "R-2"))
+            #expect(second.status == 0 && !second.err.contains("new coalition"), "\(second.err)")
+        }
+    }
+
+    /// A ledger file lost (deleted, or truncated to nothing) is rebuilt from the journal by the
+    /// next verb that opens the store, and every verb says so: the loss is not hidden.
+    @Test func aLedgerRebuiltFromTheJournalIsSaid() throws {
+        try withCLI { cli in
+            #expect(try cli.run(["post", "--partner", "fuelco"], stdin: earnM1).status == 0)
+            let ledger = cli.data.appendingPathComponent("ledgers/fuelco.sqlite")
+            for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: ledger.path + suffix) }
+            let runs = try cli.run(["runs"])
+            #expect(runs.status == 0 && runs.err.contains("ledger file was missing or empty: rebuilt from the journal"), "\(runs.err)")
+            #expect(runs.err.contains("partner=fuelco") && runs.err.contains("entries=1"), "\(runs.err)")
+            let again = try cli.run(["runs"])
+            #expect(again.status == 0 && !again.err.contains("rebuilt"), "\(again.err)")
+            #expect(try cli.run(["verify"]).status == 0)
+        }
+    }
+
+    /// Certificates that cannot be read are named, with the reason (it used to print only
+    /// `failedToLoadCertificate`); negative numbers are refused by their range, not taken for
+    /// options; a body over the limit is not said to be of a size it was not read to.
+    @Test func badCertificatesNegativeNumbersAndHugeBodiesAreNamed() throws {
+        try withCLI { cli in
+            let certs = cli.data.deletingLastPathComponent().appendingPathComponent("bad-certs")
+            try FileManager.default.createDirectory(at: certs, withIntermediateDirectories: true)
+            try Data("garbage".utf8).write(to: certs.appendingPathComponent("server.crt"))
+            try Data("garbage".utf8).write(to: certs.appendingPathComponent("server.key"))
+            let serve = try cli.run(["serve", "--port", "0", "--certs", certs.path])
+            #expect(serve.status == 2 && serve.err.contains("\(certs.path)/server.crt holds no PEM certificate that can be read"), "\(serve.err)")
+            for (args, words) in [(["serve", "--port", "-1"], "--port must be 0...65535"), (["simulate", "--members", "-5"], "--members must be 1..."),
+                                  (["simulate", "--events", "-1"], "--events must be 0...")] {
+                let r = try cli.run(args)
+                #expect(r.status == 64 && r.err.contains(words), "\(args): \(r.err)")
+            }
+            let huge = try cli.run(["post", "--partner", "fuelco"], stdin: String(repeating: " ", count: 120_000) + earnM1)  // what the pipe holds past the 65,537 bytes read
+            #expect(huge.status == 1 && huge.out.contains("more than 65536 bytes") && !huge.out.contains("65537"), "\(huge.out)")
         }
     }
 }
