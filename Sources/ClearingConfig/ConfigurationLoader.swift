@@ -67,6 +67,14 @@ public struct ConfigurationLoader {
         var configuration = ClearingConfiguration(coalition: coalition, partners: partners)
         for id in configuration.partnerIDs {
             let terms = partners[id]!
+            // Notices to loopback or private addresses are refused at every attempt unless the
+            // coalition allows them; a literal address can be told now (a name only when sent).
+            if !coalition.noticeAllowPrivateNetworks, let host = URLComponents(string: terms.noticeURL)?.host,
+                let kind = ConfigurationLoader.privateAddressKind(host)
+            {
+                configuration.warnings.append(
+                    "\(directory.appendingPathComponent("\(id).toml").path): notice_url: \(host) is \(kind): notices to it are refused at every attempt unless coalition.toml sets notice_allow_private_networks = true")
+            }
             let secrets = terms.webhookSecrets.enumerated().map { ("webhook_secrets[\($0.offset)]", $0.element) } + [("notice_secret", terms.noticeSecret)]
             for (key, secret) in secrets where secret.bytes.count < Limits.secretBytesRecommendedMin {
                 configuration.warnings.append(
@@ -74,6 +82,31 @@ public struct ConfigurationLoader {
             }
         }
         return configuration
+    }
+
+    /// "a loopback address", "a private address" or "a link-local address" for such a literal
+    /// host (or `localhost`), nil for any other host.
+    static func privateAddressKind(_ host: String) -> String? {
+        let h = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
+        if h.lowercased() == "localhost" || h.lowercased().hasSuffix(".localhost") { return "a loopback address" }
+        var v4 = in_addr()
+        if inet_pton(AF_INET, h, &v4) == 1 {
+            let b = withUnsafeBytes(of: v4.s_addr) { Array($0) }
+            switch (b[0], b[1]) {
+            case (127, _), (0, _): return "a loopback address"
+            case (10, _), (172, 16...31), (192, 168), (100, 64...127): return "a private address"
+            case (169, 254): return "a link-local address"
+            default: return nil
+            }
+        }
+        var v6 = in6_addr()
+        if inet_pton(AF_INET6, h, &v6) == 1 {
+            let b = withUnsafeBytes(of: v6) { Array($0) }
+            if b.dropLast().allSatisfy({ $0 == 0 }) && b[15] <= 1 { return "a loopback address" }
+            if b[0] & 0xFE == 0xFC { return "a private address" }
+            if b[0] == 0xFE && b[1] & 0xC0 == 0x80 { return "a link-local address" }
+        }
+        return nil
     }
 
     func loadCoalition(_ url: URL) throws(ConfigurationError) -> CoalitionTerms {
@@ -123,6 +156,11 @@ public struct ConfigurationLoader {
         guard !name.isEmpty, name.count <= Limits.partnerNameCharactersMax else {
             throw t.error("name", "must be 1-\(Limits.partnerNameCharactersMax) characters")
         }
+        // It is printed in statements, notices and logs: a control character (a NUL cut it
+        // short, a line break forged a line) is refused.
+        guard !name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else {
+            throw t.error("name", "must not contain control characters (line breaks, tabs, NUL)")
+        }
         let issue = try t.int("issue_price_per_1000", 0...Limits.pricePer1000MinorMax)
         let credit = try t.int("redeem_credit_per_1000", 0...Limits.pricePer1000MinorMax)
         let secretTexts = try t.stringArray("webhook_secrets")
@@ -135,6 +173,11 @@ public struct ConfigurationLoader {
         }
         let token = try hex32(resolve(t.string("api_token_sha256"), t, "api_token_sha256"), t, "api_token_sha256")
         let noticeURL = try t.string("notice_url")
+        // Spaces and control characters (a line break would forge a header) make libcurl refuse
+        // the URL at every attempt: refused here, once.
+        guard !noticeURL.unicodeScalars.contains(where: { $0.value <= 0x20 || $0.value == 0x7F }) else {
+            throw t.error("notice_url", "must not contain spaces or control characters (percent-encode them)")
+        }
         guard let u = URLComponents(string: noticeURL), u.scheme == "https", let host = u.host, !host.isEmpty else {
             throw t.error("notice_url", "must be an https:// URL with a host")
         }
@@ -159,8 +202,14 @@ public struct ConfigurationLoader {
         var caFile: String?
         if let ca = try t.optionalString("notice_ca_file") {
             let path = ca.hasPrefix("/") ? ca : directory.appendingPathComponent(ca).path
-            guard FileManager.default.isReadableFile(atPath: path) else {
+            guard FileManager.default.isReadableFile(atPath: path),
+                let text = try? String(contentsOfFile: path, encoding: .utf8)
+            else {
                 throw t.error("notice_ca_file", "cannot read \(path)")
+            }
+            // libcurl would refuse it at every attempt; a whole parse is TLS's, at the first.
+            guard text.contains("-----BEGIN CERTIFICATE-----") && text.contains("-----END CERTIFICATE-----") else {
+                throw t.error("notice_ca_file", "\(path) holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
             }
             caFile = path
         }
@@ -253,10 +302,18 @@ struct Table {
     init(url: URL, allowed: Set<String>) throws(ConfigurationError) {
         file = url.path
         guard let data = FileManager.default.contents(atPath: url.path) else {
-            throw ConfigurationError(file: file, key: nil, reason: "cannot read the file")
+            var isDirectory: ObjCBool = false
+            let reason = !FileManager.default.fileExists(atPath: url.path, isDirectory: &isDirectory) ? "no such file"
+                : isDirectory.boolValue ? "is a directory, not a file" : "cannot be read by this user (check its permissions)"
+            throw ConfigurationError(file: file, key: nil, reason: reason)
         }
         guard data.count <= Limits.configFileBytesMax, let text = String(data: data, encoding: .utf8) else {
             throw ConfigurationError(file: file, key: nil, reason: "not UTF-8 text of at most \(Limits.configFileBytesMax) bytes")
+        }
+        // The TOML reader ends a string at a NUL (`\u0000`), silently: a value would be cut short.
+        let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        if let line = lines.firstIndex(where: { $0.contains("\0") || $0.contains("\\u0000") || $0.contains("\\U00000000") }) {
+            throw ConfigurationError(file: file, key: nil, reason: "line \(line + 1) holds a NUL character, which no value may contain")
         }
         do {
             table = try TOMLTable(string: text)

@@ -66,12 +66,16 @@ struct ConfigDir {
         ("fuelco.toml", "issue_price_per_1000 = 1100", "issue_price_per_1000 = -1", "issue_price_per_1000", "between"),
         ("fuelco.toml", "issue_price_per_1000 = 1100", "issue_price_per_1000 = 11.5", "issue_price_per_1000", "integer"),
         ("fuelco.toml", "rate_per_second = 2000", "rate_per_secnod = 2000", "rate_per_secnod", "unknown key"),
-        ("fuelco.toml", "https://127.0.0.1:9443", "http://127.0.0.1:9443", "notice_url", "https"),
-        ("fuelco.toml", "https://127.0.0.1:9443", "https://127.0.0.1:99999", "notice_url", "port 99999 is not between 1 and 65535"),
-        ("fuelco.toml", "https://127.0.0.1:9443", "https://127.0.0.1:0", "notice_url", "port 0"),
-        ("fuelco.toml", "https://127.0.0.1:9443", "https://ops:hunter2@127.0.0.1:9443", "notice_url", "user name or password"),
-        ("fuelco.toml", "https://127.0.0.1:9443", "https://127.0.0.1:9443/#top", "notice_url", "fragment"),
-        ("fuelco.toml", "https://127.0.0.1:9443", "https://127.0.0.1:9443/" + String(repeating: "a", count: 2_048), "notice_url", "at most 2048 bytes"),
+        ("fuelco.toml", "https://notices.fuelco.example", "http://127.0.0.1:9443", "notice_url", "https"),
+        ("fuelco.toml", "https://notices.fuelco.example", "https://127.0.0.1:99999", "notice_url", "port 99999 is not between 1 and 65535"),
+        ("fuelco.toml", "https://notices.fuelco.example", "https://127.0.0.1:0", "notice_url", "port 0"),
+        ("fuelco.toml", "https://notices.fuelco.example", "https://ops:hunter2@127.0.0.1:9443", "notice_url", "user name or password"),
+        ("fuelco.toml", "https://notices.fuelco.example", "https://127.0.0.1:9443/#top", "notice_url", "fragment"),
+        ("fuelco.toml", "https://notices.fuelco.example", "https://127.0.0.1:9443/" + String(repeating: "a", count: 2_048), "notice_url", "at most 2048 bytes"),
+        ("fuelco.toml", "https://notices.fuelco.example", #"https://notices.fuelco.example/n\r\nX-Injected: 1"#, "notice_url", "spaces or control characters"),
+        ("fuelco.toml", "https://notices.fuelco.example", "https://notices.fuelco.example/a b", "notice_url", "spaces or control characters"),
+        ("fuelco.toml", #"name = "FuelCo Stations""#, #"name = "Fuel\tCo\nX""#, "name", "control characters"),
+        ("fuelco.toml", "https://notices.fuelco.example/clearhouse\"", "https://notices.fuelco.example/clearhouse\"\nnotice_ca_file = \"coalition.toml\"", "notice_ca_file", "holds no PEM certificate"),
         ("fuelco.toml", #"webhook_secrets = ["whsec_"#, #"webhook_secrets = ["wh_"#, "webhook_secrets[0]", "whsec_"),
         ("fuelco.toml", #"api_token_sha256 = "6"#, #"api_token_sha256 = "z"#, "api_token_sha256", "hexadecimal"),
         ("coalition.toml", #"currency = "EUR""#, #"currency = "euro""#, "currency", "ISO 4217"),
@@ -89,6 +93,39 @@ struct ConfigDir {
         #expect(e?.key == key, "\(String(describing: e))")
         #expect(e?.reason.contains(reason) == true, "\(String(describing: e))")
         #expect(e.map { "\($0)" }?.contains("\(file): \(key): ") == true, "one line: file, key, reason")
+    }
+
+    /// A NUL in a value (the TOML reader would end the string there, silently) refuses the
+    /// file, naming the line; a partner file that cannot be read says why.
+    @Test func aNulAnywhereAndAnUnreadableFileAreNamed() throws {
+        let d = try ConfigDir()
+        try d.edit("fuelco.toml") { $0.replacingOccurrences(of: #"name = "FuelCo Stations""#, with: #"name = "Fuel\u0000Co""#) }
+        let e = d.error()
+        #expect(e?.file.hasSuffix("fuelco.toml") == true && e?.reason.contains("holds a NUL character") == true, "\(String(describing: e))")
+        let missing = try ConfigDir()
+        try FileManager.default.removeItem(at: missing.url.appendingPathComponent("coalition.toml"))
+        try FileManager.default.createDirectory(at: missing.url.appendingPathComponent("coalition.toml"), withIntermediateDirectories: false)
+        #expect(missing.error()?.reason == "is a directory, not a file", "\(String(describing: missing.error()))")
+    }
+
+    /// A notice_url whose host is a literal loopback, private or link-local address (or
+    /// `localhost`) loads with a warning naming the file and the key, since every notice to it
+    /// is refused unless the coalition allows private networks; allowed, no warning.
+    @Test func aPrivateNoticeAddressIsAWarningUnlessAllowed() throws {
+        for (host, kind) in [("127.0.0.1", "a loopback address"), ("localhost", "a loopback address"), ("10.1.2.3", "a private address"),
+                             ("192.168.0.9", "a private address"), ("[::1]", "a loopback address"), ("[fd00::5]", "a private address"),
+                             ("169.254.169.254", "a link-local address"), ("notices.example.com", nil), ("8.8.8.8", nil)] {
+            let d = try ConfigDir()
+            try d.edit("fuelco.toml") { $0.replacingOccurrences(of: "https://notices.fuelco.example", with: "https://\(host):8443") }
+            let warnings = try d.load([:]).warnings
+            if let kind {
+                #expect(warnings == ["\(d.url.appendingPathComponent("fuelco.toml").path): notice_url: \(host) is \(kind): notices to it are refused at every attempt unless coalition.toml sets notice_allow_private_networks = true"], "\(host): \(warnings)")
+            } else {
+                #expect(warnings.isEmpty, "\(host): \(warnings)")
+            }
+            try d.edit("coalition.toml") { $0 + "\nnotice_allow_private_networks = true\n" }
+            #expect(try d.load([:]).warnings.isEmpty, "\(host) allowed")
+        }
     }
 
     /// CONTRACT §2 sets no length for a secret: a short one loads, with a warning naming the
@@ -109,7 +146,7 @@ struct ConfigDir {
         #expect(fuel.webhookSecrets[0].bytes == Array("fuel-secret".utf8))
         #expect(Hex.encode(fuel.apiTokenSHA256) == hash)
         #expect(c.warnings.count == 1 && c.warnings[0].contains("fuelco.toml: webhook_secrets[0]: only 11 bytes"), "\(c.warnings)")
-        #expect(try ConfigurationLoader(directory: repositoryPartners).load().warnings.isEmpty, "the sample's secrets are long enough")
+        #expect(try ConfigurationLoader(directory: repositoryPartners).load().warnings.isEmpty, "the sample's secrets are long enough, its notice_urls public")
         try d.edit("fuelco.toml") { $0.replacingOccurrences(of: short, with: "whsec_") }
         let e = d.error(["FUEL_TOKEN_SHA256": hash])
         #expect(e?.key == "webhook_secrets[0]" && e?.reason.contains("1-1024 bytes") == true, "\(String(describing: e))")
