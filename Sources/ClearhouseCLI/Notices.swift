@@ -128,8 +128,14 @@ struct Notices: AsyncParsableCommand {
         @Argument(help: "The notice id, <run>:<partner>.") var id: String
 
         func run() async throws {
-            let store = try locations.openStore(try locations.loadConfiguration())
+            let configuration = try locations.loadConfiguration()
+            let store = try locations.openStore(configuration)
             defer { try? store.close() }
+            // A retry for a partner without terms would only spend a new round of attempts.
+            if let (n, _) = try store.notice(id), configuration.partners[n.partner] == nil {
+                printError("clearhouse notices retry: partner \(n.partner) is not in \(locations.partners): put its file back (or check --partners); nothing was attempted")
+                throw ExitCode(1)
+            }
             do { try store.retryDeadNotice(id, now: SystemClock().now()) } catch let e as NoticeError {
                 printError("clearhouse notices retry: \(e)")
                 throw ExitCode(1)
@@ -151,8 +157,21 @@ struct Notices: AsyncParsableCommand {
         @OptionGroup var locations: Locations
 
         func run() async throws {
-            let store = try locations.openStore(try locations.loadConfiguration())
+            let configuration = try locations.loadConfiguration()
+            let store = try locations.openStore(configuration)
             defer { try? store.close() }
+            // A notice whose partner has no terms fails its attempt (docs/NOTICES.md: a partner
+            // that left). When none of the waiting notices' partners is configured, the
+            // --partners given is the wrong one: refused before any attempt is spent.
+            let waiting = try store.partnersWithPendingNotices()
+            let unknown = waiting.filter { PartnerID($0).map { configuration.partners[$0] == nil } ?? true }
+            if !unknown.isEmpty && unknown.count == waiting.count {
+                printError("clearhouse notices send: none of the partners with pending notices (\(unknown.joined(separator: ", "))) is in \(locations.partners): check --partners; nothing was attempted")
+                throw ExitCode(2)
+            }
+            if !unknown.isEmpty {
+                printError("clearhouse notices send: warning: \(unknown.joined(separator: ", ")) not in \(locations.partners): their notices fail their attempts until their files are back (docs/NOTICES.md)")
+            }
             let dispatcher = NoticeDispatcher(store: store, transport: CurlTransport(), logger: CLILog.logger("clearhouse.notices"))
             let (pass, stopped) = try await Notices.stoppable { try await dispatcher.deliverDue() }
             if stopped { Notices.sayStopped("send") }

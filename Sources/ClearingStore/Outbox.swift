@@ -322,6 +322,13 @@ extension Store {
         }
     }
 
+    /// The partners with a pending notice, sorted.
+    public func partnersWithPendingNotices() throws -> [String] {
+        try coalition.read { db in
+            try String.fetchAll(db, sql: "SELECT DISTINCT partner FROM notice WHERE state = 'pending' ORDER BY partner")
+        }
+    }
+
     /// How many notices are in each state.
     public func noticeCounts() throws -> [NoticeState: Int64] {
         try coalition.read { db in

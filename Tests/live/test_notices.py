@@ -240,3 +240,31 @@ def test_a_notice_url_that_is_not_https_is_refused_at_start_up(env_factory):
         f.write(re.sub(r'(?m)^notice_url = .*$', 'notice_url = "http://localhost:1/x"', text))
     r = env.ch("partners", "check", check=False)
     assert r.returncode == 2 and "notice_url" in r.stderr and "fuelco.toml" in r.stderr
+
+
+def test_notices_send_with_the_wrong_partners_spends_no_attempt(env_factory):
+    """A --partners without any partner that has a pending notice (a typo at night) is refused
+    before any attempt is recorded; one without some of them sends the others and names those
+    it cannot; a retry for a partner without terms spends no new round."""
+    env = env_factory()
+    env.earn("fuelco", "WRONG-1", 40, "WRONG-R1")
+    env.earn("cinestar", "WRONG-2", 40, "WRONG-R2")
+    env.ch("settle")
+    only = os.path.join(env.tmp, "only-coalition")
+    os.makedirs(only)
+    shutil.copy(os.path.join(env.partners, "coalition.toml"), only)
+    r = subprocess.run([BIN, "notices", "send", "--data", env.data, "--partners", only], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "none of the partners with pending notices (cinestar, fuelco)" in r.stderr, r.stderr
+    assert "nothing was attempted" in r.stderr
+    listed = env.ch("notices", "list", "--state", "pending").stdout
+    assert all(line.split()[2] == "0" for line in listed.splitlines()[1:]), listed
+    # Without cinestar's file only: fuelco's notice goes, cinestar's is named.
+    some = os.path.join(env.tmp, "some")
+    shutil.copytree(env.partners, some)
+    os.remove(os.path.join(some, "cinestar.toml"))
+    r = subprocess.run([BIN, "notices", "send", "--data", env.data, "--partners", some], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "warning: cinestar not in" in r.stderr, (r.stdout, r.stderr)
+    assert [x["status"] for x in env.received("R000001:fuelco")] == [200]
+    assert env.received("R000001:cinestar") == []
+    r = subprocess.run([BIN, "notices", "retry", "R000001:cinestar", "--data", env.data, "--partners", some], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "partner cinestar is not in" in r.stderr and "nothing was attempted" in r.stderr, r.stderr
