@@ -238,6 +238,25 @@ struct Partners: AsyncParsableCommand {
                 )
             }
             for w in c.warnings { print("warning: \(w)") }
+            // Against the data directory too, when there is one: what every verb would refuse at
+            // start is refused here (the runbook checks before a restart); nothing is written.
+            if Store.hasJournal(locations.dataURL) {
+                let recorded: String?
+                do { recorded = try Store.historicCurrency(dataDirectory: locations.dataURL) } catch {
+                    printError("clearhouse partners check: cannot read \(locations.data)/coalition.sqlite: \(error)")
+                    throw ExitCode(2)
+                }
+                if let recorded, recorded != c.coalition.currency {
+                    printError("clearhouse: configuration refused: \(Store.CurrencyMismatch(configured: c.coalition.currency, recorded: recorded))")
+                    throw ExitCode(2)
+                }
+                for name in Store.ledgerFileNames(locations.dataURL) {
+                    let id = String(name.dropLast(".sqlite".count))
+                    if PartnerID(id).map({ c.partners[$0] == nil }) ?? false {
+                        print("warning: \(locations.data)/ledgers/\(name): partner \(id) has a ledger but no file in \(locations.partners): a run with entries of it is refused until its file is back (docs/OPERATIONS.md)")
+                    }
+                }
+            }
             print("ok: \(c.partners.count) partners")
         }
     }

@@ -212,6 +212,10 @@ public final class Store: Sendable {
     public struct CurrencyMismatch: Error, CustomStringConvertible {
         public let configured: String
         public let recorded: String
+        public init(configured: String, recorded: String) {
+            self.configured = configured
+            self.recorded = recorded
+        }
         public var description: String {
             "coalition.toml: currency: is \(configured), but this coalition settles in \(recorded) (recorded in coalition.sqlite); a coalition's currency never changes"
         }
@@ -237,6 +241,18 @@ public final class Store: Sendable {
 
     private static func lastRunCurrency(_ db: Database) throws -> String? {
         try String.fetchOne(db, sql: "SELECT currency FROM run WHERE currency IS NOT NULL ORDER BY number DESC LIMIT 1")
+    }
+
+    /// The currency a data directory's history settles in (recorded, or its last run's), read
+    /// without writing anything; nil when it has none yet (a new or an old coalition).
+    public static func historicCurrency(dataDirectory: URL) throws -> String? {
+        let pool = try DatabasePool(
+            path: dataDirectory.appendingPathComponent("coalition.sqlite").path, configuration: databaseConfiguration(readonly: true))
+        defer { try? pool.close() }
+        return try pool.read { db in
+            let recorded = try db.tableExists("coalition_currency") ? try recordedCurrency(db) : nil
+            return try recorded ?? (db.tableExists("run") && db.columns(in: "run").contains { $0.name == "currency" } ? lastRunCurrency(db) : nil)
+        }
     }
 
     /// Refuses a configuration whose currency is not the history's; on a writable store,

@@ -282,6 +282,28 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
         }
     }
 
+    /// `partners check` with a data directory refuses what every verb would refuse at start
+    /// (another currency than the history's), and names a ledger whose partner file is gone.
+    @Test func partnersCheckComparesTheConfigurationWithTheData() throws {
+        try withCLI { cli in
+            #expect(try cli.run(["post", "--partner", "fuelco"], stdin: earnM1).status == 0)
+            #expect(try cli.run(["partners", "check"]).out.contains("ok: 4 partners"))
+            let copy = cli.data.deletingLastPathComponent().appendingPathComponent("partners-usd")
+            try FileManager.default.copyItem(at: cli.partners, to: copy)
+            let coalition = copy.appendingPathComponent("coalition.toml")
+            try String(contentsOf: coalition, encoding: .utf8).replacingOccurrences(of: #"currency = "EUR""#, with: #"currency = "USD""#)
+                .write(to: coalition, atomically: true, encoding: .utf8)
+            try FileManager.default.removeItem(at: copy.appendingPathComponent("fuelco.toml"))
+            let other = CLI(data: cli.data, partners: copy)
+            let refused = try other.run(["partners", "check"])
+            #expect(refused.status == 2 && refused.err.contains("currency: is USD, but this coalition settles in EUR"), "\(refused.err)")
+            try String(contentsOf: coalition, encoding: .utf8).replacingOccurrences(of: #"currency = "USD""#, with: #"currency = "EUR""#)
+                .write(to: coalition, atomically: true, encoding: .utf8)
+            let gone = try other.run(["partners", "check"])
+            #expect(gone.status == 0 && gone.out.contains("partner fuelco has a ledger but no file in"), "\(gone.out)")
+        }
+    }
+
     /// A ledger file lost (deleted, or truncated to nothing) is rebuilt from the journal by the
     /// next verb that opens the store, and every verb says so: the loss is not hidden.
     @Test func aLedgerRebuiltFromTheJournalIsSaid() throws {
