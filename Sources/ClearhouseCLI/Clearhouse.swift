@@ -89,7 +89,8 @@ struct Locations: ParsableArguments {
             printError("clearhouse: cannot open the data directory \(data): the disk is full (\(error)); free some space first. A running serve keeps answering reads")
             throw ExitCode(2)
         } catch {
-            printError("clearhouse: cannot open the data directory \(data): \(error)")
+            let advice = StoreError.advice(error, under: dataURL).map { "; \($0)" } ?? ""
+            printError("clearhouse: cannot open the data directory \(data): \(error)\(advice)")
             throw ExitCode(2)
         }
     }

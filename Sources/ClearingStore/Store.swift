@@ -36,6 +36,29 @@ public struct StoreError: Error, CustomStringConvertible {
         var fs = statvfs()
         return statvfs(directory.path, &fs) == 0 && fs.f_bavail == 0
     }
+
+    /// What an operator can do about a storage error met opening a data directory, or nil
+    /// when there is nothing to add: SQLite's own words ("disk I/O error", "attempt to write a
+    /// readonly database") name neither the cause nor the way out.
+    public static func advice(_ error: any Error, under directory: URL) -> String? {
+        guard let e = error as? DatabaseError else { return nil }
+        let d = directory.path
+        switch e.resultCode {
+        case .SQLITE_CORRUPT, .SQLITE_NOTADB:
+            return "a database in \(d) is damaged: `clearhouse verify --data \(d)` names it; restore it from a backup"
+        case .SQLITE_READONLY:
+            return "\(d) or its files cannot be written by this user (even reading needs SQLite's -shm file writable): run as the user that owns it"
+        case .SQLITE_CANTOPEN, .SQLITE_IOERR, .SQLITE_PERM, .SQLITE_AUTH:
+            var isDirectory: ObjCBool = false
+            let journal = directory.appendingPathComponent("coalition.sqlite").path
+            if FileManager.default.fileExists(atPath: journal, isDirectory: &isDirectory), isDirectory.boolValue {
+                return "\(journal) is a directory, not a database"
+            }
+            return "check that this user may read and write \(d) and its files, and that the disk is sound (`clearhouse verify --data \(d)`)"
+        default:
+            return nil
+        }
+    }
 }
 
 /// The databases of one data directory: `coalition.sqlite` (the journal, the truth) and one

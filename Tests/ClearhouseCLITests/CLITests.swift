@@ -304,6 +304,22 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
         }
     }
 
+    /// A damaged journal, or a directory where it should be: every verb names the cause and
+    /// the way out, not only SQLite's words.
+    @Test func aDamagedOrMisplacedJournalIsExplained() throws {
+        try withCLI { cli in
+            #expect(try cli.run(["post", "--partner", "fuelco"], stdin: earnM1).status == 0)
+            #expect(truncate(cli.data.appendingPathComponent("coalition.sqlite").path, 100_000) == 0)
+            let damaged = try cli.run(["runs"])
+            #expect(damaged.status == 2 && damaged.err.contains("is damaged: `clearhouse verify --data"), "\(damaged.err)")
+            for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: cli.data.appendingPathComponent("coalition.sqlite").path + suffix) }
+            try FileManager.default.removeItem(at: cli.data.appendingPathComponent("ledgers"))
+            try FileManager.default.createDirectory(at: cli.data.appendingPathComponent("coalition.sqlite"), withIntermediateDirectories: false)
+            let misplaced = try cli.run(["settle"])
+            #expect(misplaced.status == 2 && misplaced.err.contains("coalition.sqlite is a directory, not a database"), "\(misplaced.err)")
+        }
+    }
+
     /// A ledger file lost (deleted, or truncated to nothing) is rebuilt from the journal by the
     /// next verb that opens the store, and every verb says so: the loss is not hidden.
     @Test func aLedgerRebuiltFromTheJournalIsSaid() throws {
