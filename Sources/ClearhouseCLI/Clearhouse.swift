@@ -64,6 +64,16 @@ struct Locations: ParsableArguments {
     }
 
     func openStore(_ configuration: ClearingConfiguration, creating: Bool = false, readOnly: Bool = false) throws -> Store {
+        var isDirectory: ObjCBool = false
+        if FileManager.default.fileExists(atPath: data, isDirectory: &isDirectory), !isDirectory.boolValue {
+            printError("clearhouse: --data \(data) is a file, not a data directory; check --data")
+            throw ExitCode(2)
+        }
+        let ledgers = dataURL.appendingPathComponent("ledgers").path
+        if FileManager.default.fileExists(atPath: ledgers, isDirectory: &isDirectory), !isDirectory.boolValue {
+            printError("clearhouse: \(ledgers) is a file, not the directory of the ledgers; move it aside")
+            throw ExitCode(2)
+        }
         try refuseInterruptedRestore()
         if !Store.hasJournal(dataURL) {
             guard creating else {

@@ -169,7 +169,10 @@ public enum Backup {
 
     private static func requireNewOrEmpty(_ directory: URL, _ advice: String) throws {
         let fm = FileManager.default
-        if fm.fileExists(atPath: directory.path), !((try? fm.contentsOfDirectory(atPath: directory.path))?.isEmpty ?? false) {
+        var isDirectory: ObjCBool = false
+        guard fm.fileExists(atPath: directory.path, isDirectory: &isDirectory) else { return }
+        guard isDirectory.boolValue else { throw StoreError("\(directory.path) is a file, not a directory; \(advice)") }
+        if !((try? fm.contentsOfDirectory(atPath: directory.path))?.isEmpty ?? false) {
             throw StoreError("\(directory.path) exists and is not empty; \(advice)")
         }
     }

@@ -24,7 +24,7 @@ public enum Verifier {
         let fm = FileManager.default
         var isDirectory: ObjCBool = false
         guard fm.fileExists(atPath: dataDirectory.path, isDirectory: &isDirectory), isDirectory.boolValue else {
-            report.breach("\(dataDirectory.path): no such data directory")
+            report.breach(fm.fileExists(atPath: dataDirectory.path) ? "\(dataDirectory.path): a file, not a data directory" : "\(dataDirectory.path): no such data directory")
             return report
         }
         guard let names = try? fm.contentsOfDirectory(atPath: dataDirectory.path), fm.isReadableFile(atPath: dataDirectory.path) else {

@@ -317,6 +317,19 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
             try FileManager.default.createDirectory(at: cli.data.appendingPathComponent("coalition.sqlite"), withIntermediateDirectories: false)
             let misplaced = try cli.run(["settle"])
             #expect(misplaced.status == 2 && misplaced.err.contains("coalition.sqlite is a directory, not a database"), "\(misplaced.err)")
+            // --data naming a file, and ledgers/ a file: said so (they were raw Foundation errors).
+            let file = cli.data.deletingLastPathComponent().appendingPathComponent("a-file")
+            try Data("x".utf8).write(to: file)
+            let asData = try CLI(data: file, partners: cli.partners).run(["post", "--partner", "fuelco"], stdin: earnM1)
+            #expect(asData.status == 1 && asData.err.contains("is a file, not a data directory"), "\(asData.err)")
+            #expect(try CLI(data: file, partners: cli.partners).run(["verify"]).out.contains("a file, not a data directory"))
+            let backup = try cli.run(["backup", file.path])
+            #expect(backup.status == 1 && backup.err.contains("is a file, not a directory"), "\(backup.err)")
+            try FileManager.default.removeItem(at: cli.data.appendingPathComponent("coalition.sqlite"))
+            try? FileManager.default.removeItem(at: cli.data.appendingPathComponent("ledgers"))
+            try Data().write(to: cli.data.appendingPathComponent("ledgers"))
+            let ledgers = try cli.run(["post", "--partner", "fuelco"], stdin: earnM1)
+            #expect(ledgers.err.contains("ledgers is a file, not the directory of the ledgers"), "\(ledgers.err)")
         }
     }
 
