@@ -120,6 +120,9 @@ public enum Limits {
     public static let ledgerCacheKiBMax = 2 * 1024
     /// A restore copies each file through a buffer of this size.
     public static let fileCopyChunkBytes = 1024 * 1024
+    /// Breaches a refused restore names in its one-line error (`verify` on the staged files
+    /// lists them all).
+    public static let verifyBreachesShownMax = 5
     /// How long a writer waits for another process's lock on the coalition database.
     public static let databaseBusyTimeoutSecondsMax = 10
 

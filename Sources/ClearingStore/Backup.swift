@@ -87,9 +87,12 @@ public enum Backup {
     /// that fails or dies part way leaves `restore.partial` behind, which `Store` and `restore`
     /// refuse until the operator empties the directory: never a data directory that looks whole
     /// but lacks some of the backup.
+    /// Returns the report of `verify` on the restored files (every invariant holds: a backup
+    /// with a breach is refused).
+    @discardableResult
     public static func restore(
         from backup: URL, to dataDirectory: URL, configuration: ClearingConfiguration, clock: any WallClock = SystemClock()
-    ) throws {
+    ) throws -> VerifyReport {
         let fm = FileManager.default
         guard Store.hasJournal(backup) else {
             throw StoreError("\(backup.path) is not a backup: it has no coalition.sqlite")
@@ -132,6 +135,15 @@ public enum Backup {
         } catch {
             throw StoreError("\(backup.path) is not a consistent backup: \(error). Nothing was restored; its files are in \(staging.path) for a look")
         }
+        // Every invariant, checked before anything is put in place: a backup with a breach (a
+        // stray ledger, a damaged page, an edited row) is refused, not restored and then
+        // reported.
+        let report = try Verifier.verify(dataDirectory: staging)
+        guard report.ok else {
+            let shown = report.breaches.prefix(Limits.verifyBreachesShownMax).joined(separator: "; ")
+            throw StoreError(
+                "\(backup.path) does not verify (\(report.breaches.count) breaches: \(shown)). Nothing was restored; its files are in \(staging.path) for a look")
+        }
         try FileSync.directory(staging.appendingPathComponent("ledgers"))
         try FileSync.directory(staging)
         try FileSync.directory(dataDirectory)
@@ -150,6 +162,7 @@ public enum Backup {
         try fm.removeItem(at: staging)
         try FileSync.directory(dataDirectory)
         try FileSync.directory(dataDirectory.deletingLastPathComponent())
+        return report
     }
 
     /// The statement key `serve` made in the data directory (when the certificate directory has

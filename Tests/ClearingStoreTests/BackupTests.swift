@@ -211,6 +211,29 @@ import Testing
         #expect(try Verifier.verify(dataDirectory: target).ok)
     }
 
+    /// A backup that does not verify (here a stray ledger beside the others: an edited or
+    /// damaged one fails the same way) is refused before anything is put in place; its staged
+    /// files are kept for a look, and every verb refuses the directory until it is emptied.
+    @Test func aBackupWithABreachIsNotRestored() throws {
+        let h = try Harness()
+        for i in 1...4 { _ = h.post(G, "w\(i)", Fixtures.earn("M\(i)", 10, "E-\(i)")) }
+        let parent = h.dir.url.deletingLastPathComponent()
+        let backup = parent.appendingPathComponent("backup-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: backup) }
+        try Backup.run(dataDirectory: h.dir.url, to: backup)
+        try FileManager.default.copyItem(at: backup.appendingPathComponent("ledgers/grocer.sqlite"), to: backup.appendingPathComponent("ledgers/stranger.sqlite"))
+        let target = parent.appendingPathComponent("restored-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: target) }
+        #expect {
+            try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
+        } throws: { "\($0)".contains("does not verify (2 breaches: ledger stranger: belongs to grocer") && "\($0)".contains("Nothing was restored") }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: target.path) == [Backup.restoreStaging])
+        // Without the stray file, the same backup restores and verifies.
+        try FileManager.default.removeItem(at: backup.appendingPathComponent("ledgers/stranger.sqlite"))
+        try FileManager.default.removeItem(at: target)
+        #expect(try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock).ok)
+    }
+
     /// Several processes opening a new data directory at once (serve and `post` beside it)
     /// all open it: the one that loses the race to a migration finds it applied and goes on
     /// (each store here has its own connections, as a process has).
