@@ -61,6 +61,10 @@ extension Store {
     /// A run with nothing in it is still recorded (the period is closed, all figures zero).
     public func settle(through: Instant? = nil, progress: (@Sendable (_ done: Int64, _ total: Int64) -> Void)? = nil) throws -> SettlementRun {
         var run: SettlementRun?
+        // The run's rows, re-added before the journal is locked (journal rows and lot moves never
+        // change): under the lock, only the rows since are added (or those after the cutoff
+        // taken off), so the writer waits no longer than before for the confirmation.
+        let early = try coalition.read { db in try RunRows.afterLastRun(db) }
         try coalition.writeWithoutTransaction { db in
             // The run expires lots on the writer's own connection (no data_version change).
             dropLotCache()
@@ -74,7 +78,7 @@ extension Store {
                 // Read with the journal locked: nothing can be accepted between this instant
                 // and the run's snapshot.
                 let now = clock.now()
-                run = try closeRun(db, through: through ?? now, now: now, progress: progress)
+                run = try closeRun(db, through: through ?? now, now: now, early: early, progress: progress)
                 return .commit
             }
         }
@@ -173,7 +177,7 @@ extension Store {
     }
 
     private func closeRun(
-        _ db: Database, through cutoff: Instant, now: Instant, progress: (@Sendable (Int64, Int64) -> Void)?
+        _ db: Database, through cutoff: Instant, now: Instant, early: RunRows?, progress: (@Sendable (Int64, Int64) -> Void)?
     ) throws -> SettlementRun {
         let previous = try Row.fetchOne(db, sql: "SELECT number, cutoff_ms, last_journal_id, id FROM run ORDER BY number DESC LIMIT 1")
         let number: Int64 = (previous?[0] ?? 0) + 1
@@ -283,7 +287,8 @@ extension Store {
                 throw SettlementError(description: "partner \(p) has entries in this run but no terms in the configuration (partners/\(p).toml): put its file back to settle; a partner leaves only once none of its points are outstanding (docs/OPERATIONS.md)")
             }
         }
-        try confirmAgainstEntries(db, first: first, last: last, ranges: ranges, issued: issued, redeemed: redeemed, moved: moved)
+        try confirmAgainstEntries(
+            RunRows.through(last, from: first, early: early, db), ranges: ranges, issued: issued, redeemed: redeemed, moved: moved)
         let flows = moved.filter { $0.value != 0 }
             .map { Flow(issuer: $0.key.issuer, redeemer: $0.key.redeemer, points: Points($0.value)) }
             .sorted { ($0.issuer, $0.redeemer) < ($1.issuer, $1.redeemer) }
@@ -328,56 +333,40 @@ extension Store {
 
     /// Before anything is recorded, the run's figures (differences of the running totals the
     /// writer keeps) are confirmed against the entries themselves: the journal rows of the run
-    /// (ids `first...last`), re-added per partner and kind, and their lot moves per issuer and
-    /// redeemer. A journal edited or damaged since it was written (a row's points, kind or
-    /// partner changed, a row gone, a page unreadable) stops the run: once its notices go out,
-    /// a run is paid and never changes. Costs one pass over the run's rows (their primary key
-    /// range), not over the whole journal; `verify` still checks everything else (the hash
-    /// chains, the ledgers, every earlier run).
+    /// (ids `first...last`), re-added per partner and kind and counted, and their lot moves per
+    /// issuer and redeemer (`RunRows`). A journal edited or damaged since it was written (a
+    /// row's points, kind or partner changed, a row gone, a page unreadable) stops the run: once
+    /// its notices go out, a run is paid and never changes. `verify` still checks everything
+    /// else (the hash chains, the ledgers, every earlier run).
     private func confirmAgainstEntries(
-        _ db: Database, first: Int64, last: Int64, ranges: [PartnerID: SequenceRange],
-        issued: [PartnerID: Int64], redeemed: [PartnerID: Int64], moved: [ReplayBook.FlowKey: Int64]
+        _ rows: RunRows, ranges: [PartnerID: SequenceRange], issued: [PartnerID: Int64], redeemed: [PartnerID: Int64],
+        moved: [ReplayBook.FlowKey: Int64]
     ) throws {
         func disagree(_ what: String) -> SettlementError {
             SettlementError(description: "the coalition database disagrees with itself: \(what); nothing was settled. Run `clearhouse verify`")
         }
-        var byKind: [PartnerID: [Int64]] = [:]
-        var count: [PartnerID: Int64] = [:], lowest: [PartnerID: Int64] = [:], highest: [PartnerID: Int64] = [:]
-        for row in try Row.fetchAll(
-            db,
-            sql: """
-                SELECT partner, kind, SUM(points) AS points, COUNT(*) AS n, MIN(sequence) AS low, MAX(sequence) AS high
-                FROM journal WHERE id BETWEEN ? AND ? GROUP BY partner, kind
-                """,
-            arguments: [first, last])
-        {
-            let p = try partnerID(row.text("partner"))
-            guard let kind = EventKind(rawValue: Int(try row.int64("kind"))) else { throw disagree("the journal holds an unknown kind") }
-            byKind[p, default: [0, 0, 0, 0]][kind.rawValue - 1] += try row.int64("points")
-            count[p, default: 0] += try row.int64("n")
-            lowest[p] = min(lowest[p] ?? Int64.max, try row.int64("low"))
-            highest[p] = max(highest[p] ?? Int64.min, try row.int64("high"))
+        var byKind: [PartnerID: [Int64]] = [:], count: [PartnerID: Int64] = [:]
+        for (text, k) in rows.kinds {
+            guard let p = PartnerID(text) else { throw disagree("the journal names an invalid partner id") }
+            byKind[p] = Array(k[0..<4])
+            count[p] = k[4]
         }
         for p in Set(byKind.keys).union(ranges.keys).sorted() {
             let k = byKind[p] ?? [0, 0, 0, 0]
-            let range = ranges[p]
-            let expected = range.map { $0.last - $0.first + 1 } ?? 0
-            if count[p] ?? 0 != expected || lowest[p] != range?.first || highest[p] != range?.last {
-                let held = count[p].map { "\($0) entries (sequences \(lowest[p]!)...\(highest[p]!))" } ?? "no entries"
-                let kept = range.map { "\(expected) (sequences \($0.first)...\($0.last))" } ?? "none"
-                throw disagree("the journal holds \(held) of \(p) in this run, the running totals \(kept)")
+            let expected = ranges[p]?.count ?? 0
+            if count[p] ?? 0 != expected {
+                throw disagree("the journal holds \(count[p] ?? 0) entries of \(p) in this run, the running totals \(expected)")
             }
             if k[0] - k[2] != issued[p] ?? 0 || k[1] - k[3] != redeemed[p] ?? 0 {
                 throw disagree("\(p)'s entries in this run add up to \(k[0] - k[2]) issued and \(k[1] - k[3]) redeemed points, the running totals to \(issued[p] ?? 0) and \(redeemed[p] ?? 0)")
             }
         }
         var flows: [ReplayBook.FlowKey: Int64] = [:]
-        for row in try Row.fetchAll(
-            db, sql: "SELECT issuer, redeemer, SUM(points) AS points FROM lot_move WHERE entry_id BETWEEN ? AND ? GROUP BY issuer, redeemer",
-            arguments: [first, last])
-        {
-            let points = try row.int64("points")
-            if points != 0 { flows[try flowKey(row)] = points }
+        for (pair, points) in rows.flows where points != 0 {
+            guard let issuer = PartnerID(pair.issuer), let redeemer = PartnerID(pair.redeemer) else {
+                throw disagree("a lot move names an invalid partner id")
+            }
+            flows[ReplayBook.FlowKey(issuer: issuer, redeemer: redeemer)] = points
         }
         if let key = Set(flows.keys).union(moved.keys).sorted(by: { ($0.issuer, $0.redeemer) < ($1.issuer, $1.redeemer) })
             .first(where: { flows[$0] ?? 0 != moved[$0] ?? 0 })
@@ -472,5 +461,70 @@ extension Store {
             number: number, id: row["id"], cutoff: Instant(millisecondsSinceEpoch: row["cutoff_ms"]),
             firstJournalID: row["first_journal_id"], lastJournalID: row["last_journal_id"], partners: partners, flows: flows, totals: totals,
             issuePrices: issuePrices, redeemCredits: redeemCredits)
+    }
+}
+
+/// The journal rows and lot moves of a range of journal ids, re-added: per partner, the points
+/// by kind and the count of entries; per issuer and redeemer, the points moved. Read in one
+/// pass in id order through SQLite's C API (a GROUP BY would sort every row first).
+struct RunRows {
+    /// The first id of the range and the last one added.
+    var first: Int64
+    var through: Int64
+    /// Partner -> [earned, redeemed, earn reversed, redemption reversed, entries].
+    var kinds: [String: [Int64]] = [:]
+    var flows: [Pair: Int64] = [:]
+
+    struct Pair: Hashable {
+        var issuer: String
+        var redeemer: String
+    }
+
+    /// The rows after the last run, as far as the journal goes now.
+    static func afterLastRun(_ db: Database) throws -> RunRows {
+        let first = (try Int64.fetchOne(db, sql: "SELECT last_journal_id FROM run ORDER BY number DESC LIMIT 1") ?? 0) + 1
+        let last = try Int64.fetchOne(db, sql: "SELECT MAX(id) FROM journal") ?? 0
+        var rows = RunRows(first: first, through: first - 1)
+        try rows.add(db, first, last, sign: 1)
+        return rows
+    }
+
+    /// The rows `first...last`: `early` (summed before the lock, from the same first id) with
+    /// the rows since added, or those past `last` taken off; all of them again otherwise.
+    static func through(_ last: Int64, from first: Int64, early: RunRows?, _ db: Database) throws -> RunRows {
+        guard var rows = early, rows.first == first else {
+            var rows = RunRows(first: first, through: first - 1)
+            try rows.add(db, first, last, sign: 1)
+            return rows
+        }
+        if rows.through < last {
+            try rows.add(db, rows.through + 1, last, sign: 1)
+        } else if rows.through > last {
+            try rows.add(db, last + 1, rows.through, sign: -1)
+        }
+        rows.through = last
+        return rows
+    }
+
+    private mutating func add(_ db: Database, _ from: Int64, _ to: Int64, sign: Int64) throws {
+        guard from <= to else { return }
+        let entries = try FastStatement(db, "SELECT partner, kind, points FROM journal WHERE id BETWEEN ? AND ?")
+        try entries.bind(1, from); try entries.bind(2, to)
+        defer { entries.finish() }
+        while try entries.step() {
+            let kind = Int(try entries.int64(1))
+            guard (1...4).contains(kind) else { throw StoreError("the journal holds an unknown kind \(kind)") }
+            let partner = try entries.text(0), points = try entries.int64(2)
+            kinds[partner, default: [0, 0, 0, 0, 0]][kind - 1] += sign * points
+            kinds[partner, default: [0, 0, 0, 0, 0]][4] += sign
+        }
+        let moves = try FastStatement(db, "SELECT issuer, redeemer, points FROM lot_move WHERE entry_id BETWEEN ? AND ?")
+        try moves.bind(1, from); try moves.bind(2, to)
+        defer { moves.finish() }
+        while try moves.step() {
+            let pair = Pair(issuer: try moves.text(0), redeemer: try moves.text(1)), points = try moves.int64(2)
+            flows[pair, default: 0] += sign * points
+        }
+        through = max(through, to)
     }
 }

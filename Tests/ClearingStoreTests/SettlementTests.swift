@@ -218,7 +218,7 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         let kind = try edited("DROP TRIGGER journal_no_update; UPDATE journal SET kind = 3, original_reference = 'F-0' WHERE reference = 'F-1'")
         #expect("\(kind.1)".contains("fuel's entries in this run add up to -400 issued and 0 redeemed points, the running totals to 600 and 0"), "\(kind.1)")
         let gone = try edited("DROP TRIGGER journal_no_delete; DELETE FROM journal WHERE reference = 'F-1'")
-        #expect("\(gone.1)".contains("the journal holds 1 entries (sequences 2...2) of fuel in this run, the running totals 2 (sequences 1...2)"), "\(gone.1)")
+        #expect("\(gone.1)".contains("the journal holds 1 entries of fuel in this run, the running totals 2"), "\(gone.1)")
         let move = try edited("DROP TRIGGER lot_move_no_update; UPDATE lot_move SET points = points - 1 WHERE issuer = 'fuel'")
         #expect("\(move.1)".contains("the lot moves fuel -> cinema of this run add up to 199 points, the running flows to 200"), "\(move.1)")
         // The same day untouched settles.

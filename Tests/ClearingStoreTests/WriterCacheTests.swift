@@ -272,3 +272,30 @@ extension PostingOutcome {
         #expect(try h.verify().ok)
     }
 }
+
+/// `settle` re-adds a run's rows before it locks the journal and, under the lock, adds the rows
+/// accepted since, or takes off those after the cutoff: either way the sums are those of the
+/// run's rows exactly.
+@Suite struct RunRowsTests {
+    @Test func rowsSummedEarlyThenCompletedEqualTheRunsRows() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 1000, "G-1"))
+        _ = h.post(C, "c1", Fixtures.redeem("M1", 300, "C-1"))
+        let early = try h.store.coalition.read { try RunRows.afterLastRun($0) }
+        _ = h.post(F, "f1", Fixtures.earn("M2", 500, "F-1"))
+        _ = h.post(C, "c2", Fixtures.redeem("M2", 200, "C-2"))
+        _ = h.post(C, "c3", Fixtures.reverseRedemption("M1", 100, "C-3", of: "C-1"))
+        try h.store.coalition.read { db in
+            for last in Int64(0)...5 {
+                let whole = try RunRows.through(last, from: 1, early: nil, db)
+                let completed = try RunRows.through(last, from: 1, early: early, db)
+                #expect(completed.kinds.filter { $0.value != [0, 0, 0, 0, 0] } == whole.kinds && completed.flows.filter { $0.value != 0 } == whole.flows.filter { $0.value != 0 }, "through \(last)")
+            }
+            let all = try RunRows.through(5, from: 1, early: early, db)
+            #expect(all.kinds["cinema"] == [0, 500, 0, 100, 3] && all.kinds["grocer"] == [1000, 0, 0, 0, 1])
+            #expect(all.flows[RunRows.Pair(issuer: "grocer", redeemer: "cinema")] == 200 && all.flows[RunRows.Pair(issuer: "fuel", redeemer: "cinema")] == 200)
+            // Summed early from another first id (a run closed in between): all again.
+            #expect(try RunRows.through(5, from: 3, early: early, db).kinds["grocer"] == nil)
+        }
+    }
+}
