@@ -120,6 +120,9 @@ public enum Limits {
     public static let ledgerCacheKiBMax = 2 * 1024
     /// A restore copies each file through a buffer of this size.
     public static let fileCopyChunkBytes = 1024 * 1024
+    /// Slices `settle` re-adds a run's rows in at once, each on its own reader connection
+    /// (before it locks the journal), to use the machine's cores.
+    public static let settlePassesMax = 2
     /// Breaches a refused restore names in its one-line error (`verify` on the staged files
     /// lists them all).
     public static let verifyBreachesShownMax = 5

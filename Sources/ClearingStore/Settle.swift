@@ -1,6 +1,7 @@
 import ClearingDomain
 import Foundation
 import GRDB
+import Synchronization
 
 /// A closed settlement run (CONTRACT §6).
 public struct SettlementRun: Equatable, Sendable {
@@ -64,7 +65,7 @@ extension Store {
         // The run's rows, re-added before the journal is locked (journal rows and lot moves never
         // change): under the lock, only the rows since are added (or those after the cutoff
         // taken off), so the writer waits no longer than before for the confirmation.
-        let early = try coalition.read { db in try RunRows.afterLastRun(db) }
+        let early = try RunRows.afterLastRun(coalition)
         try coalition.writeWithoutTransaction { db in
             // The run expires lots on the writer's own connection (no data_version change).
             dropLotCache()
@@ -482,11 +483,46 @@ struct RunRows {
 
     /// The rows after the last run, as far as the journal goes now.
     static func afterLastRun(_ db: Database) throws -> RunRows {
-        let first = (try Int64.fetchOne(db, sql: "SELECT last_journal_id FROM run ORDER BY number DESC LIMIT 1") ?? 0) + 1
-        let last = try Int64.fetchOne(db, sql: "SELECT MAX(id) FROM journal") ?? 0
+        let (first, last) = try bounds(db)
         var rows = RunRows(first: first, through: first - 1)
         try rows.add(db, first, last, sign: 1)
         return rows
+    }
+
+    /// The same, read in `Limits.settlePassesMax` slices of the id range at once, each on its
+    /// own reader connection (rows up to the journal's end as read first are committed and never
+    /// change, so every slice's snapshot holds them).
+    static func afterLastRun(_ pool: DatabasePool) throws -> RunRows {
+        let (first, last) = try pool.read(bounds)
+        let passes = Int64(Limits.settlePassesMax)
+        let size = max(1, (last - first + passes) / passes)
+        let slices = stride(from: first, through: last, by: Int(size)).map { ($0, min(last, $0 + size - 1)) }
+        let results = Mutex<[Result<RunRows, any Error>?]>(Array(repeating: nil, count: slices.count))
+        DispatchQueue.concurrentPerform(iterations: slices.count) { i in
+            let result = Result {
+                try pool.read { db in
+                    var part = RunRows(first: slices[i].0, through: slices[i].0 - 1)
+                    try part.add(db, slices[i].0, slices[i].1, sign: 1)
+                    return part
+                }
+            }
+            results.withLock { $0[i] = result }
+        }
+        var rows = RunRows(first: first, through: first - 1)
+        for result in results.withLock({ $0 }) {
+            let part = try result!.get()
+            for (partner, k) in part.kinds {
+                for j in 0..<5 { rows.kinds[partner, default: [0, 0, 0, 0, 0]][j] += k[j] }
+            }
+            for (pair, points) in part.flows { rows.flows[pair, default: 0] += points }
+        }
+        rows.through = last
+        return rows
+    }
+
+    private static func bounds(_ db: Database) throws -> (Int64, Int64) {
+        let first = (try Int64.fetchOne(db, sql: "SELECT last_journal_id FROM run ORDER BY number DESC LIMIT 1") ?? 0) + 1
+        return (first, try Int64.fetchOne(db, sql: "SELECT MAX(id) FROM journal") ?? 0)
     }
 
     /// The rows `first...last`: `early` (summed before the lock, from the same first id) with

@@ -282,6 +282,9 @@ extension PostingOutcome {
         _ = h.post(G, "g1", Fixtures.earn("M1", 1000, "G-1"))
         _ = h.post(C, "c1", Fixtures.redeem("M1", 300, "C-1"))
         let early = try h.store.coalition.read { try RunRows.afterLastRun($0) }
+        // Read in slices on several connections at once: the same sums.
+        let sliced = try RunRows.afterLastRun(h.store.coalition)
+        #expect(sliced.kinds == early.kinds && sliced.flows == early.flows && sliced.first == 1 && sliced.through == 2)
         _ = h.post(F, "f1", Fixtures.earn("M2", 500, "F-1"))
         _ = h.post(C, "c2", Fixtures.redeem("M2", 200, "C-2"))
         _ = h.post(C, "c3", Fixtures.reverseRedemption("M1", 100, "C-3", of: "C-1"))
