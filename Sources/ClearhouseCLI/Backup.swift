@@ -33,6 +33,7 @@ struct RestoreCommand: AsyncParsableCommand {
 
     @OptionGroup var locations: Locations
     @Argument(help: "The directory `clearhouse backup` wrote.") var backup: String
+    @Flag(help: "Restore a backup that does not verify, as it is, listing its breaches (exit 1).") var acceptBreaches = false
 
     func run() async throws {
         let configuration = try locations.loadConfiguration()
@@ -41,9 +42,15 @@ struct RestoreCommand: AsyncParsableCommand {
         // Verified before it is put in place: a backup with any breach restores nothing.
         let report: VerifyReport
         do {
-            report = try Backup.restore(from: URL(fileURLWithPath: backup), to: locations.dataURL, configuration: configuration)
+            report = try Backup.restore(
+                from: URL(fileURLWithPath: backup), to: locations.dataURL, configuration: configuration, acceptBreaches: acceptBreaches)
         } catch {
             printError("clearhouse restore: \(error)")
+            throw ExitCode(1)
+        }
+        for b in report.breaches { print("BREACH   \(b)") }
+        guard report.ok else {
+            print("restore: \(locations.data) restored from \(backup) as it is (--accept-breaches): \(report.breaches.count) breaches")
             throw ExitCode(1)
         }
         print("restore: \(locations.data) restored from \(backup) and verified (\(report.checks.count) checks)")

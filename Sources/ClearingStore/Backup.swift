@@ -87,11 +87,13 @@ public enum Backup {
     /// that fails or dies part way leaves `restore.partial` behind, which `Store` and `restore`
     /// refuse until the operator empties the directory: never a data directory that looks whole
     /// but lacks some of the backup.
-    /// Returns the report of `verify` on the restored files (every invariant holds: a backup
-    /// with a breach is refused).
+    /// Returns the report of `verify` on the restored files: every invariant holds, since a
+    /// backup with a breach is refused, unless `acceptBreaches` (the operator has looked, and
+    /// this backup is the one to have: it is restored and its breaches returned).
     @discardableResult
     public static func restore(
-        from backup: URL, to dataDirectory: URL, configuration: ClearingConfiguration, clock: any WallClock = SystemClock()
+        from backup: URL, to dataDirectory: URL, configuration: ClearingConfiguration, clock: any WallClock = SystemClock(),
+        acceptBreaches: Bool = false
     ) throws -> VerifyReport {
         let fm = FileManager.default
         guard Store.hasJournal(backup) else {
@@ -139,10 +141,10 @@ public enum Backup {
         // stray ledger, a damaged page, an edited row) is refused, not restored and then
         // reported.
         let report = try Verifier.verify(dataDirectory: staging)
-        guard report.ok else {
+        guard report.ok || acceptBreaches else {
             let shown = report.breaches.prefix(Limits.verifyBreachesShownMax).joined(separator: "; ")
             throw StoreError(
-                "\(backup.path) does not verify (\(report.breaches.count) breaches: \(shown)). Nothing was restored; its files are in \(staging.path) for a look")
+                "\(backup.path) does not verify (\(report.breaches.count) breaches: \(shown)). Nothing was restored; its files are in \(staging.path) for a look (empty the directory, then restore with --accept-breaches to restore it as it is)")
         }
         try FileSync.directory(staging.appendingPathComponent("ledgers"))
         try FileSync.directory(staging)

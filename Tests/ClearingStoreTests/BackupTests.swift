@@ -228,6 +228,11 @@ import Testing
             try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
         } throws: { "\($0)".contains("does not verify (2 breaches: ledger stranger: belongs to grocer") && "\($0)".contains("Nothing was restored") }
         #expect(try FileManager.default.contentsOfDirectory(atPath: target.path) == [Backup.restoreStaging])
+        // The operator may restore it as it is, breaches listed.
+        let asItIs = parent.appendingPathComponent("as-it-is-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: asItIs) }
+        let accepted = try Backup.restore(from: backup, to: asItIs, configuration: h.configuration, clock: h.clock, acceptBreaches: true)
+        #expect(accepted.breaches.count == 2 && Store.hasJournal(asItIs))
         // Without the stray file, the same backup restores and verifies.
         try FileManager.default.removeItem(at: backup.appendingPathComponent("ledgers/stranger.sqlite"))
         try FileManager.default.removeItem(at: target)
