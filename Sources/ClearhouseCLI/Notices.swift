@@ -161,12 +161,13 @@ struct Notices: AsyncParsableCommand {
             let store = try locations.openStore(configuration)
             defer { try? store.close() }
             // A notice whose partner has no terms fails its attempt (docs/NOTICES.md: a partner
-            // that left). When none of the waiting notices' partners is configured, the
-            // --partners given is the wrong one: refused before any attempt is spent.
-            let waiting = try store.partnersWithPendingNotices()
-            let unknown = waiting.filter { PartnerID($0).map { configuration.partners[$0] == nil } ?? true }
-            if !unknown.isEmpty && unknown.count == waiting.count {
-                printError("clearhouse notices send: none of the partners with pending notices (\(unknown.joined(separator: ", "))) is in \(locations.partners): check --partners; nothing was attempted")
+            // that left, whose notice ends as a dead letter). When no partner of any notice is
+            // configured, the --partners given is the wrong one: refused before any attempt.
+            let (waiting, all) = try store.noticePartners()
+            let configured = { (p: String) in PartnerID(p).map { configuration.partners[$0] != nil } ?? false }
+            let unknown = waiting.filter { !configured($0) }
+            if !unknown.isEmpty && !all.contains(where: configured) {
+                printError("clearhouse notices send: no partner with a notice (\(all.joined(separator: ", "))) is in \(locations.partners): check --partners; nothing was attempted")
                 throw ExitCode(2)
             }
             if !unknown.isEmpty {

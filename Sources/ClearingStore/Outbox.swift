@@ -322,10 +322,11 @@ extension Store {
         }
     }
 
-    /// The partners with a pending notice, sorted.
-    public func partnersWithPendingNotices() throws -> [String] {
+    /// The partners with a pending notice, and those with any notice, sorted.
+    public func noticePartners() throws -> (pending: [String], any: [String]) {
         try coalition.read { db in
-            try String.fetchAll(db, sql: "SELECT DISTINCT partner FROM notice WHERE state = 'pending' ORDER BY partner")
+            (try String.fetchAll(db, sql: "SELECT DISTINCT partner FROM notice WHERE state = 'pending' ORDER BY partner"),
+             try String.fetchAll(db, sql: "SELECT DISTINCT partner FROM notice ORDER BY partner"))
         }
     }
 
