@@ -81,7 +81,8 @@ struct Locations: ParsableArguments {
                 throw ExitCode(2)
             }
             // Said, so that a mistyped --data is seen at once rather than at the next settle.
-            printError("clearhouse: no coalition.sqlite in \(data): starting a new coalition there (if you meant another one, check --data)")
+            // (Beside ledgers the store refuses to start a journal, and says so.)
+            if Store.ledgerFileNames(dataURL).isEmpty { printError("clearhouse: no coalition.sqlite in \(data): starting a new coalition there (if you meant another one, check --data)") }
         }
         do {
             if readOnly {
@@ -158,7 +159,11 @@ struct OutputFile {
     init(_ path: String, verb: String, dataDirectory: URL) throws {
         self.path = path
         self.verb = verb
-        target = URL(fileURLWithPath: path).standardizedFileURL
+        // The directory resolved by the file system (`..` after a link means what the shell means).
+        let named = URL(fileURLWithPath: path)
+        let parent = named.deletingLastPathComponent().path
+        target = (realpath(parent, nil).map { p in defer { free(p) }; return URL(fileURLWithPath: String(cString: p)) }
+            ?? named.deletingLastPathComponent()).appendingPathComponent(named.lastPathComponent)
         partial = target.deletingLastPathComponent().appendingPathComponent(".\(target.lastPathComponent).partial")
         if let reason = OutputFile.refusal(target, dataDirectory: dataDirectory) {
             printError("clearhouse \(verb): --output \(path): \(reason); nothing was written")
@@ -249,9 +254,14 @@ struct Partners: AsyncParsableCommand {
                 )
             }
             for w in c.warnings { print("warning: \(w)") }
-            // Against the data directory too, when there is one: what every verb would refuse at
-            // start is refused here (the runbook checks before a restart); nothing is written.
-            if Store.hasJournal(locations.dataURL) {
+            // Against the data directory too, when one is named (not the default ./data, which
+            // depends on where the check is run): what every verb would refuse at start is
+            // refused here (the runbook checks before a restart); nothing is written.
+            let dataNamed = CommandLine.arguments.contains { $0 == "--data" || $0.hasPrefix("--data=") }
+            if dataNamed && !Store.hasJournal(locations.dataURL) {
+                print("data: \(locations.data) holds no coalition.sqlite yet: nothing to compare")
+            }
+            if dataNamed && Store.hasJournal(locations.dataURL) {
                 let recorded: String?
                 do { recorded = try Store.historicCurrency(dataDirectory: locations.dataURL) } catch {
                     printError("clearhouse partners check: cannot read \(locations.data)/coalition.sqlite: \(error)")
@@ -261,6 +271,7 @@ struct Partners: AsyncParsableCommand {
                     printError("clearhouse: configuration refused: \(Store.CurrencyMismatch(configured: c.coalition.currency, recorded: recorded))")
                     throw ExitCode(2)
                 }
+                print("data: \(locations.data): currency \(recorded ?? "not recorded yet")")
                 for name in Store.ledgerFileNames(locations.dataURL) {
                     let id = String(name.dropLast(".sqlite".count))
                     if PartnerID(id).map({ c.partners[$0] == nil }) ?? false {

@@ -153,18 +153,23 @@ public final class Store: Sendable {
             }
             return
         }
+        // A journal with no tables (a first start that stopped before its schema, or a file
+        // replaced) beside ledgers: no new journal is started there either. Looked at through
+        // a read-only connection: nothing is written into it (not even WAL mode).
+        let ledgerFiles = Store.ledgerFileNames(dataDirectory)
+        if hasJournal, !ledgerFiles.isEmpty {
+            let look = try DatabaseQueue(path: journalPath, configuration: Store.databaseConfiguration(readonly: true))
+            let tables = try look.read { try $0.tableExists("journal") }
+            try look.close()
+            if !tables {
+                throw StoreError("\(dataDirectory.path) holds \(ledgerFiles.count) ledger(s) but coalition.sqlite holds no journal (no tables): the journal is missing; restore it from a backup (docs/OPERATIONS.md); nothing was written")
+            }
+        }
         try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         coalition = try Store.openWritable(
             dataDirectory.appendingPathComponent("coalition.sqlite"), cacheKiB: Limits.coalitionCacheKiBMax,
             walBufferBytes: walBufferBytes)
         try Store.refuseNewerSchema(coalition, Schema.coalition, "coalition.sqlite")
-        // A journal with no tables (a first start that stopped before its schema, or a file
-        // replaced) beside ledgers: no new journal is started there either.
-        let ledgerFiles = Store.ledgerFileNames(dataDirectory)
-        if !ledgerFiles.isEmpty, try coalition.read({ try !$0.tableExists("journal") }) {
-            try? coalition.close()
-            throw StoreError("\(dataDirectory.path) holds \(ledgerFiles.count) ledger(s) but coalition.sqlite holds no journal (no tables): the journal is missing; restore it from a backup (docs/OPERATIONS.md)")
-        }
         try Store.migrateIfNeeded(coalition, Schema.coalition)
         try Store.recordCurrency(coalition, configuration.coalition.currency, write: recordsCurrency)
         // From here on, the coalition writer keeps every page a transaction dirties in memory

@@ -151,6 +151,8 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
             #expect("\(error)".contains("holds 1 ledger(s) but coalition.sqlite holds no journal (no tables)"), "\(error)")
         }
         #expect(try SQLiteTool.run(blank.appendingPathComponent("coalition.sqlite"), "SELECT name FROM sqlite_master WHERE name = 'journal'").stdout.isEmpty)
+        #expect(try SQLiteTool.run(blank.appendingPathComponent("coalition.sqlite"), "PRAGMA journal_mode").stdout.hasPrefix("delete"), "not even turned to WAL")
+        #expect(!FileManager.default.fileExists(atPath: blank.appendingPathComponent("coalition.sqlite-wal").path))
         // Truncated to 0 bytes beside a ledger: refused before anything is written into it.
         let zero = blank.appendingPathComponent("coalition.sqlite")
         try FileManager.default.removeItem(at: zero)
