@@ -69,11 +69,10 @@ public struct ConfigurationLoader {
             let terms = partners[id]!
             // Notices to loopback or private addresses are refused at every attempt unless the
             // coalition allows them; a literal address can be told now (a name only when sent).
-            if !coalition.noticeAllowPrivateNetworks, let host = URLComponents(string: terms.noticeURL)?.host,
-                let kind = ConfigurationLoader.privateAddressKind(host)
+            if let host = URLComponents(string: terms.noticeURL)?.host,
+                let refused = ConfigurationLoader.refusedHost(host, allowPrivateNetworks: coalition.noticeAllowPrivateNetworks)
             {
-                configuration.warnings.append(
-                    "\(directory.appendingPathComponent("\(id).toml").path): notice_url: \(host) is \(kind): notices to it are refused at every attempt unless coalition.toml sets notice_allow_private_networks = true")
+                configuration.warnings.append("\(directory.appendingPathComponent("\(id).toml").path): notice_url: \(host) is \(refused)")
             }
             let secrets = terms.webhookSecrets.enumerated().map { ("webhook_secrets[\($0.offset)]", $0.element) } + [("notice_secret", terms.noticeSecret)]
             for (key, secret) in secrets where secret.bytes.count < Limits.secretBytesRecommendedMin {
@@ -84,29 +83,30 @@ public struct ConfigurationLoader {
         return configuration
     }
 
-    /// "a loopback address", "a private address" or "a link-local address" for such a literal
-    /// host (or `localhost`), nil for any other host.
-    static func privateAddressKind(_ host: String) -> String? {
+    /// Why every notice to this host would be refused (`AddressPolicy`, as the transport
+    /// checks at connect time), for a literal address or `localhost`; nil for any other host
+    /// (a name is resolved only when a notice is sent).
+    static func refusedHost(_ host: String, allowPrivateNetworks: Bool) -> String? {
         let h = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
-        if h.lowercased() == "localhost" || h.lowercased().hasSuffix(".localhost") { return "a loopback address" }
-        var v4 = in_addr()
-        if inet_pton(AF_INET, h, &v4) == 1 {
-            let b = withUnsafeBytes(of: v4.s_addr) { Array($0) }
-            switch (b[0], b[1]) {
-            case (127, _), (0, _): return "a loopback address"
-            case (10, _), (172, 16...31), (192, 168), (100, 64...127): return "a private address"
-            case (169, 254): return "a link-local address"
-            default: return nil
+        var bytes: [UInt8]?
+        if h.lowercased() == "localhost" || h.lowercased().hasSuffix(".localhost") {
+            bytes = [127, 0, 0, 1]
+        } else {
+            var v4 = in_addr(), v6 = in6_addr()
+            if inet_pton(AF_INET, h, &v4) == 1 {
+                bytes = withUnsafeBytes(of: v4) { Array($0) }
+            } else if inet_pton(AF_INET6, h, &v6) == 1 {
+                bytes = withUnsafeBytes(of: v6) { Array($0) }
             }
         }
-        var v6 = in6_addr()
-        if inet_pton(AF_INET6, h, &v6) == 1 {
-            let b = withUnsafeBytes(of: v6) { Array($0) }
-            if b.dropLast().allSatisfy({ $0 == 0 }) && b[15] <= 1 { return "a loopback address" }
-            if b[0] & 0xFE == 0xFC { return "a private address" }
-            if b[0] == 0xFE && b[1] & 0xC0 == 0x80 { return "a link-local address" }
-        }
-        return nil
+        guard let bytes, let address = IPAddress(bytes: bytes),
+            let reason = AddressPolicy.refusal(address, allowPrivateNetworks: allowPrivateNetworks)
+        else { return nil }
+        let article = AddressPolicy.withArticle(reason)
+        let c = AddressPolicy.classify(address)
+        return c == .loopback || c == .private
+            ? "\(article): notices to it are refused at every attempt unless coalition.toml sets notice_allow_private_networks = true"
+            : "\(article): notices to it are refused at every attempt"
     }
 
     func loadCoalition(_ url: URL) throws(ConfigurationError) -> CoalitionTerms {
@@ -202,13 +202,11 @@ public struct ConfigurationLoader {
         var caFile: String?
         if let ca = try t.optionalString("notice_ca_file") {
             let path = ca.hasPrefix("/") ? ca : directory.appendingPathComponent(ca).path
-            guard FileManager.default.isReadableFile(atPath: path),
-                let text = try? String(contentsOfFile: path, encoding: .utf8)
-            else {
+            guard FileManager.default.isReadableFile(atPath: path), let bytes = FileManager.default.contents(atPath: path) else {
                 throw t.error("notice_ca_file", "cannot read \(path)")
             }
             // libcurl would refuse it at every attempt; a whole parse is TLS's, at the first.
-            guard text.contains("-----BEGIN CERTIFICATE-----") && text.contains("-----END CERTIFICATE-----") else {
+            guard bytes.range(of: Data("-----BEGIN ".utf8)) != nil && bytes.range(of: Data("CERTIFICATE-----".utf8)) != nil else {
                 throw t.error("notice_ca_file", "\(path) holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
             }
             caFile = path
@@ -311,8 +309,9 @@ struct Table {
             throw ConfigurationError(file: file, key: nil, reason: "not UTF-8 text of at most \(Limits.configFileBytesMax) bytes")
         }
         // The TOML reader ends a string at a NUL (`\u0000`), silently: a value would be cut short.
+        // An escape counts where an odd number of backslashes starts it (`\\u0000` is text).
         let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
-        if let line = lines.firstIndex(where: { $0.contains("\0") || $0.contains("\\u0000") || $0.contains("\\U00000000") }) {
+        if let line = lines.firstIndex(where: { $0.contains("\0") || Table.hasNulEscape($0) }) {
             throw ConfigurationError(file: file, key: nil, reason: "line \(line + 1) holds a NUL character, which no value may contain")
         }
         do {
@@ -327,6 +326,22 @@ struct Table {
         for key in table.keys.sorted() where !allowed.contains(key) {
             throw ConfigurationError(file: file, key: key, reason: "unknown key")
         }
+    }
+
+    /// Whether `line` holds `\u0000` or `\U00000000` as an escape (in a comment too: harmless).
+    static func hasNulEscape(_ line: Substring) -> Bool {
+        let chars = Array(line)
+        var i = 0
+        while i < chars.count {
+            guard chars[i] == "\\" else { i += 1; continue }
+            var run = 0
+            while i < chars.count && chars[i] == "\\" { run += 1; i += 1 }
+            if run % 2 == 1 {
+                let rest = String(chars[i..<min(chars.count, i + 9)])
+                if rest.hasPrefix("u0000") || rest.hasPrefix("U00000000") { return true }
+            }
+        }
+        return false
     }
 
     func error(_ key: String, _ reason: String) -> ConfigurationError {

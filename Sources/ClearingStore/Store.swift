@@ -550,14 +550,15 @@ public final class Store: Sendable {
     public func recover() throws {
         for (partner, last) in try partnersToRecover() {
             // A ledger file missing or empty (0 bytes) is rebuilt whole from the journal: said
-            // as a warning, which every verb prints (a crash leaves at most one batch to copy;
-            // a whole ledger rebuilt means the file was lost or replaced).
+            // as a warning, which every verb prints. A crash during a partner's very first batch
+            // leaves it so too (its file not made yet); otherwise the file was lost or replaced.
             let size = (try? FileManager.default.attributesOfItem(atPath: ledgerURL(partner).path))?[.size] as? Int
             try requireSameHistory(partner, through: last)
             let copied = try catchUpLedger(partner, through: last)
             if copied > 0 && (size ?? 0) == 0 {
                 logger.warning("ledger file was missing or empty: rebuilt from the journal", metadata: [
-                    "partner": "\(partner)", "file": "\(ledgerURL(partner).path)", "entries": "\(copied)"])
+                    "partner": "\(partner)", "file": "\(ledgerURL(partner).path)", "entries": "\(copied)",
+                    "cause": "a crash during the partner's first batch, or the file was lost or replaced"])
             } else if copied > 0 {
                 logger.notice("recovered ledger entries", metadata: ["partner": "\(partner)", "entries": "\(copied)"])
             }

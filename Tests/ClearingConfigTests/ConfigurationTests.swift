@@ -102,29 +102,36 @@ struct ConfigDir {
         try d.edit("fuelco.toml") { $0.replacingOccurrences(of: #"name = "FuelCo Stations""#, with: #"name = "Fuel\u0000Co""#) }
         let e = d.error()
         #expect(e?.file.hasSuffix("fuelco.toml") == true && e?.reason.contains("holds a NUL character") == true, "\(String(describing: e))")
+        // An escaped backslash before it is text, not a NUL.
+        try d.edit("fuelco.toml") { $0.replacingOccurrences(of: #"name = "Fuel\u0000Co""#, with: #"name = "Fuel\\u0000Co""#) }
+        #expect(try d.load([:]).partners[PartnerID("fuelco")!]?.name == #"Fuel\u0000Co"#)
         let missing = try ConfigDir()
         try FileManager.default.removeItem(at: missing.url.appendingPathComponent("coalition.toml"))
         try FileManager.default.createDirectory(at: missing.url.appendingPathComponent("coalition.toml"), withIntermediateDirectories: false)
         #expect(missing.error()?.reason == "is a directory, not a file", "\(String(describing: missing.error()))")
     }
 
-    /// A notice_url whose host is a literal loopback, private or link-local address (or
-    /// `localhost`) loads with a warning naming the file and the key, since every notice to it
-    /// is refused unless the coalition allows private networks; allowed, no warning.
+    /// A notice_url whose host is a literal address the transport refuses (or `localhost`)
+    /// loads with a warning naming the file and the key: loopback and private ones unless the
+    /// coalition allows private networks, link-local, metadata and unspecified ones always.
     @Test func aPrivateNoticeAddressIsAWarningUnlessAllowed() throws {
-        for (host, kind) in [("127.0.0.1", "a loopback address"), ("localhost", "a loopback address"), ("10.1.2.3", "a private address"),
-                             ("192.168.0.9", "a private address"), ("[::1]", "a loopback address"), ("[fd00::5]", "a private address"),
-                             ("169.254.169.254", "a link-local address"), ("notices.example.com", nil), ("8.8.8.8", nil)] {
+        let unless = ": notices to it are refused at every attempt unless coalition.toml sets notice_allow_private_networks = true"
+        let always = ": notices to it are refused at every attempt"
+        for (host, kind, allowed) in [
+            ("127.0.0.1", "a loopback address" + unless, true), ("localhost", "a loopback address" + unless, true),
+            ("10.1.2.3", "a private address" + unless, true), ("192.168.0.9", "a private address" + unless, true),
+            ("[::1]", "a loopback address" + unless, true), ("[fd00::5]", "a private address" + unless, true),
+            ("[::ffff:10.0.0.1]", "a private address" + unless, true),
+            ("169.254.169.254", "a metadata address" + always, false), ("169.254.1.1", "a link-local address" + always, false),
+            ("0.0.0.0", "an unspecified address" + always, false), ("notices.example.com", nil, true), ("8.8.8.8", nil, true),
+        ] {
             let d = try ConfigDir()
             try d.edit("fuelco.toml") { $0.replacingOccurrences(of: "https://notices.fuelco.example", with: "https://\(host):8443") }
             let warnings = try d.load([:]).warnings
-            if let kind {
-                #expect(warnings == ["\(d.url.appendingPathComponent("fuelco.toml").path): notice_url: \(host) is \(kind): notices to it are refused at every attempt unless coalition.toml sets notice_allow_private_networks = true"], "\(host): \(warnings)")
-            } else {
-                #expect(warnings.isEmpty, "\(host): \(warnings)")
-            }
+            let expected = kind.map { ["\(d.url.appendingPathComponent("fuelco.toml").path): notice_url: \(host) is \($0)"] } ?? []
+            #expect(warnings == expected, "\(host): \(warnings)")
             try d.edit("coalition.toml") { $0 + "\nnotice_allow_private_networks = true\n" }
-            #expect(try d.load([:]).warnings.isEmpty, "\(host) allowed")
+            #expect(try d.load([:]).warnings.isEmpty == allowed, "\(host) with private networks allowed")
         }
     }
 

@@ -1,3 +1,4 @@
+import ClearingDomain
 import PartnerTransport
 import Testing
 
