@@ -65,6 +65,14 @@ extension Store {
         // The run's rows, re-added before the journal is locked (journal rows and lot moves never
         // change): under the lock, only the rows since are added (or those after the cutoff
         // taken off), so the writer waits no longer than before for the confirmation.
+        // The plain refusals first, so that a repeated night job is told at once.
+        if let through {
+            try coalition.read { db in
+                try Store.refuseCutoff(
+                    through, now: clock.now(),
+                    previous: Row.fetchOne(db, sql: "SELECT number, cutoff_ms, last_journal_id, id FROM run ORDER BY number DESC LIMIT 1"))
+            }
+        }
         let early = try RunRows.afterLastRun(coalition)
         try coalition.writeWithoutTransaction { db in
             // The run expires lots on the writer's own connection (no data_version change).
@@ -177,13 +185,10 @@ extension Store {
                 """)
     }
 
-    private func closeRun(
-        _ db: Database, through cutoff: Instant, now: Instant, early: RunRows?, progress: (@Sendable (Int64, Int64) -> Void)?
-    ) throws -> SettlementRun {
-        let previous = try Row.fetchOne(db, sql: "SELECT number, cutoff_ms, last_journal_id, id FROM run ORDER BY number DESC LIMIT 1")
-        let number: Int64 = (previous?[0] ?? 0) + 1
+    /// A cutoff before the last run's, equal to it, or in the future is refused (nothing is
+    /// recorded). `previous`: the last run's number, cutoff, last journal id and id.
+    static func refuseCutoff(_ cutoff: Instant, now: Instant, previous: Row?) throws {
         let previousCutoff: Int64? = previous?[1]
-        let first: Int64 = (previous?[2] ?? 0) + 1
         if let p = previousCutoff, cutoff.millisecondsSinceEpoch < p {
             throw SettlementError(description: "the cutoff \(cutoff) is before the last run's cutoff \(Instant(millisecondsSinceEpoch: p)) (without --through the cutoff is now: is this machine's clock behind?)")
         }
@@ -196,6 +201,16 @@ extension Store {
         guard cutoff <= now else {
             throw SettlementError(description: "--through \(cutoff) is in the future; entries may still be accepted before it")
         }
+    }
+
+    private func closeRun(
+        _ db: Database, through cutoff: Instant, now: Instant, early: RunRows?, progress: (@Sendable (Int64, Int64) -> Void)?
+    ) throws -> SettlementRun {
+        let previous = try Row.fetchOne(db, sql: "SELECT number, cutoff_ms, last_journal_id, id FROM run ORDER BY number DESC LIMIT 1")
+        let number: Int64 = (previous?[0] ?? 0) + 1
+        let previousCutoff: Int64? = previous?[1]
+        let first: Int64 = (previous?[2] ?? 0) + 1
+        try Store.refuseCutoff(cutoff, now: now, previous: previous)
         // Acceptance times rise with journal ids, so walking back from the newest entry finds
         // the last one at or before the cutoff at once (no index on accepted_at needed).
         let last = max(first - 1, try Int64.fetchOne(
@@ -495,8 +510,9 @@ struct RunRows {
     static func afterLastRun(_ pool: DatabasePool) throws -> RunRows {
         let (first, last) = try pool.read(bounds)
         let passes = Int64(Limits.settlePassesMax)
-        let size = max(1, (last - first + passes) / passes)
-        let slices = stride(from: first, through: last, by: Int(size)).map { ($0, min(last, $0 + size - 1)) }
+        // first >= 1: no overflow; no slice when the journal ends before first.
+        let size = last >= first ? (last - first) / passes + 1 : 1
+        let slices = last >= first ? stride(from: first, through: last, by: Int(size)).map { ($0, last - $0 < size ? last : $0 + (size - 1)) } : []
         let results = Mutex<[Result<RunRows, any Error>?]>(Array(repeating: nil, count: slices.count))
         DispatchQueue.concurrentPerform(iterations: slices.count) { i in
             let result = Result {
@@ -512,12 +528,22 @@ struct RunRows {
         for result in results.withLock({ $0 }) {
             let part = try result!.get()
             for (partner, k) in part.kinds {
-                for j in 0..<5 { rows.kinds[partner, default: [0, 0, 0, 0, 0]][j] += k[j] }
+                for j in 0..<5 {
+                    let before = rows.kinds[partner]?[j] ?? 0
+                    rows.kinds[partner, default: [0, 0, 0, 0, 0]][j] = try sum(before, 1, k[j])
+                }
             }
-            for (pair, points) in part.flows { rows.flows[pair, default: 0] += points }
+            for (pair, points) in part.flows { rows.flows[pair] = try sum(rows.flows[pair] ?? 0, 1, points) }
         }
-        rows.through = last
+        rows.through = max(first - 1, last)
         return rows
+    }
+
+    /// `total + sign × points` (sign ±1), or an error past Int64 (only an edited journal gets there).
+    static func sum(_ total: Int64, _ sign: Int64, _ points: Int64) throws -> Int64 {
+        let (r, overflow) = sign < 0 ? total.subtractingReportingOverflow(points) : total.addingReportingOverflow(points)
+        guard !overflow else { throw StoreError("the run's rows add up past what a 64-bit integer holds: the journal is damaged") }
+        return r
     }
 
     private static func bounds(_ db: Database) throws -> (Int64, Int64) {
@@ -551,15 +577,16 @@ struct RunRows {
             let kind = Int(try entries.int64(1))
             guard (1...4).contains(kind) else { throw StoreError("the journal holds an unknown kind \(kind)") }
             let partner = try entries.text(0), points = try entries.int64(2)
-            kinds[partner, default: [0, 0, 0, 0, 0]][kind - 1] += sign * points
-            kinds[partner, default: [0, 0, 0, 0, 0]][4] += sign
+            let before = kinds[partner]?[kind - 1] ?? 0
+            kinds[partner, default: [0, 0, 0, 0, 0]][kind - 1] = try RunRows.sum(before, sign, points)
+            kinds[partner]![4] += sign
         }
         let moves = try FastStatement(db, "SELECT issuer, redeemer, points FROM lot_move WHERE entry_id BETWEEN ? AND ?")
         try moves.bind(1, from); try moves.bind(2, to)
         defer { moves.finish() }
         while try moves.step() {
             let pair = Pair(issuer: try moves.text(0), redeemer: try moves.text(1)), points = try moves.int64(2)
-            flows[pair, default: 0] += sign * points
+            flows[pair] = try RunRows.sum(flows[pair] ?? 0, sign, points)
         }
         through = max(through, to)
     }
