@@ -33,7 +33,7 @@ struct RestoreCommand: AsyncParsableCommand {
 
     @OptionGroup var locations: Locations
     @Argument(help: "The directory `clearhouse backup` wrote.") var backup: String
-    @Flag(help: "Restore a backup that does not verify, as it is, listing its breaches (exit 1).") var acceptBreaches = false
+    @Flag(help: "Restore a backup that does not verify, as it is, listing its breaches (exit 3).") var acceptBreaches = false
 
     func run() async throws {
         let configuration = try locations.loadConfiguration()
@@ -50,8 +50,9 @@ struct RestoreCommand: AsyncParsableCommand {
         }
         for b in report.breaches { print("BREACH   \(b)") }
         guard report.ok else {
+            // Exit 3, not 1: the files are in place (1 means nothing was restored).
             print("restore: \(locations.data) restored from \(backup) as it is (--accept-breaches): \(report.breaches.count) breaches")
-            throw ExitCode(1)
+            throw ExitCode(3)
         }
         print("restore: \(locations.data) restored from \(backup) and verified (\(report.checks.count) checks)")
     }

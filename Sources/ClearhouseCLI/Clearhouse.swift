@@ -254,14 +254,11 @@ struct Partners: AsyncParsableCommand {
                 )
             }
             for w in c.warnings { print("warning: \(w)") }
-            // Against the data directory too, when one is named (not the default ./data, which
-            // depends on where the check is run): what every verb would refuse at start is
-            // refused here (the runbook checks before a restart); nothing is written.
-            let dataNamed = CommandLine.arguments.contains { $0 == "--data" || $0.hasPrefix("--data=") }
-            if dataNamed && !Store.hasJournal(locations.dataURL) {
-                print("data: \(locations.data) holds no coalition.sqlite yet: nothing to compare")
-            }
-            if dataNamed && Store.hasJournal(locations.dataURL) {
+            // Against the data directory in effect (--data, default ./data), as every verb would
+            // at start (the runbook checks before a restart), saying which; nothing is written.
+            if !Store.hasJournal(locations.dataURL) {
+                print("data: \(locations.data) holds no coalition.sqlite: not compared (name the service's with --data)")
+            } else {
                 let recorded: String?
                 do { recorded = try Store.historicCurrency(dataDirectory: locations.dataURL) } catch {
                     printError("clearhouse partners check: cannot read \(locations.data)/coalition.sqlite: \(error)")

@@ -87,13 +87,16 @@ public struct ConfigurationLoader {
     /// checks at connect time), for a literal address or `localhost`; nil for any other host
     /// (a name is resolved only when a notice is sent).
     static func refusedHost(_ host: String, allowPrivateNetworks: Bool) -> String? {
-        let h = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
+        var h = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
+        if let zone = h.firstIndex(of: "%") { h = String(h[..<zone]) }  // fe80::1%25eth0
+        if h.hasSuffix(".") { h = String(h.dropLast()) }  // localhost.
         var bytes: [UInt8]?
         if h.lowercased() == "localhost" || h.lowercased().hasSuffix(".localhost") {
             bytes = [127, 0, 0, 1]
         } else {
             var v4 = in_addr(), v6 = in6_addr()
-            if inet_pton(AF_INET, h, &v4) == 1 {
+            // inet_aton also reads the shorthands a resolver takes (127.1, 2130706433).
+            if inet_aton(h, &v4) == 1 {
                 bytes = withUnsafeBytes(of: v4) { Array($0) }
             } else if inet_pton(AF_INET6, h, &v6) == 1 {
                 bytes = withUnsafeBytes(of: v6) { Array($0) }
@@ -206,7 +209,9 @@ public struct ConfigurationLoader {
                 throw t.error("notice_ca_file", "cannot read \(path)")
             }
             // libcurl would refuse it at every attempt; a whole parse is TLS's, at the first.
-            guard bytes.range(of: Data("-----BEGIN ".utf8)) != nil && bytes.range(of: Data("CERTIFICATE-----".utf8)) != nil else {
+            guard ["-----BEGIN CERTIFICATE-----", "-----BEGIN X509 CERTIFICATE-----", "-----BEGIN TRUSTED CERTIFICATE-----"]
+                .contains(where: { bytes.range(of: Data($0.utf8)) != nil })
+            else {
                 throw t.error("notice_ca_file", "\(path) holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
             }
             caFile = path

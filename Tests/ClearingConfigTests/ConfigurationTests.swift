@@ -121,14 +121,16 @@ struct ConfigDir {
             ("127.0.0.1", "a loopback address" + unless, true), ("localhost", "a loopback address" + unless, true),
             ("10.1.2.3", "a private address" + unless, true), ("192.168.0.9", "a private address" + unless, true),
             ("[::1]", "a loopback address" + unless, true), ("[fd00::5]", "a private address" + unless, true),
-            ("[::ffff:10.0.0.1]", "a private address" + unless, true),
+            ("[::ffff:10.0.0.1]", "a private address" + unless, true), ("127.1", "a loopback address" + unless, true),
+            ("localhost.", "a loopback address" + unless, true), ("[fe80::1%25eth0]", "a link-local address" + always, false),
             ("169.254.169.254", "a metadata address" + always, false), ("169.254.1.1", "a link-local address" + always, false),
             ("0.0.0.0", "an unspecified address" + always, false), ("notices.example.com", nil, true), ("8.8.8.8", nil, true),
         ] {
             let d = try ConfigDir()
             try d.edit("fuelco.toml") { $0.replacingOccurrences(of: "https://notices.fuelco.example", with: "https://\(host):8443") }
             let warnings = try d.load([:]).warnings
-            let expected = kind.map { ["\(d.url.appendingPathComponent("fuelco.toml").path): notice_url: \(host) is \($0)"] } ?? []
+            let shown = host.replacingOccurrences(of: "%25", with: "%")  // the URL's host, decoded
+            let expected = kind.map { ["\(d.url.appendingPathComponent("fuelco.toml").path): notice_url: \(shown) is \($0)"] } ?? []
             #expect(warnings == expected, "\(host): \(warnings)")
             try d.edit("coalition.toml") { $0 + "\nnotice_allow_private_networks = true\n" }
             #expect(try d.load([:]).warnings.isEmpty == allowed, "\(host) with private networks allowed")
