@@ -53,12 +53,14 @@ struct LotCache {
 
     /// Applies what an accepted posting did to the member's lots, once its writes succeeded.
     mutating func apply(_ change: LotChange, member: MemberID) {
-        guard var open = lots[member] else { return }
+        // Taken out of the dictionary while it changes, so that it is changed in place (read
+        // out and written back, the dictionary's copy made every change copy the whole array).
+        guard var open = lots.removeValue(forKey: member) else { return }
         switch change {
         case .earned(let lot):
             precondition(open.last.map { $0.id < lot.id } ?? true, "lot ids are in acceptance order")
             if lotCount >= Limits.lotCacheLotsMax {
-                forget(member)  // full: this member's lots are read again when next needed
+                lotCount -= open.count  // full: this member's lots are read again when next needed
                 return
             }
             open.append(lot)
@@ -66,7 +68,7 @@ struct LotCache {
         case .took(let takes):
             for take in takes {
                 guard let i = open.firstIndex(where: { $0.id == take.lotID }), open[i].remaining.value >= take.points.value else {
-                    forget(member)  // cannot happen (the takes were computed from these lots); read again
+                    lotCount -= open.count  // cannot happen (the takes were computed from these lots); read again
                     return
                 }
                 open[i].remaining = Points(open[i].remaining.value - take.points.value)
@@ -75,14 +77,10 @@ struct LotCache {
             open.removeAll { $0.remaining.value == 0 }
             lotCount -= before - open.count
         case .reread:
-            forget(member)
+            lotCount -= open.count  // read again when next needed
             return
         }
         lots[member] = open
-    }
-
-    private mutating func forget(_ member: MemberID) {
-        if let gone = lots.removeValue(forKey: member) { lotCount -= gone.count }
     }
 }
 

@@ -515,9 +515,15 @@ struct BatchState {
     mutating func advance(_ partner: PartnerID, sequence: Int64, hash: [UInt8], journalID: Int64, kind: EventKind, points: Points) {
         precondition(journalID == lastJournalID + 1)
         lastJournalID = journalID
-        var totals = heads[partner]?.totals ?? [0, 0, 0, 0]
-        totals[kind.rawValue - 1] += points.value  // at most 10^9 per entry: no overflow before 9·10^9 entries
-        heads[partner] = Head(sequence: sequence, hash: hash, totals: totals, dirty: true)
+        // Changed in place (one look-up; no copy of its totals).
+        BatchState.advance(&heads[partner, default: Head(sequence: 0, hash: [])], sequence: sequence, hash: hash, kind: kind, points: points)
+    }
+
+    private static func advance(_ h: inout Head, sequence: Int64, hash: [UInt8], kind: EventKind, points: Points) {
+        h.sequence = sequence
+        h.hash = hash
+        h.totals[kind.rawValue - 1] += points.value  // at most 10^9 per entry: no overflow before 9·10^9 entries
+        h.dirty = true
     }
 
     /// Writes what the batch changed in the partners' heads and the flows.
