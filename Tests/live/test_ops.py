@@ -133,10 +133,13 @@ def test_the_nightly_settle_unit_closes_the_previous_utc_day_exactly():
     import re
     import shlex
     s = LiveServer()
-    utc = dict(os.environ, TZ="UTC")  # faketime reads its times in the local zone
+    # faketime reads its times in the local zone. `-f` stops the clock at the instant given:
+    # started there, a slow start-up (a debug build opening a new data directory on a busy
+    # machine) accepted the 23:59:59 entry after midnight. The monotonic clock runs.
+    utc = dict(os.environ, TZ="UTC", FAKETIME_DONT_FAKE_MONOTONIC="1")
     try:
         def post_at(when, webhook_id, reference):
-            r = subprocess.run(["faketime", when, BIN, "post", "--partner", "fuelco", "--webhook-id", webhook_id,
+            r = subprocess.run(["faketime", "-f", when, BIN, "post", "--partner", "fuelco", "--webhook-id", webhook_id,
                                 "--data", s.data, "--partners", s.partners],
                                input=earn("NIGHT-1", 10, reference), capture_output=True, text=True, timeout=60, env=utc)
             assert r.returncode == 0, r.stderr
@@ -146,7 +149,7 @@ def test_the_nightly_settle_unit_closes_the_previous_utc_day_exactly():
         line = next(l for l in unit.splitlines() if l.startswith("ExecStart="))
         command = (line.removeprefix("ExecStart=").replace("%%", "%").replace("/usr/local/bin/clearhouse", BIN)
                    .replace("/var/lib/clearhouse/data", s.data).replace("/etc/clearhouse/partners", s.partners))
-        r = subprocess.run(["faketime", "2026-11-30 00:05:07", *shlex.split(command)], capture_output=True, text=True, timeout=120, env=utc)
+        r = subprocess.run(["faketime", "-f", "2026-11-30 00:05:07", *shlex.split(command)], capture_output=True, text=True, timeout=120, env=utc)
         assert r.returncode == 0, r.stdout + r.stderr
         assert re.search(r"cutoff 2026-11-29T23:59:59\.999Z, 1 entry ", r.stdout), r.stdout
     finally:
@@ -162,9 +165,11 @@ def test_ops_backup_keeps_the_newest_and_prunes_only_its_own_backups():
         dest = os.path.join(s.tmp, "back ups")
         sibling = os.path.join(s.tmp, "back")
         os.makedirs(sibling)
-        env = dict(os.environ, CLEARHOUSE_BIN=BIN, TZ="UTC", KEEP="2")
+        # Stopped at each second (`-f`): started there, a backup taking over a second was
+        # named by the next one.
+        env = dict(os.environ, CLEARHOUSE_BIN=BIN, TZ="UTC", KEEP="2", FAKETIME_DONT_FAKE_MONOTONIC="1")
         for second in ("00", "01", "02"):
-            r = subprocess.run(["faketime", f"2026-11-29 12:00:{second}", os.path.join(ROOT, "ops", "backup"), s.data, dest],
+            r = subprocess.run(["faketime", "-f", f"2026-11-29 12:00:{second}", os.path.join(ROOT, "ops", "backup"), s.data, dest],
                                capture_output=True, text=True, timeout=120, env=env, cwd=s.tmp)
             assert r.returncode == 0, r.stderr
         assert sorted(os.listdir(dest)) == ["20261129T120001Z", "20261129T120002Z"], os.listdir(dest)
