@@ -29,6 +29,7 @@ import threading
 import time
 
 import pytest
+import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from liveserver import ROOT, LiveServer, earn, slug
@@ -430,8 +431,10 @@ def test_on_sigterm_readiness_turns_503_and_new_postings_get_503_with_retry_afte
     s = LiveServer(rate_limits=False).start()
     try:
         assert s.http.get(f"{s.url}/readyz", timeout=10).status_code == 200
+        stopped = time.monotonic()
         s.proc.terminate()
-        deadline = time.monotonic() + 0.9
+        # The window is one second: readiness must be seen early enough to post within it.
+        deadline = stopped + 0.5
         ready = 200
         while ready != 503 and time.monotonic() < deadline:
             try:
@@ -440,7 +443,12 @@ def test_on_sigterm_readiness_turns_503_and_new_postings_get_503_with_retry_afte
                 break
         if ready != 503:
             pytest.skip("the drain window passed before readiness was read (a very slow machine)")
-        r = s.post("fuelco", earn("DRAIN1", 5, "drain-ref-1"), msg_id="drain-1", timeout=5)
+        try:
+            r = s.post("fuelco", earn("DRAIN1", 5, "drain-ref-1"), msg_id="drain-1", timeout=5)
+        except requests.exceptions.ConnectionError:
+            if time.monotonic() - stopped < 1.0:
+                raise
+            pytest.skip("the drain window passed before the posting arrived (a very slow machine)")
         assert r.status_code == 503 and r.headers.get("retry-after") and slug(r) == "unavailable", (r.status_code, r.text)
         assert r.headers.get("connection") == "close"
         assert s.proc.wait(timeout=40) == 0
