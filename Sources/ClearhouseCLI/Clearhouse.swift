@@ -162,8 +162,8 @@ struct OutputFile {
         // The directory resolved by the file system (`..` after a link means what the shell means).
         let named = URL(fileURLWithPath: path)
         let parent = named.deletingLastPathComponent().path
-        target = (realpath(parent, nil).map { p in defer { free(p) }; return URL(fileURLWithPath: String(cString: p)) }
-            ?? named.deletingLastPathComponent()).appendingPathComponent(named.lastPathComponent)
+        target = (FileSync.realPath(parent).map { URL(fileURLWithPath: $0) } ?? named.deletingLastPathComponent())
+            .appendingPathComponent(named.lastPathComponent)
         partial = target.deletingLastPathComponent().appendingPathComponent(".\(target.lastPathComponent).partial")
         if let reason = OutputFile.refusal(target, dataDirectory: dataDirectory) {
             printError("clearhouse \(verb): --output \(path): \(reason); nothing was written")
@@ -270,8 +270,7 @@ struct Partners: AsyncParsableCommand {
                 }
                 print("data: \(locations.data): currency \(recorded ?? "not recorded yet")")
                 for name in Store.ledgerFileNames(locations.dataURL) {
-                    let id = String(name.dropLast(".sqlite".count))
-                    if PartnerID(id).map({ c.partners[$0] == nil }) ?? false {
+                    if let id = Store.ledgerPartner(fileName: name), c.partners[id] == nil {
                         print("warning: \(locations.data)/ledgers/\(name): partner \(id) has a ledger but no file in \(locations.partners): a run with entries of it is refused until its file is back (docs/OPERATIONS.md)")
                     }
                 }

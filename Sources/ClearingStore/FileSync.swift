@@ -33,7 +33,8 @@ public enum FileSync {
         return full == dir || full.hasPrefix(dir == "/" ? "/" : dir + "/")
     }
 
-    private static func realPath(_ path: String) -> String? {
+    /// `path` with links and `..` resolved by the file system; nil when it does not exist.
+    public static func realPath(_ path: String) -> String? {
         guard let p = realpath(path, nil) else { return nil }
         defer { free(p) }
         return String(cString: p)

@@ -62,17 +62,13 @@ extension Store {
     /// A run with nothing in it is still recorded (the period is closed, all figures zero).
     public func settle(through: Instant? = nil, progress: (@Sendable (_ done: Int64, _ total: Int64) -> Void)? = nil) throws -> SettlementRun {
         var run: SettlementRun?
+        // The plain refusals first, so that a repeated night job is told at once.
+        if let through {
+            try coalition.read { db in try Store.refuseCutoff(through, now: clock.now(), previous: Store.lastRun(db)) }
+        }
         // The run's rows, re-added before the journal is locked (journal rows and lot moves never
         // change): under the lock, only the rows since are added (or those after the cutoff
         // taken off), so the writer waits no longer than before for the confirmation.
-        // The plain refusals first, so that a repeated night job is told at once.
-        if let through {
-            try coalition.read { db in
-                try Store.refuseCutoff(
-                    through, now: clock.now(),
-                    previous: Row.fetchOne(db, sql: "SELECT number, cutoff_ms, last_journal_id, id FROM run ORDER BY number DESC LIMIT 1"))
-            }
-        }
         let early = try RunRows.afterLastRun(coalition)
         try coalition.writeWithoutTransaction { db in
             // The run expires lots on the writer's own connection (no data_version change).
@@ -185,8 +181,13 @@ extension Store {
                 """)
     }
 
+    /// The last run's number, cutoff, last journal id and id (columns 0 to 3); nil before the first.
+    static func lastRun(_ db: Database) throws -> Row? {
+        try Row.fetchOne(db, sql: "SELECT number, cutoff_ms, last_journal_id, id FROM run ORDER BY number DESC LIMIT 1")
+    }
+
     /// A cutoff before the last run's, equal to it, or in the future is refused (nothing is
-    /// recorded). `previous`: the last run's number, cutoff, last journal id and id.
+    /// recorded). `previous`: the last run (`lastRun`).
     static func refuseCutoff(_ cutoff: Instant, now: Instant, previous: Row?) throws {
         let previousCutoff: Int64? = previous?[1]
         if let p = previousCutoff, cutoff.millisecondsSinceEpoch < p {
@@ -206,7 +207,7 @@ extension Store {
     private func closeRun(
         _ db: Database, through cutoff: Instant, now: Instant, early: RunRows?, progress: (@Sendable (Int64, Int64) -> Void)?
     ) throws -> SettlementRun {
-        let previous = try Row.fetchOne(db, sql: "SELECT number, cutoff_ms, last_journal_id, id FROM run ORDER BY number DESC LIMIT 1")
+        let previous = try Store.lastRun(db)
         let number: Int64 = (previous?[0] ?? 0) + 1
         let previousCutoff: Int64? = previous?[1]
         let first: Int64 = (previous?[2] ?? 0) + 1
@@ -547,7 +548,7 @@ struct RunRows {
     }
 
     private static func bounds(_ db: Database) throws -> (Int64, Int64) {
-        let first = (try Int64.fetchOne(db, sql: "SELECT last_journal_id FROM run ORDER BY number DESC LIMIT 1") ?? 0) + 1
+        let first = ((try Store.lastRun(db))?[2] ?? Int64(0)) + 1
         return (first, try Int64.fetchOne(db, sql: "SELECT MAX(id) FROM journal") ?? 0)
     }
 

@@ -117,16 +117,14 @@ public final class Store: Sendable {
             throw StoreError("\(dataDirectory.path) holds an interrupted restore (\(Backup.restoreStaging)): empty the directory and restore the backup again (docs/OPERATIONS.md)")
         }
         // Ledgers without their journal: the truth is gone. Starting a new journal beside them
-        // would hand out their sequences again and the two would silently diverge.
-        // An empty coalition.sqlite (0 bytes: truncated, or a failed copy) is no journal either,
-        // and nothing is written into it.
-        let journalPath = dataDirectory.appendingPathComponent("coalition.sqlite").path
-        let emptyJournal = hasJournal && ((try? fm.attributesOfItem(atPath: journalPath))?[.size] as? Int) == 0
-        if !hasJournal || emptyJournal {
-            let ledgers = Store.ledgerFileNames(dataDirectory)
-            if !ledgers.isEmpty {
-                throw StoreError("\(dataDirectory.path) holds \(ledgers.count) ledger(s) but \(emptyJournal ? "an empty coalition.sqlite (0 bytes)" : "no coalition.sqlite"): the journal is missing; restore it from a backup (docs/OPERATIONS.md); nothing was written")
-            }
+        // would hand out their sequences again and the two would silently diverge. An empty
+        // coalition.sqlite (0 bytes: truncated, a failed copy) or one with no tables (a first
+        // start that stopped before its schema, a file replaced) is no journal either; it is
+        // looked at through a read-only connection, so nothing is written into it (not even
+        // WAL mode).
+        let ledgerFiles = Store.ledgerFileNames(dataDirectory)
+        if !ledgerFiles.isEmpty, let missing = try Store.missingJournal(dataDirectory, hasJournal: hasJournal) {
+            throw StoreError("\(dataDirectory.path) holds \(ledgerFiles.count) ledger(s) but \(missing): the journal is missing; restore it from a backup (docs/OPERATIONS.md)\(hasJournal ? "; nothing was written" : "")")
         }
         if readOnly {
             // For the verbs that only read (runs, notices list, balance, statement, export):
@@ -152,18 +150,6 @@ public final class Store: Sendable {
                 throw NeedsWriting()
             }
             return
-        }
-        // A journal with no tables (a first start that stopped before its schema, or a file
-        // replaced) beside ledgers: no new journal is started there either. Looked at through
-        // a read-only connection: nothing is written into it (not even WAL mode).
-        let ledgerFiles = Store.ledgerFileNames(dataDirectory)
-        if hasJournal, !ledgerFiles.isEmpty {
-            let look = try DatabaseQueue(path: journalPath, configuration: Store.databaseConfiguration(readonly: true))
-            let tables = try look.read { try $0.tableExists("journal") }
-            try look.close()
-            if !tables {
-                throw StoreError("\(dataDirectory.path) holds \(ledgerFiles.count) ledger(s) but coalition.sqlite holds no journal (no tables): the journal is missing; restore it from a backup (docs/OPERATIONS.md); nothing was written")
-            }
         }
         try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         coalition = try Store.openWritable(
@@ -237,6 +223,17 @@ public final class Store: Sendable {
     }
 
     /// The configuration names another currency than the coalition's history.
+    /// How a data directory's journal is missing ("no coalition.sqlite", an empty one, one with
+    /// no tables), or nil when it holds one.
+    private static func missingJournal(_ dataDirectory: URL, hasJournal: Bool) throws -> String? {
+        guard hasJournal else { return "no coalition.sqlite" }
+        let path = dataDirectory.appendingPathComponent("coalition.sqlite").path
+        if (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? Int == 0 { return "an empty coalition.sqlite (0 bytes)" }
+        let look = try DatabaseQueue(path: path, configuration: Store.databaseConfiguration(readonly: true))
+        defer { try? look.close() }
+        return try look.read { try $0.tableExists("journal") } ? nil : "coalition.sqlite holds no journal (no tables)"
+    }
+
     public struct CurrencyMismatch: Error, CustomStringConvertible {
         public let configured: String
         public let recorded: String
@@ -277,18 +274,22 @@ public final class Store: Sendable {
         let pool = try DatabasePool(
             path: dataDirectory.appendingPathComponent("coalition.sqlite").path, configuration: databaseConfiguration(readonly: true))
         defer { try? pool.close() }
-        return try pool.read { db in
-            let recorded = try db.tableExists("coalition_currency") ? try recordedCurrency(db) : nil
-            return try recorded ?? (db.tableExists("run") && db.columns(in: "run").contains { $0.name == "currency" } ? lastRunCurrency(db) : nil)
-        }
+        return try pool.read(historic)
+    }
+
+    /// The recorded currency, else the last run's; nil for a new coalition, or one whose schema
+    /// predates either record.
+    private static func historic(_ db: Database) throws -> String? {
+        let recorded = try db.tableExists("coalition_currency") ? try recordedCurrency(db) : nil
+        return try recorded ?? (db.tableExists("run") && db.columns(in: "run").contains { $0.name == "currency" } ? lastRunCurrency(db) : nil)
     }
 
     /// Refuses a configuration whose currency is not the history's; on a writable store,
     /// records it the first time (the history's, or the configured one for a new coalition).
     static func recordCurrency(_ db: DatabasePool, _ configured: String, write: Bool) throws {
         let recorded = try db.read(recordedCurrency)
-        if let historic = try recorded ?? db.read(lastRunCurrency), historic != configured {
-            throw CurrencyMismatch(configured: configured, recorded: historic)
+        if let settled = try recorded ?? db.read(historic), settled != configured {
+            throw CurrencyMismatch(configured: configured, recorded: settled)
         }
         if recorded == nil, write {
             try db.write { db in
@@ -607,7 +608,7 @@ public final class Store: Sendable {
     }
 
     /// The partner a ledger file (`<partner>.sqlite`) is named for; nil for another name.
-    static func ledgerPartner(fileName: String) -> PartnerID? {
+    public static func ledgerPartner(fileName: String) -> PartnerID? {
         fileName.hasSuffix(".sqlite") ? PartnerID(String(fileName.dropLast(".sqlite".count))) : nil
     }
 
