@@ -154,6 +154,110 @@ let config: GRDB.Configuration = {
     return c
 }()
 
+// MARK: The ceiling: the same rows, inserted raw
+
+// Every row the posting run left on disk (the journal, members, lots, open lots, takes, moves,
+// flows, partner heads, aliases in coalition.sqlite; the entries of every partner's ledger),
+// inserted as they are into a new data directory with the same schema (every constraint,
+// index and trigger), through the store's own writer connections (the same settings, WAL
+// gathering and checkpointer), in transactions holding the rows of `batchSize` postings each
+// (the rows a posting wrote are found by the journal id in each table's key), the coalition
+// on one thread and the ledgers on the other (all of a batch's ledgers at once), as the
+// writer's two stages do. Only the inserts are timed; the rows are read before. What this
+// leaves out is the posting API's own work: its look-ups, decisions, updates and queueing.
+
+/// The column of each coalition table that holds the journal id of the posting that wrote
+/// its row (a ledger entry's is `journal_id`). A table not named here with rows in it (flows,
+/// partner heads: a few rows kept current) goes into the first transaction.
+let postingKey = [
+    "journal": "id", "lot": "id", "member": "first_journal_id", "lot_open": "lot_id", "lot_reopened": "lot_id",
+    "lot_take": "redemption_id", "lot_move": "entry_id", "webhook_alias": "journal_id",
+]
+let readOnly: GRDB.Configuration = {
+    var c = GRDB.Configuration()
+    c.readonly = true
+    return c
+}()
+let storeDir = dir.appendingPathComponent("store")
+let sameRowsDir = dir.appendingPathComponent("same-rows")
+let target = try Store(dataDirectory: sameRowsDir, configuration: configuration, walBufferBytes: walBufferBytes)
+for p in configuration.partnerIDs { try target.openLedger(p) }
+func tableNames(_ db: Database) throws -> [String] {
+    try String.fetchAll(db, sql: "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE 'grdb_%'")
+}
+/// Tables with rows in a database.
+func filledTables(_ db: Database) throws -> Set<String> {
+    Set(try tableNames(db).filter { try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM \($0.quotedDatabaseIdentifier))") == true })
+}
+// What opening a data directory writes (the currency, a ledger's genesis) is not the run's.
+let setUp = try DatabaseQueue(path: sameRowsDir.appendingPathComponent("coalition.sqlite").path, configuration: readOnly).read(filledTables)
+let postingBatches = try DatabaseQueue(path: storeDir.appendingPathComponent("coalition.sqlite").path, configuration: readOnly).read { db in
+    (try Int.fetchOne(db, sql: "SELECT MAX(id) FROM journal") ?? 0) / batchSize + 1
+}
+func batchOf(_ journalID: Int64) -> Int { min(postingBatches - 1, max(0, Int((journalID - 1) / Int64(batchSize)))) }
+
+/// Reads every row of the tables into per-batch groups, `key` naming each table's posting key.
+func readRows(_ path: URL, tables order: [String], key: (String) -> String?) throws -> [[RawRows]] {
+    var batches = [[RawRows]](repeating: [], count: postingBatches)
+    try DatabaseQueue(path: path.path, configuration: readOnly).read { db in
+        for table in order {
+            let columns = try db.columns(in: table).count
+            var groups = [RawRows?](repeating: nil, count: postingBatches)
+            let rows = try Row.fetchCursor(db, sql: "SELECT * FROM \(table.quotedDatabaseIdentifier)")
+            while let row = try rows.next() {
+                let b = key(table).map { batchOf(row[$0]) } ?? 0
+                if groups[b] == nil { groups[b] = RawRows(table: table, columns: columns) }
+                groups[b]!.append(row)
+            }
+            for (b, g) in groups.enumerated() { if let g { batches[b].append(g) } }
+        }
+    }
+    return batches
+}
+
+let sourceTables = try DatabaseQueue(path: storeDir.appendingPathComponent("coalition.sqlite").path, configuration: readOnly).read(filledTables)
+let copiedTables = ["journal", "lot"].filter(sourceTables.contains) + sourceTables.subtracting(setUp).subtracting(["journal", "lot"]).sorted()
+let coalitionBatches = try readRows(storeDir.appendingPathComponent("coalition.sqlite"), tables: copiedTables) { postingKey[$0] }
+var ledgerBatches = [[(PartnerID, RawRows)]](repeating: [], count: postingBatches)
+for partner in configuration.partnerIDs {
+    let rows = try readRows(store.ledgerURL(partner), tables: ["entry"]) { _ in "journal_id" }
+    for (b, groups) in rows.enumerated() { for g in groups { ledgerBatches[b].append((partner, g)) } }
+}
+let rowsPerTable = Dictionary(
+    (coalitionBatches.joined().map { ($0.table, $0.count) }) + [("ledger entry", ledgerBatches.joined().reduce(0) { $0 + $1.1.count })],
+    uniquingKeysWith: +)
+let sameRows = rowsPerTable.values.reduce(0, +)
+
+final class Failures: @unchecked Sendable {
+    let lock = NSLock()
+    var errors: [any Error] = []
+    func add(_ e: any Error) { lock.lock(); errors.append(e); lock.unlock() }
+}
+let failures = Failures()
+let commits0 = target.commitCount
+let t1 = DispatchTime.now()
+let coalitionDone = DispatchSemaphore(value: 0)
+Thread.detachNewThread {
+    do { for b in coalitionBatches { try target.insertRaw(coalition: b) } } catch { failures.add(error) }
+    coalitionDone.signal()
+}
+for b in ledgerBatches {
+    DispatchQueue.concurrentPerform(iterations: b.count) { i in
+        do { try target.insertRaw(ledger: b[i].0, b[i].1) } catch { failures.add(error) }
+    }
+}
+coalitionDone.wait()
+let sameRowsSeconds = seconds(since: t1)
+let sameRowsCommits = target.commitCount - commits0
+try target.close()
+if let e = failures.errors.first { throw e }
+let sameRowsRate = Double(events) / sameRowsSeconds
+print(String(format: "ceiling (the same rows): the %d rows the run left, inserted raw in %d transactions of %d postings' rows, in %.2f s = %.0f postings/s (%.0f rows/s)",
+             sameRows, sameRowsCommits, batchSize, sameRowsSeconds, sameRowsRate, Double(sameRows) / sameRowsSeconds))
+print("  rows: " + rowsPerTable.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
+print(String(format: "ratio: posting API / ceiling (the same rows) = %.2f", postingRate / sameRowsRate))
+try? FileManager.default.removeItem(at: sameRowsDir)
+
 func entryTable(uniqueIndexes: Bool) -> String {
     """
     CREATE TABLE entry (id INTEGER PRIMARY KEY, partner TEXT NOT NULL, webhook_id TEXT NOT NULL, accepted_at_ms INTEGER NOT NULL,
@@ -198,12 +302,13 @@ func arguments(_ p: SimulatedPosting) -> StatementArguments {
 let insertSQL = "INSERT OR IGNORE INTO entry VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 let lookupSQL = "SELECT id FROM entry WHERE partner = ? AND (webhook_id = ? OR reference = ?)"
 
-// The ceiling: raw batched inserts of the same rows.
+// The single-row ceiling (the one reported before the one above): one row per posting, into
+// one table without indexes, in one file.
 let rawRate = try measure("raw", uniqueIndexes: false) { db, p in
     try db.cachedStatement(sql: insertSQL).execute(arguments: arguments(p))
 }
-print(String(format: "ceiling: raw inserts of the same rows in batches of %d = %.0f rows/s", batchSize, rawRate))
-print(String(format: "ratio: posting API / ceiling = %.2f", postingRate / rawRate))
+print(String(format: "single-row ceiling: one row per posting into one table without indexes, in batches of %d = %.0f rows/s", batchSize, rawRate))
+print(String(format: "ratio: posting API / single-row ceiling = %.2f", postingRate / rawRate))
 
 // Between the two: each row preceded by the idempotency lookup a posting must make, into a
 // table with the journal's unique indexes: the least a posting costs before any lot, member

@@ -62,6 +62,21 @@ struct FastStatement {
         try check(code)
     }
 
+    /// Any value as it is (`RawRows`).
+    func bind(_ i: Int32, _ value: DatabaseValue) throws {
+        switch value.storage {
+        case .null: try check(sqlite3_bind_null(statement, i))
+        case .int64(let v): try bind(i, v)
+        case .double(let v): try check(sqlite3_bind_double(statement, i, v))
+        case .string(let v): try bind(i, v)
+        case .blob(let v):
+            let code = v.withUnsafeBytes { bytes in
+                sqlite3_bind_blob(statement, i, bytes.baseAddress ?? UnsafeRawPointer(FastStatement.empty), Int32(bytes.count), FastStatement.transient)
+            }
+            try check(code)
+        }
+    }
+
     /// A failed bind (out of memory, too big, a wrong index) is an error, never ignored.
     private func check(_ code: Int32) throws {
         guard code == SQLITE_OK else { throw error(code) }

@@ -1,0 +1,69 @@
+import ClearingDomain
+import Foundation
+import GRDB
+import GRDBSQLite
+
+/// Rows of one table exactly as SQLite holds them (row after row, `columns` values each), to be
+/// inserted as they are: the ledger benchmark's ceiling, raw batched inserts of the rows a run
+/// of the posting API wrote (`clearhouse-bench ledger`, docs/BENCHMARKS.md).
+public struct RawRows: Sendable {
+    public let table: String
+    public let columns: Int
+    public private(set) var values: [DatabaseValue] = []
+
+    public init(table: String, columns: Int) {
+        self.table = table
+        self.columns = columns
+    }
+
+    public var count: Int { values.count / max(columns, 1) }
+
+    public mutating func append(_ row: Row) {
+        precondition(row.count == columns, "\(table): a row of \(row.count) values, not \(columns)")
+        values.append(contentsOf: row.databaseValues)
+    }
+}
+
+extension Store {
+    /// Inserts the rows as they are into coalition.sqlite, tables in the order given, in one
+    /// transaction on the posting writer's own connection (its settings, its WAL gathering, its
+    /// checkpointer): what a batch costs when nothing is decided, looked up or updated. Every
+    /// constraint, index and trigger of the schema applies; the commit is durable as a batch's.
+    public func insertRaw(coalition tables: [RawRows]) throws {
+        try coalition.writeWithoutTransaction { db in
+            try db.inTransaction(.immediate) {
+                for rows in tables { try Store.insert(rows, into: db) }
+                return .commit
+            }
+        }
+        commitCounter.add(1, ordering: .relaxed)
+    }
+
+    /// The same into a partner's ledger (its chain trigger checks each entry against the last).
+    public func insertRaw(ledger partner: PartnerID, _ rows: RawRows) throws {
+        try ledger(partner).writeWithoutTransaction { db in
+            try db.inTransaction(.immediate) {
+                try Store.insert(rows, into: db)
+                return .commit
+            }
+        }
+        commitCounter.add(1, ordering: .relaxed)
+    }
+
+    /// Opens (creating) a partner's ledger now, so that a first write does not pay for it.
+    public func openLedger(_ partner: PartnerID) throws {
+        _ = try ledger(partner)
+    }
+
+    private static func insert(_ rows: RawRows, into db: Database) throws {
+        guard rows.count > 0 else { return }
+        let marks = Array(repeating: "?", count: rows.columns).joined(separator: ", ")
+        let insert = try FastStatement(db, "INSERT INTO \(rows.table.quotedDatabaseIdentifier) VALUES (\(marks))")
+        var i = 0
+        while i < rows.values.count {
+            for c in 0..<rows.columns { try insert.bind(Int32(c + 1), rows.values[i + c]) }
+            try insert.done()
+            i += rows.columns
+        }
+    }
+}
