@@ -91,6 +91,109 @@ import Testing
         #expect(try h.balance("M2") == 110)
     }
 
+    /// With the lot cache, a batch changes each member's row once, at its end (`MemberChanges`):
+    /// the rows must come out exactly as posting one by one leaves them (points, and the first
+    /// earn of a member new to the coalition), including a member whose earn is reversed whole
+    /// in the same batch, and one redeemed from before the batch.
+    @Test func membersChangedOnceABatchHoldWhatPostingOneByOneLeaves() throws {
+        func submissions() -> [Submission] {
+            [
+                Submission(partner: G, webhookID: WebhookID("g1")!, event: Fixtures.earn("M1", 30, "G-1")),
+                Submission(partner: F, webhookID: WebhookID("f1")!, event: Fixtures.earn("M1", 20, "F-1")),
+                Submission(partner: G, webhookID: WebhookID("g2")!, event: Fixtures.earn("M2", 15, "G-2")),
+                Submission(partner: C, webhookID: WebhookID("c1")!, event: Fixtures.redeem("M1", 40, "C-1")),
+                Submission(partner: C, webhookID: WebhookID("c2")!, event: Fixtures.reverseRedemption("M1", 10, "C-2", of: "C-1")),
+                Submission(partner: G, webhookID: WebhookID("g3")!, event: Fixtures.reverseEarn("M2", 15, "G-3", of: "G-2")),
+                Submission(partner: C, webhookID: WebhookID("c3")!, event: Fixtures.redeem("M0", 25, "C-3")),
+                Submission(partner: C, webhookID: WebhookID("c4")!, event: Fixtures.redeem("M1", 99, "C-4")),  // refused
+                Submission(partner: F, webhookID: WebhookID("f2")!, event: Fixtures.earn("M0", 5, "F-2")),
+            ]
+        }
+        func members(_ h: Harness) throws -> [[String]] {
+            try h.store.coalition.read { db in
+                try Row.fetchAll(db, sql: "SELECT member, first_journal_id, open_points FROM member ORDER BY member").map { r in
+                    [r[0] as String, "\(r[1] as Int64)", "\(r[2] as Int64)"]
+                }
+            }
+        }
+        let batched = try Harness(), single = try Harness()
+        for h in [batched, single] { _ = h.post(F, "f0", Fixtures.earn("M0", 50, "F-0")) }
+        #expect(try batched.store.checkLotCache() == 1, "M0 is cached before the batch")
+        let outcomes = batched.store.post(submissions())
+        let one = submissions().map { single.store.post([$0])[0] }
+        #expect(outcomes.map(slug) == one.map(slug))
+        #expect(outcomes.map(slug) == ["created", "created", "created", "created", "created", "created", "created", "insufficient-points", "created"])
+        #expect(try members(batched) == members(single))
+        #expect(try members(batched) == [["M0", "1", "30"], ["M1", "2", "20"], ["M2", "4", "0"]])
+        #expect(batched.store.lotCacheMismatches == 0)
+        // M0 cached throughout; M1 read again after its reversal (by the refused redemption);
+        // M2 left out after its reversal.
+        #expect(try batched.store.checkLotCache() == 2)
+        #expect(try batched.verify().ok)
+    }
+
+    /// The guard holds for a batch of several postings of a member. Earns check no lot, so
+    /// here the member's row, changed once at the batch's end, is the only guard: lots and row
+    /// changed behind the cache are caught there, and the batch is decided again.
+    @Test func aStaleCacheIsCaughtAtTheEndOfABatchOfEarns() throws {
+        let h = try Harness()
+        #expect(h.post(G, "g1", Fixtures.earn("M1", 100, "G-1")).httpStatus == 201)
+        try h.store.coalition.writeWithoutTransaction { db in
+            try db.execute(sql: "UPDATE lot_open SET remaining = 40 WHERE member = 'M1'")
+            try db.execute(sql: "UPDATE member SET open_points = 40 WHERE member = 'M1'")
+        }
+        // From the stale cache (100) the balances would be 105 and 112; the truth is 45 and 52.
+        let outcomes = h.store.post([
+            Submission(partner: F, webhookID: WebhookID("f1")!, event: Fixtures.earn("M1", 5, "F-1")),
+            Submission(partner: G, webhookID: WebhookID("g2")!, event: Fixtures.earn("M2", 9, "G-2")),
+            Submission(partner: C, webhookID: WebhookID("c1")!, event: Fixtures.earn("M1", 7, "C-1")),
+        ])
+        #expect(outcomes.map(slug) == ["created", "created", "created"], "\(outcomes)")
+        #expect(outcomes.map { entry($0)?.memberBalance } == [Points(45), Points(9), Points(52)])
+        #expect(h.store.lotCacheMismatches == 1)
+        #expect(try h.balance("M1") == 52)
+    }
+
+    /// The members' rows are the guard even when the lots agree with the cache: a row changed
+    /// behind it is caught at the batch's end (with the lot cache, no posting reads or writes it
+    /// before), and the batch is decided again.
+    @Test func aMemberRowChangedBehindTheCacheIsCaughtAtTheEndOfTheBatch() throws {
+        let h = try Harness()
+        #expect(h.post(G, "g1", Fixtures.earn("M1", 100, "G-1")).httpStatus == 201)
+        try h.store.coalition.writeWithoutTransaction { db in
+            try db.execute(sql: "UPDATE member SET open_points = 107 WHERE member = 'M1'")
+        }
+        let outcomes = h.store.post([
+            Submission(partner: F, webhookID: WebhookID("f1")!, event: Fixtures.earn("M1", 5, "F-1")),
+            Submission(partner: C, webhookID: WebhookID("c1")!, event: Fixtures.redeem("M1", 30, "C-1")),
+        ])
+        #expect(outcomes.map(slug) == ["created", "created"], "\(outcomes)")
+        #expect(outcomes.map { entry($0)?.memberBalance } == [Points(105), Points(75)])
+        #expect(h.store.lotCacheMismatches == 1)
+    }
+
+    /// `MemberChanges` itself: each posting's expectation must follow from the first one's and
+    /// what came between; a member first changed without one takes the next one's.
+    @Test func memberChangesCheckEachPostingsExpectation() throws {
+        let m = MemberID("M1")!
+        var c = MemberChanges()
+        try c.add(m, by: 10, expected: 100, firstJournalID: nil)
+        try c.add(m, by: -30, expected: 110, firstJournalID: nil)
+        #expect(throws: CachedLotsDisagreement.self) { try c.add(m, by: 5, expected: 100, firstJournalID: 7) }
+        try c.add(m, by: 5, expected: 80, firstJournalID: 7)
+        #expect(c.inKeyOrder.map(\.change.delta) == [-15])
+        #expect(c.inKeyOrder.map(\.change.expected) == [100])
+        #expect(c.inKeyOrder.map(\.change.firstJournalID) == [7])
+
+        var d = MemberChanges()
+        try d.add(MemberID("b")!, by: 10, expected: nil, firstJournalID: 3)
+        try d.add(MemberID("b")!, by: 1, expected: 60, firstJournalID: 4)
+        try d.add(MemberID("a")!, by: 2, expected: 0, firstJournalID: 5)
+        #expect(d.inKeyOrder.map(\.member.rawValue) == ["a", "b"])
+        #expect(d.inKeyOrder.map(\.change.expected) == [0, 50])
+        #expect(d.inKeyOrder.map(\.change.firstJournalID) == [5, 3])
+    }
+
     /// Settlement expires lots on the writer's own connection; the cache must not keep them.
     @Test func settlementExpiryIsSeenByTheNextPosting() throws {
         let h = try Harness(expireAfterDays: 1)
