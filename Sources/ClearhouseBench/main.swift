@@ -1,6 +1,6 @@
 import ClearingDomain
 import ClearingSimulation
-import ClearingStore
+@_spi(Benchmark) import ClearingStore
 import Foundation
 import GRDB
 import GRDBSQLite
@@ -160,11 +160,13 @@ let config: GRDB.Configuration = {
 // flows, partner heads, aliases in coalition.sqlite; the entries of every partner's ledger),
 // inserted as they are into a new data directory with the same schema (every constraint,
 // index and trigger), through the store's own writer connections (the same settings, WAL
-// gathering and checkpointer), in transactions holding the rows of `batchSize` postings each
-// (the rows a posting wrote are found by the journal id in each table's key), the coalition
-// on one thread and the ledgers on the other (all of a batch's ledgers at once), as the
-// writer's two stages do. Only the inserts are timed; the rows are read before. What this
-// leaves out is the posting API's own work: its look-ups, decisions, updates and queueing.
+// gathering and checkpointer), in transactions holding the rows of as many new entries as a
+// group commit of the run created on average (the rows a posting wrote are found by the
+// journal id in each table's key), the coalition on one thread and the ledgers on another
+// (each batch's ledgers at once, as the writer's ledger stage does, but without waiting for
+// the coalition's commits). Only the inserts are timed; the rows are read before. What this
+// leaves out is the posting API's own work: its look-ups, decisions, the updates a row goes
+// through before its final state, and queueing.
 
 /// The column of each coalition table that holds the journal id of the posting that wrote
 /// its row (a ledger entry's is `journal_id`). A table not named here with rows in it (flows,
@@ -191,10 +193,13 @@ func filledTables(_ db: Database) throws -> Set<String> {
 }
 // What opening a data directory writes (the currency, a ledger's genesis) is not the run's.
 let setUp = try DatabaseQueue(path: sameRowsDir.appendingPathComponent("coalition.sqlite").path, configuration: readOnly).read(filledTables)
+/// New entries per transaction: those of an average group commit of the run (refused and
+/// replayed postings leave no row).
+let entriesPerBatch = max(1, counts.created / max(stats.batches, 1))
 let postingBatches = try DatabaseQueue(path: storeDir.appendingPathComponent("coalition.sqlite").path, configuration: readOnly).read { db in
-    (try Int.fetchOne(db, sql: "SELECT MAX(id) FROM journal") ?? 0) / batchSize + 1
+    max(1, ((try Int.fetchOne(db, sql: "SELECT MAX(id) FROM journal") ?? 0) + entriesPerBatch - 1) / entriesPerBatch)
 }
-func batchOf(_ journalID: Int64) -> Int { min(postingBatches - 1, max(0, Int((journalID - 1) / Int64(batchSize)))) }
+func batchOf(_ journalID: Int64) -> Int { min(postingBatches - 1, max(0, Int((journalID - 1) / Int64(entriesPerBatch)))) }
 
 /// Reads every row of the tables into per-batch groups, `key` naming each table's posting key.
 func readRows(_ path: URL, tables order: [String], key: (String) -> String?) throws -> [[RawRows]] {
@@ -238,7 +243,7 @@ let commits0 = target.commitCount
 let t1 = DispatchTime.now()
 let coalitionDone = DispatchSemaphore(value: 0)
 Thread.detachNewThread {
-    do { for b in coalitionBatches { try target.insertRaw(coalition: b) } } catch { failures.add(error) }
+    do { for b in coalitionBatches where !b.isEmpty { try target.insertRaw(coalition: b) } } catch { failures.add(error) }
     coalitionDone.signal()
 }
 for b in ledgerBatches {
@@ -252,8 +257,9 @@ let sameRowsCommits = target.commitCount - commits0
 try target.close()
 if let e = failures.errors.first { throw e }
 let sameRowsRate = Double(events) / sameRowsSeconds
-print(String(format: "ceiling (the same rows): the %d rows the run left, inserted raw in %d transactions of %d postings' rows, in %.2f s = %.0f postings/s (%.0f rows/s)",
-             sameRows, sameRowsCommits, batchSize, sameRowsSeconds, sameRowsRate, Double(sameRows) / sameRowsSeconds))
+print(String(format: "ceiling (the same rows): the %d rows the run left, inserted raw in %d transactions (%d coalition) of %d entries' rows, in %.2f s = %.0f postings/s (%.0f rows/s)",
+             sameRows, sameRowsCommits, coalitionBatches.filter { !$0.isEmpty }.count, entriesPerBatch, sameRowsSeconds, sameRowsRate,
+             Double(sameRows) / sameRowsSeconds))
 print("  rows: " + rowsPerTable.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
 print(String(format: "ratio: posting API / ceiling (the same rows) = %.2f", postingRate / sameRowsRate))
 try? FileManager.default.removeItem(at: sameRowsDir)

@@ -24,12 +24,16 @@ public struct RawRows: Sendable {
     }
 }
 
+/// For the benchmark only (`@_spi(Benchmark) import ClearingStore`): these write on the
+/// writer's own connections behind the posting API's back (the lot cache does not see them).
 extension Store {
     /// Inserts the rows as they are into coalition.sqlite, tables in the order given, in one
     /// transaction on the posting writer's own connection (its settings, its WAL gathering, its
     /// checkpointer): what a batch costs when nothing is decided, looked up or updated. Every
     /// constraint, index and trigger of the schema applies; the commit is durable as a batch's.
-    public func insertRaw(coalition tables: [RawRows]) throws {
+    @_spi(Benchmark) public func insertRaw(coalition tables: [RawRows]) throws {
+        precondition(!readOnly, "insertRaw on a read-only store")
+        dropLotCache()
         try coalition.writeWithoutTransaction { db in
             try db.inTransaction(.immediate) {
                 for rows in tables { try Store.insert(rows, into: db) }
@@ -40,7 +44,7 @@ extension Store {
     }
 
     /// The same into a partner's ledger (its chain trigger checks each entry against the last).
-    public func insertRaw(ledger partner: PartnerID, _ rows: RawRows) throws {
+    @_spi(Benchmark) public func insertRaw(ledger partner: PartnerID, _ rows: RawRows) throws {
         try ledger(partner).writeWithoutTransaction { db in
             try db.inTransaction(.immediate) {
                 try Store.insert(rows, into: db)
@@ -51,7 +55,7 @@ extension Store {
     }
 
     /// Opens (creating) a partner's ledger now, so that a first write does not pay for it.
-    public func openLedger(_ partner: PartnerID) throws {
+    @_spi(Benchmark) public func openLedger(_ partner: PartnerID) throws {
         _ = try ledger(partner)
     }
 
