@@ -11,6 +11,7 @@ import Glibc
 
 // clearhouse-bench ledger [--events N] [--partners N] [--members N] [--in-flight N] [--dir D]
 //                        [--wal-buffer BYTES]  (0: the writer's WAL writes not gathered, for A/B runs)
+//                        [--wal-frames-max N]  (the WAL's size at which the writer checkpoints itself)
 //
 // Posts a generated workload through the real posting API (group commit, durable) and then,
 // in the same run, measures the ceiling: raw batched SQLite inserts of the same rows.
@@ -66,6 +67,7 @@ let members = option("--members", 100_000)
 let inFlight = option("--in-flight", 8_192)
 let seed = UInt64(option("--seed", 42))
 let walBufferBytes = option("--wal-buffer", Limits.coalitionWALBufferBytes)
+let walFramesMax = Int32(option("--wal-frames-max", Int(Limits.coalitionWALFramesMax)))
 let dir = URL(fileURLWithPath: stringOption("--dir", NSTemporaryDirectory() + "clearhouse-bench-\(getpid())"))
 try? FileManager.default.removeItem(at: dir)
 try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
@@ -87,7 +89,7 @@ print("workload: \(events) postings, \(partnerCount) partners, \(members) member
 // MARK: The posting API
 
 let store = try Store(
-    dataDirectory: dir.appendingPathComponent("store"), configuration: configuration, walBufferBytes: walBufferBytes)
+    dataDirectory: dir.appendingPathComponent("store"), configuration: configuration, walFramesMax: walFramesMax, walBufferBytes: walBufferBytes)
 let writer = PostingWriter(store: store, waitMax: nil)  // bounded by its own window
 // With SQLite's memory statistics off (`Store.configureSQLite`), nothing counts its memory.
 print("SQLite memory statistics: \(sqlite3_memory_used() == 0 ? "off" : "on (slower: a process-wide mutex on every allocation)")")
@@ -182,7 +184,7 @@ let readOnly: GRDB.Configuration = {
 }()
 let storeDir = dir.appendingPathComponent("store")
 let sameRowsDir = dir.appendingPathComponent("same-rows")
-let target = try Store(dataDirectory: sameRowsDir, configuration: configuration, walBufferBytes: walBufferBytes)
+let target = try Store(dataDirectory: sameRowsDir, configuration: configuration, walFramesMax: walFramesMax, walBufferBytes: walBufferBytes)
 for p in configuration.partnerIDs { try target.openLedger(p) }
 func tableNames(_ db: Database) throws -> [String] {
     try String.fetchAll(db, sql: "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE 'grdb_%'")
