@@ -1,5 +1,8 @@
 import ClearingDomain
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The single writer with group commit. Callers from any task enqueue a submission and
 /// suspend; one dedicated thread (the decider) takes everything queued (up to
@@ -62,12 +65,33 @@ public final class PostingWriter: @unchecked Sendable {
         self.gatherMax = gatherMax
         self.store = store
         self.batchObserver = batchObserver
-        let decider = Thread { [self] in self.runDecider() }
-        decider.name = "clearhouse-writer"
+        // Named as `top -H`, `ps -L` and `perf` show them: Linux keeps at most 15 bytes of a
+        // thread's name and refuses a longer one (the thread then keeps the process's name).
+        // (Foundation's `Thread.name`, set before `start`, does not reach the kernel here.)
+        let decider = Thread { [self] in
+            PostingWriter.nameThisThread(PostingWriter.deciderThreadName)
+            self.runDecider()
+        }
         decider.start()
-        let ledgerStage = Thread { [self] in self.runLedgerStage() }
-        ledgerStage.name = "clearhouse-ledgers"
+        let ledgerStage = Thread { [self] in
+            PostingWriter.nameThisThread(PostingWriter.ledgerThreadName)
+            self.runLedgerStage()
+        }
         ledgerStage.start()
+    }
+
+    static let deciderThreadName = "ch-decider"
+    static let ledgerThreadName = "ch-ledgers"
+
+    static func nameThisThread(_ name: String) {
+        precondition(name.utf8.count <= 15, "a thread name Linux keeps has at most 15 bytes")
+        #if canImport(Glibc)
+        // pthread_setname_np is not imported without _GNU_SOURCE; the kernel's own file for it:
+        let fd = open("/proc/thread-self/comm", O_WRONLY)
+        guard fd >= 0 else { return }  // no /proc: the thread stays unnamed, nothing else changes
+        _ = name.withCString { write(fd, $0, strlen($0)) }
+        close(fd)
+        #endif
     }
 
     /// Posts one event; returns once its outcome is durable (or refused).

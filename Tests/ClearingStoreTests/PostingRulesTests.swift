@@ -220,6 +220,22 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         #expect(try h.verify().ok)
     }
 
+    /// The writer's two threads carry their names where operators look (`top -H`, `perf`):
+    /// Linux refuses a name over 15 bytes, and the thread keeps the process's.
+    @Test func theWritersThreadsAreNamed() throws {
+        let h = try Harness()
+        let writer = PostingWriter(store: h.store)
+        defer { writer.shutdown() }
+        // One posting through both threads: each has started (and named itself) by its answer.
+        let answered = DispatchSemaphore(value: 0)
+        writer.enqueue(Submission(partner: G, webhookID: WebhookID("g1")!, event: Fixtures.earn("M1", 1, "G-1"))) { _ in answered.signal() }
+        answered.wait()
+        let names = try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").compactMap {
+            try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        #expect(names.contains("ch-decider") && names.contains("ch-ledgers"), "\(names)")
+    }
+
     @Test func groupCommitSharesCommitsAmongConcurrentPostings() async throws {
         let h = try Harness()
         let writer = PostingWriter(store: h.store)
