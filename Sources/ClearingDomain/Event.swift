@@ -151,8 +151,11 @@ public enum EventParser {
 
     private static func string(_ c: KeyedDecodingContainer<Key>, _ key: String, at path: String) throws -> String {
         guard c.contains(Key(key)) else { throw Problem(.malformed, "\(path)\(key): missing") }
-        do { return try c.decode(String.self, forKey: Key(key)) } catch {
+        do { return try c.decode(String.self, forKey: Key(key)) } catch DecodingError.typeMismatch {
             throw Problem(.malformed, "\(path)\(key): expected a string")
+        } catch {
+            // A string, but one that is not text: an escape such as a lone surrogate (\ud800).
+            throw Problem(.malformed, "\(path)\(key): not a valid string (an escape that is no Unicode character, such as a lone surrogate)")
         }
     }
 

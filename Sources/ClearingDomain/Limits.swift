@@ -23,6 +23,8 @@ public enum Limits {
     /// Deepest nesting of objects and arrays accepted in a body (an event needs 2).
     public static let jsonDepthMax = 8
     public static let signatureToleranceSecondsMax: Int64 = 300
+    /// Digits read of a `webhook-timestamp` (past Int64's 19 it is far from any clock: stale).
+    public static let webhookTimestampDigitsMax = 64
 
     /// How long the server may keep reading a body it refused unread before it closes the
     /// connection.

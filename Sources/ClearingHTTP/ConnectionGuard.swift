@@ -410,6 +410,16 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
             context.fireChannelRead(data)
             return
         }
+        // CONNECT asks for a tunnel, which nothing here serves; and after its head the HTTP
+        // parser reads the connection as that tunnel, so no later request on it could be read.
+        // Refused as any method not served (405, with what is), and the connection closed at
+        // once (it used to wait out the idle timeout). NIO's response encoder sends no body in
+        // any answer to CONNECT, so the problem document stays behind: `allow` says it all.
+        if head.method == .CONNECT {
+            refuse(context: context, status: .methodNotAllowed, Problem(.methodNotAllowed, "CONNECT is not served here: no tunnels"),
+                   headers: ["allow": "GET, HEAD, POST"])
+            return
+        }
         answering = true
         midRequest = true
         let legacy = head.version.major < 1 || (head.version.major == 1 && head.version.minor == 0)
@@ -462,13 +472,19 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
         default:
             "the request head could not be read as HTTP/1.1 (\(error))"
         }
-        let body = ByteBuffer(string: Problem(.malformed, detail).json)
-        let head = HTTPResponseHead(
-            version: .http1_1, status: .badRequest,
-            headers: [
-                "content-type": "application/problem+json", "cache-control": "no-store",
-                "content-length": String(body.readableBytes), "connection": "close",
-            ])
+        refuse(context: context, status: .badRequest, Problem(.malformed, detail))
+    }
+
+    /// Answers a request the router never sees with a problem document, and closes the
+    /// connection once the answer is written.
+    private func refuse(context: ChannelHandlerContext, status: HTTPResponseStatus, _ problem: Problem, headers extra: HTTPHeaders = [:]) {
+        let body = ByteBuffer(string: problem.json)
+        var headers: HTTPHeaders = [
+            "content-type": "application/problem+json", "cache-control": "no-store",
+            "content-length": String(body.readableBytes), "connection": "close",
+        ]
+        headers.add(contentsOf: extra)
+        let head = HTTPResponseHead(version: .http1_1, status: status, headers: headers)
         closing = true
         context.write(wrapOutboundOut(.head(head)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)

@@ -180,6 +180,13 @@ public struct Intake: Sendable {
             context.closeConnectionSoon()
             return response
         }
+        // One webhook-id and one timestamp: a header sent twice would reach the signature check
+        // joined ("a, b") and be refused as a bad signature, which sends the partner looking
+        // at its secret instead of at whatever repeats the header.
+        for name in [HTTPField.Name.webhookID, .webhookTimestamp] {
+            let lines = request.headers[values: name].count
+            if lines > 1 { throw Problem(.malformed, "\(name.canonicalName): sent \(lines) times; a request carries it once") }
+        }
         let bytes = body.readableBytesView
         let id = request.headers[.webhookID]
         if let problem = WebhookSignature.verify(
@@ -257,9 +264,12 @@ public struct Intake: Sendable {
     /// another partner's token is refused (403 `wrong-partner`, CONTRACT §3), as a read would be.
     /// Any other `authorization` (this partner's token, or none that is known) changes nothing.
     func refuseOtherPartnersToken(_ request: Request, _ terms: PartnerTerms) throws(Problem) {
-        guard let header = request.headers[.authorization], let digest = Intake.bearerTokenSHA256(header) else { return }
-        if let owner = tokenOwners[digest], owner != terms.id {
-            throw Problem(.wrongPartner, "this token belongs to another partner")
+        // Every `authorization` line: a second one cannot slip another partner's token past.
+        for header in request.headers[values: .authorization] {
+            guard let digest = Intake.bearerTokenSHA256(header) else { continue }
+            if let owner = tokenOwners[digest], owner != terms.id {
+                throw Problem(.wrongPartner, "this token belongs to another partner")
+            }
         }
     }
 
@@ -272,12 +282,29 @@ public struct Intake: Sendable {
         guard trimmed.count == 16, zip(trimmed, "application/json".utf8).allSatisfy({ lower($0) == $1 }) else {
             throw Problem(.unsupportedMediaType, "content-type must be application/json (got \(JSONWriter.quote(type)))")
         }
+        // JSON is UTF-8 (RFC 8259 §8.1), and the body is read as such: a charset parameter may
+        // only say so.
+        if let charset = Intake.charset(of: type), charset != "utf-8" {
+            throw Problem(.unsupportedMediaType, "content-type's charset must be utf-8 (got \(JSONWriter.quote(type)))")
+        }
         // The body is signed and read as sent: a coded one (gzip) is not decoded, so it is
         // refused as such rather than parsed as broken JSON (RFC 9110 §15.5.16).
         let coding = request.headers[values: .contentEncoding].joined(separator: ",")
         if coding.split(separator: ",").contains(where: { $0.trimmingCharacters(in: .whitespaces).lowercased() != "identity" }) {
             throw Problem(.unsupportedMediaType, "content-encoding \(JSONWriter.quote(coding)) is not accepted: send the JSON body as it is, not encoded")
         }
+    }
+
+    /// The `charset` parameter of a media type, lowercased and unquoted; nil when none.
+    static func charset(of type: String) -> String? {
+        for parameter in type.split(separator: ";").dropFirst() {
+            let pair = parameter.split(separator: "=", maxSplits: 1)
+            guard pair.count == 2, pair[0].trimmingCharacters(in: .whitespaces).lowercased() == "charset" else { continue }
+            var value = pair[1].trimmingCharacters(in: .whitespaces)
+            if value.count >= 2, value.hasPrefix("\""), value.hasSuffix("\"") { value = String(value.dropFirst().dropLast()) }
+            return value.lowercased()
+        }
+        return nil
     }
 
     // MARK: Reads (CONTRACT §4)
@@ -292,6 +319,10 @@ public struct Intake: Sendable {
             // still refused, as on a posting.
             try refuseOtherPartnersToken(request, terms)
             return
+        }
+        let lines = request.headers[values: .authorization].count
+        if lines > 1 {
+            throw Problem(.unauthorized, "authorization: sent \(lines) times; send one bearer token")
         }
         if let header = request.headers[.authorization] {
             guard let digest = Intake.bearerTokenSHA256(header) else {

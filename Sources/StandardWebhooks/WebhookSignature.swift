@@ -51,12 +51,14 @@ public enum WebhookSignature {
         }
         guard id.utf8.count <= headerBytesMax else { return Problem(.badSignature, "webhook-id is too long") }
         guard signatures.utf8.count <= headerBytesMax else { return Problem(.badSignature, "webhook-signature is too long") }
-        // Any decimal integer that fits: an authentic message with a far-off (or millisecond)
-        // timestamp is `stale-timestamp`, not `bad-signature`.
+        // Any decimal integer: an authentic message with a far-off (or millisecond) timestamp,
+        // even one past Int64, is `stale-timestamp`, not `bad-signature`.
         let digits = timestamp.utf8.first == UInt8(ascii: "-") ? timestamp.utf8.dropFirst() : timestamp.utf8[...]
-        guard !digits.isEmpty, digits.count <= 19, digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let seconds = Int64(timestamp) else {
+        guard !digits.isEmpty, digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else {
             return Problem(.badSignature, "webhook-timestamp must be Unix seconds")
         }
+        guard digits.count <= Limits.webhookTimestampDigitsMax else { return Problem(.badSignature, "webhook-timestamp is too long") }
+        let seconds = Int64(timestamp)  // nil: beyond Int64, far from any clock
         var candidates: [Data] = []
         for entry in signatures.split(separator: " ", omittingEmptySubsequences: true) {
             // A header sent on several lines reaches here joined by ", " (RFC 9110 §5.3) when a
@@ -76,6 +78,9 @@ public enum WebhookSignature {
             }
         }
         guard matched else { return Problem(.badSignature, "no webhook-signature matches this partner's secrets") }
+        guard let seconds else {
+            return Problem(.staleTimestamp, "webhook-timestamp is far from the server clock; at most \(Limits.signatureToleranceSecondsMax) s are accepted")
+        }
         let (skew, overflow) = (now.millisecondsSinceEpoch / 1000).subtractingReportingOverflow(seconds)
         guard !overflow, skew != .min else {
             return Problem(.staleTimestamp, "webhook-timestamp is far from the server clock; at most \(Limits.signatureToleranceSecondsMax) s are accepted")

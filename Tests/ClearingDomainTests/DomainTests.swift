@@ -191,6 +191,9 @@ import Testing
         (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1"} ,\n}"#, "body"),
         (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","occurred_at":"9999-12-31T23:59:59-23:59"}}"#, "data.occurred_at"),
         ("{\"type\":\"points.earned\",\"data\":{\"member\":\"M1\",\"points\":5,\"reference\":\"R-1\"}}\u{0}", "body"),
+        // A string that is not text (a lone surrogate) is said to be so, not "expected a string".
+        (#"{"type":"points.earned","data":{"member":"\ud800","points":5,"reference":"R-1"}}"#, "data.member: not a valid string"),
+        (#"{"type":"points.earned","data":{"member":5,"points":5,"reference":"R-1"}}"#, "data.member: expected a string"),
     ])
     func refusesMalformedBodiesNamingTheField(body: String, field: String) {
         let r = slugAndDetail(body)

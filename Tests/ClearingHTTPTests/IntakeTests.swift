@@ -335,7 +335,8 @@ func problemType(_ r: TestResponse) -> String? {
     }
 
     /// An authentic message whose timestamp is far off (milliseconds by mistake, negative, the
-    /// extremes of Int64) is `stale-timestamp`; only what is not an integer is `bad-signature`.
+    /// extremes of Int64 and past them) is `stale-timestamp`; only what is not an integer (or
+    /// an integer of more than `Limits.webhookTimestampDigitsMax` digits) is `bad-signature`.
     @Test func authenticMessagesWithFarOffTimestampsAreStale() async throws {
         let s = try Server()
         try await s.test { client in
@@ -346,16 +347,64 @@ func problemType(_ r: TestResponse) -> String? {
                 h[HTTPField.Name("webhook-signature")!] = "v1," + Data(mac).base64EncodedString()
                 return h
             }
-            for stale in [String(s.nowSeconds * 1000), "-5", String(Int64.max), String(Int64.min), "0"] {
+            let far = ["99999999999999999999", "9223372036854775808", "-9223372036854775809", String(repeating: "9", count: Limits.webhookTimestampDigitsMax)]
+            for stale in [String(s.nowSeconds * 1000), "-5", String(Int64.max), String(Int64.min), "0"] + far {
                 let r = try await post(client, headers: signed(stale))
                 #expect(r.status.code == 401 && problemType(r) == "urn:clearhouse:problem:stale-timestamp", "\(stale): \(String(buffer: r.body))")
             }
-            for bad in ["99999999999999999999", "1.5", "+5", "-", "1e9", " 5"] {
+            for bad in ["1.5", "+5", "-", "1e9", " 5", String(repeating: "9", count: Limits.webhookTimestampDigitsMax + 1)] {
                 let r = try await post(client, headers: signed(bad))
                 #expect(r.status.code == 401 && problemType(r) == "urn:clearhouse:problem:bad-signature", "\(bad): \(String(buffer: r.body))")
             }
         }
         #expect(try s.store.ledgerEntries(fuel).isEmpty)
+    }
+
+    /// A header a request carries once, sent twice (a proxy or SDK repeating it), is named as
+    /// such, not mistaken for a bad signature over the joined value; nothing is written.
+    @Test func repeatedWebhookHeadersAndAuthorizationAreNamed() async throws {
+        let s = try Server()
+        try await s.test { client in
+            for name in ["webhook-id", "webhook-timestamp"] {
+                var h = s.headers(id: "twice", body: earn)
+                let field = HTTPField.Name(name)!
+                h.append(HTTPField(name: field, value: h[field]!))
+                let r = try await post(client, headers: h)
+                #expect(r.status.code == 400 && problemType(r) == "urn:clearhouse:problem:malformed", "\(String(buffer: r.body))")
+                #expect(String(buffer: r.body).contains("\(name): sent 2 times"), "\(String(buffer: r.body))")
+            }
+            // A second authorization line cannot slip another partner's token past a post…
+            var h = s.headers(id: "tok", body: earn)
+            h.append(HTTPField(name: .authorization, value: "Bearer token-fuel"))
+            h.append(HTTPField(name: .authorization, value: "Bearer token-cinema"))
+            let refused = try await post(client, headers: h)
+            #expect(refused.status.code == 403 && problemType(refused) == "urn:clearhouse:problem:wrong-partner", "\(String(buffer: refused.body))")
+            // …and a read with two is told so.
+            var auth = HTTPFields()
+            auth.append(HTTPField(name: .authorization, value: "Bearer token-fuel"))
+            auth.append(HTTPField(name: .authorization, value: "Bearer token-fuel"))
+            let read = try await client.execute(uri: "/v1/partners/fuel/members/M1/balance", method: .get, headers: auth)
+            #expect(read.status.code == 401 && String(buffer: read.body).contains("authorization: sent 2 times"), "\(String(buffer: read.body))")
+        }
+        #expect(try s.store.ledgerEntries(fuel).isEmpty)
+    }
+
+    /// JSON is UTF-8: a charset parameter may say so (any case, quoted or not), and any other
+    /// charset is refused as the wrong media type.
+    @Test func aCharsetOtherThanUTF8IsRefused() async throws {
+        let s = try Server()
+        try await s.test { client in
+            for (i, type) in ["application/json; charset=latin-1", "application/json;charset=\"ISO-8859-1\""].enumerated() {
+                let r = try await post(client, headers: s.headers(id: "cs\(i)", body: earn, contentType: type))
+                #expect(r.status.code == 415 && problemType(r) == "urn:clearhouse:problem:unsupported-media-type", "\(type)")
+            }
+            for (i, type) in ["application/json; charset=UTF-8", "Application/JSON ; Charset=\"utf-8\""].enumerated() {
+                let body = earn.replacingOccurrences(of: "R-1", with: "R-ok\(i)")
+                let r = try await post(client, body: body, headers: s.headers(id: "ok\(i)", body: body, contentType: type))
+                #expect(r.status == .created, "\(type): \(String(buffer: r.body))")
+            }
+        }
+        #expect(try s.store.ledgerEntries(fuel).count == 2)
     }
 
     /// A body refused before it is read (over the limit by its length) closes the connection,

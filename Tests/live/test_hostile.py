@@ -316,6 +316,20 @@ def test_an_http_1_0_request_is_answered_in_http_1_0_and_its_connection_closed(s
     assert closed and head_of(response)[0] == "HTTP/1.0 200 OK", response[:300]
 
 
+def test_connect_is_refused_and_the_connection_closed_at_once(server):
+    # After a CONNECT head the HTTP parser reads the connection as a tunnel: the request
+    # behind it cannot be read, so the answer says close and the connection closes at once
+    # (it used to wait out the idle timeout). NIO's encoder sends no body in any answer to
+    # CONNECT, so the 405 names what is served in `allow` alone.
+    response, closed = until_closed(server, b"CONNECT localhost:443 HTTP/1.1\r\nhost: x\r\n\r\n" + request("GET", "/healthz"), timeout=5)
+    assert closed, "the connection closes after the refusal"
+    status, headers = head_of(response)
+    assert status == "HTTP/1.1 405 Method Not Allowed", response[:300]
+    assert headers["connection"] == "close" and headers["allow"] == "GET, HEAD, POST", response[:300]
+    assert response.count(b"HTTP/1.1") == 1, "nothing behind it is answered"
+    assert_still_serving(server)
+
+
 def test_connection_close_in_any_letter_case_closes_after_the_response(server):
     for spelling in (b"close", b"Close", b"CLOSE", b"keep-alive, Close"):
         response, closed = until_closed(server, request("GET", "/healthz", [b"connection: " + spelling]))
