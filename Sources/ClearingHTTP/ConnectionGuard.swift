@@ -420,6 +420,14 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
                    headers: ["allow": "GET, HEAD, POST"])
             return
         }
+        // HTTP/1.1 requires exactly one `host` (RFC 9112 §3.2: a server must answer 400 to a
+        // request with none or several).
+        let hosts = head.headers[canonicalForm: "host"].count
+        let atLeast11 = head.version.major > 1 || (head.version.major == 1 && head.version.minor >= 1)
+        if atLeast11, hosts != 1 {
+            refuse(context: context, status: .badRequest, Problem(.malformed, "host: an HTTP/1.1 request carries exactly one host header; this one has \(hosts)"))
+            return
+        }
         answering = true
         midRequest = true
         let legacy = head.version.major < 1 || (head.version.major == 1 && head.version.minor == 0)

@@ -330,6 +330,22 @@ def test_connect_is_refused_and_the_connection_closed_at_once(server):
     assert_still_serving(server)
 
 
+def test_an_http_1_1_request_without_exactly_one_host_is_refused(server):
+    for heads in (b"GET /healthz HTTP/1.1\r\n\r\n", b"GET /healthz HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n"):
+        response, closed = until_closed(server, heads + request("GET", "/healthz"), timeout=5)
+        assert closed, heads
+        status, headers = head_of(response)
+        assert status == "HTTP/1.1 400 Bad Request" and headers["connection"] == "close", response[:300]
+        body = response.partition(b"\r\n\r\n")[2]
+        assert len(body) == int(headers["content-length"]), response[:600]
+        problem = json.loads(body)
+        assert problem["type"] == "urn:clearhouse:problem:malformed" and "host" in problem["detail"], problem
+        assert len(re.findall(rb"HTTP/1\.1 \d{3} ", response)) == 1, "nothing behind it is answered"
+    # HTTP/1.0 needs none.
+    response, _ = until_closed(server, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert head_of(response)[0] == "HTTP/1.0 200 OK", response[:300]
+
+
 def test_connection_close_in_any_letter_case_closes_after_the_response(server):
     for spelling in (b"close", b"Close", b"CLOSE", b"keep-alive, Close"):
         response, closed = until_closed(server, request("GET", "/healthz", [b"connection: " + spelling]))
