@@ -153,7 +153,7 @@ let package = Package(
             name: "ClearingNoticesTests",
             dependencies: ["ClearingNotices", "ClearingStore", "ClearingDomain", "PartnerTransport", "ClearhouseTestSupport", "StandardWebhooks",
                            .product(name: "Crypto", package: "swift-crypto")]),
-        .testTarget(name: "ClearhouseCLITests", dependencies: ["ClearhouseCLI", "clearhouse", "ClearingConfig", "ClearhouseTestSupport"]),
+        .testTarget(name: "ClearhouseCLITests", dependencies: ["ClearhouseCLI", "clearhouse", "ClearingConfig", "ClearingStore", "ClearhouseTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

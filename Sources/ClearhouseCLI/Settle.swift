@@ -27,6 +27,11 @@ struct Settle: AsyncParsableCommand {
         do { run = try store.settle(through: cutoff, progress: bar) } catch let e as SettlementError {
             printError("clearhouse settle: \(e)")
             throw ExitCode(1)
+        } catch let e as ArithmeticOverflow {
+            // Figures past 64-bit integers (CONTRACT §6: an error, never a wrap): the data is
+            // sound, the period or a price is too large.
+            printError("clearhouse settle: nothing was settled: the run's figures do not fit in 64-bit integers (\(e)). Settle a shorter period (`--through` an earlier instant), or check the prices (issue_price_per_1000, redeem_credit_per_1000) in \(locations.partners)")
+            throw ExitCode(1)
         } catch {
             // A storage error (an unreadable page of coalition.sqlite, a full disk): the run's
             // transaction rolled back.

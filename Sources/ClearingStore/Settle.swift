@@ -191,7 +191,12 @@ extension Store {
     static func refuseCutoff(_ cutoff: Instant, now: Instant, previous: Row?) throws {
         let previousCutoff: Int64? = previous?[1]
         if let p = previousCutoff, cutoff.millisecondsSinceEpoch < p {
-            throw SettlementError(description: "the cutoff \(cutoff) is before the last run's cutoff \(Instant(millisecondsSinceEpoch: p)) (without --through the cutoff is now: is this machine's clock behind?)")
+            let id: String = previous?[3] ?? "the last run"
+            // Without --through the cutoff is now: then the clock is the likely cause.
+            let why = cutoff == now
+                ? "without --through the cutoff is now: is this machine's clock behind?"
+                : "a closed period never reopens: entries before it are settled, and corrections fall into a later run"
+            throw SettlementError(description: "the cutoff \(cutoff) is before the last run's cutoff \(Instant(millisecondsSinceEpoch: p)), run \(id)'s (\(why))")
         }
         if let p = previousCutoff, cutoff.millisecondsSinceEpoch == p {
             // A second run through the same instant would close an empty period: a night job

@@ -47,6 +47,10 @@ public struct StoreError: Error, CustomStringConvertible {
         case .SQLITE_CORRUPT, .SQLITE_NOTADB:
             return "a database in \(d) is damaged: `clearhouse verify --data \(d)` names it; restore it from a backup"
         case .SQLITE_READONLY:
+            var fs = statvfs()
+            if statvfs(d, &fs) == 0, fs.f_flag & UInt(ST_RDONLY) != 0 {
+                return "\(d) is on a read-only file system: remount it writable (the verbs that only read, such as runs, statement and verify, answer as it is)"
+            }
             return "\(d) or its files cannot be written by this user (even reading needs SQLite's -shm file writable): run as the user that owns it"
         case .SQLITE_CANTOPEN, .SQLITE_IOERR, .SQLITE_PERM, .SQLITE_AUTH:
             var isDirectory: ObjCBool = false

@@ -1,4 +1,7 @@
 import ClearhouseTestSupport
+import ClearingConfig
+import ClearingDomain
+import ClearingStore
 import Foundation
 import Testing
 
@@ -147,13 +150,65 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
         try String(contentsOf: f, encoding: .utf8).replacingOccurrences(of: "redeem_credit_per_1000 = 1050", with: "redeem_credit_per_1000 = \"lots\"")
             .write(to: f, atomically: true, encoding: .utf8)
         let cli = CLI(data: dir.url.appendingPathComponent("data"), partners: partners)
-        for verb in [["partners", "check"], ["verify"], ["balance", "M1"], ["post", "--partner", "fuelco"]] {
+        for verb in [["partners", "check"], ["balance", "M1"], ["post", "--partner", "fuelco"]] {
             let r = try cli.run(verb, stdin: earnM1)
             #expect(r.status == 2)
             let lines = r.err.split(separator: "\n")
             #expect(lines.count == 1 && lines[0].contains("cinestar.toml: redeem_credit_per_1000: must be an integer"), "\(r.err)")
         }
+        // verify answers for the data alone (CONTRACT §10: 0 or 1; here the directory is
+        // missing, a breach), and says what it could not read.
+        let v = try cli.run(["verify"])
+        #expect(v.status == 1, "\(v.out) \(v.err)")
+        #expect(v.err.contains("warning") && v.err.contains("cinestar.toml: redeem_credit_per_1000: must be an integer"), "\(v.err)")
         #expect(!FileManager.default.fileExists(atPath: dir.url.appendingPathComponent("data").path), "nothing written")
+    }
+
+    /// A cutoff before the last run's names that run; the clock is suspected only when no
+    /// --through was given (the cutoff was now).
+    @Test func aCutoffBeforeTheLastRunsNamesItAndSuspectsTheClockOnlyWithoutThrough() throws {
+        let dir = TemporaryDirectory("clearhouse-cli-cutoff")
+        defer { dir.remove() }
+        let cli = CLI(data: dir.url.appendingPathComponent("data"), partners: packageRoot.appendingPathComponent("partners"))
+        #expect(try cli.run(["post", "--partner", "fuelco", "--webhook-id", "c-1"], stdin: earnM1).status == 0)
+        #expect(try cli.run(["settle"]).status == 0)
+        let r = try cli.run(["settle", "--through", "2020-01-01T00:00:00Z"])
+        #expect(r.status == 1 && r.err.contains("before the last run's cutoff") && r.err.contains("run R000001"), "\(r.err)")
+        #expect(r.err.contains("never reopens") && !r.err.contains("clock"), "\(r.err)")
+    }
+
+    /// Figures past 64-bit integers are an error, never a wrap (CONTRACT §6); the operator is
+    /// told the data is sound and what to change (a shorter period, or the prices), not sent
+    /// to restore a backup.
+    @Test func aRunWhoseFiguresOverflowIsRefusedWithTheWayOut() throws {
+        let dir = TemporaryDirectory("clearhouse-cli-overflow")
+        defer { dir.remove() }
+        let partners = dir.url.appendingPathComponent("partners")
+        try FileManager.default.copyItem(at: packageRoot.appendingPathComponent("partners"), to: partners)
+        let f = partners.appendingPathComponent("fuelco.toml")
+        let text = try String(contentsOf: f, encoding: .utf8)
+        let priced = text.split(separator: "\n", omittingEmptySubsequences: false).map {
+            $0.hasPrefix("issue_price_per_1000") ? "issue_price_per_1000 = \(Limits.pricePer1000MinorMax)" : String($0)
+        }.joined(separator: "\n")
+        try priced.write(to: f, atomically: true, encoding: .utf8)
+        let data = dir.url.appendingPathComponent("data")
+        // 9,300 earns of 10^9 points at 10^9 per 1000: 9.3·10^18 minor units, past Int64.
+        let store = try Store(dataDirectory: data, configuration: ConfigurationLoader(directory: partners).load())
+        let fuelco = PartnerID("fuelco")!
+        for batch in stride(from: 0, to: 9_300, by: Limits.postingBatchMax) {
+            let postings = (batch..<min(batch + Limits.postingBatchMax, 9_300)).map { i in
+                Submission(partner: fuelco, webhookID: WebhookID("big-\(i)")!, event: Fixtures.earn("M\(i)", 1_000_000_000, "BIG-\(i)"))
+            }
+            #expect(store.post(postings).allSatisfy { $0.httpStatus == 201 })
+        }
+        try store.close()
+        let cli = CLI(data: data, partners: partners)
+        let r = try cli.run(["settle"])
+        #expect(r.status == 1, "\(r.out) \(r.err)")
+        #expect(r.err.contains("do not fit in 64-bit integers") && r.err.contains("--through") && r.err.contains("issue_price_per_1000"), "\(r.err)")
+        #expect(!r.err.contains("restore"), "\(r.err)")
+        #expect(try cli.run(["runs"]).out.contains("R000001") == false, "nothing was settled")
+        #expect(try cli.run(["verify"]).status == 0)
     }
 
     /// A partner that left the coalition (its file removed from partners/) keeps its past
