@@ -58,7 +58,7 @@ struct Locations: ParsableArguments {
     /// write anything into it.
     func refuseInterruptedRestore() throws {
         if Backup.interruptedRestore(in: dataURL) {
-            printError("clearhouse: \(data) holds an interrupted restore (\(Backup.restoreStaging)): empty the directory and restore the backup again")
+            printError("clearhouse: \(data) holds an interrupted restore (\(Backup.restoreStaging), left by a restore that was refused or did not finish): empty the directory and restore the backup again")
             throw ExitCode(2)
         }
     }

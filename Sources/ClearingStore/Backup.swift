@@ -101,7 +101,7 @@ public enum Backup {
         }
         let staging = dataDirectory.appendingPathComponent(restoreStaging)
         if fm.fileExists(atPath: staging.path) {
-            throw StoreError("\(dataDirectory.path) holds an interrupted restore (\(restoreStaging)); empty the directory and restore again")
+            throw StoreError("\(dataDirectory.path) holds an interrupted restore (\(restoreStaging), left by a restore that was refused or did not finish); look at it if you wish, empty the directory and restore again")
         }
         // A backup's files are whole databases. A `-wal` with frames in it holds commits its
         // database file lacks (a directory copied while in use, or left by a crash): copying the
@@ -135,7 +135,10 @@ public enum Backup {
             throw StoreError(
                 "--partners names currency \(mismatch.configured) in coalition.toml, but \(backup.path) is of a coalition that settles in \(mismatch.recorded): nothing was restored; restore with that coalition's configuration")
         } catch {
-            throw StoreError("\(backup.path) is not a consistent backup: \(error). Nothing was restored; its files are in \(staging.path) for a look")
+            // The ledgers' errors name their file; SQLite's own (a damaged page, not a database)
+            // come from the journal, which is opened first.
+            let what = error is DatabaseError ? "coalition.sqlite: \(error)" : "\(error)"
+            throw StoreError("\(backup.path) is not a consistent backup: \(what). Nothing was restored; its files are in \(staging.path) for a look")
         }
         // Every invariant, checked before anything is put in place: a backup with a breach (a
         // stray ledger, a damaged page, an edited row) is refused, not restored and then

@@ -110,7 +110,9 @@ import Testing
 /// and the response.
 @Suite struct HTTP1ConnectionTests {
     func request(_ version: HTTPVersion, _ headers: [(String, String)] = []) -> HTTPServerRequestPart {
-        .head(HTTPRequestHead(version: version, method: .POST, uri: "/v1/partners/fuelco/events", headers: HTTPHeaders(headers)))
+        // HTTP/1.1 needs its one host (RFC 9112 §3.2); HTTP/1.0 may go without.
+        let host = version.major == 1 && version.minor >= 1 ? [("host", "localhost")] : []
+        return .head(HTTPRequestHead(version: version, method: .POST, uri: "/v1/partners/fuelco/events", headers: HTTPHeaders(host + headers)))
     }
 
     /// Sends `request` in, answers it with a 201, and returns the head the router saw and the final head written.

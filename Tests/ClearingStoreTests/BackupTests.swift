@@ -239,6 +239,30 @@ import Testing
         #expect(try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock).ok)
     }
 
+    /// A backup whose journal is damaged (truncated) is refused naming coalition.sqlite, and
+    /// the staging it leaves is then described as what it is.
+    @Test func aBackupWithADamagedJournalIsRefusedNamingIt() throws {
+        let h = try Harness()
+        for i in 1...200 { _ = h.post(G, "w\(i)", Fixtures.earn("M\(i)", 10, "E-\(i)")) }
+        let parent = h.dir.url.deletingLastPathComponent()
+        let backup = parent.appendingPathComponent("backup-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: backup) }
+        try Backup.run(dataDirectory: h.dir.url, to: backup)
+        let journal = backup.appendingPathComponent("coalition.sqlite")
+        let size = try FileManager.default.attributesOfItem(atPath: journal.path)[.size] as! Int
+        let handle = try FileHandle(forWritingTo: journal)
+        try handle.truncate(atOffset: UInt64(size / 2))
+        try handle.close()
+        let target = parent.appendingPathComponent("restored-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: target) }
+        #expect {
+            try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
+        } throws: { "\($0)".contains("is not a consistent backup: coalition.sqlite: ") && "\($0)".contains("Nothing was restored") }
+        #expect {
+            try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
+        } throws: { "\($0)".contains("left by a restore that was refused or did not finish") }
+    }
+
     /// Several processes opening a new data directory at once (serve and `post` beside it)
     /// all open it: the one that loses the race to a migration finds it applied and goes on
     /// (each store here has its own connections, as a process has).
