@@ -215,52 +215,55 @@ import Testing
     /// damaged one fails the same way) is refused before anything is put in place; its staged
     /// files are kept for a look, and every verb refuses the directory until it is emptied.
     @Test func aBackupWithABreachIsNotRestored() throws {
+        try withBackup(earns: 4) { h, parent, backup in
+            try FileManager.default.copyItem(at: backup.appendingPathComponent("ledgers/grocer.sqlite"), to: backup.appendingPathComponent("ledgers/stranger.sqlite"))
+            let target = parent.appendingPathComponent("restored-\(UUID().uuidString)")
+            defer { try? FileManager.default.removeItem(at: target) }
+            #expect {
+                try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
+            } throws: { "\($0)".contains("does not verify (2 breaches: ledger stranger: belongs to grocer") && "\($0)".contains("Nothing was restored") }
+            #expect(try FileManager.default.contentsOfDirectory(atPath: target.path) == [Backup.restoreStaging])
+            // The operator may restore it as it is, breaches listed.
+            let asItIs = parent.appendingPathComponent("as-it-is-\(UUID().uuidString)")
+            defer { try? FileManager.default.removeItem(at: asItIs) }
+            let accepted = try Backup.restore(from: backup, to: asItIs, configuration: h.configuration, clock: h.clock, acceptBreaches: true)
+            #expect(accepted.breaches.count == 2 && Store.hasJournal(asItIs))
+            // Without the stray file, the same backup restores and verifies.
+            try FileManager.default.removeItem(at: backup.appendingPathComponent("ledgers/stranger.sqlite"))
+            try FileManager.default.removeItem(at: target)
+            #expect(try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock).ok)
+        }
+    }
+
+    /// A store with `earns` earns and a backup of it beside its directory (removed after `body`).
+    private func withBackup(earns: Int, _ body: (Harness, URL, URL) throws -> Void) throws {
         let h = try Harness()
-        for i in 1...4 { _ = h.post(G, "w\(i)", Fixtures.earn("M\(i)", 10, "E-\(i)")) }
+        for i in 1...earns { _ = h.post(G, "w\(i)", Fixtures.earn("M\(i)", 10, "E-\(i)")) }
         let parent = h.dir.url.deletingLastPathComponent()
         let backup = parent.appendingPathComponent("backup-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: backup) }
         try Backup.run(dataDirectory: h.dir.url, to: backup)
-        try FileManager.default.copyItem(at: backup.appendingPathComponent("ledgers/grocer.sqlite"), to: backup.appendingPathComponent("ledgers/stranger.sqlite"))
-        let target = parent.appendingPathComponent("restored-\(UUID().uuidString)")
-        defer { try? FileManager.default.removeItem(at: target) }
-        #expect {
-            try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
-        } throws: { "\($0)".contains("does not verify (2 breaches: ledger stranger: belongs to grocer") && "\($0)".contains("Nothing was restored") }
-        #expect(try FileManager.default.contentsOfDirectory(atPath: target.path) == [Backup.restoreStaging])
-        // The operator may restore it as it is, breaches listed.
-        let asItIs = parent.appendingPathComponent("as-it-is-\(UUID().uuidString)")
-        defer { try? FileManager.default.removeItem(at: asItIs) }
-        let accepted = try Backup.restore(from: backup, to: asItIs, configuration: h.configuration, clock: h.clock, acceptBreaches: true)
-        #expect(accepted.breaches.count == 2 && Store.hasJournal(asItIs))
-        // Without the stray file, the same backup restores and verifies.
-        try FileManager.default.removeItem(at: backup.appendingPathComponent("ledgers/stranger.sqlite"))
-        try FileManager.default.removeItem(at: target)
-        #expect(try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock).ok)
+        try body(h, parent, backup)
     }
 
     /// A backup whose journal is damaged (truncated) is refused naming coalition.sqlite, and
     /// the staging it leaves is then described as what it is.
     @Test func aBackupWithADamagedJournalIsRefusedNamingIt() throws {
-        let h = try Harness()
-        for i in 1...200 { _ = h.post(G, "w\(i)", Fixtures.earn("M\(i)", 10, "E-\(i)")) }
-        let parent = h.dir.url.deletingLastPathComponent()
-        let backup = parent.appendingPathComponent("backup-\(UUID().uuidString)")
-        defer { try? FileManager.default.removeItem(at: backup) }
-        try Backup.run(dataDirectory: h.dir.url, to: backup)
-        let journal = backup.appendingPathComponent("coalition.sqlite")
-        let size = try FileManager.default.attributesOfItem(atPath: journal.path)[.size] as! Int
-        let handle = try FileHandle(forWritingTo: journal)
-        try handle.truncate(atOffset: UInt64(size / 2))
-        try handle.close()
-        let target = parent.appendingPathComponent("restored-\(UUID().uuidString)")
-        defer { try? FileManager.default.removeItem(at: target) }
-        #expect {
-            try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
-        } throws: { "\($0)".contains("is not a consistent backup: coalition.sqlite: ") && "\($0)".contains("Nothing was restored") }
-        #expect {
-            try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
-        } throws: { "\($0)".contains("left by a restore that was refused or did not finish") }
+        try withBackup(earns: 200) { h, parent, backup in
+            let journal = backup.appendingPathComponent("coalition.sqlite")
+            let size = try FileManager.default.attributesOfItem(atPath: journal.path)[.size] as! Int
+            let handle = try FileHandle(forWritingTo: journal)
+            try handle.truncate(atOffset: UInt64(size / 2))
+            try handle.close()
+            let target = parent.appendingPathComponent("restored-\(UUID().uuidString)")
+            defer { try? FileManager.default.removeItem(at: target) }
+            #expect {
+                try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
+            } throws: { "\($0)".contains("is not a consistent backup: coalition.sqlite: ") && "\($0)".contains("Nothing was restored") }
+            #expect {
+                try Backup.restore(from: backup, to: target, configuration: h.configuration, clock: h.clock)
+            } throws: { "\($0)".contains("left by a restore that was refused or did not finish") }
+        }
     }
 
     /// Several processes opening a new data directory at once (serve and `post` beside it)
