@@ -198,9 +198,11 @@ let setUp = try DatabaseQueue(path: sameRowsDir.appendingPathComponent("coalitio
 /// New entries per transaction: those of an average group commit of the run (refused and
 /// replayed postings leave no row).
 let entriesPerBatch = max(1, counts.created / max(stats.batches, 1))
-let postingBatches = try DatabaseQueue(path: storeDir.appendingPathComponent("coalition.sqlite").path, configuration: readOnly).read { db in
-    max(1, ((try Int.fetchOne(db, sql: "SELECT MAX(id) FROM journal") ?? 0) + entriesPerBatch - 1) / entriesPerBatch)
+let source = try DatabaseQueue(path: storeDir.appendingPathComponent("coalition.sqlite").path, configuration: readOnly)
+let (postingBatches, sourceTables) = try source.read { db in
+    (max(1, ((try Int.fetchOne(db, sql: "SELECT MAX(id) FROM journal") ?? 0) + entriesPerBatch - 1) / entriesPerBatch), try filledTables(db))
 }
+try source.close()
 func batchOf(_ journalID: Int64) -> Int { min(postingBatches - 1, max(0, Int((journalID - 1) / Int64(entriesPerBatch)))) }
 
 /// Reads every row of the tables into per-batch groups, `key` naming each table's posting key.
@@ -222,7 +224,6 @@ func readRows(_ path: URL, tables order: [String], key: (String) -> String?) thr
     return batches
 }
 
-let sourceTables = try DatabaseQueue(path: storeDir.appendingPathComponent("coalition.sqlite").path, configuration: readOnly).read(filledTables)
 let copiedTables = ["journal", "lot"].filter(sourceTables.contains) + sourceTables.subtracting(setUp).subtracting(["journal", "lot"]).sorted()
 let coalitionBatches = try readRows(storeDir.appendingPathComponent("coalition.sqlite"), tables: copiedTables) { postingKey[$0] }
 var ledgerBatches = [[(PartnerID, RawRows)]](repeating: [], count: postingBatches)

@@ -58,7 +58,7 @@ struct Locations: ParsableArguments {
     /// write anything into it.
     func refuseInterruptedRestore() throws {
         if Backup.interruptedRestore(in: dataURL) {
-            printError("clearhouse: \(data) holds an interrupted restore (\(Backup.restoreStaging), left by a restore that was refused or did not finish): empty the directory and restore the backup again")
+            printError("clearhouse: \(Backup.interruptedRestoreRefusal(data))")
             throw ExitCode(2)
         }
     }
@@ -391,7 +391,7 @@ struct Verify: AsyncParsableCommand {
         do {
             _ = try locations.loadConfiguration()
         } catch {
-            FileHandle.standardError.write(Data("clearhouse verify: warning: the partners directory was not read (\(error)); verify does not need it: the data directory records the terms\n".utf8))
+            printError("clearhouse verify: warning: the partners directory was not read (\(error)); verify does not need it: the data directory records the terms")
         }
         let report = try Verifier.verify(dataDirectory: locations.dataURL)
         for c in report.checks { print("checked  \(c)") }

@@ -69,6 +69,12 @@ public enum Backup {
     /// files in `restore.partial`, or `restore.partial` without a journal (part of the backup
     /// may be missing). An empty leftover beside the journal (the restore died after its last
     /// rename) is harmless.
+    /// What every refusal of a directory holding `restoreStaging` says (the open, restore,
+    /// every verb; verify as a breach).
+    public static func interruptedRestoreRefusal(_ dataDirectory: String) -> String {
+        "\(dataDirectory) holds an interrupted restore (\(restoreStaging), left by a restore that was refused or did not finish): look at it if you wish, empty the directory and restore the backup again (docs/OPERATIONS.md)"
+    }
+
     public static func interruptedRestore(in dataDirectory: URL) -> Bool {
         let staging = dataDirectory.appendingPathComponent(restoreStaging)
         guard FileManager.default.fileExists(atPath: staging.path) else { return false }
@@ -101,7 +107,7 @@ public enum Backup {
         }
         let staging = dataDirectory.appendingPathComponent(restoreStaging)
         if fm.fileExists(atPath: staging.path) {
-            throw StoreError("\(dataDirectory.path) holds an interrupted restore (\(restoreStaging), left by a restore that was refused or did not finish); look at it if you wish, empty the directory and restore again")
+            throw StoreError(interruptedRestoreRefusal(dataDirectory.path))
         }
         // A backup's files are whole databases. A `-wal` with frames in it holds commits its
         // database file lacks (a directory copied while in use, or left by a crash): copying the

@@ -68,22 +68,21 @@ public final class PostingWriter: @unchecked Sendable {
         // Named as `top -H`, `ps -L` and `perf` show them: Linux keeps at most 15 bytes of a
         // thread's name and refuses a longer one (the thread then keeps the process's name).
         // (Foundation's `Thread.name`, set before `start`, does not reach the kernel here.)
-        let decider = Thread { [self] in
-            PostingWriter.nameThisThread(PostingWriter.deciderThreadName)
-            self.runDecider()
-        }
-        decider.start()
-        let ledgerStage = Thread { [self] in
-            PostingWriter.nameThisThread(PostingWriter.ledgerThreadName)
-            self.runLedgerStage()
-        }
-        ledgerStage.start()
+        PostingWriter.startThread(named: PostingWriter.deciderThreadName) { [self] in self.runDecider() }
+        PostingWriter.startThread(named: PostingWriter.ledgerThreadName) { [self] in self.runLedgerStage() }
     }
 
     static let deciderThreadName = "ch-decider"
     static let ledgerThreadName = "ch-ledgers"
 
-    static func nameThisThread(_ name: String) {
+    private static func startThread(named name: String, _ body: @escaping @Sendable () -> Void) {
+        Thread {
+            nameThisThread(name)
+            body()
+        }.start()
+    }
+
+    private static func nameThisThread(_ name: String) {
         precondition(name.utf8.count <= 15, "a thread name Linux keeps has at most 15 bytes")
         #if canImport(Glibc)
         // pthread_setname_np is not imported without _GNU_SOURCE; the kernel's own file for it:

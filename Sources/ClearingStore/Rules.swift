@@ -226,9 +226,7 @@ struct MemberChanges {
         var firstJournalID: Int64?
     }
 
-    private(set) var changes: [MemberID: Change] = [:]
-
-    var isEmpty: Bool { changes.isEmpty }
+    private var changes: [MemberID: Change] = [:]
 
     /// Adds one posting's change; `expected` is what the member's row holds before it (the
     /// points of the cached lots it was decided from).

@@ -118,7 +118,7 @@ public final class Store: Sendable {
         let hasJournal = Store.hasJournal(dataDirectory)
         // A restore that did not finish: some of the backup may be missing (Backup.restore).
         if Backup.interruptedRestore(in: dataDirectory) {
-            throw StoreError("\(dataDirectory.path) holds an interrupted restore (\(Backup.restoreStaging), left by a restore that was refused or did not finish): empty the directory and restore the backup again (docs/OPERATIONS.md)")
+            throw StoreError(Backup.interruptedRestoreRefusal(dataDirectory.path))
         }
         // Ledgers without their journal: the truth is gone. Starting a new journal beside them
         // would hand out their sequences again and the two would silently diverge. An empty

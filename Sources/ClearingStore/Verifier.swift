@@ -36,7 +36,7 @@ public enum Verifier {
         // is only a leftover of one that finished its renames, and the data are whole.
         if names.contains(Backup.restoreStaging) {
             if Backup.interruptedRestore(in: dataDirectory) {
-                report.breach("\(dataDirectory.path): holds an interrupted restore (\(Backup.restoreStaging)): part of the backup may be missing; empty the directory and restore again")
+                report.breach(Backup.interruptedRestoreRefusal(dataDirectory.path))
             } else {
                 report.checks.append("\(Backup.restoreStaging): an empty leftover of a restore that finished; it may be removed")
             }
