@@ -52,11 +52,14 @@ public struct ConfigurationLoader {
         for name in names {
             let url = directory.appendingPathComponent(name)
             let terms = try loadPartner(url)
-            var credentials: [(String, [UInt8])] = terms.webhookSecrets.map { ("webhook_secrets", $0.bytes) }
-            credentials += [("notice_secret", terms.noticeSecret.bytes), ("api_token_sha256", terms.apiTokenSHA256)]
-            if let c = terms.clientCertSHA256 { credentials.append(("client_cert_sha256", c)) }
-            for (key, value) in credentials {
-                let k = "\(key == "notice_secret" ? "notice" : key == "webhook_secrets" ? "webhook" : key):\(Hex.encode(value))"
+            // Webhook and notice secrets are HMAC keys, compared as HMAC uses them: one partner's
+            // notice secret as another's webhook secret would let the first sign the second's
+            // events, and so would two spellings of one key (`hmacKey`).
+            var credentials: [(String, String, [UInt8])] = terms.webhookSecrets.map { ("webhook_secrets", "hmac", ConfigurationLoader.hmacKey($0.bytes)) }
+            credentials += [("notice_secret", "hmac", ConfigurationLoader.hmacKey(terms.noticeSecret.bytes)), ("api_token_sha256", "api_token_sha256", terms.apiTokenSHA256)]
+            if let c = terms.clientCertSHA256 { credentials.append(("client_cert_sha256", "client_cert_sha256", c)) }
+            for (key, group, value) in credentials {
+                let k = "\(group):\(Hex.encode(value))"
                 if let other = owners[k], other != terms.id {
                     throw ConfigurationError(file: url.path, key: key, reason: "the same credential is configured for partner \(other); each partner needs its own")
                 }
@@ -81,6 +84,15 @@ public struct ConfigurationLoader {
             }
         }
         return configuration
+    }
+
+    /// An HMAC-SHA256 key as HMAC uses it (RFC 2104): a key longer than the 64-byte block is
+    /// its SHA-256, and the block is padded with zero bytes, so a key and the same key with
+    /// zero bytes after it sign alike. Two secrets are the same credential when these agree.
+    public static func hmacKey(_ key: [UInt8]) -> [UInt8] {
+        var k = key.count > 64 ? Array(SHA256.hash(data: key)) : key
+        while k.last == 0 { k.removeLast() }
+        return k
     }
 
     /// Why every notice to this host would be refused (`AddressPolicy`, as the transport

@@ -15,6 +15,10 @@ public struct Intake: Sendable {
     let store: Store
     let writer: PostingWriter
     let limiter: RateLimiter
+    /// The partner's reads (balance, statements), at the same rate in a bucket of their own: a
+    /// partner's reads never spend what its postings may, and a token cannot try member ids or
+    /// pull statements faster than its rate.
+    let readLimiter: RateLimiter
     let clock: any WallClock
     /// SHA-256 of each partner's bearer token -> the partner.
     let tokenOwners: [[UInt8]: PartnerID]
@@ -46,6 +50,7 @@ public struct Intake: Sendable {
         self.writer = writer
         self.clock = clock
         limiter = RateLimiter(configuration: configuration)
+        readLimiter = RateLimiter(configuration: configuration)
         var tokens: [[UInt8]: PartnerID] = [:]
         var certs: [[UInt8]: PartnerID] = [:]
         for (id, p) in configuration.partners {
@@ -311,8 +316,17 @@ public struct Intake: Sendable {
 
     /// The partner a read is for, once its credentials are checked: a bearer token whose
     /// SHA-256 is the partner's `api_token_sha256`, or the partner's client certificate.
-    /// Another partner's credentials: 403; none or unknown: 401.
+    /// Another partner's credentials: 403; none or unknown: 401. Then the partner's rate for
+    /// reads (`rate_per_second`, in a bucket apart from its postings'; charged only for reads
+    /// with the partner's credentials): 429.
     func authorizeRead(_ request: Request, _ context: ClearhouseContext, for terms: PartnerTerms) async throws(Problem) {
+        try await authenticateRead(request, context, for: terms)
+        if let wait = readLimiter.admit(terms.id, now: clock.now()) {
+            throw Problem(.rateLimited, "partner \(terms.id) is over its rate of \(terms.ratePerSecond ?? 0) reads/s", retryAfterSeconds: wait)
+        }
+    }
+
+    private func authenticateRead(_ request: Request, _ context: ClearhouseContext, for terms: PartnerTerms) async throws(Problem) {
         try await requireCertificateRules(context, terms)
         if terms.clientCertSHA256 != nil {
             // Its certificate was required and matched; another partner's token beside it is

@@ -214,6 +214,7 @@ extension Store {
                         if let entry { fresh[s.partner, default: []].append(entry) }
                     }
                 }
+                try writeOpenLots(statements, &batchState)
                 try saveMembers(statements, batchState.members)
                 // Debug builds: what the inline checks found and the members' rows did not explain.
                 precondition(batchState.unconfirmed.isEmpty, batchState.unconfirmed.joined(separator: "; "))
@@ -300,19 +301,29 @@ extension Store {
         let now = state.nextAcceptedAt(clock.now())
         let journalID = state.nextJournalID
         let effects: Effects
-        switch s.event.kind {
-        case .earned: effects = try Rules.earn(w, s, journalID: journalID, now: now, terms: configuration.coalition, &state.lots)
-        case .redeemed: effects = try Rules.redeem(w, s, now: now, &state.lots)
-        case .earnReversed: effects = try Rules.reverseEarn(w, s, now: now, &state.lots)
-        case .redemptionReversed: effects = try Rules.reverseRedemption(w, s, now: now, &state.lots)
+        do {
+            switch s.event.kind {
+            case .earned: effects = try Rules.earn(w, s, journalID: journalID, now: now, terms: configuration.coalition, &state)
+            case .redeemed: effects = try Rules.redeem(w, s, now: now, &state)
+            case .earnReversed: effects = try Rules.reverseEarn(w, s, now: now, &state)
+            case .redemptionReversed: effects = try Rules.reverseRedemption(w, s, now: now, &state)
+            }
+        } catch let error as CachedLotsDisagreement {
+            // Writing the batch's earlier changes of the member's open lots, before a read of them.
+            throw lotCacheMismatch(cached: state.lots.cached(s.event.member).map(openPointsOf) ?? 0, detail: error.description)
         }
         if case .refused(let problem) = effects {
             // A refusal for want of points decided from cached lots is checked against SQLite
             // (refusals are few; a stale cache must not refuse a member who has the points).
-            if problem.kind == .insufficientPoints, let cached = state.lots.cached(s.event.member),
-                try cached != Lookup.openLots(w, s.event.member)
-            {
-                throw lotCacheMismatch(s.event.member, cached: openPointsOf(cached), detail: "a refusal for want of points; the stored lots differ")
+            if problem.kind == .insufficientPoints, let cached = state.lots.cached(s.event.member) {
+                do {
+                    try state.writeOpenLots(w, of: s.event.member)
+                } catch let error as CachedLotsDisagreement {
+                    throw lotCacheMismatch(cached: openPointsOf(cached), detail: error.description)
+                }
+                if try cached != Lookup.openLots(w, s.event.member) {
+                    throw lotCacheMismatch(cached: openPointsOf(cached), detail: "a refusal for want of points; the stored lots differ")
+                }
             }
             return try earlierOutcome(db, s, &state) ?? .rejected(problem)
         }
@@ -350,7 +361,7 @@ extension Store {
         // With the lot cache, the member's row is changed once at the end of the batch
         // (`MemberChanges`); without it (savepoints), at once, inside this posting's savepoint.
         do {
-            try write(w, journalID, &state.flows)
+            try write(w, journalID, &state)
             let first = s.event.kind == .earned ? journalID : nil
             if state.lots.enabled {
                 try state.members.add(s.event.member, by: change, expected: cachedBefore, firstJournalID: first)
@@ -358,15 +369,25 @@ extension Store {
                 try Rules.changeMember(w, s.event.member, by: change, expected: cachedBefore, firstJournalID: first)
             }
         } catch let error as CachedLotsDisagreement where cachedBefore != nil {
-            throw lotCacheMismatch(s.event.member, cached: cachedBefore!, detail: error.description)
+            throw lotCacheMismatch(cached: cachedBefore!, detail: error.description)
         }
         state.lots.apply(lotChange, member: s.event.member)
         state.advance(s.partner, sequence: entry.sequence, hash: hash, journalID: journalID, kind: s.event.kind, points: s.event.points)
         fresh = ChainedEntry(entry: entry, previousHash: head.hash, hash: hash)
         if Store.checksBalancesInline {
-            let check = try Store.spendableBalance(db, member: s.event.member, at: now)
-            var disagreement = check == balanceAfter ? nil : "balance after posting disagrees with the lots"
-            if disagreement == nil, let cached = state.lots.cached(s.event.member), try cached != Lookup.openLots(w, s.event.member) {
+            // SQLite's lots of the member with the batch's changes not yet written applied (read
+            // without writing them: the batch's end must write them as it would in release).
+            let lots = try state.openLotChanges.applied(to: Lookup.openLots(w, s.event.member), of: s.event.member) { id in
+                guard let row = try Row.fetchOne(db, sql: "SELECT issuer, expires_at_ms FROM lot WHERE id = ?", arguments: [id]),
+                    let issuer = PartnerID(row[0] as String)
+                else { throw StoreError("lot \(id) is missing") }
+                return OpenLot(id: id, issuer: issuer, remaining: .zero, expiresAt: (row[1] as Int64?).map { Instant(millisecondsSinceEpoch: $0) })
+            }
+            let check = lots.reduce(Int64(0)) { sum, lot in
+                lot.expiresAt.map { $0 > now } ?? true ? sum + lot.remaining.value : sum
+            }
+            var disagreement = check == balanceAfter.value ? nil : "balance after posting disagrees with the lots"
+            if disagreement == nil, let cached = state.lots.cached(s.event.member), cached != lots {
                 disagreement = "the lot cache disagrees with the lots"
             }
             if let disagreement {
@@ -428,20 +449,34 @@ extension Store {
     /// Writes the batch's changes to its members' rows, in key order. A row that does not hold
     /// what the cached lots said is a disagreement of the cache: the batch is decided again
     /// without it.
+    /// Writes the batch's changes to its members' open lots, in key order (`OpenLotChanges`). A
+    /// row that does not hold what the cached lots said is a disagreement of the cache: the
+    /// batch is decided again without it.
+    fileprivate func writeOpenLots(_ w: WriterStatements, _ state: inout BatchState) throws {
+        for member in state.openLotChanges.membersInKeyOrder {
+            do {
+                try state.writeOpenLots(w, of: member)
+            } catch let error as CachedLotsDisagreement {
+                throw lotCacheMismatch(cached: state.lots.cached(member).map(openPointsOf) ?? 0, detail: error.description)
+            }
+        }
+    }
+
     fileprivate func saveMembers(_ w: WriterStatements, _ members: MemberChanges) throws {
         for (member, c) in members.inKeyOrder {
             do {
                 try Rules.changeMember(w, member, by: c.delta, expected: c.expected, firstJournalID: c.firstJournalID)
             } catch let error as CachedLotsDisagreement where c.expected != nil {
-                throw lotCacheMismatch(member, cached: c.expected!, detail: error.description)
+                throw lotCacheMismatch(cached: c.expected!, detail: error.description)
             }
         }
     }
 
-    /// Logs and counts a disagreement of the lot cache with SQLite; the error to throw.
-    fileprivate func lotCacheMismatch(_ member: MemberID, cached: Int64, detail: String) -> LotCacheMismatch {
+    /// Logs and counts a disagreement of the lot cache with SQLite; the error to throw. The log
+    /// names no member (member ids are card numbers, which no log carries).
+    fileprivate func lotCacheMismatch(cached: Int64, detail: String) -> LotCacheMismatch {
         logger.error("lot cache disagrees with the database; deciding the batch again without it",
-                     metadata: ["member": "\(member)", "cached": "\(cached)", "detail": "\(detail)"])
+                     metadata: ["cached": "\(cached)", "detail": "\(detail)"])
         lotCacheMismatchCounter.add(1, ordering: .relaxed)
         return LotCacheMismatch()
     }
@@ -500,6 +535,9 @@ struct BatchState {
     var flows = FlowChanges()
     /// What they changed in their members' rows (with the lot cache), written by `Store.saveMembers`.
     var members = MemberChanges()
+    /// What they changed in their members' open lots (with the lot cache), written by
+    /// `writeOpenLots` (a member's, before its lots are read from SQLite; all, at the batch's end).
+    var openLotChanges = OpenLotChanges()
     /// Debug builds: disagreements of a posting decided from cached lots with the lots in
     /// SQLite (`Store.checksBalancesInline`), left for the members' rows to explain.
     var unconfirmed: [String] = []
@@ -532,6 +570,21 @@ struct BatchState {
 
     /// The id the next accepted entry gets; taken by `advance`.
     var nextJournalID: Int64 { lastJournalID + 1 }
+
+    /// A member's open lots, oldest first: from the lot cache, else from SQLite once the batch's
+    /// changes of them are written.
+    mutating func openLots(_ w: WriterStatements, _ member: MemberID) throws -> [OpenLot] {
+        if let cached = lots.cached(member) { return cached }
+        try writeOpenLots(w, of: member)
+        return try lots.openLots(w, member)
+    }
+
+    /// Writes the batch's changes of one member's open lots (`OpenLotChanges`), in lot order.
+    mutating func writeOpenLots(_ w: WriterStatements, of member: MemberID) throws {
+        for (lot, c) in openLotChanges.take(member) {
+            try Rules.writeOpenLot(w, member, lot, from: c.before, to: c.after)
+        }
+    }
 
     mutating func head(_ db: Database, _ partner: PartnerID) throws -> Head {
         if let h = heads[partner] { return h }

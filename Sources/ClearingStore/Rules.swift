@@ -5,65 +5,69 @@ import GRDB
 /// What deciding one posting came to: refused, or its balance and the writes that apply it.
 enum Effects {
     case refused(Problem)
-    /// `write(statements, journalID, &flows)` runs after the journal row is inserted and writes the
+    /// `write(statements, journalID, &state)` runs after the journal row is inserted and writes the
     /// posting's lots, takes and moves (the member's `open_points` is the decider's:
-    /// `Rules.changeMember`); it adds the posting's changes to the flows to `flows`, which
-    /// the batch writes once (`BatchState.save`). `lots` is what it does to the member's
+    /// `Rules.changeMember`); it adds the posting's changes to the flows to `state.flows`, which
+    /// the batch writes once (`BatchState.save`), and, with the lot cache, its changes to open
+    /// lots to `state.openLots` (`OpenLotChanges`). `lots` is what it does to the member's
     /// open lots.
-    case apply(balanceAfter: Points, lots: LotChange, write: (WriterStatements, Int64, inout FlowChanges) throws -> Void)
+    case apply(balanceAfter: Points, lots: LotChange, write: (WriterStatements, Int64, inout BatchState) throws -> Void)
 }
 
 /// The business rules of CONTRACT §5, over the coalition database. Each function reads what
 /// it needs, checks everything, and only returns writes when the posting is accepted.
 enum Rules {
     static func earn(
-        _ w: WriterStatements, _ s: Submission, journalID: Int64, now: Instant, terms: CoalitionTerms, _ cache: inout LotCache
+        _ w: WriterStatements, _ s: Submission, journalID: Int64, now: Instant, terms: CoalitionTerms, _ state: inout BatchState
     ) throws -> Effects {
         let n = s.event.points
         let expires = try terms.lotExpiry(acceptedAt: now)
-        let before = FIFO.balance(try cache.openLots(w, s.event.member), at: now)
+        let before = FIFO.balance(try state.openLots(w, s.event.member), at: now)
         let after = try before.adding(n)
         let lot = OpenLot(id: journalID, issuer: s.partner, remaining: n, expiresAt: expires)
-        return .apply(balanceAfter: after, lots: .earned(lot)) { w, id, _ in
+        return .apply(balanceAfter: after, lots: .earned(lot)) { w, id, state in
             let lot = try w(.insertLot)
             try lot.bind(1, id); try lot.bind(2, s.event.member.rawValue); try lot.bind(3, s.partner.rawValue)
             try lot.bind(4, n.value); try lot.bind(5, expires?.millisecondsSinceEpoch)
             try lot.done()
-            try changeOpenLot(w, s.event.member, id, by: n.value, holding: 0)
+            try changeOpenLot(w, &state, s.event.member, id, by: n.value, holding: 0)
         }
     }
 
-    static func redeem(_ w: WriterStatements, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
+    static func redeem(_ w: WriterStatements, _ s: Submission, now: Instant, _ state: inout BatchState) throws -> Effects {
         let n = s.event.points
-        let lots = try cache.openLots(w, s.event.member)
+        let lots = try state.openLots(w, s.event.member)
         let before = FIFO.balance(lots, at: now)
         guard let takes = FIFO.take(n, from: lots, at: now) else {
             return .refused(Problem(.insufficientPoints,
                 "member \(s.event.member) has \(before) spendable points; \(n) were asked for"))
         }
-        return .apply(balanceAfter: try before.subtracting(n), lots: .took(takes)) { w, id, flows in
+        return .apply(balanceAfter: try before.subtracting(n), lots: .took(takes)) { w, id, state in
             for (i, t) in takes.enumerated() {
                 // The lot's points before this take, as the take was decided from them.
                 guard let held = lots.first(where: { $0.id == t.lotID })?.remaining.value else {
-                    throw CachedLotsDisagreement("take from lot \(t.lotID), which is not among member \(s.event.member)'s open lots")
+                    throw CachedLotsDisagreement("take from lot \(t.lotID), which is not among the member's open lots")
                 }
-                try changeOpenLot(w, s.event.member, t.lotID, by: -t.points.value, holding: held)
+                try changeOpenLot(w, &state, s.event.member, t.lotID, by: -t.points.value, holding: held)
                 let take = try w(.insertTake)
                 try take.bind(1, id); try take.bind(2, Int64(i)); try take.bind(3, t.lotID); try take.bind(4, t.issuer.rawValue); try take.bind(5, t.points.value)
                 try take.done()
-                try move(w, entry: id, position: i, lot: t.lotID, issuer: t.issuer, redeemer: s.partner, points: t.points.value, &flows)
+                try move(w, entry: id, position: i, lot: t.lotID, issuer: t.issuer, redeemer: s.partner, points: t.points.value, &state.flows)
             }
         }
     }
 
-    static func reverseEarn(_ w: WriterStatements, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
+    static func reverseEarn(_ w: WriterStatements, _ s: Submission, now: Instant, _ state: inout BatchState) throws -> Effects {
         let n = s.event.points
         let original: Lookup.Original
         switch try Lookup.original(w, s) {
         case .failure(let p): return .refused(p)
         case .success(let e): original = e
         }
-        // The earn's member is this reversal's (`Lookup.original` refused any other).
+        // The earn's member is this reversal's (`Lookup.original` refused any other). Its open
+        // lots are read from SQLite below and changed there at once: the batch's changes to
+        // them are written first.
+        try state.writeOpenLots(w, of: s.event.member)
         guard let lot = try Row.fetchOne(
             w.db.cachedStatement(
                 sql: """
@@ -80,27 +84,30 @@ enum Rules {
             return .refused(Problem(.reversalExceedsOriginal,
                 "only \(left) points of \(original.reference)'s lot are left to reverse; \(n) were asked for"))
         }
-        let before = FIFO.balance(try cache.openLots(w, s.event.member), at: now)
+        let before = FIFO.balance(try state.openLots(w, s.event.member), at: now)
         return .apply(balanceAfter: try before.subtracting(n), lots: .reread) { w, _, _ in
             try w.db.cachedStatement(sql: "UPDATE lot SET reversed = reversed + ? WHERE id = ?")
                 .execute(arguments: [n.value, original.journalID])
-            try changeOpenLot(w, s.event.member, original.journalID, by: -n.value, holding: remaining)
+            try writeOpenLot(w, s.event.member, original.journalID, from: remaining, to: remaining - n.value)
         }
     }
 
-    static func reverseRedemption(_ w: WriterStatements, _ s: Submission, now: Instant, _ cache: inout LotCache) throws -> Effects {
+    static func reverseRedemption(_ w: WriterStatements, _ s: Submission, now: Instant, _ state: inout BatchState) throws -> Effects {
         let n = s.event.points
         let original: Lookup.Original
         switch try Lookup.original(w, s) {
         case .failure(let p): return .refused(p)
         case .success(let e): original = e
         }
+        // The points go back into the member's open lots in SQLite at once (below): the batch's
+        // changes to them are written first.
+        try state.writeOpenLots(w, of: s.event.member)
         let takes = try Lookup.takes(w.db, redemption: original.journalID)
         guard let returns = FIFO.giveBack(n, to: takes) else {
             return .refused(Problem(.reversalExceedsOriginal,
                 "only \(FIFO.reversible(takes)) points of \(original.reference) are left to reverse; \(n) were asked for"))
         }
-        let before = FIFO.balance(try cache.openLots(w, s.event.member), at: now)
+        let before = FIFO.balance(try state.openLots(w, s.event.member), at: now)
         var gain = Points.zero
         // Lots whose expiry has passed: the points given back to them are not spendable, and
         // the next run expires them (`lot_reopened`; the run finds the other expiring lots by
@@ -115,7 +122,7 @@ enum Rules {
                 reopened.append(r.lotID)
             }
         }
-        return .apply(balanceAfter: try before.adding(gain), lots: .reread) { w, id, flows in
+        return .apply(balanceAfter: try before.adding(gain), lots: .reread) { w, id, state in
             for (j, r) in returns.enumerated() {
                 try w.db.cachedStatement(sql: "UPDATE lot_take SET returned = returned + ? WHERE redemption_id = ? AND position = ?")
                     .execute(arguments: [r.points.value, original.journalID, r.takeIndex])
@@ -126,7 +133,7 @@ enum Rules {
                         ON CONFLICT (member, lot_id) DO UPDATE SET remaining = remaining + excluded.remaining
                         """)
                     .execute(arguments: [s.event.member.rawValue, r.lotID, r.points.value])
-                try move(w, entry: id, position: j, lot: r.lotID, issuer: r.issuer, redeemer: s.partner, points: -r.points.value, &flows)
+                try move(w, entry: id, position: j, lot: r.lotID, issuer: r.issuer, redeemer: s.partner, points: -r.points.value, &state.flows)
             }
             for lot in reopened {
                 try w.db.cachedStatement(sql: "INSERT OR IGNORE INTO lot_reopened (lot_id) VALUES (?)").execute(arguments: [lot])
@@ -146,14 +153,31 @@ enum Rules {
     }
 
     /// Changes the points left in one of the member's lots from `held` (what the posting was
-    /// decided from) by `delta`: a new row for a new lot, an update, or the row's deletion when
-    /// none are left. The row must hold exactly `held`; if it does not, the decision was made
-    /// from something other than the database, and the posting (with its batch) fails.
-    private static func changeOpenLot(_ w: WriterStatements, _ member: MemberID, _ lot: Int64, by delta: Int64, holding held: Int64) throws {
+    /// decided from) by `delta`. With the lot cache, the change joins the batch's
+    /// (`OpenLotChanges`, written in key order by `BatchState.writeOpenLots`); without it (the
+    /// savepoint path), it is written at once (`writeOpenLot`). Either way the row must hold
+    /// exactly `held`, or the posting (with its batch) fails.
+    private static func changeOpenLot(
+        _ w: WriterStatements, _ state: inout BatchState, _ member: MemberID, _ lot: Int64, by delta: Int64, holding held: Int64
+    ) throws {
         let after = held + delta
+        guard after >= 0 else { throw StoreError("lot \(lot) would hold \(after) points") }
+        if state.lots.enabled {
+            try state.openLotChanges.change(member, lot, from: held, to: after)
+        } else {
+            try writeOpenLot(w, member, lot, from: held, to: after)
+        }
+    }
+
+    /// Writes a change of the points left in one of the member's lots, from `held` to `after`:
+    /// a new row for a new lot (`held` 0), an update, or the row's deletion when none are left.
+    /// The row must hold exactly `held`; if it does not, the decision was made from something
+    /// other than the database, and the posting (with its batch) fails.
+    static func writeOpenLot(_ w: WriterStatements, _ member: MemberID, _ lot: Int64, from held: Int64, to after: Int64) throws {
         guard after >= 0 else { throw StoreError("lot \(lot) would hold \(after) points") }
         let write: FastStatement
         if held == 0 {
+            if after == 0 { return }  // a new lot emptied in the same batch: no row to write
             write = try w(.insertOpenLot)
             try write.bind(1, member.rawValue); try write.bind(2, lot); try write.bind(3, after)
         } else if after == 0 {
@@ -165,7 +189,7 @@ enum Rules {
         }
         try write.done()
         guard w.db.changesCount == 1 else {
-            throw CachedLotsDisagreement("lot \(lot) of member \(member) does not hold the \(held) points the posting was decided from")
+            throw CachedLotsDisagreement("lot \(lot) does not hold the \(held) points the posting was decided from")
         }
     }
 
@@ -192,15 +216,15 @@ enum Rules {
         // expected), or a row that does not hold what the cached lots say (the INSERT then
         // meets it).
         guard let firstJournalID, (expected ?? 0) == 0 else {
-            guard let expected else { throw StoreError("member \(member) has no row") }
-            throw CachedLotsDisagreement("member \(member) does not hold the \(expected) points its cached lots do")
+            guard let expected else { throw StoreError("the member of lot-holding postings has no row") }
+            throw CachedLotsDisagreement("the member's row does not hold the \(expected) points its cached lots do")
         }
         let insert = try w(.insertMember)
         try insert.bind(1, member.rawValue); try insert.bind(2, firstJournalID); try insert.bind(3, delta)
         do {
             try insert.done()
         } catch let error as DatabaseError where error.resultCode == .SQLITE_CONSTRAINT && expected != nil {
-            throw CachedLotsDisagreement("member \(member) has a row, but its cached lots are none")
+            throw CachedLotsDisagreement("the member has a row, but its cached lots are none")
         }
     }
 }
@@ -238,7 +262,7 @@ struct MemberChanges {
         if let expected {
             if let first = c.expected {
                 guard first + c.delta == expected else {
-                    throw CachedLotsDisagreement("member \(member) holds \(first + c.delta) points after this batch's earlier postings, but its cached lots \(expected)")
+                    throw CachedLotsDisagreement("the member's row holds \(first + c.delta) points after this batch's earlier postings, but its cached lots \(expected)")
                 }
             } else {
                 c.expected = expected - c.delta
@@ -253,6 +277,72 @@ struct MemberChanges {
     /// ids are ASCII, where Swift's order is the same).
     var inKeyOrder: [(member: MemberID, change: Change)] {
         changes.map { ($0.key, $0.value) }.sorted { $0.member.rawValue < $1.member.rawValue }
+    }
+}
+
+/// What a batch's postings changed in their members' open lots (`lot_open`), written at the end
+/// of the batch in the table's key order (member, lot), rather than one write per take or earn
+/// at a random place of that table (`BatchState.writeOpenLots`). Used only with the lot cache.
+///
+/// Each change keeps the check it had when written at once: the first change of a lot in the
+/// batch remembers what the row held (`before`; 0: a new lot, no row), which the write checks
+/// (the UPDATE's or DELETE's WHERE, or the INSERT's key); each later change of it must start
+/// from where the earlier ones left it, checked here as it comes. Either way a disagreement
+/// throws `CachedLotsDisagreement`.
+///
+/// Anything that reads a member's open lots from SQLite during the batch first writes that
+/// member's changes (`BatchState.openLots` on a member not cached, the reversals, the debug
+/// cross-check), so that SQLite never answers with rows the batch has changed.
+struct OpenLotChanges {
+    struct Change: Equatable {
+        /// What the row holds before the batch (0: no row, a lot of this batch).
+        var before: Int64
+        /// What it holds after the batch's changes so far (0: no row).
+        var after: Int64
+    }
+
+    private var changes: [MemberID: [Int64: Change]] = [:]
+
+    var isEmpty: Bool { changes.isEmpty }
+
+    /// Adds one change of a lot, decided from `held` points.
+    mutating func change(_ member: MemberID, _ lot: Int64, from held: Int64, to after: Int64) throws {
+        if let c = changes[member]?[lot] {
+            guard c.after == held else {
+                throw CachedLotsDisagreement("lot \(lot) holds \(c.after) points after this batch's earlier postings, but its cached lots \(held)")
+            }
+            changes[member]![lot]!.after = after
+        } else {
+            changes[member, default: [:]][lot] = Change(before: held, after: after)
+        }
+    }
+
+    /// The changes of one member's lots, in lot order, taken out.
+    mutating func take(_ member: MemberID) -> [(lot: Int64, change: Change)] {
+        guard let lots = changes.removeValue(forKey: member) else { return [] }
+        return lots.map { ($0.key, $0.value) }.sorted { $0.lot < $1.lot }
+    }
+
+    /// The members with changes, in the order of `lot_open`'s key (SQLite's BINARY collation:
+    /// member ids are ASCII, where Swift's order is the same).
+    var membersInKeyOrder: [MemberID] { changes.keys.sorted { $0.rawValue < $1.rawValue } }
+
+    /// `stored` (a member's open lots as SQLite holds them) with this batch's changes of them
+    /// applied: for the debug cross-check, which must not write them early. A lot of this batch
+    /// (no row yet) comes from `lot`, its row in the lot table.
+    func applied(to stored: [OpenLot], of member: MemberID, lot: (Int64) throws -> OpenLot) rethrows -> [OpenLot] {
+        guard let mine = changes[member] else { return stored }
+        var result: [OpenLot] = []
+        for var l in stored {
+            if let c = mine[l.id] { l.remaining = Points(c.after) }
+            if l.remaining.value > 0 { result.append(l) }
+        }
+        for (id, c) in mine where c.before == 0 && c.after > 0 {
+            var l = try lot(id)
+            l.remaining = Points(c.after)
+            result.append(l)
+        }
+        return result.sorted { $0.id < $1.id }
     }
 }
 

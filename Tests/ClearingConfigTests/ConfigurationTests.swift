@@ -184,6 +184,29 @@ struct ConfigDir {
         #expect(e?.key == "api_token_sha256" && e?.reason.contains("fuelco") == true, "\(String(describing: e))")
     }
 
+    /// Webhook and notice secrets are all HMAC keys: one partner's notice secret as another's
+    /// webhook secret is the same credential (the first could sign the second's events), and
+    /// so is a key written with a zero byte after it (HMAC pads its key with zeros).
+    @Test func hmacSecretsSharedBetweenPartnersAreRefusedInAnySpelling() throws {
+        func sharing(_ key: String, _ value: String) throws -> ConfigurationError? {
+            let d = try ConfigDir()
+            try d.edit("medipharm.toml") { text in
+                text.split(separator: "\n", omittingEmptySubsequences: false)
+                    .map { $0.hasPrefix(key) ? "\(key) = \(value)" : String($0) }.joined(separator: "\n")
+            }
+            return d.error()
+        }
+        // fuelco's notice secret as medipharm's webhook secret.
+        let a = try sharing("webhook_secrets", #"["whsec_05goLk2l9iO5HeBUCs2Nr7BB5uKzP86Rp1pbJpRdmAs="]"#)
+        #expect(a?.file.hasSuffix("medipharm.toml") == true && a?.key == "webhook_secrets" && a?.reason.contains("fuelco") == true, "\(String(describing: a))")
+        // fuelco's webhook secret with a zero byte after it, as medipharm's notice secret.
+        let b = try sharing("notice_secret", #""whsec_PBZShz+TO1mfE89M1ECxYR0ibqyK0ogzRBc3+O0O58wA""#)
+        #expect(b?.key == "notice_secret" && b?.reason.contains("fuelco") == true, "\(String(describing: b))")
+        // A key that differs only in a byte that is not a trailing zero is its own.
+        #expect(ConfigurationLoader.hmacKey([1, 2, 0]) == [1, 2] && ConfigurationLoader.hmacKey([1, 0, 2]) == [1, 0, 2])
+        #expect(ConfigurationLoader.hmacKey(Array(repeating: 7, count: 65)).count == 32)
+    }
+
     @Test func invalidTOMLNamesTheLine() throws {
         let d = try ConfigDir()
         try d.write("cinestar.toml", "id = \"cinestar\"\nname = \n")

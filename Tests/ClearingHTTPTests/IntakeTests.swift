@@ -222,6 +222,41 @@ func problemType(_ r: TestResponse) -> String? {
         }
     }
 
+    /// Reads are held to the partner's rate too (a token must not try member ids at full
+    /// speed), in a bucket of their own: postings that spent their rate leave the reads theirs,
+    /// and reads never spend the postings'. Reads without the partner's credentials spend nothing.
+    @Test func readsHaveTheirOwnBucketAtThePartnersRate() async throws {
+        let s = try Server()
+        try await s.test { client in
+            func read(_ path: String, _ token: String = "token-slow") async throws -> TestResponse {
+                var h = HTTPFields()
+                h[.authorization] = "Bearer \(token)"
+                return try await client.execute(uri: path, method: .get, headers: h)
+            }
+            func post(_ i: Int) async throws -> Int {
+                let b = earn.replacingOccurrences(of: "R-1", with: "S-\(i)")
+                return Int(try await client.execute(uri: "/v1/partners/slow/events", method: .post, headers: s.headers(id: "sl\(i)", body: b), body: ByteBuffer(string: b)).status.code)
+            }
+            // Postings spend their burst (2 s at 1/s)...
+            #expect(try await [post(0), post(1), post(2)] == [201, 201, 429])
+            // ...and the reads still have theirs; a wrong token spends none of it.
+            #expect(try await read("/v1/partners/slow/members/M1/balance", "token-wrong").status.code == 401)
+            let first = try await read("/v1/partners/slow/members/M1/balance")
+            #expect(first.status == .ok && String(buffer: first.body) == #"{"member":"M1","balance":200}"#)
+            #expect(try await read("/v1/partners/slow/statements").status == .ok)
+            let over = try await read("/v1/partners/slow/members/M2/balance")
+            #expect(over.status.code == 429 && over.headers[.retryAfter] == "1", "\(String(buffer: over.body))")
+            #expect(String(buffer: over.body).contains("rate-limited"))
+            // A second later, one more read (and, from their own bucket, one more posting).
+            s.clock.advance(milliseconds: 1000)
+            #expect(try await read("/v1/partners/slow/members/M1/balance").status == .ok)
+            #expect(try await read("/v1/partners/slow/members/M1/balance").status.code == 429)
+            #expect(try await post(3) == 201)
+            // A partner without a rate is not limited.
+            for _ in 0..<5 { #expect(try await read("/v1/partners/fuel/members/M1/balance", "token-fuel").status == .ok) }
+        }
+    }
+
     @Test func balanceReadsNeedThePartnersCredentials() async throws {
         let s = try Server()
         try await s.test { client in

@@ -194,6 +194,99 @@ import Testing
         #expect(d.inKeyOrder.map(\.change.firstJournalID) == [5, 3])
     }
 
+    /// With the lot cache, a batch writes its changes to open lots at its end, in key order
+    /// (`OpenLotChanges`): `lot_open` must come out exactly as posting one by one leaves it.
+    /// The batch has a lot taken from twice, a lot earned and emptied within it (no row ever
+    /// written), a member whose changes must be written before a reversal reads its lots, a
+    /// refusal, and a member redeemed from lots older than the batch.
+    @Test func openLotsChangedOnceABatchHoldWhatPostingOneByOneLeaves() throws {
+        func submissions() -> [Submission] {
+            [
+                Submission(partner: C, webhookID: WebhookID("c1")!, event: Fixtures.redeem("M0", 10, "C-1")),  // 50 -> 40
+                Submission(partner: C, webhookID: WebhookID("c2")!, event: Fixtures.redeem("M0", 15, "C-2")),  // 40 -> 25
+                Submission(partner: G, webhookID: WebhookID("g1")!, event: Fixtures.earn("M1", 30, "G-1")),
+                Submission(partner: C, webhookID: WebhookID("c3")!, event: Fixtures.redeem("M1", 30, "C-3")),  // G-1's lot: born and emptied
+                Submission(partner: F, webhookID: WebhookID("f1")!, event: Fixtures.earn("M2", 20, "F-1")),
+                Submission(partner: C, webhookID: WebhookID("c4")!, event: Fixtures.redeem("M2", 5, "C-4")),
+                Submission(partner: F, webhookID: WebhookID("f2")!, event: Fixtures.reverseEarn("M2", 5, "F-2", of: "F-1")),
+                Submission(partner: C, webhookID: WebhookID("c5")!, event: Fixtures.redeem("M2", 4, "C-5")),
+                Submission(partner: C, webhookID: WebhookID("c6")!, event: Fixtures.reverseRedemption("M0", 15, "C-6", of: "C-2")),
+                Submission(partner: C, webhookID: WebhookID("c7")!, event: Fixtures.redeem("M0", 41, "C-7")),  // refused: 40 left
+                Submission(partner: C, webhookID: WebhookID("c8")!, event: Fixtures.redeem("M0", 40, "C-8")),
+            ]
+        }
+        func openLots(_ h: Harness) throws -> [[Int64]] {
+            try h.store.coalition.read { db in
+                try Row.fetchAll(db, sql: "SELECT member, lot_id, remaining FROM lot_open ORDER BY member, lot_id").map { r in
+                    [Int64((r[0] as String).dropFirst())!, r[1], r[2]]
+                }
+            }
+        }
+        let batched = try Harness(), single = try Harness()
+        for h in [batched, single] { _ = h.post(F, "f0", Fixtures.earn("M0", 50, "F-0")) }
+        #expect(try batched.store.checkLotCache() == 1, "M0 is cached before the batch")
+        let outcomes = batched.store.post(submissions())
+        let one = submissions().map { single.store.post([$0])[0] }
+        #expect(outcomes.map(slug) == one.map(slug))
+        #expect(outcomes.map { entry($0)?.memberBalance } == one.map { entry($0)?.memberBalance })
+        #expect(outcomes.map { entry($0)?.memberBalance } == ([40, 25, 30, 0, 20, 15, 10, 6, 40, nil, 0] as [Int64?]).map { $0.map { Points($0) } })
+        #expect(try openLots(batched) == openLots(single))
+        #expect(try openLots(batched) == [[2, 6, 6]], "only M2's earn keeps points")
+        #expect(batched.store.lotCacheMismatches == 0)
+        #expect(try batched.verify().ok)
+        #expect(try single.verify().ok)
+    }
+
+    /// Open lots changed behind the cache, with the member's total unchanged (so the member's
+    /// row cannot tell): a batch that takes from such a lot twice is caught when its changes are
+    /// written at the batch's end, and is decided again from SQLite.
+    @Test func anOpenLotChangedBehindTheCacheIsCaughtWhenTheBatchWritesItsLots() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 30, "G-1"))
+        _ = h.post(F, "f1", Fixtures.earn("M1", 20, "F-1"))
+        _ = h.post(C, "c0", Fixtures.redeem("M1", 15, "C-0"))  // G-1's lot: 30 -> 15
+        #expect(try h.store.checkLotCache() == 1)
+        // 15 of F-1's points move to G-1's lot: still 35 in all.
+        try h.store.coalition.writeWithoutTransaction { db in
+            try db.execute(sql: "UPDATE lot_open SET remaining = 30 WHERE member = 'M1' AND lot_id = 1")
+            try db.execute(sql: "UPDATE lot_open SET remaining = 5 WHERE member = 'M1' AND lot_id = 2")
+        }
+        let outcomes = h.store.post([
+            Submission(partner: C, webhookID: WebhookID("c1")!, event: Fixtures.redeem("M1", 5, "C-1")),
+            Submission(partner: C, webhookID: WebhookID("c2")!, event: Fixtures.redeem("M1", 5, "C-2")),
+        ])
+        #expect(outcomes.map(slug) == ["created", "created"], "\(outcomes)")
+        #expect(h.store.lotCacheMismatches == 1)
+        // Decided again from SQLite: both takes came from G-1's lot (30 -> 20), F-1's holds 5.
+        let left = try h.store.coalition.read { db in
+            try Row.fetchAll(db, sql: "SELECT lot_id, remaining FROM lot_open WHERE member = 'M1' ORDER BY lot_id").map { [$0[0] as Int64, $0[1] as Int64] }
+        }
+        #expect(left == [[1, 20], [2, 5]])
+    }
+
+    /// `OpenLotChanges` itself: each change of a lot must start where the batch's earlier ones
+    /// left it; a lot's first change keeps what the row held before the batch; members come out
+    /// in key order, a member's lots in lot order.
+    @Test func openLotChangesCheckEachChangesStart() throws {
+        let a = MemberID("a")!, b = MemberID("b")!
+        var c = OpenLotChanges()
+        try c.change(b, 7, from: 30, to: 20)
+        try c.change(b, 7, from: 20, to: 5)
+        #expect(throws: CachedLotsDisagreement.self) { try c.change(b, 7, from: 20, to: 0) }
+        try c.change(b, 3, from: 0, to: 9)
+        try c.change(a, 4, from: 12, to: 0)
+        #expect(c.membersInKeyOrder == [a, b])
+        let lots = c.take(b)
+        #expect(lots.map(\.lot) == [3, 7])
+        #expect(lots.map(\.change) == [.init(before: 0, after: 9), .init(before: 30, after: 5)])
+        #expect(c.take(b).isEmpty && !c.isEmpty)
+        // The debug cross-check's view: the stored lots with the changes applied.
+        let stored = [OpenLot(id: 4, issuer: G, remaining: Points(12), expiresAt: nil), OpenLot(id: 5, issuer: F, remaining: Points(3), expiresAt: nil)]
+        #expect(c.applied(to: stored, of: a) { _ in Issue.record("no new lot"); return stored[0] } == [stored[1]])
+        _ = c.take(a)
+        #expect(c.isEmpty)
+    }
+
     /// Settlement expires lots on the writer's own connection; the cache must not keep them.
     @Test func settlementExpiryIsSeenByTheNextPosting() throws {
         let h = try Harness(expireAfterDays: 1)
