@@ -51,7 +51,23 @@ public struct Entry: Equatable, Sendable {
             b.append(0x0A)
         }
         func line(_ name: StaticString, _ value: Int64?) {
-            line(name, value.map { String($0) } ?? "")
+            // The decimal digits written in place, as `String(value)` spells them (no string made).
+            b.append(contentsOf: UnsafeBufferPointer(start: name.utf8Start, count: name.utf8CodeUnitCount))
+            if let value {
+                if value < 0 { b.append(0x2D) }
+                var magnitude = value.magnitude
+                var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)  // room for the 20 digits of UInt64.max
+                withUnsafeMutableBytes(of: &digits) { buffer in
+                    var i = buffer.count
+                    repeat {
+                        i -= 1
+                        buffer[i] = UInt8(truncatingIfNeeded: magnitude % 10) + 0x30
+                        magnitude /= 10
+                    } while magnitude > 0
+                    b.append(contentsOf: buffer[i...])
+                }
+            }
+            b.append(0x0A)
         }
         line("clearhouse.entry.v1", "")
         line("partner=", partner.rawValue)

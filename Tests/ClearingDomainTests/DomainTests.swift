@@ -341,4 +341,24 @@ import Testing
 
             """)
     }
+
+    /// Integers are written digit by digit in place (no string made): each must read exactly as
+    /// Swift's `String(_:)` spells it, at every length and at both ends of Int64.
+    @Test func integersAreSpelledAsDecimalStringsAre() {
+        var values: [Int64] = [0, 1, -1, 9, 10, -10, 99, 100, Int64.max, Int64.min, Int64.max - 1, Int64.min + 1]
+        var p: Int64 = 1
+        for _ in 0..<18 { p *= 10; values += [p - 1, p, p + 1, -p, -(p - 1)] }
+        for v in values {
+            let e = Entry(
+                journalID: v, partner: PartnerID("fuelco")!, sequence: v, webhookID: WebhookID("w")!,
+                acceptedAt: Instant(millisecondsSinceEpoch: v),
+                event: Event(kind: .earned, member: MemberID("m")!, points: Points(1), reference: Reference("r")!,
+                             originalReference: nil, occurredAt: Instant(millisecondsSinceEpoch: v), amountMinor: MoneyMinor(v)),
+                memberBalance: Points(v))
+            let text = String(decoding: e.canonicalBytes, as: UTF8.self)
+            for key in ["sequence", "journal_id", "accepted_at_ms", "occurred_at_ms", "amount_minor", "member_balance"] {
+                #expect(text.contains("\n\(key)=\(v)\n"), "\(key) of \(v): \(text)")
+            }
+        }
+    }
 }
