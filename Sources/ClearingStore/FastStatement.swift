@@ -160,6 +160,8 @@ final class WriterStatements {
     enum Key: Int, CaseIterable {
         case insertJournal, insertLot, insertOpenLot, deleteOpenLot, updateOpenLot
         case updateMemberFrom, addToMember, insertMember, insertTake, insertMove, selectOpenLots, selectOriginal
+        // The reversals'.
+        case selectLotLeft, addToLotReversed, selectTakes, selectLotExpiry, addToTakeReturned, returnToOpenLot, insertReopened
 
         var sql: String {
             switch self {
@@ -184,6 +186,22 @@ final class WriterStatements {
                 WHERE o.member = ? ORDER BY o.lot_id
                 """
             case .selectOriginal: "SELECT id, sequence, kind, member FROM journal WHERE partner = ? AND reference = ?"
+            case .selectLotLeft:
+                """
+                SELECT COALESCE(o.remaining, 0), lot.expires_at_ms FROM lot
+                LEFT JOIN lot_open o ON o.member = lot.member AND o.lot_id = lot.id
+                WHERE lot.id = ?
+                """
+            case .addToLotReversed: "UPDATE lot SET reversed = reversed + ? WHERE id = ?"
+            case .selectTakes: "SELECT lot_id, issuer, points, returned FROM lot_take WHERE redemption_id = ? ORDER BY position"
+            case .selectLotExpiry: "SELECT expires_at_ms FROM lot WHERE id = ?"
+            case .addToTakeReturned: "UPDATE lot_take SET returned = returned + ? WHERE redemption_id = ? AND position = ?"
+            case .returnToOpenLot:
+                """
+                INSERT INTO lot_open (member, lot_id, remaining) VALUES (?, ?, ?)
+                ON CONFLICT (member, lot_id) DO UPDATE SET remaining = remaining + excluded.remaining
+                """
+            case .insertReopened: "INSERT OR IGNORE INTO lot_reopened (lot_id) VALUES (?)"
             }
         }
     }

@@ -23,12 +23,15 @@ struct LotCache {
     let dataVersion: Int64
     /// False in savepoint mode: every read goes to SQLite and nothing is kept.
     let enabled: Bool
+    /// The most members it holds (`Limits.lotCacheMembersMax`, or fewer in tests).
+    let membersMax: Int
     private var lots: [MemberID: [OpenLot]] = [:]
     private var lotCount = 0
 
-    init(dataVersion: Int64, enabled: Bool = true) {
+    init(dataVersion: Int64, enabled: Bool = true, membersMax: Int = Limits.lotCacheMembersMax) {
         self.dataVersion = dataVersion
         self.enabled = enabled
+        self.membersMax = membersMax
     }
 
     /// A member's lots with points left, oldest first (as `Lookup.openLots` reads them).
@@ -36,7 +39,7 @@ struct LotCache {
         if let cached = lots[member] { return cached }
         let stored = try Lookup.openLots(w, member)
         guard enabled else { return stored }
-        if lots.count >= Limits.lotCacheMembersMax || lotCount + stored.count > Limits.lotCacheLotsMax {
+        if lots.count >= membersMax || lotCount + stored.count > Limits.lotCacheLotsMax {
             lots.removeAll(keepingCapacity: true)
             lotCount = 0
         }

@@ -1,6 +1,7 @@
 import ClearingDomain
 import Foundation
 import GRDB
+import Logging
 import Synchronization
 
 /// One event to post, as it arrived: whose, under which webhook id, and what.
@@ -310,7 +311,7 @@ extension Store {
             }
         } catch let error as CachedLotsDisagreement {
             // Writing the batch's earlier changes of the member's open lots, before a read of them.
-            throw lotCacheMismatch(cached: state.lots.cached(s.event.member).map(openPointsOf) ?? 0, detail: error.description)
+            throw lotCacheMismatch(cached: nil, detail: error.description)
         }
         if case .refused(let problem) = effects {
             // A refusal for want of points decided from cached lots is checked against SQLite
@@ -446,22 +447,39 @@ private func openPointsOf(_ lots: [OpenLot]) -> Int64 {
 }
 
 extension Store {
-    /// Writes the batch's changes to its members' rows, in key order. A row that does not hold
-    /// what the cached lots said is a disagreement of the cache: the batch is decided again
-    /// without it.
     /// Writes the batch's changes to its members' open lots, in key order (`OpenLotChanges`). A
     /// row that does not hold what the cached lots said is a disagreement of the cache: the
     /// batch is decided again without it.
+    ///
+    /// Debug builds then read back what these writes left (the per-posting check compares the
+    /// cache with the gathered changes, built from the same numbers, so only this one sees the
+    /// rows): each lot written must hold what the batch left it, and the member's lots must
+    /// equal its cached ones, a difference the member's row must explain at the batch's end
+    /// (`unconfirmed`: a stale cache differs in lots the batch did not change).
     fileprivate func writeOpenLots(_ w: WriterStatements, _ state: inout BatchState) throws {
         for member in state.openLotChanges.membersInKeyOrder {
+            let written: [(lot: Int64, change: OpenLotChanges.Change)]
             do {
-                try state.writeOpenLots(w, of: member)
+                written = try state.writeOpenLots(w, of: member)
             } catch let error as CachedLotsDisagreement {
-                throw lotCacheMismatch(cached: state.lots.cached(member).map(openPointsOf) ?? 0, detail: error.description)
+                throw lotCacheMismatch(cached: nil, detail: error.description)
+            }
+            if Store.checksBalancesInline {
+                let stored = try Lookup.openLots(w, member)
+                for (lot, c) in written {
+                    let held = stored.first { $0.id == lot }?.remaining.value ?? 0
+                    precondition(held == c.after, "lot \(lot) holds \(held) points after the batch's end wrote \(c.after)")
+                }
+                if let cached = state.lots.cached(member), cached != stored {
+                    state.unconfirmed.append("member \(member): the open lots written at the batch's end differ from the lot cache")
+                }
             }
         }
     }
 
+    /// Writes the batch's changes to its members' rows, in key order. A row that does not hold
+    /// what the cached lots said is a disagreement of the cache: the batch is decided again
+    /// without it.
     fileprivate func saveMembers(_ w: WriterStatements, _ members: MemberChanges) throws {
         for (member, c) in members.inKeyOrder {
             do {
@@ -474,9 +492,12 @@ extension Store {
 
     /// Logs and counts a disagreement of the lot cache with SQLite; the error to throw. The log
     /// names no member (member ids are card numbers, which no log carries).
-    fileprivate func lotCacheMismatch(cached: Int64, detail: String) -> LotCacheMismatch {
-        logger.error("lot cache disagrees with the database; deciding the batch again without it",
-                     metadata: ["cached": "\(cached)", "detail": "\(detail)"])
+    /// `cached`: the member's points the failing posting was decided from, where that is what
+    /// disagreed (else the detail names the lot and the points).
+    fileprivate func lotCacheMismatch(cached: Int64?, detail: String) -> LotCacheMismatch {
+        var metadata: Logger.Metadata = ["detail": "\(detail)"]
+        if let cached { metadata["cached"] = "\(cached)" }
+        logger.error("lot cache disagrees with the database; deciding the batch again without it", metadata: metadata)
         lotCacheMismatchCounter.add(1, ordering: .relaxed)
         return LotCacheMismatch()
     }
@@ -493,7 +514,7 @@ extension Store {
             return cache
         }
         if enabled, let cached, cached.dataVersion == version { return cached }
-        return LotCache(dataVersion: version, enabled: enabled)
+        return LotCache(dataVersion: version, enabled: enabled, membersMax: lotCacheMembersMax)
     }
 
     /// Drops the writer's lot cache: for writes to lots outside posting (settlement's expiry).
@@ -579,11 +600,15 @@ struct BatchState {
         return try lots.openLots(w, member)
     }
 
-    /// Writes the batch's changes of one member's open lots (`OpenLotChanges`), in lot order.
-    mutating func writeOpenLots(_ w: WriterStatements, of member: MemberID) throws {
-        for (lot, c) in openLotChanges.take(member) {
+    /// Writes the batch's changes of one member's open lots (`OpenLotChanges`), in lot order;
+    /// returns them.
+    @discardableResult
+    mutating func writeOpenLots(_ w: WriterStatements, of member: MemberID) throws -> [(lot: Int64, change: OpenLotChanges.Change)] {
+        let changes = openLotChanges.take(member)
+        for (lot, c) in changes {
             try Rules.writeOpenLot(w, member, lot, from: c.before, to: c.after)
         }
+        return changes
     }
 
     mutating func head(_ db: Database, _ partner: PartnerID) throws -> Head {

@@ -9,7 +9,7 @@ enum Effects {
     /// posting's lots, takes and moves (the member's `open_points` is the decider's:
     /// `Rules.changeMember`); it adds the posting's changes to the flows to `state.flows`, which
     /// the batch writes once (`BatchState.save`), and, with the lot cache, its changes to open
-    /// lots to `state.openLots` (`OpenLotChanges`). `lots` is what it does to the member's
+    /// lots to `state.openLotChanges` (`OpenLotChanges`). `lots` is what it does to the member's
     /// open lots.
     case apply(balanceAfter: Points, lots: LotChange, write: (WriterStatements, Int64, inout BatchState) throws -> Void)
 }
@@ -68,17 +68,15 @@ enum Rules {
         // lots are read from SQLite below and changed there at once: the batch's changes to
         // them are written first.
         try state.writeOpenLots(w, of: s.event.member)
-        guard let lot = try Row.fetchOne(
-            w.db.cachedStatement(
-                sql: """
-                    SELECT COALESCE(o.remaining, 0), lot.expires_at_ms FROM lot
-                    LEFT JOIN lot_open o ON o.member = lot.member AND o.lot_id = lot.id
-                    WHERE lot.id = ?
-                    """),
-            arguments: [original.journalID])
-        else { throw StoreError("earn \(s.partner) #\(original.sequence) has no lot") }
-        let remaining: Int64 = lot[0]
-        let expires: Int64? = lot[1]
+        let select = try w(.selectLotLeft)
+        try select.bind(1, original.journalID)
+        guard try select.step() else {
+            select.finish()
+            throw StoreError("earn \(s.partner) #\(original.sequence) has no lot")
+        }
+        let remaining = try select.int64(0)
+        let expires = try select.optionalInt64(1)
+        select.finish()
         let left = (expires.map { $0 > now.millisecondsSinceEpoch } ?? true) ? remaining : 0
         guard n.value <= left else {
             return .refused(Problem(.reversalExceedsOriginal,
@@ -86,8 +84,10 @@ enum Rules {
         }
         let before = FIFO.balance(try state.openLots(w, s.event.member), at: now)
         return .apply(balanceAfter: try before.subtracting(n), lots: .reread) { w, _, _ in
-            try w.db.cachedStatement(sql: "UPDATE lot SET reversed = reversed + ? WHERE id = ?")
-                .execute(arguments: [n.value, original.journalID])
+            let reversed = try w(.addToLotReversed)
+            try reversed.bind(1, n.value); try reversed.bind(2, original.journalID)
+            try reversed.done()
+            guard w.db.changesCount == 1 else { throw StoreError("earn \(s.partner) #\(original.sequence) has no lot") }
             try writeOpenLot(w, s.event.member, original.journalID, from: remaining, to: remaining - n.value)
         }
     }
@@ -102,7 +102,7 @@ enum Rules {
         // The points go back into the member's open lots in SQLite at once (below): the batch's
         // changes to them are written first.
         try state.writeOpenLots(w, of: s.event.member)
-        let takes = try Lookup.takes(w.db, redemption: original.journalID)
+        let takes = try Lookup.takes(w, redemption: original.journalID)
         guard let returns = FIFO.giveBack(n, to: takes) else {
             return .refused(Problem(.reversalExceedsOriginal,
                 "only \(FIFO.reversible(takes)) points of \(original.reference) are left to reverse; \(n) were asked for"))
@@ -114,8 +114,14 @@ enum Rules {
         // their expiry, after the previous run's cutoff, which these may be before).
         var reopened: [Int64] = []
         for r in returns {
-            let expires = try Int64?.fetchOne(
-                w.db.cachedStatement(sql: "SELECT expires_at_ms FROM lot WHERE id = ?"), arguments: [r.lotID]) ?? nil
+            let select = try w(.selectLotExpiry)
+            try select.bind(1, r.lotID)
+            guard try select.step() else {
+                select.finish()
+                throw StoreError("take of redemption \(original.reference) names lot \(r.lotID), which does not exist")
+            }
+            let expires = try select.optionalInt64(0)
+            select.finish()
             if expires.map({ $0 > now.millisecondsSinceEpoch }) ?? true {
                 gain = try gain.adding(r.points)
             } else {
@@ -124,19 +130,20 @@ enum Rules {
         }
         return .apply(balanceAfter: try before.adding(gain), lots: .reread) { w, id, state in
             for (j, r) in returns.enumerated() {
-                try w.db.cachedStatement(sql: "UPDATE lot_take SET returned = returned + ? WHERE redemption_id = ? AND position = ?")
-                    .execute(arguments: [r.points.value, original.journalID, r.takeIndex])
+                let returned = try w(.addToTakeReturned)
+                try returned.bind(1, r.points.value); try returned.bind(2, original.journalID); try returned.bind(3, Int64(r.takeIndex))
+                try returned.done()
+                guard w.db.changesCount == 1 else { throw StoreError("redemption \(original.reference) has no take \(r.takeIndex)") }
                 // Points given back to a lot that lost its last ones, or to one with some left.
-                try w.db.cachedStatement(
-                    sql: """
-                        INSERT INTO lot_open (member, lot_id, remaining) VALUES (?, ?, ?)
-                        ON CONFLICT (member, lot_id) DO UPDATE SET remaining = remaining + excluded.remaining
-                        """)
-                    .execute(arguments: [s.event.member.rawValue, r.lotID, r.points.value])
+                let back = try w(.returnToOpenLot)
+                try back.bind(1, s.event.member.rawValue); try back.bind(2, r.lotID); try back.bind(3, r.points.value)
+                try back.done()
                 try move(w, entry: id, position: j, lot: r.lotID, issuer: r.issuer, redeemer: s.partner, points: -r.points.value, &state.flows)
             }
             for lot in reopened {
-                try w.db.cachedStatement(sql: "INSERT OR IGNORE INTO lot_reopened (lot_id) VALUES (?)").execute(arguments: [lot])
+                let insert = try w(.insertReopened)
+                try insert.bind(1, lot)
+                try insert.done()
             }
         }
     }
@@ -476,14 +483,17 @@ enum Lookup {
         return lots
     }
 
-    static func takes(_ db: Database, redemption: Int64) throws -> [LotTake] {
-        try Row.fetchAll(
-            db.cachedStatement(sql: "SELECT lot_id, issuer, points, returned FROM lot_take WHERE redemption_id = ? ORDER BY position"),
-            arguments: [redemption]
-        ).map { row in
-            guard let issuer = PartnerID(row[1] as String) else { throw StoreError("take of lot \(row[0] as Int64) has an invalid issuer") }
-            return LotTake(lotID: row[0], issuer: issuer, points: Points(row[2]), returned: Points(row[3]))
+    static func takes(_ w: WriterStatements, redemption: Int64) throws -> [LotTake] {
+        let select = try w(.selectTakes)
+        try select.bind(1, redemption)
+        defer { select.finish() }
+        var takes: [LotTake] = []
+        while try select.step() {
+            let lot = try select.int64(0)
+            guard let issuer = PartnerID(try select.text(1)) else { throw StoreError("take of lot \(lot) has an invalid issuer") }
+            takes.append(LotTake(lotID: lot, issuer: issuer, points: Points(try select.int64(2)), returned: Points(try select.int64(3))))
         }
+        return takes
     }
 
     static func insertJournal(_ w: WriterStatements, _ e: Entry, hash: [UInt8]) throws {

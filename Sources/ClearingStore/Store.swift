@@ -84,6 +84,8 @@ public final class Store: Sendable {
     let writerState = Mutex(WriterState())
     /// The decider's copy of recently active members' open lots, between batches (`LotCache`).
     let lotCache = Mutex<LotCache?>(nil)
+    /// The most members the lot cache holds (`Limits.lotCacheMembersMax`; tests make it small).
+    let lotCacheMembersMax: Int
     let commitCounter = Atomic<Int>(0)
     /// Batches decided again because the lot cache disagreed with SQLite (should stay 0).
     let lotCacheMismatchCounter = Atomic<Int>(0)
@@ -105,9 +107,11 @@ public final class Store: Sendable {
         dataDirectory: URL, configuration: ClearingConfiguration, clock: any WallClock = SystemClock(),
         faults: FaultInjector? = nil, logger: Logger = Logger(label: "clearhouse.store"),
         walFramesMax: Int32 = Limits.coalitionWALFramesMax, walBufferBytes: Int = Limits.coalitionWALBufferBytes,
-        readOnly: Bool = false, recordsCurrency: Bool = true
+        readOnly: Bool = false, recordsCurrency: Bool = true, lotCacheMembersMax: Int = Limits.lotCacheMembersMax
     ) throws {
         Store.configureSQLite
+        precondition(lotCacheMembersMax >= 1 && lotCacheMembersMax <= Limits.lotCacheMembersMax)
+        self.lotCacheMembersMax = lotCacheMembersMax
         self.readOnly = readOnly
         self.dataDirectory = dataDirectory
         self.configuration = configuration

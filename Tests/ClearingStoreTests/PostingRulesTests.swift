@@ -13,10 +13,14 @@ final class Harness {
     let configuration: ClearingConfiguration
     var store: Store!
 
-    init(expireAfterDays: Int64 = 1095, faults: FaultInjector? = nil, walBufferBytes: Int = Limits.coalitionWALBufferBytes) throws {
+    init(
+        expireAfterDays: Int64 = 1095, faults: FaultInjector? = nil, walBufferBytes: Int = Limits.coalitionWALBufferBytes,
+        lotCacheMembersMax: Int = Limits.lotCacheMembersMax
+    ) throws {
         configuration = Fixtures.configuration(expireAfterDays: expireAfterDays)
         store = try Store(
-            dataDirectory: dir.url, configuration: configuration, clock: clock, faults: faults, walBufferBytes: walBufferBytes)
+            dataDirectory: dir.url, configuration: configuration, clock: clock, faults: faults, walBufferBytes: walBufferBytes,
+            lotCacheMembersMax: lotCacheMembersMax)
     }
 
     deinit {

@@ -237,6 +237,44 @@ import Testing
         #expect(try single.verify().ok)
     }
 
+    /// The other reads of a member's open lots while the batch holds changes of them: a
+    /// refusal for want of points (checked against SQLite, so the changes are written first:
+    /// no mismatch), a member the cache let go of with its new lot not yet written (the cache
+    /// holds two members here; the lot is written, then read again from SQLite), and a
+    /// redemption reversal giving points back to a lot earned and emptied in the same batch
+    /// (its row, never written, is made by the return).
+    @Test func everyReadOfOpenLotsDuringABatchSeesTheBatchsChanges() throws {
+        func submissions() -> [Submission] {
+            [
+                Submission(partner: C, webhookID: WebhookID("c1")!, event: Fixtures.redeem("M0", 10, "C-1")),  // 50 -> 40, gathered
+                Submission(partner: C, webhookID: WebhookID("c2")!, event: Fixtures.redeem("M0", 41, "C-2")),  // refused
+                Submission(partner: G, webhookID: WebhookID("g1")!, event: Fixtures.earn("M1", 5, "G-1")),
+                Submission(partner: G, webhookID: WebhookID("g2")!, event: Fixtures.earn("M2", 5, "G-2")),  // the cache is full: emptied
+                Submission(partner: C, webhookID: WebhookID("c3")!, event: Fixtures.redeem("M1", 5, "C-3")),  // M1 let go of: its lot written, read again
+                Submission(partner: F, webhookID: WebhookID("f1")!, event: Fixtures.earn("M3", 20, "F-1")),
+                Submission(partner: C, webhookID: WebhookID("c4")!, event: Fixtures.redeem("M3", 20, "C-4")),  // F-1's lot: emptied
+                Submission(partner: C, webhookID: WebhookID("c5")!, event: Fixtures.reverseRedemption("M3", 8, "C-5", of: "C-4")),
+            ]
+        }
+        func state(_ h: Harness) throws -> [String] {
+            try h.store.coalition.read { db in
+                try Row.fetchAll(db, sql: "SELECT member, lot_id, remaining FROM lot_open ORDER BY member, lot_id").map { "\($0[0] as String)/\($0[1] as Int64)=\($0[2] as Int64)" }
+                    + Row.fetchAll(db, sql: "SELECT member, open_points FROM member ORDER BY member").map { "\($0[0] as String):\($0[1] as Int64)" }
+            }
+        }
+        let batched = try Harness(lotCacheMembersMax: 2), single = try Harness(lotCacheMembersMax: 2)
+        for h in [batched, single] { _ = h.post(F, "f0", Fixtures.earn("M0", 50, "F-0")) }
+        let outcomes = batched.store.post(submissions())
+        let one = submissions().map { single.store.post([$0])[0] }
+        #expect(outcomes.map(slug) == one.map(slug))
+        #expect(outcomes.map { entry($0)?.memberBalance } == one.map { entry($0)?.memberBalance })
+        #expect(outcomes.map { entry($0)?.memberBalance } == ([40, nil, 5, 5, 0, 20, 0, 8] as [Int64?]).map { $0.map { Points($0) } })
+        #expect(try state(batched) == state(single))
+        #expect(try state(batched) == ["M0/1=40", "M2/4=5", "M3/6=8", "M0:40", "M1:0", "M2:5", "M3:8"])
+        #expect(batched.store.lotCacheMismatches == 0, "the refusal was checked against rows holding the batch's changes")
+        #expect(try batched.verify().ok)
+    }
+
     /// Open lots changed behind the cache, with the member's total unchanged (so the member's
     /// row cannot tell): a batch that takes from such a lot twice is caught when its changes are
     /// written at the batch's end, and is decided again from SQLite.
@@ -257,6 +295,7 @@ import Testing
         ])
         #expect(outcomes.map(slug) == ["created", "created"], "\(outcomes)")
         #expect(h.store.lotCacheMismatches == 1)
+        #expect(try h.store.checkLotCache() == 0, "the failed batch's cache is not kept; the batch decided again without one")
         // Decided again from SQLite: both takes came from G-1's lot (30 -> 20), F-1's holds 5.
         let left = try h.store.coalition.read { db in
             try Row.fetchAll(db, sql: "SELECT lot_id, remaining FROM lot_open WHERE member = 'M1' ORDER BY lot_id").map { [$0[0] as Int64, $0[1] as Int64] }
@@ -280,9 +319,12 @@ import Testing
         #expect(lots.map(\.lot) == [3, 7])
         #expect(lots.map(\.change) == [.init(before: 0, after: 9), .init(before: 30, after: 5)])
         #expect(c.take(b).isEmpty && !c.isEmpty)
-        // The debug cross-check's view: the stored lots with the changes applied.
+        // The debug cross-check's view: the stored lots with the changes applied; a lot of this
+        // batch (no row yet) comes from its lot row.
+        try c.change(a, 9, from: 0, to: 6)
         let stored = [OpenLot(id: 4, issuer: G, remaining: Points(12), expiresAt: nil), OpenLot(id: 5, issuer: F, remaining: Points(3), expiresAt: nil)]
-        #expect(c.applied(to: stored, of: a) { _ in Issue.record("no new lot"); return stored[0] } == [stored[1]])
+        let view = c.applied(to: stored, of: a) { id in OpenLot(id: id, issuer: C, remaining: .zero, expiresAt: nil) }
+        #expect(view == [stored[1], OpenLot(id: 9, issuer: C, remaining: Points(6), expiresAt: nil)])
         _ = c.take(a)
         #expect(c.isEmpty)
     }
