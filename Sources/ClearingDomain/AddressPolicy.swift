@@ -25,8 +25,6 @@ public struct IPAddress: Equatable, Sendable, CustomStringConvertible {
         let compatible = [UInt8](repeating: 0, count: 12)
         let tail = Array(bytes[12..<16])
         if head == mapped || head == translated || head == nat64 { return IPAddress(bytes: tail) }
-        // NAT64 local use (64:ff9b:1::/48): the IPv4 address is in the last 4 bytes.
-        if bytes[0..<6] == [0, 0x64, 0xff, 0x9b, 0, 0x01][...] { return IPAddress(bytes: tail) }
         // 6to4 (2002::/16): the IPv4 address is in bytes 2...5.
         if bytes[0] == 0x20 && bytes[1] == 0x02 { return IPAddress(bytes: Array(bytes[2..<6])) }
         if head == compatible, tail != [0, 0, 0, 0], tail != [0, 0, 0, 1] { return IPAddress(bytes: tail) }
@@ -48,8 +46,12 @@ public enum AddressPolicy {
 
     /// Why an address is not public, or nil when it is.
     public static func classify(_ a: IPAddress) -> Class? {
-        if let v4 = a.embeddedV4 { return classify(v4) }
         let b = a.bytes
+        // NAT64 for local use (64:ff9b:1::/48, RFC 8215): the local network chooses where in the
+        // address the IPv4 one sits (RFC 6052's /48 to /96 layouts), so none can be read out of
+        // it with certainty; the whole prefix is private.
+        if !a.isV4 && b[0..<6] == [0, 0x64, 0xff, 0x9b, 0, 0x01][...] { return .private }
+        if let v4 = a.embeddedV4 { return classify(v4) }
         if a.isV4 {
             switch (b[0], b[1]) {
             case (169, 254) where b[2] == 169 && b[3] == 254: return .metadata  // cloud instance metadata
@@ -62,6 +64,7 @@ public enum AddressPolicy {
             case (0, _): return .unspecified
             case (192, 0) where b[2] == 0: return .reserved  // IETF protocol assignments
             case (198, 18...19): return .reserved  // benchmarking
+            case (192, 88) where b[2] == 99: return .reserved  // the former 6to4 relay anycast
             case (192, 0) where b[2] == 2, (198, 51) where b[2] == 100, (203, 0) where b[2] == 113: return .reserved  // documentation
             case (224...239, _): return .multicast
             case (240...255, _): return .reserved

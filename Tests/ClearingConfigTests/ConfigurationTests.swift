@@ -57,6 +57,14 @@ struct ConfigDir {
         #expect(s.count == 3 && s[0].bytes == Array(repeating: 9, count: 32) && s[1].bytes == Array(repeating: 7, count: 32))
         let e = d.error([:])
         #expect(e?.key == "webhook_secrets[0]" && e?.reason.contains("FUEL_NEW_SECRET") == true)
+        // A secret file others can read is said, naming the TOML file, the key and the file.
+        let secretFile = d.url.appendingPathComponent("fuel.secret").path
+        let environment = ["FUEL_NEW_SECRET": "whsec_" + Data(repeating: 9, count: 32).base64EncodedString()]
+        try FileManager.default.setAttributes([.posixPermissions: 0o644], ofItemAtPath: secretFile)
+        let open = try d.load(environment).warnings.filter { $0.contains("can be read by others") }
+        #expect(open == ["\(d.url.appendingPathComponent("fuelco.toml").path): webhook_secrets[1]: the secret file \(secretFile) can be read by others (mode 644); chmod 600 it"])
+        try FileManager.default.setAttributes([.posixPermissions: 0o600], ofItemAtPath: secretFile)
+        #expect(try d.load(environment).warnings.allSatisfy { !$0.contains("can be read by others") })
     }
 
     @Test(arguments: [

@@ -42,7 +42,13 @@ private func v6(_ groups: [UInt16]) -> IPAddress {
         #expect(AddressPolicy.classify(v6([0, 0, 0, 0, 0xffff, 0, 0x7f00, 0x0001])) == .loopback)  // ::ffff:0:127.0.0.1
         #expect(AddressPolicy.classify(v6([0x2002, 0x0a00, 0x0001, 0, 0, 0, 0, 1])) == .private)  // 6to4 of 10.0.0.1
         #expect(AddressPolicy.classify(v6([0x2002, 0x0808, 0x0808, 0, 0, 0, 0, 1])) == nil)  // 6to4 of 8.8.8.8
-        #expect(AddressPolicy.classify(v6([0x0064, 0xff9b, 0x0001, 0, 0, 0, 0xa9fe, 0xa9fe])) == .metadata)  // local NAT64
+        // Local NAT64 (64:ff9b:1::/48): where the IPv4 address sits is the local network's choice,
+        // so the whole prefix is private, whatever its last bytes read as.
+        #expect(AddressPolicy.classify(v6([0x0064, 0xff9b, 0x0001, 0, 0, 0, 0xa9fe, 0xa9fe])) == .private)
+        #expect(AddressPolicy.classify(v6([0x0064, 0xff9b, 0x0001, 0, 0, 0, 0x0808, 0x0808])) == .private)
+        #expect(AddressPolicy.classify(v6([0x0064, 0xff9b, 0x0001, 0x0a00, 0x0001, 0, 0, 0])) == .private)
+        #expect(AddressPolicy.classify(IPAddress(bytes: [192, 88, 99, 1])!) == .reserved)
+        #expect(AddressPolicy.classify(IPAddress(bytes: [192, 88, 98, 1])!) == nil)
         #expect(AddressPolicy.classify(v6([0x2001, 0, 0x4136, 0xe378, 0x8000, 0x63bf, 0x3fff, 0xfdd2])) == .reserved)  // Teredo
         #expect(v6([0xfe80, 0, 0, 0, 0, 0, 0, 1]).description == "fe80:0:0:0:0:0:0:1")
     }
