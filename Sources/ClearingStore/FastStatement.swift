@@ -109,6 +109,13 @@ struct FastStatement {
         sqlite3_reset(statement)
     }
 
+    /// Steps once and reads the row with `read`, or nil when there is none; finished either way.
+    func oneRow<T>(_ read: (FastStatement) throws -> T) throws -> T? {
+        defer { finish() }
+        guard try step() else { return nil }
+        return try read(self)
+    }
+
     // MARK: Reading the current row (0-based columns)
 
     func isNull(_ column: Int32) -> Bool {

@@ -70,13 +70,9 @@ enum Rules {
         try state.writeOpenLots(w, of: s.event.member)
         let select = try w(.selectLotLeft)
         try select.bind(1, original.journalID)
-        guard try select.step() else {
-            select.finish()
+        guard let (remaining, expires) = try select.oneRow({ (try $0.int64(0), try $0.optionalInt64(1)) }) else {
             throw StoreError("earn \(s.partner) #\(original.sequence) has no lot")
         }
-        let remaining = try select.int64(0)
-        let expires = try select.optionalInt64(1)
-        select.finish()
         let left = (expires.map { $0 > now.millisecondsSinceEpoch } ?? true) ? remaining : 0
         guard n.value <= left else {
             return .refused(Problem(.reversalExceedsOriginal,
@@ -116,12 +112,9 @@ enum Rules {
         for r in returns {
             let select = try w(.selectLotExpiry)
             try select.bind(1, r.lotID)
-            guard try select.step() else {
-                select.finish()
+            guard let expires = try select.oneRow({ try $0.optionalInt64(0) }) else {
                 throw StoreError("take of redemption \(original.reference) names lot \(r.lotID), which does not exist")
             }
-            let expires = try select.optionalInt64(0)
-            select.finish()
             if expires.map({ $0 > now.millisecondsSinceEpoch }) ?? true {
                 gain = try gain.adding(r.points)
             } else {
