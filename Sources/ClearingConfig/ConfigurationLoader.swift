@@ -28,8 +28,8 @@ public struct ConfigurationLoader {
     public let directory: URL
     /// Looks up `env:NAME` secrets; injectable for tests.
     public let environment: [String: String]
-    /// The `file:` secrets `resolve` read, for `load` to warn about any that others can read.
-    private let secretFiles = SecretFiles()
+    /// Warnings `resolve` found on the way (a secret file others can read), which `load` returns.
+    private let found = FoundWarnings()
 
     public init(directory: URL, environment: [String: String] = ProcessInfo.processInfo.environment) {
         self.directory = directory
@@ -37,7 +37,7 @@ public struct ConfigurationLoader {
     }
 
     public func load() throws(ConfigurationError) -> ClearingConfiguration {
-        secretFiles.read.removeAll()
+        found.warnings.removeAll()
         let coalitionFile = directory.appendingPathComponent("coalition.toml")
         let coalition = try loadCoalition(coalitionFile)
         let names: [String]
@@ -86,12 +86,7 @@ public struct ConfigurationLoader {
                     "\(directory.appendingPathComponent("\(id).toml").path): \(key): only \(secret.bytes.count) bytes; Standard Webhooks recommends \(Limits.secretBytesRecommendedMin)-64 random bytes")
             }
         }
-        // A secret file others can read: said, not refused (as the server's TLS key).
-        for (file, key, path) in secretFiles.read {
-            if let mode = (try? FileManager.default.attributesOfItem(atPath: path))?[.posixPermissions] as? Int, mode & 0o077 != 0 {
-                configuration.warnings.append("\(file): \(key): the secret file \(path) can be read by others (mode \(String(mode & 0o777, radix: 8))); chmod 600 it")
-            }
-        }
+        configuration.warnings += found.warnings
         return configuration
     }
 
@@ -259,7 +254,10 @@ public struct ConfigurationLoader {
             guard let data = FileManager.default.contents(atPath: path), data.count <= 4096,
                 let s = String(data: data, encoding: .utf8)
             else { throw t.error(key, "cannot read secret file \(path)") }
-            secretFiles.read.append((t.file, key, path))
+            // Others may read it: said, not refused (as the server's TLS key).
+            if let mode = (try? FileManager.default.attributesOfItem(atPath: path))?[.posixPermissions] as? Int, mode & 0o077 != 0 {
+                found.warnings.append("\(t.file): \(key): the secret file \(path) can be read by others (mode \(String(mode & 0o777, radix: 8))); chmod 600 it")
+            }
             return s.trimmingCharacters(in: .whitespacesAndNewlines)
         }
         return value
@@ -319,12 +317,12 @@ public enum Hex {
     public static func sha256(_ text: String) -> String { encode(SHA256.hash(data: Array(text.utf8))) }
 }
 
-/// One parsed TOML file with typed, error-naming accessors.
-/// What `ConfigurationLoader.resolve` read from `file:` secrets: the TOML file, the key, the path.
-private final class SecretFiles {
-    var read: [(file: String, key: String, path: String)] = []
+/// Warnings found while a configuration loads, outside the checks of the loaded terms.
+private final class FoundWarnings {
+    var warnings: [String] = []
 }
 
+/// One parsed TOML file with typed, error-naming accessors.
 struct Table {
     let file: String
     let table: TOMLTable

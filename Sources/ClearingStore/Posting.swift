@@ -302,6 +302,10 @@ extension Store {
         let now = state.nextAcceptedAt(clock.now())
         let journalID = state.nextJournalID
         let effects: Effects
+        // The rules, and a refusal for want of points decided from cached lots, which is checked
+        // against SQLite (refusals are few; a stale cache must not refuse a member who has the
+        // points): each first writes the batch's changes of the member's open lots it reads.
+        var refusalToCheck: [OpenLot]?
         do {
             switch s.event.kind {
             case .earned: effects = try Rules.earn(w, s, journalID: journalID, now: now, terms: configuration.coalition, &state)
@@ -309,22 +313,16 @@ extension Store {
             case .earnReversed: effects = try Rules.reverseEarn(w, s, now: now, &state)
             case .redemptionReversed: effects = try Rules.reverseRedemption(w, s, now: now, &state)
             }
+            if case .refused(let problem) = effects, problem.kind == .insufficientPoints, let cached = state.lots.cached(s.event.member) {
+                try state.writeOpenLots(w, of: s.event.member)
+                refusalToCheck = cached
+            }
         } catch let error as CachedLotsDisagreement {
-            // Writing the batch's earlier changes of the member's open lots, before a read of them.
             throw lotCacheMismatch(cached: nil, detail: error.description)
         }
         if case .refused(let problem) = effects {
-            // A refusal for want of points decided from cached lots is checked against SQLite
-            // (refusals are few; a stale cache must not refuse a member who has the points).
-            if problem.kind == .insufficientPoints, let cached = state.lots.cached(s.event.member) {
-                do {
-                    try state.writeOpenLots(w, of: s.event.member)
-                } catch let error as CachedLotsDisagreement {
-                    throw lotCacheMismatch(cached: openPointsOf(cached), detail: error.description)
-                }
-                if try cached != Lookup.openLots(w, s.event.member) {
-                    throw lotCacheMismatch(cached: openPointsOf(cached), detail: "a refusal for want of points; the stored lots differ")
-                }
+            if let cached = refusalToCheck, try cached != Lookup.openLots(w, s.event.member) {
+                throw lotCacheMismatch(cached: openPointsOf(cached), detail: "a refusal for want of points; the stored lots differ")
             }
             return try earlierOutcome(db, s, &state) ?? .rejected(problem)
         }
@@ -384,10 +382,7 @@ extension Store {
                 else { throw StoreError("lot \(id) is missing") }
                 return OpenLot(id: id, issuer: issuer, remaining: .zero, expiresAt: (row[1] as Int64?).map { Instant(millisecondsSinceEpoch: $0) })
             }
-            let check = lots.reduce(Int64(0)) { sum, lot in
-                lot.expiresAt.map { $0 > now } ?? true ? sum + lot.remaining.value : sum
-            }
-            var disagreement = check == balanceAfter.value ? nil : "balance after posting disagrees with the lots"
+            var disagreement = FIFO.balance(lots, at: now) == balanceAfter ? nil : "balance after posting disagrees with the lots"
             if disagreement == nil, let cached = state.lots.cached(s.event.member), cached != lots {
                 disagreement = "the lot cache disagrees with the lots"
             }

@@ -303,8 +303,6 @@ struct OpenLotChanges {
 
     private var changes: [MemberID: [Int64: Change]] = [:]
 
-    var isEmpty: Bool { changes.isEmpty }
-
     /// Adds one change of a lot, decided from `held` points.
     mutating func change(_ member: MemberID, _ lot: Int64, from held: Int64, to after: Int64) throws {
         if let c = changes[member]?[lot] {

@@ -51,6 +51,17 @@ struct CLI {
     }
 }
 
+/// A copy of the sample partners in `dir`, with `file` changed by `change` (if given).
+func samplePartners(in dir: TemporaryDirectory, editing file: String? = nil, _ change: (String) -> String = { $0 }) throws -> URL {
+    let partners = dir.url.appendingPathComponent("partners")
+    try FileManager.default.copyItem(at: packageRoot.appendingPathComponent("partners"), to: partners)
+    if let file {
+        let f = partners.appendingPathComponent(file)
+        try change(String(contentsOf: f, encoding: .utf8)).write(to: f, atomically: true, encoding: .utf8)
+    }
+    return partners
+}
+
 func withCLI(_ body: (CLI) throws -> Void) throws {
     let dir = TemporaryDirectory("clearhouse-cli")
     defer { dir.remove() }
@@ -144,11 +155,9 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
     @Test func aBadPartnerFileStopsStartUpWithOneLine() throws {
         let dir = TemporaryDirectory("clearhouse-cli-cfg")
         defer { dir.remove() }
-        let partners = dir.url.appendingPathComponent("partners")
-        try FileManager.default.copyItem(at: packageRoot.appendingPathComponent("partners"), to: partners)
-        let f = partners.appendingPathComponent("cinestar.toml")
-        try String(contentsOf: f, encoding: .utf8).replacingOccurrences(of: "redeem_credit_per_1000 = 1050", with: "redeem_credit_per_1000 = \"lots\"")
-            .write(to: f, atomically: true, encoding: .utf8)
+        let partners = try samplePartners(in: dir, editing: "cinestar.toml") {
+            $0.replacingOccurrences(of: "redeem_credit_per_1000 = 1050", with: "redeem_credit_per_1000 = \"lots\"")
+        }
         let cli = CLI(data: dir.url.appendingPathComponent("data"), partners: partners)
         for verb in [["partners", "check"], ["balance", "M1"], ["post", "--partner", "fuelco"]] {
             let r = try cli.run(verb, stdin: earnM1)
@@ -183,14 +192,11 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
     @Test func aRunWhoseFiguresOverflowIsRefusedWithTheWayOut() throws {
         let dir = TemporaryDirectory("clearhouse-cli-overflow")
         defer { dir.remove() }
-        let partners = dir.url.appendingPathComponent("partners")
-        try FileManager.default.copyItem(at: packageRoot.appendingPathComponent("partners"), to: partners)
-        let f = partners.appendingPathComponent("fuelco.toml")
-        let text = try String(contentsOf: f, encoding: .utf8)
-        let priced = text.split(separator: "\n", omittingEmptySubsequences: false).map {
-            $0.hasPrefix("issue_price_per_1000") ? "issue_price_per_1000 = \(Limits.pricePer1000MinorMax)" : String($0)
-        }.joined(separator: "\n")
-        try priced.write(to: f, atomically: true, encoding: .utf8)
+        let partners = try samplePartners(in: dir, editing: "fuelco.toml") { text in
+            text.split(separator: "\n", omittingEmptySubsequences: false).map {
+                $0.hasPrefix("issue_price_per_1000") ? "issue_price_per_1000 = \(Limits.pricePer1000MinorMax)" : String($0)
+            }.joined(separator: "\n")
+        }
         let data = dir.url.appendingPathComponent("data")
         // 9,300 earns of 10^9 points at 10^9 per 1000: 9.3·10^18 minor units, past Int64.
         let store = try Store(dataDirectory: data, configuration: ConfigurationLoader(directory: partners).load())
@@ -216,8 +222,7 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
     @Test func aPartnerThatLeftKeepsItsStatements() throws {
         let dir = TemporaryDirectory("clearhouse-cli-left")
         defer { dir.remove() }
-        let partners = dir.url.appendingPathComponent("partners")
-        try FileManager.default.copyItem(at: packageRoot.appendingPathComponent("partners"), to: partners)
+        let partners = try samplePartners(in: dir)
         let cli = CLI(data: dir.url.appendingPathComponent("data"), partners: partners)
         #expect(try cli.run(["post", "--partner", "medipharm", "--webhook-id", "left-1"], stdin: earnM1).status == 0)
         #expect(try cli.run(["settle"]).status == 0)

@@ -29,7 +29,12 @@ final class Harness {
     }
 
     func post(_ partner: PartnerID, _ webhookID: String, _ event: Event) -> PostingOutcome {
-        store.post([Submission(partner: partner, webhookID: WebhookID(webhookID)!, event: event)])[0]
+        post([(partner, webhookID, event)])[0]
+    }
+
+    /// Posts these as one batch (one group commit).
+    func post(_ batch: [(PartnerID, String, Event)]) -> [PostingOutcome] {
+        store.post(batch.map { Submission(partner: $0.0, webhookID: WebhookID($0.1)!, event: $0.2) })
     }
 
     /// Drops the store as a crash would (no clean-up) and opens it again, running recovery.
