@@ -15,6 +15,19 @@ extension Harness {
     }
 }
 
+/// Two stores where M0 earned 50 (lot 1): one to post a batch to at once, one to post it to
+/// posting by posting.
+private func storesWhereM0Earned50(lotCacheMembersMax: Int = Limits.lotCacheMembersMax) throws -> (Harness, Harness) {
+    let batched = try Harness(lotCacheMembersMax: lotCacheMembersMax), single = try Harness(lotCacheMembersMax: lotCacheMembersMax)
+    for h in [batched, single] { _ = h.post(F, "f0", Fixtures.earn("M0", 50, "F-0")) }
+    return (batched, single)
+}
+
+/// The outcomes of these postings as one batch on `batched`, and one by one on `single`.
+private func postedInOneBatchAndOneByOne(_ submissions: [Submission], _ batched: Harness, _ single: Harness) -> ([PostingOutcome], [PostingOutcome]) {
+    (batched.store.post(submissions), submissions.map { single.store.post([$0])[0] })
+}
+
 /// The writer keeps members' open lots in memory between batches (`LotCache`) and leaves
 /// checkpoints to another connection (`Checkpointer`). Neither may change an outcome.
 @Suite struct WriterCacheTests {
@@ -123,11 +136,9 @@ extension Harness {
                 }
             }
         }
-        let batched = try Harness(), single = try Harness()
-        for h in [batched, single] { _ = h.post(F, "f0", Fixtures.earn("M0", 50, "F-0")) }
+        let (batched, single) = try storesWhereM0Earned50()
         #expect(try batched.store.checkLotCache() == 1, "M0 is cached before the batch")
-        let outcomes = batched.store.post(submissions())
-        let one = submissions().map { single.store.post([$0])[0] }
+        let (outcomes, one) = postedInOneBatchAndOneByOne(submissions(), batched, single)
         #expect(outcomes.map(slug) == one.map(slug))
         #expect(outcomes.map(slug) == ["created", "created", "created", "created", "created", "created", "created", "insufficient-points", "created"])
         #expect(try members(batched) == members(single))
@@ -223,11 +234,9 @@ extension Harness {
                 }
             }
         }
-        let batched = try Harness(), single = try Harness()
-        for h in [batched, single] { _ = h.post(F, "f0", Fixtures.earn("M0", 50, "F-0")) }
+        let (batched, single) = try storesWhereM0Earned50()
         #expect(try batched.store.checkLotCache() == 1, "M0 is cached before the batch")
-        let outcomes = batched.store.post(submissions())
-        let one = submissions().map { single.store.post([$0])[0] }
+        let (outcomes, one) = postedInOneBatchAndOneByOne(submissions(), batched, single)
         #expect(outcomes.map(slug) == one.map(slug))
         #expect(outcomes.map { entry($0)?.memberBalance } == one.map { entry($0)?.memberBalance })
         #expect(outcomes.map { entry($0)?.memberBalance } == ([40, 25, 30, 0, 20, 15, 10, 6, 40, nil, 0] as [Int64?]).map { $0.map { Points($0) } })
@@ -263,10 +272,8 @@ extension Harness {
                     + Row.fetchAll(db, sql: "SELECT member, open_points FROM member ORDER BY member").map { "\($0[0] as String):\($0[1] as Int64)" }
             }
         }
-        let batched = try Harness(lotCacheMembersMax: 2), single = try Harness(lotCacheMembersMax: 2)
-        for h in [batched, single] { _ = h.post(F, "f0", Fixtures.earn("M0", 50, "F-0")) }
-        let outcomes = batched.store.post(submissions())
-        let one = submissions().map { single.store.post([$0])[0] }
+        let (batched, single) = try storesWhereM0Earned50(lotCacheMembersMax: 2)
+        let (outcomes, one) = postedInOneBatchAndOneByOne(submissions(), batched, single)
         #expect(outcomes.map(slug) == one.map(slug))
         #expect(outcomes.map { entry($0)?.memberBalance } == one.map { entry($0)?.memberBalance })
         #expect(outcomes.map { entry($0)?.memberBalance } == ([40, nil, 5, 5, 0, 20, 0, 8] as [Int64?]).map { $0.map { Points($0) } })
