@@ -88,8 +88,12 @@ import Testing
     @Test func cancellingTheCallerEndsStalledTransfers() async throws {
         let stalled = request(receiver.url("stall", "fuelco"))
         let task = Task { await CurlTransport().perform([stalled]) }
-        try await Task.sleep(for: .milliseconds(500))
-        task.cancel()
+        // Cancelled from a thread of its own half a second in: a sleep on the concurrency pool
+        // can resume seconds late while other tests hold its threads, past the 5 s timeout.
+        Thread {
+            Thread.sleep(forTimeInterval: 0.5)
+            task.cancel()
+        }.start()
         let responses = await task.value
         // Not the transfer's 5 s timeout nor the receiver's answer after 10 s: the cancellation.
         guard case .failure(let f) = responses[0].result else { Issue.record("expected a failure, got \(responses[0])"); return }
