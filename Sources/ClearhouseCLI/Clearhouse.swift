@@ -389,9 +389,9 @@ struct Verify: AsyncParsableCommand {
         // itself, and its answer is the data's (CONTRACT §10: exit 0 or 1): a partners
         // directory it cannot read is said, not a reason to leave the data unchecked.
         do {
-            _ = try locations.loadConfiguration()
+            _ = try ConfigurationLoader(directory: locations.partnersURL).load()
         } catch {
-            printError("clearhouse verify: warning: the partners directory was not read (\(error)); verify does not need it: the data directory records the terms")
+            printError("clearhouse verify: warning: the partners directory does not load (\(error)); verify does not need it: the data directory records the terms")
         }
         let report = try Verifier.verify(dataDirectory: locations.dataURL)
         for c in report.checks { print("checked  \(c)") }

@@ -93,7 +93,7 @@ enum RunReport {
         w.int("operator_margin_minor", r.totals.operatorMarginMinor.value)
         w.int("gross_minor", r.totals.grossMinor.value)
         w.int("net_transfers_minor", r.totals.netTransfersMinor.value)
-        w.raw("netting_efficiency", r.totals.nettingEfficiencyText)
+        w.raw("netting_efficiency", r.totals.nettingEfficiencyJSON)
         w.int("entries", r.entryCount)
         let partners = r.partners.map { f -> String in
             var p = JSONWriter()

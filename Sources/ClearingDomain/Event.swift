@@ -153,6 +153,8 @@ public enum EventParser {
         guard c.contains(Key(key)) else { throw Problem(.malformed, "\(path)\(key): missing") }
         do { return try c.decode(String.self, forKey: Key(key)) } catch DecodingError.typeMismatch {
             throw Problem(.malformed, "\(path)\(key): expected a string")
+        } catch DecodingError.valueNotFound {
+            throw Problem(.malformed, "\(path)\(key): expected a string, not null")
         } catch {
             // A string, but one that is not text: an escape such as a lone surrogate (\ud800).
             throw Problem(.malformed, "\(path)\(key): not a valid string (an escape that is no Unicode character, such as a lone surrogate)")

@@ -32,10 +32,15 @@ public struct Instant: Hashable, Comparable, Sendable, CustomStringConvertible {
     // MARK: Parsing
 
     /// Parses an RFC 3339 date-time: `YYYY-MM-DD(T|t| )HH:MM:SS(.fraction)?(Z|z|±HH:MM)`.
-    /// Fractions beyond milliseconds are truncated. Returns nil for anything else.
+    /// Fractions beyond milliseconds are truncated (a fraction may have any number of digits,
+    /// as RFC 3339 allows; the text is bounded by its source, a body or an argument). A leap
+    /// second (`:60`, in the last minute of an hour, as RFC 3339 §5.7 places it) is read as the
+    /// last millisecond of its minute (`:59.999`): Clearhouse counts milliseconds without leap
+    /// seconds, and the instant stays in the minute, and the day, that the text names.
+    /// Returns nil for anything else.
     public init?(rfc3339 text: String) {
         let b = Array(text.utf8)
-        guard b.count >= 20, b.count <= 40 else { return nil }
+        guard b.count >= 20 else { return nil }
         func num(_ from: Int, _ len: Int) -> Int64? {
             var v: Int64 = 0
             for i in from..<(from + len) {
@@ -50,8 +55,9 @@ public struct Instant: Hashable, Comparable, Sendable, CustomStringConvertible {
             let hour = num(11, 2), b[13] == 0x3A, let minute = num(14, 2), b[16] == 0x3A, let second = num(17, 2)
         else { return nil }
         guard (1...12).contains(month), day >= 1, day <= Instant.daysIn(month: month, year: year),
-            hour <= 23, minute <= 59, second <= 59  // leap seconds are not accepted
+            hour <= 23, minute <= 59, second <= 59 || (second == 60 && minute == 59)
         else { return nil }
+        let leapSecond = second == 60
         var i = 19
         var milli: Int64 = 0
         if b[i] == 0x2E {
@@ -79,8 +85,8 @@ public struct Instant: Hashable, Comparable, Sendable, CustomStringConvertible {
         }
         guard i == b.count else { return nil }
         let days = Instant.days(fromCivil: year, month, day)
-        let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offsetMinutes * 60
-        let ms = secs * 1000 + milli
+        let secs = days * 86_400 + hour * 3600 + minute * 60 + (leapSecond ? 59 : second) - offsetMinutes * 60
+        let ms = secs * 1000 + (leapSecond ? 999 : milli)
         // In UTC too, within the years 0000 to 9999: an offset could carry the instant out of
         // them, and `rfc3339` (statements, notices) would then write no RFC 3339 date.
         guard ms >= Instant.formattableMilliseconds.lowerBound, ms <= Instant.formattableMilliseconds.upperBound else { return nil }

@@ -99,7 +99,21 @@ public struct RunTotals: Equatable, Sendable {
         }
     }
 
-    /// `netting_efficiency` as a JSON number with six decimals, e.g. `0.812500`.
+    /// `netting_efficiency` in `settle --json`: the JSON number a reader gets computing
+    /// 1 − net_transfers_minor / gross_minor from the run's own two integers in binary64
+    /// (JavaScript's numbers, Python's floats: `1 - n / g`), written in the fewest digits that
+    /// read back as that value (`0.6666666666666667`); `0.0` when gross is 0. So a check of the
+    /// printed figure against the integers beside it finds it equal, at any precision.
+    /// (Exact to the last bit while both integers are below 2^53, i.e. sums below 90 trillion
+    /// in minor units.) A ratio, not money: the stored and verified figure is the integer
+    /// `nettingEfficiencyPPM`, and no amount is ever computed from this one.
+    public var nettingEfficiencyJSON: String {
+        if grossMinor.value == 0 { return "0.0" }
+        return "\(1.0 - Double(netTransfersMinor.value) / Double(grossMinor.value))"
+    }
+
+    /// `netting_efficiency` for people (the operator's table, exports), with six decimals,
+    /// rounded half to even, e.g. `0.812500`.
     public var nettingEfficiencyText: String {
         let whole = nettingEfficiencyPPM / 1_000_000
         let frac = String(nettingEfficiencyPPM % 1_000_000)

@@ -328,12 +328,10 @@ public struct Intake: Sendable {
 
     private func authenticateRead(_ request: Request, _ context: ClearhouseContext, for terms: PartnerTerms) async throws(Problem) {
         try await requireCertificateRules(context, terms)
-        if terms.clientCertSHA256 != nil {
-            // Its certificate was required and matched; another partner's token beside it is
-            // still refused, as on a posting.
-            try refuseOtherPartnersToken(request, terms)
-            return
-        }
+        // Its certificate was required and matched: that authenticates the read. A token sent
+        // beside it must still be valid (CONTRACT §4: a wrong one is 401, another partner's 403),
+        // never ignored.
+        let certified = terms.clientCertSHA256 != nil
         let lines = request.headers[values: .authorization].count
         if lines > 1 {
             throw Problem(.unauthorized, "authorization: sent \(lines) times; send one bearer token")
@@ -346,6 +344,7 @@ public struct Intake: Sendable {
             if tokenOwners[digest] != nil { throw Problem(.wrongPartner, "this token belongs to another partner") }
             throw Problem(.unauthorized, "the bearer token is not valid")
         }
+        if certified { return }
         throw Problem(.unauthorized, "a bearer token or the partner's client certificate is required")
     }
 

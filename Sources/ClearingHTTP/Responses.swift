@@ -27,7 +27,13 @@ enum Responses {
         if let s = p.retryAfterSeconds ?? (p.kind == .rateLimited || p.kind == .unavailable ? Limits.overloadRetryAfterSeconds : nil) {
             headers[.retryAfter] = String(s)
         }
-        if p.kind == .unauthorized { headers[.wwwAuthenticate] = "Bearer" }
+        // Every 401 names the scheme it wants (RFC 9110 §15.5.2): a bearer token on reads, a
+        // Standard Webhooks signature on postings.
+        switch p.kind {
+        case .unauthorized: headers[.wwwAuthenticate] = "Bearer"
+        case .badSignature, .staleTimestamp: headers[.wwwAuthenticate] = #"Standard-Webhooks realm="clearhouse""#
+        default: break
+        }
         return Response(status: HTTPResponse.Status(code: p.status), headers: headers, body: .init(byteBuffer: ByteBuffer(string: p.json)))
     }
 

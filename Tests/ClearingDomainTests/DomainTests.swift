@@ -83,6 +83,27 @@ import Testing
         #expect(try RunTotals([both]).nettingEfficiencyText == "0.666667")  // 1 − 0.5/1.5
     }
 
+    /// `settle --json` prints the efficiency a reader computes from the run's own gross and net
+    /// transfers in binary64 (Python's `1 - n / g`; these strings are Python's `repr` of it), so
+    /// a check against them is exact; six decimals (0.666667) would miss `1 - 1/3` by 3·10^-7.
+    @Test(arguments: [
+        // (payable, receivable, net) of one partner each; gross and net transfers follow.
+        ([(100, 0), (0, 50)], "0.0"),  // nothing netted: gross 150, transfers 150
+        ([(100, 25)], "0.4"),  // gross 125, transfers 75: 1 - 75/125
+        ([(1, 2)], "0.6666666666666667"),  // gross 3, transfers 1
+        ([(2_000_001, 1_999_999)], "0.9999995"),  // 2 cents move of 4,000,000
+        ([(7, 7)], "1.0"),  // all netted
+        ([(0, 0)], "0.0"),  // gross 0
+    ] as [([(Int64, Int64)], String)])
+    func nettingEfficiencyInJSONIsWhatAReaderComputesFromTheIntegers(partners: [(Int64, Int64)], expected: String) throws {
+        let figures = partners.enumerated().map { i, p in
+            PartnerFigures(
+                partner: PartnerID("p\(i)x")!, issuedPoints: .zero, redeemedPoints: .zero, expiredPoints: .zero,
+                payableMinor: MoneyMinor(p.0), receivableMinor: MoneyMinor(p.1), netMinor: MoneyMinor(p.1 - p.0))
+        }
+        #expect(try RunTotals(figures).nettingEfficiencyJSON == expected)
+    }
+
     @Test func overflowIsAnError() {
         #expect(throws: ArithmeticOverflow.self) { try price(Int64.max / 2, 3000) }
         #expect(throws: ArithmeticOverflow.self) { try price(Int64.max, 1001) }
@@ -115,6 +136,20 @@ import Testing
         #expect(Instant(rfc3339: "2026-11-22T10:00:00.5Z")!.millisecondsSinceEpoch % 1000 == 500)
         #expect(Instant(rfc3339: "2026-11-22T10:00:00.123456789Z")!.millisecondsSinceEpoch % 1000 == 123)
         #expect(Instant(rfc3339: "2024-02-29T00:00:00Z") != nil)
+        // A fraction of any length (RFC 3339: "." 1*DIGIT), truncated to milliseconds.
+        #expect(Instant(rfc3339: "2026-11-22T10:00:00." + String(repeating: "9", count: 40) + "+01:00")?.rfc3339 == "2026-11-22T09:00:00.999Z")
+    }
+
+    /// RFC 3339 allows second 60 (a leap second; its own examples, §5.8): read as the last
+    /// millisecond of the minute it ends, in the day the text names.
+    @Test func readsALeapSecondAsTheLastMillisecondOfItsMinute() {
+        #expect(Instant(rfc3339: "2016-12-31T23:59:60Z")?.rfc3339 == "2016-12-31T23:59:59.999Z")
+        #expect(Instant(rfc3339: "1990-12-31T15:59:60-08:00")?.rfc3339 == "1990-12-31T23:59:59.999Z")
+        #expect(Instant(rfc3339: "1990-12-31T23:59:60.5Z")?.rfc3339 == "1990-12-31T23:59:59.999Z")
+        // Only as the last second of an hour's last minute; never beyond 60.
+        for bad in ["2016-12-31T23:58:60Z", "2016-12-31T23:59:61Z", "2016-12-31T23:59:99Z"] {
+            #expect(Instant(rfc3339: bad) == nil, "\(bad)")
+        }
     }
 
     @Test func refusesWhatIsNotRFC3339() {
@@ -194,6 +229,9 @@ import Testing
         // A string that is not text (a lone surrogate) is said to be so, not "expected a string".
         (#"{"type":"points.earned","data":{"member":"\ud800","points":5,"reference":"R-1"}}"#, "data.member: not a valid string"),
         (#"{"type":"points.earned","data":{"member":5,"points":5,"reference":"R-1"}}"#, "data.member: expected a string"),
+        (#"{"type":"points.earned","data":{"member":null,"points":5,"reference":"R-1"}}"#, "data.member: expected a string, not null"),
+        (#"{"type":null,"data":{"member":"M1","points":5,"reference":"R-1"}}"#, "type: expected a string, not null"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","occurred_at":null}}"#, "data.occurred_at: expected a string, not null"),
     ])
     func refusesMalformedBodiesNamingTheField(body: String, field: String) {
         let r = slugAndDetail(body)

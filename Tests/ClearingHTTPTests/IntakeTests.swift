@@ -142,6 +142,8 @@ func problemType(_ r: TestResponse) -> String? {
                 #expect(Int(r.status.code) == status, "\(slug): \(String(buffer: r.body))")
                 #expect(r.headers[.contentType] == "application/problem+json", "\(slug)")
                 #expect(problemType(r) == "urn:clearhouse:problem:\(slug)", "\(String(buffer: r.body))")
+                // Every 401 says which scheme it wants (RFC 9110 §15.5.2); no other answer does.
+                #expect(r.headers[.wwwAuthenticate] == (status == 401 ? #"Standard-Webhooks realm="clearhouse""# : nil), "\(slug)")
             }
         }
         // Nothing of any refused request was written.

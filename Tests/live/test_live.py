@@ -139,6 +139,14 @@ def test_mutual_tls_right_wrong_and_no_certificate(server):
     # Its certificate with another partner's token beside it: refused, as on a posting.
     mixed = session(server, "medipharm").get(url, headers={"authorization": "Bearer dev-token-fuelco"}, timeout=10)
     assert mixed.status_code == 403 and slug(mixed) == "wrong-partner"
+    # Its certificate with a wrong token beside it: the token is not ignored (CONTRACT §4:
+    # wrong credentials are 401); with its own token beside it, the read is answered.
+    for header in ["Bearer not-a-token", "Basic bWVkaTpwYXNz"]:
+        garbage = session(server, "medipharm").get(url, headers={"authorization": header}, timeout=10)
+        assert garbage.status_code == 401 and slug(garbage) == "unauthorized", garbage.text
+        assert garbage.headers.get("www-authenticate", "").startswith("Bearer")
+    own = session(server, "medipharm").get(url, headers={"authorization": "Bearer dev-token-medipharm"}, timeout=10)
+    assert own.status_code == 200, own.text
     # The same for its statements: its certificate reads them, its token alone does not, and
     # its certificate reads no other partner's.
     statements = f"https://localhost:{server['port']}/v1/partners/medipharm/statements"
