@@ -2,6 +2,7 @@ import ArgumentParser
 import ClearingDomain
 import ClearingStore
 import Foundation
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -24,7 +25,20 @@ struct Settle: AsyncParsableCommand {
         let run: SettlementRun
         // A progress bar on a terminal (stderr), for long runs; nothing when piped.
         let bar: (@Sendable (Int64, Int64) -> Void)? = isatty(2) == 1 ? ProgressBar.draw : nil
-        do { run = try store.settle(through: cutoff, progress: bar) } catch let e as SettlementError {
+        // Ctrl-C (or SIGTERM) while the run is being made: it rolls back, and the operator is
+        // told so. (A second one ends the process at once: a run whose COMMIT was under way
+        // may then be recorded or not, whole either way; `clearhouse runs` says which.)
+        let interruption = Interruption { store.interruptSettlement() }
+        defer { interruption.end() }
+        // Tests: CLEARHOUSE_SETTLE_SIGNAL_BEFORE_COMMIT=1 sends this process SIGINT just before
+        // the run's COMMIT, as an operator's Ctrl-C at the last moment would.
+        let beforeCommit: (() -> Void)? = ProcessInfo.processInfo.environment["CLEARHOUSE_SETTLE_SIGNAL_BEFORE_COMMIT"] == "1"
+            ? { interruption.raiseAndWait(SIGINT) } : nil
+        do { run = try store.settle(through: cutoff, progress: bar, beforeCommit: beforeCommit) } catch where interruption.caught != 0 {
+            if bar != nil { FileHandle.standardError.write(Data("\n".utf8)) }
+            printError("clearhouse settle: interrupted (\(interruption.caught == SIGINT ? "SIGINT" : "SIGTERM")): nothing was settled; the run's transaction was rolled back and the journal was not changed. Run `clearhouse settle` again to close the run.")
+            throw ExitCode(128 + interruption.caught)
+        } catch let e as SettlementError {
             printError("clearhouse settle: \(e)")
             throw ExitCode(1)
         } catch let e as ArithmeticOverflow {
@@ -42,6 +56,59 @@ struct Settle: AsyncParsableCommand {
         if !json && !run.partners.isEmpty {
             print("\n\(run.partners.count) settlement notices are in the outbox: `clearhouse serve` delivers them, or run `clearhouse notices send`.")
         }
+    }
+}
+
+/// SIGINT and SIGTERM caught while a verb does work that must finish or roll back whole: the
+/// first calls `onSignal` (once) and is remembered; a second ends the process at once (exit
+/// 128 + the signal), as an operator pressing Ctrl-C twice expects.
+///
+/// The signals are read by dispatch sources on a dispatch queue, not on Swift's concurrency
+/// pool, whose threads the verb's own blocking work may hold. (On Linux, libdispatch installs
+/// its own handler for them; on Darwin the default action is turned off so kqueue sees them,
+/// as swift-service-lifecycle does.)
+final class Interruption: @unchecked Sendable {
+    // @unchecked: `sources` is set in `init` and only cancelled in `end`; the signal is atomic.
+    private let received = Atomic<Int32>(0)
+    private var sources: [any DispatchSourceSignal] = []
+    private static let signals = [SIGINT, SIGTERM]
+
+    init(onSignal: @escaping @Sendable () -> Void) {
+        let registered = DispatchSemaphore(value: 0)
+        for sig in Interruption.signals {
+            #if canImport(Darwin)
+            signal(sig, SIG_IGN)
+            #endif
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { [weak self] in
+                guard let self else { return }
+                if self.received.compareExchange(expected: 0, desired: sig, ordering: .relaxed).exchanged {
+                    onSignal()
+                } else {
+                    _exit(128 + sig)
+                }
+            }
+            // Registration is asynchronous: a signal sent before it would take its default action.
+            source.setRegistrationHandler { registered.signal() }
+            source.resume()
+            sources.append(source)
+        }
+        for _ in sources { _ = registered.wait(timeout: .now() + .milliseconds(Limits.signalWaitMillisecondsMax)) }
+    }
+
+    /// The signal caught (SIGINT or SIGTERM), or 0.
+    var caught: Int32 { received.load(ordering: .relaxed) }
+
+    /// Sends this process `sig` and waits (at most `Limits.signalWaitMillisecondsMax`) until its
+    /// handler has run. For tests.
+    func raiseAndWait(_ sig: Int32) {
+        kill(getpid(), sig)
+        for _ in 0..<(Limits.signalWaitMillisecondsMax / 10) where caught == 0 { usleep(10_000) }
+    }
+
+    /// Stops reading the signals (what comes after is the verb's own end: its output).
+    func end() {
+        for s in sources { s.cancel() }
     }
 }
 

@@ -78,6 +78,8 @@ public enum Limits {
     /// refused with 503 and `retry-after`, before it closes its listener and drains: a load
     /// balancer polling readiness sees the stop, and a client sees a 503, not a refused connection.
     public static let shutdownDrainMilliseconds: Int64 = 1_000
+    /// How long a test's self-sent signal is waited for (`Interruption.raiseAndWait`).
+    public static let signalWaitMillisecondsMax = 5_000
 
     // MARK: Posting writer (group commit)
     /// Most postings decided in one coalition transaction (one fsync of the journal).

@@ -54,13 +54,29 @@ public struct SettlementError: Error, CustomStringConvertible {
     public let description: String
 }
 
+/// A run stopped by `Store.interruptSettlement` before its COMMIT: nothing of it was recorded.
+public struct SettlementInterrupted: Error, CustomStringConvertible {
+    public var description: String { "the run was interrupted before it committed; nothing of it was recorded" }
+}
+
 extension Store {
     /// Closes a run over every entry accepted after the previous cutoff and at or before
     /// `through` (default: now), and expires every lot whose expiry is at or before it. One
     /// IMMEDIATE transaction on the journal: the writer waits meanwhile, so an entry is either
     /// in this run or accepted after its cutoff; the run is wholly recorded or not at all.
     /// A run with nothing in it is still recorded (the period is closed, all figures zero).
-    public func settle(through: Instant? = nil, progress: (@Sendable (_ done: Int64, _ total: Int64) -> Void)? = nil) throws -> SettlementRun {
+    ///
+    /// `interruptSettlement()` (from any thread) stops a run that has not committed: the statement
+    /// running at that moment fails, or the run finds the request before it takes the journal's
+    /// lock or before its COMMIT; it then throws (`SettlementInterrupted`, or SQLite's interrupt)
+    /// and nothing of it is recorded. A run that committed first is whole; `settle` returns it.
+    /// `beforeCommit` runs inside the run's transaction just before the check that precedes
+    /// COMMIT (tests: an interrupt that arrives then).
+    public func settle(
+        through: Instant? = nil, progress: (@Sendable (_ done: Int64, _ total: Int64) -> Void)? = nil,
+        beforeCommit: (() -> Void)? = nil
+    ) throws -> SettlementRun {
+        let interrupted = { if self.settlementInterrupted.load(ordering: .relaxed) { throw SettlementInterrupted() } }
         var run: SettlementRun?
         // The plain refusals first, so that a repeated night job is told at once.
         if let through {
@@ -70,6 +86,7 @@ extension Store {
         // change): under the lock, only the rows since are added (or those after the cutoff
         // taken off), so the writer waits no longer than before for the confirmation.
         let early = try RunRows.afterLastRun(coalition)
+        try interrupted()
         try coalition.writeWithoutTransaction { db in
             // The run expires lots on the writer's own connection (no data_version change).
             dropLotCache()
@@ -84,11 +101,21 @@ extension Store {
                 // and the run's snapshot.
                 let now = clock.now()
                 run = try closeRun(db, through: through ?? now, now: now, early: early, progress: progress)
+                beforeCommit?()
+                try interrupted()
                 return .commit
             }
         }
         commitCounter.add(1, ordering: .relaxed)
         return run!
+    }
+
+    /// Stops a `settle` in progress in this process (safe from any thread, e.g. a signal
+    /// handler's queue): see `settle`. Reads running on the store's connections meanwhile fail
+    /// too; the store is meant to be closed afterwards.
+    public func interruptSettlement() {
+        settlementInterrupted.store(true, ordering: .relaxed)
+        coalition.interrupt()
     }
 
     /// Expires every lot with points left whose expiry is at or before `cutoff`, and reports

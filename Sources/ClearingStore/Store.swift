@@ -89,6 +89,8 @@ public final class Store: Sendable {
     let commitCounter = Atomic<Int>(0)
     /// Batches decided again because the lot cache disagreed with SQLite (should stay 0).
     let lotCacheMismatchCounter = Atomic<Int>(0)
+    /// Set by `interruptSettlement` (an operator's Ctrl-C); a run in progress then rolls back.
+    let settlementInterrupted = Atomic<Bool>(false)
 
     struct WriterState {
         /// Set when a fault point stopped the writer: nothing more may be written.

@@ -264,6 +264,26 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
         }
     }
 
+    /// Ctrl-C (SIGINT) during a run: nothing is settled, the operator is told so in words, and
+    /// the exit status is 128 + 2; the next settle closes the run whole. The signal is sent by
+    /// the process to itself just before the run's COMMIT (the last moment it can still stop).
+    @Test func anInterruptedSettleSaysNothingWasSettledAndTheNextOneIsWhole() throws {
+        try withCLI { cli in
+            #expect(try cli.run(["post", "--partner", "fuelco"], stdin: earnM1).status == 0)
+            let stopped = try cli.run(["settle", "--json"], env: ["CLEARHOUSE_SETTLE_SIGNAL_BEFORE_COMMIT": "1"])
+            #expect(stopped.status == 130, "\(stopped.out) \(stopped.err)")
+            #expect(stopped.err.contains("clearhouse settle: interrupted (SIGINT): nothing was settled"), "\(stopped.err)")
+            #expect(stopped.out.isEmpty, "no run printed: \(stopped.out)")
+            let runs = try cli.run(["runs"])
+            #expect(runs.status == 0 && !runs.out.contains("R000001"), "\(runs.out)")
+            let settled = try cli.run(["settle", "--json"])
+            #expect(settled.status == 0, "\(settled.err)")
+            let run = try cli.json(settled)
+            #expect(run["run"] as? String == "R000001" && run["entries"] as? Int == 1, "\(settled.out)")
+            #expect(try cli.run(["verify"]).status == 0)
+        }
+    }
+
     @Test func settleJSONHasTheContractShape() throws {
         try withCLI { cli in
             #expect(try cli.run(["post", "--partner", "fuelco"], stdin: earnM1).status == 0)
