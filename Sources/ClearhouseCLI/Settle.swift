@@ -68,9 +68,11 @@ struct Settle: AsyncParsableCommand {
 /// its own handler for them; on Darwin the default action is turned off so kqueue sees them,
 /// as swift-service-lifecycle does.)
 final class Interruption: @unchecked Sendable {
-    // @unchecked: `sources` is set in `init` and only cancelled in `end`; the signal is atomic.
+    // @unchecked: `sources` is set in `init` and only cancelled in `end`; the signal is atomic;
+    // `ended` is read and set under its lock, which a handler holds while it runs.
     private let received = Atomic<Int32>(0)
     private var sources: [any DispatchSourceSignal] = []
+    private let ended = Mutex(false)
     private static let signals = [SIGINT, SIGTERM]
 
     init(onSignal: @escaping @Sendable () -> Void) {
@@ -82,10 +84,14 @@ final class Interruption: @unchecked Sendable {
             let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
             source.setEventHandler { [weak self] in
                 guard let self else { return }
-                if self.received.compareExchange(expected: 0, desired: sig, ordering: .relaxed).exchanged {
-                    onSignal()
-                } else {
-                    _exit(128 + sig)
+                self.ended.withLock { ended in
+                    // After `end`, nothing is called any more (the store may be closing).
+                    if ended { return }
+                    if self.received.compareExchange(expected: 0, desired: sig, ordering: .relaxed).exchanged {
+                        onSignal()
+                    } else {
+                        _exit(128 + sig)
+                    }
                 }
             }
             // Registration is asynchronous: a signal sent before it would take its default action.
@@ -106,9 +112,13 @@ final class Interruption: @unchecked Sendable {
         for _ in 0..<(Limits.signalWaitMillisecondsMax / 10) where caught == 0 { usleep(10_000) }
     }
 
-    /// Stops reading the signals (what comes after is the verb's own end: its output).
+    /// Stops reading the signals, once no handler is running (so `onSignal` never runs beside
+    /// what follows: closing the store), and gives them their default action back (a Ctrl-C
+    /// while the verb prints or closes ends it; what it did is done).
     func end() {
+        ended.withLock { $0 = true }
         for s in sources { s.cancel() }
+        for sig in Interruption.signals { signal(sig, SIG_DFL) }
     }
 }
 

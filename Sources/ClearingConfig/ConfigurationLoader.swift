@@ -73,12 +73,14 @@ public struct ConfigurationLoader {
         var configuration = ClearingConfiguration(coalition: coalition, partners: partners)
         for id in configuration.partnerIDs {
             let terms = partners[id]!
-            // Notices to loopback or private addresses are refused at every attempt unless the
-            // coalition allows them; a literal address can be told now (a name only when sent).
+            // CONTRACT §2: only when the coalition allows it may a notice_url resolve to a loopback
+            // or private address. A literal address (or `localhost`) is told now, and refused like
+            // any bad value: the service does not start with notices that could never be sent.
+            // A name is resolved, and checked, at each attempt (the transport's `AddressPolicy`).
             if let host = URLComponents(string: terms.noticeURL)?.host,
                 let refused = ConfigurationLoader.refusedHost(host, allowPrivateNetworks: coalition.noticeAllowPrivateNetworks)
             {
-                configuration.warnings.append("\(directory.appendingPathComponent("\(id).toml").path): notice_url: \(host) is \(refused)")
+                throw ConfigurationError(file: directory.appendingPathComponent("\(id).toml").path, key: "notice_url", reason: "\(host) is \(refused)")
             }
             let secrets = terms.webhookSecrets.enumerated().map { ("webhook_secrets[\($0.offset)]", $0.element) } + [("notice_secret", terms.noticeSecret)]
             for (key, secret) in secrets where secret.bytes.count < Limits.secretBytesRecommendedMin {
@@ -124,8 +126,8 @@ public struct ConfigurationLoader {
         let article = AddressPolicy.withArticle(reason)
         let c = AddressPolicy.classify(address)
         return c == .loopback || c == .private
-            ? "\(article): notices to it are refused at every attempt unless coalition.toml sets notice_allow_private_networks = true"
-            : "\(article): notices to it are refused at every attempt"
+            ? "\(article): notices may go to one only when coalition.toml sets notice_allow_private_networks = true (development and tests)"
+            : "\(article): notices never go to one"
     }
 
     func loadCoalition(_ url: URL) throws(ConfigurationError) -> CoalitionTerms {

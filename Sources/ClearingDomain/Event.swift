@@ -166,7 +166,9 @@ public enum EventParser {
     ) throws -> Int64 {
         guard c.contains(Key(key)) else { throw Problem(.malformed, "\(path)\(key): missing") }
         let v: Int64
-        do { v = try c.decode(Int64.self, forKey: Key(key)) } catch {
+        do { v = try c.decode(Int64.self, forKey: Key(key)) } catch DecodingError.valueNotFound {
+            throw Problem(.malformed, "\(path)\(key): expected an integer between \(range.lowerBound) and \(range.upperBound), not null")
+        } catch {
             throw Problem(.malformed, "\(path)\(key): expected an integer between \(range.lowerBound) and \(range.upperBound)")
         }
         guard range.contains(v) else {

@@ -34,9 +34,10 @@ public struct Instant: Hashable, Comparable, Sendable, CustomStringConvertible {
     /// Parses an RFC 3339 date-time: `YYYY-MM-DD(T|t| )HH:MM:SS(.fraction)?(Z|z|±HH:MM)`.
     /// Fractions beyond milliseconds are truncated (a fraction may have any number of digits,
     /// as RFC 3339 allows; the text is bounded by its source, a body or an argument). A leap
-    /// second (`:60`, in the last minute of an hour, as RFC 3339 §5.7 places it) is read as the
-    /// last millisecond of its minute (`:59.999`): Clearhouse counts milliseconds without leap
-    /// seconds, and the instant stays in the minute, and the day, that the text names.
+    /// second (second `60`, where leap seconds fall: the last minute of a UTC day, whatever the
+    /// offset it is written in) is read as the last millisecond of that minute (`23:59:59.999Z`):
+    /// Clearhouse counts milliseconds without leap seconds, and the instant stays in the UTC
+    /// day it ends.
     /// Returns nil for anything else.
     public init?(rfc3339 text: String) {
         let b = Array(text.utf8)
@@ -55,7 +56,7 @@ public struct Instant: Hashable, Comparable, Sendable, CustomStringConvertible {
             let hour = num(11, 2), b[13] == 0x3A, let minute = num(14, 2), b[16] == 0x3A, let second = num(17, 2)
         else { return nil }
         guard (1...12).contains(month), day >= 1, day <= Instant.daysIn(month: month, year: year),
-            hour <= 23, minute <= 59, second <= 59 || (second == 60 && minute == 59)
+            hour <= 23, minute <= 59, second <= 60
         else { return nil }
         let leapSecond = second == 60
         var i = 19
@@ -84,6 +85,8 @@ public struct Instant: Hashable, Comparable, Sendable, CustomStringConvertible {
             return nil
         }
         guard i == b.count else { return nil }
+        // A leap second ends a UTC day: 23:59 in UTC, once the offset is taken off.
+        if leapSecond, ((hour * 60 + minute - offsetMinutes) % 1440 + 1440) % 1440 != 1439 { return nil }
         let days = Instant.days(fromCivil: year, month, day)
         let secs = days * 86_400 + hour * 3600 + minute * 60 + (leapSecond ? 59 : second) - offsetMinutes * 60
         let ms = secs * 1000 + (leapSecond ? 999 : milli)

@@ -89,7 +89,9 @@ public enum NoticeSchedule {
         attempt: Int, result: NoticeAttemptResult, finishedAt: Instant, jitterPPM: Int64
     ) -> NoticeDecision {
         if let s = result.status, (200...299).contains(s) { return .delivered }
-        if result.status == 410 { return .dead(reason: "the partner answered 410 Gone: no more attempts") }
+        // Anything else is a failure, retried on the schedule (CONTRACT §7), `410 Gone` too:
+        // a partner's endpoint gone by mistake gets its notice once it is back; only the
+        // last try makes a dead letter.
         guard attempt < Limits.noticeAttemptsMax else {
             return .dead(reason: "no success after \(attempt) attempts")
         }

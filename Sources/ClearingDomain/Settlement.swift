@@ -104,8 +104,8 @@ public struct RunTotals: Equatable, Sendable {
     /// (JavaScript's numbers, Python's floats: `1 - n / g`), written in the fewest digits that
     /// read back as that value (`0.6666666666666667`); `0.0` when gross is 0. So a check of the
     /// printed figure against the integers beside it finds it equal, at any precision.
-    /// (Exact to the last bit while both integers are below 2^53, i.e. sums below 90 trillion
-    /// in minor units.) A ratio, not money: the stored and verified figure is the integer
+    /// (Exact to the last bit while both integers are below 2^53 minor units, about 9·10^15:
+    /// 90 trillion in a currency of cents.) A ratio, not money: the stored and verified figure is the integer
     /// `nettingEfficiencyPPM`, and no amount is ever computed from this one.
     public var nettingEfficiencyJSON: String {
         if grossMinor.value == 0 { return "0.0" }

@@ -147,9 +147,12 @@ extension Store {
         }
         if let since = notAttemptedSince {
             // Attempts that ended with an answer or a failure; one cut short by a crash or a stop
-            // (in flight, interrupted) is no attempt at the partner.
-            clause += " AND NOT EXISTS (SELECT 1 FROM notice_attempt a WHERE a.notice_id = notice.id AND a.started_at_ms >= ? AND a.outcome NOT IN ('in-flight', 'interrupted'))"
-            arguments += [since.millisecondsSinceEpoch]
+            // (in flight, interrupted) is no attempt at the partner. Only attempts of this pass,
+            // between its start and now: one recorded later than now was made while the wall
+            // clock ran ahead (it has since been set back), and must not hold the notice back
+            // until the clock catches up again.
+            clause += " AND NOT EXISTS (SELECT 1 FROM notice_attempt a WHERE a.notice_id = notice.id AND a.started_at_ms >= ? AND a.started_at_ms <= ? AND a.outcome NOT IN ('in-flight', 'interrupted'))"
+            arguments += [since.millisecondsSinceEpoch, now.millisecondsSinceEpoch]
         }
         let (notIn, partners) = partnersOtherThan(skippingPartners.union(held))
         return (clause + notIn, arguments + partners)

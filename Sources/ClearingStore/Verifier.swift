@@ -350,6 +350,10 @@ public enum Verifier {
                 var r = VerifyReport()
                 do {
                     (seen, last) = try verifyLedger(url, p, head, coalition: coalition, &r)
+                } catch let e as JournalUnreadable {
+                    report.breach("coalition.sqlite: the journal entries of \(p) cannot be read to compare with its ledger (\(e.error))")
+                    unreadable = true
+                    break
                 } catch {
                     // Not a ledger (no tables, not a database, truncated), after the same waits
                     // as a ledger behind (serve may be making it): a breach naming it, and the
@@ -403,10 +407,17 @@ public enum Verifier {
         }
         defer { try? db.close() }
         return try coalition.read { journal in try db.read { db in
-            let journalEntries = try Row.fetchCursor(
-                journal, sql: "SELECT sequence, id, hash FROM journal WHERE partner = ? AND sequence <= ? ORDER BY sequence",
-                arguments: [p.rawValue, head.sequence])
-            var journalEntry = try journalEntries.next()
+            // A failure to read the journal here is the journal's, not the ledger's (`JournalUnreadable`).
+            let journalEntries: RowCursor
+            do {
+                journalEntries = try Row.fetchCursor(
+                    journal, sql: "SELECT sequence, id, hash FROM journal WHERE partner = ? AND sequence <= ? ORDER BY sequence",
+                    arguments: [p.rawValue, head.sequence])
+            } catch { throw JournalUnreadable(error: error) }
+            func nextJournalEntry() throws -> Row? {
+                do { return try journalEntries.next() } catch { throw JournalUnreadable(error: error) }
+            }
+            var journalEntry = try nextJournalEntry()
             let owner = try String.fetchOne(db, sql: "SELECT partner FROM ledger_info WHERE id = 1")
             if owner != p.rawValue { report.breach("ledger \(p): belongs to \(owner ?? "nobody")") }
             var previous = Store.genesisHash(p)
@@ -442,11 +453,12 @@ public enum Verifier {
                     report.breach("\(at): does not decode (\(error))")
                 }
                 // (Read as their types or not at all: an altered journal row is a breach, not a crash.)
-                while let j = journalEntry, ((try? j.int64("sequence")) ?? .max) < seq { journalEntry = try journalEntries.next() }
+                // (A row whose sequence cannot be read is passed over, never waited on.)
+                while let j = journalEntry, ((try? j.int64("sequence")) ?? .min) < seq { journalEntry = try nextJournalEntry() }
                 if let j = journalEntry, (try? j.int64("sequence")) == seq, (try? j.int64("id")) == journalID,
                     (try? j.blob("hash")).map(Array.init) == stored
                 {
-                    journalEntry = try journalEntries.next()
+                    journalEntry = try nextJournalEntry()
                 } else {
                     report.breach("\(at): differs from the journal")
                 }
@@ -457,6 +469,12 @@ public enum Verifier {
             return (Int(min(last, head.sequence)), last)
         } }
     }
+}
+
+/// The journal could not be read while a ledger was compared with it: a breach of the journal's
+/// file, not the ledger's.
+struct JournalUnreadable: Error {
+    var error: any Error
 }
 
 extension Verifier {

@@ -119,12 +119,14 @@ struct ConfigDir {
         #expect(missing.error()?.reason == "is a directory, not a file", "\(String(describing: missing.error()))")
     }
 
-    /// A notice_url whose host is a literal address the transport refuses (or `localhost`)
-    /// loads with a warning naming the file and the key: loopback and private ones unless the
-    /// coalition allows private networks, link-local, metadata and unspecified ones always.
-    @Test func aPrivateNoticeAddressIsAWarningUnlessAllowed() throws {
-        let unless = ": notices to it are refused at every attempt unless coalition.toml sets notice_allow_private_networks = true"
-        let always = ": notices to it are refused at every attempt"
+    /// A notice_url whose host is a literal address the transport refuses (or `localhost`) is
+    /// refused at load, naming the file, the key and the reason (CONTRACT §2: "only when true
+    /// may a notice_url resolve to a loopback or private address"; a bad file stops start-up):
+    /// loopback and private ones unless the coalition allows private networks, link-local,
+    /// metadata and unspecified ones always. A name loads (it is checked at each attempt).
+    @Test func aPrivateNoticeAddressIsRefusedUnlessAllowed() throws {
+        let unless = ": notices may go to one only when coalition.toml sets notice_allow_private_networks = true (development and tests)"
+        let always = ": notices never go to one"
         for (host, kind, allowed) in [
             ("127.0.0.1", "a loopback address" + unless, true), ("localhost", "a loopback address" + unless, true),
             ("10.1.2.3", "a private address" + unless, true), ("192.168.0.9", "a private address" + unless, true),
@@ -136,12 +138,11 @@ struct ConfigDir {
         ] {
             let d = try ConfigDir()
             try d.edit("fuelco.toml") { $0.replacingOccurrences(of: "https://notices.fuelco.example", with: "https://\(host):8443") }
-            let warnings = try d.load([:]).warnings
             let shown = host.replacingOccurrences(of: "%25", with: "%")  // the URL's host, decoded
-            let expected = kind.map { ["\(d.url.appendingPathComponent("fuelco.toml").path): notice_url: \(shown) is \($0)"] } ?? []
-            #expect(warnings == expected, "\(host): \(warnings)")
+            let expected = kind.map { ConfigurationError(file: d.url.appendingPathComponent("fuelco.toml").path, key: "notice_url", reason: "\(shown) is \($0)") }
+            #expect(d.error() == expected, "\(host): \(String(describing: d.error()))")
             try d.edit("coalition.toml") { $0 + "\nnotice_allow_private_networks = true\n" }
-            #expect(try d.load([:]).warnings.isEmpty == allowed, "\(host) with private networks allowed")
+            #expect((d.error() == nil) == allowed, "\(host) with private networks allowed: \(String(describing: d.error()))")
         }
     }
 

@@ -141,13 +141,16 @@ import Testing
     }
 
     /// RFC 3339 allows second 60 (a leap second; its own examples, §5.8): read as the last
-    /// millisecond of the minute it ends, in the day the text names.
+    /// millisecond of the UTC day it ends, in whatever offset it is written.
     @Test func readsALeapSecondAsTheLastMillisecondOfItsMinute() {
         #expect(Instant(rfc3339: "2016-12-31T23:59:60Z")?.rfc3339 == "2016-12-31T23:59:59.999Z")
         #expect(Instant(rfc3339: "1990-12-31T15:59:60-08:00")?.rfc3339 == "1990-12-31T23:59:59.999Z")
         #expect(Instant(rfc3339: "1990-12-31T23:59:60.5Z")?.rfc3339 == "1990-12-31T23:59:59.999Z")
-        // Only as the last second of an hour's last minute; never beyond 60.
-        for bad in ["2016-12-31T23:58:60Z", "2016-12-31T23:59:61Z", "2016-12-31T23:59:99Z"] {
+        #expect(Instant(rfc3339: "1999-01-01T05:29:60+05:30")?.rfc3339 == "1998-12-31T23:59:59.999Z")  // India's offset
+        #expect(Instant(rfc3339: "9999-12-31T23:59:60Z")?.rfc3339 == "9999-12-31T23:59:59.999Z")
+        // Only where a leap second falls (23:59 in UTC); never beyond 60.
+        for bad in ["2016-12-31T23:58:60Z", "2016-12-31T23:59:61Z", "2016-12-31T23:59:99Z", "2026-11-22T10:59:60Z",
+                    "2026-11-22T10:59:60+00:30", "2016-12-31T23:59:60-23:59"] {
             #expect(Instant(rfc3339: bad) == nil, "\(bad)")
         }
     }

@@ -280,7 +280,9 @@ final class NoticeHarness {
         #expect(n.state == .delivered && n.attempts == 11 && n.roundAttempts == 1 && attempts.count == 11)
     }
 
-    @Test func goneEndsAtOnceAndRetryAfterIsHonoured() async throws {
+    /// `410 Gone` is a failure like any other (CONTRACT §7: failures are retried, and only the
+    /// last try makes a dead letter); `retry-after` on 429 and 503 is honoured.
+    @Test func goneIsRetriedAndRetryAfterIsHonoured() async throws {
         let h = try NoticeHarness()
         _ = try h.settleADay()
         let transport = FakeTransport([
@@ -291,13 +293,15 @@ final class NoticeHarness {
         let d = h.dispatcher(transport)
         let start = h.clock.now().millisecondsSinceEpoch
         try await d.deliverDue()
-        #expect(try h.notice("R000001:grocer").0.state == .dead)
+        #expect(try h.notice("R000001:grocer").0.state == .pending)
+        #expect(try h.notice("R000001:grocer").0.nextAttemptAt?.millisecondsSinceEpoch == start + 5_000)
         #expect(try h.notice("R000001:cinema").0.nextAttemptAt?.millisecondsSinceEpoch == start + 3_600_000)
         // retry-after shorter than the schedule: the schedule wins.
         #expect(try h.notice("R000001:fuel").0.nextAttemptAt?.millisecondsSinceEpoch == start + 5_000)
         h.clock.advance(milliseconds: 3_600_000)
         #expect(try await d.deliverDue().delivered == 2)
-        #expect(try h.store.noticeCounts() == [.pending: 0, .delivered: 2, .dead: 1])
+        #expect(try h.store.noticeCounts() == [.pending: 1, .delivered: 2, .dead: 0])
+        #expect(try h.notice("R000001:grocer").1.map(\.httpStatus) == [410, 410], "grocer's second attempt, 410 again")
     }
 
     @Test func jitterSpreadsRetries() async throws {
@@ -670,6 +674,28 @@ final class StoppingTransport: OutboundTransport {
 
     /// One pass attempts each notice once, however long it lasts (`notices send`: one pass
     /// over everything due); a retry that fell due meanwhile is for the next pass.
+    /// Attempts made while the wall clock ran ahead (and was then set back) do not hold a notice
+    /// back until the clock catches up: the operator's retry of the dead letter they made is
+    /// sent at once.
+    @Test func attemptsMadeWhileTheClockRanAheadDoNotHoldANoticeBack() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let rightTime = h.clock.now()
+        let grocerURL = h.configuration.partners[G]!.noticeURL
+        let transport = FakeTransport([grocerURL: [FakeTransport.status(500)]])
+        let d = h.dispatcher(transport)
+        for attempt in 1...Limits.noticeAttemptsMax {
+            #expect(try await d.deliverDue(only: "R000001:grocer").attempted == 1, "attempt \(attempt)")
+            if attempt < Limits.noticeAttemptsMax { h.clock.step(milliseconds: Limits.noticeRetryDelaysSeconds[attempt] * 1000) }
+        }
+        #expect(try h.notice("R000001:grocer").0.state == .dead)
+        h.clock.set(Instant(millisecondsSinceEpoch: rightTime.millisecondsSinceEpoch + 60_000))  // days back: the right time, a minute on
+        transport.answers.withLock { $0[grocerURL] = [FakeTransport.status(200)] }
+        try h.store.retryDeadNotice("R000001:grocer", now: h.clock.now())
+        #expect(try await d.deliverDue(only: "R000001:grocer").delivered == 1)
+        #expect(try h.notice("R000001:grocer").0.state == .delivered)
+    }
+
     @Test func aPassAttemptsEachNoticeOnce() async throws {
         let h = try NoticeHarness()
         _ = try h.settleADay()

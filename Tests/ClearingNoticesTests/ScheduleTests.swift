@@ -27,15 +27,13 @@ import Testing
         #expect(retryDelay(NoticeSchedule.decide(attempt: 2, result: .init(status: nil), finishedAt: t0, jitterPPM: 9_000_000)) == 330_000)
     }
 
-    @Test func anyTwoHundredIsSuccessAndGoneEndsAtOnce() {
+    /// Any 2xx is success; anything else is a failure, retried on the schedule (CONTRACT §7),
+    /// `410 Gone` too.
+    @Test func anyTwoHundredIsSuccessAndAnythingElseIsRetried() {
         for s in [200, 201, 202, 204, 299] {
             #expect(NoticeSchedule.decide(attempt: 1, result: .init(status: s), finishedAt: t0, jitterPPM: 0) == .delivered)
         }
-        guard case .dead = NoticeSchedule.decide(attempt: 1, result: .init(status: 410), finishedAt: t0, jitterPPM: 0) else {
-            Issue.record("410 must end it")
-            return
-        }
-        for s in [300, 302, 400, 401, 404, 500, 502] {
+        for s in [300, 302, 400, 401, 404, 410, 500, 502] {
             #expect(retryDelay(NoticeSchedule.decide(attempt: 1, result: .init(status: s), finishedAt: t0, jitterPPM: 0)) == 5_000)
         }
     }

@@ -56,6 +56,19 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
 
     /// A ledger file that is a database but no ledger (its tables gone) is a breach naming it,
     /// and the other ledgers are still checked; never an error of verify.
+    /// A journal row whose sequence is not an integer is a breach, and the ledger comparison
+    /// passes over it: the ledger entry it should have matched is named, not every one after it.
+    @Test func aJournalSequenceOfTheWrongTypeDoesNotDerailTheLedgerComparison() throws {
+        let h = try populated()
+        let edit = try SQLiteTool.run(
+            h.dir.url.appendingPathComponent("coalition.sqlite"),
+            "PRAGMA ignore_check_constraints = ON; DROP TRIGGER journal_no_update; UPDATE journal SET sequence = 4.5 WHERE partner = 'grocer' AND sequence = 5")
+        #expect(edit.status == 0, "\(edit.stderr)")
+        let r = try h.verify()
+        #expect(!r.ok)
+        #expect(r.breaches.filter { $0.contains("differs from the journal") } == ["ledger grocer sequence 5: differs from the journal"], "\(r.breaches)")
+    }
+
     @Test func aLedgerWithoutItsTablesIsABreachNamingIt() throws {
         let h = try populated()
         for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: h.store.ledgerURL(G).path + suffix) }

@@ -65,9 +65,12 @@ class Env:
         with open(path, "w") as f:
             f.write(text)
 
-    def ch(self, *args, stdin="", timeout=120, check=True):
-        r = subprocess.run([BIN, *args, "--data", self.data, "--partners", self.partners], input=stdin, text=True,
-                           capture_output=True, timeout=timeout)
+    def ch(self, *args, stdin="", timeout=120, check=True, faketime=None):
+        # faketime: "+Ns" runs the verb with the wall clock N s ahead (libfaketime).
+        cmd = [BIN, *args, "--data", self.data, "--partners", self.partners]
+        if faketime:
+            cmd = ["faketime", "-f", faketime] + cmd
+        r = subprocess.run(cmd, input=stdin, text=True, capture_output=True, timeout=timeout)
         if check:
             assert r.returncode == 0, (args, r.stdout, r.stderr)
         return r
@@ -209,22 +212,44 @@ def test_dead_letters_are_listed_and_sent_again_by_the_operator(env_factory):
     env = env_factory({"medipharm": "gone"})
     env.earn("medipharm", "DEAD-1", 40, "DEAD-R1")
     env.ch("settle")
-    out = env.ch("notices", "send").stdout
+    # A partner answering 410 Gone fails every attempt, each retried on the schedule (CONTRACT
+    # §7), until the tenth makes a dead letter. The clock is moved past each next attempt
+    # (5 s, 5 min, ... 24 h, jitter ±10 % included) with faketime: about three and a half days.
+    delays = [5, 300, 1_800, 7_200, 18_000, 36_000, 50_400, 72_000, 86_400]
+    ahead = 0
+    for attempt in range(1, 11):
+        out = env.ch("notices", "send", faketime=f"+{ahead}s").stdout
+        assert f"{1 if attempt == 10 else 0} dead letters now" in out and "1 attempted" in out, (attempt, out)
+        if attempt < 10:
+            ahead += int(delays[attempt - 1] * 1.1) + 30
     assert "1 dead letters now" in out, out
     dead = env.ch("notices", "list", "--state", "dead").stdout
-    assert "R000001:medipharm" in dead and "410" in dead, dead
+    assert "R000001:medipharm" in dead and "no success after 10 attempts" in dead, dead
     assert "R000001:medipharm" not in env.ch("notices", "list", "--state", "pending").stdout
     bad = env.ch("notices", "list", "--state", "lost", check=False)
     assert bad.returncode == 1 and "--state" in bad.stderr
     # The partner fixes its endpoint; the operator sends the dead letter again.
-    # A retry before the fix fails again: exit 1, so that `retry && ...` means delivered.
+    # A retry before the fix fails again: exit 1, so that `retry && ...` means delivered. The
+    # notice is pending again, on a new round of the schedule (no longer a dead letter).
     failed = env.ch("notices", "retry", "R000001:medipharm", check=False)
-    assert failed.returncode == 1 and "410" in failed.stdout, (failed.returncode, failed.stdout, failed.stderr)
+    assert failed.returncode == 1 and "410" in failed.stdout and "pending" in failed.stdout, (failed.returncode, failed.stdout, failed.stderr)
+    assert "R000001:medipharm" in env.ch("notices", "list", "--state", "pending").stdout
+    not_dead = env.ch("notices", "retry", "R000001:medipharm", check=False)
+    assert not_dead.returncode == 1 and "only a dead letter" in not_dead.stderr, not_dead.stderr
+    # The partner fixes its endpoint; the round's next attempt (5 s on; the clock moved 30 s
+    # with faketime) delivers it.
     env.point("medipharm", "ok")
-    retried = env.ch("notices", "retry", "R000001:medipharm").stdout
-    assert "delivered" in retried, retried
+    sent = env.ch("notices", "send", faketime="+30s").stdout
+    assert "1 delivered" in sent, sent
     got = env.received("R000001:medipharm")
-    assert [r["status"] for r in got] == [410, 410, 200] and all(r["verified"] for r in got)
+    statuses = [r["status"] for r in got]
+    # Ten failed attempts (410; or 401 where the receiver refused a timestamp faked days off its
+    # clock), the operator's retry before the fix (410), and after it (200).
+    assert len(statuses) == 12 and statuses[0] == 410 and set(statuses[:10]) <= {410, 401}, statuses
+    assert statuses[10:] == [410, 200], statuses
+    # The same webhook-id on every attempt; the attempts made on the real clock verify.
+    assert {r["webhook_id"] for r in got} == {"R000001:medipharm"}
+    assert got[0]["verified"] and got[-1]["verified"] and got[-2]["verified"]
     again = env.ch("notices", "retry", "R000001:medipharm", check=False)
     assert again.returncode == 1 and "only a dead letter" in again.stderr
     missing = env.ch("notices", "show", "R000009:nobody", check=False)
