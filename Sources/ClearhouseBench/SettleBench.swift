@@ -32,7 +32,7 @@ enum SettleBench {
                 redeem_credit_per_1000 = 900
                 webhook_secrets = ["whsec_\(Data(bytes("webhook")).base64EncodedString())"]
                 api_token_sha256 = "\(bytes("token").map { String(format: "%02x", $0) }.joined())"
-                notice_url = "https://127.0.0.1/\(i)"
+                notice_url = "https://notices.p\(i).example/"
                 notice_secret = "whsec_\(Data(bytes("notice")).base64EncodedString())"
 
                 """

@@ -11,6 +11,7 @@ import HummingbirdTLS
 import Logging
 import PartnerTransport
 import ServiceLifecycle
+import Synchronization
 
 /// `clearhouse serve`: the HTTPS intake (CONTRACT §3, §4, §10).
 struct Serve: AsyncParsableCommand {
@@ -102,14 +103,20 @@ struct Serve: AsyncParsableCommand {
         noticeLogger[metadataKey: "component"] = "notices"
         let partnersDirectory = locations.partnersURL
         let reloadLogger = noticeLogger
+        let lastGood = Mutex(configuration)
         let notices = NoticeService(dispatcher: NoticeDispatcher(
             store: store, transport: CurlTransport(), logger: noticeLogger, metrics: metrics.factory,
             configuration: {
-                // The partners' current notice_url, CA and secret; a file that does not load
-                // keeps the terms serve started with (and says so).
-                do { return try ConfigurationLoader(directory: partnersDirectory).load() } catch {
-                    reloadLogger.error("partners/ does not load; notices use the terms serve started with", metadata: ["error": "\(error)"])
-                    return configuration
+                // The partners' current notice_url, CA and secret; while the files do not load,
+                // the last terms that did (and it says so): a notice secret rotated since the
+                // start is not undone by a mistake in another file.
+                do {
+                    let loaded = try ConfigurationLoader(directory: partnersDirectory).load()
+                    lastGood.withLock { $0 = loaded }
+                    return loaded
+                } catch {
+                    reloadLogger.error("partners/ does not load; notices use the last terms that did", metadata: ["error": "\(error)"])
+                    return lastGood.withLock { $0 }
                 }
             }))
         // The group stops its services last first: on SIGTERM the drain first (readiness 503,

@@ -184,14 +184,16 @@ public final class NoticeDispatcher: Sendable {
         }
     }
 
-    /// What the lanes share: the pass's start (a pass takes no notice attempted since; nil for
-    /// `serve`'s lanes), how many claims are left, the partners being sent to, whether a lane
+    /// What the lanes share: the pass's start (nil for `serve`'s lanes; a pass claims no notice
+    /// twice, by the ids it claimed, not by the clock), how many claims are left, the partners being sent to, whether a lane
     /// failed, whether anything was sent since the gauges were last recounted, and the
     /// partners' terms (read again at most every poll interval, outside the lock).
     private final class LaneState: Sendable {
         private struct State {
             var claimsLeft: Int
             var sending: Set<PartnerID> = []
+            /// Every notice claimed so far (at most the pass's claims).
+            var claimedIDs: Set<String> = []
             var stopped = false
             var sentSinceRecount = false
             var configuration: (ClearingConfiguration, ContinuousClock.Instant)?
@@ -219,7 +221,17 @@ public final class NoticeDispatcher: Sendable {
 
         /// Marks the partners of what a claim took. Claims run one at a time (the serial
         /// database queue), so no two lanes take the same partner.
-        func claimed(_ notices: [ClaimedNotice]) { state.withLock { s in for n in notices { s.sending.insert(n.partner) } } }
+        func claimed(_ notices: [ClaimedNotice]) {
+            let inAPass = passStart != nil  // `serve`'s lanes keep no list (they run for months)
+            state.withLock { s in
+                for n in notices {
+                    s.sending.insert(n.partner)
+                    if inAPass { s.claimedIDs.insert(n.id) }
+                }
+            }
+        }
+
+        var claimedIDs: Set<String> { state.withLock { $0.claimedIDs } }
 
         func sent(_ notices: [ClaimedNotice]) {
             state.withLock { s in
@@ -248,12 +260,13 @@ public final class NoticeDispatcher: Sendable {
         guard !Task.isCancelled && !Task.isShuttingDownGracefully && shared.takeClaim() else { return false }
         let (store, clock, options, owner) = (self.store, self.clock, self.options, self.owner)
         let lease = Int64(options.connectTimeoutMilliseconds + options.totalTimeoutMilliseconds) + Limits.noticeLeaseSlackMilliseconds
-        let since = shared.passStart
+        // In a pass (`notices send`), the notices it already claimed; none for `serve`'s lanes.
+        let claimedThisPass = shared.passStart == nil ? [] : shared.claimedIDs
         let claimed = try await onDatabaseThread { () throws -> [ClaimedNotice] in
             // A read first: a lane with nothing to take does not queue behind the posting writer.
             let sending = shared.sending
             if only == nil, try !store.claimableNoticeExists(
-                clock: clock, owner: owner, ownerAlive: NoticeDispatcher.processAlive, notAttemptedSince: since,
+                clock: clock, owner: owner, ownerAlive: NoticeDispatcher.processAlive, claimedThisPass: claimedThisPass,
                 skippingPartners: sending, ownLeasesAreStale: true)
             {
                 return []
@@ -263,7 +276,7 @@ public final class NoticeDispatcher: Sendable {
             // other notice is an earlier process's with the same pid.
             let claimed = try store.claimDueNotices(
                 clock: clock, limit: 1, owner: owner, leaseMilliseconds: lease, ownerAlive: NoticeDispatcher.processAlive,
-                only: only, notAttemptedSince: since, skippingPartners: sending, ownLeasesAreStale: true)
+                only: only, claimedThisPass: claimedThisPass, skippingPartners: sending, ownLeasesAreStale: true)
             shared.claimed(claimed)
             return claimed
         }

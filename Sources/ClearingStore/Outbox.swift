@@ -64,8 +64,8 @@ extension Store {
     /// lease). An in-flight attempt left by a sender that died is recorded as interrupted; its
     /// notice is due again at once.
     ///
-    /// `notAttemptedSince` is a delivery pass's start: a notice with an attempt started since
-    /// is left alone, so no notice is sent twice in one pass (`notices send`). Notices of
+    /// `claimedThisPass` are the notices a delivery pass (`notices send`) has already claimed:
+    /// they are left alone, so no notice is sent twice in one pass, whatever the wall clock does. Notices of
     /// `skippingPartners` (those the caller is sending to right now) are left for later: one
     /// notice at a time per partner, so that a partner that does not answer holds up no other
     /// partner's. So are those of a partner another live sender holds a notice of (a
@@ -73,7 +73,7 @@ extension Store {
     /// most one per partner per claim.
     public func claimDueNotices(
         clock: any WallClock, limit: Int, owner: Int32, leaseMilliseconds: Int64, ownerAlive: (Int32) -> Bool, only: String? = nil,
-        notAttemptedSince: Instant? = nil, skippingPartners: Set<PartnerID> = [], ownLeasesAreStale: Bool = false
+        claimedThisPass: Set<String> = [], skippingPartners: Set<PartnerID> = [], ownLeasesAreStale: Bool = false
     ) throws -> [ClaimedNotice] {
         try coalition.write { db in
             // Read inside the transaction: time spent waiting for the lock does not shorten the lease.
@@ -82,7 +82,7 @@ extension Store {
             let lease = clock.leaseTime()
             var claimed: [ClaimedNotice] = []
             let (clause, arguments) = try Store.claimableNotices(
-                db, at: now, lease: lease, only: only, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners,
+                db, at: now, lease: lease, only: only, claimedThisPass: claimedThisPass, skippingPartners: skippingPartners,
                 caller: owner, ownLeasesAreStale, ownerAlive)
             // Without the bodies: a partner's notices past its first are read and skipped (a
             // lease that holds keeps its partner out of the query itself).
@@ -135,24 +135,20 @@ extension Store {
     /// query itself: filtered after its LIMIT, one partner's backlog would hide every other
     /// partner's notices.
     static func claimableNotices(
-        _ db: Database, at now: Instant, lease: LeaseTime, only: String?, notAttemptedSince: Instant?, skippingPartners: Set<PartnerID>,
+        _ db: Database, at now: Instant, lease: LeaseTime, only: String?, claimedThisPass: Set<String>, skippingPartners: Set<PartnerID>,
         caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool
     ) throws -> (String, StatementArguments) {
         let held = try partnersUnderLease(db, at: lease, wall: now.millisecondsSinceEpoch, caller: caller, ownLeasesAreStale, ownerAlive)
-        var clause = "state = 'pending' AND next_attempt_at_ms <= ?"
-        var arguments: StatementArguments = [now.millisecondsSinceEpoch]
+        var clause = "state = 'pending' AND \(Store.dueClause)"
+        var arguments: StatementArguments = Store.dueArguments(now)
         if let only {
             clause += " AND id = ?"
             arguments += [only]
         }
-        if let since = notAttemptedSince {
-            // Attempts that ended with an answer or a failure; one cut short by a crash or a stop
-            // (in flight, interrupted) is no attempt at the partner. Only attempts of this pass,
-            // between its start and now: one recorded later than now was made while the wall
-            // clock ran ahead (it has since been set back), and must not hold the notice back
-            // until the clock catches up again.
-            clause += " AND NOT EXISTS (SELECT 1 FROM notice_attempt a WHERE a.notice_id = notice.id AND a.started_at_ms >= ? AND a.started_at_ms <= ? AND a.outcome NOT IN ('in-flight', 'interrupted'))"
-            arguments += [since.millisecondsSinceEpoch, now.millisecondsSinceEpoch]
+        if !claimedThisPass.isEmpty {
+            // At most `Limits.noticeClaimsPerPassMax` ids, well under SQLite's variable limit.
+            clause += " AND id NOT IN (\(Array(repeating: "?", count: claimedThisPass.count).joined(separator: ", ")))"
+            arguments += StatementArguments(claimedThisPass.sorted())
         }
         let (notIn, partners) = partnersOtherThan(skippingPartners.union(held))
         return (clause + notIn, arguments + partners)
@@ -207,13 +203,13 @@ extension Store {
     /// Whether a claim with these terms would find anything: a read, so that an idle sender
     /// does not queue behind the posting writer; it leaves out leases as the claim does.
     public func claimableNoticeExists(
-        clock: any WallClock, owner: Int32, ownerAlive: (Int32) -> Bool, notAttemptedSince: Instant? = nil,
+        clock: any WallClock, owner: Int32, ownerAlive: (Int32) -> Bool, claimedThisPass: Set<String> = [],
         skippingPartners: Set<PartnerID> = [], ownLeasesAreStale: Bool = false
     ) throws -> Bool {
         let (now, lease) = (clock.now(), clock.leaseTime())
         return try coalition.read { db in
             let (clause, arguments) = try Store.claimableNotices(
-                db, at: now, lease: lease, only: nil, notAttemptedSince: notAttemptedSince, skippingPartners: skippingPartners,
+                db, at: now, lease: lease, only: nil, claimedThisPass: claimedThisPass, skippingPartners: skippingPartners,
                 caller: owner, ownLeasesAreStale, ownerAlive)
             return try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM notice WHERE \(clause))", arguments: arguments) ?? false
         }
@@ -349,9 +345,19 @@ extension Store {
     public func noticeDue(at now: Instant) throws -> Bool {
         try coalition.read { db in
             try Bool.fetchOne(
-                db, sql: "SELECT EXISTS (SELECT 1 FROM notice WHERE state = 'pending' AND next_attempt_at_ms <= ?)",
-                arguments: [now.millisecondsSinceEpoch]) ?? false
+                db, sql: "SELECT EXISTS (SELECT 1 FROM notice WHERE state = 'pending' AND \(Store.dueClause))",
+                arguments: Store.dueArguments(now)) ?? false
         }
+    }
+
+    /// A pending notice is due when its next attempt's time has come, or when that time lies
+    /// further ahead than any schedule can put it (`Limits.noticeNextAttemptAheadMillisecondsMax`):
+    /// it was set from a wall clock that ran ahead and has since been set back, and waiting for
+    /// the clock to catch up would hold the notice back for as long as the clock was wrong.
+    static let dueClause = "(next_attempt_at_ms <= ? OR next_attempt_at_ms > ?)"
+
+    static func dueArguments(_ now: Instant) -> StatementArguments {
+        [now.millisecondsSinceEpoch, now.millisecondsSinceEpoch + Limits.noticeNextAttemptAheadMillisecondsMax]
     }
 
     /// When the earliest pending notice (of a partner not in `skippingPartners`) is due, or nil

@@ -351,6 +351,12 @@ public enum Verifier {
                 do {
                     (seen, last) = try verifyLedger(url, p, head, coalition: coalition, &r)
                 } catch let e as JournalUnreadable {
+                    // The same waits as for a ledger (a read may meet a moment's trouble while
+                    // serve writes), then a breach naming the journal's file.
+                    if attempt < 19 {
+                        Thread.sleep(forTimeInterval: 0.1)
+                        continue
+                    }
                     report.breach("coalition.sqlite: the journal entries of \(p) cannot be read to compare with its ledger (\(e.error))")
                     unreadable = true
                     break

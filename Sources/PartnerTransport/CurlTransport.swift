@@ -177,7 +177,7 @@ private final class Transfer: @unchecked Sendable {
         var answered = 0
         _ = ch_easy_getinfo_long(easy, CURLINFO_RESPONSE_CODE, &answered)
         // An answer whose body was longer than we read still has its status (and retry-after):
-        // a 2xx is success (CONTRACT §7), a long 410, 429 or 503 is still what it says.
+        // a 2xx is success (CONTRACT §7), a long 429 or 503 is still what it says.
         let cutOff = tooLarge || code == CURLE_FILESIZE_EXCEEDED
         if code == CURLE_OK || (cutOff && (100...599).contains(answered)) {
             var status = 0

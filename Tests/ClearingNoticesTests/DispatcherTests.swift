@@ -427,7 +427,7 @@ final class NoticeHarness {
         // The slow sender's answer arrives at last: its attempt is recorded, the notice is not touched.
         try h.store.finishNoticeAttempt(
             grocer, finishedAt: h.clock.now(), latencyMilliseconds: 1_500, httpStatus: 410, error: nil,
-            decision: .dead(reason: "410"))
+            decision: .dead(reason: "no success after 10 attempts"))
         let (after, attempts) = try h.notice("R000001:grocer")
         #expect(after == pending, "still the second sender's pending retry")
         #expect(attempts.map(\.outcome) == [.dead, .retry])
@@ -694,6 +694,28 @@ final class StoppingTransport: OutboundTransport {
         try h.store.retryDeadNotice("R000001:grocer", now: h.clock.now())
         #expect(try await d.deliverDue(only: "R000001:grocer").delivered == 1)
         #expect(try h.notice("R000001:grocer").0.state == .delivered)
+    }
+
+    /// A next attempt scheduled while the wall clock ran a month ahead is due at once when the
+    /// clock is set back: it lies further ahead than any schedule can put it.
+    @Test func aRetryScheduledByAClockThatRanAheadIsDueOnceTheClockIsSetBack() async throws {
+        let h = try NoticeHarness()
+        _ = try h.settleADay()
+        let rightTime = h.clock.now()
+        let grocerURL = h.configuration.partners[G]!.noticeURL
+        let transport = FakeTransport([grocerURL: [FakeTransport.status(500), FakeTransport.status(200)]])
+        let d = h.dispatcher(transport)
+        h.clock.step(milliseconds: 30 * 86_400_000)
+        #expect(try await d.deliverDue(only: "R000001:grocer").attempted == 1)
+        #expect(try h.notice("R000001:grocer").0.state == .pending)
+        h.clock.set(Instant(millisecondsSinceEpoch: rightTime.millisecondsSinceEpoch + 60_000))
+        #expect(try h.store.noticeDue(at: h.clock.now()))
+        #expect(try await d.deliverDue(only: "R000001:grocer").delivered == 1)
+        // A retry scheduled within reach is not due early.
+        let fuelURL = h.configuration.partners[F]!.noticeURL
+        transport.answers.withLock { $0[fuelURL] = [FakeTransport.status(500)] }
+        #expect(try await d.deliverDue(only: "R000001:fuel").attempted == 1)
+        #expect(try await d.deliverDue(only: "R000001:fuel").attempted == 0)
     }
 
     @Test func aPassAttemptsEachNoticeOnce() async throws {

@@ -54,8 +54,6 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(r.breaches.contains { $0.contains("ledger grocer sequence 5") }, "\(r.breaches)")
     }
 
-    /// A ledger file that is a database but no ledger (its tables gone) is a breach naming it,
-    /// and the other ledgers are still checked; never an error of verify.
     /// A journal row whose sequence is not an integer is a breach, and the ledger comparison
     /// passes over it: the ledger entry it should have matched is named, not every one after it.
     @Test func aJournalSequenceOfTheWrongTypeDoesNotDerailTheLedgerComparison() throws {
@@ -69,6 +67,8 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(r.breaches.filter { $0.contains("differs from the journal") } == ["ledger grocer sequence 5: differs from the journal"], "\(r.breaches)")
     }
 
+    /// A ledger file that is a database but no ledger (its tables gone) is a breach naming it,
+    /// and the other ledgers are still checked; never an error of verify.
     @Test func aLedgerWithoutItsTablesIsABreachNamingIt() throws {
         let h = try populated()
         for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: h.store.ledgerURL(G).path + suffix) }
