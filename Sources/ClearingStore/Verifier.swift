@@ -350,25 +350,20 @@ public enum Verifier {
                 var r = VerifyReport()
                 do {
                     (seen, last) = try verifyLedger(url, p, head, coalition: coalition, &r)
-                } catch let e as JournalUnreadable {
-                    // The same waits as for a ledger (a read may meet a moment's trouble while
-                    // serve writes), then a breach naming the journal's file.
-                    if attempt < 19 {
-                        Thread.sleep(forTimeInterval: 0.1)
-                        continue
-                    }
-                    report.breach("coalition.sqlite: the journal entries of \(p) cannot be read to compare with its ledger (\(e.error))")
-                    unreadable = true
-                    break
                 } catch {
                     // Not a ledger (no tables, not a database, truncated), after the same waits
                     // as a ledger behind (serve may be making it): a breach naming it, and the
-                    // other ledgers are still checked.
+                    // other ledgers are still checked. A journal that could not be read for the
+                    // comparison gets the same waits, and a breach naming the journal's file.
                     if attempt < 19 {
                         Thread.sleep(forTimeInterval: 0.1)
                         continue
                     }
-                    report.breach("ledger \(p): cannot be read as a ledger (\(error))")
+                    if let e = error as? JournalUnreadable {
+                        report.breach("coalition.sqlite: the journal entries of \(p) cannot be read to compare with its ledger (\(e.error))")
+                    } else {
+                        report.breach("ledger \(p): cannot be read as a ledger (\(error))")
+                    }
                     unreadable = true
                     break
                 }
