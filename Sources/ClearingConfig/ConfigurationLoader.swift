@@ -199,7 +199,8 @@ public struct ConfigurationLoader {
         guard !noticeURL.unicodeScalars.contains(where: { $0.value <= 0x20 || $0.value == 0x7F }) else {
             throw t.error("notice_url", "must not contain spaces or control characters (percent-encode them)")
         }
-        guard let u = URLComponents(string: noticeURL), u.scheme == "https", let host = u.host, !host.isEmpty else {
+        // A scheme in any case is the same scheme (RFC 3986 §3.1), as the transport reads it.
+        guard let u = URLComponents(string: noticeURL), u.scheme?.lowercased() == "https", let host = u.host, !host.isEmpty else {
             throw t.error("notice_url", "must be an https:// URL with a host")
         }
         // What libcurl would refuse at every attempt (until the notice is a dead letter), or

@@ -146,6 +146,15 @@ struct ConfigDir {
         }
     }
 
+    /// URL schemes are case-insensitive (RFC 3986 §3.1): `HTTPS://` is https; `HTTP://` is not.
+    @Test func aNoticeURLsSchemeIsReadInAnyCase() throws {
+        let d = try ConfigDir()
+        try d.edit("fuelco.toml") { $0.replacingOccurrences(of: "https://notices.fuelco.example", with: "HTTPS://notices.fuelco.example") }
+        #expect(d.error() == nil, "\(String(describing: d.error()))")
+        try d.edit("fuelco.toml") { $0.replacingOccurrences(of: "HTTPS://notices.fuelco.example", with: "HTTP://notices.fuelco.example") }
+        #expect(d.error()?.key == "notice_url", "\(String(describing: d.error()))")
+    }
+
     /// CONTRACT §2 sets no length for a secret: a short one loads, with a warning naming the
     /// file and key; an empty one is refused. The token hash, like any secret, may come from
     /// the environment or a file.
