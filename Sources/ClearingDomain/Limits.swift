@@ -144,11 +144,12 @@ public enum Limits {
     /// The longest `retry-after` of a partner's 429 or 503 that is honoured.
     public static let noticeRetryAfterSecondsMax: Int64 = 86_400
     /// The furthest ahead of now a next attempt can be scheduled (the longest delay with its
-    /// jitter, or the longest `retry-after`, and a minute's slack); a notice scheduled further
-    /// ahead was scheduled by a wall clock since set back, and is due at once.
+    /// jitter, or the longest `retry-after`, and an hour's slack for clocks that differ a little);
+    /// a notice scheduled further ahead was scheduled by a wall clock since set back, and is due
+    /// at once.
     public static var noticeNextAttemptAheadMillisecondsMax: Int64 {
         let longest = noticeRetryDelaysSeconds.max()! * (1_000_000 + noticeJitterPPMMax) / 1_000_000
-        return max(longest, noticeRetryAfterSecondsMax) * 1000 + 60_000
+        return (max(longest, noticeRetryAfterSecondsMax) + 3_600) * 1000
     }
     public static let noticeConnectTimeoutMillisecondsMax = 10_000
     public static let noticeTotalTimeoutMillisecondsMax = 30_000

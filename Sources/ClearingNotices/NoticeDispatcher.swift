@@ -192,7 +192,7 @@ public final class NoticeDispatcher: Sendable {
         private struct State {
             var claimsLeft: Int
             var sending: Set<PartnerID> = []
-            /// Every notice claimed so far (at most the pass's claims).
+            /// The notices this pass attempted whose outcome is not final (at most the pass's claims).
             var claimedIDs: Set<String> = []
             var stopped = false
             var sentSinceRecount = false
@@ -222,20 +222,22 @@ public final class NoticeDispatcher: Sendable {
         /// Marks the partners of what a claim took. Claims run one at a time (the serial
         /// database queue), so no two lanes take the same partner.
         func claimed(_ notices: [ClaimedNotice]) {
-            let inAPass = passStart != nil  // `serve`'s lanes keep no list (they run for months)
-            state.withLock { s in
-                for n in notices {
-                    s.sending.insert(n.partner)
-                    if inAPass { s.claimedIDs.insert(n.id) }
-                }
-            }
+            state.withLock { s in for n in notices { s.sending.insert(n.partner) } }
         }
 
         var claimedIDs: Set<String> { state.withLock { $0.claimedIDs } }
 
-        func sent(_ notices: [ClaimedNotice]) {
+        /// Marks what was sent. In a pass, the notices whose outcome is not final (a retry, an
+        /// interrupted attempt, an answer that could not be recorded) are kept out of the rest of
+        /// the pass; delivered and dead ones cannot come due again, so the list stays short.
+        /// (`serve`'s lanes keep no list: they run for months.)
+        func sent(_ notices: [ClaimedNotice], final: Set<String>) {
+            let inAPass = passStart != nil
             state.withLock { s in
-                for n in notices { s.sending.remove(n.partner) }
+                for n in notices {
+                    s.sending.remove(n.partner)
+                    if inAPass && !final.contains(n.id) { s.claimedIDs.insert(n.id) }
+                }
                 s.sentSinceRecount = s.sentSinceRecount || !notices.isEmpty
             }
         }
@@ -260,11 +262,12 @@ public final class NoticeDispatcher: Sendable {
         guard !Task.isCancelled && !Task.isShuttingDownGracefully && shared.takeClaim() else { return false }
         let (store, clock, options, owner) = (self.store, self.clock, self.options, self.owner)
         let lease = Int64(options.connectTimeoutMilliseconds + options.totalTimeoutMilliseconds) + Limits.noticeLeaseSlackMilliseconds
-        // In a pass (`notices send`), the notices it already claimed; none for `serve`'s lanes.
-        let claimedThisPass = shared.passStart == nil ? [] : shared.claimedIDs
         let claimed = try await onDatabaseThread { () throws -> [ClaimedNotice] in
             // A read first: a lane with nothing to take does not queue behind the posting writer.
             let sending = shared.sending
+            // In a pass (`notices send`), the notices it already attempted and may see due again;
+            // none for `serve`'s lanes. Read here, beside `sending`.
+            let claimedThisPass = shared.passStart == nil ? [] : shared.claimedIDs
             if only == nil, try !store.claimableNoticeExists(
                 clock: clock, owner: owner, ownerAlive: NoticeDispatcher.processAlive, claimedThisPass: claimedThisPass,
                 skippingPartners: sending, ownLeasesAreStale: true)
@@ -281,12 +284,16 @@ public final class NoticeDispatcher: Sendable {
             return claimed
         }
         if claimed.isEmpty { return false }
-        defer { shared.sent(claimed) }
-        try await send(claimed, shared.configuration(currentConfiguration), into: &pass)
+        var final: Set<String> = []
+        defer { shared.sent(claimed, final: final) }
+        try await send(claimed, shared.configuration(currentConfiguration), into: &pass, final: &final)
         return true
     }
 
-    private func send(_ claimed: [ClaimedNotice], _ configuration: ClearingConfiguration, into pass: inout DeliveryPass) async throws {
+    /// `final`: the notices whose attempt was recorded as delivered or dead.
+    private func send(
+        _ claimed: [ClaimedNotice], _ configuration: ClearingConfiguration, into pass: inout DeliveryPass, final: inout Set<String>
+    ) async throws {
         var requests: [OutboundRequest] = []
         var sendable: [ClaimedNotice] = []
         var unsendable: [(ClaimedNotice, OutboundResponse)] = []
@@ -324,7 +331,7 @@ public final class NoticeDispatcher: Sendable {
         for (notice, response) in unsendable + Array(zip(sendable, responses)) {
             for attempt in 1...Limits.noticeRecordTriesMax {
                 do {
-                    try await finish(notice, response, into: &pass)
+                    if try await finish(notice, response, into: &pass) { final.insert(notice.id) }
                     break
                 } catch {
                     if attempt == Limits.noticeRecordTriesMax {
@@ -339,7 +346,9 @@ public final class NoticeDispatcher: Sendable {
         if let firstError { throw firstError }
     }
 
-    private func finish(_ notice: ClaimedNotice, _ response: OutboundResponse, into pass: inout DeliveryPass) async throws {
+    /// Records one attempt; true when the notice's outcome is final (delivered or dead).
+    @discardableResult
+    private func finish(_ notice: ClaimedNotice, _ response: OutboundResponse, into pass: inout DeliveryPass) async throws -> Bool {
         let finishedAt = clock.now()
         let failure: TransportFailure? = if case .failure(let f) = response.result { f } else { nil }
         let store = self.store
@@ -350,7 +359,7 @@ public final class NoticeDispatcher: Sendable {
             try await onDatabaseThread { try store.interruptNoticeAttempt(notice, reason: "the sender stopped before the answer came") }
             logger.notice("notice attempt interrupted by a stop; due again at the next start",
                           metadata: ["notice": "\(notice.id)", "partner": "\(notice.partner)", "attempt": "\(notice.attempt)"])
-            return
+            return false
         }
         let decision = NoticeSchedule.decide(
             attempt: notice.roundAttempt, result: NoticeAttemptResult(status: response.status, retryAfterSeconds: response.retryAfterSeconds),
@@ -389,6 +398,8 @@ public final class NoticeDispatcher: Sendable {
             Timer(label: "clearhouse_notice_attempt_duration_seconds", dimensions: [], factory: factory)
                 .recordMilliseconds(response.latencyMilliseconds)
         }
+        if case .retry = decision { return false }
+        return true
     }
 
     /// The outbox's SQLite work, off Swift's cooperative threads: a write may wait for the

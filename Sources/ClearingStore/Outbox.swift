@@ -80,6 +80,10 @@ extension Store {
             let now = clock.now()
             let t = now.millisecondsSinceEpoch
             let lease = clock.leaseTime()
+            // Notices scheduled by a clock since set back are due now (`scheduledBeyondReach`).
+            try db.execute(
+                sql: "UPDATE notice SET next_attempt_at_ms = ? WHERE state = 'pending' AND next_attempt_at_ms > ?",
+                arguments: [t, t + Limits.noticeNextAttemptAheadMillisecondsMax])
             var claimed: [ClaimedNotice] = []
             let (clause, arguments) = try Store.claimableNotices(
                 db, at: now, lease: lease, only: only, claimedThisPass: claimedThisPass, skippingPartners: skippingPartners,
@@ -139,8 +143,8 @@ extension Store {
         caller: Int32, _ ownLeasesAreStale: Bool, _ ownerAlive: (Int32) -> Bool
     ) throws -> (String, StatementArguments) {
         let held = try partnersUnderLease(db, at: lease, wall: now.millisecondsSinceEpoch, caller: caller, ownLeasesAreStale, ownerAlive)
-        var clause = "state = 'pending' AND \(Store.dueClause)"
-        var arguments: StatementArguments = Store.dueArguments(now)
+        var clause = "state = 'pending' AND next_attempt_at_ms <= ?"
+        var arguments: StatementArguments = [now.millisecondsSinceEpoch]
         if let only {
             clause += " AND id = ?"
             arguments += [only]
@@ -148,7 +152,7 @@ extension Store {
         if !claimedThisPass.isEmpty {
             // At most `Limits.noticeClaimsPerPassMax` ids, well under SQLite's variable limit.
             clause += " AND id NOT IN (\(Array(repeating: "?", count: claimedThisPass.count).joined(separator: ", ")))"
-            arguments += StatementArguments(claimedThisPass.sorted())
+            arguments += StatementArguments(Array(claimedThisPass))
         }
         let (notIn, partners) = partnersOtherThan(skippingPartners.union(held))
         return (clause + notIn, arguments + partners)
@@ -212,6 +216,7 @@ extension Store {
                 db, at: now, lease: lease, only: nil, claimedThisPass: claimedThisPass, skippingPartners: skippingPartners,
                 caller: owner, ownLeasesAreStale, ownerAlive)
             return try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM notice WHERE \(clause))", arguments: arguments) ?? false
+                || Store.scheduledBeyondReach(db, at: now)
         }
     }
 
@@ -345,19 +350,20 @@ extension Store {
     public func noticeDue(at now: Instant) throws -> Bool {
         try coalition.read { db in
             try Bool.fetchOne(
-                db, sql: "SELECT EXISTS (SELECT 1 FROM notice WHERE state = 'pending' AND \(Store.dueClause))",
-                arguments: Store.dueArguments(now)) ?? false
+                db, sql: "SELECT EXISTS (SELECT 1 FROM notice WHERE state = 'pending' AND next_attempt_at_ms <= ?)",
+                arguments: [now.millisecondsSinceEpoch]) ?? false || Store.scheduledBeyondReach(db, at: now)
         }
     }
 
-    /// A pending notice is due when its next attempt's time has come, or when that time lies
-    /// further ahead than any schedule can put it (`Limits.noticeNextAttemptAheadMillisecondsMax`):
-    /// it was set from a wall clock that ran ahead and has since been set back, and waiting for
-    /// the clock to catch up would hold the notice back for as long as the clock was wrong.
-    static let dueClause = "(next_attempt_at_ms <= ? OR next_attempt_at_ms > ?)"
-
-    static func dueArguments(_ now: Instant) -> StatementArguments {
-        [now.millisecondsSinceEpoch, now.millisecondsSinceEpoch + Limits.noticeNextAttemptAheadMillisecondsMax]
+    /// Whether a pending notice is scheduled further ahead than any schedule can put it
+    /// (`Limits.noticeNextAttemptAheadMillisecondsMax`): by a wall clock that ran ahead and has
+    /// since been set back. Such a notice is due now: `claimDueNotices` reschedules it to now
+    /// before it claims, rather than hold it back for as long as the clock was wrong. (Two
+    /// ranges of the `notice_due` index, each a search: one condition with OR would scan.)
+    static func scheduledBeyondReach(_ db: Database, at now: Instant) throws -> Bool {
+        try Bool.fetchOne(
+            db, sql: "SELECT EXISTS (SELECT 1 FROM notice WHERE state = 'pending' AND next_attempt_at_ms > ?)",
+            arguments: [now.millisecondsSinceEpoch + Limits.noticeNextAttemptAheadMillisecondsMax]) ?? false
     }
 
     /// When the earliest pending notice (of a partner not in `skippingPartners`) is due, or nil
