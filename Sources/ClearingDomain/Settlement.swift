@@ -99,24 +99,34 @@ public struct RunTotals: Equatable, Sendable {
         }
     }
 
-    /// `netting_efficiency` in `settle --json`: the JSON number a reader gets computing
-    /// 1 − net_transfers_minor / gross_minor from the run's own two integers in binary64
-    /// (JavaScript's numbers, Python's floats: `1 - n / g`), written in the fewest digits that
-    /// read back as that value (`0.6666666666666667`); `0.0` when gross is 0. So a check of the
-    /// printed figure against the integers beside it finds it equal, at any precision.
-    /// (Exact to the last bit while both integers are below 2^53 minor units, about 9·10^15:
-    /// 90 trillion in a currency of cents.) A ratio, not money: the stored and verified figure is the integer
-    /// `nettingEfficiencyPPM`, and no amount is ever computed from this one.
+    /// `netting_efficiency` in `settle --json`: 1 − net_transfers_minor / gross_minor, computed
+    /// exactly in integers (no floating point near money) and written with up to 18 decimals,
+    /// rounded half to even, trailing zeros dropped (`0.666666666666666667`, `0.4`; `0.0` when
+    /// gross is 0). Read back as a binary64 number, it is the nearest one to the exact ratio:
+    /// within a unit in the last place of what a reader computes as `1 - n / g`. The stored and
+    /// verified figure is the integer `nettingEfficiencyPPM`.
     public var nettingEfficiencyJSON: String {
-        if grossMinor.value == 0 { return "0.0" }
-        return "\(1.0 - Double(netTransfersMinor.value) / Double(grossMinor.value))"
+        guard grossMinor.value > 0 else { return "0.0" }
+        // In 128 bits: (gross − transfers) × 10^18 < 9.3·10^36; transfers ≤ gross.
+        let scaled = Rounding.divideRoundingHalfEven(
+            Int128(grossMinor.value - netTransfersMinor.value) * 1_000_000_000_000_000_000, by: Int128(grossMinor.value))
+        return RunTotals.decimal(scaled, places: 18, trimmed: true)
     }
 
     /// `netting_efficiency` for people (the operator's table, exports), with six decimals,
     /// rounded half to even, e.g. `0.812500`.
-    public var nettingEfficiencyText: String {
-        let whole = nettingEfficiencyPPM / 1_000_000
-        let frac = String(nettingEfficiencyPPM % 1_000_000)
-        return "\(whole).\(String(repeating: "0", count: 6 - frac.count))\(frac)"
+    public var nettingEfficiencyText: String { RunTotals.decimal(Int128(nettingEfficiencyPPM), places: 6, trimmed: false) }
+
+    /// A non-negative value given in units of 10^-places, written as a decimal: all `places`
+    /// digits, or without its trailing zeros (at least one digit after the point).
+    static func decimal(_ scaled: Int128, places: Int, trimmed: Bool) -> String {
+        var unit: Int128 = 1
+        for _ in 0..<places { unit *= 10 }
+        let digits = String(scaled % unit)
+        var fraction = String(repeating: "0", count: places - digits.count) + digits
+        if trimmed {
+            while fraction.count > 1 && fraction.hasSuffix("0") { fraction.removeLast() }
+        }
+        return "\(scaled / unit).\(fraction)"
     }
 }

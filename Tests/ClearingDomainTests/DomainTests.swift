@@ -83,19 +83,21 @@ import Testing
         #expect(try RunTotals([both]).nettingEfficiencyText == "0.666667")  // 1 − 0.5/1.5
     }
 
-    /// `settle --json` prints the efficiency a reader computes from the run's own gross and net
-    /// transfers in binary64 (Python's `1 - n / g`; these strings are Python's `repr` of it), so
-    /// a check against them is exact; six decimals (0.666667) would miss `1 - 1/3` by 3·10^-7.
+    /// `settle --json` prints the efficiency computed exactly in integers, to 18 decimals
+    /// (rounded half to even, trailing zeros dropped): it reads back as the double nearest the
+    /// exact ratio; six decimals (0.666667) missed `1 - 1/3` by 3·10^-7.
     @Test(arguments: [
         // (payable, receivable, net) of one partner each; gross and net transfers follow.
         ([(100, 0), (0, 50)], "0.0"),  // nothing netted: gross 150, transfers 150
         ([(100, 25)], "0.4"),  // gross 125, transfers 75: 1 - 75/125
-        ([(1, 2)], "0.6666666666666667"),  // gross 3, transfers 1
+        ([(1, 2)], "0.666666666666666667"),  // gross 3, transfers 1
+        ([(0, 3)], "0.0"),  // gross 3, transfers 3: nothing netted
+        ([(5, 4)], "0.888888888888888889"),  // gross 9, transfers 1: the last digit rounded up
         ([(2_000_001, 1_999_999)], "0.9999995"),  // 2 cents move of 4,000,000
         ([(7, 7)], "1.0"),  // all netted
         ([(0, 0)], "0.0"),  // gross 0
     ] as [([(Int64, Int64)], String)])
-    func nettingEfficiencyInJSONIsWhatAReaderComputesFromTheIntegers(partners: [(Int64, Int64)], expected: String) throws {
+    func nettingEfficiencyInJSONIsExactInIntegers(partners: [(Int64, Int64)], expected: String) throws {
         let figures = partners.enumerated().map { i, p in
             PartnerFigures(
                 partner: PartnerID("p\(i)x")!, issuedPoints: .zero, redeemedPoints: .zero, expiredPoints: .zero,

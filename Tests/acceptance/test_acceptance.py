@@ -571,8 +571,9 @@ def test_settlement_math_and_statements(fresh):
     assert run["operator_margin_minor"] == 447
     assert run["gross_minor"] == 1250 + 502 + 1 + 1306
     assert run["net_transfers_minor"] == 1250 + 502 + 1305
-    # The figure a reader computes from the two integers beside it, exactly.
-    assert run["netting_efficiency"] == 1 - run["net_transfers_minor"] / run["gross_minor"] == 1 - 3057 / 3059
+    # The figure a reader computes from the two integers beside it (to 18 decimals, exact).
+    assert abs(run["netting_efficiency"] - (1 - run["net_transfers_minor"] / run["gross_minor"])) < 1e-15
+    assert abs(run["netting_efficiency"] - (1 - 3057 / 3059)) < 1e-15
     assert _flows(run) == {("alpha", "gamma"): 1000, ("beta", "gamma"): 300}
     for f in run["flows"]:
         assert set(f) == {"issuer", "redeemer", "points"}
