@@ -84,23 +84,9 @@ struct Notices: AsyncParsableCommand {
     /// stopped comes back with the pass.
     static func stoppable(_ pass: @escaping @Sendable () async throws -> DeliveryPass) async throws -> (DeliveryPass, Bool) {
         let stopping = StopBox()
-        // The handlers first, then the pass. A signal ignored when the process started (SIGINT
-        // of a background job) stays ignored, as is the convention.
-        var sources: [(Int32, any DispatchSourceSignal)] = []
-        for number in [SIGTERM, SIGINT] {
-            let previous = signal(number, SIG_IGN)
-            if let previous, unsafeBitCast(previous, to: Int.self) == unsafeBitCast(SIG_IGN, to: Int.self) { continue }
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler { stopping.stop() }
-            source.resume()
-            sources.append((number, source))
-        }
-        defer {
-            for (number, source) in sources {
-                source.cancel()
-                signal(number, SIG_DFL)
-            }
-        }
+        // The handlers first, then the pass.
+        let trap = SignalTrap { _ in stopping.stop() }
+        defer { trap.end() }
         let task = Task { try await pass() }
         stopping.watch(task)
         let result = try await task.value

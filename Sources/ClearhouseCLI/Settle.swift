@@ -59,51 +59,31 @@ struct Settle: AsyncParsableCommand {
     }
 }
 
-/// SIGINT and SIGTERM caught while a verb does work that must finish or roll back whole: the
-/// first calls `onSignal` (once) and is remembered; a second ends the process at once (exit
-/// 128 + the signal), as an operator pressing Ctrl-C twice expects.
-///
-/// The signals are read by dispatch sources on a dispatch queue, not on Swift's concurrency
-/// pool, whose threads the verb's own blocking work may hold. (On Linux, libdispatch installs
-/// its own handler for them; on Darwin the default action is turned off so kqueue sees them,
-/// as swift-service-lifecycle does.)
-final class Interruption: @unchecked Sendable {
-    // @unchecked: `sources` is set in `init` and only cancelled in `end`; the signal is atomic;
-    // `ended` is read and set under its lock, which a handler holds while it runs.
-    private let received = Atomic<Int32>(0)
-    private var sources: [any DispatchSourceSignal] = []
-    private let ended = Mutex(false)
-    private static let signals = [SIGINT, SIGTERM]
+/// SIGINT and SIGTERM caught while `settle` makes its run (`SignalTrap`): the first calls
+/// `onSignal` (once) and is remembered; a second ends the process at once (exit 128 + the
+/// signal), as an operator pressing Ctrl-C twice expects.
+final class Interruption: Sendable {
+    /// The signal caught (0: none yet), and whether `end` was called; a handler holds the lock
+    /// while it runs.
+    private final class State: Sendable { let lock = Mutex<(caught: Int32, ended: Bool)>((0, false)) }
+    private let state = State()
+    private let trap: SignalTrap
 
     init(onSignal: @escaping @Sendable () -> Void) {
-        let registered = DispatchSemaphore(value: 0)
-        for sig in Interruption.signals {
-            #if canImport(Darwin)
-            signal(sig, SIG_IGN)
-            #endif
-            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            source.setEventHandler { [weak self] in
-                guard let self else { return }
-                self.ended.withLock { ended in
-                    // After `end`, nothing is called any more (the store may be closing).
-                    if ended { return }
-                    if self.received.compareExchange(expected: 0, desired: sig, ordering: .relaxed).exchanged {
-                        onSignal()
-                    } else {
-                        _exit(128 + sig)
-                    }
-                }
+        let state = self.state
+        trap = SignalTrap { number in
+            state.lock.withLock { s in
+                // After `end`, nothing is called any more (the store may be closing).
+                if s.ended { return }
+                if s.caught != 0 { _exit(128 + number) }
+                s.caught = number
+                onSignal()
             }
-            // Registration is asynchronous: a signal sent before it would take its default action.
-            source.setRegistrationHandler { registered.signal() }
-            source.resume()
-            sources.append(source)
         }
-        for _ in sources { _ = registered.wait(timeout: .now() + .milliseconds(Limits.signalWaitMillisecondsMax)) }
     }
 
     /// The signal caught (SIGINT or SIGTERM), or 0.
-    var caught: Int32 { received.load(ordering: .relaxed) }
+    var caught: Int32 { state.lock.withLock { $0.caught } }
 
     /// Sends this process `sig` and waits (at most `Limits.signalWaitMillisecondsMax`) until its
     /// handler has run. For tests.
@@ -116,9 +96,8 @@ final class Interruption: @unchecked Sendable {
     /// what follows: closing the store), and gives them their default action back (a Ctrl-C
     /// while the verb prints or closes ends it; what it did is done).
     func end() {
-        ended.withLock { $0 = true }
-        for s in sources { s.cancel() }
-        for sig in Interruption.signals { signal(sig, SIG_DFL) }
+        state.lock.withLock { $0.ended = true }
+        trap.end()
     }
 }
 

@@ -93,7 +93,7 @@ public final class NoticeDispatcher: Sendable {
         // A read first: an idle worker never queues behind the posting writer.
         let (store, start) = (self.store, clock.now())
         if try await onDatabaseThread({ try store.noticeDue(at: start) }) {
-            let shared = LaneState(passStart: start, claims: Limits.noticeClaimsPerPassMax)
+            let shared = LaneState(isPass: true, claims: Limits.noticeClaimsPerPassMax)
             // A lane that fails (an answer that could not be recorded) stops the pass: no lane
             // claims another notice, those in flight finish (a thrown error would cancel their
             // transfers), and the pass then throws the first failure.
@@ -142,7 +142,7 @@ public final class NoticeDispatcher: Sendable {
     /// even while another partner's lane waits on a slow endpoint.
     public func run() async {
         logger.info("notice delivery started", metadata: ["transport": "\(CurlTransport.version)"])
-        let shared = LaneState(passStart: nil, claims: Int.max)
+        let shared = LaneState(isPass: false, claims: Int.max)
         await withTaskGroup(of: Void.self) { group in
             for _ in 0..<max(1, options.inFlightMax) {
                 group.addTask { await self.serveLane(shared) }
@@ -184,8 +184,8 @@ public final class NoticeDispatcher: Sendable {
         }
     }
 
-    /// What the lanes share: the pass's start (nil for `serve`'s lanes; a pass claims no notice
-    /// twice, by the ids it claimed, not by the clock), how many claims are left, the partners being sent to, whether a lane
+    /// What the lanes share: whether they make one pass (which attempts no notice twice), how
+    /// many claims are left, the partners being sent to, whether a lane
     /// failed, whether anything was sent since the gauges were last recounted, and the
     /// partners' terms (read again at most every poll interval, outside the lock).
     private final class LaneState: Sendable {
@@ -198,11 +198,12 @@ public final class NoticeDispatcher: Sendable {
             var sentSinceRecount = false
             var configuration: (ClearingConfiguration, ContinuousClock.Instant)?
         }
-        let passStart: Instant?
+        /// A delivery pass (`notices send`), not `serve`'s continuous lanes.
+        let isPass: Bool
         private let state: Mutex<State>
 
-        init(passStart: Instant?, claims: Int) {
-            self.passStart = passStart
+        init(isPass: Bool, claims: Int) {
+            self.isPass = isPass
             state = Mutex(State(claimsLeft: claims))
         }
 
@@ -221,9 +222,7 @@ public final class NoticeDispatcher: Sendable {
 
         /// Marks the partners of what a claim took. Claims run one at a time (the serial
         /// database queue), so no two lanes take the same partner.
-        func claimed(_ notices: [ClaimedNotice]) {
-            state.withLock { s in for n in notices { s.sending.insert(n.partner) } }
-        }
+        func claimed(_ notices: [ClaimedNotice]) { state.withLock { s in for n in notices { s.sending.insert(n.partner) } } }
 
         var claimedIDs: Set<String> { state.withLock { $0.claimedIDs } }
 
@@ -232,11 +231,10 @@ public final class NoticeDispatcher: Sendable {
         /// the pass; delivered and dead ones cannot come due again, so the list stays short.
         /// (`serve`'s lanes keep no list: they run for months.)
         func sent(_ notices: [ClaimedNotice], final: Set<String>) {
-            let inAPass = passStart != nil
             state.withLock { s in
                 for n in notices {
                     s.sending.remove(n.partner)
-                    if inAPass && !final.contains(n.id) { s.claimedIDs.insert(n.id) }
+                    if isPass && !final.contains(n.id) { s.claimedIDs.insert(n.id) }
                 }
                 s.sentSinceRecount = s.sentSinceRecount || !notices.isEmpty
             }
@@ -265,9 +263,9 @@ public final class NoticeDispatcher: Sendable {
         let claimed = try await onDatabaseThread { () throws -> [ClaimedNotice] in
             // A read first: a lane with nothing to take does not queue behind the posting writer.
             let sending = shared.sending
-            // In a pass (`notices send`), the notices it already attempted and may see due again;
-            // none for `serve`'s lanes. Read here, beside `sending`.
-            let claimedThisPass = shared.passStart == nil ? [] : shared.claimedIDs
+            // In a pass (`notices send`), the notices it already attempted and may see due again
+            // (always none for `serve`'s lanes). Read here, beside `sending`.
+            let claimedThisPass = shared.claimedIDs
             if only == nil, try !store.claimableNoticeExists(
                 clock: clock, owner: owner, ownerAlive: NoticeDispatcher.processAlive, claimedThisPass: claimedThisPass,
                 skippingPartners: sending, ownLeasesAreStale: true)

@@ -64,8 +64,9 @@ extension Store {
     /// lease). An in-flight attempt left by a sender that died is recorded as interrupted; its
     /// notice is due again at once.
     ///
-    /// `claimedThisPass` are the notices a delivery pass (`notices send`) has already claimed:
-    /// they are left alone, so no notice is sent twice in one pass, whatever the wall clock does. Notices of
+    /// `claimedThisPass` are the notices a delivery pass (`notices send`) has already attempted:
+    /// they are left alone, so no notice is sent twice in one pass, whatever the wall clock does.
+    /// Notices of
     /// `skippingPartners` (those the caller is sending to right now) are left for later: one
     /// notice at a time per partner, so that a partner that does not answer holds up no other
     /// partner's. So are those of a partner another live sender holds a notice of (a
@@ -82,7 +83,7 @@ extension Store {
             let lease = clock.leaseTime()
             // Notices scheduled by a clock since set back are due now (`scheduledBeyondReach`).
             try db.execute(
-                sql: "UPDATE notice SET next_attempt_at_ms = ? WHERE state = 'pending' AND next_attempt_at_ms > ?",
+                sql: "UPDATE notice INDEXED BY notice_due SET next_attempt_at_ms = ? WHERE state = 'pending' AND next_attempt_at_ms > ?",
                 arguments: [t, t + Limits.noticeNextAttemptAheadMillisecondsMax])
             var claimed: [ClaimedNotice] = []
             let (clause, arguments) = try Store.claimableNotices(
@@ -358,11 +359,12 @@ extension Store {
     /// Whether a pending notice is scheduled further ahead than any schedule can put it
     /// (`Limits.noticeNextAttemptAheadMillisecondsMax`): by a wall clock that ran ahead and has
     /// since been set back. Such a notice is due now: `claimDueNotices` reschedules it to now
-    /// before it claims, rather than hold it back for as long as the clock was wrong. (Two
-    /// ranges of the `notice_due` index, each a search: one condition with OR would scan.)
+    /// before it claims, rather than hold it back for as long as the clock was wrong. (A search of
+    /// the `notice_due` index, named: without statistics SQLite would read every pending notice
+    /// through `notice_state`; one condition with OR beside the due range would scan too.)
     static func scheduledBeyondReach(_ db: Database, at now: Instant) throws -> Bool {
         try Bool.fetchOne(
-            db, sql: "SELECT EXISTS (SELECT 1 FROM notice WHERE state = 'pending' AND next_attempt_at_ms > ?)",
+            db, sql: "SELECT EXISTS (SELECT 1 FROM notice INDEXED BY notice_due WHERE state = 'pending' AND next_attempt_at_ms > ?)",
             arguments: [now.millisecondsSinceEpoch + Limits.noticeNextAttemptAheadMillisecondsMax]) ?? false
     }
 
