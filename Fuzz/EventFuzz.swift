@@ -5,6 +5,7 @@
 //
 // Properties checked on every input, besides "never crashes, never hangs, never leaks":
 // - a body the parser accepts is within the limits (64 KiB, depth 8) and re-parses equal;
+// - the fast path (`FastEventParser`) accepts only what the strict path accepts equal;
 // - ids accepted are within their length limits and character sets;
 // - an instant that parses prints back to a string that parses to the same instant.
 import Foundation
@@ -16,6 +17,9 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         precondition(bytes.count <= Limits.eventBodyBytesMax, "accepted a body over the limit")
         precondition(event.points.value >= Limits.pointsPerEventMin && event.points.value <= Limits.pointsPerEventMax)
         precondition((try? EventParser.parse(bytes)) == event, "parsing is not deterministic")
+    }
+    if let fast = FastEventParser.parse(bytes) {
+        precondition((try? EventParser.parseStrictly(bytes)) == fast, "the fast path accepted what the strict path answers differently")
     }
     let text = String(decoding: bytes.prefix(256), as: UTF8.self)
     if let p = PartnerID(text) {
