@@ -250,8 +250,9 @@ Thread.detachNewThread {
     coalitionDone.signal()
 }
 for b in ledgerBatches {
-    DispatchQueue.concurrentPerform(iterations: b.count) { i in
-        do { try target.insertRaw(ledger: b[i].0, b[i].1) } catch { failures.add(error) }
+    // One ledger after another, as the writer's ledger stage writes them.
+    for (partner, rows) in b {
+        do { try target.insertRaw(ledger: partner, rows) } catch { failures.add(error) }
     }
 }
 coalitionDone.wait()

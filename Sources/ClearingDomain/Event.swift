@@ -94,51 +94,31 @@ public enum EventParser {
         init(from decoder: any Decoder) throws {
             let top = try decoder.container(keyedBy: Key.self)
             try EventParser.onlyKeys(top, ["type", "data"], at: "")
-            let typeName = try EventParser.string(top, "type", at: "")
-            guard let kind = EventKind(typeName: typeName) else {
-                throw Problem(.malformed, "type: unknown event type \(JSONWriter.quote(typeName))")
-            }
+            let kind = try Fields.kind(try EventParser.string(top, "type", at: ""))
             guard top.contains(Key("data")) else { throw Problem(.malformed, "data: missing") }
             let data: KeyedDecodingContainer<Key>
             do { data = try top.nestedContainer(keyedBy: Key.self, forKey: Key("data")) } catch {
                 throw Problem(.malformed, "data: expected an object")
             }
-            var allowed: Set<String> = ["member", "points", "reference", "occurred_at", "amount_minor"]
-            if kind.isReversal { allowed.insert("original_reference") }
-            try EventParser.onlyKeys(data, allowed, at: "data.")
+            try EventParser.onlyKeys(data, Fields.dataKeys(kind), at: "data.")
 
-            let memberText = try EventParser.string(data, "member", at: "data.")
-            guard let member = MemberID(memberText) else {
-                throw Problem(.malformed, "data.member: must match ^[A-Za-z0-9._-]{1,64}$")
-            }
-            let points = try EventParser.int(
-                data, "points", at: "data.", range: Limits.pointsPerEventMin...Limits.pointsPerEventMax)
-            let refText = try EventParser.string(data, "reference", at: "data.")
-            guard let reference = Reference(refText) else {
-                throw Problem(.malformed, "data.reference: must be 1-128 characters of [A-Za-z0-9._:/-]")
-            }
+            let member = try Fields.member(try EventParser.string(data, "member", at: "data."))
+            let points = try Fields.points(try EventParser.int(data, "points", at: "data.", range: Fields.pointsRange))
+            let reference = try Fields.reference(try EventParser.string(data, "reference", at: "data."), "reference")
             var original: Reference?
             if kind.isReversal {
-                let o = try EventParser.string(data, "original_reference", at: "data.")
-                guard let r = Reference(o) else {
-                    throw Problem(.malformed, "data.original_reference: must be 1-128 characters of [A-Za-z0-9._:/-]")
-                }
-                original = r
+                original = try Fields.reference(try EventParser.string(data, "original_reference", at: "data."), "original_reference")
             }
             var occurredAt: Instant?
             if data.contains(Key("occurred_at")) {
-                let t = try EventParser.string(data, "occurred_at", at: "data.")
-                guard let i = Instant(rfc3339: t) else {
-                    throw Problem(.malformed, "data.occurred_at: must be an RFC 3339 date-time")
-                }
-                occurredAt = i
+                occurredAt = try Fields.occurredAt(try EventParser.string(data, "occurred_at", at: "data."))
             }
             var amount: MoneyMinor?
             if data.contains(Key("amount_minor")) {
-                amount = MoneyMinor(try EventParser.int(data, "amount_minor", at: "data.", range: 0...Limits.amountMinorMax))
+                amount = try Fields.amount(try EventParser.int(data, "amount_minor", at: "data.", range: Fields.amountRange))
             }
             event = Event(
-                kind: kind, member: member, points: Points(points), reference: reference,
+                kind: kind, member: member, points: points, reference: reference,
                 originalReference: original, occurredAt: occurredAt, amountMinor: amount)
         }
     }
@@ -171,10 +151,55 @@ public enum EventParser {
         } catch {
             throw Problem(.malformed, "\(path)\(key): expected an integer between \(range.lowerBound) and \(range.upperBound)")
         }
-        guard range.contains(v) else {
-            throw Problem(.malformed, "\(path)\(key): \(v) is outside \(range.lowerBound)...\(range.upperBound)")
+        return v  // its range is the field's rule (`Fields`), checked by the caller
+    }
+
+    /// Each field's rules, shared by the strict path and `FastEventParser` (which asks only
+    /// whether a value passes), so that the two cannot come to differ on what is valid.
+    enum Fields {
+        static let pointsRange = Limits.pointsPerEventMin...Limits.pointsPerEventMax
+        static let amountRange = 0...Limits.amountMinorMax
+
+        static func kind(_ typeName: String) throws(Problem) -> EventKind {
+            guard let kind = EventKind(typeName: typeName) else {
+                throw Problem(.malformed, "type: unknown event type \(JSONWriter.quote(typeName))")
+            }
+            return kind
         }
-        return v
+
+        /// The keys `data` may hold for an event of this kind.
+        static func dataKeys(_ kind: EventKind) -> Set<String> {
+            kind.isReversal ? keysOfReversals : keysOfOthers
+        }
+        private static let keysOfOthers: Set<String> = ["member", "points", "reference", "occurred_at", "amount_minor"]
+        private static let keysOfReversals = keysOfOthers.union(["original_reference"])
+
+        static func member(_ text: String) throws(Problem) -> MemberID {
+            guard let member = MemberID(text) else { throw Problem(.malformed, "data.member: must match ^[A-Za-z0-9._-]{1,64}$") }
+            return member
+        }
+
+        static func inRange(_ v: Int64, _ field: String, _ range: ClosedRange<Int64>) throws(Problem) -> Int64 {
+            guard range.contains(v) else {
+                throw Problem(.malformed, "\(field): \(v) is outside \(range.lowerBound)...\(range.upperBound)")
+            }
+            return v
+        }
+
+        static func points(_ v: Int64) throws(Problem) -> Points { Points(try inRange(v, "data.points", pointsRange)) }
+
+        static func amount(_ v: Int64) throws(Problem) -> MoneyMinor { MoneyMinor(try inRange(v, "data.amount_minor", amountRange)) }
+
+        /// `reference` or `original_reference`.
+        static func reference(_ text: String, _ key: String) throws(Problem) -> Reference {
+            guard let r = Reference(text) else { throw Problem(.malformed, "data.\(key): must be 1-128 characters of [A-Za-z0-9._:/-]") }
+            return r
+        }
+
+        static func occurredAt(_ text: String) throws(Problem) -> Instant {
+            guard let i = Instant(rfc3339: text) else { throw Problem(.malformed, "data.occurred_at: must be an RFC 3339 date-time") }
+            return i
+        }
     }
 
     /// Parses a raw body. Throws `Problem` (`malformed` or `too-large`) and nothing else.

@@ -11,7 +11,9 @@
 /// accepts, the strict path accepts equal.
 enum FastEventParser {
     static func parse(_ body: some Collection<UInt8>) -> Event? {
-        if let event = body.withContiguousStorageIfAvailable(parse(buffer:)) { return event }
+        // nil from `withContiguousStorageIfAvailable`: no contiguous storage (so a copy is read);
+        // `.some(nil)`: read, and left to the strict path.
+        if let answer = body.withContiguousStorageIfAvailable(parse(buffer:)) { return answer }
         return Array(body).withUnsafeBufferPointer(parse(buffer:))
     }
 
@@ -50,62 +52,52 @@ enum FastEventParser {
                     }
                     guard seen & field.rawValue == 0 else { return nil }
                     seen |= field.rawValue
+                    // A value of another type (null, a number for a string, ...) is left to the
+                    // strict path, which names it. After an integer, the next `take` (a comma or
+                    // the closing brace) fails on a fraction, an exponent or a 19th digit.
                     switch field {
-                    case .member: member = c.string()
-                    case .reference: reference = c.string()
-                    case .originalReference: original = c.string()
-                    case .occurredAt: occurredAt = c.string()
-                    case .points: points = c.integer()
-                    case .amountMinor: amount = c.integer()
+                    case .member: guard let v = c.string() else { return nil }; member = v
+                    case .reference: guard let v = c.string() else { return nil }; reference = v
+                    case .originalReference: guard let v = c.string() else { return nil }; original = v
+                    case .occurredAt: guard let v = c.string() else { return nil }; occurredAt = v
+                    case .points: guard let v = c.integer() else { return nil }; points = v
+                    case .amountMinor: guard let v = c.integer() else { return nil }; amount = v
                     }
-                    guard member != nil || field != .member, reference != nil || field != .reference,
-                        original != nil || field != .originalReference, occurredAt != nil || field != .occurredAt,
-                        points != nil || field != .points, amount != nil || field != .amountMinor
-                    else { return nil }
                 } while c.take(0x2C)  // ,
                 guard c.take(0x7D) else { return nil }  // }
             } else {
                 return nil
             }
         } while c.take(0x2C)
-        guard c.take(0x7D), c.atEnd else { return nil }
+        guard c.take(0x7D), c.atEnd() else { return nil }
 
-        // The fields, checked as the strict path checks them; any doubt goes back to it.
-        guard let typeName, let kind = EventKind(typeName: c.text(typeName)),
-            let memberText = member, let memberID = MemberID(c.text(memberText)),
-            let points, (Limits.pointsPerEventMin...Limits.pointsPerEventMax).contains(points),
-            let referenceText = reference, let ref = Reference(c.text(referenceText)),
-            kind.isReversal == (original != nil)
+        // The fields, by the strict path's own rules (`EventParser.Fields`); a field missing,
+        // one its kind does not take, or one that breaks a rule goes back to the strict path.
+        typealias F = EventParser.Fields
+        guard let typeName, let kind = try? F.kind(c.text(typeName)), kind.isReversal == (original != nil),
+            let member, let memberID = try? F.member(c.text(member)),
+            let points, let pointsValue = try? F.points(points),
+            let reference, let ref = try? F.reference(c.text(reference), "reference")
         else { return nil }
-        var originalReference: Reference?
-        if let original {
-            guard let r = Reference(c.text(original)) else { return nil }
-            originalReference = r
+        do throws(Problem) {
+            return Event(
+                kind: kind, member: memberID, points: pointsValue, reference: ref,
+                originalReference: try original.map { (r) throws(Problem) in try F.reference(c.text(r), "original_reference") },
+                occurredAt: try occurredAt.map { (t) throws(Problem) in try F.occurredAt(c.text(t)) },
+                amountMinor: try amount.map { (a) throws(Problem) in try F.amount(a) })
+        } catch {
+            return nil
         }
-        var instant: Instant?
-        if let occurredAt {
-            guard let i = Instant(rfc3339: c.text(occurredAt)) else { return nil }
-            instant = i
-        }
-        var money: MoneyMinor?
-        if let amount {
-            guard (0...Limits.amountMinorMax).contains(amount) else { return nil }
-            money = MoneyMinor(amount)
-        }
-        return Event(
-            kind: kind, member: memberID, points: Points(points), reference: ref,
-            originalReference: originalReference, occurredAt: instant, amountMinor: money)
     }
 
     private struct Cursor {
         let b: UnsafeBufferPointer<UInt8>
         var i = 0
 
-        var atEnd: Bool {
-            mutating get {
-                skipSpace()
-                return i == b.count
-            }
+        /// Whether only whitespace is left.
+        mutating func atEnd() -> Bool {
+            skipSpace()
+            return i == b.count
         }
 
         /// JSON's whitespace (RFC 8259 §2): space, tab, line feed, carriage return.

@@ -100,8 +100,8 @@ extension Store {
     }
 
     /// Step 2: each touched partner ledger gets the batch's new entries in one transaction
-    /// (one fsync each; as many ledgers at once as the machine has cores). Only then
-    /// are outcomes final, so a 2xx is never sent for an entry not in its ledger.
+    /// (one fsync each, one ledger after another). Only then are outcomes final, so a 2xx is
+    /// never sent for an entry not in its ledger.
     ///
     /// If a ledger cannot be written, its partner is marked lagging: its postings get
     /// `unavailable` (they are decided; a retry answers 200 with the original body once the
@@ -113,27 +113,20 @@ extension Store {
         let stopped = { d.outcomes.map { _ in PostingOutcome.rejected(Problem(.unavailable, "writer stopped", retryAfterSeconds: Limits.overloadRetryAfterSeconds)) } }
         // A writer stopped at a fault point is a dead process: it writes and answers nothing more.
         if writerState.withLock({ $0.crashed }) { return stopped() }
-        let touched = d.fresh.keys.sorted()
-        let failures = Mutex<Set<PartnerID>>([])
-        let append: @Sendable (PartnerID) -> Void = { partner in
+        // One ledger after another, on this thread: a batch under load touches a few ledgers,
+        // and handing them to other threads cost more CPU (their wake-ups) than it saved in
+        // time (docs/BENCHMARKS.md, session 18). Under fault injection, a stop after the k-th
+        // ledger commit leaves the others of the batch unwritten, as a crash would.
+        var failed: Set<PartnerID> = []
+        for partner in d.fresh.keys.sorted() {
             do {
-                try self.appendToLedger(self.ledger(partner), d.fresh[partner]!)
+                try appendToLedger(ledger(partner), d.fresh[partner]!)
             } catch {
-                self.logger.error("ledger commit failed", metadata: ["partner": "\(partner)", "error": "\(error)", "disk": "\(self.diskCondition() ?? "no trouble seen")"])
-                failures.withLock { _ = $0.insert(partner) }
+                logger.error("ledger commit failed", metadata: ["partner": "\(partner)", "error": "\(error)", "disk": "\(diskCondition() ?? "no trouble seen")"])
+                failed.insert(partner)
             }
+            if crashes(at: .afterLedgerCommit) { return stopped() }
         }
-        if faults == nil {
-            DispatchQueue.concurrentPerform(iterations: touched.count) { append(touched[$0]) }
-        } else {
-            // Under fault injection, one ledger after another, so that a stop after the k-th
-            // ledger commit leaves the others of the batch unwritten, as a crash would.
-            for partner in touched {
-                append(partner)
-                if crashes(at: .afterLedgerCommit) { return stopped() }
-            }
-        }
-        var failed = failures.withLock { $0 }
         // A replay is acknowledged only once its entry is in the partner's ledger: another
         // process (`clearhouse post` beside `serve`) may have decided it and not copied it yet.
         // Partners with new entries in this batch are covered by their append (it first copies

@@ -63,7 +63,7 @@ import Testing
     /// answer `parse` gives is the strict path's.
     @Test func editedBodiesGetTheStrictPathsAnswer() {
         var r = Seeded(state: 7)
-        let alphabet = Array(#"{}[]:,"\ .-+eE0123456789nultrfasM"#.utf8) + [0x00, 0x09, 0x0A, 0x7F, 0xC3, 0xFF]
+        let alphabet = Array(#"{}[]:,"\ .-+eE0123456789nultrfasM"#.utf8) + [0x00, 0x09, 0x0A, 0x0B, 0x0C, 0x7F, 0xC3, 0xFF]
         var fastAccepted = 0, strictOnly = 0
         for _ in 0..<20_000 {
             var body = Array(Self.plainBody(&r).utf8)
@@ -100,6 +100,13 @@ import Testing
         #"{"type":"points.earned","data":{"member":"M1","points":5,"points":5,"reference":"R-1"}}"#,
         #"{"type":"points.earned","type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1"}}"#,
         #"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1"},"data":{}}"#,
+        #"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1"},"data":{"amount_minor":7}}"#,
+        #"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","amount_minor":7,"amount_minor":7}}"#,
+        "{\"type\":\"points.earned\",\u{0B}\"data\":{\"member\":\"M1\",\"points\":5,\"reference\":\"R-1\"}}",  // vertical tab
+        "{\"type\":\"points.earned\",\"data\":{\"member\":\"M1\",\u{0C}\"points\":5,\"reference\":\"R-1\"}}",  // form feed
+        "{\"type\":\"points.earned\",\"data\":{\"member\":\"M1\",\"points\":5,\"reference\":\"R-1\"}\u{A0}}",  // no-break space
+        #"{"type":"points.earned","data":{"member":"M1","points":1000000001,"reference":"R-1"}}"#,
+        #"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","amount_minor":10000000000001}}"#,
         #"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","note":"x"}}"#,
         #"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","original_reference":"R-0"}}"#,
         #"{"type":"points.earn_reversed","data":{"member":"M1","points":5,"reference":"R-1"}}"#,
@@ -111,7 +118,6 @@ import Testing
         #"{"type":"points.earned","data":{"member":"M1","points":0,"reference":"R-1"}}"#,
         #"{"type":"points.gifted","data":{"member":"M1","points":5,"reference":"R-1"}}"#,
         #"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","occurred_at":"yesterday"}}"#,
-        #"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","amount_minor":10000000000001}}"#,
         #"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R 1"}}"#,
         #"{"data":{"member":"M1","points":5,"reference":"R-1"}}"#,
         "",
@@ -120,6 +126,16 @@ import Testing
         let bytes = Array(body.utf8)
         #expect(FastEventParser.parse(bytes) == nil)
         #expect(Self.parsed(bytes) == Self.strict(bytes))
+    }
+
+    /// The largest values the rules take are taken by the fast path too.
+    @Test func takesTheBoundsOfEachRange() throws {
+        let body = #"{"type":"points.earned","data":{"member":"M1","points":1000000000,"reference":"R-1","amount_minor":10000000000000}}"#
+        let fast = try #require(FastEventParser.parse(Array(body.utf8)))
+        #expect(fast.points.value == Limits.pointsPerEventMax && fast.amountMinor?.value == Limits.amountMinorMax)
+        #expect(Self.strict(Array(body.utf8)) == .success(fast))
+        let least = #"{"type":"points.earned","data":{"member":"M1","points":1,"reference":"R-1","amount_minor":0}}"#
+        #expect(FastEventParser.parse(Array(least.utf8))?.amountMinor?.value == 0)
     }
 
     /// Valid bodies not in the plainest form are still accepted, by the strict path.
