@@ -392,6 +392,8 @@ struct RequestLogMiddleware<Context: RequestContext>: RouterMiddleware {
         let elapsed = ContinuousClock.now - start
         let nanos = elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000
         metrics.request(route: context.endpointPath ?? "unmatched", status: Int(response.status.code), nanoseconds: nanos)
+        // Its metadata is made only when the line is written (at `warning`, as under load, it is not).
+        guard context.logger.logLevel <= .info else { return response }
         // The route's template and the partner, never the path itself: a path names members
         // (card or account numbers) and runs.
         var metadata: Logger.Metadata = [
