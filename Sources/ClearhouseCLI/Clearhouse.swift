@@ -234,7 +234,7 @@ enum CLILog {
 
 struct Partners: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Partner configuration.", subcommands: [Check.self])
+        abstract: "Partner configuration.", subcommands: [Check.self], defaultSubcommand: Check.self)
 
     struct Check: AsyncParsableCommand {
         static let configuration = CommandConfiguration(

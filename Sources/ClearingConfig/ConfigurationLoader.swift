@@ -71,6 +71,7 @@ public struct ConfigurationLoader {
             partners[terms.id] = terms
         }
         var configuration = ClearingConfiguration(coalition: coalition, partners: partners)
+        configuration.directory = directory.path
         for id in configuration.partnerIDs {
             let terms = partners[id]!
             // CONTRACT §2: only when the coalition allows it may a notice_url resolve to a loopback

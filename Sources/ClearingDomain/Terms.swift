@@ -85,6 +85,8 @@ public struct ClearingConfiguration: Equatable, Sendable {
     public var partners: [PartnerID: PartnerTerms]
     /// What loads but is unwise (a short secret): `partners check` prints it, `serve` logs it.
     public var warnings: [String] = []
+    /// The partners directory it was read from, when read from one (to name a file in messages).
+    public var directory: String?
 
     public init(coalition: CoalitionTerms, partners: [PartnerID: PartnerTerms]) {
         self.coalition = coalition

@@ -333,7 +333,8 @@ extension Store {
                     partner: p, issuedPoints: .zero, redeemedPoints: .zero, expiredPoints: Points(expired[p] ?? 0),
                     payableMinor: .zero, receivableMinor: .zero, netMinor: .zero))
             } else {
-                throw SettlementError(description: "partner \(p) has entries in this run but no terms in the configuration (partners/\(p).toml): put its file back to settle; a partner leaves only once none of its points are outstanding (docs/OPERATIONS.md)")
+                let file = configuration.directory.map { URL(fileURLWithPath: $0).appendingPathComponent("\(p).toml").path } ?? "\(p).toml"
+                throw SettlementError(description: "partner \(p) has entries in this run but no terms in the configuration (\(file)): put its file back to settle; a partner leaves only once none of its points are outstanding (docs/OPERATIONS.md)")
             }
         }
         try confirmAgainstEntries(

@@ -371,6 +371,7 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
         try withCLI { cli in
             #expect(try cli.run(["post", "--partner", "fuelco"], stdin: earnM1).status == 0)
             #expect(try cli.run(["partners", "check"]).out.contains("ok: 4 partners"))
+            #expect(try cli.run(["partners"]).out.contains("ok: 4 partners"), "check is the default, with --data and --partners as every verb")
             let copy = cli.data.deletingLastPathComponent().appendingPathComponent("partners-usd")
             try FileManager.default.copyItem(at: cli.partners, to: copy)
             let coalition = copy.appendingPathComponent("coalition.toml")

@@ -117,7 +117,13 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         try h.store.close()
         h.store = try Store(dataDirectory: h.dir.url, configuration: without, clock: h.clock)
         h.clock.advance(milliseconds: 1_000)
-        #expect { try h.store.settle() } throws: { "\($0)".contains("partner grocer has entries in this run but no terms") }
+        #expect { try h.store.settle() } throws: { "\($0)".contains("partner grocer has entries in this run but no terms in the configuration (grocer.toml)") }
+        // Read from a directory, the file is named in it.
+        var read = without
+        read.directory = "/srv/coalition/partners"
+        try h.store.close()
+        h.store = try Store(dataDirectory: h.dir.url, configuration: read, clock: h.clock)
+        #expect { try h.store.settle() } throws: { "\($0)".contains("no terms in the configuration (/srv/coalition/partners/grocer.toml)") }
     }
 
     /// A lot whose expiry is at or before the cutoff is expired by the run ("Example 3").
