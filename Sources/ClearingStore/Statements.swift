@@ -85,27 +85,51 @@ extension Store {
     /// Up to `limit` of a statement's entries after ledger sequence `after`, read from the
     /// partner's own ledger. Throws when the ledger does not hold them all yet (it lags its
     /// journal only between a crash and the next start's recovery).
+    ///
+    /// Each entry is checked against its hash and the hash before it, so that a row changed
+    /// in the file (which `verify` reports) is never served as part of a statement: the
+    /// statement fails instead, naming the partner and the sequence.
     public func statementEntries(_ header: StatementHeader, after: Int64, limit: Int) throws -> [Entry] {
         guard let first = header.firstSequence, let last = header.lastSequence else { return [] }
         let from = max(first, after + 1)
         if from > last { return [] }
         let to = min(last, from + Int64(limit) - 1)
         let partner = header.partner
-        let entries = try ledger(partner).read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM entry WHERE sequence BETWEEN ? AND ? ORDER BY sequence", arguments: [from, to]).map {
-                try JournalRow.entry(from: $0, partner: partner, journalID: try $0.int64("journal_id"))
+        let chained = try ledger(partner).read { db -> [ChainedEntry] in
+            var previous: [UInt8]
+            if from == 1 {
+                previous = Store.genesisHash(partner)
+            } else {
+                // The entry before the range (absent only in a ledger that lags: see below).
+                guard let h = try Row.fetchOne(db, sql: "SELECT hash FROM entry WHERE sequence = ?", arguments: [from - 1]) else { return [] }
+                previous = Array(try h.blob("hash"))
+            }
+            return try Row.fetchAll(db, sql: "SELECT * FROM entry WHERE sequence BETWEEN ? AND ? ORDER BY sequence", arguments: [from, to]).map {
+                let hash = Array(try $0.blob("hash"))
+                defer { previous = hash }
+                return ChainedEntry(
+                    entry: try JournalRow.entry(from: $0, partner: partner, journalID: try $0.int64("journal_id")), previousHash: previous, hash: hash)
             }
         }
-        if entries.count == Int(to - from + 1) { return entries }
+        if chained.count == Int(to - from + 1) { return try unaltered(chained, of: partner, in: "ledger") }
         // The ledger lags its journal (a ledger write failed and is caught up later): the
         // journal, the truth, holds the same entries.
         let fromJournal = try coalition.read { db in
-            try JournalRow.fetchChained(db, partner: partner, after: from - 1, limit: Int(to - from + 1)).map(\.entry)
+            try JournalRow.fetchChained(db, partner: partner, after: from - 1, limit: Int(to - from + 1))
         }
         guard fromJournal.count == Int(to - from + 1) else {
             throw StoreError("the journal of \(partner) lacks sequences \(from)...\(to)")
         }
-        return fromJournal
+        return try unaltered(fromJournal, of: partner, in: "journal")
+    }
+
+    /// The entries, once each is found to be what its hash says and to follow the one before.
+    private func unaltered(_ chained: [ChainedEntry], of partner: PartnerID, in file: String) throws -> [Entry] {
+        for c in chained where Store.chainHash(previous: c.previousHash, entry: c.entry) != c.hash {
+            throw StoreError(
+                "the \(file) of \(partner) is damaged at sequence \(c.entry.sequence): the entry does not match its hash chain; no statement is served from it (run `clearhouse verify`, then restore from a backup)")
+        }
+        return chained.map(\.entry)
     }
 
     /// Writes a statement document in chunks (one per batch of entries) to `sink`: the same

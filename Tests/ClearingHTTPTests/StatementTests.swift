@@ -55,6 +55,25 @@ private func tradedServer() throws -> Server {
         }
     }
 
+    /// A row changed in the partner's ledger file is never served: the statement is refused
+    /// (503, nothing of it sent) and the log says which partner and sequence; another
+    /// partner's statement is served.
+    @Test func aStatementOfAnAlteredLedgerIsNotServed() async throws {
+        let s = try tradedServer()
+        let edit = try SQLiteTool.run(
+            s.store.ledgerURL(fuel), "DROP TRIGGER entry_append_only_update; UPDATE entry SET points = points + 1 WHERE sequence = 7")
+        #expect(edit.status == 0)
+        try await s.test { client in
+            for format in ["csv", "json"] {
+                let r = try await client.execute(uri: "/v1/partners/fuel/statements/R000001.\(format)", method: .get, headers: bearer(fuel))
+                #expect(r.status == .serviceUnavailable && problemType(r) == "urn:clearhouse:problem:unavailable", "\(format)")
+                #expect(!String(buffer: r.body).contains("F-"), "no row of it is sent")
+            }
+            let other = try await client.execute(uri: "/v1/partners/cinema/statements/R000001.csv", method: .get, headers: bearer(cinema))
+            #expect(other.status == .ok)
+        }
+    }
+
     /// HEAD answers what GET would, without a body: a streamed statement has no length to
     /// give, so no `content-length` (never 0); a list keeps its length; a refusal keeps its
     /// status. Over a real connection (NIO frames the streamed one as chunked with no body),

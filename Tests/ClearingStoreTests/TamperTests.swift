@@ -42,6 +42,36 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(r.breaches.contains { $0.contains("grocer") || $0.contains("MEMBER-7770") }, "\(r.breaches)")
     }
 
+    /// A statement never serves a row changed in the ledger file: reading it fails, naming the
+    /// partner and the sequence; another partner's statement of the same run is served.
+    @Test func aStatementIsNotServedFromAnAlteredLedger() throws {
+        let h = try populated()
+        try h.reopen()
+        h.clock.advance(milliseconds: 1_000)
+        let run = try h.store.settle()
+        let header = try #require(try h.store.statement(for: G, run: run.id))
+        let before = try h.store.statementEntries(header, after: 0, limit: 1_000)
+        #expect(before.count == 20)
+        try h.store.close()
+        let edit = try SQLiteTool.run(
+            h.store.ledgerURL(G), "DROP TRIGGER entry_append_only_update; UPDATE entry SET points = points + 1 WHERE sequence = 12")
+        #expect(edit.status == 0)
+        try h.reopen()
+        // From the start, and from a later batch that begins at the altered row.
+        for after in [Int64(0), 11] {
+            #expect(throws: (any Error).self) { try h.store.statementEntries(header, after: after, limit: 1_000) }
+        }
+        do {
+            _ = try h.store.statementEntries(header, after: 0, limit: 1_000)
+        } catch {
+            #expect("\(error)".contains("the ledger of grocer is damaged at sequence 12"), "\(error)")
+        }
+        // Before the altered row, and another partner's statement: served.
+        #expect(try h.store.statementEntries(header, after: 0, limit: 11).count == 11)
+        let other = try #require(try h.store.statement(for: C, run: run.id))
+        #expect(try h.store.statementEntries(other, after: 0, limit: 1_000).count == 20)
+    }
+
     /// A value of the wrong type in a ledger column (written around the triggers) is a
     /// breach naming the entry, never a crash of verify.
     @Test func aWrongTypeInALedgerColumnIsABreachNotACrash() throws {
