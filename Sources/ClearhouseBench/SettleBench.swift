@@ -58,13 +58,15 @@ enum SettleBench {
         for id in ids {
             let q = try DatabaseQueue(path: data.appendingPathComponent("ledgers/\(id).sqlite").path, configuration: config)
             try q.write { db in
-                try db.execute(sql: "DROP TRIGGER IF EXISTS entry_gapless_chained")  // bulk load only: no chain
+                try db.execute(sql: "DROP TRIGGER IF EXISTS entry_gapless_chained")  // bulk load: the chain is made here
                 try db.execute(sql: "INSERT OR IGNORE INTO ledger_info (id, partner, genesis_hash) VALUES (1, ?, ?)",
-                               arguments: [id.rawValue, Data(repeating: 0, count: 32)])
+                               arguments: [id.rawValue, Data(Store.genesisHash(id))])
             }
             ledgers.append(q)
         }
-        let hash = Data(repeating: 0xAB, count: 32)
+        // Each entry hashed as the writer hashes it, chained from the partner's genesis, so
+        // that a statement (which serves only rows matching their chain) reads them.
+        var chainHead = ids.map(Store.genesisHash)
         // Accepted over the last 30 days, so that lots do not expire (a nightly run expires few).
         let start: Int64 = SystemClock().now().millisecondsSinceEpoch - 30 * 86_400_000
         var seq = Array(repeating: Int64(0), count: ids.count)
@@ -75,6 +77,8 @@ enum SettleBench {
             let n = min(chunk, entries - done)
             var rows: [(Int64, Int, Int64, Int, String, Int64, Int)] = []  // id, partner idx, seq, kind, member, points, issuer idx
             rows.reserveCapacity(n)
+            var hashes: [(previous: Data, hash: Data)] = []
+            hashes.reserveCapacity(n)
             for k in 0..<n {
                 let id = Int64(done + k + 1)
                 let p = Int.random(in: 0..<ids.count, using: &rng)
@@ -83,6 +87,17 @@ enum SettleBench {
                 let kind = roll < 60 ? 1 : roll < 90 ? 2 : roll < 95 ? 3 : 4
                 rows.append((id, p, seq[p], kind, "M\(Int.random(in: 0..<members, using: &rng))", Int64.random(in: 1...500, using: &rng),
                              Int.random(in: 0..<ids.count, using: &rng)))
+                let r = rows[rows.count - 1]
+                let entry = Entry(
+                    journalID: id, partner: ids[p], sequence: r.2, webhookID: WebhookID("w\(id)")!,
+                    acceptedAt: Instant(millisecondsSinceEpoch: start + id),
+                    event: Event(
+                        kind: EventKind(rawValue: kind)!, member: MemberID(r.4)!, points: Points(r.5), reference: Reference("R\(id)")!,
+                        originalReference: kind >= 3 ? Reference("R1")! : nil),
+                    memberBalance: .zero)
+                let hash = Store.chainHash(previous: chainHead[p], entry: entry)
+                hashes.append((Data(chainHead[p]), Data(hash)))
+                chainHead[p] = hash
             }
             try coalition.inTransaction {
                 let j = try $0.makeStatement(sql: """
@@ -92,9 +107,9 @@ enum SettleBench {
                 let lot = try $0.makeStatement(sql: "INSERT INTO lot (id, member, issuer, points, expires_at_ms) VALUES (?, ?, ?, ?, ?)")
                 let open = try $0.makeStatement(sql: "INSERT INTO lot_open (member, lot_id, remaining) VALUES (?, ?, ?)")
                 let move = try $0.makeStatement(sql: "INSERT INTO lot_move (entry_id, position, lot_id, issuer, redeemer, points) VALUES (?, 0, 1, ?, ?, ?)")
-                for r in rows {
+                for (r, h) in zip(rows, hashes) {
                     let pid = ids[r.1].rawValue
-                    try j.execute(arguments: [r.0, pid, r.2, "w\(r.0)", start + r.0, r.3, r.4, r.5, "R\(r.0)", r.3 >= 3 ? "R1" : nil, hash])
+                    try j.execute(arguments: [r.0, pid, r.2, "w\(r.0)", start + r.0, r.3, r.4, r.5, "R\(r.0)", r.3 >= 3 ? "R1" : nil, h.hash])
                     if r.3 == 1 {
                         try lot.execute(arguments: [r.0, r.4, pid, r.5, start + 86_400_000 * 1095])
                         try open.execute(arguments: [r.4, r.0, r.5])
@@ -104,8 +119,8 @@ enum SettleBench {
                 }
                 return .commit
             }
-            var byPartner = Array(repeating: [(Int64, Int64, Int, String, Int64)](), count: ids.count)
-            for r in rows { byPartner[r.1].append((r.2, r.0, r.3, r.4, r.5)) }
+            var byPartner = Array(repeating: [(Int64, Int64, Int, String, Int64, Data, Data)](), count: ids.count)
+            for (r, h) in zip(rows, hashes) { byPartner[r.1].append((r.2, r.0, r.3, r.4, r.5, h.previous, h.hash)) }
             for (i, q) in ledgers.enumerated() where !byPartner[i].isEmpty {
                 try q.inTransaction {
                     let s = try $0.makeStatement(sql: """
@@ -113,7 +128,7 @@ enum SettleBench {
                           original_reference, member_balance, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)
                         """)
                     for e in byPartner[i] {
-                        try s.execute(arguments: [e.0, e.1, "w\(e.1)", start + e.1, e.2, e.3, e.4, "R\(e.1)", e.2 >= 3 ? "R1" : nil, hash, hash])
+                        try s.execute(arguments: [e.0, e.1, "w\(e.1)", start + e.1, e.2, e.3, e.4, "R\(e.1)", e.2 >= 3 ? "R1" : nil, e.5, e.6])
                     }
                     return .commit
                 }
@@ -126,7 +141,7 @@ enum SettleBench {
         try coalition.inTransaction {
             try $0.execute(sql: """
                 INSERT INTO partner_head (partner, last_sequence, last_hash, earned, redeemed, earn_reversed, redemption_reversed)
-                SELECT partner, MAX(sequence), x'\(String(repeating: "AB", count: 32))',
+                SELECT partner, MAX(sequence), (SELECT hash FROM journal j WHERE j.partner = journal.partner ORDER BY sequence DESC LIMIT 1),
                   SUM(CASE kind WHEN 1 THEN points ELSE 0 END), SUM(CASE kind WHEN 2 THEN points ELSE 0 END),
                   SUM(CASE kind WHEN 3 THEN points ELSE 0 END), SUM(CASE kind WHEN 4 THEN points ELSE 0 END)
                 FROM journal GROUP BY partner;

@@ -250,9 +250,12 @@ Thread.detachNewThread {
     coalitionDone.signal()
 }
 for b in ledgerBatches {
-    // One ledger after another, as the writer's ledger stage writes them.
-    for (partner, rows) in b {
-        do { try target.insertRaw(ledger: partner, rows) } catch { failures.add(error) }
+    // Each batch's ledgers at once, over the machine's cores: the fastest way to write them,
+    // though the writer's ledger stage writes them one after another (it saves CPU for the
+    // HTTP intake, and the writer is held by its decider, not its ledgers). A ceiling is what
+    // the machine can do, not what the writer chose to do.
+    DispatchQueue.concurrentPerform(iterations: b.count) { i in
+        do { try target.insertRaw(ledger: b[i].0, b[i].1) } catch { failures.add(error) }
     }
 }
 coalitionDone.wait()
