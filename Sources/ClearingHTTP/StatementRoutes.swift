@@ -68,9 +68,15 @@ extension Intake {
             // first pass (memory stays flat) the first time, remembered afterwards.
             let cacheKey = "\(runID)/\(terms.id)/\(format.rawValue)"
             let digest: [UInt8]
+            // Whether this request's own first pass checked every row against its hash chain
+            // (then the streaming pass is held to that digest alone); with a remembered digest,
+            // the streaming pass checks them, so that a row changed since is never sent.
+            let rowsChecked: Bool
             if let d = statementDigests.get(cacheKey) {
                 digest = d
+                rowsChecked = false
             } else {
+                rowsChecked = true
                 var hasher = SHA256()
                 try await store.writeStatement(header, format) { hasher.update(data: Array($0.utf8)) }
                 digest = Array(hasher.finalize())
@@ -85,16 +91,22 @@ extension Intake {
             }
             if gzip { fields[.contentEncoding] = "gzip" }
             let store = self.store
+            let logger = context.logger
             let body = ResponseBody { writer in
                 let compressor: ZlibCompressor? = gzip ? try ZlibCompressor(algorithm: .gzip) : nil
                 var check = SHA256()
-                // Its rows were checked against their hash chain when the digest was made;
-                // now they are held to the digest (below).
-                try await store.writeStatement(header, format, checked: false) { chunk in
-                    check.update(data: Array(chunk.utf8))
-                    var buffer = ByteBuffer(string: chunk)
-                    if let compressor { buffer = try buffer.compressStream(with: compressor, flush: .sync) }
-                    try await writer.write(buffer)
+                do {
+                    try await store.writeStatement(header, format, checked: !rowsChecked) { chunk in
+                        check.update(data: Array(chunk.utf8))
+                        var buffer = ByteBuffer(string: chunk)
+                        if let compressor { buffer = try buffer.compressStream(with: compressor, flush: .sync) }
+                        try await writer.write(buffer)
+                    }
+                } catch let error as StoreError {
+                    // A row changed since the digest was made (cut off before that row's batch),
+                    // or the store failed: the operator must hear of it, as of a refused one.
+                    logger.error("statement cut off", metadata: ["partner": "\(terms.id)", "run": "\(runID)", "detail": "\(error.description)"])
+                    throw error
                 }
                 // The bytes sent must be the bytes signed; if not (never expected), cut the
                 // response off before its end (and before gzip's trailer), so the client sees a

@@ -86,11 +86,13 @@ extension Store {
     /// partner's own ledger. Throws when the ledger does not hold them all yet (it lags its
     /// journal only between a crash and the next start's recovery).
     ///
-    /// With `checked`, each entry is checked against its hash and the hash before it, so that
-    /// a row changed in the file (which `verify` reports) is never served as part of a
-    /// statement: the statement fails instead, naming the partner and the sequence. (The HTTP
-    /// route checks on its first pass, which makes the digest it signs; later passes are held
-    /// to that digest instead, and cut off if the bytes differ.)
+    /// With `checked`, each entry is checked against its hash and the hash before it, and the
+    /// last one's hash against the journal's for the same sequence (so that a ledger whose
+    /// chain was recomputed after an edit is caught too): a row changed in the file (which
+    /// `verify` reports) is never served as part of a statement; the statement fails instead,
+    /// naming the partner and the sequence. (The HTTP route skips the check only on the
+    /// streaming pass that follows its own checked pass for the digest it signs: that pass is
+    /// held to the digest, and cut off if the bytes differ.)
     public func statementEntries(_ header: StatementHeader, after: Int64, limit: Int, checked: Bool = true) throws -> [Entry] {
         guard let first = header.firstSequence, let last = header.lastSequence else { return [] }
         let from = max(first, after + 1)
@@ -113,7 +115,21 @@ extension Store {
                     entry: try JournalRow.entry(from: $0, partner: partner, journalID: try $0.int64("journal_id")), previousHash: previous, hash: hash)
             }
         }
-        if chained.count == Int(to - from + 1) { return checked ? try unaltered(chained, of: partner, in: "ledger") : chained.map(\.entry) }
+        if chained.count == Int(to - from + 1) {
+            guard checked else { return chained.map(\.entry) }
+            let entries = try unaltered(chained, of: partner, in: "ledger")
+            // Anchored in the journal, the truth: the chain's end is the journal's.
+            let end = chained[chained.count - 1]
+            let journalHash = try coalition.read { db in
+                try Row.fetchOne(db, sql: "SELECT hash FROM journal WHERE partner = ? AND sequence = ?", arguments: [partner.rawValue, end.entry.sequence])
+                    .map { Array(try $0.blob("hash")) }
+            }
+            guard journalHash == end.hash else {
+                throw StoreError(
+                    "the ledger of \(partner) disagrees with the journal at or before sequence \(end.entry.sequence); no statement is served from it (run `clearhouse verify`, then restore from a backup)")
+            }
+            return entries
+        }
         // The ledger lags its journal (a ledger write failed and is caught up later): the
         // journal, the truth, holds the same entries.
         let fromJournal = try coalition.read { db in
@@ -129,7 +145,7 @@ extension Store {
     private func unaltered(_ chained: [ChainedEntry], of partner: PartnerID, in file: String) throws -> [Entry] {
         for c in chained where Store.chainHash(previous: c.previousHash, entry: c.entry) != c.hash {
             throw StoreError(
-                "the \(file) of \(partner) is damaged at sequence \(c.entry.sequence): the entry does not match its hash chain; no statement is served from it (run `clearhouse verify`, then restore from a backup)")
+                "the \(file) of \(partner) is damaged at sequence \(c.entry.sequence) (or the one before it): the entry does not match its hash chain; no statement is served from it (run `clearhouse verify`, then restore from a backup)")
         }
         return chained.map(\.entry)
     }

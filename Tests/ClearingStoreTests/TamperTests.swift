@@ -72,6 +72,38 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(try h.store.statementEntries(other, after: 0, limit: 1_000).count == 20)
     }
 
+    /// An edit whose chain was recomputed from the changed row on (every ledger hash consistent
+    /// again) still fails: the chain's end is checked against the journal's.
+    @Test func aStatementIsNotServedFromARechainedLedger() throws {
+        let h = try populated()
+        try h.reopen()
+        h.clock.advance(milliseconds: 1_000)
+        let run = try h.store.settle()
+        let header = try #require(try h.store.statement(for: G, run: run.id))
+        var entries = try h.store.ledgerEntries(G)
+        // Edited while the store runs (a store opening on it would refuse it at once: the
+        // ledger's last entry is not the journal's).
+        var previous = Store.genesisHash(G)
+        var sql = "DROP TRIGGER entry_append_only_update;"
+        for i in entries.indices {
+            if entries[i].sequence == 12 { entries[i].event.points = Points(entries[i].event.points.value + 1) }
+            let hash = Store.chainHash(previous: previous, entry: entries[i])
+            if entries[i].sequence >= 12 {
+                let hex = { (b: [UInt8]) in b.map { String(format: "%02x", $0) }.joined() }
+                sql += "UPDATE entry SET points = \(entries[i].event.points.value), prev_hash = x'\(hex(previous))', hash = x'\(hex(hash))' WHERE sequence = \(entries[i].sequence);"
+            }
+            previous = hash
+        }
+        #expect(try SQLiteTool.run(h.store.ledgerURL(G), sql).status == 0)
+        do {
+            _ = try h.store.statementEntries(header, after: 0, limit: 1_000)
+            Issue.record("a re-chained ledger was served")
+        } catch {
+            #expect("\(error)".contains("the ledger of grocer disagrees with the journal"), "\(error)")
+        }
+        #expect(try h.store.statementEntries(header, after: 0, limit: 11).count == 11, "the rows before the edit still end on the journal's chain")
+    }
+
     /// A value of the wrong type in a ledger column (written around the triggers) is a
     /// breach naming the entry, never a crash of verify.
     @Test func aWrongTypeInALedgerColumnIsABreachNotACrash() throws {

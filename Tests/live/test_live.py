@@ -239,6 +239,49 @@ def curl(server, *args):
     return int(code), body
 
 
+def test_a_statement_row_changed_after_the_first_download_is_never_sent():
+    """A statement's digest is remembered after its first download; a ledger row changed
+    afterwards (by hand, around the triggers) must not reach the partner on a later download:
+    that download checks the rows as it streams and stops before the batch that holds it
+    (without the check it would send every row and only fail its digest at the very end)."""
+    import sqlite3
+    tmp = tempfile.mkdtemp(prefix="clearhouse-live-stmt-")
+    try:
+        certs, data, partners = (os.path.join(tmp, d) for d in ("certs", "data", "partners"))
+        subprocess.run([os.path.join(ROOT, "ops", "certs"), certs], check=True, capture_output=True, timeout=60)
+        shutil.copytree(os.path.join(ROOT, "partners"), partners)
+        for i in range(1, 4):
+            body = json.dumps({"type": "points.earned", "data": {"member": "M1", "points": 100 + i, "reference": f"LIVE-S{i}"}})
+            post = subprocess.run([BIN, "post", "--partner", "fuelco", "--data", data, "--partners", partners],
+                                  input=body, capture_output=True, text=True, timeout=60)
+            assert post.returncode == 0, post.stderr
+        assert subprocess.run([BIN, "settle", "--data", data, "--partners", partners], capture_output=True, timeout=60).returncode == 0
+        log = open(os.path.join(tmp, "serve.log"), "w")
+        proc = subprocess.Popen([BIN, "serve", "--port", "0", "--data", data, "--partners", partners, "--certs", certs],
+                                stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert "listening on https://" in line, line
+            url = f"https://localhost:{line.strip().rsplit(':', 1)[1]}/v1/partners/fuelco/statements/R000001.csv"
+            get = ["curl", "-sS", "--max-time", "20", "--cacert", os.path.join(certs, "ca.crt"),
+                   "-H", "Authorization: Bearer dev-token-fuelco", url]
+            first = subprocess.run(get, capture_output=True, text=True, timeout=30)
+            assert first.returncode == 0 and ",LIVE-S2," in first.stdout, first.stderr
+            db = sqlite3.connect(os.path.join(data, "ledgers", "fuelco.sqlite"))
+            db.executescript("DROP TRIGGER entry_append_only_update; UPDATE entry SET points = 999 WHERE sequence = 2;")
+            db.close()
+            again = subprocess.run(get, capture_output=True, text=True, timeout=30)
+            assert again.returncode != 0, "a statement with a changed row must not complete"
+            assert ",999," not in again.stdout and ",LIVE-S2," not in again.stdout, again.stdout
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=30) == 0
+        with open(os.path.join(tmp, "serve.log")) as f:
+            assert "damaged at sequence 2" in f.read(), "the operator is told which row"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_curl_reads(server):
     base = f"https://localhost:{server['port']}"
     assert curl(server, f"{base}/healthz")[0] == 200
