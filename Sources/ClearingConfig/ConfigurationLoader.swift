@@ -25,6 +25,9 @@ public struct ConfigurationError: Error, Equatable, CustomStringConvertible {
 /// Keys not in the contract (nor among the documented optional ones) are refused, so that a
 /// misspelt optional key cannot silently change behaviour.
 public struct ConfigurationLoader {
+    /// Every ISO 4217 code, current and historic (Foundation's list, from ICU).
+    static let isoCurrencies = Set(Locale.Currency.isoCurrencies.map(\.identifier))
+
     public let directory: URL
     /// Looks up `env:NAME` secrets; injectable for tests.
     public let environment: [String: String]
@@ -142,6 +145,9 @@ public struct ConfigurationLoader {
         guard currency.utf8.count == 3, currency.utf8.allSatisfy({ $0 >= 0x41 && $0 <= 0x5A }) else {
             throw t.error("currency", "must be an ISO 4217 code of three capital letters (got \(JSONWriter.quote(currency)))")
         }
+        guard ConfigurationLoader.isoCurrencies.contains(currency) else {
+            throw t.error("currency", "\(JSONWriter.quote(currency)) is not an ISO 4217 currency code (such as EUR, USD, GBP)")
+        }
         let days = try t.int("points_expire_after_days", 0...Limits.pointsExpireAfterDaysMax)
         let allowPrivate = try t.optionalBool("notice_allow_private_networks") ?? false
         // The coalition's own client certificate for notices, for partners that ask for mutual TLS.
@@ -247,17 +253,20 @@ public struct ConfigurationLoader {
     func resolve(_ value: String, _ t: Table, _ key: String) throws(ConfigurationError) -> String {
         if value.hasPrefix("env:") {
             let name = String(value.dropFirst(4))
-            guard let v = environment[name], !v.isEmpty else {
-                throw t.error(key, "environment variable \(name) is not set")
-            }
+            guard !name.isEmpty else { throw t.error(key, "env: names no environment variable (write env:NAME)") }
+            guard let v = environment[name] else { throw t.error(key, "environment variable \(name) is not set") }
+            guard !v.isEmpty else { throw t.error(key, "environment variable \(name) is empty") }
             return v
         }
         if value.hasPrefix("file:") {
             let p = String(value.dropFirst(5))
             let path = p.hasPrefix("/") ? p : directory.appendingPathComponent(p).path
-            guard let data = FileManager.default.contents(atPath: path), data.count <= 4096,
-                let s = String(data: data, encoding: .utf8)
-            else { throw t.error(key, "cannot read secret file \(path)") }
+            guard let data = FileManager.default.contents(atPath: path) else { throw t.error(key, "cannot read secret file \(path)") }
+            guard data.count <= Limits.secretFileBytesMax else {
+                throw t.error(key, "secret file \(path) is larger than \(Limits.secretFileBytesMax) bytes (\(data.count)): is it the right file?")
+            }
+            guard let s = String(data: data, encoding: .utf8) else { throw t.error(key, "secret file \(path) is not UTF-8 text") }
+            guard !s.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty else { throw t.error(key, "secret file \(path) is empty") }
             // Others may read it: said, not refused (as the server's TLS key).
             if let mode = (try? FileManager.default.attributesOfItem(atPath: path))?[.posixPermissions] as? Int, mode & 0o077 != 0 {
                 found.warnings.append("\(t.file): \(key): the secret file \(path) can be read by others (mode \(String(mode & 0o777, radix: 8))); chmod 600 it")

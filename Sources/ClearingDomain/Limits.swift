@@ -207,6 +207,9 @@ public enum Limits {
     public static let secretBytesMin = 1
     public static let secretBytesRecommendedMin = 24
     public static let secretBytesMax = 1024
+    /// The largest `file:PATH` secret file read (a secret is at most `whsec_` and the base64 of
+    /// `secretBytesMax` bytes, with room for a line end).
+    public static let secretFileBytesMax = 4096
 
     // MARK: Command line and simulation
     public static let simulatedEventsMax = 100_000_000

@@ -87,6 +87,11 @@ struct ConfigDir {
         ("fuelco.toml", #"webhook_secrets = ["whsec_"#, #"webhook_secrets = ["wh_"#, "webhook_secrets[0]", "whsec_"),
         ("fuelco.toml", #"api_token_sha256 = "6"#, #"api_token_sha256 = "z"#, "api_token_sha256", "hexadecimal"),
         ("coalition.toml", #"currency = "EUR""#, #"currency = "euro""#, "currency", "ISO 4217"),
+        ("coalition.toml", #"currency = "EUR""#, #"currency = "ABC""#, "currency", "\"ABC\" is not an ISO 4217 currency code"),
+        ("fuelco.toml", #"webhook_secrets = ["#, #"webhook_secrets = ["env:", "#, "webhook_secrets[0]", "env: names no environment variable"),
+        ("fuelco.toml", #"webhook_secrets = ["#, #"webhook_secrets = ["env:CH_TEST_NEVER_SET_9F2", "#, "webhook_secrets[0]", "environment variable CH_TEST_NEVER_SET_9F2 is not set"),
+        ("fuelco.toml", #"webhook_secrets = ["#, #"webhook_secrets = ["file:no-such.secret", "#, "webhook_secrets[0]", "cannot read secret file"),
+        ("fuelco.toml", #"webhook_secrets = ["#, #"webhook_secrets = ["file:coalition.toml", "#, "webhook_secrets[0]", "must be whsec_"),
         ("coalition.toml", "points_expire_after_days = 1095", "", "points_expire_after_days", "missing"),
         ("coalition.toml", "points_expire_after_days = 1095", "points_expire_after_days = 1095\nnotice_allow_private_networks = 1", "notice_allow_private_networks", "true or false"),
     ])
@@ -101,6 +106,26 @@ struct ConfigDir {
         #expect(e?.key == key, "\(String(describing: e))")
         #expect(e?.reason.contains(reason) == true, "\(String(describing: e))")
         #expect(e.map { "\($0)" }?.contains("\(file): \(key): ") == true, "one line: file, key, reason")
+    }
+
+    /// A secret that cannot be used says why: an empty variable, a secret file that is empty,
+    /// too large, or not text.
+    @Test func unusableSecretSourcesSayWhy() throws {
+        let d = try ConfigDir()
+        try d.edit("fuelco.toml") { $0.replacingOccurrences(of: #"webhook_secrets = ["#, with: #"webhook_secrets = ["env:FUEL_SECRET", "#) }
+        #expect(d.error(["FUEL_SECRET": ""])?.reason == "environment variable FUEL_SECRET is empty")
+        try d.edit("fuelco.toml") { $0.replacingOccurrences(of: "env:FUEL_SECRET", with: "file:fuel.secret") }
+        let path = d.url.appendingPathComponent("fuel.secret")
+        let cases: [(Data, String)] = [
+            (Data(" \n".utf8), "secret file \(path.path) is empty"),
+            (Data(repeating: 0x41, count: 5_000), "secret file \(path.path) is larger than 4096 bytes (5000)"),
+            (Data([0x77, 0xFF, 0xFE]), "secret file \(path.path) is not UTF-8 text"),
+        ]
+        for (content, reason) in cases {
+            try content.write(to: path)
+            let e = d.error()
+            #expect(e?.key == "webhook_secrets[0]" && e?.reason.hasPrefix(reason) == true, "\(String(describing: e))")
+        }
     }
 
     /// A NUL in a value (the TOML reader would end the string there, silently) refuses the
