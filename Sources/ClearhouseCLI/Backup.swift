@@ -8,7 +8,7 @@ struct BackupCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "backup",
         abstract: "Back up every database of --data into a new directory, online (safe while serve runs).",
-        discussion: "Uses SQLite's backup API: each file is a consistent snapshot. The ledgers are copied first and coalition.sqlite (the journal, the truth) last; `clearhouse restore` puts a backup back and verifies it. A ledger that cannot be read is left out: everything else is copied, then exit 1 naming it.")
+        discussion: "Uses SQLite's backup API: each file is a consistent snapshot. The ledgers are copied first and coalition.sqlite (the journal, the truth) last; `clearhouse restore` puts a backup back and verifies it. A ledger that cannot be read is left out: everything else is copied, then exit 1 naming it. If the journal cannot be copied, exit 1 and nothing is left in the directory.")
 
     @OptionGroup var locations: Locations
     @Argument(help: "The new directory to write the backup into.") var directory: String

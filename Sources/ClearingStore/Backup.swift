@@ -27,6 +27,29 @@ public enum Backup {
             throw StoreError("\(destination.path) is inside the data directory \(dataDirectory.path): a backup there is lost with it; write it elsewhere (nothing was written)")
         }
         try requireNewOrEmpty(destination, "a backup goes into a new directory")
+        let existed = fm.fileExists(atPath: destination.path)
+        do {
+            return try copyAll(dataDirectory: dataDirectory, coalition: coalition, to: destination)
+        } catch let error as PartialBackup {
+            throw error.error  // the journal and every readable file are there: kept, and said
+        } catch {
+            // Nothing half-written is left: the directory was new or empty.
+            if existed {
+                for name in (try? fm.contentsOfDirectory(atPath: destination.path)) ?? [] {
+                    try? fm.removeItem(at: destination.appendingPathComponent(name))
+                }
+            } else {
+                try? fm.removeItem(at: destination)
+            }
+            throw StoreError("\(error); nothing was left in \(destination.path)")
+        }
+    }
+
+    /// A backup written whole but for unreadable ledgers: kept (the journal rebuilds them).
+    private struct PartialBackup: Error { var error: StoreError }
+
+    private static func copyAll(dataDirectory: URL, coalition: URL, to destination: URL) throws -> Summary {
+        let fm = FileManager.default
         try fm.createDirectory(at: destination.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         let ledgerDir = dataDirectory.appendingPathComponent("ledgers")
         let ledgers = Store.ledgerFileNames(dataDirectory)
@@ -55,8 +78,8 @@ public enum Backup {
         try FileSync.directory(destination)
         try FileSync.directory(destination.deletingLastPathComponent())
         if !unreadable.isEmpty {
-            throw StoreError(
-                "backed up without \(unreadable.joined(separator: "; ")): the journal and every other file are in \(destination.path), and a restore rebuilds a missing ledger from the journal; move a damaged ledger aside and the next start rebuilds it too (docs/OPERATIONS.md)")
+            throw PartialBackup(error: StoreError(
+                "backed up without \(unreadable.joined(separator: "; ")): the journal and every other file are in \(destination.path), and a restore rebuilds a missing ledger from the journal; move a damaged ledger aside and the next start rebuilds it too (docs/OPERATIONS.md)"))
         }
         return summary
     }

@@ -134,6 +134,36 @@ import Testing
 
 /// One damaged ledger does not cost the backup its journal, and every error names the file.
 @Suite struct DamagedLedgerTests {
+    /// A journal that cannot be backed up fails the backup and leaves nothing behind: no
+    /// directory of ledgers without their journal (a new directory is removed, an empty one
+    /// emptied), so the same command can run again once the cause is fixed.
+    @Test func aBackupWhoseJournalFailsLeavesNothingBehind() throws {
+        let h = try Harness()
+        for i in 1...6 { _ = h.post([G, F][i % 2], "w\(i)", Fixtures.earn("M\(i)", 10, "E-\(i)")) }
+        try h.store.close()
+        h.store = nil
+        let journal = h.dir.url.appendingPathComponent("coalition.sqlite")
+        for suffix in ["-wal", "-shm"] { try? FileManager.default.removeItem(atPath: journal.path + suffix) }
+        let size = try #require((try FileManager.default.attributesOfItem(atPath: journal.path))[.size] as? Int)
+        #expect(truncate(journal.path, off_t(size / 2)) == 0)
+        for existing in [false, true] {
+            let backup = h.dir.url.deletingLastPathComponent().appendingPathComponent("backup-\(UUID().uuidString)")
+            defer { try? FileManager.default.removeItem(at: backup) }
+            if existing { try FileManager.default.createDirectory(at: backup, withIntermediateDirectories: false) }
+            do {
+                try Backup.run(dataDirectory: h.dir.url, to: backup)
+                Issue.record("a backup of a damaged journal said done")
+            } catch {
+                #expect("\(error)".contains("coalition.sqlite cannot be backed up") && "\(error)".contains("nothing was left in"), "\(error)")
+            }
+            if existing {
+                #expect(try FileManager.default.contentsOfDirectory(atPath: backup.path).isEmpty, "the empty directory is left empty")
+            } else {
+                #expect(!FileManager.default.fileExists(atPath: backup.path), "the new directory is removed")
+            }
+        }
+    }
+
     @Test func aDamagedLedgerIsNamedAndTheJournalIsStillBackedUpAndRebuildsIt() throws {
         let h = try Harness()
         for i in 1...6 { _ = h.post([G, F][i % 2], "w\(i)", Fixtures.earn("M\(i)", 10, "E-\(i)")) }
