@@ -75,6 +75,11 @@ public struct ConfigurationLoader {
         }
         var configuration = ClearingConfiguration(coalition: coalition, partners: partners)
         configuration.directory = directory.path
+        if partners.isEmpty {
+            // Not refused (a coalition may be set up before its first partner signs), but said:
+            // a mistyped --partners is the likelier cause.
+            found.warnings.append("\(directory.path): no partner file (<id>.toml) beside coalition.toml: no partner can post or read until one is added")
+        }
         for id in configuration.partnerIDs {
             let terms = partners[id]!
             // CONTRACT §2: only when the coalition allows it may a notice_url resolve to a loopback

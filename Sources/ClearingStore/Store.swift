@@ -161,6 +161,12 @@ public final class Store: Sendable {
             }
             return
         }
+        // A currency other than the history's is refused before the journal is opened for
+        // writing: that open alone writes (SQLite's WAL set-up), and a refused configuration
+        // must leave the files as they were. (Checked again below, once writable.)
+        if hasJournal, let settled = try? Store.historicCurrency(dataDirectory: dataDirectory), settled != configuration.coalition.currency {
+            throw CurrencyMismatch(configured: configuration.coalition.currency, recorded: settled)
+        }
         try fm.createDirectory(at: dataDirectory.appendingPathComponent("ledgers"), withIntermediateDirectories: true)
         coalition = try Store.openWritable(
             dataDirectory.appendingPathComponent("coalition.sqlite"), cacheKiB: Limits.coalitionCacheKiBMax,

@@ -108,6 +108,18 @@ struct ConfigDir {
         #expect(e.map { "\($0)" }?.contains("\(file): \(key): ") == true, "one line: file, key, reason")
     }
 
+    /// A partners directory with coalition.toml alone loads (a coalition may start before its
+    /// first partner) and says so.
+    @Test func noPartnerFileIsSaid() throws {
+        let d = try ConfigDir()
+        for name in try FileManager.default.contentsOfDirectory(atPath: d.url.path) where name != "coalition.toml" {
+            try FileManager.default.removeItem(at: d.url.appendingPathComponent(name))
+        }
+        let c = try d.load()
+        #expect(c.partners.isEmpty)
+        #expect(c.warnings.contains { $0.contains("no partner file (<id>.toml) beside coalition.toml") }, "\(c.warnings)")
+    }
+
     /// A secret that cannot be used says why: an empty variable, a secret file that is empty,
     /// too large, or not text.
     @Test func unusableSecretSourcesSayWhy() throws {

@@ -122,6 +122,22 @@ extension MigrationTests {
     /// notices, the coalition's from the last run), else the configured one; a configuration
     /// naming another is refused from then on, by writable and read-only stores alike (a closed
     /// run's statements would otherwise change currency), and the record never changes.
+    /// A writable open with another currency is refused before the journal is opened for
+    /// writing: not a byte of coalition.sqlite changes (SQLite's WAL set-up alone would write).
+    @Test func anotherCurrencyIsRefusedWithoutWritingAByte() throws {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 10, "G-1"))
+        try h.store.close()
+        h.store = nil
+        let url = h.dir.url.appendingPathComponent("coalition.sqlite")
+        for suffix in ["-wal", "-shm"] { try? FileManager.default.removeItem(atPath: url.path + suffix) }  // as a clean close leaves it
+        let before = try Data(contentsOf: url)
+        var usd = h.configuration
+        usd.coalition.currency = "USD"
+        #expect(throws: Store.CurrencyMismatch.self) { try Store(dataDirectory: h.dir.url, configuration: usd, clock: h.clock) }
+        #expect(try Data(contentsOf: url) == before, "coalition.sqlite changed")
+    }
+
     @Test func theCurrencyIsRecordedOnceFromTheHistoryAndNeverChanges() throws {
         let h = try expiredThenReopened()
         let statement = try h.store.statement(for: G, run: "R000001")
