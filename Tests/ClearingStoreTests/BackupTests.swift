@@ -113,11 +113,7 @@ import Testing
     /// A read verb that must open writable (a pending migration) records no currency: a wrong
     /// --partners on a read does no lasting harm.
     @Test func aReadThatMustOpenWritableRecordsNoCurrency() throws {
-        let h = try Harness()
-        _ = h.post(G, "g1", Fixtures.earn("M1", 10, "G-1"))
-        try h.store.close()
-        h.store = nil
-        let url = h.dir.url.appendingPathComponent("coalition.sqlite")
+        let (h, url) = try Harness.closedWithOneEarn()
         try MigrationTests.rawQueue(url).write { db in
             try db.execute(sql: "DROP TABLE coalition_currency; DELETE FROM grdb_migrations WHERE identifier = 'v10-coalition-currency'")
         }

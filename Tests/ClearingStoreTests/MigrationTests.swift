@@ -125,11 +125,7 @@ extension MigrationTests {
     /// A writable open with another currency is refused before the journal is opened for
     /// writing: not a byte of coalition.sqlite changes (SQLite's WAL set-up alone would write).
     @Test func anotherCurrencyIsRefusedWithoutWritingAByte() throws {
-        let h = try Harness()
-        _ = h.post(G, "g1", Fixtures.earn("M1", 10, "G-1"))
-        try h.store.close()
-        h.store = nil
-        let url = h.dir.url.appendingPathComponent("coalition.sqlite")
+        let (h, url) = try Harness.closedWithOneEarn()
         for suffix in ["-wal", "-shm"] { try? FileManager.default.removeItem(atPath: url.path + suffix) }  // as a clean close leaves it
         let before = try Data(contentsOf: url)
         var usd = h.configuration

@@ -48,6 +48,15 @@ final class Harness {
     }
 
     func balance(_ m: String) throws -> Int64 { try store.balance(of: MemberID(m)!).value }
+
+    /// A store with one earn of grocer's, closed: its `coalition.sqlite`, to look at or edit.
+    static func closedWithOneEarn() throws -> (Harness, URL) {
+        let h = try Harness()
+        _ = h.post(G, "g1", Fixtures.earn("M1", 10, "G-1"))
+        try h.store.close()
+        h.store = nil
+        return (h, h.dir.url.appendingPathComponent("coalition.sqlite"))
+    }
 }
 
 func slug(_ o: PostingOutcome) -> String {

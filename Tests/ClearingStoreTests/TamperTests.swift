@@ -42,14 +42,19 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(r.breaches.contains { $0.contains("grocer") || $0.contains("MEMBER-7770") }, "\(r.breaches)")
     }
 
-    /// A statement never serves a row changed in the ledger file: reading it fails, naming the
-    /// partner and the sequence; another partner's statement of the same run is served.
-    @Test func aStatementIsNotServedFromAnAlteredLedger() throws {
+    /// `populated()` settled in one run, with grocer's statement of it.
+    func settledWithGrocersStatement() throws -> (Harness, SettlementRun, StatementHeader) {
         let h = try populated()
         try h.reopen()
         h.clock.advance(milliseconds: 1_000)
         let run = try h.store.settle()
-        let header = try #require(try h.store.statement(for: G, run: run.id))
+        return (h, run, try #require(try h.store.statement(for: G, run: run.id)))
+    }
+
+    /// A statement never serves a row changed in the ledger file: reading it fails, naming the
+    /// partner and the sequence; another partner's statement of the same run is served.
+    @Test func aStatementIsNotServedFromAnAlteredLedger() throws {
+        let (h, run, header) = try settledWithGrocersStatement()
         let before = try h.store.statementEntries(header, after: 0, limit: 1_000)
         #expect(before.count == 20)
         try h.store.close()
@@ -75,11 +80,7 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
     /// An edit whose chain was recomputed from the changed row on (every ledger hash consistent
     /// again) still fails: the chain's end is checked against the journal's.
     @Test func aStatementIsNotServedFromARechainedLedger() throws {
-        let h = try populated()
-        try h.reopen()
-        h.clock.advance(milliseconds: 1_000)
-        let run = try h.store.settle()
-        let header = try #require(try h.store.statement(for: G, run: run.id))
+        let (h, _, header) = try settledWithGrocersStatement()
         var entries = try h.store.ledgerEntries(G)
         // Edited while the store runs (a store opening on it would refuse it at once: the
         // ledger's last entry is not the journal's).
