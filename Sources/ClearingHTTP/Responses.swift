@@ -124,13 +124,12 @@ extension Responses {
             // failure, not the server's; no 5xx, no error log, and nobody is left to answer.
             logger.debug("request cut short by the client", metadata: ["error": "\(type(of: error))"])
             return problem(Problem(.malformed, "the request could not be read: the connection broke"))
-        case let e as StoreError:
+        default:
+            var metadata: Logger.Metadata = ["error": "\(type(of: error))"]
             // The store's own words (what failed, which partner, which sequence; never a
             // secret): the operator needs them to act, as for a damaged ledger.
-            logger.error("request failed", metadata: ["error": "StoreError", "detail": "\(e.description)"])
-            return problem(Problem(.unavailable, "the request could not be served; retry later"))
-        default:
-            logger.error("request failed", metadata: ["error": "\(type(of: error))"])
+            if let e = error as? StoreError { metadata["detail"] = "\(e.description)" }
+            logger.error("request failed", metadata: metadata)
             return problem(Problem(.unavailable, "the request could not be served; retry later"))
         }
     }

@@ -100,10 +100,9 @@ extension Store {
         let to = min(last, from + Int64(limit) - 1)
         let partner = header.partner
         let chained = try ledger(partner).read { db -> [ChainedEntry] in
-            var previous: [UInt8]
-            if from == 1 {
-                previous = Store.genesisHash(partner)
-            } else {
+            // The hash before the range, when the rows are checked (none needed otherwise).
+            var previous: [UInt8] = checked && from == 1 ? Store.genesisHash(partner) : []
+            if checked && from > 1 {
                 // The entry before the range (absent only in a ledger that lags: see below).
                 guard let h = try Row.fetchOne(db, sql: "SELECT hash FROM entry WHERE sequence = ?", arguments: [from - 1]) else { return [] }
                 previous = Array(try h.blob("hash"))
