@@ -38,7 +38,7 @@ struct Serve: AsyncParsableCommand {
             printError("clearhouse serve: \(error)")
             throw ExitCode(2)
         }
-        var logger = Logger(label: "clearhouse")
+        var logger = Logger(label: "clearhouse", factory: ServerLogHandler.init(label:))
         logger.logLevel = ProcessInfo.processInfo.environment["CLEARHOUSE_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
         for w in configuration.warnings { logger.warning("configuration: \(w)") }
         // The TLS key readable by others: said, not refused (keys made by hand with openssl

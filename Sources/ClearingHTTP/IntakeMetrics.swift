@@ -2,6 +2,7 @@ import ClearingDomain
 import CoreMetrics
 import Metrics
 import Prometheus
+import Synchronization
 
 /// The intake's metrics (swift-metrics, exported in the Prometheus text format by
 /// swift-prometheus at `/metrics`). A registry of its own, passed in, so that tests and
@@ -9,6 +10,15 @@ import Prometheus
 public final class IntakeMetrics: Sendable {
     public let registry: PrometheusCollectorRegistry
     public let factory: PrometheusMetricsFactory
+
+    /// The handles each request and posting would otherwise make anew through the factory (a
+    /// registry look-up under its lock, and the dimensions' arrays), kept once made. Bounded:
+    /// routes are the router's templates (or `unmatched`), statuses and outcomes few.
+    private struct RequestKey: Hashable { var route: String; var status: Int }
+    private let requestHandles = Mutex<[RequestKey: (CoreMetrics.Counter, CoreMetrics.Timer)]>([:])
+    private let postingCounters = Mutex<[String: CoreMetrics.Counter]>([:])
+    private let groupCommitRecorder: CoreMetrics.Recorder
+    private let queueDepthGauge: CoreMetrics.Gauge
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
@@ -19,16 +29,25 @@ public final class IntakeMetrics: Sendable {
         ]
         f.defaultValueHistogramBuckets = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
         factory = f
+        groupCommitRecorder = CoreMetrics.Recorder(label: "clearhouse_group_commit_postings", dimensions: [], aggregate: true, factory: f)
+        queueDepthGauge = CoreMetrics.Gauge(label: "clearhouse_writer_queue_depth", dimensions: [], factory: f)
     }
 
     /// One request: by route template and status; its latency by route and status class
     /// (`2xx`, `4xx`, `5xx`), so that the latency of accepted postings is seen apart from
     /// the fast refusals of an overload.
     func request(route: String, status: Int, nanoseconds: Int64) {
-        Counter(label: "clearhouse_http_requests_total", dimensions: [("route", route), ("status", String(status))], factory: factory)
-            .increment()
-        Timer(label: "clearhouse_http_request_duration_seconds", dimensions: [("route", route), ("class", "\(status / 100)xx")], factory: factory)
-            .recordNanoseconds(nanoseconds)
+        let key = RequestKey(route: route, status: status)
+        let (counter, timer) = requestHandles.withLock { handles in
+            if let made = handles[key] { return made }
+            let made = (
+                CoreMetrics.Counter(label: "clearhouse_http_requests_total", dimensions: [("route", route), ("status", String(status))], factory: factory),
+                CoreMetrics.Timer(label: "clearhouse_http_request_duration_seconds", dimensions: [("route", route), ("class", "\(status / 100)xx")], factory: factory))
+            handles[key] = made
+            return made
+        }
+        counter.increment()
+        timer.recordNanoseconds(nanoseconds)
     }
 
     /// One posting decided: `created`, `replayed` or the problem's slug.
@@ -39,17 +58,21 @@ public final class IntakeMetrics: Sendable {
         case .replayed: label = "replayed"
         case .rejected(let p): label = p.kind.rawValue
         }
-        Counter(label: "clearhouse_postings_total", dimensions: [("outcome", label)], factory: factory).increment()
+        postingCounters.withLock { counters in
+            if let made = counters[label] { return made }
+            let made = CoreMetrics.Counter(label: "clearhouse_postings_total", dimensions: [("outcome", label)], factory: factory)
+            counters[label] = made
+            return made
+        }.increment()
     }
 
     /// The size of one group commit (postings per journal transaction).
     public func groupCommit(postings: Int) {
-        Recorder(label: "clearhouse_group_commit_postings", dimensions: [], aggregate: true, factory: factory)
-            .record(postings)
+        groupCommitRecorder.record(postings)
     }
 
     func queueDepth(_ n: Int) {
-        Gauge(label: "clearhouse_writer_queue_depth", dimensions: [], factory: factory).record(n)
+        queueDepthGauge.record(n)
     }
 
     /// The Prometheus text exposition.
