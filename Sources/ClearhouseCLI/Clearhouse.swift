@@ -345,7 +345,7 @@ struct Balance: AsyncParsableCommand {
 
     @OptionGroup var locations: Locations
 
-    @Argument(help: "The member id (coalition card or account number).")
+    @Argument(help: "The member id (coalition card or account number). One that starts with '-' goes after '--': clearhouse balance -- -M1.")
     var member: String
 
     @Option(parsing: .unconditional, help: "Count the member's current lots that are still unexpired at this instant (RFC 3339); default now. Not a balance in the past.")

@@ -31,7 +31,9 @@ struct CLI {
     func run(_ args: [String], stdin: String = "", env: [String: String] = [:]) throws -> Result {
         let p = Process()
         p.executableURL = CLI.binary
-        p.arguments = args + ["--data", data.path, "--partners", partners.path]
+        // The locations go before a '--' (after it, everything is an argument).
+        let locations = ["--data", data.path, "--partners", partners.path]
+        p.arguments = args.firstIndex(of: "--").map { Array(args[..<$0]) + locations + args[$0...] } ?? args + locations
         p.environment = ProcessInfo.processInfo.environment.merging(env) { $1 }
         let input = Pipe(), output = Pipe(), error = Pipe()
         p.standardInput = input
@@ -84,6 +86,10 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
             #expect(byRef.status == 0 && byRef.out == first.out)
             let balance = try cli.run(["balance", "M1"])
             #expect(balance.out.trimmingCharacters(in: .newlines) == #"{"member":"M1","balance":100}"#)
+            // A member id may start with '-' (CONTRACT §1): after '--', as the help says.
+            let dashed = try cli.run(["balance", "--", "-lead"])
+            #expect(dashed.status == 0 && dashed.out.trimmingCharacters(in: .newlines) == #"{"member":"-lead","balance":0}"#, "\(dashed.err)")
+            #expect(try cli.run(["balance", "--help"]).out.contains("goes after '--'"))
         }
     }
 
