@@ -29,6 +29,20 @@ public struct Instant: Hashable, Comparable, Sendable, CustomStringConvertible {
         return "\(pad(y, 4))-\(pad(m, 2))-\(pad(d, 2))T\(pad(h, 2)):\(pad(mi, 2)):\(pad(s, 2)).\(pad(milli, 3))Z"
     }
 
+    /// The IMF-fixdate of HTTP's `date` header (RFC 9110 §5.6.7), to the second:
+    /// `Sun, 06 Nov 1994 08:49:37 GMT`.
+    public var httpDate: String {
+        var days = millisecondsSinceEpoch / 86_400_000
+        var rem = millisecondsSinceEpoch % 86_400_000
+        if rem < 0 { rem += 86_400_000; days -= 1 }
+        let (y, m, d) = Instant.civil(fromDays: days)
+        let weekdays = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"]  // 1970-01-01 was a Thursday
+        let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+        let weekday = weekdays[Int(((days % 7) + 7) % 7)]
+        let h = rem / 3_600_000, mi = (rem / 60_000) % 60, s = (rem / 1000) % 60
+        return "\(weekday), \(pad(d, 2)) \(months[Int(m) - 1]) \(pad(y, 4)) \(pad(h, 2)):\(pad(mi, 2)):\(pad(s, 2)) GMT"
+    }
+
     // MARK: Parsing
 
     /// Parses an RFC 3339 date-time: `YYYY-MM-DD(T|t| )HH:MM:SS(.fraction)?(Z|z|±HH:MM)`.

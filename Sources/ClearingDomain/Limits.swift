@@ -26,6 +26,9 @@ public enum Limits {
     /// Digits read of a `webhook-timestamp` (past Int64's 19 it is far from any clock: stale).
     public static let webhookTimestampDigitsMax = 64
 
+    /// Most bytes of a request's own text (a path, a header) a problem's detail repeats back.
+    public static let echoedTextBytesMax = 128
+
     /// How long the server may keep reading a body it refused unread before it closes the
     /// connection.
     public static let refusedBodyDrainMillisecondsMax = 20

@@ -22,6 +22,9 @@ public struct Problem: Error, Equatable, Sendable, CustomStringConvertible {
         case unauthorized
         /// Not in the contract's table: a route served, but not with this method (`allow` says which).
         case methodNotAllowed = "method-not-allowed"
+        /// Not in the contract's table: a `transfer-encoding` other than `chunked` alone, which
+        /// this server cannot decode (RFC 9112 §6.1: 501).
+        case notImplemented = "not-implemented"
 
         public var status: Int {
             switch self {
@@ -35,6 +38,7 @@ public struct Problem: Error, Equatable, Sendable, CustomStringConvertible {
             case .unsupportedMediaType: 415
             case .insufficientPoints, .unknownOriginal, .reversalExceedsOriginal, .memberMismatch: 422
             case .rateLimited: 429
+            case .notImplemented: 501
             case .unavailable: 503
             }
         }
@@ -58,6 +62,7 @@ public struct Problem: Error, Equatable, Sendable, CustomStringConvertible {
             case .notFound: "Not found"
             case .unauthorized: "Unauthorized"
             case .methodNotAllowed: "Method not allowed"
+            case .notImplemented: "Not implemented"
             }
         }
     }

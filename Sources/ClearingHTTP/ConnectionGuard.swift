@@ -428,9 +428,28 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
             refuse(context: context, status: .badRequest, Problem(.malformed, "host: an HTTP/1.1 request carries exactly one host header; this one has \(hosts)"))
             return
         }
+        let legacy = head.version.major < 1 || (head.version.major == 1 && head.version.minor == 0)
+        // Framing by `transfer-encoding` (RFC 9112 §6.1), refused where this server and
+        // another HTTP hop could read a different body out of the same bytes (request
+        // smuggling): HTTP/1.0 has no transfer codings, so such a request's framing is faulty
+        // (400); a coding other than `chunked` alone cannot be decoded here (501). The NIO
+        // parser frames by the last `chunked` and would pass `gzip, chunked` on as plain.
+        let codings = head.headers["transfer-encoding"]
+        if !codings.isEmpty {
+            if legacy {
+                refuse(context: context, status: .badRequest, Problem(.malformed, "transfer-encoding in an HTTP/1.0 request: its framing cannot be trusted (RFC 9112 §6.1)"))
+                return
+            }
+            let list = codings.flatMap { $0.split(separator: ",", omittingEmptySubsequences: false) }
+                .map(Self.transferCoding)
+            if list != ["chunked"] {
+                let named = String(codings.joined(separator: ", ").prefix(Limits.echoedTextBytesMax))
+                refuse(context: context, status: .notImplemented, Problem(.notImplemented, "transfer-encoding \(JSONWriter.quote(named)): only chunked, alone, is understood"))
+                return
+            }
+        }
         answering = true
         midRequest = true
-        let legacy = head.version.major < 1 || (head.version.major == 1 && head.version.minor == 0)
         let close = legacy || !head.isKeepAlive
         // At most two: a request being answered, and one behind it whose predecessor was
         // answered before its own body had all been read.
@@ -477,10 +496,24 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
         let detail = switch error {
         case .headerOverflow:
             "the request head is too large: at most \(Limits.requestHeaderDecodeBytesMax / 1024) KiB in \(Limits.requestHeaderFieldsMax) fields"
-        default:
-            "the request head could not be read as HTTP/1.1 (\(error))"
+        case .invalidContentLength: "content-length must be one decimal number"
+        case .unexpectedContentLength: "a request carries transfer-encoding or content-length, not both"
+        case .invalidVersion: "the request line does not end in HTTP/1.0 or HTTP/1.1"
+        case .invalidMethod: "the request line's method is not one HTTP knows"
+        case .invalidURL: "the request target cannot be read"
+        case .invalidHeaderToken, .invalidCharactersUsed: "a header name or value holds a character HTTP does not allow"
+        default: "the request head could not be read as HTTP/1.1"
         }
         refuse(context: context, status: .badRequest, Problem(.malformed, detail))
+    }
+
+    /// One entry of a `transfer-encoding` list as compared: without the spaces and tabs
+    /// around it, in lower case (coding names are case-insensitive, RFC 9112 §7).
+    static func transferCoding(_ entry: Substring) -> String {
+        var t = entry
+        while let f = t.first, f == " " || f == "\t" { t.removeFirst() }
+        while let l = t.last, l == " " || l == "\t" { t.removeLast() }
+        return t.lowercased()
     }
 
     /// Answers a request the router never sees with a problem document, and closes the
@@ -490,6 +523,7 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
         var headers: HTTPHeaders = [
             "content-type": "application/problem+json", "cache-control": "no-store",
             "content-length": String(body.readableBytes), "connection": "close",
+            "date": SystemClock().now().httpDate,
         ]
         headers.add(contentsOf: extra)
         let head = HTTPResponseHead(version: .http1_1, status: status, headers: headers)

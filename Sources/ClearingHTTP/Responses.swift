@@ -14,6 +14,15 @@ extension HTTPField.Name {
 }
 
 enum Responses {
+    /// A request's own text as a problem's detail repeats it: at most
+    /// `Limits.echoedTextBytesMax` bytes of it (whole characters), then `…`.
+    static func echoed(_ text: String) -> String {
+        guard text.utf8.count > Limits.echoedTextBytesMax else { return text }
+        var kept = text.prefix(Limits.echoedTextBytesMax)  // characters: at least as many bytes
+        while kept.utf8.count > Limits.echoedTextBytesMax { kept = kept.dropLast() }
+        return kept + "…"
+    }
+
     /// A JSON body with a status.
     static func json(_ status: Int, _ body: String) -> Response {
         Response(
@@ -105,9 +114,9 @@ extension Responses {
                 // with other methods is 405, with `allow` (RFC 9110 §15.5.6).
                 let allowed = Intake.methods(servedAt: request.uri.path)
                 guard !allowed.isEmpty, !allowed.contains(request.method.rawValue) else {
-                    return problem(Problem(.notFound, "no such resource: \(request.uri.path)"))
+                    return problem(Problem(.notFound, "no such resource: \(Responses.echoed(request.uri.path))"))
                 }
-                var response = problem(Problem(.methodNotAllowed, "\(request.method) is not served at \(request.uri.path); \(allowed.joined(separator: ", ")) is"))
+                var response = problem(Problem(.methodNotAllowed, "\(request.method) is not served at \(Responses.echoed(request.uri.path)); \(allowed.joined(separator: ", ")) is"))
                 response.headers[.allow] = allowed.joined(separator: ", ")
                 return response
             case 413: return problem(Problem(.tooLarge, "the body is larger than \(Limits.eventBodyBytesMax) bytes"))

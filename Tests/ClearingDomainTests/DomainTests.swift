@@ -131,6 +131,11 @@ import Testing
         #expect(t.rfc3339 == "2026-11-22T10:00:01.123Z")
         #expect(Instant(millisecondsSinceEpoch: 0).rfc3339 == "1970-01-01T00:00:00.000Z")
         #expect(Instant(millisecondsSinceEpoch: -1).rfc3339 == "1969-12-31T23:59:59.999Z")
+        // HTTP's IMF-fixdate (RFC 9110 §5.6.7's own example), the epoch, and a day before it.
+        #expect(Instant(millisecondsSinceEpoch: 784_111_777_999).httpDate == "Sun, 06 Nov 1994 08:49:37 GMT")
+        #expect(Instant(millisecondsSinceEpoch: 0).httpDate == "Thu, 01 Jan 1970 00:00:00 GMT")
+        #expect(Instant(millisecondsSinceEpoch: -1).httpDate == "Wed, 31 Dec 1969 23:59:59 GMT")
+        #expect(Instant(millisecondsSinceEpoch: 1_796_083_200_000).httpDate == "Tue, 01 Dec 2026 00:00:00 GMT")
     }
 
     @Test func parsesOffsetsAndFractions() {

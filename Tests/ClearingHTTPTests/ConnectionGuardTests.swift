@@ -311,6 +311,38 @@ import Testing
         #expect(try mid.readOutbound(as: HTTPServerResponsePart.self) == nil, "the route answers a body it cannot read")
     }
 
+    /// Framing by `transfer-encoding` that this server and another hop could read apart
+    /// (request smuggling) is refused before any body is read, with a dated problem document,
+    /// and the connection closes: a coding other than `chunked` alone (501), and any
+    /// `transfer-encoding` in HTTP/1.0 (400). `chunked` alone, in any case, goes on.
+    @Test func transferCodingsOtherThanChunkedAloneAreRefused() throws {
+        let refused: [(HTTPVersion, [(String, String)], HTTPResponseStatus, String)] = [
+            (.http1_1, [("transfer-encoding", "gzip, chunked")], .notImplemented, "not-implemented"),
+            (.http1_1, [("transfer-encoding", "gzip"), ("transfer-encoding", "chunked")], .notImplemented, "not-implemented"),
+            (.http1_1, [("transfer-encoding", "identity, chunked")], .notImplemented, "not-implemented"),
+            (.http1_1, [("transfer-encoding", "chunked, chunked")], .notImplemented, "not-implemented"),
+            (.http1_1, [("transfer-encoding", "chunked,")], .notImplemented, "not-implemented"),
+            (.http1_0, [("transfer-encoding", "chunked")], .badRequest, "malformed"),
+        ]
+        for (version, headers, status, slug) in refused {
+            let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+            try c.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+            try c.writeInbound(request(version, headers))
+            #expect(try c.readInbound(as: HTTPServerRequestPart.self) == nil, "the router never sees it: \(headers)")
+            guard case .head(let head) = try c.readOutbound(as: HTTPServerResponsePart.self) else { Issue.record("no head"); continue }
+            #expect(head.status == status && head.headers["connection"] == ["close"], "\(headers)")
+            #expect(head.headers["date"].first?.hasSuffix(" GMT") == true, "a refusal is dated too")
+            guard case .body(.byteBuffer(let body)) = try c.readOutbound(as: HTTPServerResponsePart.self) else { Issue.record("no body"); continue }
+            #expect(String(buffer: body).contains("urn:clearhouse:problem:\(slug)"), "\(String(buffer: body))")
+            #expect(!c.isActive, "closed: the body's framing is unknown")
+        }
+        for spelling in ["chunked", "Chunked", " CHUNKED "] {
+            let c = EmbeddedChannel(handler: HTTP1ConnectionHandler())
+            let (seen, _) = try exchange(c, request(.http1_1, [("transfer-encoding", spelling)]))
+            #expect(seen.headers["transfer-encoding"] == [spelling])
+        }
+    }
+
     /// An unreadable head pipelined behind requests (held, or read while an answer is being
     /// written) is refused with the problem document once the answers before it have ended.
     @Test func anUnreadableHeadBehindRequestsIsRefusedAfterTheirAnswers() throws {

@@ -324,6 +324,11 @@ func problemType(_ r: TestResponse) -> String? {
             #expect(try await client.execute(uri: "/readyz", method: .get).status == .ok)
             let missing = try await client.execute(uri: "/v1/nothing", method: .get)
             #expect(missing.status.code == 404 && missing.headers[.contentType] == "application/problem+json")
+            // A refusal repeats at most 128 bytes of the path (whole characters), however long it is.
+            let long = "/v1/" + String(repeating: "é", count: 5_000)
+            let far = try await client.execute(uri: long, method: .get)
+            let detail = try #require((try JSONSerialization.jsonObject(with: Data(buffer: far.body)) as? [String: Any])?["detail"] as? String)
+            #expect(far.status.code == 404 && detail.hasSuffix("é…") && detail.utf8.count <= "no such resource: ".utf8.count + 128 + 3, "\(detail)")
             // A served path with another method: 405, and `allow` names the methods served there.
             let put = try await client.execute(uri: "/v1/partners/fuel/events", method: .put)
             #expect(put.status.code == 405 && problemType(put) == "urn:clearhouse:problem:method-not-allowed", "\(String(buffer: put.body))")

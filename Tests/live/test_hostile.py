@@ -515,6 +515,36 @@ def test_a_malformed_chunk_is_the_clients_fault(server):
     assert_still_serving(server)
 
 
+@pytest.mark.parametrize("coding, http10, status, problem", [
+    ([b"transfer-encoding: gzip, chunked"], False, 501, b"not-implemented"),
+    ([b"transfer-encoding: deflate", b"transfer-encoding: chunked"], False, 501, b"not-implemented"),
+    ([b"transfer-encoding: identity, chunked"], False, 501, b"not-implemented"),
+    ([b"transfer-encoding: chunked"], True, 400, b"malformed"),
+])
+def test_framing_another_hop_could_read_otherwise_is_refused_unread(server, coding, http10, status, problem):
+    """Request smuggling (RFC 9112 §6.1): a correctly signed earn framed by a transfer coding
+    the server does not decode, or by `transfer-encoding` in HTTP/1.0, is refused before its
+    body is read (a proxy in front could read other bytes as the body), with a dated problem
+    document, the connection closed, and nothing posted: the same earn framed plainly is then
+    new (201)."""
+    n = hashlib.sha256(b"|".join(coding) + (b"1.0" if http10 else b"")).hexdigest()[:12]
+    msg_id, ref = f"te-{n}", f"te-ref-{n}"
+    body = earn("TE1", 3, ref).encode()
+    headers = sign_bytes(server.secrets["fuelco"], msg_id, body)
+    lines = [f"{k}: {v}".encode() for k, v in headers.items()] + coding
+    data = request("POST", "/v1/partners/fuelco/events", lines, b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    if http10:
+        data = data.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    response, closed = until_closed(server, data)
+    assert closed, response[:400]
+    line, headers = head_of(response)
+    assert line.split(" ")[1] == str(status) and headers["connection"] == "close", response[:400]
+    assert headers["date"].endswith(" GMT") and b"urn:clearhouse:problem:" + problem in response, response[:600]
+    r = server.post("fuelco", earn("TE1", 3, ref), msg_id=msg_id)
+    assert r.status_code == 201, ("the refused earn must not have been posted", r.status_code, r.text)
+    server.accepted.add(msg_id)
+
+
 # MARK: slow clients
 
 def test_slow_clients_are_cut_off_while_others_are_served(server):
