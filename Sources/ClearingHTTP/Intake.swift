@@ -78,9 +78,11 @@ public struct Intake: Sendable {
     /// The methods served at a concrete path (for a 405's `allow`): `:name` matches any one
     /// segment, `{run}.json` any segment with that suffix.
     static func methods(servedAt path: String) -> [String] {
-        let segments = path.split(separator: "/", omittingEmptySubsequences: false)
+        // Empty segments are skipped, as Hummingbird's router skips them (`/a//b/` is `/a/b`),
+        // so that a path the router would route with another method is 405 here, not 404.
+        let segments = path.split(separator: "/")
         let methods = routes.filter { route in
-            let pattern = route.path.split(separator: "/", omittingEmptySubsequences: false)
+            let pattern = route.path.split(separator: "/")
             return pattern.count == segments.count && zip(pattern, segments).allSatisfy { p, s in
                 if p.hasPrefix(":") { return !s.isEmpty }
                 if p.hasPrefix("{"), let close = p.firstIndex(of: "}") { return s.count > p[p.index(after: close)...].count && s.hasSuffix(p[p.index(after: close)...]) }

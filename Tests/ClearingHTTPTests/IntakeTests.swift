@@ -333,6 +333,11 @@ func problemType(_ r: TestResponse) -> String? {
             let put = try await client.execute(uri: "/v1/partners/fuel/events", method: .put)
             #expect(put.status.code == 405 && problemType(put) == "urn:clearhouse:problem:method-not-allowed", "\(String(buffer: put.body))")
             #expect(put.headers[.allow] == "POST")
+            // Empty segments count for nothing, as in the router, which routes `POST …/events/`.
+            for path in ["/v1/partners/fuel/events/", "//v1/partners//fuel/events"] {
+                let get = try await client.execute(uri: path, method: .get)
+                #expect(get.status.code == 405 && get.headers[.allow] == "POST", "\(path)")
+            }
             let post = try await client.execute(uri: "/v1/partners/fuel/statements/R000001.csv", method: .post)
             #expect(post.status.code == 405 && post.headers[.allow] == "GET, HEAD")
             // HEAD on every GET route: the GET's status and headers, no body (RFC 9110 §9.3.2).
