@@ -21,7 +21,6 @@ struct Settle: AsyncParsableCommand {
         let configuration = try locations.loadConfiguration()
         let cutoff = try instantOption(through, verb: "settle", option: "--through")
         let store = try locations.openStore(configuration)
-        defer { try? store.close() }
         let run: SettlementRun
         // A progress bar on a terminal (stderr), for long runs; nothing when piped.
         let bar: (@Sendable (Int64, Int64) -> Void)? = isatty(2) == 1 ? ProgressBar.draw : nil
@@ -29,12 +28,25 @@ struct Settle: AsyncParsableCommand {
         // told so. (A second one ends the process at once: a run whose COMMIT was under way
         // may then be recorded or not, whole either way; `clearhouse runs` says which.)
         let interruption = Interruption { store.interruptSettlement() }
-        defer { interruption.end() }
+        // Once the run is recorded, the verb says so: a signal then is noted and ignored (with
+        // its default action, the process would end with 130 or 143, "nothing was settled",
+        // and without the run it printed), until the process exits.
+        defer {
+            // Tests: CLEARHOUSE_SETTLE_SIGNAL_AFTER_COMMIT=1 sends SIGTERM once the run is
+            // printed, just before the store closes, as a night job's timeout could.
+            if interruption.isSettled, ProcessInfo.processInfo.environment["CLEARHOUSE_SETTLE_SIGNAL_AFTER_COMMIT"] == "1" {
+                interruption.raiseAndWait(SIGTERM)
+            }
+            try? store.close()
+        }
         // Tests: CLEARHOUSE_SETTLE_SIGNAL_BEFORE_COMMIT=1 sends this process SIGINT just before
         // the run's COMMIT, as an operator's Ctrl-C at the last moment would.
         let beforeCommit: (() -> Void)? = ProcessInfo.processInfo.environment["CLEARHOUSE_SETTLE_SIGNAL_BEFORE_COMMIT"] == "1"
             ? { interruption.raiseAndWait(SIGINT) } : nil
-        do { run = try store.settle(through: cutoff, progress: bar, beforeCommit: beforeCommit) } catch where interruption.caught != 0 {
+        do {
+            run = try store.settle(through: cutoff, progress: bar, beforeCommit: beforeCommit)
+            interruption.settled()
+        } catch where interruption.caught != 0 {
             if bar != nil { FileHandle.standardError.write(Data("\n".utf8)) }
             printError("clearhouse settle: interrupted (\(interruption.caught == SIGINT ? "SIGINT" : "SIGTERM")): nothing was settled; the run's transaction was rolled back and the journal was not changed. Run `clearhouse settle` again to close the run.")
             throw ExitCode(128 + interruption.caught)
@@ -56,16 +68,19 @@ struct Settle: AsyncParsableCommand {
         if !json && !run.partners.isEmpty {
             print("\n\(run.partners.count) settlement notices are in the outbox: `clearhouse serve` delivers them, or run `clearhouse notices send`.")
         }
+        fflush(nil)  // the run is printed before anything else can happen to the process
     }
 }
 
 /// SIGINT and SIGTERM caught while `settle` makes its run (`SignalTrap`): the first calls
 /// `onSignal` (once) and is remembered; a second ends the process at once (exit 128 + the
-/// signal), as an operator pressing Ctrl-C twice expects.
+/// signal), as an operator pressing Ctrl-C twice expects. Once the run is recorded
+/// (`settled`), signals are remembered and nothing more: the verb prints the run and exits 0.
+/// The trap stays until the process exits.
 final class Interruption: Sendable {
-    /// The signal caught (0: none yet), and whether `end` was called; a handler holds the lock
-    /// while it runs.
-    private final class State: Sendable { let lock = Mutex<(caught: Int32, ended: Bool)>((0, false)) }
+    /// The signal caught (0: none yet), and whether the run is recorded; a handler holds the
+    /// lock while it runs.
+    private final class State: Sendable { let lock = Mutex<(caught: Int32, settled: Bool)>((0, false)) }
     private let state = State()
     private let trap: SignalTrap
 
@@ -73,8 +88,11 @@ final class Interruption: Sendable {
         let state = self.state
         trap = SignalTrap { number in
             state.lock.withLock { s in
-                // After `end`, nothing is called any more (the store may be closing).
-                if s.ended { return }
+                // The run is recorded: nothing to interrupt, and no exit that would say otherwise.
+                if s.settled {
+                    s.caught = number
+                    return
+                }
                 if s.caught != 0 { _exit(128 + number) }
                 s.caught = number
                 onSignal()
@@ -92,13 +110,13 @@ final class Interruption: Sendable {
         for _ in 0..<(Limits.signalWaitMillisecondsMax / 10) where caught == 0 { usleep(10_000) }
     }
 
-    /// Stops reading the signals, once no handler is running (so `onSignal` never runs beside
-    /// what follows: closing the store), and gives them their default action back (a Ctrl-C
-    /// while the verb prints or closes ends it; what it did is done).
-    func end() {
-        state.lock.withLock { $0.ended = true }
-        trap.end()
+    /// The run is recorded: from now on a signal calls nothing and ends nothing. Returns once
+    /// no handler is running, so `onSignal` never runs beside what follows (closing the store).
+    func settled() {
+        state.lock.withLock { $0.settled = true }
     }
+
+    var isSettled: Bool { state.lock.withLock { $0.settled } }
 }
 
 /// `clearhouse runs` and `clearhouse runs show <run>`.

@@ -290,6 +290,22 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
         }
     }
 
+    /// A signal once the run is recorded (a night job's timeout, a Ctrl-C while it prints)
+    /// changes nothing: the run is printed whole and the exit status is 0, never the 143 that
+    /// says nothing was settled. The signal is sent by the process to itself after printing,
+    /// just before the store closes (where the default action used to be back).
+    @Test func aSignalAfterTheRunIsRecordedEndsNothing() throws {
+        try withCLI { cli in
+            #expect(try cli.run(["post", "--partner", "fuelco"], stdin: earnM1).status == 0)
+            let settled = try cli.run(["settle", "--json"], env: ["CLEARHOUSE_SETTLE_SIGNAL_AFTER_COMMIT": "1"])
+            #expect(settled.status == 0, "\(settled.status) \(settled.err)")
+            let run = try cli.json(settled)
+            #expect(run["run"] as? String == "R000001" && run["entries"] as? Int == 1, "\(settled.out)")
+            #expect(try cli.run(["runs"]).out.contains("R000001"))
+            #expect(try cli.run(["verify"]).status == 0)
+        }
+    }
+
     @Test func settleJSONHasTheContractShape() throws {
         try withCLI { cli in
             #expect(try cli.run(["post", "--partner", "fuelco"], stdin: earnM1).status == 0)
