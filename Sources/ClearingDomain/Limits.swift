@@ -95,6 +95,9 @@ public enum Limits {
     public static let postingBatchGatherMicrosecondsMax = 2_000
     public static let postingBatchGatherFrom = 4
     public static let postingBatchGatherTo = 48
+    /// How long the writer's ledger stage is idle before it copies into the ledgers what another
+    /// process (`clearhouse post`) decided in the journal and did not copy before it died.
+    public static let ledgerCatchUpIdleSecondsMax: Int64 = 5
     /// Most postings waiting for the writer; past this, callers get `unavailable`.
     public static let postingQueueMax = 65_536
     /// Load shedding: while the oldest waiting posting has waited longer than this, new ones

@@ -49,6 +49,9 @@ public final class PostingWriter: @unchecked Sendable {
     private let waitMax: Duration?
     /// The group-commit delay (`Limits.postingBatchGatherMicrosecondsMax`; tests lengthen it).
     private let gatherMax: Duration
+    /// How long the ledger stage is idle before it looks for ledgers behind the journal
+    /// (`Limits.ledgerCatchUpIdleSecondsMax`; tests shorten it).
+    private let catchUpIdle: Duration
     /// Batches for which the decider waited to gather more postings.
     private var gathered = 0
 
@@ -56,6 +59,7 @@ public final class PostingWriter: @unchecked Sendable {
         store: Store, queueMax: Int = Limits.postingQueueMax,
         waitMax: Duration? = .milliseconds(Limits.postingQueueWaitMillisecondsMax),
         gatherMax: Duration = .microseconds(Limits.postingBatchGatherMicrosecondsMax),
+        catchUpIdle: Duration = .seconds(Limits.ledgerCatchUpIdleSecondsMax),
         batchObserver: (@Sendable (Int) -> Void)? = nil
     ) {
         precondition(queueMax >= 1 && queueMax <= Limits.postingQueueMax)
@@ -63,6 +67,7 @@ public final class PostingWriter: @unchecked Sendable {
         self.queueMax = queueMax
         self.waitMax = waitMax
         self.gatherMax = gatherMax
+        self.catchUpIdle = catchUpIdle
         self.store = store
         self.batchObserver = batchObserver
         // Named as `top -H`, `ps -L` and `perf` show them: Linux keeps at most 15 bytes of a
@@ -217,11 +222,23 @@ public final class PostingWriter: @unchecked Sendable {
     }
 
     /// The ledger stage: writes each decided batch to the partners' ledgers, in the order
-    /// decided, then answers its callers.
+    /// decided, then answers its callers. Idle for `catchUpIdle`, it copies into the ledgers
+    /// what another process decided and did not copy (`Store.catchUpLedgersBehind`); a batch
+    /// decided meanwhile waits for that, and skips the entries it finds already there.
     private func runLedgerStage() {
         while true {
             stage.lock()
-            while decided.isEmpty && !deciderDone { stage.wait() }
+            while decided.isEmpty && !deciderDone {
+                // NSCondition's deadline is the wall clock's: a step of it makes one look come
+                // early or late, nothing more.
+                if !stage.wait(until: Date(timeIntervalSinceNow: Double(catchUpIdle.components.seconds) + Double(catchUpIdle.components.attoseconds) / 1e18)),
+                    decided.isEmpty && !deciderDone
+                {
+                    stage.unlock()
+                    store.catchUpLedgersBehind()
+                    stage.lock()
+                }
+            }
             if decided.isEmpty && deciderDone {
                 finished = true
                 stage.broadcast()

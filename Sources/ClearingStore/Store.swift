@@ -583,6 +583,32 @@ public final class Store: Sendable {
         writerState.withLock { $0.laggingLedgers = [] }
     }
 
+    /// Copies into every ledger what the journal holds beyond it: entries another process
+    /// (`clearhouse post` beside `serve`) decided and did not copy before it died. The writer's
+    /// ledger stage calls this when it has been idle a while (`PostingWriter`), so that such a
+    /// ledger does not wait for its partner's next posting (or the next start) to be whole.
+    /// Nothing for a writer stopped at a fault point or closed. Returns the entries copied; a
+    /// failure is logged and left for the next time.
+    @discardableResult
+    public func catchUpLedgersBehind() -> Int {
+        if writerState.withLock({ $0.crashed || $0.closed }) { return 0 }
+        var copied = 0
+        do {
+            for (partner, last) in try partnersToRecover() where last > 0 && configuration.partners[partner] != nil {
+                guard try ledgerHead(partner) < last else { continue }
+                let n = try catchUpLedger(partner, through: last)
+                if n > 0 {
+                    logger.notice("ledger caught up from the journal (another process decided these entries and did not copy them)",
+                                  metadata: ["partner": "\(partner)", "entries": "\(n)"])
+                }
+                copied += n
+            }
+        } catch {
+            logger.error("ledger catch-up failed; tried again when the writer is next idle", metadata: ["error": "\(error)"])
+        }
+        return copied
+    }
+
     /// The last sequence in a partner's ledger (0 when it holds none).
     private func ledgerHead(_ partner: PartnerID) throws -> Int64 {
         try ledger(partner).read { try Int64.fetchOne($0, sql: "SELECT MAX(sequence) FROM entry") } ?? 0

@@ -254,6 +254,37 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         #expect(names.contains("ch-decider") && names.contains("ch-ledgers"), "\(names)")
     }
 
+    /// Another process (`clearhouse post` beside `serve`) decides an earn and dies before it
+    /// copies it into the partner's ledger: the running writer, once idle, copies it, so that
+    /// the ledger is whole (and `verify` passes) without waiting for that partner's next
+    /// posting or the next start.
+    @Test func aLedgerLeftBehindByAnotherProcessIsCaughtUpWhenTheWriterIsIdle() throws {
+        let h = try Harness()
+        let writer = PostingWriter(store: h.store, catchUpIdle: .milliseconds(100))
+        defer { writer.shutdown() }
+        let other = try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock, faults: { $0 == .afterJournalCommit })
+        let died = other.post([Submission(partner: G, webhookID: WebhookID("g1")!, event: Fixtures.earn("M1", 40, "G-1"))])
+        #expect(died.first?.httpStatus == 503, "the other process stopped after its journal commit: \(died)")
+        try? other.close()
+        var waited = 0
+        while try !h.verify().ok && waited < 100 {  // at most 5 s
+            usleep(50_000)
+            waited += 1
+        }
+        #expect(try h.verify().ok, "the idle writer copied the entry into its ledger")
+        // The writer goes on as before: the next earn follows the copied one in the ledger.
+        let answered = DispatchSemaphore(value: 0)
+        let outcome = Mutex<PostingOutcome?>(nil)
+        writer.enqueue(Submission(partner: G, webhookID: WebhookID("g2")!, event: Fixtures.earn("M1", 2, "G-2"))) { o in
+            outcome.withLock { $0 = o }
+            answered.signal()
+        }
+        answered.wait()
+        guard case .created(let e) = outcome.withLock({ $0 }) else { Issue.record("not created"); return }
+        #expect(e.sequence == 2)
+        #expect(try h.verify().ok)
+    }
+
     @Test func groupCommitSharesCommitsAmongConcurrentPostings() async throws {
         let h = try Harness()
         let writer = PostingWriter(store: h.store)
