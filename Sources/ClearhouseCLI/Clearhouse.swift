@@ -63,7 +63,10 @@ struct Locations: ParsableArguments {
         }
     }
 
-    func openStore(_ configuration: ClearingConfiguration, creating: Bool = false, readOnly: Bool = false) throws -> Store {
+    /// - Parameter logger: the store's (default: the quiet CLI logger, warnings and errors only;
+    ///   `serve` passes its own, so that the store's notices reach its log at its level).
+    func openStore(_ configuration: ClearingConfiguration, creating: Bool = false, readOnly: Bool = false, logger: Logger? = nil) throws -> Store {
+        let logger = logger ?? CLILog.logger("clearhouse.store")
         var isDirectory: ObjCBool = false
         if FileManager.default.fileExists(atPath: data, isDirectory: &isDirectory), !isDirectory.boolValue {
             printError("clearhouse: --data \(data) is a file, not a data directory; check --data")
@@ -87,14 +90,14 @@ struct Locations: ParsableArguments {
         do {
             if readOnly {
                 do {
-                    return try Store(dataDirectory: dataURL, configuration: configuration, logger: CLILog.logger("clearhouse.store"), readOnly: true)
+                    return try Store(dataDirectory: dataURL, configuration: configuration, logger: logger, readOnly: true)
                 } catch is Store.NeedsWriting {}
             }
             // A read verb that must open writable (a migration, a ledger to catch up) still
             // records no currency: a mistyped --partners of a read must do no lasting harm.
             return try Store(
                 dataDirectory: dataURL, configuration: configuration, faults: Locations.crashFromEnvironment(),
-                logger: CLILog.logger("clearhouse.store"), recordsCurrency: !readOnly)
+                logger: logger, recordsCurrency: !readOnly)
         } catch where StoreError.isDiskFull(error, under: dataURL) {
             // Opening a store writes (SQLite's WAL set-up), even for a verb that only reads.
             printError("clearhouse: cannot open the data directory \(data): the disk is full (\(error)); free some space first. A running serve keeps answering reads")

@@ -72,7 +72,9 @@ struct Serve: AsyncParsableCommand {
             printError("clearhouse serve: statement key: \(error)")
             throw ExitCode(2)
         }
-        let store = try locations.openStore(configuration, creating: true)
+        var storeLogger = Logger(label: "clearhouse.store", factory: ServerLogHandler.init(label:))
+        storeLogger.logLevel = logger.logLevel
+        let store = try locations.openStore(configuration, creating: true, logger: storeLogger)
         let metrics = IntakeMetrics()
         let writer = PostingWriter(store: store, batchObserver: { metrics.groupCommit(postings: $0) })
         let intake = Intake(configuration: configuration, store: store, writer: writer, metrics: metrics, signer: signer)

@@ -1,6 +1,7 @@
 """The operator's scripts in ops/ as the runbook (docs/OPERATIONS.md) uses them."""
 import os
 import subprocess
+import time
 
 from liveserver import BIN, ROOT, LiveServer, earn
 
@@ -197,5 +198,32 @@ def test_a_verb_whose_standard_output_cannot_be_written_exits_1():
                          ["simulate", "--emit", "--events", "20000"]):
                 r = run(*verb)
                 assert r.returncode == 1 and "standard output" in r.stderr and "Fatal error" not in r.stderr, (verb, r.returncode, r.stderr[:300])
+    finally:
+        s.close()
+
+
+def test_a_post_that_died_beside_serve_is_copied_into_its_ledger_by_serve():
+    """`clearhouse post` beside a running `serve` dies between its journal commit and its
+    ledger commit (`CLEARHOUSE_CRASH_AT`): `verify` reports the ledger behind; `serve`, idle,
+    copies the entry within its idle interval (5 s), says so in its log, and `verify` passes
+    with no other posting made."""
+    s = LiveServer().start()
+    try:
+        assert s.post("fuelco", earn("IDLE-1", 5, "IDLE-R0")).status_code == 201
+        env = dict(os.environ, CLEARHOUSE_CRASH_AT="after-journal-commit")
+        r = subprocess.run([BIN, "post", "--partner", "fuelco", "--webhook-id", "idle-1", "--data", s.data, "--partners", s.partners],
+                           input=earn("IDLE-1", 7, "IDLE-R1"), capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode != 0, (r.returncode, r.stdout, r.stderr)
+        deadline = time.monotonic() + 20
+        while s.ch("verify", check=False).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        v = s.ch("verify", check=False)
+        assert v.returncode == 0, v.stdout + v.stderr
+        assert "ledger caught up from the journal" in s.read_log()
+        # The copied entry is the one `post` decided: its replay answers it.
+        replay = subprocess.run([BIN, "post", "--partner", "fuelco", "--webhook-id", "idle-1", "--data", s.data, "--partners", s.partners],
+                                input=earn("IDLE-1", 7, "IDLE-R1"), capture_output=True, text=True, timeout=60)
+        assert replay.returncode == 0 and '"sequence":2' in replay.stdout, replay.stdout + replay.stderr
+        assert s.stop() == 0
     finally:
         s.close()
