@@ -123,9 +123,12 @@ public enum EventParser {
         }
     }
 
+    /// Refuses a key not in `allowed`: of several, the first in sorted order, so that a body
+    /// always gets the same answer (the decoder's `allKeys` come in a dictionary's order,
+    /// which differs from one dictionary to the next).
     private static func onlyKeys(_ c: KeyedDecodingContainer<Key>, _ allowed: Set<String>, at path: String) throws {
-        for k in c.allKeys where !allowed.contains(k.stringValue) {
-            throw Problem(.malformed, "\(path)\(k.stringValue): unknown key")
+        if let unknown = c.allKeys.map(\.stringValue).filter({ !allowed.contains($0) }).min() {
+            throw Problem(.malformed, "\(path)\(unknown): unknown key")
         }
     }
 

@@ -179,6 +179,17 @@ import Testing
 }
 
 @Suite struct EventParserTests {
+    /// Several unknown keys: always the same one named (the first in sorted order), however the
+    /// decoder's dictionaries happen to order them (they differ from one to the next).
+    @Test func ofSeveralUnknownKeysTheSameOneIsNamedEveryTime() {
+        let body = Array(#"{"type":"points.redeemed","data":{"mermber":"M1","zeta":1,"ccurred_at":"x","points":5,"referentce":"R","alpha":2}}"#.utf8)
+        let top = Array(#"{"zz":1,"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1"},"aa":2}"#.utf8)
+        for _ in 0..<200 {
+            #expect(throws: Problem(.malformed, "data.alpha: unknown key")) { try EventParser.parse(body) }
+            #expect(throws: Problem(.malformed, "aa: unknown key")) { try EventParser.parse(top) }
+        }
+    }
+
     func parse(_ s: String) throws -> Event { try EventParser.parse(Array(s.utf8)) }
 
     func slugAndDetail(_ s: String) -> (String, String)? {
