@@ -23,10 +23,11 @@ public final class PostingWriter: @unchecked Sendable {
     // ledger stage and `shutdown` wait on it). Two conditions, so that queuing a posting
     // wakes the decider only.
     private let store: Store
-    /// Monotonic: the group-commit gather's timed wait must not stretch when the wall clock
-    /// steps back (``MonotonicCondition``).
+    /// Monotonic, both: the group-commit gather's timed wait and the ledger stage's idle wait
+    /// must not stretch (or end at once, again and again) when the wall clock steps
+    /// (``MonotonicCondition``).
     private let condition = MonotonicCondition()
-    private let stage = NSCondition()
+    private let stage = MonotonicCondition()
     private var queue: [(Submission, @Sendable (PostingOutcome) -> Void)] = []
     /// When each queued posting was queued (parallel to `queue`).
     private var queuedAt: [ContinuousClock.Instant] = []
@@ -229,11 +230,7 @@ public final class PostingWriter: @unchecked Sendable {
         while true {
             stage.lock()
             while decided.isEmpty && !deciderDone {
-                // NSCondition's deadline is the wall clock's: a step of it makes one look come
-                // early or late, nothing more.
-                if !stage.wait(until: Date(timeIntervalSinceNow: Double(catchUpIdle.components.seconds) + Double(catchUpIdle.components.attoseconds) / 1e18)),
-                    decided.isEmpty && !deciderDone
-                {
+                if !stage.wait(until: MonotonicCondition.deadline(after: catchUpIdle)), decided.isEmpty && !deciderDone {
                     stage.unlock()
                     store.catchUpLedgersBehind()
                     stage.lock()
