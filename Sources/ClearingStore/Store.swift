@@ -91,6 +91,9 @@ public final class Store: Sendable {
     let lotCacheMismatchCounter = Atomic<Int>(0)
     /// Set by `interruptSettlement` (an operator's Ctrl-C); a run in progress then rolls back.
     let settlementInterrupted = Atomic<Bool>(false)
+    /// The last failure of the idle ledger catch-up, said once (not every few seconds while,
+    /// say, the disk stays full), and said again when it differs or has passed.
+    let idleCatchUpFailure = Mutex<String?>(nil)
 
     struct WriterState {
         /// Set when a fault point stopped the writer: nothing more may be written.
@@ -603,8 +606,15 @@ public final class Store: Sendable {
                 }
                 copied += n
             }
+            if idleCatchUpFailure.withLock({ $0.take() }) != nil {
+                logger.notice("ledger catch-up works again")
+            }
         } catch {
-            logger.error("ledger catch-up failed; tried again when the writer is next idle", metadata: ["error": "\(error)"])
+            let said = "\(error)"
+            if idleCatchUpFailure.withLock({ last in defer { last = said }; return last != said }) {
+                logger.error("ledger catch-up failed; tried again whenever the writer is idle (said again only if the error changes)",
+                             metadata: ["error": "\(said)", "disk": "\(diskCondition() ?? "no trouble seen")"])
+            }
         }
         return copied
     }

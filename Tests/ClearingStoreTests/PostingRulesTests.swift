@@ -3,6 +3,7 @@ import ClearingDomain
 import ClearingStore
 import Foundation
 import GRDB
+import Logging
 import Synchronization
 import Testing
 
@@ -283,6 +284,40 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         guard case .created(let e) = outcome.withLock({ $0 }) else { Issue.record("not created"); return }
         #expect(e.sequence == 2)
         #expect(try h.verify().ok)
+    }
+
+    /// While the idle catch-up keeps failing (here: the ledger's last entry altered, so the
+    /// trigger refuses the next one), its error is logged once, not every time the writer is
+    /// idle; once it works again, that is said, and the ledger is whole.
+    @Test func aFailingIdleCatchUpIsLoggedOnceAndItsRecoveryToo() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        let configuration = Fixtures.configuration()
+        let lines = LogLines()
+        let store = try Store(dataDirectory: dir.url, configuration: configuration, clock: ManualClock(),
+                              logger: Logger(label: "test") { _ in LogLines.Handler(lines: lines) })
+        defer { try? store.close() }
+        #expect(store.post([Submission(partner: G, webhookID: WebhookID("g1")!, event: Fixtures.earn("M1", 40, "G-1"))])[0].httpStatus == 201)
+        let other = try Store(dataDirectory: dir.url, configuration: configuration, clock: ManualClock(), faults: { $0 == .afterJournalCommit })
+        #expect(other.post([Submission(partner: G, webhookID: WebhookID("g2")!, event: Fixtures.earn("M1", 2, "G-2"))])[0].httpStatus == 503)
+        try? other.close()
+        let hash = try SQLiteTool.run(store.ledgerURL(G), "SELECT hex(hash) FROM entry WHERE sequence = 1").stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(try SQLiteTool.run(store.ledgerURL(G), "DROP TRIGGER entry_append_only_update; UPDATE entry SET hash = zeroblob(32) WHERE sequence = 1").status == 0)
+
+        let writer = PostingWriter(store: store, catchUpIdle: .milliseconds(20))
+        defer { writer.shutdown() }
+        usleep(600_000)  // about 30 idle looks, each failing
+        #expect(lines.count(of: "ledger catch-up failed") == 1, "\(lines.all)")
+        #expect(try !Verifier.verify(dataDirectory: dir.url).ok)
+
+        #expect(try SQLiteTool.run(store.ledgerURL(G), "UPDATE entry SET hash = x'\(hash)' WHERE sequence = 1").status == 0)
+        var waited = 0
+        while lines.count(of: "ledger catch-up works again") == 0 && waited < 100 {
+            usleep(50_000)
+            waited += 1
+        }
+        #expect(lines.count(of: "ledger catch-up works again") == 1 && lines.count(of: "ledger catch-up failed") == 1, "\(lines.all)")
+        #expect(try SQLiteTool.run(store.ledgerURL(G), "SELECT max(sequence) FROM entry").stdout.hasPrefix("2"))
     }
 
     @Test func groupCommitSharesCommitsAmongConcurrentPostings() async throws {
@@ -665,5 +700,23 @@ func queueBehindTheLock(_ h: Harness, _ writer: PostingWriter, _ send: (Int) -> 
         #expect(outcomes.map(\.httpStatus) == [201, 503, 201])
         #expect(try flows(h) == ["grocer>cinema=20", "grocer>fuel=7"])
         #expect(try h.verify().ok)
+    }
+}
+
+/// The messages a test's logger was given.
+final class LogLines: Sendable {
+    private let lines = Mutex<[String]>([])
+    var all: [String] { lines.withLock { $0 } }
+    func count(of prefix: String) -> Int { lines.withLock { $0.filter { $0.hasPrefix(prefix) }.count } }
+
+    struct Handler: LogHandler {
+        let lines: LogLines
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .trace
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+        func log(event: LogEvent) { lines.lines.withLock { $0.append("\(event.message)") } }
     }
 }
