@@ -20,27 +20,27 @@ public struct Instant: Hashable, Comparable, Sendable, CustomStringConvertible {
 
     /// `YYYY-MM-DDTHH:MM:SS.mmmZ`, always with milliseconds and `Z`.
     public var rfc3339: String {
-        let ms = millisecondsSinceEpoch
-        var days = ms / 86_400_000
-        var rem = ms % 86_400_000
-        if rem < 0 { rem += 86_400_000; days -= 1 }
-        let (y, m, d) = Instant.civil(fromDays: days)
-        let h = rem / 3_600_000, mi = (rem / 60_000) % 60, s = (rem / 1000) % 60, milli = rem % 1000
-        return "\(pad(y, 4))-\(pad(m, 2))-\(pad(d, 2))T\(pad(h, 2)):\(pad(mi, 2)):\(pad(s, 2)).\(pad(milli, 3))Z"
+        let t = civilTime
+        return "\(pad(t.year, 4))-\(pad(t.month, 2))-\(pad(t.day, 2))T\(pad(t.hour, 2)):\(pad(t.minute, 2)):\(pad(t.second, 2)).\(pad(t.millisecond, 3))Z"
     }
 
     /// The IMF-fixdate of HTTP's `date` header (RFC 9110 §5.6.7), to the second:
     /// `Sun, 06 Nov 1994 08:49:37 GMT`.
     public var httpDate: String {
+        let t = civilTime
+        let weekdays = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"]  // 1970-01-01 was a Thursday
+        let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+        let weekday = weekdays[Int(((t.daysSinceEpoch % 7) + 7) % 7)]
+        return "\(weekday), \(pad(t.day, 2)) \(months[Int(t.month) - 1]) \(pad(t.year, 4)) \(pad(t.hour, 2)):\(pad(t.minute, 2)):\(pad(t.second, 2)) GMT"
+    }
+
+    /// This instant's UTC calendar day and time of day (days before 1970 included).
+    private var civilTime: (daysSinceEpoch: Int64, year: Int64, month: Int64, day: Int64, hour: Int64, minute: Int64, second: Int64, millisecond: Int64) {
         var days = millisecondsSinceEpoch / 86_400_000
         var rem = millisecondsSinceEpoch % 86_400_000
         if rem < 0 { rem += 86_400_000; days -= 1 }
         let (y, m, d) = Instant.civil(fromDays: days)
-        let weekdays = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"]  // 1970-01-01 was a Thursday
-        let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-        let weekday = weekdays[Int(((days % 7) + 7) % 7)]
-        let h = rem / 3_600_000, mi = (rem / 60_000) % 60, s = (rem / 1000) % 60
-        return "\(weekday), \(pad(d, 2)) \(months[Int(m) - 1]) \(pad(y, 4)) \(pad(h, 2)):\(pad(mi, 2)):\(pad(s, 2)) GMT"
+        return (days, y, m, d, rem / 3_600_000, (rem / 60_000) % 60, (rem / 1000) % 60, rem % 1000)
     }
 
     // MARK: Parsing

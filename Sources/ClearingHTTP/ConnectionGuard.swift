@@ -443,7 +443,7 @@ final class HTTP1ConnectionHandler: ChannelDuplexHandler, RemovableChannelHandle
             let list = codings.flatMap { $0.split(separator: ",", omittingEmptySubsequences: false) }
                 .map(Self.transferCoding)
             if list != ["chunked"] {
-                let named = String(codings.joined(separator: ", ").prefix(Limits.echoedTextBytesMax))
+                let named = Responses.echoed(codings.joined(separator: ", "))
                 refuse(context: context, status: .notImplemented, Problem(.notImplemented, "transfer-encoding \(JSONWriter.quote(named)): only chunked, alone, is understood"))
                 return
             }

@@ -14,7 +14,7 @@ public final class IntakeMetrics: Sendable {
     /// The handles each request and posting would otherwise make anew through the factory (a
     /// registry look-up under its lock, and the dimensions' arrays), kept once made. Bounded:
     /// routes are the router's templates (or `unmatched`), statuses and outcomes few.
-    private struct RequestKey: Hashable { var route: String; var status: Int }
+    private struct RequestKey: Hashable, Sendable { var route: String; var status: Int }
     private let requestHandles = Mutex<[RequestKey: (CoreMetrics.Counter, CoreMetrics.Timer)]>([:])
     private let postingCounters = Mutex<[String: CoreMetrics.Counter]>([:])
     private let groupCommitRecorder: CoreMetrics.Recorder
@@ -37,14 +37,9 @@ public final class IntakeMetrics: Sendable {
     /// (`2xx`, `4xx`, `5xx`), so that the latency of accepted postings is seen apart from
     /// the fast refusals of an overload.
     func request(route: String, status: Int, nanoseconds: Int64) {
-        let key = RequestKey(route: route, status: status)
-        let (counter, timer) = requestHandles.withLock { handles in
-            if let made = handles[key] { return made }
-            let made = (
-                CoreMetrics.Counter(label: "clearhouse_http_requests_total", dimensions: [("route", route), ("status", String(status))], factory: factory),
-                CoreMetrics.Timer(label: "clearhouse_http_request_duration_seconds", dimensions: [("route", route), ("class", "\(status / 100)xx")], factory: factory))
-            handles[key] = made
-            return made
+        let (counter, timer) = IntakeMetrics.kept(requestHandles, RequestKey(route: route, status: status)) {
+            (CoreMetrics.Counter(label: "clearhouse_http_requests_total", dimensions: [("route", route), ("status", String(status))], factory: factory),
+             CoreMetrics.Timer(label: "clearhouse_http_request_duration_seconds", dimensions: [("route", route), ("class", "\(status / 100)xx")], factory: factory))
         }
         counter.increment()
         timer.recordNanoseconds(nanoseconds)
@@ -58,12 +53,19 @@ public final class IntakeMetrics: Sendable {
         case .replayed: label = "replayed"
         case .rejected(let p): label = p.kind.rawValue
         }
-        postingCounters.withLock { counters in
-            if let made = counters[label] { return made }
-            let made = CoreMetrics.Counter(label: "clearhouse_postings_total", dimensions: [("outcome", label)], factory: factory)
-            counters[label] = made
-            return made
+        IntakeMetrics.kept(postingCounters, label) {
+            CoreMetrics.Counter(label: "clearhouse_postings_total", dimensions: [("outcome", label)], factory: factory)
         }.increment()
+    }
+
+    /// The handle kept under `key`, made (once) by `make` if there is none yet.
+    private static func kept<Key: Hashable & Sendable, Handle: Sendable>(_ handles: borrowing Mutex<[Key: Handle]>, _ key: Key, _ make: () -> Handle) -> Handle {
+        handles.withLock { kept in
+            if let made = kept[key] { return made }
+            let made = make()
+            kept[key] = made
+            return made
+        }
     }
 
     /// The size of one group commit (postings per journal transaction).

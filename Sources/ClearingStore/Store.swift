@@ -598,8 +598,7 @@ public final class Store: Sendable {
         var copied = 0
         do {
             for (partner, last) in try partnersToRecover() where last > 0 && configuration.partners[partner] != nil {
-                guard try ledgerHead(partner) < last else { continue }
-                let n = try catchUpLedger(partner, through: last)
+                let n = try catchUpLedger(partner, through: last)  // one read when the ledger is whole
                 if n > 0 {
                     logger.notice("ledger caught up from the journal (another process decided these entries and did not copy them)",
                                   metadata: ["partner": "\(partner)", "entries": "\(n)"])
