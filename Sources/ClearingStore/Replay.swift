@@ -31,11 +31,16 @@ struct ReplayBook {
     mutating func closeRun(cutoff: Instant) -> (RunAccumulator, [PartnerID: Int64], lots: [Int64: Int64]) {
         var expired: [PartnerID: Int64] = [:]
         var expiredLots: [Int64: Int64] = [:]
-        for (id, lot) in lots where lot.remaining > 0 && (lot.expiresAt.map { $0 <= cutoff } ?? false) {
+        // The lots that may expire, soonest first (not every lot: a run's cost must not grow
+        // with the lots of all the runs before it). A lot whose points are gone, or already
+        // expired, may still be listed: it is passed over.
+        while let next = expiring.first, next.expiresAt <= cutoff.millisecondsSinceEpoch {
+            expiring.removeFirst()
+            guard let lot = lots[next.lot], lot.remaining > 0, let at = lot.expiresAt, at <= cutoff else { continue }
             expired[lot.issuer, default: 0] += lot.remaining
-            expiredLots[id] = lot.remaining
-            lots[id]!.expired += lot.remaining
-            lots[id]!.remaining = 0
+            expiredLots[next.lot] = lot.remaining
+            lots[next.lot]!.expired += lot.remaining
+            setRemaining(of: next.lot, to: 0)
         }
         expiredPoints += expired.values.reduce(0, +)
         defer { current = RunAccumulator() }
@@ -50,7 +55,13 @@ struct ReplayBook {
     }
 
     private(set) var lots: [Int64: Lot] = [:]
+    /// Each member's lots with points left, oldest first (every member who ever earned has an
+    /// entry, empty or not). Only these: a redemption reads them, and a member's spent lots
+    /// would make each of its redemptions cost more as its history grows.
     private var lotsOfMember: [MemberID: [Int64]] = [:]
+    /// Every lot with points left and an expiry, by expiry (and others already spent or
+    /// expired, passed over when reached): what `closeRun` looks at.
+    private var expiring = ExpiryQueue()
     private(set) var takes: [Int64: [LotTake]] = [:]
     /// Each redemption's and redemption reversal's moves of points between flows (`lot_move`),
     /// in position order: +k per take, −k per return.
@@ -71,14 +82,30 @@ struct ReplayBook {
     private(set) var redeemedPoints: Int64 = 0
 
     func openLots(of member: MemberID) -> [OpenLot] {
-        (lotsOfMember[member] ?? []).compactMap { id in
-            guard let l = lots[id], l.remaining > 0 else { return nil }
+        (lotsOfMember[member] ?? []).map { id in
+            let l = lots[id]!
             return OpenLot(id: id, issuer: l.issuer, remaining: Points(l.remaining), expiresAt: l.expiresAt)
         }
     }
 
+    /// Sets a lot's points left, keeping its member's open lots and the expiry queue in step:
+    /// a lot leaves its member's open lots when nothing is left in it, and comes back (in id
+    /// order, and into the queue again) when a redemption's reversal returns points to it.
+    private mutating func setRemaining(of id: Int64, to remaining: Int64) {
+        let lot = lots[id]!
+        lots[id]!.remaining = remaining
+        if lot.remaining > 0 && remaining == 0 {
+            lotsOfMember[lot.member]!.removeAll { $0 == id }
+        } else if lot.remaining == 0 && remaining > 0 {
+            var open = lotsOfMember.removeValue(forKey: lot.member) ?? []
+            open.insert(id, at: open.firstIndex { $0 > id } ?? open.endIndex)
+            lotsOfMember[lot.member] = open
+            if let at = lot.expiresAt { expiring.insert(expiresAt: at.millisecondsSinceEpoch, lot: id) }
+        }
+    }
+
     func openPoints(of member: MemberID) -> Int64 {
-        (lotsOfMember[member] ?? []).reduce(0) { $0 + (lots[$1]?.remaining ?? 0) }
+        (lotsOfMember[member] ?? []).reduce(0) { $0 + lots[$1]!.remaining }
     }
 
     var members: [MemberID] { Array(lotsOfMember.keys) }
@@ -110,6 +137,7 @@ struct ReplayBook {
             }
             lots[e.journalID] = Lot(member: member, issuer: e.partner, points: n, remaining: n, reversed: 0, expiresAt: expiry)
             lotsOfMember[member, default: []].append(e.journalID)
+            if let expiry { expiring.insert(expiresAt: expiry.millisecondsSinceEpoch, lot: e.journalID) }
             issuedPoints += n
             current.issued[e.partner, default: 0] += n
         case .redeemed:
@@ -117,7 +145,7 @@ struct ReplayBook {
                 return "redemption of \(n) exceeds the member's balance"
             }
             for t in taken {
-                lots[t.lotID]!.remaining -= t.points.value
+                setRemaining(of: t.lotID, to: lots[t.lotID]!.remaining - t.points.value)
                 flows[FlowKey(issuer: t.issuer, redeemer: e.partner), default: 0] += t.points.value
                 current.flows[FlowKey(issuer: t.issuer, redeemer: e.partner), default: 0] += t.points.value
             }
@@ -133,7 +161,7 @@ struct ReplayBook {
                 let lot = lots[o.id]!
                 let left = (lot.expiresAt.map { $0 > e.acceptedAt } ?? true) ? lot.remaining : 0
                 guard n <= left else { return "earn reversal exceeds what is left of the lot" }
-                lots[o.id]!.remaining -= n
+                setRemaining(of: o.id, to: lot.remaining - n)
                 lots[o.id]!.reversed += n
                 issuedPoints -= n
                 current.issued[e.partner, default: 0] -= n
@@ -144,7 +172,7 @@ struct ReplayBook {
                 moves[e.journalID] = back.map { Move(lot: $0.lotID, issuer: $0.issuer, redeemer: e.partner, points: -$0.points.value) }
                 for r in back {
                     takes[o.id]![r.takeIndex].returned = Points(takes[o.id]![r.takeIndex].returned.value + r.points.value)
-                    lots[r.lotID]!.remaining += r.points.value
+                    setRemaining(of: r.lotID, to: lots[r.lotID]!.remaining + r.points.value)
                     flows[FlowKey(issuer: r.issuer, redeemer: e.partner), default: 0] -= r.points.value
                     current.flows[FlowKey(issuer: r.issuer, redeemer: e.partner), default: 0] -= r.points.value
                 }
@@ -159,5 +187,46 @@ struct ReplayBook {
             return "member_balance \(e.memberBalance) but the lots give \(balance)"
         }
         return nil
+    }
+}
+
+/// Lots by expiry, soonest first (ties by lot id): a binary min-heap.
+struct ExpiryQueue {
+    struct Item: Comparable {
+        var expiresAt: Int64
+        var lot: Int64
+        static func < (a: Item, b: Item) -> Bool { (a.expiresAt, a.lot) < (b.expiresAt, b.lot) }
+    }
+
+    private var heap: [Item] = []
+
+    var first: Item? { heap.first }
+    var count: Int { heap.count }
+
+    mutating func insert(expiresAt: Int64, lot: Int64) {
+        heap.append(Item(expiresAt: expiresAt, lot: lot))
+        var i = heap.count - 1
+        while i > 0 {
+            let parent = (i - 1) / 2
+            guard heap[i] < heap[parent] else { break }
+            heap.swapAt(i, parent)
+            i = parent
+        }
+    }
+
+    mutating func removeFirst() {
+        precondition(!heap.isEmpty)
+        heap.swapAt(0, heap.count - 1)
+        heap.removeLast()
+        var i = 0
+        while true {
+            let l = 2 * i + 1, r = l + 1
+            var least = i
+            if l < heap.count && heap[l] < heap[least] { least = l }
+            if r < heap.count && heap[r] < heap[least] { least = r }
+            if least == i { return }
+            heap.swapAt(i, least)
+            i = least
+        }
     }
 }

@@ -119,7 +119,7 @@ public enum Verifier {
         while let row = try cursor.next() {
             entries += 1
             let id: Int64 = row["id"]
-            try runs.closeRuns(before: id, &book, &report)
+            try runs.closeRuns(before: id, &book, db, &report)
             let (e, hash): (Entry, [UInt8])
             do { (e, hash) = try JournalRow.journalEntry(row) } catch {
                 report.breach("journal id \(id): \(error)")
@@ -145,7 +145,7 @@ public enum Verifier {
         }
         let beyond = runs.pending.filter { $0.last > lastID }.count
         if beyond > 0 { report.breach("runs: \(beyond) runs cover journal ids that do not exist (the journal ends at \(lastID))") }
-        try runs.closeRuns(before: nil, &book, &report)
+        try runs.closeRuns(before: nil, &book, db, &report)
         runs.checkNothingLeftBehind(db, &report)
         let notices = try checkNotices(db, &report)
         if let lots = try checkRunExpiries(db, &report) {
@@ -626,62 +626,79 @@ struct RunChecker {
         var expiredLots: [Int64: Int64]?
     }
 
+    /// A run's own row: what is known of it before its figures are read (`StoredRun`).
+    struct RunRow {
+        var number: Int64, id: String, cutoff: Instant, first: Int64, last: Int64
+        var margin: Int64, gross: Int64, transfers: Int64, efficiencyPPM: Int64
+    }
+
     /// The ranges seen while replaying the run now open.
     var seen: [PartnerID: (count: Int64, first: Int64?, last: Int64?)] = [:]
 
-    var pending: [StoredRun] = []
+    /// The runs not yet checked, in order. Only their own rows: each run's figures, flows and
+    /// expired lots are read when it is checked, so that memory does not hold every run's.
+    var pending: ArraySlice<RunRow> = []
     var closed = 0
     var previousLast: Int64 = 0
     var previousCutoff: Int64 = Int64.min
     var lastCutoffClosed: Int64?
+    /// The first run that recorded its expired lots (`run_expiry`), if any.
+    private let expiriesFrom: Int64?
 
     init(_ rows: [Row], db: Database) {
-        let expiriesFrom = (try? db.tableExists("run_expiry")) == true
+        expiriesFrom = (try? db.tableExists("run_expiry")) == true
             ? (try? Store.expiredLotsRecordedFrom(db)) ?? nil : nil
-        for row in rows {
-            let number: Int64 = row["number"]
-            var partners: [PartnerID: (Int64, Int64, Int64, Int64, Int64, Int64, Int64, Int64)] = [:]
-            var ranges: [PartnerID: (count: Int64, first: Int64?, last: Int64?)] = [:]
-            for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_partner WHERE run_number = ?", arguments: [number])) ?? [] {
-                if let p = PartnerID(r["partner"] as String) {
-                    if let count = try? r.optionalInt64("entry_count") {
-                        ranges[p] = (count, try? r.optionalInt64("first_sequence"), try? r.optionalInt64("last_sequence"))
-                    }
-                    partners[p] = (r["issued_points"], r["redeemed_points"], r["expired_points"], r["issue_price_per_1000"],
-                                   r["redeem_credit_per_1000"], r["payable_minor"], r["receivable_minor"], r["net_minor"])
-                }
-            }
-            var flows: [ReplayBook.FlowKey: Int64] = [:]
-            for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_flow WHERE run_number = ?", arguments: [number])) ?? [] {
-                if let i = PartnerID(r["issuer"] as String), let d = PartnerID(r["redeemer"] as String) {
-                    flows[ReplayBook.FlowKey(issuer: i, redeemer: d)] = r["points"]
-                }
-            }
-            var snapshot: [PartnerID: [Int64]] = [:]
-            for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_snapshot WHERE run_number = ?", arguments: [number])) ?? [] {
-                if let p = PartnerID(r["partner"] as String) {
-                    snapshot[p] = [r["last_sequence"], r["earned"], r["redeemed"], r["earn_reversed"], r["redemption_reversed"]]
-                }
-            }
-            var flowSnapshot: [ReplayBook.FlowKey: Int64] = [:]
-            for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_flow_snapshot WHERE run_number = ?", arguments: [number])) ?? [] {
-                if let i = PartnerID(r["issuer"] as String), let d = PartnerID(r["redeemer"] as String) {
-                    flowSnapshot[ReplayBook.FlowKey(issuer: i, redeemer: d)] = r["points"]
-                }
-            }
-            var expiredLots: [Int64: Int64]?
-            if let from = expiriesFrom, number >= from {
-                expiredLots = [:]
-                for r in (try? Row.fetchAll(db, sql: "SELECT lot_id, points FROM run_expiry WHERE run_number = ?", arguments: [number])) ?? [] {
-                    expiredLots?[r["lot_id"] as Int64, default: 0] += r["points"] as Int64
-                }
-            }
-            pending.append(StoredRun(
-                number: number, id: row["id"], cutoff: Instant(millisecondsSinceEpoch: row["cutoff_ms"]), first: row["first_journal_id"],
+        pending = ArraySlice(rows.map { row in
+            RunRow(
+                number: row["number"], id: row["id"], cutoff: Instant(millisecondsSinceEpoch: row["cutoff_ms"]), first: row["first_journal_id"],
                 last: row["last_journal_id"], margin: row["operator_margin_minor"], gross: row["gross_minor"],
-                transfers: row["net_transfers_minor"], efficiencyPPM: row["netting_efficiency_ppm"], partners: partners, flows: flows,
-                ranges: ranges, snapshot: snapshot, flowSnapshot: flowSnapshot, expiredLots: expiredLots))
+                transfers: row["net_transfers_minor"], efficiencyPPM: row["netting_efficiency_ppm"])
+        })
+    }
+
+    /// A run's figures, flows, snapshots and expired lots, as recorded.
+    private func load(_ row: RunRow, _ db: Database) -> StoredRun {
+        let number = row.number
+        var partners: [PartnerID: (Int64, Int64, Int64, Int64, Int64, Int64, Int64, Int64)] = [:]
+        var ranges: [PartnerID: (count: Int64, first: Int64?, last: Int64?)] = [:]
+        for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_partner WHERE run_number = ?", arguments: [number])) ?? [] {
+            if let p = PartnerID(r["partner"] as String) {
+                if let count = try? r.optionalInt64("entry_count") {
+                    ranges[p] = (count, try? r.optionalInt64("first_sequence"), try? r.optionalInt64("last_sequence"))
+                }
+                partners[p] = (r["issued_points"], r["redeemed_points"], r["expired_points"], r["issue_price_per_1000"],
+                               r["redeem_credit_per_1000"], r["payable_minor"], r["receivable_minor"], r["net_minor"])
+            }
         }
+        var flows: [ReplayBook.FlowKey: Int64] = [:]
+        for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_flow WHERE run_number = ?", arguments: [number])) ?? [] {
+            if let i = PartnerID(r["issuer"] as String), let d = PartnerID(r["redeemer"] as String) {
+                flows[ReplayBook.FlowKey(issuer: i, redeemer: d)] = r["points"]
+            }
+        }
+        var snapshot: [PartnerID: [Int64]] = [:]
+        for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_snapshot WHERE run_number = ?", arguments: [number])) ?? [] {
+            if let p = PartnerID(r["partner"] as String) {
+                snapshot[p] = [r["last_sequence"], r["earned"], r["redeemed"], r["earn_reversed"], r["redemption_reversed"]]
+            }
+        }
+        var flowSnapshot: [ReplayBook.FlowKey: Int64] = [:]
+        for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_flow_snapshot WHERE run_number = ?", arguments: [number])) ?? [] {
+            if let i = PartnerID(r["issuer"] as String), let d = PartnerID(r["redeemer"] as String) {
+                flowSnapshot[ReplayBook.FlowKey(issuer: i, redeemer: d)] = r["points"]
+            }
+        }
+        var expiredLots: [Int64: Int64]?
+        if let from = expiriesFrom, number >= from {
+            expiredLots = [:]
+            for r in (try? Row.fetchAll(db, sql: "SELECT lot_id, points FROM run_expiry WHERE run_number = ?", arguments: [number])) ?? [] {
+                expiredLots?[r["lot_id"] as Int64, default: 0] += r["points"] as Int64
+            }
+        }
+        return StoredRun(
+            number: number, id: row.id, cutoff: row.cutoff, first: row.first, last: row.last, margin: row.margin, gross: row.gross,
+            transfers: row.transfers, efficiencyPPM: row.efficiencyPPM, partners: partners, flows: flows,
+            ranges: ranges, snapshot: snapshot, flowSnapshot: flowSnapshot, expiredLots: expiredLots)
     }
 
     /// An entry's acceptance time must lie in its run's window.
@@ -698,9 +715,10 @@ struct RunChecker {
 
     /// Checks the runs that end before journal id `id`; nil (after the last entry): every run
     /// left, whatever its last id says.
-    mutating func closeRuns(before id: Int64?, _ book: inout ReplayBook, _ report: inout VerifyReport) throws {
-        while let run = pending.first, id.map({ run.last < $0 }) ?? true {
+    mutating func closeRuns(before id: Int64?, _ book: inout ReplayBook, _ db: Database, _ report: inout VerifyReport) throws {
+        while let next = pending.first, id.map({ next.last < $0 }) ?? true {
             pending.removeFirst()
+            let run = load(next, db)
             closed += 1
             let at = "run \(run.id)"
             if run.first != previousLast &+ 1 { report.breach("\(at): starts at journal id \(run.first), not \(previousLast &+ 1) (a gap or an overlap)") }
