@@ -149,7 +149,7 @@ struct Runs: AsyncParsableCommand {
             let configuration = try locations.loadConfiguration()
             let store = try locations.openStore(configuration, readOnly: true)
             defer { try? store.close() }
-            guard let r = try store.runs().first(where: { $0.id == run }) else {
+            guard let r = try store.run(id: run) else {
                 printError("clearhouse runs show: no run \(JSONWriter.quote(run))")
                 throw ExitCode(1)
             }

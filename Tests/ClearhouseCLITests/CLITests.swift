@@ -342,6 +342,10 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
             #expect(shown.contains("settling [") && shown.contains("Settlement run R000002"), "\(shown)")
             let table = try cli.run(["runs", "show", run["run"] as! String])
             #expect(table.out.contains("partner pays") && table.out.contains("coalition pays") && table.out.contains("Settlement plan"))
+            // The run is read by its id: the first of the two, and none for an id no run has.
+            #expect(table.out.contains(run["run"] as! String) && !table.out.contains("R000002"), "\(table.out)")
+            let unknown = try cli.run(["runs", "show", "R999999"])
+            #expect(unknown.status == 1 && unknown.err.contains(#"no run "R999999""#), "\(unknown.err)")
             #expect(try cli.run(["runs"]).out.contains(run["run"] as! String))
             #expect(try cli.run(["verify"]).status == 0)
         }
