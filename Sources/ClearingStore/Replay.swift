@@ -71,7 +71,19 @@ struct ReplayBook {
         var redeemer: PartnerID
         var points: Int64
     }
-    private(set) var moves: [Int64: [Move]] = [:]
+    /// A redemption's moves are its takes, +k each into its partner's flow: kept as its takes
+    /// and its partner (`moves(of:)`), not a second copy. A redemption reversal's are its returns.
+    private var redeemers: [Int64: PartnerID] = [:]
+    private var returns: [Int64: [Move]] = [:]
+    /// How many moves all entries made.
+    private(set) var moveCount = 0
+
+    /// One entry's moves (`lot_move`) in position order, or nil for an entry that made none.
+    func moves(of entry: Int64) -> [Move]? {
+        if let r = returns[entry] { return r }
+        guard let redeemer = redeemers[entry], let t = takes[entry] else { return nil }
+        return t.map { Move(lot: $0.lotID, issuer: $0.issuer, redeemer: redeemer, points: $0.points.value) }
+    }
     /// Each partner's points by kind (earned, redeemed, earn_reversed, redemption_reversed)
     /// and its entries, over every entry replayed so far (`partner_head`, `run_snapshot`).
     private(set) var kindTotals: [PartnerID: (totals: [Int64], entries: Int64)] = [:]
@@ -150,7 +162,8 @@ struct ReplayBook {
                 current.flows[FlowKey(issuer: t.issuer, redeemer: e.partner), default: 0] += t.points.value
             }
             takes[e.journalID] = taken
-            moves[e.journalID] = taken.map { Move(lot: $0.lotID, issuer: $0.issuer, redeemer: e.partner, points: $0.points.value) }
+            redeemers[e.journalID] = e.partner
+            moveCount += taken.count
             redeemedPoints += n
             current.redeemed[e.partner, default: 0] += n
         case .earnReversed, .redemptionReversed:
@@ -169,7 +182,8 @@ struct ReplayBook {
                 guard let back = FIFO.giveBack(e.event.points, to: takes[o.id] ?? []) else {
                     return "redemption reversal exceeds what is left to reverse"
                 }
-                moves[e.journalID] = back.map { Move(lot: $0.lotID, issuer: $0.issuer, redeemer: e.partner, points: -$0.points.value) }
+                returns[e.journalID] = back.map { Move(lot: $0.lotID, issuer: $0.issuer, redeemer: e.partner, points: -$0.points.value) }
+                moveCount += back.count
                 for r in back {
                     takes[o.id]![r.takeIndex].returned = Points(takes[o.id]![r.takeIndex].returned.value + r.points.value)
                     setRemaining(of: r.lotID, to: lots[r.lotID]!.remaining + r.points.value)

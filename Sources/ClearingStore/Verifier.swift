@@ -243,7 +243,10 @@ public enum Verifier {
         }
 
         var memberRows = 0
-        for row in try Row.fetchAll(db, sql: "SELECT member, open_points FROM member") {
+        // Rows by cursor, here and below: a table read whole into memory beside the replay
+        // (each row an object) was most of verify's peak memory.
+        let members = try Row.fetchCursor(db, sql: "SELECT member, open_points FROM member")
+        while let row = try members.next() {
             memberRows += 1
             let m: String = row[0]
             let stored: Int64 = row[1]
@@ -295,7 +298,8 @@ public enum Verifier {
         let replayed = book.flows.filter { $0.value != 0 }
         if storedFlows.filter({ $0.value != 0 }) != replayed { report.breach("flows: the flow table differs from the journal's lot takes") }
         var takeRows = 0
-        for row in try Row.fetchAll(db, sql: "SELECT redemption_id, position, lot_id, points, returned, issuer FROM lot_take") {
+        let takes = try Row.fetchCursor(db, sql: "SELECT redemption_id, position, lot_id, points, returned, issuer FROM lot_take")
+        while let row = try takes.next() {
             takeRows += 1
             let t = book.takes[row[0] as Int64]
             let pos: Int = row[1]
@@ -308,11 +312,13 @@ public enum Verifier {
         // The moves between flows, entry by entry: a run's flows are their sums (settle reads
         // those after its cutoff), so each must be the replay's.
         var moveRows = 0, movesWrong = 0
+        var entryMoves: (entry: Int64, moves: [ReplayBook.Move]?) = (0, nil)  // the rows come entry by entry
         let moves = try Row.fetchCursor(db, sql: "SELECT entry_id, position, lot_id, issuer, redeemer, points FROM lot_move ORDER BY entry_id, position")
         while let row = try moves.next() {
             moveRows += 1
             let entry: Int64 = row[0], pos: Int = row[1]
-            guard let m = book.moves[entry], pos < m.count, m[pos].lot == row[2] as Int64, m[pos].issuer.rawValue == row[3] as String,
+            if entryMoves.entry != entry { entryMoves = (entry, book.moves(of: entry)) }
+            guard let m = entryMoves.moves, pos < m.count, m[pos].lot == row[2] as Int64, m[pos].issuer.rawValue == row[3] as String,
                 m[pos].redeemer.rawValue == row[4] as String, m[pos].points == row[5] as Int64
             else {
                 movesWrong += 1
@@ -320,7 +326,7 @@ public enum Verifier {
                 continue
             }
         }
-        if moveRows != book.moves.values.reduce(0, { $0 + $1.count }) { report.breach("lot_move: row count differs from the journal") }
+        if moveRows != book.moveCount { report.breach("lot_move: row count differs from the journal") }
         report.checks.append("flows: \(replayed.count) issuer→redeemer flows, \(takeRows) lot takes and \(moveRows) moves equal the replay")
     }
 
@@ -483,14 +489,16 @@ extension Verifier {
     /// and is none of that partner's journal webhook-ids (the writer answers a webhook-id by
     /// one entry only).
     static func checkAliases(_ db: Database, _ report: inout VerifyReport) throws {
-        let rows = try Row.fetchAll(
+        var count = 0
+        let rows = try Row.fetchCursor(
             db,
             sql: """
                 SELECT a.partner, a.webhook_id, a.journal_id, j.partner AS entry_partner,
                   EXISTS (SELECT 1 FROM journal k WHERE k.partner = a.partner AND k.webhook_id = a.webhook_id) AS in_journal
                 FROM webhook_alias a LEFT JOIN journal j ON j.id = a.journal_id
                 """)
-        for row in rows {
+        while let row = try rows.next() {
+            count += 1
             let at = "webhook_alias \((try? row.text("partner")) ?? "?") \(JSONWriter.quote((try? row.text("webhook_id")) ?? "?"))"
             let journalID = (try? row.int64("journal_id")) ?? 0
             if let owner = try? row.optionalText("entry_partner") {
@@ -500,7 +508,7 @@ extension Verifier {
             }
             if (try? row.int64("in_journal")) == 1 { report.breach("\(at): is also a webhook-id of an entry in the journal") }
         }
-        report.checks.append("webhook-id aliases: \(rows.count), each bound to an entry of its partner, none repeating a journal webhook-id")
+        report.checks.append("webhook-id aliases: \(count), each bound to an entry of its partner, none repeating a journal webhook-id")
     }
 }
 
@@ -562,7 +570,10 @@ extension Verifier {
         // from their notices); a run that has none yet (a directory not opened since v10) is
         // checked against its notices' own.
         let runCurrency = try db.columns(in: "run").contains { $0.name == "currency" } ? "r.currency" : "NULL"
-        let rows = try Row.fetchAll(
+        // By cursor: a coalition's notices (every partner of every run, each with its body) are
+        // not held in memory at once.
+        var count = 0
+        let rows = try Row.fetchCursor(
             db,
             sql: """
                 SELECT n.id, n.run_number, n.partner, n.body, r.id AS run_id, r.cutoff_ms, \(fields.map { "rp.\($0)" }.joined(separator: ", ")),
@@ -570,7 +581,8 @@ extension Verifier {
                 FROM notice n LEFT JOIN run r ON r.number = n.run_number
                 LEFT JOIN run_partner rp ON rp.run_number = n.run_number AND rp.partner = n.partner
                 """)
-        for row in rows {
+        while let row = try rows.next() {
+            count += 1
             let id = try row.text("id")
             guard let runID = try row.optionalText("run_id"), try row.optionalInt64("net_minor") != nil else {
                 report.breach("notice \(id): its run or its partner's figures do not exist")
@@ -606,7 +618,7 @@ extension Verifier {
                 report.breach("notice \(id): its body is not the notice its run's figures, prices and currency make")
             }
         }
-        return rows.count
+        return count
     }
 }
 
