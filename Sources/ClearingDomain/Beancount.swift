@@ -144,10 +144,12 @@ public enum BeancountExport {
                 }
                 out += transaction(date, run.id, f.partner, "\(f.partner) issued \(f.issuedPoints.value) points", lines)
             }
+            // Each redeemer's flows, in the run's order (grouped once: not every flow for every partner).
+            let flowsInto = Dictionary(grouping: run.flows, by: \.redeemer)
             for f in run.partners where f.redeemedPoints != .zero || f.receivableMinor != .zero {
                 // The redeemed points, valued at what their issuers were charged for them.
                 var value = MoneyMinor.zero
-                for flow in run.flows where flow.redeemer == f.partner {
+                for flow in flowsInto[f.partner] ?? [] {
                     value = try value.adding(release(flow.points, of: flow.issuer))
                 }
                 let lines = try post(liability, value) + post(partnerAccount(f.partner), MoneyMinor(0).subtracting(f.receivableMinor))
