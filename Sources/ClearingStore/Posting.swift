@@ -560,7 +560,9 @@ struct BatchState {
         let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT id, accepted_at_ms FROM journal ORDER BY id DESC LIMIT 1"))
         lastJournalID = row?[0] ?? 0
         // Every new entry falls after the last run's cutoff, even if the clock stepped back.
-        let lastCutoff = try Int64.fetchOne(db.cachedStatement(sql: "SELECT MAX(cutoff_ms) FROM run"))
+        // The last run's (cutoffs only rise, run after run: `Store.refuseCutoff`), through the
+        // run table's key: not a scan of every run at every batch.
+        let lastCutoff = try Int64.fetchOne(db.cachedStatement(sql: "SELECT cutoff_ms FROM run ORDER BY number DESC LIMIT 1"))
         lastAcceptedAt = Instant(millisecondsSinceEpoch: max(row?[1] ?? Int64.min, lastCutoff.map { $0 + 1 } ?? Int64.min))
         let recorded = try Int64.fetchOne(
             db.cachedStatement(sql: "SELECT points_expire_after_days FROM expiry_terms ORDER BY from_journal_id DESC LIMIT 1"))

@@ -254,6 +254,22 @@ func figures(_ run: SettlementRun, _ p: PartnerID) -> PartnerFigures? { run.part
         try requireVerified(h, #function)
     }
 
+    /// Every entry is accepted after the last run's cutoff, even when the clock has stepped back
+    /// behind it: the period it closed never takes another entry.
+    @Test func anEntryIsAcceptedAfterTheLastCutoffWhenTheClockStepsBack() throws {
+        let h = try Harness()
+        h.clock.set(Instant(rfc3339: "2026-11-23T12:00:00Z")!)
+        _ = h.post(G, "g1", Fixtures.earn("M1", 100, "G-1"))
+        _ = try h.store.settle(through: Instant(rfc3339: "2026-11-23T11:00:00Z")!)
+        _ = try h.store.settle(through: Instant(rfc3339: "2026-11-23T12:00:00Z")!)
+        h.clock.set(Instant(rfc3339: "2026-11-23T11:30:00Z")!)  // behind the last cutoff, ahead of the first
+        guard case .created(let e) = h.post(G, "g2", Fixtures.earn("M1", 5, "G-2")) else { Issue.record("not created"); return }
+        #expect(e.acceptedAt == Instant(rfc3339: "2026-11-23T12:00:00.001Z")!)
+        h.clock.set(Instant(rfc3339: "2026-11-23T13:00:00Z")!)
+        #expect(try h.store.settle().entryCount == 1, "the next run takes it")
+        try requireVerified(h, #function)
+    }
+
     /// At exactly a lot's expiry instant it has expired ("at or before"): points a reversed
     /// redemption gives back to it then are not spendable, and the next run expires them.
     @Test func pointsGivenBackAtTheExpiryInstantAreNotSpendable() throws {
