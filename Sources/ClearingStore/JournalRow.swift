@@ -112,4 +112,31 @@ extension Row {
         guard case .blob(let d) = value.storage else { throw StoreError("column \(column) is not a blob") }
         return d
     }
+
+    // The same by position, for `verify`: a value of another type (a file altered or damaged)
+    // throws, and is reported as a breach, where GRDB's own subscripts would stop the process.
+
+    func int64(at index: Int) throws -> Int64 {
+        guard let v = Int64.fromDatabaseValue(self[index] as DatabaseValue) else { throw StoreError("\(column(index)) is not an integer") }
+        return v
+    }
+
+    func optionalInt64(at index: Int) throws -> Int64? {
+        (self[index] as DatabaseValue).isNull ? nil : try int64(at: index)
+    }
+
+    func text(at index: Int) throws -> String {
+        guard case .string(let s) = (self[index] as DatabaseValue).storage else { throw StoreError("\(column(index)) is not text") }
+        return s
+    }
+
+    func blob(at index: Int) throws -> Data {
+        guard case .blob(let d) = (self[index] as DatabaseValue).storage else { throw StoreError("\(column(index)) is not a blob") }
+        return d
+    }
+
+    private func column(_ index: Int) -> String {
+        let names = Array(columnNames)
+        return index < names.count ? "column \(names[index])" : "column \(index)"
+    }
 }

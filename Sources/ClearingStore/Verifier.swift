@@ -66,6 +66,10 @@ public enum Verifier {
             } else {
                 report.breach("\(coalitionPath): cannot be read: \(sqlite); verification could not finish: check that this user may read the data directory, and the disk, then run verify again")
             }
+        } catch let error as StoreError {
+            // A value of the wrong type where the schema keeps a number, text or hash (a file
+            // edited or damaged): a breach, and the check stops there.
+            report.breach("\(coalitionPath): \(error): the file was altered or is damaged; verification could not finish")
         }
         return report
     }
@@ -108,17 +112,17 @@ public enum Verifier {
     static func verifyJournal(_ db: Database, _ report: inout VerifyReport) throws -> [PartnerID: Head] {
         var book = ReplayBook()
         book.expiryTerms = try Row.fetchAll(db, sql: "SELECT from_journal_id, points_expire_after_days FROM expiry_terms ORDER BY from_journal_id")
-            .map { ($0[0], $0[1]) }
+            .map { (try $0.int64(at: 0), try $0.int64(at: 1)) }
         var heads: [PartnerID: Head] = [:]
         var entries = 0
         var lastID: Int64 = 0
         var lastAccepted = Int64.min
-        var runs = RunChecker(try Row.fetchAll(db, sql: "SELECT * FROM run ORDER BY number"), db: db)
+        var runs = try RunChecker(try Row.fetchAll(db, sql: "SELECT * FROM run ORDER BY number"), db: db)
         let nul = JournalRow.nulInText(["partner", "webhook_id", "member", "reference", "original_reference"])
         let cursor = try Row.fetchCursor(db, sql: "SELECT \(JournalRow.columns), \(nul) FROM journal ORDER BY id")
         while let row = try cursor.next() {
             entries += 1
-            let id: Int64 = row["id"]
+            let id = try row.int64("id")
             try runs.closeRuns(before: id, &book, db, &report)
             let (e, hash): (Entry, [UInt8])
             do { (e, hash) = try JournalRow.journalEntry(row) } catch {
@@ -162,13 +166,14 @@ public enum Verifier {
                 ? "SELECT partner, last_sequence, last_hash, earned, redeemed, earn_reversed, redemption_reversed FROM partner_head"
                 : "SELECT partner, last_sequence, last_hash, 0, 0, 0, 0 FROM partner_head")
         {
-            guard let p = PartnerID(row[0] as String) else { report.breach("partner_head: invalid partner"); continue }
+            guard let p = PartnerID(try row.text(at: 0)) else { report.breach("partner_head: invalid partner"); continue }
             let h = heads[p]
-            if h?.sequence ?? 0 != row[1] as Int64 || (h?.hash ?? []) != Array(row[2] as Data) {
+            let (sequence, hash) = (try row.int64(at: 1), Array(try row.blob(at: 2)))
+            if h?.sequence ?? 0 != sequence || (h?.hash ?? []) != hash {
                 report.breach("partner_head \(p): does not match the end of its journal chain")
             }
             // The running totals the next run's figures are the differences of.
-            let stored: [Int64] = [row[3], row[4], row[5], row[6]]
+            let stored: [Int64] = try (3...6).map { try row.int64(at: $0) }
             if hasTotals, stored != book.kindTotals[p]?.totals ?? [0, 0, 0, 0] {
                 report.breach("partner_head \(p): running totals (earned, redeemed, reversed) \(stored) but the journal sums to \(book.kindTotals[p]?.totals ?? [0, 0, 0, 0])")
             }
@@ -184,6 +189,11 @@ public enum Verifier {
     }
 
     /// The derived tables must equal the replay; invariant 1 and 2 from the tables themselves.
+    /// Runs `body`, naming `table` in the error of a value of the wrong type it finds.
+    static func reading(_ table: String, _ body: () throws -> Void) throws {
+        do { try body() } catch let error as StoreError { throw StoreError("\(table): \(error)") }
+    }
+
     static func compareDerived(_ db: Database, _ book: ReplayBook, _ report: inout VerifyReport) throws {
         var lotRows = 0
         var remainingSum: Int64 = 0
@@ -203,30 +213,32 @@ public enum Verifier {
             : "lot"
         let lots = try Row.fetchCursor(
             db, sql: "SELECT id, member, issuer, points, remaining, reversed, expired, expires_at_ms FROM \(lotsWithPointsLeft)")
-        while let row = try lots.next() {
-            lotRows += 1
-            let id: Int64 = row[0]
-            let remaining: Int64 = row[4]
-            // Summed with overflow checked: altered figures are a breach, never a crash.
-            let sums = [
-                remainingSum.addingReportingOverflow(remaining), expiredSum.addingReportingOverflow(row[6] as Int64),
-                openByMember[row[1] as String, default: 0].addingReportingOverflow(remaining),
-            ]
-            if sums.contains(where: \.overflow) {
-                lotsOverflow = true
-            } else {
-                (remainingSum, expiredSum) = (sums[0].partialValue, sums[1].partialValue)
-                openByMember[row[1] as String] = sums[2].partialValue
-            }
-            guard let r = book.lots[id] else { report.breach("lot \(id): no earn in the journal made it"); continue }
-            let expires: Int64? = row[7]
-            let differing = [
-                ("member", r.member.rawValue != row[1] as String), ("issuer", r.issuer.rawValue != row[2] as String),
-                ("points", r.points != row[3] as Int64), ("remaining", r.remaining != remaining), ("reversed", r.reversed != row[5] as Int64),
-                ("expired", r.expired != row[6] as Int64), ("expires_at", r.expiresAt?.millisecondsSinceEpoch != expires),
-            ].filter(\.1).map(\.0)
-            if !differing.isEmpty {
-                report.breach("lot \(id): differs from the journal in \(differing.joined(separator: ", ")) (holds \(remaining) of \(row[3] as Int64); the journal gives \(r.remaining) of \(r.points))")
+        try reading("lot") {
+            while let row = try lots.next() {
+                lotRows += 1
+                let id = try row.int64(at: 0), member = try row.text(at: 1), issuer = try row.text(at: 2), points = try row.int64(at: 3)
+                let remaining = try row.int64(at: 4), reversed = try row.int64(at: 5), expired = try row.int64(at: 6)
+                // Summed with overflow checked: altered figures are a breach, never a crash.
+                let sums = [
+                    remainingSum.addingReportingOverflow(remaining), expiredSum.addingReportingOverflow(expired),
+                    openByMember[member, default: 0].addingReportingOverflow(remaining),
+                ]
+                if sums.contains(where: \.overflow) {
+                    lotsOverflow = true
+                } else {
+                    (remainingSum, expiredSum) = (sums[0].partialValue, sums[1].partialValue)
+                    openByMember[member] = sums[2].partialValue
+                }
+                guard let r = book.lots[id] else { report.breach("lot \(id): no earn in the journal made it"); continue }
+                let expires = try row.optionalInt64(at: 7)
+                let differing = [
+                    ("member", r.member.rawValue != member), ("issuer", r.issuer.rawValue != issuer),
+                    ("points", r.points != points), ("remaining", r.remaining != remaining), ("reversed", r.reversed != reversed),
+                    ("expired", r.expired != expired), ("expires_at", r.expiresAt?.millisecondsSinceEpoch != expires),
+                ].filter(\.1).map(\.0)
+                if !differing.isEmpty {
+                    report.breach("lot \(id): differs from the journal in \(differing.joined(separator: ", ")) (holds \(remaining) of \(points); the journal gives \(r.remaining) of \(r.points))")
+                }
             }
         }
         if lotRows != book.lots.count { report.breach("lots: \(lotRows) rows but the journal makes \(book.lots.count)") }
@@ -239,22 +251,24 @@ public enum Verifier {
                 WHERE lot.id IS NULL OR lot.member <> o.member ORDER BY o.lot_id LIMIT 10
                 """)
         {
-            report.breach("lot_open: member \(row[0] as String) holds points in lot \(row[1] as Int64), which is not one of its lots")
+            report.breach("lot_open: member \(try row.text(at: 0)) holds points in lot \(try row.int64(at: 1)), which is not one of its lots")
         }
 
         var memberRows = 0
         // Rows by cursor, here and below: a table read whole into memory beside the replay
         // (each row an object) was most of verify's peak memory.
         let members = try Row.fetchCursor(db, sql: "SELECT member, open_points FROM member")
-        while let row = try members.next() {
-            memberRows += 1
-            let m: String = row[0]
-            let stored: Int64 = row[1]
-            let fromLots = openByMember[m] ?? 0
-            if stored < 0 { report.breach("member \(m): balance \(stored) is below 0") }
-            if stored != fromLots { report.breach("member \(m): balance \(stored) but its lots hold \(fromLots)") }
-            if let id = MemberID(m), book.openPoints(of: id) != stored {
-                report.breach("member \(m): balance \(stored) but the journal gives \(book.openPoints(of: id))")
+        try reading("member") {
+            while let row = try members.next() {
+                memberRows += 1
+                let m = try row.text(at: 0)
+                let stored = try row.int64(at: 1)
+                let fromLots = openByMember[m] ?? 0
+                if stored < 0 { report.breach("member \(m): balance \(stored) is below 0") }
+                if stored != fromLots { report.breach("member \(m): balance \(stored) but its lots hold \(fromLots)") }
+                if let id = MemberID(m), book.openPoints(of: id) != stored {
+                    report.breach("member \(m): balance \(stored) but the journal gives \(book.openPoints(of: id))")
+                }
             }
         }
         if memberRows != book.members.count { report.breach("members: \(memberRows) rows but the journal makes \(book.members.count)") }
@@ -291,22 +305,26 @@ public enum Verifier {
         }
 
         var storedFlows: [ReplayBook.FlowKey: Int64] = [:]
-        for row in try Row.fetchAll(db, sql: "SELECT issuer, redeemer, points FROM flow") {
-            guard let i = PartnerID(row[0] as String), let r = PartnerID(row[1] as String) else { report.breach("flow: invalid partner"); continue }
-            storedFlows[ReplayBook.FlowKey(issuer: i, redeemer: r)] = row[2]
+        try reading("flow") {
+            for row in try Row.fetchAll(db, sql: "SELECT issuer, redeemer, points FROM flow") {
+                guard let i = PartnerID(try row.text(at: 0)), let r = PartnerID(try row.text(at: 1)) else { report.breach("flow: invalid partner"); continue }
+                storedFlows[ReplayBook.FlowKey(issuer: i, redeemer: r)] = try row.int64(at: 2)
+            }
         }
         let replayed = book.flows.filter { $0.value != 0 }
         if storedFlows.filter({ $0.value != 0 }) != replayed { report.breach("flows: the flow table differs from the journal's lot takes") }
         var takeRows = 0
         let takes = try Row.fetchCursor(db, sql: "SELECT redemption_id, position, lot_id, points, returned, issuer FROM lot_take")
-        while let row = try takes.next() {
-            takeRows += 1
-            let t = book.takes[row[0] as Int64]
-            let pos: Int = row[1]
-            // The issuer too: a reversal gives its points back to the issuer its take names.
-            guard let t, pos < t.count, t[pos].lotID == row[2] as Int64, t[pos].points.value == row[3] as Int64,
-                t[pos].returned.value == row[4] as Int64, t[pos].issuer.rawValue == row[5] as String
-            else { report.breach("lot_take \(row[0] as Int64)/\(pos): differs from the journal"); continue }
+        try reading("lot_take") {
+            while let row = try takes.next() {
+                takeRows += 1
+                let redemption = try row.int64(at: 0), pos = try row.int64(at: 1)
+                let t = book.takes[redemption]
+                // The issuer too: a reversal gives its points back to the issuer its take names.
+                guard let t, pos >= 0, pos < t.count, t[Int(pos)].lotID == (try row.int64(at: 2)), t[Int(pos)].points.value == (try row.int64(at: 3)),
+                    t[Int(pos)].returned.value == (try row.int64(at: 4)), t[Int(pos)].issuer.rawValue == (try row.text(at: 5))
+                else { report.breach("lot_take \(redemption)/\(pos): differs from the journal"); continue }
+            }
         }
         if takeRows != book.takes.values.reduce(0, { $0 + $1.count }) { report.breach("lot_take: row count differs from the journal") }
         // The moves between flows, entry by entry: a run's flows are their sums (settle reads
@@ -314,16 +332,18 @@ public enum Verifier {
         var moveRows = 0, movesWrong = 0
         var entryMoves: (entry: Int64, moves: [ReplayBook.Move]?) = (0, nil)  // the rows come entry by entry
         let moves = try Row.fetchCursor(db, sql: "SELECT entry_id, position, lot_id, issuer, redeemer, points FROM lot_move ORDER BY entry_id, position")
-        while let row = try moves.next() {
-            moveRows += 1
-            let entry: Int64 = row[0], pos: Int = row[1]
-            if entryMoves.entry != entry { entryMoves = (entry, book.moves(of: entry)) }
-            guard let m = entryMoves.moves, pos < m.count, m[pos].lot == row[2] as Int64, m[pos].issuer.rawValue == row[3] as String,
-                m[pos].redeemer.rawValue == row[4] as String, m[pos].points == row[5] as Int64
-            else {
-                movesWrong += 1
-                if movesWrong <= 10 { report.breach("lot_move \(entry)/\(pos): differs from the journal") }
-                continue
+        try reading("lot_move") {
+            while let row = try moves.next() {
+                moveRows += 1
+                let entry = try row.int64(at: 0), pos = try row.int64(at: 1)
+                if entryMoves.entry != entry { entryMoves = (entry, book.moves(of: entry)) }
+                guard let m = entryMoves.moves, pos >= 0, pos < m.count, m[Int(pos)].lot == (try row.int64(at: 2)), m[Int(pos)].issuer.rawValue == (try row.text(at: 3)),
+                    m[Int(pos)].redeemer.rawValue == (try row.text(at: 4)), m[Int(pos)].points == (try row.int64(at: 5))
+                else {
+                    movesWrong += 1
+                    if movesWrong <= 10 { report.breach("lot_move \(entry)/\(pos): differs from the journal") }
+                    continue
+                }
             }
         }
         if moveRows != book.moveCount { report.breach("lot_move: row count differs from the journal") }
@@ -433,7 +453,7 @@ public enum Verifier {
             let nul = JournalRow.nulInText(["webhook_id", "member", "reference", "original_reference"])
             let cursor = try Row.fetchCursor(db, sql: "SELECT *, \(nul) FROM entry ORDER BY sequence")
             while let row = try cursor.next() {
-                let seq: Int64 = row["sequence"]
+                let seq = try row.int64("sequence")
                 let at = "ledger \(p) sequence \(seq)"
                 if seq != last &+ 1 { report.breach("\(at): follows sequence \(last) (gap)") }
                 last = seq
@@ -657,54 +677,59 @@ struct RunChecker {
     /// The first run that recorded its expired lots (`run_expiry`), if any.
     private let expiriesFrom: Int64?
 
-    init(_ rows: [Row], db: Database) {
+    init(_ rows: [Row], db: Database) throws {
         expiriesFrom = (try? db.tableExists("run_expiry")) == true
             ? (try? Store.expiredLotsRecordedFrom(db)) ?? nil : nil
-        pending = ArraySlice(rows.map { row in
-            RunRow(
-                number: row["number"], id: row["id"], cutoff: Instant(millisecondsSinceEpoch: row["cutoff_ms"]), first: row["first_journal_id"],
-                last: row["last_journal_id"], margin: row["operator_margin_minor"], gross: row["gross_minor"],
-                transfers: row["net_transfers_minor"], efficiencyPPM: row["netting_efficiency_ppm"])
+        pending = ArraySlice(try rows.map { row in
+            do {
+                return RunRow(
+                    number: try row.int64("number"), id: try row.text("id"), cutoff: Instant(millisecondsSinceEpoch: try row.int64("cutoff_ms")),
+                    first: try row.int64("first_journal_id"), last: try row.int64("last_journal_id"), margin: try row.int64("operator_margin_minor"),
+                    gross: try row.int64("gross_minor"), transfers: try row.int64("net_transfers_minor"), efficiencyPPM: try row.int64("netting_efficiency_ppm"))
+            } catch {
+                throw StoreError("run \((try? row.int64("number")).map(String.init) ?? "?"): \(error)")
+            }
         })
     }
 
     /// A run's figures, flows, snapshots and expired lots, as recorded.
-    private func load(_ row: RunRow, _ db: Database) -> StoredRun {
+    private func load(_ row: RunRow, _ db: Database) throws -> StoredRun {
         let number = row.number
         var partners: [PartnerID: (Int64, Int64, Int64, Int64, Int64, Int64, Int64, Int64)] = [:]
         var ranges: [PartnerID: (count: Int64, first: Int64?, last: Int64?)] = [:]
         for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_partner WHERE run_number = ?", arguments: [number])) ?? [] {
-            if let p = PartnerID(r["partner"] as String) {
+            if let p = PartnerID(try r.text("partner")) {
                 if let count = try? r.optionalInt64("entry_count") {
                     ranges[p] = (count, try? r.optionalInt64("first_sequence"), try? r.optionalInt64("last_sequence"))
                 }
-                partners[p] = (r["issued_points"], r["redeemed_points"], r["expired_points"], r["issue_price_per_1000"],
-                               r["redeem_credit_per_1000"], r["payable_minor"], r["receivable_minor"], r["net_minor"])
+                partners[p] = (try r.int64("issued_points"), try r.int64("redeemed_points"), try r.int64("expired_points"),
+                               try r.int64("issue_price_per_1000"), try r.int64("redeem_credit_per_1000"), try r.int64("payable_minor"),
+                               try r.int64("receivable_minor"), try r.int64("net_minor"))
             }
         }
         var flows: [ReplayBook.FlowKey: Int64] = [:]
         for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_flow WHERE run_number = ?", arguments: [number])) ?? [] {
-            if let i = PartnerID(r["issuer"] as String), let d = PartnerID(r["redeemer"] as String) {
-                flows[ReplayBook.FlowKey(issuer: i, redeemer: d)] = r["points"]
+            if let i = PartnerID(try r.text("issuer")), let d = PartnerID(try r.text("redeemer")) {
+                flows[ReplayBook.FlowKey(issuer: i, redeemer: d)] = try r.int64("points")
             }
         }
         var snapshot: [PartnerID: [Int64]] = [:]
         for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_snapshot WHERE run_number = ?", arguments: [number])) ?? [] {
-            if let p = PartnerID(r["partner"] as String) {
-                snapshot[p] = [r["last_sequence"], r["earned"], r["redeemed"], r["earn_reversed"], r["redemption_reversed"]]
+            if let p = PartnerID(try r.text("partner")) {
+                snapshot[p] = try ["last_sequence", "earned", "redeemed", "earn_reversed", "redemption_reversed"].map { try r.int64($0) }
             }
         }
         var flowSnapshot: [ReplayBook.FlowKey: Int64] = [:]
         for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_flow_snapshot WHERE run_number = ?", arguments: [number])) ?? [] {
-            if let i = PartnerID(r["issuer"] as String), let d = PartnerID(r["redeemer"] as String) {
-                flowSnapshot[ReplayBook.FlowKey(issuer: i, redeemer: d)] = r["points"]
+            if let i = PartnerID(try r.text("issuer")), let d = PartnerID(try r.text("redeemer")) {
+                flowSnapshot[ReplayBook.FlowKey(issuer: i, redeemer: d)] = try r.int64("points")
             }
         }
         var expiredLots: [Int64: Int64]?
         if let from = expiriesFrom, number >= from {
             expiredLots = [:]
             for r in (try? Row.fetchAll(db, sql: "SELECT lot_id, points FROM run_expiry WHERE run_number = ?", arguments: [number])) ?? [] {
-                expiredLots?[r["lot_id"] as Int64, default: 0] += r["points"] as Int64
+                expiredLots?[try r.int64("lot_id"), default: 0] &+= try r.int64("points")  // an altered sum differs: a breach, not a trap
             }
         }
         return StoredRun(
@@ -730,7 +755,8 @@ struct RunChecker {
     mutating func closeRuns(before id: Int64?, _ book: inout ReplayBook, _ db: Database, _ report: inout VerifyReport) throws {
         while let next = pending.first, id.map({ next.last < $0 }) ?? true {
             pending.removeFirst()
-            let run = load(next, db)
+            let run: StoredRun
+            do { run = try load(next, db) } catch { throw StoreError("run \(next.id): \(error)") }
             closed += 1
             let at = "run \(run.id)"
             if run.first != previousLast &+ 1 { report.breach("\(at): starts at journal id \(run.first), not \(previousLast &+ 1) (a gap or an overlap)") }

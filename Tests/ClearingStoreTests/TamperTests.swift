@@ -404,6 +404,34 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(try !h.verify().ok)
     }
 
+    /// A value of the wrong type where the schema keeps a number (SQLite stores what it is
+    /// given where no CHECK refuses it) is a breach that names the table and column, never a
+    /// trap in verify. Each of these stopped verify with a fatal error before (the first needs
+    /// no trigger dropped at all); an open lot's position below 0 was an index out of range.
+    @Test(arguments: [
+        ("UPDATE member SET open_points = 'abc' WHERE member = 'M1'", "member: column open_points is not an integer"),
+        ("PRAGMA ignore_check_constraints = ON; UPDATE flow SET points = 'abc'", "flow: column points is not an integer"),
+        ("PRAGMA ignore_check_constraints = ON; UPDATE partner_head SET last_sequence = 'abc'", "column last_sequence is not an integer"),
+        ("PRAGMA ignore_check_constraints = ON; UPDATE expiry_terms SET points_expire_after_days = 'abc'", "column points_expire_after_days is not an integer"),
+        ("DROP TRIGGER run_immutable_u; UPDATE run SET cutoff_ms = 'abc'", "run 1: column cutoff_ms is not an integer"),
+        ("DROP TRIGGER run_partner_immutable_u; UPDATE run_partner SET issued_points = 'abc'", "column issued_points is not an integer"),
+        ("DROP TRIGGER run_snapshot_immutable_u; UPDATE run_snapshot SET earned = 'abc'", "column earned is not an integer"),
+        ("DROP TRIGGER run_flow_immutable_u; UPDATE run_flow SET points = 'abc'", "column points is not an integer"),
+        ("PRAGMA ignore_check_constraints = ON; DROP TRIGGER lot_take_only_returned_changes; UPDATE lot_take SET returned = 'abc'", "lot_take: column returned is not an integer"),
+        ("PRAGMA ignore_check_constraints = ON; DROP TRIGGER lot_take_only_returned_changes; UPDATE lot_take SET position = -5", "lot_take"),
+        ("PRAGMA ignore_check_constraints = ON; UPDATE lot SET expired = 'abc'", "lot: column expired is not an integer"),
+    ])
+    func aValueOfTheWrongTypeIsABreachNotACrash(edit: String, breach: String) throws {
+        let h = try settledOnce()
+        _ = h.post(C, "c2", Fixtures.redeem("M1", 5, "C-2"))
+        try h.store.close()
+        #expect(try h.verify().ok)
+        let r = try SQLiteTool.run(h.dir.url.appendingPathComponent("coalition.sqlite"), edit)
+        #expect(r.status == 0, "\(r.stderr)")
+        let report = try h.verify()
+        #expect(report.breaches.contains { $0.contains(breach) }, "\(report.breaches)")
+    }
+
     /// A ledger with entries of a partner the journal holds none of (the journal's `-wal` lost,
     /// an older journal copied back) is refused at start, by writers and readers alike: taken
     /// as a new history, its old entries would make the ledger skip the new ones silently.
