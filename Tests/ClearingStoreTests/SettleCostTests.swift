@@ -18,13 +18,13 @@ private let progressCalls = Atomic<Int>(0)
 @Suite struct SettleCostTests {
     /// SQLite VM instructions the store's writer connection runs during `body`.
     func instructions(_ store: Store, _ body: () throws -> Void) throws -> Int {
-        try store.coalition.writeWithoutTransaction { db in
+        store.coalition.writeWithoutTransaction { db in
             sqlite3_progress_handler(db.sqliteConnection, 1, { _ in
                 progressCalls.add(1, ordering: .relaxed)
                 return 0
             }, nil)
         }
-        defer { try? store.coalition.writeWithoutTransaction { sqlite3_progress_handler($0.sqliteConnection, 0, nil, nil) } }
+        defer { store.coalition.writeWithoutTransaction { sqlite3_progress_handler($0.sqliteConnection, 0, nil, nil) } }
         progressCalls.store(0, ordering: .relaxed)
         try body()
         return progressCalls.load(ordering: .relaxed)
