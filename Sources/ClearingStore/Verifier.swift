@@ -178,7 +178,7 @@ public enum Verifier {
                 report.breach("partner_head \(p): running totals (earned, redeemed, reversed) \(stored) but the journal sums to \(book.kindTotals[p]?.totals ?? [0, 0, 0, 0])")
             }
         }
-        for p in heads.keys where try Int.fetchOne(db, sql: "SELECT 1 FROM partner_head WHERE partner = ?", arguments: [p.rawValue]) == nil {
+        for p in heads.keys.sorted() where try Int.fetchOne(db, sql: "SELECT 1 FROM partner_head WHERE partner = ?", arguments: [p.rawValue]) == nil {
             report.breach("partner_head \(p): missing")
         }
         report.checks.append("journal: hash chains of \(heads.count) partners recomputed; heads agree")
@@ -777,7 +777,7 @@ struct RunChecker {
             var sumNet: Int64 = 0
             var netOverflow = false
             let names = Set(run.partners.keys).union(acc.issued.keys).union(acc.redeemed.keys).union(expired.keys)
-            for p in names {
+            for p in names.sorted() {  // sorted, here and below: the same breaches in the same order every time
                 let issued = acc.issued[p] ?? 0, redeemed = acc.redeemed[p] ?? 0, exp = expired[p] ?? 0
                 guard let s = run.partners[p] else {
                     if issued != 0 || redeemed != 0 || exp != 0 { report.breach("\(at): partner \(p) had activity but has no figures") }
@@ -821,7 +821,7 @@ struct RunChecker {
             let flows = acc.flows.filter { $0.value != 0 }
             if flows != run.flows { report.breach("\(at): flows differ from the journal's lot takes") }
             // The ledger ranges statements read must be exactly the run's entries of each partner.
-            for (p, stored) in run.ranges {
+            for (p, stored) in run.ranges.sorted(by: { $0.key < $1.key }) {
                 let actual = seen[p] ?? (0, nil, nil)
                 if stored.count != actual.count || stored.first != actual.first || stored.last != actual.last {
                     report.breach("\(at): partner \(p)'s statement range differs from its entries in the run")
@@ -837,7 +837,7 @@ struct RunChecker {
             // kept (v6) have none; the last run must have one as soon as anything was posted.
             if !run.snapshot.isEmpty || pending.isEmpty {
                 let expected = book.kindTotals.mapValues { [$0.entries] + $0.totals }
-                for p in Set(expected.keys).union(run.snapshot.keys) where (run.snapshot[p] ?? [0, 0, 0, 0, 0]) != (expected[p] ?? [0, 0, 0, 0, 0]) {
+                for p in Set(expected.keys).union(run.snapshot.keys).sorted() where (run.snapshot[p] ?? [0, 0, 0, 0, 0]) != (expected[p] ?? [0, 0, 0, 0, 0]) {
                     report.breach("\(at): partner \(p)'s snapshot (last sequence, points by kind) \(run.snapshot[p] ?? []) differs from the journal's \(expected[p] ?? [0, 0, 0, 0, 0]) at its cutoff")
                 }
                 if run.flowSnapshot.filter({ $0.value != 0 }) != book.flows.filter({ $0.value != 0 }) {
@@ -845,11 +845,11 @@ struct RunChecker {
                 }
             }
             var into: [PartnerID: Int64] = [:]
-            for (k, v) in run.flows {
+            for (k, v) in run.flows.sorted(by: { ($0.key.issuer, $0.key.redeemer) < ($1.key.issuer, $1.key.redeemer) }) {
                 let (sum, overflow) = into[k.redeemer, default: 0].addingReportingOverflow(v)
                 if overflow { report.breach("\(at): flows into \(k.redeemer) overflow when totalled") } else { into[k.redeemer] = sum }
             }
-            for (p, s) in run.partners where (into[p] ?? 0) != s.redeemed {
+            for (p, s) in run.partners.sorted(by: { $0.key < $1.key }) where (into[p] ?? 0) != s.redeemed {
                 report.breach("\(at): flows into \(p) sum to \(into[p] ?? 0), its redeemed points are \(s.redeemed)")
             }
             previousLast = run.last

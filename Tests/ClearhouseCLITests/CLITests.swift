@@ -351,6 +351,27 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
         }
     }
 
+    /// The same damage gives the same breaches in the same order, run after run (each process
+    /// hashes with its own seed: nothing reported may follow a dictionary's order).
+    @Test func verifyReportsTheSameBreachesInTheSameOrderEveryTime() throws {
+        try withCLI { cli in
+            #expect(try cli.run(["simulate", "--members", "40", "--events", "400", "--seed", "3"]).status == 0)
+            #expect(try cli.run(["settle"]).status == 0)
+            let edit = try SQLiteTool.run(
+                cli.data.appendingPathComponent("coalition.sqlite"),
+                """
+                DROP TRIGGER run_partner_immutable_u; DROP TRIGGER run_snapshot_immutable_u; DROP TRIGGER run_flow_immutable_u;
+                UPDATE run_partner SET issued_points = issued_points + 1; UPDATE run_snapshot SET earned = earned + 1;
+                UPDATE run_flow SET points = points + 1
+                """)
+            #expect(edit.status == 0, "\(edit.stderr)")
+            let first = try cli.run(["verify"])
+            #expect(first.status == 1)
+            #expect(first.out.components(separatedBy: "BREACH").count > 8, "\(first.out)")
+            for _ in 0..<4 { #expect(try cli.run(["verify"]).out == first.out) }
+        }
+    }
+
     @Test func simulateThenVerify() throws {
         try withCLI { cli in
             let s = try cli.run(["simulate", "--members", "300", "--events", "3000", "--seed", "5"])
