@@ -86,30 +86,33 @@ enum JournalRow {
 /// Typed column reads that throw instead of stopping the process when a column holds a value
 /// of the wrong type (a damaged or hand-edited file), so that verify reports it as a breach.
 extension Row {
+    /// The column's value; a column the row lacks (a schema altered or damaged) throws, where
+    /// GRDB's subscript would stop the process.
+    private func value(_ column: String) throws -> DatabaseValue {
+        guard hasColumn(column) else { throw StoreError("column \(column) is missing") }
+        return self[column]
+    }
+
     func int64(_ column: String) throws -> Int64 {
-        guard let v = Int64.fromDatabaseValue(self[column] as DatabaseValue) else { throw StoreError("column \(column) is not an integer") }
+        guard let v = Int64.fromDatabaseValue(try value(column)) else { throw StoreError("column \(column) is not an integer") }
         return v
     }
 
     func optionalInt64(_ column: String) throws -> Int64? {
-        let value: DatabaseValue = self[column]
-        return value.isNull ? nil : try int64(column)
+        try value(column).isNull ? nil : try int64(column)
     }
 
     func text(_ column: String) throws -> String {
-        let value: DatabaseValue = self[column]
-        guard case .string(let s) = value.storage else { throw StoreError("column \(column) is not text") }
+        guard case .string(let s) = try value(column).storage else { throw StoreError("column \(column) is not text") }
         return s
     }
 
     func optionalText(_ column: String) throws -> String? {
-        let value: DatabaseValue = self[column]
-        return value.isNull ? nil : try text(column)
+        try value(column).isNull ? nil : try text(column)
     }
 
     func blob(_ column: String) throws -> Data {
-        let value: DatabaseValue = self[column]
-        guard case .blob(let d) = value.storage else { throw StoreError("column \(column) is not a blob") }
+        guard case .blob(let d) = try value(column).storage else { throw StoreError("column \(column) is not a blob") }
         return d
     }
 

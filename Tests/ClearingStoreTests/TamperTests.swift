@@ -405,8 +405,8 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
     }
 
     /// A value of the wrong type where the schema keeps a number (SQLite stores what it is
-    /// given where no CHECK refuses it) is a breach that names the table and column, never a
-    /// trap in verify. Each of these stopped verify with a fatal error before (the first needs
+    /// given where no CHECK refuses it), or a column gone, is a breach that names the table and
+    /// column, never a trap in verify. Each of these stopped verify with a fatal error before (the first needs
     /// no trigger dropped at all); an open lot's position below 0 was an index out of range.
     @Test(arguments: [
         ("UPDATE member SET open_points = 'abc' WHERE member = 'M1'", "member: column open_points is not an integer"),
@@ -420,6 +420,10 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         ("PRAGMA ignore_check_constraints = ON; DROP TRIGGER lot_take_only_returned_changes; UPDATE lot_take SET returned = 'abc'", "lot_take: column returned is not an integer"),
         ("PRAGMA ignore_check_constraints = ON; DROP TRIGGER lot_take_only_returned_changes; UPDATE lot_take SET position = -5", "lot_take"),
         ("PRAGMA ignore_check_constraints = ON; UPDATE lot SET expired = 'abc'", "lot: column expired is not an integer"),
+        // A column gone from a table verify reads whole (GRDB's lookup by name trapped too).
+        ("ALTER TABLE run RENAME COLUMN cutoff_ms TO cutoff_ms_x", "run 1: column cutoff_ms is missing"),
+        ("ALTER TABLE run_partner DROP COLUMN issued_points", "column issued_points is missing"),
+        ("ALTER TABLE run_flow RENAME COLUMN points TO p", "column points is missing"),
     ])
     func aValueOfTheWrongTypeIsABreachNotACrash(edit: String, breach: String) throws {
         let h = try settledOnce()
