@@ -185,7 +185,26 @@ public enum Verifier {
         if try db.tableExists("webhook_alias") { try checkAliases(db, &report) }
 
         try compareDerived(db, book, &report)
+        try checkReferences(db, &report)
         return heads
+    }
+
+    /// Every reference between rows holds (`PRAGMA foreign_key_check`): no figures, flows,
+    /// snapshots, expired lots or notices of a run that does not exist, no take or move of a lot
+    /// or entry that does not, no attempt of no notice. SQLite checks these as the store writes;
+    /// an edit made with foreign keys off (the `sqlite3` shell's default) is not checked.
+    static func checkReferences(_ db: Database, _ report: inout VerifyReport) throws {
+        var count = 0
+        let rows = try Row.fetchCursor(db, sql: "PRAGMA foreign_key_check")
+        while let row = try rows.next() {
+            count += 1
+            guard count <= 10 else { continue }
+            let table = (try? row.text(at: 0)) ?? "?", parent = (try? row.text(at: 2)) ?? "?"
+            let which = (try? row.optionalInt64(at: 1)).flatMap { $0 }.map { "row \($0)" } ?? "a row"
+            report.breach("\(table): \(which) refers to a row of \(parent) that does not exist")
+        }
+        if count > 10 { report.breach("… and \(count - 10) more rows that refer to rows that do not exist") }
+        report.checks.append("references: every row's references to other rows hold (foreign keys)")
     }
 
     /// The derived tables must equal the replay; invariant 1 and 2 from the tables themselves.

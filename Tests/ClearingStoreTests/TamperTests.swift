@@ -436,6 +436,24 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(report.breaches.contains { $0.contains(breach) }, "\(report.breaches)")
     }
 
+    /// Rows that refer to rows that do not exist (added with foreign keys off, the `sqlite3`
+    /// shell's default) are breaches: figures of a run not yet closed would be taken over by, or
+    /// stop, the next settle.
+    @Test(arguments: [
+        ("INSERT INTO run_flow SELECT 7, issuer, redeemer, points FROM run_flow LIMIT 1", "run_flow: a row refers to a row of run"),
+        ("INSERT INTO run_snapshot SELECT 7, partner, last_sequence, earned, redeemed, earn_reversed, redemption_reversed FROM run_snapshot LIMIT 1", "run_snapshot"),
+        ("DROP TRIGGER lot_move_no_update; UPDATE lot_move SET lot_id = 999999", "lot_move: a row refers to a row of lot"),
+    ])
+    func rowsThatReferToNothingAreBreaches(edit: String, breach: String) throws {
+        let h = try settledOnce()
+        try h.store.close()
+        #expect(try h.verify().ok)
+        let r = try SQLiteTool.run(h.dir.url.appendingPathComponent("coalition.sqlite"), edit)
+        #expect(r.status == 0, "\(r.stderr)")
+        let report = try h.verify()
+        #expect(report.breaches.contains { $0.contains(breach) }, "\(report.breaches)")
+    }
+
     /// A ledger with entries of a partner the journal holds none of (the journal's `-wal` lost,
     /// an older journal copied back) is refused at start, by writers and readers alike: taken
     /// as a new history, its old entries would make the ledger skip the new ones silently.
