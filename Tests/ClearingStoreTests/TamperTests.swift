@@ -294,6 +294,18 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         return h
     }
 
+    /// `settledOnce` (then `more` posted), verified, closed, edited with the `sqlite3` shell
+    /// (which must take the edit): what verify then reports.
+    func verifiedAfterEditing(_ edit: String, after more: (Harness) -> Void = { _ in }) throws -> VerifyReport {
+        let h = try settledOnce()
+        more(h)
+        try h.store.close()
+        #expect(try h.verify().ok)
+        let r = try SQLiteTool.run(h.dir.url.appendingPathComponent("coalition.sqlite"), edit)
+        #expect(r.status == 0, "\(r.stderr)")
+        return try h.verify()
+    }
+
     /// Invariant 5 and the run's totals: a run edited around its triggers (margin, gross, net
     /// transfers, netting efficiency) is a breach naming the run.
     @Test(arguments: [
@@ -395,13 +407,7 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         "PRAGMA ignore_check_constraints = ON; DROP TRIGGER lot_open_update_within_its_lot; DROP TRIGGER lot_open_insert_within_its_lot; UPDATE lot_open SET remaining = 9223372036854775807",
     ])
     func figuresAtTheEdgeOfInt64AreBreachesNotACrash(edit: String) throws {
-        let h = try settledOnce()
-        _ = h.post(G, "g2", Fixtures.earn("M1", 5, "G-2"))
-        try h.store.close()
-        #expect(try h.verify().ok)
-        let r = try SQLiteTool.run(h.dir.url.appendingPathComponent("coalition.sqlite"), edit)
-        #expect(r.status == 0, "\(r.stderr)")
-        #expect(try !h.verify().ok)
+        #expect(try !verifiedAfterEditing(edit, after: { _ = $0.post(G, "g2", Fixtures.earn("M1", 5, "G-2")) }).ok)
     }
 
     /// A value of the wrong type where the schema keeps a number (SQLite stores what it is
@@ -426,13 +432,7 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         ("ALTER TABLE run_flow RENAME COLUMN points TO p", "column points is missing"),
     ])
     func aValueOfTheWrongTypeIsABreachNotACrash(edit: String, breach: String) throws {
-        let h = try settledOnce()
-        _ = h.post(C, "c2", Fixtures.redeem("M1", 5, "C-2"))
-        try h.store.close()
-        #expect(try h.verify().ok)
-        let r = try SQLiteTool.run(h.dir.url.appendingPathComponent("coalition.sqlite"), edit)
-        #expect(r.status == 0, "\(r.stderr)")
-        let report = try h.verify()
+        let report = try verifiedAfterEditing(edit, after: { _ = $0.post(C, "c2", Fixtures.redeem("M1", 5, "C-2")) })
         #expect(report.breaches.contains { $0.contains(breach) }, "\(report.breaches)")
     }
 
@@ -445,12 +445,7 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         ("DROP TRIGGER lot_move_no_update; UPDATE lot_move SET lot_id = 999999", "lot_move: a row refers to a row of lot"),
     ])
     func rowsThatReferToNothingAreBreaches(edit: String, breach: String) throws {
-        let h = try settledOnce()
-        try h.store.close()
-        #expect(try h.verify().ok)
-        let r = try SQLiteTool.run(h.dir.url.appendingPathComponent("coalition.sqlite"), edit)
-        #expect(r.status == 0, "\(r.stderr)")
-        let report = try h.verify()
+        let report = try verifiedAfterEditing(edit)
         #expect(report.breaches.contains { $0.contains(breach) }, "\(report.breaches)")
     }
 
