@@ -93,53 +93,40 @@ extension Row {
         return self[column]
     }
 
-    func int64(_ column: String) throws -> Int64 {
-        guard let v = Int64.fromDatabaseValue(try value(column)) else { throw StoreError("column \(column) is not an integer") }
-        return v
-    }
-
-    func optionalInt64(_ column: String) throws -> Int64? {
-        try value(column).isNull ? nil : try int64(column)
-    }
-
-    func text(_ column: String) throws -> String {
-        guard case .string(let s) = try value(column).storage else { throw StoreError("column \(column) is not text") }
-        return s
-    }
-
-    func optionalText(_ column: String) throws -> String? {
-        try value(column).isNull ? nil : try text(column)
-    }
-
-    func blob(_ column: String) throws -> Data {
-        guard case .blob(let d) = try value(column).storage else { throw StoreError("column \(column) is not a blob") }
-        return d
-    }
+    func int64(_ column: String) throws -> Int64 { try Row.int64(value(column), "column \(column)") }
+    func optionalInt64(_ column: String) throws -> Int64? { try value(column).isNull ? nil : try int64(column) }
+    func text(_ column: String) throws -> String { try Row.text(value(column), "column \(column)") }
+    func optionalText(_ column: String) throws -> String? { try value(column).isNull ? nil : try text(column) }
+    func blob(_ column: String) throws -> Data { try Row.blob(value(column), "column \(column)") }
 
     // The same by position, for `verify`: a value of another type (a file altered or damaged)
     // throws, and is reported as a breach, where GRDB's own subscripts would stop the process.
 
-    func int64(at index: Int) throws -> Int64 {
-        guard let v = Int64.fromDatabaseValue(self[index] as DatabaseValue) else { throw StoreError("\(column(index)) is not an integer") }
-        return v
-    }
-
-    func optionalInt64(at index: Int) throws -> Int64? {
-        (self[index] as DatabaseValue).isNull ? nil : try int64(at: index)
-    }
-
-    func text(at index: Int) throws -> String {
-        guard case .string(let s) = (self[index] as DatabaseValue).storage else { throw StoreError("\(column(index)) is not text") }
-        return s
-    }
-
-    func blob(at index: Int) throws -> Data {
-        guard case .blob(let d) = (self[index] as DatabaseValue).storage else { throw StoreError("\(column(index)) is not a blob") }
-        return d
-    }
+    func int64(at index: Int) throws -> Int64 { try Row.int64(self[index], column(index)) }
+    func optionalInt64(at index: Int) throws -> Int64? { (self[index] as DatabaseValue).isNull ? nil : try int64(at: index) }
+    func text(at index: Int) throws -> String { try Row.text(self[index], column(index)) }
+    func blob(at index: Int) throws -> Data { try Row.blob(self[index], column(index)) }
 
     private func column(_ index: Int) -> String {
         let names = Array(columnNames)
         return index < names.count ? "column \(names[index])" : "column \(index)"
     }
+
+    // One decoding of each type, whichever way the column was found (`what` names it).
+
+    private static func int64(_ value: DatabaseValue, _ what: @autoclosure () -> String) throws -> Int64 {
+        guard let v = Int64.fromDatabaseValue(value) else { throw StoreError("\(what()) is not an integer") }
+        return v
+    }
+
+    private static func text(_ value: DatabaseValue, _ what: @autoclosure () -> String) throws -> String {
+        guard case .string(let s) = value.storage else { throw StoreError("\(what()) is not text") }
+        return s
+    }
+
+    private static func blob(_ value: DatabaseValue, _ what: @autoclosure () -> String) throws -> Data {
+        guard case .blob(let d) = value.storage else { throw StoreError("\(what()) is not a blob") }
+        return d
+    }
 }
+
