@@ -131,6 +131,9 @@ let postingRate = Double(events) / postingSeconds
 print(String(format: "posting API: %d postings in %.2f s = %.0f durable postings/s", events, postingSeconds, postingRate))
 print(String(format: "  CPU: %.1f µs per posting (user + system, all threads: the workload's generator, the writer's two threads, the checkpointer)",
              Double(postingCPU) / Double(events)))
+let threadCPU = writer.threadCPUTimes
+print(String(format: "  of which the decider %.1f µs per posting, the ledger stage %.1f µs",
+             Double(threadCPU.decider / .nanoseconds(1)) / 1e3 / Double(events), Double(threadCPU.ledgerStage / .nanoseconds(1)) / 1e3 / Double(events)))
 print("  outcomes: \(counts.created) created, \(counts.replayed) replayed, \(counts.refused) refused, \(counts.unavailable) unavailable")
 print(String(format: "  group commits: %d batches, %.0f postings per batch, largest %d", stats.batches, Double(stats.postings) / Double(stats.batches), stats.largest))
 print(String(format: "  commits (one WAL fsync each): %d = %.2f per 1,000 postings", commits, Double(commits) * 1000 / Double(events)))
@@ -242,11 +245,22 @@ final class Failures: @unchecked Sendable {
     func add(_ e: any Error) { lock.lock(); errors.append(e); lock.unlock() }
 }
 let failures = Failures()
+/// How long each coalition table's inserts took in the ceiling, over all its transactions.
+final class TableTimes: @unchecked Sendable {
+    let lock = NSLock()
+    var times: [String: Duration] = [:]
+    func add(_ table: String, _ time: Duration) { lock.lock(); times[table, default: .zero] += time; lock.unlock() }
+}
+let tableTimes = TableTimes()
 let commits0 = target.commitCount
 let t1 = DispatchTime.now()
 let coalitionDone = DispatchSemaphore(value: 0)
 Thread.detachNewThread {
-    do { for b in coalitionBatches where !b.isEmpty { try target.insertRaw(coalition: b) } } catch { failures.add(error) }
+    do {
+        for b in coalitionBatches where !b.isEmpty {
+            for (table, time) in try target.insertRaw(coalition: b) { tableTimes.add(table, time) }
+        }
+    } catch { failures.add(error) }
     coalitionDone.signal()
 }
 for b in ledgerBatches {
@@ -269,6 +283,8 @@ print(String(format: "ceiling (the same rows): the %d rows the run left, inserte
              Double(sameRows) / sameRowsSeconds))
 print("  rows: " + rowsPerTable.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
 print(String(format: "ratio: posting API / ceiling (the same rows) = %.2f", postingRate / sameRowsRate))
+print("  of which coalition.sqlite, by table (µs per posting, each table's inserts alone): " + tableTimes.times.sorted { $0.value > $1.value }
+    .map { String(format: "%@ %.2f", $0.key, Double($0.value / .nanoseconds(1)) / 1e3 / Double(events)) }.joined(separator: ", "))
 try? FileManager.default.removeItem(at: sameRowsDir)
 
 func entryTable(uniqueIndexes: Bool) -> String {

@@ -166,7 +166,7 @@ struct FastStatement {
 final class WriterStatements {
     enum Key: Int, CaseIterable {
         case insertJournal, insertLot, insertOpenLot, deleteOpenLot, updateOpenLot
-        case updateMemberFrom, addToMember, insertMember, insertTake, insertMove, selectOpenLots, selectOriginal
+        case updateMemberFrom, addToMember, insertMember, insertTake, insertMove, selectOpenLots, selectOriginal, existsEarlier
         // The reversals'.
         case selectLotLeft, addToLotReversed, selectTakes, selectLotExpiry, addToTakeReturned, returnToOpenLot, insertReopened
 
@@ -193,6 +193,13 @@ final class WriterStatements {
                 WHERE o.member = ? ORDER BY o.lot_id
                 """
             case .selectOriginal: "SELECT id, sequence, kind, member FROM journal WHERE partner = ? AND reference = ?"
+            case .existsEarlier:
+                // Probes of three unique indexes, no table row read.
+                """
+                SELECT EXISTS (SELECT 1 FROM journal WHERE partner = ?1 AND webhook_id = ?2)
+                  OR EXISTS (SELECT 1 FROM journal WHERE partner = ?1 AND reference = ?3)
+                  OR EXISTS (SELECT 1 FROM webhook_alias WHERE partner = ?1 AND webhook_id = ?2)
+                """
             case .selectLotLeft:
                 """
                 SELECT COALESCE(o.remaining, 0), lot.expires_at_ms FROM lot

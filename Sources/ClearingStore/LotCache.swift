@@ -56,34 +56,39 @@ struct LotCache {
 
     /// Applies what an accepted posting did to the member's lots, once its writes succeeded.
     mutating func apply(_ change: LotChange, member: MemberID) {
-        // Taken out of the dictionary while it changes, so that it is changed in place (read
-        // out and written back, the dictionary's copy made every change copy the whole array).
-        guard var open = lots.removeValue(forKey: member) else { return }
+        // Changed in place through the dictionary's one look-up (its `_modify`), never copied;
+        // a member whose lots cannot be kept current is dropped (read again when next needed).
+        LotCache.apply(change, to: &lots[member], count: &lotCount)
+    }
+
+    private static func apply(_ change: LotChange, to slot: inout [OpenLot]?, count lotCount: inout Int) {
+        guard slot != nil else { return }
         switch change {
         case .earned(let lot):
-            precondition(open.last.map { $0.id < lot.id } ?? true, "lot ids are in acceptance order")
+            precondition(slot!.last.map { $0.id < lot.id } ?? true, "lot ids are in acceptance order")
             if lotCount >= Limits.lotCacheLotsMax {
-                lotCount -= open.count  // full: this member's lots are read again when next needed
+                lotCount -= slot!.count  // full: this member's lots are read again when next needed
+                slot = nil
                 return
             }
-            open.append(lot)
+            slot!.append(lot)
             lotCount += 1
         case .took(let takes):
             for take in takes {
-                guard let i = open.firstIndex(where: { $0.id == take.lotID }), open[i].remaining.value >= take.points.value else {
-                    lotCount -= open.count  // cannot happen (the takes were computed from these lots); read again
+                guard let i = slot!.firstIndex(where: { $0.id == take.lotID }), slot![i].remaining.value >= take.points.value else {
+                    lotCount -= slot!.count  // cannot happen (the takes were computed from these lots); read again
+                    slot = nil
                     return
                 }
-                open[i].remaining = Points(open[i].remaining.value - take.points.value)
+                slot![i].remaining = Points(slot![i].remaining.value - take.points.value)
             }
-            let before = open.count
-            open.removeAll { $0.remaining.value == 0 }
-            lotCount -= before - open.count
+            let before = slot!.count
+            slot!.removeAll { $0.remaining.value == 0 }
+            lotCount -= before - slot!.count
         case .reread:
-            lotCount -= open.count  // read again when next needed
-            return
+            lotCount -= slot!.count  // read again when next needed
+            slot = nil
         }
-        lots[member] = open
     }
 }
 

@@ -191,6 +191,7 @@ extension Store {
         _ batch: [Submission], isolated: Bool, blocked: Set<PartnerID>
     ) throws -> ([PostingOutcome], [PartnerID: [ChainedEntry]]) {
         var decided: [PostingOutcome] = []
+        decided.reserveCapacity(batch.count)
         var fresh: [PartnerID: [ChainedEntry]] = [:]
         try coalition.writeWithoutTransaction { db in
             var lotsAfter: LotCache?
@@ -317,6 +318,9 @@ extension Store {
             if let cached = refusalToCheck, try cached != Lookup.openLots(w, s.event.member) {
                 throw lotCacheMismatch(cached: openPointsOf(cached), detail: "a refusal for want of points; the stored lots differ")
             }
+            // A refusal is the original result when the posting is a replay: looked up only
+            // where the journal's unique indexes say an earlier entry may be (most refusals: none).
+            guard try Lookup.mayHaveEarlier(w, s) else { return .rejected(problem) }
             return try earlierOutcome(db, s, &state) ?? .rejected(problem)
         }
         guard case .apply(let balanceAfter, let lotChange, let write) = effects else { preconditionFailure() }

@@ -39,6 +39,9 @@ public final class PostingWriter: @unchecked Sendable {
     private var decided: [(DecidedBatch, [@Sendable (PostingOutcome) -> Void])] = []
     private var deciderDone = false
     private let batchSizes = BatchSizeStats()
+    /// CPU time each of the two threads used, recorded as it ends (for benchmarks).
+    private var deciderCPU: Duration = .zero
+    private var ledgerStageCPU: Duration = .zero
 
     /// Called on the writer's thread with the size of each committed batch (for metrics).
     private let batchObserver: (@Sendable (Int) -> Void)?
@@ -165,6 +168,21 @@ public final class PostingWriter: @unchecked Sendable {
     /// How many batches were committed and how many postings they held.
     public var batchStatistics: (batches: Int, postings: Int, largest: Int) { batchSizes.snapshot() }
 
+    /// CPU time (user and system) the decider and the ledger stage used over their lives; both
+    /// zero until `shutdown()` returned. For benchmarks: the decider holds the writer's rate.
+    public var threadCPUTimes: (decider: Duration, ledgerStage: Duration) {
+        stage.lock()
+        defer { stage.unlock() }
+        return (deciderCPU, ledgerStageCPU)
+    }
+
+    /// This thread's CPU time so far.
+    private static func threadCPU() -> Duration {
+        var t = timespec()
+        guard clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t) == 0 else { return .zero }
+        return .seconds(t.tv_sec) + .nanoseconds(t.tv_nsec)
+    }
+
     /// Stops taking new postings, finishes every queued one, and returns when the writer
     /// thread has ended.
     public func shutdown() {
@@ -197,7 +215,9 @@ public final class PostingWriter: @unchecked Sendable {
             }
             if queue.isEmpty && closing {
                 condition.unlock()
+                let cpu = PostingWriter.threadCPU()
                 stage.lock()
+                deciderCPU = cpu
                 deciderDone = true
                 stage.broadcast()
                 stage.unlock()
@@ -237,6 +257,7 @@ public final class PostingWriter: @unchecked Sendable {
                 }
             }
             if decided.isEmpty && deciderDone {
+                ledgerStageCPU = PostingWriter.threadCPU()
                 finished = true
                 stage.broadcast()
                 stage.unlock()

@@ -31,16 +31,24 @@ extension Store {
     /// transaction on the posting writer's own connection (its settings, its WAL gathering, its
     /// checkpointer): what a batch costs when nothing is decided, looked up or updated. Every
     /// constraint, index and trigger of the schema applies; the commit is durable as a batch's.
-    @_spi(Benchmark) public func insertRaw(coalition tables: [RawRows]) throws {
+    /// Returns how long each table's inserts took (the commit not included).
+    @_spi(Benchmark) @discardableResult
+    public func insertRaw(coalition tables: [RawRows]) throws -> [(table: String, time: Duration)] {
         precondition(!readOnly, "insertRaw on a read-only store")
         dropLotCache()
+        var times: [(table: String, time: Duration)] = []
         try coalition.writeWithoutTransaction { db in
             try db.inTransaction(.immediate) {
-                for rows in tables { try Store.insert(rows, into: db) }
+                for rows in tables {
+                    let started = ContinuousClock.now
+                    try Store.insert(rows, into: db)
+                    times.append((rows.table, ContinuousClock.now - started))
+                }
                 return .commit
             }
         }
         commitCounter.add(1, ordering: .relaxed)
+        return times
     }
 
     /// The same into a partner's ledger (its chain trigger checks each entry against the last).

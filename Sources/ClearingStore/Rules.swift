@@ -255,8 +255,13 @@ struct MemberChanges {
     /// Adds one posting's change; `expected` is what the member's row holds before it (the
     /// points of the cached lots it was decided from).
     mutating func add(_ member: MemberID, by delta: Int64, expected: Int64?, firstJournalID: Int64?) throws {
-        guard var c = changes[member] else {
-            changes[member] = Change(expected: expected, delta: delta, firstJournalID: firstJournalID)
+        // One look-up of the member: the change is made in place (the dictionary's `_modify`).
+        try MemberChanges.add(to: &changes[member], by: delta, expected: expected, firstJournalID: firstJournalID)
+    }
+
+    private static func add(to slot: inout Change?, by delta: Int64, expected: Int64?, firstJournalID: Int64?) throws {
+        guard var c = slot else {
+            slot = Change(expected: expected, delta: delta, firstJournalID: firstJournalID)
             return
         }
         if let expected {
@@ -270,7 +275,7 @@ struct MemberChanges {
         }
         c.delta += delta  // at most 10^9 a posting, Limits.postingBatchMax postings: no overflow
         if c.firstJournalID == nil { c.firstJournalID = firstJournalID }
-        changes[member] = c
+        slot = c
     }
 
     /// The changes, in the order of `member`'s primary key (SQLite's BINARY collation: member
@@ -301,24 +306,32 @@ struct OpenLotChanges {
         var after: Int64
     }
 
-    private var changes: [MemberID: [Int64: Change]] = [:]
+    /// Each member's changed lots, in the order first changed (a member has few: a short
+    /// list searched in place costs less than a dictionary of its own).
+    private var changes: [MemberID: [(lot: Int64, change: Change)]] = [:]
 
     /// Adds one change of a lot, decided from `held` points.
     mutating func change(_ member: MemberID, _ lot: Int64, from held: Int64, to after: Int64) throws {
-        if let c = changes[member]?[lot] {
-            guard c.after == held else {
-                throw CachedLotsDisagreement("lot \(lot) holds \(c.after) points after this batch's earlier postings, but its cached lots \(held)")
-            }
-            changes[member]![lot]!.after = after
-        } else {
-            changes[member, default: [:]][lot] = Change(before: held, after: after)
+        // One look-up of the member: its list is changed in place (the dictionary's `_modify`).
+        try OpenLotChanges.change(&changes[member, default: []], lot, from: held, to: after)
+    }
+
+    private static func change(_ lots: inout [(lot: Int64, change: Change)], _ lot: Int64, from held: Int64, to after: Int64) throws {
+        guard let i = lots.firstIndex(where: { $0.lot == lot }) else {
+            lots.append((lot, Change(before: held, after: after)))
+            return
         }
+        guard lots[i].change.after == held else {
+            throw CachedLotsDisagreement("lot \(lot) holds \(lots[i].change.after) points after this batch's earlier postings, but its cached lots \(held)")
+        }
+        lots[i].change.after = after
     }
 
     /// The changes of one member's lots, in lot order, taken out.
     mutating func take(_ member: MemberID) -> [(lot: Int64, change: Change)] {
-        guard let lots = changes.removeValue(forKey: member) else { return [] }
-        return lots.map { ($0.key, $0.value) }.sorted { $0.lot < $1.lot }
+        guard var lots = changes.removeValue(forKey: member) else { return [] }
+        lots.sort { $0.lot < $1.lot }
+        return lots
     }
 
     /// The members with changes, in the order of `lot_open`'s key (SQLite's BINARY collation:
@@ -332,7 +345,7 @@ struct OpenLotChanges {
         guard let mine = changes[member] else { return stored }
         var result: [OpenLot] = []
         for var l in stored {
-            if let c = mine[l.id] { l.remaining = Points(c.after) }
+            if let c = mine.first(where: { $0.lot == l.id })?.change { l.remaining = Points(c.after) }
             if l.remaining.value > 0 { result.append(l) }
         }
         for (id, c) in mine where c.before == 0 && c.after > 0 {
@@ -408,6 +421,15 @@ enum Lookup {
             byID = try JournalRow.journalEntry(row).0
         }
         return (byID, byRef)
+    }
+
+    /// Whether the partner has an earlier entry under this webhook-id (its own, or bound to it as
+    /// an alias) or this reference: when not (most refusals), `earlier` need not be asked.
+    static func mayHaveEarlier(_ w: WriterStatements, _ s: Submission) throws -> Bool {
+        let exists = try w(.existsEarlier)
+        try exists.bind(1, s.partner.rawValue); try exists.bind(2, s.webhookID.rawValue); try exists.bind(3, s.event.reference.rawValue)
+        guard let found = try exists.oneRow({ try $0.int64(0) }) else { throw StoreError("an EXISTS query returned no row") }
+        return found != 0
     }
 
     /// Whether this webhook-id of the partner is bound to an earlier entry as an alias (v14).
