@@ -284,7 +284,7 @@ print(String(format: "ceiling (the same rows): the %d rows the run left, inserte
 print("  rows: " + rowsPerTable.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
 print(String(format: "ratio: posting API / ceiling (the same rows) = %.2f", postingRate / sameRowsRate))
 print("  of which coalition.sqlite, by table (µs per posting, each table's inserts alone): " + tableTimes.times.sorted { $0.value > $1.value }
-    .map { String(format: "%@ %.2f", $0.key, Double($0.value / .nanoseconds(1)) / 1e3 / Double(events)) }.joined(separator: ", "))
+    .map { "\($0.key) " + String(format: "%.2f", Double($0.value / .nanoseconds(1)) / 1e3 / Double(events)) }.joined(separator: ", "))
 try? FileManager.default.removeItem(at: sameRowsDir)
 
 func entryTable(uniqueIndexes: Bool) -> String {

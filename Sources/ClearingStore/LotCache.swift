@@ -75,7 +75,7 @@ struct LotCache {
             lotCount += 1
         case .took(let takes):
             for take in takes {
-                guard let i = slot!.firstIndex(where: { $0.id == take.lotID }), slot![i].remaining.value >= take.points.value else {
+                guard let i = slot!.index(ofLot: take.lotID), slot![i].remaining.value >= take.points.value else {
                     lotCount -= slot!.count  // cannot happen (the takes were computed from these lots); read again
                     slot = nil
                     return
@@ -89,6 +89,22 @@ struct LotCache {
             lotCount -= slot!.count  // read again when next needed
             slot = nil
         }
+    }
+}
+
+extension Array where Element == OpenLot {
+    /// The position of lot `id` among a member's open lots, which are in lot order (oldest
+    /// first: as read from SQLite and as the cache keeps them), found by halves: a redemption
+    /// that takes thousands of lots looks each up without scanning them all. Should the order
+    /// ever be broken, a scan still finds it.
+    func index(ofLot id: Int64) -> Int? {
+        var low = 0, high = count
+        while low < high {
+            let mid = (low + high) / 2
+            if self[mid].id < id { low = mid + 1 } else { high = mid }
+        }
+        if low < count, self[low].id == id { return low }
+        return firstIndex { $0.id == id }
     }
 }
 

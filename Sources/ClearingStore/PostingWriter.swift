@@ -168,8 +168,9 @@ public final class PostingWriter: @unchecked Sendable {
     /// How many batches were committed and how many postings they held.
     public var batchStatistics: (batches: Int, postings: Int, largest: Int) { batchSizes.snapshot() }
 
-    /// CPU time (user and system) the decider and the ledger stage used over their lives; both
-    /// zero until `shutdown()` returned. For benchmarks: the decider holds the writer's rate.
+    /// CPU time (user and system) the decider and the ledger stage used over their lives, each
+    /// recorded as its thread ends (zero before): final once `shutdown()` returned. For
+    /// benchmarks: the decider holds the writer's rate.
     public var threadCPUTimes: (decider: Duration, ledgerStage: Duration) {
         stage.lock()
         defer { stage.unlock() }

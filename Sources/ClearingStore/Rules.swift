@@ -45,7 +45,7 @@ enum Rules {
         return .apply(balanceAfter: try before.subtracting(n), lots: .took(takes)) { w, id, state in
             for (i, t) in takes.enumerated() {
                 // The lot's points before this take, as the take was decided from them.
-                guard let held = lots.first(where: { $0.id == t.lotID })?.remaining.value else {
+                guard let held = lots.index(ofLot: t.lotID).map({ lots[$0].remaining.value }) else {
                     throw CachedLotsDisagreement("take from lot \(t.lotID), which is not among the member's open lots")
                 }
                 try changeOpenLot(w, &state, s.event.member, t.lotID, by: -t.points.value, holding: held)
@@ -306,8 +306,9 @@ struct OpenLotChanges {
         var after: Int64
     }
 
-    /// Each member's changed lots, in the order first changed (a member has few: a short
-    /// list searched in place costs less than a dictionary of its own).
+    /// Each member's changed lots, in lot order (a member has few: a short sorted list,
+    /// searched by halves, costs less than a dictionary of its own; a member with thousands of
+    /// lots taken at once costs a search of its list per lot, not a scan).
     private var changes: [MemberID: [(lot: Int64, change: Change)]] = [:]
 
     /// Adds one change of a lot, decided from `held` points.
@@ -317,8 +318,9 @@ struct OpenLotChanges {
     }
 
     private static func change(_ lots: inout [(lot: Int64, change: Change)], _ lot: Int64, from held: Int64, to after: Int64) throws {
-        guard let i = lots.firstIndex(where: { $0.lot == lot }) else {
-            lots.append((lot, Change(before: held, after: after)))
+        let i = lowerBound(lots, lot)
+        guard i < lots.count, lots[i].lot == lot else {
+            lots.insert((lot, Change(before: held, after: after)), at: i)  // at the end, when lots come in order
             return
         }
         guard lots[i].change.after == held else {
@@ -329,9 +331,17 @@ struct OpenLotChanges {
 
     /// The changes of one member's lots, in lot order, taken out.
     mutating func take(_ member: MemberID) -> [(lot: Int64, change: Change)] {
-        guard var lots = changes.removeValue(forKey: member) else { return [] }
-        lots.sort { $0.lot < $1.lot }
-        return lots
+        changes.removeValue(forKey: member) ?? []
+    }
+
+    /// The position of `lot` in a list in lot order, or where it would go.
+    private static func lowerBound(_ lots: [(lot: Int64, change: Change)], _ lot: Int64) -> Int {
+        var low = 0, high = lots.count
+        while low < high {
+            let mid = (low + high) / 2
+            if lots[mid].lot < lot { low = mid + 1 } else { high = mid }
+        }
+        return low
     }
 
     /// The members with changes, in the order of `lot_open`'s key (SQLite's BINARY collation:
@@ -345,7 +355,8 @@ struct OpenLotChanges {
         guard let mine = changes[member] else { return stored }
         var result: [OpenLot] = []
         for var l in stored {
-            if let c = mine.first(where: { $0.lot == l.id })?.change { l.remaining = Points(c.after) }
+            let i = OpenLotChanges.lowerBound(mine, l.id)
+            if i < mine.count, mine[i].lot == l.id { l.remaining = Points(mine[i].change.after) }
             if l.remaining.value > 0 { result.append(l) }
         }
         for (id, c) in mine where c.before == 0 && c.after > 0 {

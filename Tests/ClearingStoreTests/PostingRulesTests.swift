@@ -142,6 +142,47 @@ let G = Fixtures.grocer, F = Fixtures.fuel, C = Fixtures.cinema
         #expect(report.breaches.contains { $0.contains(#"webhook_alias fuel "C": is also a webhook-id of an entry in the journal"#) }, "\(report.breaches)")
     }
 
+    /// A posting the rules refuse is first a replay or a conflict if its webhook-id, its
+    /// reference or an alias says so (CONTRACT §3): the refusal path asks the journal's unique
+    /// indexes, each of them, before it answers with the rules' refusal. Alone and in a batch
+    /// that another posting's storage failure sends down the savepoint path.
+    @Test func aRefusedPostingIsStillAReplayOrAConflictFirst() throws {
+        for isolated in [false, true] {
+            let h = try Harness()
+            if isolated {
+                let raw = try GRDB.DatabaseQueue(path: h.dir.url.appendingPathComponent("coalition.sqlite").path)
+                try raw.write { db in
+                    try db.execute(sql: "CREATE TRIGGER poison BEFORE INSERT ON lot WHEN NEW.member = 'POISON' BEGIN SELECT RAISE(ABORT, 'poison'); END")
+                }
+                try raw.close()
+            }
+            /// Posts one event in a batch with a poisoned posting when `isolated` (decided again
+            /// posting by posting in savepoints); the event's outcome.
+            func post(_ webhookID: String, _ event: Event) -> PostingOutcome {
+                guard isolated else { return h.post(F, webhookID, event) }
+                let outcomes = h.post([(F, webhookID, event), (G, "poison-\(webhookID)", Fixtures.earn("POISON", 1, "P-\(webhookID)"))])
+                #expect(outcomes[1].httpStatus == 503, "the poisoned posting fails alone")
+                return outcomes[0]
+            }
+            let earned = post("w1", Fixtures.earn("M1", 10, "R-1"))
+            let redeemed = post("w2", Fixtures.redeem("M1", 6, "R-2"))
+            #expect(earned.httpStatus == 201 && redeemed.httpStatus == 201)
+            #expect(entry(post("w3", Fixtures.redeem("M1", 4, "R-3")))?.memberBalance == Points(0), "nothing left")
+            // Each of these is refused by the rules (no points left), but is first:
+            #expect(slug(post("w1", Fixtures.redeem("M1", 5_000, "R-9"))) == "conflict", "webhook-id w1 holds R-1")
+            #expect(slug(post("w9", Fixtures.redeem("M1", 5_000, "R-1"))) == "conflict", "reference R-1 is w1's earn")
+            let again = post("w2", Fixtures.redeem("M1", 6, "R-2"))
+            #expect(again.httpStatus == 200 && again.bodyJSON == redeemed.bodyJSON, "a replay of w2, refused if decided anew")
+            // A retry of R-2 under a new webhook-id replays it and binds that webhook-id to it.
+            let retry = post("w4", Fixtures.redeem("M1", 6, "R-2"))
+            #expect(retry.httpStatus == 200 && retry.bodyJSON == redeemed.bodyJSON, "a replay by reference")
+            #expect(slug(post("w4", Fixtures.redeem("M1", 7, "R-7"))) == "conflict", "w4 is bound to R-2 as an alias")
+            #expect(slug(post("w5", Fixtures.redeem("M1", 7, "R-7"))) == "insufficient-points", "a new refusal is the rules'")
+            #expect(try h.store.ledgerEntries(F).map(\.event.reference.rawValue) == ["R-1", "R-2", "R-3"])
+            #expect(try h.verify().ok)
+        }
+    }
+
     @Test func conflicts() throws {
         let h = try Harness()
         _ = h.post(F, "w1", Fixtures.earn("M1", 100, "R-1"))

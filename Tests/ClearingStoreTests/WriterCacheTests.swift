@@ -247,6 +247,40 @@ private func postedInOneBatchAndOneByOne(_ submissions: [Submission], _ batched:
         #expect(try single.verify().ok)
     }
 
+    /// A member with many small lots spends and gets back hundreds of them in one batch: the
+    /// batch's changes of its open lots come out of lot order (an earn's new lot first, then
+    /// takes of older lots; a reversal gives back to the last lots taken first) and must hold
+    /// what posting one by one leaves, lot by lot, with no disagreement of the lot cache.
+    @Test func aMemberWithManyLotsSpendsAndGetsBackHundredsInOneBatch() throws {
+        let lots = 500
+        let earns = (1...lots).map { Submission(partner: G, webhookID: WebhookID("g\($0)")!, event: Fixtures.earn("M9", 1, "G-\($0)")) }
+        func submissions() -> [Submission] {
+            [
+                Submission(partner: C, webhookID: WebhookID("c1")!, event: Fixtures.redeem("M9", 300, "C-1")),  // lots 1-300
+                Submission(partner: C, webhookID: WebhookID("c2")!, event: Fixtures.reverseRedemption("M9", 120, "C-2", of: "C-1")),  // 300 down to 181
+                Submission(partner: G, webhookID: WebhookID("g0")!, event: Fixtures.earn("M9", 5, "G-0")),  // the newest lot, changed first
+                Submission(partner: C, webhookID: WebhookID("c3")!, event: Fixtures.redeem("M9", 200, "C-3")),  // 181-380
+                Submission(partner: C, webhookID: WebhookID("c4")!, event: Fixtures.redeem("M9", 125, "C-4")),  // 381-500, then G-0
+                Submission(partner: C, webhookID: WebhookID("c5")!, event: Fixtures.redeem("M9", 1, "C-5")),  // refused: nothing left
+            ]
+        }
+        let batched = try Harness(), single = try Harness()
+        for h in [batched, single] {
+            for start in stride(from: 0, to: lots, by: 250) { _ = h.store.post(Array(earns[start..<min(start + 250, lots)])) }
+        }
+        #expect(try batched.balance("M9") == Int64(lots))
+        let (outcomes, one) = postedInOneBatchAndOneByOne(submissions(), batched, single)
+        #expect(outcomes.map(slug) == one.map(slug))
+        #expect(outcomes.map { entry($0)?.memberBalance } == ([200, 320, 325, 125, 0, nil] as [Int64?]).map { $0.map { Points($0) } })
+        func openLots(_ h: Harness) throws -> [Row] {
+            try h.store.coalition.read { try Row.fetchAll($0, sql: "SELECT member, lot_id, remaining FROM lot_open ORDER BY member, lot_id") }
+        }
+        #expect(try openLots(batched) == openLots(single))
+        #expect(try openLots(batched).isEmpty, "every lot spent")
+        #expect(batched.store.lotCacheMismatches == 0)
+        #expect(try batched.verify().ok)
+    }
+
     /// The other reads of a member's open lots while the batch holds changes of them: a
     /// refusal for want of points (checked against SQLite, so the changes are written first:
     /// no mismatch), a member the cache let go of with its new lot not yet written (the cache
