@@ -114,8 +114,12 @@ extension Row {
 
     // One decoding of each type, whichever way the column was found (`what` names it).
 
+    /// An integer as stored: a real (1.5 where 1 was) is not one. GRDB's own decoding rounds
+    /// it toward zero, so an entry edited from 1 to 1.5 point would read, hash and replay as
+    /// the entry it was. (A column of integer affinity keeps an integral real as an integer,
+    /// so no value this store wrote is refused.)
     private static func int64(_ value: DatabaseValue, _ what: @autoclosure () -> String) throws -> Int64 {
-        guard let v = Int64.fromDatabaseValue(value) else { throw StoreError("\(what()) is not an integer") }
+        guard case .int64(let v) = value.storage else { throw StoreError("\(what()) is not an integer") }
         return v
     }
 
