@@ -718,8 +718,11 @@ struct RunChecker {
         var ranges: [PartnerID: (count: Int64, first: Int64?, last: Int64?)] = [:]
         for r in (try? Row.fetchAll(db, sql: "SELECT * FROM run_partner WHERE run_number = ?", arguments: [number])) ?? [] {
             if let p = PartnerID(try r.text("partner")) {
-                if let count = try? r.optionalInt64("entry_count") {
-                    ranges[p] = (count, try? r.optionalInt64("first_sequence"), try? r.optionalInt64("last_sequence"))
+                // Runs closed before the statement ranges were recorded have none (NULL, or no
+                // such columns in a directory not yet migrated); a range of the wrong type is a
+                // breach, not a range left out.
+                if r.hasColumn("entry_count"), let count = try r.optionalInt64("entry_count") {
+                    ranges[p] = (count, try r.optionalInt64("first_sequence"), try r.optionalInt64("last_sequence"))
                 }
                 partners[p] = (try r.int64("issued_points"), try r.int64("redeemed_points"), try r.int64("expired_points"),
                                try r.int64("issue_price_per_1000"), try r.int64("redeem_credit_per_1000"), try r.int64("payable_minor"),

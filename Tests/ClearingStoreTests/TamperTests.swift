@@ -423,6 +423,9 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         ("PRAGMA ignore_check_constraints = ON; UPDATE expiry_terms SET points_expire_after_days = 'abc'", "column points_expire_after_days is not an integer"),
         ("DROP TRIGGER run_immutable_u; UPDATE run SET cutoff_ms = 'abc'", "run 1: column cutoff_ms is not an integer"),
         ("DROP TRIGGER run_partner_immutable_u; UPDATE run_partner SET issued_points = 'abc'", "column issued_points is not an integer"),
+        // A statement range of the wrong type was taken for a run of the old format, with none.
+        ("DROP TRIGGER run_partner_immutable_u; UPDATE run_partner SET entry_count = 'abc'", "column entry_count is not an integer"),
+        ("DROP TRIGGER run_partner_immutable_u; UPDATE run_partner SET last_sequence = 'x' WHERE last_sequence IS NOT NULL", "column last_sequence is not an integer"),
         ("DROP TRIGGER run_snapshot_immutable_u; UPDATE run_snapshot SET earned = 'abc'", "column earned is not an integer"),
         ("DROP TRIGGER run_flow_immutable_u; UPDATE run_flow SET points = 'abc'", "column points is not an integer"),
         ("PRAGMA ignore_check_constraints = ON; DROP TRIGGER lot_take_only_returned_changes; UPDATE lot_take SET returned = 'abc'", "lot_take: column returned is not an integer"),
