@@ -37,7 +37,13 @@ enum JournalRow {
             let reference = Reference(try row.text("reference"))
         else { throw bad }
         let points = try row.int64("points")
-        let original = try row.optionalText("original_reference").flatMap(Reference.init)
+        // NULL when the event has none: a text that is no reference ('' included) is no more
+        // "none" than it is a reference (read as none, it would hash and compare as the entry
+        // before the edit).
+        let original = try row.optionalText("original_reference").map { text in
+            guard let reference = Reference(text) else { throw bad }
+            return reference
+        }
         guard points >= Limits.pointsPerEventMin, points <= Limits.pointsPerEventMax, kind.isReversal == (original != nil)
         else { throw bad }
         let occurred = try row.optionalInt64("occurred_at_ms")

@@ -117,6 +117,26 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(r.breaches.contains { $0.contains("ledger grocer sequence 5") }, "\(r.breaches)")
     }
 
+    /// An event with no original reference keeps NULL there. Any text in its place, even one
+    /// that is no reference ('' included), is a change to the entry: it used to be read as
+    /// none, so the entry hashed and compared as before the edit and verify passed.
+    @Test(arguments: ["''", "'R-1'", "'not a reference!'"])
+    func textWhereAnEntryHasNoOriginalReferenceIsABreach(value: String) throws {
+        let h = try populated()
+        let ledger = try SQLiteTool.run(
+            h.store.ledgerURL(G),
+            "DROP TRIGGER entry_append_only_update; UPDATE entry SET original_reference = \(value) WHERE sequence = 3")
+        #expect(ledger.status == 0, "\(ledger.stderr)")
+        var r = try h.verify()
+        #expect(r.breaches.contains { $0.contains("ledger grocer sequence 3") }, "\(r.breaches)")
+        let journal = try SQLiteTool.run(
+            h.dir.url.appendingPathComponent("coalition.sqlite"),
+            "PRAGMA ignore_check_constraints = ON; DROP TRIGGER journal_no_update; UPDATE journal SET original_reference = \(value) WHERE partner = 'grocer' AND sequence = 3")
+        #expect(journal.status == 0, "\(journal.stderr)")
+        r = try h.verify()
+        #expect(r.breaches.contains { $0.hasPrefix("journal id") && $0.contains("entry grocer #3 does not decode") }, "\(r.breaches)")
+    }
+
     /// A journal row whose sequence is not an integer is a breach, and the ledger comparison
     /// passes over it: the ledger entry it should have matched is named, not every one after it.
     @Test func aJournalSequenceOfTheWrongTypeDoesNotDerailTheLedgerComparison() throws {
