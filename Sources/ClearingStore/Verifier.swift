@@ -183,6 +183,7 @@ public enum Verifier {
         }
         report.checks.append("journal: hash chains of \(heads.count) partners recomputed; heads agree")
         if try db.tableExists("webhook_alias") { try checkAliases(db, &report) }
+        if try db.tableExists("coalition_currency") { try checkCurrency(db, &report) }
 
         try compareDerived(db, book, &report)
         try checkReferences(db, &report)
@@ -527,6 +528,30 @@ extension Verifier {
     /// Each webhook-id bound to an entry as an alias (v14) names an entry of its own partner
     /// and is none of that partner's journal webhook-ids (the writer answers a webhook-id by
     /// one entry only).
+    /// The coalition's currency (v10) is its history's and never changes: the last run that
+    /// names a currency is in it (`settle` closes runs in it alone; runs closed before v10,
+    /// when a configuration could still change it, may be in others, but the currency was then
+    /// recorded from the last of them). Edited, every later run, notice and export would be in
+    /// another currency than the runs before.
+    static func checkCurrency(_ db: Database, _ report: inout VerifyReport) throws {
+        guard let recorded = try Row.fetchOne(db, sql: "SELECT currency FROM coalition_currency") else {
+            report.checks.append("currency: none recorded yet (the next writable start records its history's)")
+            return
+        }
+        let currency = try recorded.text(at: 0)
+        guard try db.columns(in: "run").contains(where: { $0.name == "currency" }),
+            let last = try Row.fetchOne(db, sql: "SELECT id, currency FROM run WHERE currency IS NOT NULL ORDER BY number DESC LIMIT 1")
+        else {
+            report.checks.append("currency: \(currency), no run names one yet")
+            return
+        }
+        let run = try last.text(at: 0), lastCurrency = try last.text(at: 1)
+        if lastCurrency != currency {
+            report.breach("coalition_currency: \(currency), but the last run, \(run), is in \(lastCurrency) (a coalition's currency never changes: the file was altered)")
+        }
+        report.checks.append("currency: \(currency), the last run's (\(run))")
+    }
+
     static func checkAliases(_ db: Database, _ report: inout VerifyReport) throws {
         var count = 0
         let rows = try Row.fetchCursor(

@@ -466,6 +466,13 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(report.breaches.contains { $0.contains(breach) }, "\(report.breaches)")
     }
 
+    /// The coalition's currency edited: every later run, notice and export would be in another
+    /// currency than the runs before. The last run says which it is.
+    @Test func anEditedCoalitionCurrencyIsABreach() throws {
+        let report = try verifiedAfterEditing("DROP TRIGGER coalition_currency_no_update; UPDATE coalition_currency SET currency = 'GBP'")
+        #expect(report.breaches.contains { $0.hasPrefix("coalition_currency: GBP, but the last run, R000001, is in ") }, "\(report.breaches)")
+    }
+
     /// Rows that refer to rows that do not exist (added with foreign keys off, the `sqlite3`
     /// shell's default) are breaches: figures of a run not yet closed would be taken over by, or
     /// stop, the next settle.
