@@ -465,8 +465,14 @@ public enum Verifier {
                 do { return try journalEntries.next() } catch { throw JournalUnreadable(error: error) }
             }
             var journalEntry = try nextJournalEntry()
-            let owner = try String.fetchOne(db, sql: "SELECT partner FROM ledger_info WHERE id = 1")
+            let info = try Row.fetchOne(db, sql: "SELECT partner, genesis_hash FROM ledger_info WHERE id = 1")
+            let owner = info.flatMap { try? $0.text(at: 0) }
             if owner != p.rawValue { report.breach("ledger \(p): belongs to \(owner ?? "nobody")") }
+            // The chain is checked from the partner's own genesis below; the one kept here is what
+            // the ledger's trigger checks a first entry against, so it must be that one too.
+            if let info, (try? info.blob(at: 1)).map({ Array($0) }) != Store.genesisHash(p) {
+                report.breach("ledger \(p): ledger_info holds another genesis hash than the partner's (the file was altered)")
+            }
             var previous = Store.genesisHash(p)
             var last: Int64 = 0
             var references = Set<String>(), webhooks = Set<String>()

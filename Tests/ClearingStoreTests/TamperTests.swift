@@ -137,6 +137,20 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(r.breaches.contains { $0.hasPrefix("journal id") && $0.contains("entry grocer #3 does not decode") }, "\(r.breaches)")
     }
 
+    /// A ledger's record of its owner and genesis hash edited is a breach naming the ledger.
+    @Test(arguments: [
+        ("UPDATE ledger_info SET genesis_hash = zeroblob(32)", "ledger grocer: ledger_info holds another genesis hash"),
+        ("UPDATE ledger_info SET partner = 'cinema'", "ledger grocer: belongs to cinema"),
+        ("PRAGMA ignore_check_constraints = ON; UPDATE ledger_info SET partner = x'00'", "ledger grocer: belongs to nobody"),
+    ])
+    func anEditedLedgerInfoIsABreach(edit: String, breach: String) throws {
+        let h = try populated()
+        let r = try SQLiteTool.run(h.store.ledgerURL(G), edit)
+        #expect(r.status == 0, "\(r.stderr)")
+        let breaches = try h.verify().breaches
+        #expect(breaches.contains { $0.hasPrefix(breach) }, "\(breaches)")
+    }
+
     /// A journal row whose sequence is not an integer is a breach, and the ledger comparison
     /// passes over it: the ledger entry it should have matched is named, not every one after it.
     @Test func aJournalSequenceOfTheWrongTypeDoesNotDerailTheLedgerComparison() throws {
