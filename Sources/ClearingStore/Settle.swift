@@ -506,28 +506,34 @@ extension Store {
         }
     }
 
+    /// A closed run as recorded. A value of the wrong type (a file altered or damaged) is an
+    /// error naming the run and column, never a trap or a number rounded toward zero.
     static func loadRun(_ db: Database, _ row: Row) throws -> SettlementRun {
-        let number: Int64 = row["number"]
-        var issuePrices: [PartnerID: MoneyMinor] = [:], redeemCredits: [PartnerID: MoneyMinor] = [:]
-        let partners = try Row.fetchAll(db, sql: "SELECT * FROM run_partner WHERE run_number = ? ORDER BY partner", arguments: [number]).map { r in
-            guard let p = PartnerID(r["partner"] as String) else { throw StoreError("run \(number): invalid partner") }
-            issuePrices[p] = MoneyMinor(try r.int64("issue_price_per_1000"))
-            redeemCredits[p] = MoneyMinor(try r.int64("redeem_credit_per_1000"))
-            return PartnerFigures(
-                partner: p, issuedPoints: Points(r["issued_points"]), redeemedPoints: Points(r["redeemed_points"]),
-                expiredPoints: Points(r["expired_points"]), payableMinor: MoneyMinor(r["payable_minor"]),
-                receivableMinor: MoneyMinor(r["receivable_minor"]), netMinor: MoneyMinor(r["net_minor"]))
+        let number = try row.int64("number")
+        do {
+            var issuePrices: [PartnerID: MoneyMinor] = [:], redeemCredits: [PartnerID: MoneyMinor] = [:]
+            let partners = try Row.fetchAll(db, sql: "SELECT * FROM run_partner WHERE run_number = ? ORDER BY partner", arguments: [number]).map { r in
+                guard let p = PartnerID(try r.text("partner")) else { throw StoreError("invalid partner") }
+                issuePrices[p] = MoneyMinor(try r.int64("issue_price_per_1000"))
+                redeemCredits[p] = MoneyMinor(try r.int64("redeem_credit_per_1000"))
+                return PartnerFigures(
+                    partner: p, issuedPoints: Points(try r.int64("issued_points")), redeemedPoints: Points(try r.int64("redeemed_points")),
+                    expiredPoints: Points(try r.int64("expired_points")), payableMinor: MoneyMinor(try r.int64("payable_minor")),
+                    receivableMinor: MoneyMinor(try r.int64("receivable_minor")), netMinor: MoneyMinor(try r.int64("net_minor")))
+            }
+            let flows = try Row.fetchAll(db, sql: "SELECT * FROM run_flow WHERE run_number = ? ORDER BY issuer, redeemer", arguments: [number]).map { r in
+                guard let i = PartnerID(try r.text("issuer")), let d = PartnerID(try r.text("redeemer")) else { throw StoreError("invalid flow") }
+                return Flow(issuer: i, redeemer: d, points: Points(try r.int64("points")))
+            }
+            var totals = try RunTotals(partners)
+            totals.nettingEfficiencyPPM = try row.int64("netting_efficiency_ppm")
+            return SettlementRun(
+                number: number, id: try row.text("id"), cutoff: Instant(millisecondsSinceEpoch: try row.int64("cutoff_ms")),
+                firstJournalID: try row.int64("first_journal_id"), lastJournalID: try row.int64("last_journal_id"), partners: partners,
+                flows: flows, totals: totals, issuePrices: issuePrices, redeemCredits: redeemCredits)
+        } catch {
+            throw StoreError("run \(number): \(error)")
         }
-        let flows = try Row.fetchAll(db, sql: "SELECT * FROM run_flow WHERE run_number = ? ORDER BY issuer, redeemer", arguments: [number]).map { r in
-            guard let i = PartnerID(r["issuer"] as String), let d = PartnerID(r["redeemer"] as String) else { throw StoreError("run \(number): invalid flow") }
-            return Flow(issuer: i, redeemer: d, points: Points(r["points"]))
-        }
-        var totals = try RunTotals(partners)
-        totals.nettingEfficiencyPPM = row["netting_efficiency_ppm"]
-        return SettlementRun(
-            number: number, id: row["id"], cutoff: Instant(millisecondsSinceEpoch: row["cutoff_ms"]),
-            firstJournalID: row["first_journal_id"], lastJournalID: row["last_journal_id"], partners: partners, flows: flows, totals: totals,
-            issuePrices: issuePrices, redeemCredits: redeemCredits)
     }
 }
 

@@ -480,6 +480,38 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
         #expect(report.breaches.contains { $0.contains(breach) }, "\(report.breaches)")
     }
 
+    /// One run's row that cannot be read is a breach of that run; the other runs, the notices
+    /// and every ledger are still checked (verify used to stop there). Reading that run for
+    /// `runs show` names the run and column (GRDB's subscripts trapped on text).
+    @Test func aRunThatCannotBeReadIsABreachAndTheRestIsStillChecked() throws {
+        let report = try verifiedAfterEditing(
+            "DROP TRIGGER run_partner_immutable_u; UPDATE run_partner SET issued_points = 'abc' WHERE partner = 'grocer' AND run_number = 1",
+            after: { h in
+                _ = h.post(G, "g2", Fixtures.earn("M1", 50, "G-2"))
+                h.clock.advance(milliseconds: 1_000)
+                _ = try? h.store.settle()
+            })
+        #expect(report.breaches.contains { $0.hasPrefix("run R000001: column issued_points is not an integer") }, "\(report.breaches)")
+        #expect(!report.breaches.contains { $0.contains("could not finish") }, "\(report.breaches)")
+        // Its notice to grocer carries those figures: it cannot be checked either.
+        #expect(report.breaches.filter { !$0.hasPrefix("run R000001:") && !$0.hasPrefix("notice R000001:grocer:") }.isEmpty,
+                "the second run and the ledgers check out: \(report.breaches)")
+        #expect(report.checks.contains { $0.hasPrefix("invariant 3:") }, "the ledgers were checked: \(report.checks)")
+        #expect(report.checks.contains { $0.hasPrefix("invariants 4 and 5: 2 runs") }, "\(report.checks)")
+    }
+
+    @Test func aRunThatCannotBeReadIsNamedByRunsShow() throws {
+        let h = try settledOnce()
+        try h.store.close()
+        let edit = try SQLiteTool.run(
+            h.dir.url.appendingPathComponent("coalition.sqlite"),
+            "DROP TRIGGER run_flow_immutable_u; UPDATE run_flow SET points = 'abc'")
+        #expect(edit.status == 0, "\(edit.stderr)")
+        let reader = try Store(dataDirectory: h.dir.url, configuration: h.configuration, clock: h.clock, readOnly: true)
+        defer { try? reader.close() }
+        #expect { try reader.run(id: "R000001") } throws: { "\($0)".contains("run 1: column points is not an integer") }
+    }
+
     /// The coalition's currency edited: every later run, notice and export would be in another
     /// currency than the runs before. The last run says which it is.
     @Test func anEditedCoalitionCurrencyIsABreach() throws {
