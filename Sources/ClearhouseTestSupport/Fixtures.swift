@@ -97,7 +97,9 @@ public enum SQLiteTool {
     public static func run(_ database: URL, _ sql: String) throws -> Result {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/sqlite3")
-        p.arguments = [database.path, sql]
+        // Waits up to 5 s for a lock a store holds (a writer's catch-up, a checkpoint) instead
+        // of failing at once with "database is locked": the edit is the test's, not a race.
+        p.arguments = ["-cmd", ".timeout 5000", database.path, sql]
         let err = Pipe(), out = Pipe()
         p.standardError = err
         p.standardOutput = out
