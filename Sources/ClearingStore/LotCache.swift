@@ -62,33 +62,35 @@ struct LotCache {
     }
 
     private static func apply(_ change: LotChange, to slot: inout [OpenLot]?, count lotCount: inout Int) {
-        guard slot != nil else { return }
+        // Moved out of its slot (left empty, so the array is not shared and changes in place),
+        // put back unless the member is dropped.
+        guard var open = slot else { return }
+        slot = nil
         switch change {
         case .earned(let lot):
-            precondition(slot!.last.map { $0.id < lot.id } ?? true, "lot ids are in acceptance order")
+            precondition(open.last.map { $0.id < lot.id } ?? true, "lot ids are in acceptance order")
             if lotCount >= Limits.lotCacheLotsMax {
-                lotCount -= slot!.count  // full: this member's lots are read again when next needed
-                slot = nil
+                lotCount -= open.count  // full: this member's lots are read again when next needed
                 return
             }
-            slot!.append(lot)
+            open.append(lot)
             lotCount += 1
         case .took(let takes):
             for take in takes {
-                guard let i = slot!.index(ofLot: take.lotID), slot![i].remaining.value >= take.points.value else {
-                    lotCount -= slot!.count  // cannot happen (the takes were computed from these lots); read again
-                    slot = nil
+                guard let i = open.index(ofLot: take.lotID), open[i].remaining.value >= take.points.value else {
+                    lotCount -= open.count  // cannot happen (the takes were computed from these lots); read again
                     return
                 }
-                slot![i].remaining = Points(slot![i].remaining.value - take.points.value)
+                open[i].remaining = Points(open[i].remaining.value - take.points.value)
             }
-            let before = slot!.count
-            slot!.removeAll { $0.remaining.value == 0 }
-            lotCount -= before - slot!.count
+            let before = open.count
+            open.removeAll { $0.remaining.value == 0 }
+            lotCount -= before - open.count
         case .reread:
-            lotCount -= slot!.count  // read again when next needed
-            slot = nil
+            lotCount -= open.count  // read again when next needed
+            return
         }
+        slot = open
     }
 }
 
@@ -98,13 +100,22 @@ extension Array where Element == OpenLot {
     /// that takes thousands of lots looks each up without scanning them all. Should the order
     /// ever be broken, a scan still finds it.
     func index(ofLot id: Int64) -> Int? {
+        let low = lowerBound(of: id) { $0.id }
+        if low < count, self[low].id == id { return low }
+        return firstIndex { $0.id == id }
+    }
+}
+
+extension Array {
+    /// The first position whose element's key is not below `key`, in an array in key order
+    /// (where `key` is, or would go), found by halves.
+    func lowerBound(of key: Int64, by keyOf: (Element) -> Int64) -> Int {
         var low = 0, high = count
         while low < high {
             let mid = (low + high) / 2
-            if self[mid].id < id { low = mid + 1 } else { high = mid }
+            if keyOf(self[mid]) < key { low = mid + 1 } else { high = mid }
         }
-        if low < count, self[low].id == id { return low }
-        return firstIndex { $0.id == id }
+        return low
     }
 }
 

@@ -318,7 +318,7 @@ struct OpenLotChanges {
     }
 
     private static func change(_ lots: inout [(lot: Int64, change: Change)], _ lot: Int64, from held: Int64, to after: Int64) throws {
-        let i = lowerBound(lots, lot)
+        let i = lots.lowerBound(of: lot) { $0.lot }
         guard i < lots.count, lots[i].lot == lot else {
             lots.insert((lot, Change(before: held, after: after)), at: i)  // at the end, when lots come in order
             return
@@ -334,16 +334,6 @@ struct OpenLotChanges {
         changes.removeValue(forKey: member) ?? []
     }
 
-    /// The position of `lot` in a list in lot order, or where it would go.
-    private static func lowerBound(_ lots: [(lot: Int64, change: Change)], _ lot: Int64) -> Int {
-        var low = 0, high = lots.count
-        while low < high {
-            let mid = (low + high) / 2
-            if lots[mid].lot < lot { low = mid + 1 } else { high = mid }
-        }
-        return low
-    }
-
     /// The members with changes, in the order of `lot_open`'s key (SQLite's BINARY collation:
     /// member ids are ASCII, where Swift's order is the same).
     var membersInKeyOrder: [MemberID] { changes.keys.sorted { $0.rawValue < $1.rawValue } }
@@ -355,7 +345,7 @@ struct OpenLotChanges {
         guard let mine = changes[member] else { return stored }
         var result: [OpenLot] = []
         for var l in stored {
-            let i = OpenLotChanges.lowerBound(mine, l.id)
+            let i = mine.lowerBound(of: l.id) { $0.lot }
             if i < mine.count, mine[i].lot == l.id { l.remaining = Points(mine[i].change.after) }
             if l.remaining.value > 0 { result.append(l) }
         }

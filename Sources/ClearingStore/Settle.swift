@@ -516,10 +516,7 @@ extension Store {
                 guard let p = PartnerID(try r.text("partner")) else { throw StoreError("invalid partner") }
                 issuePrices[p] = MoneyMinor(try r.int64("issue_price_per_1000"))
                 redeemCredits[p] = MoneyMinor(try r.int64("redeem_credit_per_1000"))
-                return PartnerFigures(
-                    partner: p, issuedPoints: Points(try r.int64("issued_points")), redeemedPoints: Points(try r.int64("redeemed_points")),
-                    expiredPoints: Points(try r.int64("expired_points")), payableMinor: MoneyMinor(try r.int64("payable_minor")),
-                    receivableMinor: MoneyMinor(try r.int64("receivable_minor")), netMinor: MoneyMinor(try r.int64("net_minor")))
+                return try PartnerFigures(p, recordedIn: r)
             }
             let flows = try Row.fetchAll(db, sql: "SELECT * FROM run_flow WHERE run_number = ? ORDER BY issuer, redeemer", arguments: [number]).map { r in
                 guard let i = PartnerID(try r.text("issuer")), let d = PartnerID(try r.text("redeemer")) else { throw StoreError("invalid flow") }
@@ -646,5 +643,16 @@ struct RunRows {
             flows[pair] = try RunRows.sum(flows[pair] ?? 0, sign, points)
         }
         through = max(through, to)
+    }
+}
+
+extension PartnerFigures {
+    /// A partner's figures as a run recorded them (`run_partner`'s columns, by name, in any row
+    /// that has them); a value of the wrong type throws.
+    init(_ partner: PartnerID, recordedIn r: Row) throws {
+        self.init(
+            partner: partner, issuedPoints: Points(try r.int64("issued_points")), redeemedPoints: Points(try r.int64("redeemed_points")),
+            expiredPoints: Points(try r.int64("expired_points")), payableMinor: MoneyMinor(try r.int64("payable_minor")),
+            receivableMinor: MoneyMinor(try r.int64("receivable_minor")), netMinor: MoneyMinor(try r.int64("net_minor")))
     }
 }

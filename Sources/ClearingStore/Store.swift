@@ -276,15 +276,17 @@ public final class Store: Sendable {
     /// The coalition's currency as its history has it: the recorded one, else the last run's
     /// (runs closed before v10), else nil (nothing settled yet).
     static func historicCurrency(_ db: Database) throws -> String? {
-        try recordedCurrency(db) ?? lastRunCurrency(db)
+        try recordedCurrency(db) ?? lastRunInACurrency(db)?.currency
     }
 
-    private static func recordedCurrency(_ db: Database) throws -> String? {
+    static func recordedCurrency(_ db: Database) throws -> String? {
         try String.fetchOne(db, sql: "SELECT currency FROM coalition_currency WHERE id = 1")
     }
 
-    private static func lastRunCurrency(_ db: Database) throws -> String? {
-        try String.fetchOne(db, sql: "SELECT currency FROM run WHERE currency IS NOT NULL ORDER BY number DESC LIMIT 1")
+    /// The last run that names a currency (runs closed before v10 without notices name none).
+    static func lastRunInACurrency(_ db: Database) throws -> (run: String, currency: String)? {
+        try Row.fetchOne(db, sql: "SELECT id, currency FROM run WHERE currency IS NOT NULL ORDER BY number DESC LIMIT 1")
+            .map { (try $0.text(at: 0), try $0.text(at: 1)) }
     }
 
     /// The currency a data directory's history settles in (recorded, or its last run's), read
@@ -300,7 +302,7 @@ public final class Store: Sendable {
     /// predates either record.
     private static func historic(_ db: Database) throws -> String? {
         let recorded = try db.tableExists("coalition_currency") ? try recordedCurrency(db) : nil
-        return try recorded ?? (db.tableExists("run") && db.columns(in: "run").contains { $0.name == "currency" } ? lastRunCurrency(db) : nil)
+        return try recorded ?? (db.tableExists("run") && db.columns(in: "run").contains { $0.name == "currency" } ? lastRunInACurrency(db)?.currency : nil)
     }
 
     /// Refuses a configuration whose currency is not the history's; on a writable store,

@@ -540,18 +540,15 @@ extension Verifier {
     /// reading the runs: a directory whose currency changed before those builds reports this
     /// until its next run; docs/OPERATIONS.md.)
     static func checkCurrency(_ db: Database, _ report: inout VerifyReport) throws {
-        guard let recorded = try Row.fetchOne(db, sql: "SELECT currency FROM coalition_currency") else {
+        guard let currency = try Store.recordedCurrency(db) else {
             report.checks.append("currency: none recorded yet (the next writable start records its history's)")
             return
         }
-        let currency = try recorded.text(at: 0)
-        guard try db.columns(in: "run").contains(where: { $0.name == "currency" }),
-            let last = try Row.fetchOne(db, sql: "SELECT id, currency FROM run WHERE currency IS NOT NULL ORDER BY number DESC LIMIT 1")
-        else {
+        // (A directory not yet migrated to v12 has no run currencies.)
+        guard try db.columns(in: "run").contains(where: { $0.name == "currency" }), let (run, lastCurrency) = try Store.lastRunInACurrency(db) else {
             report.checks.append("currency: \(currency), no run names one yet")
             return
         }
-        let run = try last.text(at: 0), lastCurrency = try last.text(at: 1)
         if lastCurrency != currency {
             report.breach("coalition_currency: \(currency), but the last run, \(run), is in \(lastCurrency) (a coalition's currency never changes: the file was altered, or recorded by a build of 2026-11-29 after a change of currency)")
         }
@@ -692,10 +689,7 @@ extension Verifier {
         let expected = SettlementNotice(
             run: runID, cutoff: Instant(millisecondsSinceEpoch: try row.int64("cutoff_ms")),
             currency: try row.optionalText("currency") ?? (data["currency"] as? String ?? ""),
-            figures: PartnerFigures(
-                partner: p, issuedPoints: Points(try row.int64("issued_points")), redeemedPoints: Points(try row.int64("redeemed_points")),
-                expiredPoints: Points(try row.int64("expired_points")), payableMinor: MoneyMinor(try row.int64("payable_minor")),
-                receivableMinor: MoneyMinor(try row.int64("receivable_minor")), netMinor: MoneyMinor(try row.int64("net_minor"))),
+            figures: try PartnerFigures(p, recordedIn: row),
             issuePricePer1000: MoneyMinor(try row.int64("issue_price_per_1000")),
             redeemCreditPer1000: MoneyMinor(try row.int64("redeem_credit_per_1000")))
         if Data(expected.body.utf8) != (try row.blob("body")) {
@@ -829,9 +823,7 @@ struct RunChecker {
                 _ = book.closeRun(cutoff: next.cutoff)
                 seen = [:]
                 closed += 1
-                previousLast = next.last
-                previousCutoff = next.cutoff.millisecondsSinceEpoch
-                lastCutoffClosed = previousCutoff
+                closedThrough(next.last, cutoff: next.cutoff)
                 continue
             }
             closed += 1
@@ -929,10 +921,15 @@ struct RunChecker {
             for (p, s) in run.partners.sorted(by: { $0.key < $1.key }) where (into[p] ?? 0) != s.redeemed {
                 report.breach("\(at): flows into \(p) sum to \(into[p] ?? 0), its redeemed points are \(s.redeemed)")
             }
-            previousLast = run.last
-            previousCutoff = run.cutoff.millisecondsSinceEpoch
-            lastCutoffClosed = previousCutoff
+            closedThrough(run.last, cutoff: run.cutoff)
         }
+    }
+
+    /// Where the next run must start and what its cutoff may not precede.
+    private mutating func closedThrough(_ last: Int64, cutoff: Instant) {
+        previousLast = last
+        previousCutoff = cutoff.millisecondsSinceEpoch
+        lastCutoffClosed = previousCutoff
     }
 
     /// No journal entry at or before the last cutoff may lie outside every run.
