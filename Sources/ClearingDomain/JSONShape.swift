@@ -1,7 +1,8 @@
 /// A strict, iterative pre-check of an event body, before Foundation's decoder sees it:
 /// nesting at most `Limits.jsonDepthMax` deep (the decoder is recursive), no key twice in one
-/// object (the decoder would silently keep one), no escapes in keys (so `"\u0070oints"` cannot
-/// pose as a second `points`), and every number an integer literal (the decoder would turn
+/// object (the decoder would silently keep one), keys compared as decoded (so `"\u0070oints"`
+/// is `points`, and cannot pose as a second one; a key with an unpaired surrogate, which has
+/// no UTF-8, is refused), and every number an integer literal (the decoder would turn
 /// `100.0` or `1e2` into 100), UTF-8 only (the decoder would also take UTF-16 and UTF-32,
 /// whose bytes this scan cannot read), and no comma before a closing bracket (the decoder
 /// tolerates one). Other grammar errors are left to the decoder.
@@ -60,8 +61,9 @@ enum JSONShape {
                     j += 1
                 }
                 if case .object(var keys, true) = stack.last {
-                    guard !escaped else { throw Problem(.malformed, "body: object keys may not contain escapes") }
-                    let key = Array(b[start..<min(j, b.count)])
+                    // A key is compared as the decoder reads it: `"\u0070oints"` is `points`.
+                    let raw = b[start..<min(j, b.count)]
+                    let key = escaped ? try unescaped(raw) : Array(raw)
                     lastKey = String(decoding: key, as: UTF8.self)
                     guard keys.insert(key).inserted else {
                         // Named as the parser names fields: `data.points` inside `data`.
@@ -83,5 +85,60 @@ enum JSONShape {
                 i += 1
             }
         }
+    }
+
+    /// A key's bytes with its escapes (RFC 8259 §7) decoded to UTF-8. An escape that is no
+    /// escape is left as it is, for the decoder to refuse with the rest of the grammar; an
+    /// unpaired surrogate is refused here (it has no UTF-8, and decoders differ on it).
+    static func unescaped(_ raw: ArraySlice<UInt8>) throws(Problem) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(raw.count)
+        let r = Array(raw)
+        func hex4(_ at: Int) -> UInt32? {
+            guard at + 4 <= r.count else { return nil }
+            var v: UInt32 = 0
+            for k in at..<(at + 4) {
+                let h = r[k]
+                let d: UInt32
+                switch h {
+                case 0x30...0x39: d = UInt32(h - 0x30)
+                case 0x41...0x46: d = UInt32(h - 0x41 + 10)
+                case 0x61...0x66: d = UInt32(h - 0x61 + 10)
+                default: return nil
+                }
+                v = v << 4 | d
+            }
+            return v
+        }
+        var i = 0
+        while i < r.count {
+            guard r[i] == 0x5C, i + 1 < r.count else { out.append(r[i]); i += 1; continue }
+            let e = r[i + 1]
+            switch e {
+            case 0x22, 0x5C, 0x2F: out.append(e); i += 2
+            case 0x62: out.append(0x08); i += 2
+            case 0x66: out.append(0x0C); i += 2
+            case 0x6E: out.append(0x0A); i += 2
+            case 0x72: out.append(0x0D); i += 2
+            case 0x74: out.append(0x09); i += 2
+            case 0x75:
+                guard let unit = hex4(i + 2) else { out.append(r[i]); i += 1; continue }
+                var scalar = unit
+                var length = 6
+                if (0xD800...0xDBFF).contains(unit) {
+                    guard i + 7 < r.count, r[i + 6] == 0x5C, r[i + 7] == 0x75, let low = hex4(i + 8), (0xDC00...0xDFFF).contains(low) else {
+                        throw Problem(.malformed, "body: an object key with an unpaired surrogate")
+                    }
+                    scalar = 0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00)
+                    length = 12
+                } else if (0xDC00...0xDFFF).contains(unit) {
+                    throw Problem(.malformed, "body: an object key with an unpaired surrogate")
+                }
+                out.append(contentsOf: Array(String(Character(Unicode.Scalar(scalar)!)).utf8))
+                i += length
+            default: out.append(r[i]); i += 1
+            }
+        }
+        return out
     }
 }

@@ -328,26 +328,49 @@ public struct Intake: Sendable {
         }
     }
 
+    /// The order: a credential of another partner (its certificate, its token) is 403; no
+    /// credential of this partner (none, a token nobody holds, a certificate nobody's) is 401,
+    /// with a challenge (CONTRACT §4: "None or wrong: 401"); and once the read is this partner's,
+    /// a partner that names `client_cert_sha256` is 403 `wrong-partner` without that
+    /// certificate (CONTRACT §3: "a required client certificate missing"), its token notwithstanding.
+    /// A token sent beside the partner's certificate must still be valid (a wrong one is 401,
+    /// another partner's 403), never ignored.
     private func authenticateRead(_ request: Request, _ context: ClearhouseContext, for terms: PartnerTerms) async throws(Problem) {
-        try await requireCertificateRules(context, terms)
-        // Its certificate was required and matched: that authenticates the read. A token sent
-        // beside it must still be valid (CONTRACT §4: a wrong one is 401, another partner's 403),
-        // never ignored.
-        let certified = terms.clientCertSHA256 != nil
+        var presented: [UInt8]?
+        if !certificateOwners.isEmpty || terms.clientCertSHA256 != nil {
+            presented = await context.clientCertificateSHA256()
+            if let presented, let owner = certificateOwners[presented], owner != terms.id {
+                throw Problem(.wrongPartner, "this client certificate belongs to another partner")
+            }
+        }
+        let certified = terms.clientCertSHA256.map { required in
+            presented.map { WebhookSignature.constantTimeEquals($0, required) } ?? false
+        } ?? false
         let lines = request.headers[values: .authorization].count
         if lines > 1 {
             throw Problem(.unauthorized, "authorization: sent \(lines) times; send one bearer token")
         }
+        var tokenValid = false
         if let header = request.headers[.authorization] {
             guard let digest = Intake.bearerTokenSHA256(header) else {
                 throw Problem(.unauthorized, "authorization must be \"Bearer <token>\"")
             }
-            if WebhookSignature.constantTimeEquals(digest, terms.apiTokenSHA256) { return }
-            if tokenOwners[digest] != nil { throw Problem(.wrongPartner, "this token belongs to another partner") }
-            throw Problem(.unauthorized, "the bearer token is not valid")
+            if tokenOwners[digest] != nil && !WebhookSignature.constantTimeEquals(digest, terms.apiTokenSHA256) {
+                throw Problem(.wrongPartner, "this token belongs to another partner")
+            }
+            guard WebhookSignature.constantTimeEquals(digest, terms.apiTokenSHA256) else {
+                throw Problem(.unauthorized, "the bearer token is not valid")
+            }
+            tokenValid = true
         }
-        if certified { return }
-        throw Problem(.unauthorized, "a bearer token or the partner's client certificate is required")
+        guard certified || tokenValid else {
+            throw Problem(.unauthorized, "a bearer token or the partner's client certificate is required")
+        }
+        if terms.clientCertSHA256 != nil && !certified {
+            throw Problem(.wrongPartner, presented == nil
+                ? "partner \(terms.id) must use mutual TLS with its client certificate"
+                : "the client certificate is not partner \(terms.id)'s")
+        }
     }
 
     /// `/metrics` tells traffic, outcomes and queues: it answers connections from this host (a

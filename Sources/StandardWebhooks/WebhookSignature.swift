@@ -6,10 +6,12 @@ import Foundation
 /// `{webhook-id}.{webhook-timestamp}.{raw body}`, keyed with the secret's bytes, base64 in
 /// `webhook-signature` as space-separated `v1,<base64>` entries.
 public enum WebhookSignature {
-    /// The longest `webhook-id` and `webhook-signature` looked at. Every entry of the signature
-    /// header is looked at (CONTRACT §3: any listed signature); this bounds how many there are
-    /// (at most 87 of `v1,<44 base64 characters>`), and one HMAC per secret serves them all.
-    public static let headerBytesMax = 4096
+    /// The longest `webhook-id` and `webhook-signature` looked at: as long as a request's
+    /// headers may be together (`Limits.requestHeaderBytesMax`), so that over HTTP every header
+    /// that arrives is looked at whole. Every entry of the signature header is looked at
+    /// (CONTRACT §3: any listed signature), one HMAC per secret serving them all; an authentic
+    /// message whose `webhook-id` is no id is then refused as such (400), not as unsigned.
+    public static let headerBytesMax = Limits.requestHeaderBytesMax
 
     /// The signed content.
     static func content(id: String, timestamp: String, body: some Collection<UInt8>) -> [UInt8] {

@@ -240,7 +240,11 @@ import Testing
         (#"{"type":"points.earned","type":"points.redeemed","data":{"member":"M1","points":5,"reference":"R-1"}}"#, "type"),
         (#"{"type":"points.earned","extra":{"a":1,"a":2},"data":{"member":"M1","points":5,"reference":"R-1"}}"#, "extra.a: the key appears twice"),
         (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","x":[{"k":1,"k":2}]}}"#, "data.x.[].k: the key appears twice"),
-        (#"{"type":"points.earned","data":{"member":"M1","\u0070oints":5,"reference":"R-1"}}"#, "body"),
+        // A key is read as decoded: an escaped `points` beside a plain one is the same key twice.
+        (#"{"type":"points.earned","data":{"member":"M1","points":5,"\u0070oints":500,"reference":"R-1"}}"#, "data.points: the key appears twice"),
+        (#"{"\u0074ype":"points.earned","type":"points.redeemed","data":{"member":"M1","points":5,"reference":"R-1"}}"#, "type: the key appears twice"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","\ud800":1}}"#, "body: an object key with an unpaired surrogate"),
+        (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","\udc00\ud800":1}}"#, "body: an object key with an unpaired surrogate"),
         (String(repeating: "[", count: 30_000) + String(repeating: "]", count: 30_000), "body"),
         // Commas before a closing bracket (Foundation's decoder takes them).
         (#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1",}}"#, "body"),
@@ -258,6 +262,20 @@ import Testing
         let r = slugAndDetail(body)
         #expect(r?.0 == "malformed", "\(body)")
         #expect(r?.1.hasPrefix(field) == true, "\(body): \(r?.1 ?? "accepted")")
+    }
+
+    /// Escapes in keys are JSON (RFC 8259 §7): a key is the text it decodes to, so an escaped
+    /// known key is that key, and an escaped unknown one is unknown.
+    @Test func readsEscapedKeysAsTheKeysTheyEncode() throws {
+        let plain = try EventParser.parse(Array(#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1"}}"#.utf8))
+        for body in [
+            #"{"\u0074ype":"points.earned","data":{"member":"M1","\u0070oints":5,"reference":"R-1"}}"#,
+            #"{"type":"points.earned","d\u0061t\u0061":{"\u006d\u0065\u006D\u0062\u0065\u0072":"M1","points":5,"reference":"R-1"}}"#,
+        ] {
+            #expect(try EventParser.parse(Array(body.utf8)) == plain, "\(body)")
+        }
+        let unknown = slugAndDetail(#"{"type":"points.earned","data":{"member":"M1","points":5,"reference":"R-1","\u00e9t\ud83d\ude00\n":1}}"#)
+        #expect(unknown?.0 == "malformed" && unknown?.1.contains("data.ét😀") == true, "\(String(describing: unknown))")
     }
 
     /// JSON is UTF-8 (RFC 8259 §8.1). Foundation's decoder would also read UTF-16 and UTF-32,

@@ -194,13 +194,20 @@ func problemType(_ r: TestResponse) -> String? {
                 #expect(r.status == .created, "\(i): \(String(buffer: r.body))")
             }
             // Any listed signature: the matching one may come after many others (as many as
-            // the 4 KiB header holds).
+            // the request's headers hold, past 4 KiB in one header).
             let late = b.replacingOccurrences(of: "R-1", with: "R-late")
             var lateHeaders = s.headers(id: "late", body: late)
             let lateGood = lateHeaders[HTTPField.Name("webhook-signature")!]!
-            lateHeaders[HTTPField.Name("webhook-signature")!] = Array(repeating: bogus, count: 80).joined(separator: " ") + " " + lateGood
+            lateHeaders[HTTPField.Name("webhook-signature")!] = Array(repeating: bogus, count: 200).joined(separator: " ") + " " + lateGood
             let lateAnswer = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: lateHeaders, body: ByteBuffer(string: late))
             #expect(lateAnswer.status == .created, "\(String(buffer: lateAnswer.body))")
+            // A signed `webhook-id` longer than any id, even past 4 KiB, is a bad id (400), not
+            // an unsigned message (401).
+            for length in [129, 5_000] {
+                let longID = String(repeating: "a", count: length)
+                let r = try await client.execute(uri: "/v1/partners/fuel/events", method: .post, headers: s.headers(id: longID, body: b), body: ByteBuffer(string: b))
+                #expect(r.status.code == 400 && problemType(r) == "urn:clearhouse:problem:malformed", "\(length): \(String(buffer: r.body))")
+            }
         }
     }
 
@@ -286,6 +293,33 @@ func problemType(_ r: TestResponse) -> String? {
                 #expect(try await get("/v1/partners/fuel/members/\(refused)/balance", "token-fuel").status.code == 400, "\(refused)")
             }
             #expect(try await get("/v1/partners/nobody/members/M1/balance", "token-fuel").status.code == 404)
+        }
+    }
+
+    /// A partner that requires its client certificate (these in-process requests present none):
+    /// no credential at all, or a wrong one, is 401 with a challenge (CONTRACT §4); its own
+    /// token without the certificate is 403 `wrong-partner` (§3: a required client certificate
+    /// missing); another partner's token 403.
+    @Test func aCertifiedPartnersReadWithoutItsCertificate() async throws {
+        let s = try Server()
+        try await s.test { client in
+            func get(_ path: String, _ token: String?) async throws -> TestResponse {
+                var h = HTTPFields()
+                if let token { h[.authorization] = "Bearer \(token)" }
+                return try await client.execute(uri: path, method: .get, headers: h)
+            }
+            for path in ["/v1/partners/secure/members/M1/balance", "/v1/partners/secure/statements"] {
+                for token in [nil, "token-wrong"] {
+                    let r = try await get(path, token)
+                    #expect(r.status.code == 401 && problemType(r) == "urn:clearhouse:problem:unauthorized", "\(path) \(token ?? "none")")
+                    #expect(r.headers[.wwwAuthenticate]?.hasPrefix("Bearer") == true)
+                }
+                let own = try await get(path, "token-secure")
+                #expect(own.status.code == 403 && problemType(own) == "urn:clearhouse:problem:wrong-partner", "\(path)")
+                #expect(String(buffer: own.body).contains("must use mutual TLS"))
+                let other = try await get(path, "token-fuel")
+                #expect(other.status.code == 403 && problemType(other) == "urn:clearhouse:problem:wrong-partner", "\(path)")
+            }
         }
     }
 

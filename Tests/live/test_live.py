@@ -135,7 +135,16 @@ def test_mutual_tls_right_wrong_and_no_certificate(server):
     url = f"https://localhost:{server['port']}/v1/partners/medipharm/members/LIVE-5/balance"
     assert session(server, "medipharm").get(url, timeout=10).json() == {"member": "LIVE-5", "balance": 10}
     bearer_only = session(server).get(url, headers={"authorization": "Bearer dev-token-medipharm"}, timeout=10)
-    assert bearer_only.status_code == 403
+    assert bearer_only.status_code == 403 and slug(bearer_only) == "wrong-partner"
+    # No credential of this partner at all (nothing, or a certificate that is nobody's: fuelco
+    # names none here) is 401 with a challenge (CONTRACT §4: "None or wrong: 401").
+    for anonymous in [session(server), session(server, "fuelco")]:
+        r = anonymous.get(url, timeout=10)
+        assert r.status_code == 401 and slug(r) == "unauthorized", r.text
+        assert r.headers.get("www-authenticate", "").startswith("Bearer")
+    # The partner's token with a certificate that is not its own: 403, as without one.
+    stranger = session(server, "fuelco").get(url, headers={"authorization": "Bearer dev-token-medipharm"}, timeout=10)
+    assert stranger.status_code == 403 and slug(stranger) == "wrong-partner", stranger.text
     # Its certificate with another partner's token beside it: refused, as on a posting.
     mixed = session(server, "medipharm").get(url, headers={"authorization": "Bearer dev-token-fuelco"}, timeout=10)
     assert mixed.status_code == 403 and slug(mixed) == "wrong-partner"
