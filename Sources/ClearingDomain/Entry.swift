@@ -42,48 +42,84 @@ public struct Entry: Equatable, Sendable {
     /// The bytes the hash chain covers. Every field, in a fixed order, each as
     /// `name=value\n`; the values' alphabets exclude `\n`, so the encoding is unambiguous.
     public var canonicalBytes: [UInt8] {
-        // Built byte by byte (one allocation): the writer hashes every entry it accepts.
-        var b: [UInt8] = []
-        b.reserveCapacity(512)
-        func line(_ name: StaticString, _ value: some StringProtocol) {
-            b.append(contentsOf: UnsafeBufferPointer(start: name.utf8Start, count: name.utf8CodeUnitCount))
-            b.append(contentsOf: value.utf8)
-            b.append(0x0A)
+        // Written in place into one allocation of a bound computed from the fields (the writer
+        // hashes every entry it accepts, and `verify` every entry twice): the names and line
+        // ends are under 256 bytes, each of the seven integers at most 20 characters.
+        let original = event.originalReference?.rawValue ?? ""
+        let capacity = 256 + 7 * 20 + partner.rawValue.utf8.count + webhookID.rawValue.utf8.count
+            + event.member.rawValue.utf8.count + event.reference.rawValue.utf8.count + original.utf8.count
+        return [UInt8](unsafeUninitializedCapacity: capacity) { buffer, count in
+            var w = CanonicalWriter(buffer: buffer)
+            w.line("clearhouse.entry.v1", "")
+            w.line("partner=", partner.rawValue)
+            w.line("sequence=", sequence)
+            w.line("journal_id=", journalID)
+            w.line("webhook_id=", webhookID.rawValue)
+            w.line("accepted_at_ms=", acceptedAt.millisecondsSinceEpoch)
+            w.line("type=", event.kind.typeName)
+            w.line("member=", event.member.rawValue)
+            w.line("points=", event.points.value)
+            w.line("reference=", event.reference.rawValue)
+            w.line("original_reference=", original)
+            w.line("occurred_at_ms=", event.occurredAt?.millisecondsSinceEpoch)
+            w.line("amount_minor=", event.amountMinor?.value)
+            w.line("member_balance=", memberBalance.value)
+            count = w.count
         }
-        func line(_ name: StaticString, _ value: Int64?) {
-            // The decimal digits written in place, as `String(value)` spells them (no string made).
-            b.append(contentsOf: UnsafeBufferPointer(start: name.utf8Start, count: name.utf8CodeUnitCount))
-            if let value {
-                if value < 0 { b.append(0x2D) }
-                var magnitude = value.magnitude
-                var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)  // room for the 20 digits of UInt64.max
-                withUnsafeMutableBytes(of: &digits) { buffer in
-                    var i = buffer.count
-                    repeat {
-                        i -= 1
-                        buffer[i] = UInt8(truncatingIfNeeded: magnitude % 10) + 0x30
-                        magnitude /= 10
-                    } while magnitude > 0
-                    b.append(contentsOf: buffer[i...])
-                }
+    }
+}
+
+/// Writes `name=value\n` lines into a buffer its caller sized (`Entry.canonicalBytes`); a
+/// line past the end is a programming error, and traps.
+private struct CanonicalWriter {
+    let buffer: UnsafeMutableBufferPointer<UInt8>
+    var count = 0
+
+    init(buffer: UnsafeMutableBufferPointer<UInt8>) { self.buffer = buffer }
+
+    private mutating func append(_ bytes: UnsafeRawBufferPointer) {
+        precondition(count + bytes.count <= buffer.count, "canonical encoding past its bound")
+        if let source = bytes.baseAddress, bytes.count > 0 {
+            UnsafeMutableRawPointer(buffer.baseAddress! + count).copyMemory(from: source, byteCount: bytes.count)
+        }
+        count += bytes.count
+    }
+
+    private mutating func append(_ byte: UInt8) {
+        precondition(count < buffer.count, "canonical encoding past its bound")
+        buffer[count] = byte
+        count += 1
+    }
+
+    private mutating func append(_ name: StaticString) {
+        append(UnsafeRawBufferPointer(start: name.utf8Start, count: name.utf8CodeUnitCount))
+    }
+
+    mutating func line(_ name: StaticString, _ value: String) {
+        append(name)
+        var value = value
+        value.withUTF8 { append(UnsafeRawBufferPointer($0)) }
+        append(0x0A)
+    }
+
+    /// The decimal digits written in place, as `String(value)` spells them (no string made).
+    mutating func line(_ name: StaticString, _ value: Int64?) {
+        append(name)
+        if let value {
+            if value < 0 { append(0x2D) }
+            var magnitude = value.magnitude
+            var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)  // room for the 20 digits of UInt64.max
+            withUnsafeMutableBytes(of: &digits) { d in
+                var i = d.count
+                repeat {
+                    i -= 1
+                    d[i] = UInt8(truncatingIfNeeded: magnitude % 10) + 0x30
+                    magnitude /= 10
+                } while magnitude > 0
+                append(UnsafeRawBufferPointer(rebasing: d[i...]))
             }
-            b.append(0x0A)
         }
-        line("clearhouse.entry.v1", "")
-        line("partner=", partner.rawValue)
-        line("sequence=", sequence)
-        line("journal_id=", journalID)
-        line("webhook_id=", webhookID.rawValue)
-        line("accepted_at_ms=", acceptedAt.millisecondsSinceEpoch)
-        line("type=", event.kind.typeName)
-        line("member=", event.member.rawValue)
-        line("points=", event.points.value)
-        line("reference=", event.reference.rawValue)
-        line("original_reference=", event.originalReference?.rawValue ?? "")
-        line("occurred_at_ms=", event.occurredAt?.millisecondsSinceEpoch)
-        line("amount_minor=", event.amountMinor?.value)
-        line("member_balance=", memberBalance.value)
-        return b
+        append(0x0A)
     }
 }
 
