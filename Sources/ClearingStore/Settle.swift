@@ -27,6 +27,15 @@ public struct SettlementRun: Equatable, Sendable {
         let width = restoredAt == nil ? 6 : 5
         return "R" + (restoredAt ?? "") + String(repeating: "0", count: max(0, width - n.count)) + n
     }
+
+    /// Whether `id` is what `id(number:restoredAt:)` makes of `number`, with no restore or after
+    /// any (which restore named a run is not kept: only the latest's time is).
+    static func isID(_ id: String, of number: Int64) -> Bool {
+        if id == self.id(number: number) { return true }
+        let u = Array(id.utf8)
+        guard u.count > 13, u[0] == UInt8(ascii: "R"), u.dropFirst().allSatisfy({ (0x30...0x39).contains($0) }) else { return false }
+        return id == self.id(number: number, restoredAt: String(decoding: u[1..<13], as: UTF8.self))
+    }
 }
 
 /// The ledger sequences of one partner's entries in a run (gapless, so the count follows).

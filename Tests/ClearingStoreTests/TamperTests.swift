@@ -1,6 +1,6 @@
 import ClearhouseTestSupport
 import ClearingDomain
-import ClearingStore
+@testable import ClearingStore
 import Foundation
 import Testing
 
@@ -498,6 +498,55 @@ func patchFile(_ url: URL, find: String, replace: String) throws -> Bool {
                 "the second run and the ledgers check out: \(report.breaches)")
         #expect(report.checks.contains { $0.hasPrefix("invariant 3:") }, "the ledgers were checked: \(report.checks)")
         #expect(report.checks.contains { $0.hasPrefix("invariants 4 and 5: 2 runs") }, "\(report.checks)")
+    }
+
+    /// A run's own row, held against itself: an empty run (here the second, closed with nothing
+    /// in it) has no notice that carries its id or cutoff, so a renamed run, or one whose cutoff
+    /// was moved past the moment it was closed, must still be a breach.
+    @Test(arguments: [
+        ("id = 'R000009'", "run R000009: its id is not the one run number 2 gets (R000002"),
+        ("id = 'R26120100000100001'", "run R26120100000100001: its id is not the one run number 2 gets"),
+        ("cutoff_ms = cutoff_ms + 864000000", "run R000002: its cutoff "),
+        ("cutoff_ms = cutoff_ms + 864000000, id = 'R000009'", "run R000009: its cutoff "),
+    ])
+    func anEmptyRunEditedInItsOwnRowIsABreach(edit: String, breach: String) throws {
+        let report = try verifiedAfterEditing(
+            "DROP TRIGGER run_immutable_u; UPDATE run SET \(edit) WHERE number = 2",
+            after: { h in
+                h.clock.advance(milliseconds: 1_000)
+                _ = try? h.store.settle()
+            })
+        #expect(report.breaches.contains { $0.hasPrefix(breach) }, "\(report.breaches)")
+    }
+
+    /// A file whose structure is damaged while every value still reads as before: an index
+    /// that no longer matches its table (its definition changed under it), and a ledger whose
+    /// header counts free pages it does not have. Only SQLite's integrity check sees either.
+    @Test func aDamagedFileStructureIsABreach() throws {
+        let report = try verifiedAfterEditing(
+            "PRAGMA writable_schema = ON; UPDATE sqlite_schema SET sql = 'CREATE INDEX lot_expiry ON lot(points) WHERE expires_at_ms IS NOT NULL' WHERE name = 'lot_expiry'")
+        #expect(report.breaches.contains { $0.hasPrefix("coalition.sqlite: damaged: row ") && $0.hasSuffix("missing from index lot_expiry") }, "\(report.breaches)")
+
+        let h = try settledOnce()
+        try h.store.close()
+        #expect(try h.verify().ok)
+        let ledger = h.dir.url.appendingPathComponent("ledgers/\(G.rawValue).sqlite")
+        let file = try FileHandle(forUpdating: ledger)
+        try file.seek(toOffset: 36)  // the header's count of free pages (SQLite's file format, §1.3)
+        try file.write(contentsOf: Data([0, 0, 0, 7]))
+        try file.close()
+        let damaged = try h.verify()
+        #expect(damaged.breaches.contains { $0.hasPrefix("ledger \(G.rawValue): damaged: ") && $0.contains("freelist") }, "\(damaged.breaches)")
+        #expect(damaged.breaches.allSatisfy { $0.hasPrefix("ledger \(G.rawValue): damaged: ") }, "the ledger's entries still check out: \(damaged.breaches)")
+    }
+
+    /// The ids runs get, with no restore and after one, are their own; another number's is not.
+    @Test func runIDsAreRecognisedAsTheirNumbers() {
+        #expect(SettlementRun.isID("R000002", of: 2) && SettlementRun.isID("R1234567", of: 1_234_567))
+        #expect(SettlementRun.isID("R26120100000100002", of: 2) && SettlementRun.isID("R261201000001123456", of: 123_456))
+        for (id, number) in [("R000009", 2), ("R00002", 2), ("R2612010000010002", 2), ("R26120100000100009", 2), ("X000002", 2), ("R-00002", 2), ("R26120100000A00002", 2)] as [(String, Int64)] {
+            #expect(!SettlementRun.isID(id, of: number), "\(id)")
+        }
     }
 
     @Test func aRunThatCannotBeReadIsNamedByRunsShow() throws {
