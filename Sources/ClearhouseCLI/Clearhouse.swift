@@ -303,7 +303,17 @@ struct Post: AsyncParsableCommand {
     var webhookID: String?
 
     func run() async throws {
-        let configuration = try locations.loadConfiguration()
+        // CONTRACT §10: `post` prints a problem document for every failure and exits 1, so a
+        // caller's script handles a refused configuration as it does any other problem. The
+        // line naming the file, the key and the reason goes to standard error, as for every verb.
+        let configuration: ClearingConfiguration
+        do {
+            configuration = try ConfigurationLoader(directory: locations.partnersURL).load()
+        } catch {
+            printError("clearhouse: configuration refused: \(error)")
+            print(PostingOutcome.rejected(Problem(.unavailable, "the coalition's configuration is refused: \(error)")).bodyJSON)
+            throw ExitCode(1)
+        }
         let body = readStandardInput(limit: Limits.eventBodyBytesMax + 1)
         let outcome = await post(body, configuration)
         print(outcome.bodyJSON)

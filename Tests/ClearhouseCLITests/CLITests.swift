@@ -167,9 +167,13 @@ let earnM1 = #"{"type":"points.earned","data":{"member":"M1","points":100,"refer
         let cli = CLI(data: dir.url.appendingPathComponent("data"), partners: partners)
         for verb in [["partners", "check"], ["balance", "M1"], ["post", "--partner", "fuelco"]] {
             let r = try cli.run(verb, stdin: earnM1)
-            #expect(r.status == 2)
+            // `post` answers every failure with a problem document and exit 1 (CONTRACT §10).
+            #expect(r.status == (verb[0] == "post" ? 1 : 2))
             let lines = r.err.split(separator: "\n")
             #expect(lines.count == 1 && lines[0].contains("cinestar.toml: redeem_credit_per_1000: must be an integer"), "\(r.err)")
+            if verb[0] == "post" {
+                #expect(r.out.contains(#""type":"urn:clearhouse:problem:unavailable""#) && r.out.contains("cinestar.toml: redeem_credit_per_1000: must be an integer"), "\(r.out)")
+            }
         }
         // verify answers for the data alone (CONTRACT §10: 0 or 1; here the directory is
         // missing, a breach), and says what it could not read.
