@@ -303,6 +303,9 @@ struct Post: AsyncParsableCommand {
     var webhookID: String?
 
     func run() async throws {
+        // The body first (bounded), whatever comes next: a refusal does not leave the program
+        // piping it in to fail on a closed pipe.
+        let body = readStandardInput(limit: Limits.eventBodyBytesMax + 1)
         // CONTRACT §10: `post` prints a problem document for every failure and exits 1, so a
         // caller's script handles a refused configuration as it does any other problem. The
         // line naming the file, the key and the reason goes to standard error, as for every verb.
@@ -314,7 +317,6 @@ struct Post: AsyncParsableCommand {
             print(PostingOutcome.rejected(Problem(.unavailable, "the coalition's configuration is refused: \(error)")).bodyJSON)
             throw ExitCode(1)
         }
-        let body = readStandardInput(limit: Limits.eventBodyBytesMax + 1)
         let outcome = await post(body, configuration)
         print(outcome.bodyJSON)
         if case .rejected = outcome { throw ExitCode(1) }
