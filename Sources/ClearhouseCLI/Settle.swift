@@ -60,8 +60,14 @@ struct Settle: AsyncParsableCommand {
             throw ExitCode(1)
         } catch {
             // A storage error (an unreadable page of coalition.sqlite, a full disk): the run's
-            // transaction rolled back.
-            printError("clearhouse settle: nothing was settled: \(error). If coalition.sqlite in \(locations.data) is damaged, `clearhouse verify` says where; restore it from a backup")
+            // transaction rolled back. SQLite often says only "disk I/O error": a full or
+            // read-only disk is named, and the operator is not sent to a backup, which would
+            // lose what was accepted since it was taken.
+            if let condition = store.diskCondition() {
+                printError("clearhouse settle: nothing was settled: \(error): \(condition). Nothing is damaged: free some space (or make the file system writable) and run `clearhouse settle` again")
+            } else {
+                printError("clearhouse settle: nothing was settled: \(error). If coalition.sqlite in \(locations.data) is damaged, `clearhouse verify` says where; restore it from a backup")
+            }
             throw ExitCode(1)
         }
         print(json ? RunReport.json(run) : RunReport.table(run, configuration))

@@ -161,6 +161,11 @@ def test_a_full_disk_refuses_postings_keeps_reads_and_recovers_when_space_return
         # on an empty WAL) says what is wrong, not a bare SQLite error.
         runs = server.ch("runs", check=False)
         assert runs.returncode == 0 or (runs.returncode == 2 and "the disk is full" in runs.stderr), runs.stderr
+        # A run that cannot be written names the full disk, and does not send the operator to
+        # a backup (which would lose what was accepted since).
+        settle = server.ch("settle", check=False)
+        if settle.returncode != 0:
+            assert "full" in settle.stderr and "restore it from a backup" not in settle.stderr, settle.stderr
         disk.free()
         # Every posting refused, again with its webhook id: each is accepted now, or (if its
         # journal entry was written before its ledger copy failed) answered as the replay it is.
