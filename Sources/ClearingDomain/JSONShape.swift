@@ -134,7 +134,7 @@ enum JSONShape {
                 } else if (0xDC00...0xDFFF).contains(unit) {
                     throw Problem(.malformed, "body: an object key with an unpaired surrogate")
                 }
-                out.append(contentsOf: Array(String(Character(Unicode.Scalar(scalar)!)).utf8))
+                UTF8.encode(Unicode.Scalar(scalar)!) { out.append($0) }  // a scalar: not a surrogate
                 i += length
             default: out.append(r[i]); i += 1
             }

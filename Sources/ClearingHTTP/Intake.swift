@@ -252,11 +252,7 @@ public struct Intake: Sendable {
     /// When no partner names a certificate, nothing here can refuse, and the certificate is not
     /// asked for: asking is a hop to the connection's event loop and back for every request.
     func requireCertificateRules(_ context: ClearhouseContext, _ terms: PartnerTerms) async throws(Problem) {
-        if certificateOwners.isEmpty && terms.clientCertSHA256 == nil { return }
-        let presented = await context.clientCertificateSHA256()
-        if let presented, let owner = certificateOwners[presented], owner != terms.id {
-            throw Problem(.wrongPartner, "this client certificate belongs to another partner")
-        }
+        let presented = try await presentedCertificate(context, terms)
         if let required = terms.clientCertSHA256 {
             guard let presented else {
                 throw Problem(.wrongPartner, "partner \(terms.id) must use mutual TLS with its client certificate")
@@ -265,6 +261,18 @@ public struct Intake: Sendable {
                 throw Problem(.wrongPartner, "the client certificate is not partner \(terms.id)'s")
             }
         }
+    }
+
+    /// The SHA-256 of the connection's client certificate (nil: none presented, or none asked
+    /// for because no partner names one); another partner's certificate is refused (403) for
+    /// any partner.
+    private func presentedCertificate(_ context: ClearhouseContext, _ terms: PartnerTerms) async throws(Problem) -> [UInt8]? {
+        if certificateOwners.isEmpty && terms.clientCertSHA256 == nil { return nil }
+        let presented = await context.clientCertificateSHA256()
+        if let presented, let owner = certificateOwners[presented], owner != terms.id {
+            throw Problem(.wrongPartner, "this client certificate belongs to another partner")
+        }
+        return presented
     }
 
     /// An event is authenticated by its signature and needs no bearer token; but one sent with
@@ -336,13 +344,7 @@ public struct Intake: Sendable {
     /// A token sent beside the partner's certificate must still be valid (a wrong one is 401,
     /// another partner's 403), never ignored.
     private func authenticateRead(_ request: Request, _ context: ClearhouseContext, for terms: PartnerTerms) async throws(Problem) {
-        var presented: [UInt8]?
-        if !certificateOwners.isEmpty || terms.clientCertSHA256 != nil {
-            presented = await context.clientCertificateSHA256()
-            if let presented, let owner = certificateOwners[presented], owner != terms.id {
-                throw Problem(.wrongPartner, "this client certificate belongs to another partner")
-            }
-        }
+        let presented = try await presentedCertificate(context, terms)
         let certified = terms.clientCertSHA256.map { required in
             presented.map { WebhookSignature.constantTimeEquals($0, required) } ?? false
         } ?? false
@@ -355,13 +357,9 @@ public struct Intake: Sendable {
             guard let digest = Intake.bearerTokenSHA256(header) else {
                 throw Problem(.unauthorized, "authorization must be \"Bearer <token>\"")
             }
-            if tokenOwners[digest] != nil && !WebhookSignature.constantTimeEquals(digest, terms.apiTokenSHA256) {
-                throw Problem(.wrongPartner, "this token belongs to another partner")
-            }
-            guard WebhookSignature.constantTimeEquals(digest, terms.apiTokenSHA256) else {
-                throw Problem(.unauthorized, "the bearer token is not valid")
-            }
-            tokenValid = true
+            tokenValid = WebhookSignature.constantTimeEquals(digest, terms.apiTokenSHA256)
+            if !tokenValid && tokenOwners[digest] != nil { throw Problem(.wrongPartner, "this token belongs to another partner") }
+            guard tokenValid else { throw Problem(.unauthorized, "the bearer token is not valid") }
         }
         guard certified || tokenValid else {
             throw Problem(.unauthorized, "a bearer token or the partner's client certificate is required")

@@ -210,6 +210,14 @@ public enum Verifier {
         }
     }
 
+    /// `checkIntegrity` on a ledger's file, opened read-only for it. A file that cannot be
+    /// opened or read was named as such by `verifyLedger` already.
+    static func checkLedgerIntegrity(_ url: URL, _ p: PartnerID, _ report: inout VerifyReport) {
+        guard let db = try? DatabasePool(path: url.path, configuration: Store.databaseConfiguration(readonly: true)) else { return }
+        defer { try? db.close() }
+        try? db.read { checkIntegrity($0, of: "ledger \(p)", &report) }
+    }
+
     /// Every reference between rows holds (`PRAGMA foreign_key_check`): no figures, flows,
     /// snapshots, expired lots or notices of a run that does not exist, no take or move of a lot
     /// or entry that does not, no attempt of no notice. SQLite checks these as the store writes;
@@ -440,6 +448,8 @@ public enum Verifier {
                 Thread.sleep(forTimeInterval: 0.1)
             }
             if unreadable { continue }
+            // Once per ledger, not at each wait above for a ledger behind its journal.
+            checkLedgerIntegrity(url, p, &report)
             if seen < head.sequence { report.breach("ledger \(p): ends at sequence \(seen) but the journal has \(head.sequence)") }
             // Entries past the journal's snapshot were either accepted since (serve is running)
             // or are not in the journal at all (added to the ledger by hand): ask the journal
@@ -485,7 +495,6 @@ public enum Verifier {
                 do { return try journalEntries.next() } catch { throw JournalUnreadable(error: error) }
             }
             var journalEntry = try nextJournalEntry()
-            checkIntegrity(db, of: "ledger \(p)", &report)
             let info = try Row.fetchOne(db, sql: "SELECT partner, genesis_hash FROM ledger_info WHERE id = 1")
             let owner = info.flatMap { try? $0.text(at: 0) }
             if owner != p.rawValue { report.breach("ledger \(p): belongs to \(owner ?? "nobody")") }
